@@ -1,0 +1,258 @@
+// Masked temporal frame pooling: schemas, argument checks shared with the CUDA kernels, and
+// the CPU kernels. The contract is in frame_pool.h.
+#include "frame_pool.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace dtl_fast {
+
+PoolMode parse_pool_mode(c10::string_view mode) {
+  if (mode == "mean") return PoolMode::Mean;
+  if (mode == "max") return PoolMode::Max;
+  if (mode == "sum") return PoolMode::Sum;
+  TORCH_CHECK_VALUE(false, "frame_pool: mode must be 'mean', 'max' or 'sum', got '",
+                    std::string(mode.data(), mode.size()), "'");
+}
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Range check of lengths. CPU lengths are read in place; GPU lengths cost one
+// synchronisation (both bounds come back in a single copy).
+void check_length_values(const at::Tensor& len64, int64_t T) {
+  int64_t lo = 0, hi = 0;
+  if (len64.numel() == 0) return;
+  if (len64.is_cpu()) {
+    const int64_t* p = len64.data_ptr<int64_t>();
+    lo = *std::min_element(p, p + len64.numel());
+    hi = *std::max_element(p, p + len64.numel());
+  } else {
+    auto [mn, mx] = at::aminmax(len64);
+    auto both = at::stack({mn, mx}).cpu();
+    lo = both[0].item<int64_t>();
+    hi = both[1].item<int64_t>();
+  }
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= T, "frame_pool: every lengths[b] must lie in [0, T] = [0, ",
+                    T, "], got values in [", lo, ", ", hi, "]");
+}
+
+at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T,
+                               const at::Device& device) {
+  if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
+  const at::Tensor& len = *lengths;
+  TORCH_CHECK_VALUE(at::isIntegralType(len.scalar_type(), /*includeBool=*/false),
+                    "frame_pool: lengths must be an integer tensor, got dtype ",
+                    len.scalar_type());
+  TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == B,
+                    "frame_pool: lengths must have shape [B] = [", B, "], got ", len.sizes());
+  TORCH_CHECK_VALUE(len.is_cpu() || len.device() == device,
+                    "frame_pool: lengths must be on the CPU or on x's device (", device,
+                    "), got ", len.device());
+  at::Tensor len64 = len.to(at::kLong).contiguous();
+  check_length_values(len64, T);
+  return len64.to(device);
+}
+
+void check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "frame_pool: ", name,
+                    " must be a 3-D tensor [B, T, D], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), "frame_pool: ", name,
+                    " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths) {
+  check_x(x, "x");
+  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device());
+}
+
+at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
+                                   const c10::optional<at::Tensor>& lengths,
+                                   const at::Tensor& argmax, int64_t T, PoolMode mode) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 2, "frame_pool_backward: grad_out must be [B, D], got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(is_supported_float(grad_out.scalar_type()),
+                    "frame_pool_backward: grad_out must be a float tensor, got ",
+                    grad_out.scalar_type());
+  TORCH_CHECK_VALUE(T >= 0, "frame_pool_backward: T must be >= 0, got ", T);
+  if (mode == PoolMode::Max) {
+    TORCH_CHECK_VALUE(argmax.scalar_type() == at::kInt && argmax.sizes() == grad_out.sizes() &&
+                          argmax.device() == grad_out.device(),
+                      "frame_pool_backward: argmax must be an int32 tensor shaped like grad_out ",
+                      grad_out.sizes(), " on ", grad_out.device(), ", got ", argmax.scalar_type(),
+                      " ", argmax.sizes(), " on ", argmax.device());
+  }
+  return checked_lengths_for(lengths, grad_out.size(0), T, grad_out.device());
+}
+
+namespace {
+
+// Features handled by one task: the accumulators of a chunk stay in L1 while the task walks
+// down the valid frames, and B x chunks gives the threads enough independent tasks.
+constexpr int64_t kChunk = 512;
+
+inline int64_t clamped_length(const int64_t* len, int64_t b, int64_t T) {
+  return len == nullptr ? T : std::min<int64_t>(std::max<int64_t>(len[b], 0), T);
+}
+
+template <typename scalar_t>
+void forward_cpu_impl(const at::Tensor& x, const at::Tensor& len, PoolMode mode, at::Tensor& out,
+                      at::Tensor& argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const int64_t sB = x.stride(0), sT = x.stride(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  int32_t* ap = mode == PoolMode::Max ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+  const int64_t nchunk = (D + kChunk - 1) / kChunk;
+  // Aim for >= 32k elements per thread before going parallel.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * std::min(D, kChunk)));
+
+  at::parallel_for(0, B * nchunk, grain, [&](int64_t begin, int64_t end) {
+    acc_t acc[kChunk];
+    int32_t idx[kChunk];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunk;
+      const int64_t d0 = (task % nchunk) * kChunk;
+      const int64_t n = std::min(kChunk, D - d0);
+      const int64_t L = clamped_length(lp, b, T);
+      const scalar_t* base = xp + b * sB + d0;
+      scalar_t* dst = op + b * D + d0;
+      if (mode == PoolMode::Max) {
+        std::fill(acc, acc + n, -std::numeric_limits<acc_t>::infinity());
+        std::fill(idx, idx + n, int32_t(-1));
+        for (int64_t t = 0; t < L; ++t) {
+          const scalar_t* row = base + t * sT;
+          const int32_t ti = static_cast<int32_t>(t);
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t v = static_cast<acc_t>(row[i]);
+            const acc_t a = acc[i];
+            // First maximum wins; a NaN replaces any number and is never replaced.
+            const bool take = (v > a) | ((v != v) & (a == a));
+            acc[i] = take ? v : a;
+            idx[i] = take ? ti : idx[i];
+          }
+        }
+        int32_t* am = ap + b * D + d0;
+        for (int64_t i = 0; i < n; ++i) {
+          dst[i] = static_cast<scalar_t>(L > 0 ? acc[i] : acc_t(0));
+          am[i] = L > 0 ? idx[i] : int32_t(-1);
+        }
+      } else {
+        std::fill(acc, acc + n, acc_t(0));
+        for (int64_t t = 0; t < L; ++t) {
+          const scalar_t* row = base + t * sT;
+          for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
+        }
+        if (mode == PoolMode::Mean && L > 0) {
+          const acc_t denom = static_cast<acc_t>(L);
+          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i] / denom);
+        } else {
+          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
+                       PoolMode mode, at::Tensor& gx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = gx.size(0), T = gx.size(1), D = gx.size(2);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  const int32_t* ap = mode == PoolMode::Max ? argmax.const_data_ptr<int32_t>() : nullptr;
+  scalar_t* out = gx.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D));
+
+  // One task per (b, t) row of grad_x: every element is written exactly once.
+  at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const int64_t L = clamped_length(lp, b, T);
+      scalar_t* dst = out + r * D;
+      const scalar_t* src = gp + b * D;
+      if (t >= L) {
+        std::fill(dst, dst + D, scalar_t(0));
+      } else if (mode == PoolMode::Max) {
+        const int32_t* am = ap + b * D;
+        const int32_t ti = static_cast<int32_t>(t);
+        for (int64_t i = 0; i < D; ++i) dst[i] = am[i] == ti ? src[i] : scalar_t(0);
+      } else if (mode == PoolMode::Mean) {
+        const acc_t denom = static_cast<acc_t>(L);
+        for (int64_t i = 0; i < D; ++i)
+          dst[i] = static_cast<scalar_t>(static_cast<acc_t>(src[i]) / denom);
+      } else {
+        std::copy(src, src + D, dst);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x_in,
+                                                  const c10::optional<at::Tensor>& lengths,
+                                                  c10::string_view mode_str) {
+  const PoolMode mode = parse_pool_mode(mode_str);
+  const at::Tensor len = checked_lengths(x_in, lengths);
+  TORCH_CHECK_VALUE(x_in.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "frame_pool: T must be < 2^31 (frame indices are int32), got ", x_in.size(1));
+  TORCH_CHECK_VALUE(x_in.is_cpu(), "frame_pool (CPU kernel): x must be a CPU tensor, got ",
+                    x_in.device());
+  // The kernel walks features with unit stride; any other layout is copied once.
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const int64_t B = x.size(0), D = x.size(2);
+  at::Tensor out = at::empty({B, D}, x.options());
+  at::Tensor argmax = mode == PoolMode::Max ? at::empty({B, D}, x.options().dtype(at::kInt))
+                                            : at::empty({0}, x.options().dtype(at::kInt));
+  if (out.numel() == 0) return {out, argmax};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_pool_cpu",
+                                  [&] { forward_cpu_impl<scalar_t>(x, len, mode, out, argmax); });
+  return {out, argmax};
+}
+
+at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out,
+                                   const c10::optional<at::Tensor>& lengths,
+                                   const at::Tensor& argmax, int64_t T, c10::string_view mode_str) {
+  const PoolMode mode = parse_pool_mode(mode_str);
+  const at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, mode);
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor am = mode == PoolMode::Max ? argmax.contiguous() : argmax;
+  at::Tensor gx = at::empty({g.size(0), T, g.size(1)}, g.options());
+  if (gx.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
+                                  "frame_pool_backward_cpu",
+                                  [&] { backward_cpu_impl<scalar_t>(g, len, am, mode, gx); });
+  return gx;
+}
+
+}  // namespace dtl_fast
+
+TORCH_LIBRARY(dtl_fast, m) {
+  m.def("frame_pool(Tensor x, Tensor? lengths, str mode) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "frame_pool_backward(Tensor grad_out, Tensor? lengths, Tensor argmax, SymInt T, str mode) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(dtl_fast, CPU, m) {
+  m.impl("frame_pool", &dtl_fast::frame_pool_cpu);
+  m.impl("frame_pool_backward", &dtl_fast::frame_pool_backward_cpu);
+}

@@ -1,0 +1,69 @@
+"""What this installation of dtl_fast is: versions, what was built, and which backend each
+op uses on each device."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from dtl_fast import _extension
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _op_backend(op: str, device: str) -> str:
+    """What backend="auto" runs for `op` on `device`."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if _extension.has_kernel(op, device):
+        return "C++ kernel (dtl_fast._C)" if device == "cpu" else "CUDA kernel (dtl_fast._C)"
+    return "eager reference (kernel not built)"
+
+
+def info() -> dict:
+    """Returns a dict describing this installation:
+
+    versions (dtl_fast, torch, triton, CUDA of torch, Python), whether the C++ and CUDA
+    kernels were built (and why not), the devices, and for each op the backend that
+    backend="auto" uses on the CPU and on CUDA.
+    """
+    import dtl_fast
+
+    cuda = torch.cuda.is_available()
+    return {
+        "dtl_fast": dtl_fast.__version__,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpp_kernels_built": _extension.cpp_available(),
+        "cuda_kernels_built": _extension.cuda_kernels_built(),
+        "extension_error": _extension.LOAD_ERROR,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if cuda else None,
+        "ops": {
+            "frame_pool": {"cpu": _op_backend("frame_pool", "cpu"),
+                           "cuda": _op_backend("frame_pool", "cuda")},
+        },
+    }
+
+
+def format_info(data: dict | None = None) -> str:
+    """info() as aligned text lines."""
+    data = info() if data is None else data
+    lines = []
+    for key, value in data.items():
+        if key == "ops":
+            for op, per_device in value.items():
+                for device, backend in per_device.items():
+                    lines.append(f"{'op ' + op + ' on ' + device:<28} {backend}")
+        elif value is not None:
+            lines.append(f"{key:<28} {value}")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""FramePool: masked temporal pooling of a padded batch of clips."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dtl_fast import ops
+from dtl_fast._backend import resolve_backend
+
+_MODES = ("mean", "max", "sum", "meanmax")
+
+
+class FramePool(nn.Module):
+    """Pools [B, T, D] frame features over each clip's valid frames to [B, D].
+
+    Args:
+        mode: "mean" | "max" | "sum" | "meanmax" ("meanmax" concatenates mean and max: [B, 2D]).
+        backend: "auto" | "fused" | "reference", or None for $DTL_FAST_BACKEND / "auto".
+
+    forward(x, lengths=None): x [B, T, D]; lengths None, a list of B ints or an integer
+    tensor [B] (CPU or x's device). Frames t >= lengths[b] are ignored; an empty clip gives
+    zeros. See dtl_fast.ops.frame_pool for the exact semantics.
+    """
+
+    def __init__(self, mode: str = "mean", backend: str | None = None):
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"FramePool: mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
+        if backend is not None:
+            resolve_backend(backend)
+        self.mode = mode
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
+        if self.mode == "meanmax":
+            mean = ops.frame_pool(x, lengths, "mean", backend=self.backend)
+            return torch.cat([mean, ops.frame_pool(x, lengths, "max", backend=self.backend)], dim=-1)
+        return ops.frame_pool(x, lengths, self.mode, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}" + (f", backend={self.backend!r}" if self.backend else "")

@@ -1,0 +1,6 @@
+"""Eager PyTorch references, one per fused op with the same signature: the numerical ground
+truth the tests compare against, the "eager" provider of the benchmarks, and the
+`backend="reference"` path. Nothing here imports from the kernels."""
+from dtl_fast.reference.frame_pool import frame_pool
+
+__all__ = ["frame_pool"]

@@ -1,0 +1,48 @@
+"""Eager masked temporal pooling: the numerical ground truth of dtl_fast.ops.frame_pool."""
+from __future__ import annotations
+
+import torch
+
+from dtl_fast._checks import check_pool_input, normalize_lengths
+
+
+def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tensor:
+    """Pools each sequence over its valid frames.
+
+    Args:
+        x: [B, T, D] float32 / float64 / float16 / bfloat16.
+        lengths: None (every row has T frames), a list of B ints, or an integer tensor [B] on
+            the CPU or on x's device; frames t >= lengths[b] are ignored.
+        mode: "mean" | "max" | "sum".
+
+    Returns:
+        [B, D] in x's dtype (half types are reduced in float32). A row with length 0 gives
+        zeros and zero gradient. "max" propagates NaN and sends the gradient to the first
+        maximal frame.
+    """
+    check_pool_input(x, mode)
+    lengths = normalize_lengths(lengths, x)
+    B, T, D = x.shape
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
+    else:
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+        if not torch.compiler.is_compiling() and B > 0:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 0 or hi > T:
+                raise ValueError(f"frame_pool: every lengths[b] must lie in [0, T] = [0, {T}], "
+                                 f"got values in [{lo}, {hi}]")
+    valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None]  # [B, T, 1]
+    nonempty = (lengths > 0)[:, None]  # [B, 1]
+    if mode == "max":
+        if T == 0:
+            out = xf.new_zeros((B, D))
+        else:
+            out = torch.where(valid, xf, float("-inf")).max(dim=1).values
+            out = torch.where(nonempty, out, 0.0)
+    else:
+        out = torch.where(valid, xf, 0.0).sum(dim=1)
+        if mode == "mean":
+            out = out / lengths.clamp(min=1)[:, None].to(xf.dtype)
+    return out.to(x.dtype)

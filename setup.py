@@ -1,0 +1,96 @@
+"""Build of dtl_fast: the Python package, the Triton kernels (kernels/ installed as
+dtl_fast.kernels) and the C++/CUDA extension dtl_fast._C.
+
+Environment:
+  DTL_FAST_CUDA=0          build the CPU kernels only
+  DTL_FAST_REQUIRE_CUDA=1  fail when the CUDA kernels cannot be built (CI sets it)
+  TORCH_CUDA_ARCH_LIST     CUDA targets (default "8.0;9.0": A100 and H100/H200)
+  DEBUG=1                  -O0 -g
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # pip without --no-build-isolation hides the installed torch
+        raise RuntimeError(
+            "building dtl_fast needs torch importable at build time: install torch first, then "
+            "`pip install --no-build-isolation .`"
+        ) from exc
+
+    debug = _env_flag("DEBUG")
+    require_cuda = _env_flag("DTL_FAST_REQUIRE_CUDA")
+    want_cuda = _env_flag("DTL_FAST_CUDA", "1")
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = cuda_home and (shutil.which("nvcc", path=os.path.join(cuda_home, "bin")) or None)
+    reasons = []
+    if not want_cuda:
+        reasons.append("DTL_FAST_CUDA=0")
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    if not nvcc:
+        reasons.append("nvcc not found (set CUDA_HOME)")
+    with_cuda = not reasons
+    if require_cuda and not with_cuda:
+        raise RuntimeError("DTL_FAST_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: "
+                           + "; ".join(reasons))
+    if not with_cuda:
+        print("dtl_fast: building the CPU kernels only (" + "; ".join(reasons) + ")")
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp at compile time only: at::parallel_for is an OpenMP region in ATen's headers,
+    # and its runtime calls resolve to the libgomp that torch itself loads (linking a second
+    # libgomp would give two thread pools).
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-parameter"]
+    define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    extra = {"cxx": cxx}
+    ext_cls = cpp_extension.CppExtension
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("DTL_FAST_WITH_CUDA", "1"))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        if debug:
+            extra["nvcc"] += ["-G"]
+        ext_cls = cpp_extension.CUDAExtension
+    return [
+        ext_cls(
+            "dtl_fast._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            py_limited_api=True,
+        )
+    ], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = _extensions()
+
+setup(
+    packages=[
+        "dtl_fast",
+        "dtl_fast.ops",
+        "dtl_fast.reference",
+        "dtl_fast.nn",
+        "dtl_fast.kernels",
+    ],
+    package_dir={"dtl_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -1,0 +1,296 @@
+"""Masked temporal frame pooling: the C++ / CUDA op against the eager reference, the reference
+against a plain loop, gradients, torch.library / torch.compile integration and bad input."""
+import pytest
+import torch
+
+import dtl_fast
+from dtl_fast import ops, reference
+from dtl_fast.nn import FramePool
+
+from _helpers import DEVICES, REL_TOL, assert_rel_close, poisoned_outputs
+
+MODES = ["mean", "max", "sum"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 1), (2, 5, 7), (3, 9, 1000), (4, 1, 7), (5, 6, 1), (6, 17, 64)]
+
+
+def make_lengths(B, T, kind, device="cpu"):
+    """Lengths that include an empty row and a full row whenever B allows."""
+    if kind == "none":
+        return None
+    lengths = torch.randint(0, T + 1, (B,))
+    lengths[0] = T
+    if B > 1:
+        lengths[1] = 0
+    if kind == "list":
+        return lengths.tolist()
+    return lengths.to(device)
+
+
+def loop_pool(x, lengths, mode):
+    """The semantics written as the plainest possible loop, in float64."""
+    B, T, D = x.shape
+    lengths = [T] * B if lengths is None else list(torch.as_tensor(lengths).tolist())
+    out = torch.zeros(B, D, dtype=torch.float64)
+    for b, L in enumerate(lengths):
+        if L == 0:
+            continue
+        frames = x[b, :L].double().cpu()
+        out[b] = {"mean": frames.mean(0), "max": frames.amax(0), "sum": frames.sum(0)}[mode]
+    return out
+
+
+def pool_with_grads(fn, x, lengths, mode, grad):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, lengths, mode)
+    out.backward(grad)
+    return out, x.grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["tensor", "list", "none"])
+def test_reference_matches_plain_loop(mode, kind):
+    x = torch.randn(5, 8, 6, dtype=torch.float64)
+    lengths = make_lengths(5, 8, kind)
+    assert_rel_close("reference", reference.frame_pool(x, lengths, mode), loop_pool(x, lengths, mode), 1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["tensor", "list", "none"])
+def test_fused_matches_reference(device, dtype, shape, mode, kind):
+    B, T, D = shape
+    x = torch.randn(shape, device=device).to(dtype)
+    lengths = make_lengths(B, T, kind, device)
+    grad = torch.randn(B, D, device=device).to(dtype)
+    with poisoned_outputs():
+        out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
+    # Ground truth: the reference in float64 on the same (rounded) input.
+    ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
+    assert out.dtype == dtype and gx.dtype == dtype
+    assert_rel_close("output", out, ref, REL_TOL[dtype])
+    assert_rel_close("grad x", gx, gref, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_rows_give_zeros_and_zero_gradient(device, mode):
+    x = torch.randn(3, 4, 5, device=device)
+    x[1] = float("nan")  # an empty row must not read its frames at all
+    lengths = torch.tensor([4, 0, 2], device=device)
+    out, gx = pool_with_grads(ops.frame_pool, x, lengths, mode, torch.ones(3, 5, device=device))
+    assert torch.equal(out[1], torch.zeros(5, device=device))
+    assert torch.equal(gx[1], torch.zeros(4, 5, device=device))
+    assert torch.isfinite(out).all() and torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_frames_are_never_read(device, mode):
+    x = torch.randn(2, 6, 9, device=device)
+    lengths = torch.tensor([2, 5], device=device)
+    clean = ops.frame_pool(x, lengths, mode)
+    x[0, 2:] = float("nan")
+    x[1, 5:] = float("inf")
+    assert torch.equal(ops.frame_pool(x, lengths, mode), clean)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_sends_gradient_to_first_maximum(device):
+    x = torch.zeros(2, 5, 3, device=device)
+    x[0, 1] = 1.0
+    x[0, 3] = 1.0  # a later tie gets nothing
+    lengths = torch.tensor([5, 4], device=device)
+    out, gx = pool_with_grads(ops.frame_pool, x, lengths, "max", torch.ones(2, 3, device=device))
+    expected = torch.zeros(2, 5, 3, device=device)
+    expected[0, 1] = 1.0
+    expected[1, 0] = 1.0  # all-equal row: the first valid frame
+    assert torch.equal(out, torch.tensor([[1.0] * 3, [0.0] * 3], device=device))
+    assert torch.equal(gx, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_propagates_nan_like_amax(device):
+    x = torch.randn(3, 6, 4, device=device)
+    x[0, 2, 1] = float("nan")
+    x[0, 4, 1] = float("nan")
+    x[1, 5, 2] = float("nan")  # padded for row 1: ignored
+    lengths = torch.tensor([6, 5, 6], device=device)
+    out, gx = pool_with_grads(ops.frame_pool, x, lengths, "max", torch.ones(3, 4, device=device))
+    ref, gref = pool_with_grads(reference.frame_pool, x, lengths, "max", torch.ones(3, 4, device=device))
+    assert torch.isnan(out[0, 1]) and torch.isfinite(out[1]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(x[0:1, :6].amax(1)).expand(3, 4) & (torch.arange(3, device=device) == 0)[:, None])
+    assert torch.allclose(out, ref, equal_nan=True)
+    assert gx[0, 2, 1] == 1 and gx[0, 4, 1] == 0  # the first NaN takes the gradient
+    assert torch.equal(gx, gref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_types_accumulate_in_float32(device):
+    # 4096 ones: a float16 accumulator stops at 2048, a float32 one reaches 4096 exactly.
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.ones(1, 4096, 3, dtype=dtype, device=device)
+        assert ops.frame_pool(x, None, "sum").float().tolist() == [[4096.0] * 3]
+        assert ops.frame_pool(x, None, "mean").float().tolist() == [[1.0] * 3]
+
+
+def _layouts(B, T, D, device):
+    base = torch.randn(B, T, D + 3, device=device)
+    yield "feature slice", base[:, :, 2 : 2 + D]
+    yield "time-major", torch.randn(T, B, D, device=device).transpose(0, 1)
+    yield "feature-strided", torch.randn(B, D, T, device=device).transpose(1, 2)
+    yield "every other frame", torch.randn(B, 2 * T, D, device=device)[:, ::2]
+    yield "expanded", torch.randn(1, T, D, device=device).expand(B, T, D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs(device, mode):
+    B, T, D = 4, 7, 12
+    lengths = torch.tensor([7, 0, 3, 5], device=device)
+    grad = torch.randn(B, D, device=device)
+    for name, x in _layouts(B, T, D, device):
+        out, gx = pool_with_grads(ops.frame_pool, x, lengths, mode, grad)
+        ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
+        assert_rel_close(f"{name} output", out, ref, 1e-6)
+        assert_rel_close(f"{name} grad", gx, gref, 1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_float64(mode):
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 0, 2])
+    fn = lambda t: ops.frame_pool(t, lengths, mode, backend="fused")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("with_lengths", [True, False])
+def test_opcheck(mode, requires_grad, with_lengths):
+    x = torch.randn(3, 6, 5, requires_grad=requires_grad)
+    lengths = torch.tensor([6, 0, 4]) if with_lengths else None
+    torch.library.opcheck(torch.ops.dtl_fast.frame_pool.default, (x, lengths, mode))
+    grad = torch.randn(3, 5, requires_grad=requires_grad)
+    _, am = torch.ops.dtl_fast.frame_pool(x.detach(), lengths, mode)
+    torch.library.opcheck(torch.ops.dtl_fast.frame_pool_backward.default, (grad, lengths, am, 6, mode))
+
+
+@pytest.mark.parametrize("mode", ["mean", "max", "meanmax"])
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    pool = FramePool(mode)
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 6, 5)
+    lengths = torch.tensor([6, 1, 0, 3])
+    grad = torch.randn(4, 10 if mode == "meanmax" else 5)
+    out, gx = pool_with_grads(lambda t, L, _: compiled(t, L), x, lengths, mode, grad)
+    ref, gref = pool_with_grads(lambda t, L, _: pool(t, L), x, lengths, mode, grad)
+    assert torch.equal(out, ref) and torch.equal(gx, gref)
+
+
+def test_framepool_module_modes():
+    x = torch.randn(3, 5, 4)
+    lengths = [5, 2, 0]
+    mm = FramePool("meanmax")(x, lengths)
+    assert mm.shape == (3, 8)
+    assert torch.equal(mm[:, :4], FramePool("mean")(x, lengths))
+    assert torch.equal(mm[:, 4:], FramePool("max")(x, lengths))
+    assert "meanmax" in repr(FramePool("meanmax"))
+    with pytest.raises(ValueError, match="mode"):
+        FramePool("median")
+    with pytest.raises(ValueError, match="backend"):
+        FramePool("mean", backend="cudnn")
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.randn(2, 3, 4)
+    x.requires_grad_()
+    node = lambda out: type(out.grad_fn).__name__  # noqa: E731
+    # The registered op shows up as its own autograd node; the reference is plain autograd.
+    assert "dtl_fast_frame_pool" in node(ops.frame_pool(x, None))
+    monkeypatch.setenv("DTL_FAST_BACKEND", "reference")
+    assert "dtl_fast_frame_pool" not in node(ops.frame_pool(x, None))
+    assert "dtl_fast_frame_pool" in node(ops.frame_pool(x, None, backend="fused"))
+    monkeypatch.setenv("DTL_FAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="DTL_FAST_BACKEND"):
+        ops.frame_pool(x, None)
+    monkeypatch.delenv("DTL_FAST_BACKEND")
+    # Without a compiled kernel, "auto" falls back to the reference and "fused" says why.
+    monkeypatch.setattr(dtl_fast._extension, "has_kernel", lambda op, device: False)
+    assert torch.equal(ops.frame_pool(x, [3, 1]), reference.frame_pool(x, [3, 1]))
+    with pytest.raises(RuntimeError, match="dtl_fast._C"):
+        ops.frame_pool(x, [3, 1], backend="fused")
+
+
+BAD_INPUTS = [
+    ("lengths > T", lambda x: (x, torch.tensor([2, 9, 1])), "lengths"),
+    ("lengths < 0", lambda x: (x, torch.tensor([2, -1, 1])), "lengths"),
+    ("float lengths", lambda x: (x, torch.tensor([2.0, 1.0, 1.0])), "lengths"),
+    ("float in list", lambda x: (x, [2, 1.5, 1]), "lengths"),
+    ("bool lengths", lambda x: (x, torch.tensor([True, False, True])), "lengths"),
+    ("B mismatch", lambda x: (x, torch.tensor([1, 2])), "lengths"),
+    ("2-D lengths", lambda x: (x, torch.tensor([[1, 2, 3]])), "lengths"),
+    ("x rank 2", lambda x: (x[0], None), "x"),
+    ("x rank 4", lambda x: (x[None], None), "x"),
+    ("integer x", lambda x: (x.long(), None), "x"),
+]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_a_clear_value_error(backend, case):
+    _, make, name = case
+    x, lengths = make(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match=name):
+        ops.frame_pool(x, lengths, "mean", backend=backend)
+    with pytest.raises(ValueError, match="mode"):
+        ops.frame_pool(torch.randn(3, 4, 5), None, "median", backend=backend)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS[:3] + BAD_INPUTS[5:], ids=lambda c: c[0])
+def test_registered_op_checks_its_own_arguments(case):
+    # Calling torch.ops.dtl_fast.* directly skips the Python checks; the C++ ones still hold.
+    _, make, name = case
+    x, lengths = make(torch.randn(3, 4, 5))
+    if isinstance(lengths, list):
+        pytest.skip("the registered op takes a tensor")
+    with pytest.raises(ValueError, match=name):
+        torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    with pytest.raises(ValueError, match="mode"):
+        torch.ops.dtl_fast.frame_pool(torch.randn(3, 4, 5), None, "median")
+    with pytest.raises(ValueError, match="argmax"):
+        torch.ops.dtl_fast.frame_pool_backward(torch.randn(3, 5), None, torch.zeros(3, 5), 4, "max")
+
+
+@pytest.mark.gpu
+def test_lengths_on_another_device_is_rejected():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="lengths"):
+        ops.frame_pool(x, torch.tensor([1, 2], device="cuda"))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match="lengths"):
+            ops.frame_pool(x.to("cuda:0"), torch.tensor([1, 2], device="cuda:1"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(64, 64, 1024), (256, 32, 2048), (4, 4096, 512), (3, 333, 1001)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_real_sizes(dtype, mode, shape):
+    B, T, D = shape
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,), device="cuda")
+    lengths[0] = 0
+    grad = torch.randn(B, D, device="cuda", dtype=dtype)
+    with poisoned_outputs():
+        out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
+    ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
+    assert_rel_close("output", out, ref, REL_TOL[dtype])
+    assert_rel_close("grad x", gx, gref, REL_TOL[dtype])
+    # CPU lengths with CUDA x take the same path.
+    assert torch.equal(ops.frame_pool(x, lengths.cpu(), mode), out)
