@@ -21,7 +21,35 @@ def _env_flag(name: str, default: str = "0") -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _prefer_full_cuda_toolkit() -> None:
+    """torch derives CUDA_HOME from the nvcc on PATH; a wrapper script in /usr/local/bin then
+    gives /usr/local, which has no CUDA headers. Point it at the toolkit nvcc belongs to."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def _pip_cuda_include_dirs() -> list:
+    """Headers of the CUDA libraries that pip's torch wheels bring (nvidia/*/include): torch's
+    CUDA headers include cuSPARSE / cuBLAS headers that a bare CUDA toolkit may lack."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in getattr(nvidia, "__path__", []):
+        dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d))
+    return dirs
+
+
 def _extensions():
+    _prefer_full_cuda_toolkit()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -67,11 +95,14 @@ def _extensions():
         if debug:
             extra["nvcc"] += ["-G"]
         ext_cls = cpp_extension.CUDAExtension
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        include_dirs += _pip_cuda_include_dirs()
     return [
         ext_cls(
             "dtl_fast._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra,
             py_limited_api=True,

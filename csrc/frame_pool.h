@@ -33,7 +33,8 @@ PoolMode parse_pool_mode(c10::string_view mode);
 at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths);
 
 // Checks grad_out / argmax / T for the backward op and returns lengths as checked_lengths
-// does (against a [B, T, D] input).
+// does (against a [B, T, D] input); the range of lengths is re-checked only when they are on
+// the CPU (no GPU synchronisation in the backward pass).
 at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
                                    const c10::optional<at::Tensor>& lengths,
                                    const at::Tensor& argmax, int64_t T, PoolMode mode);

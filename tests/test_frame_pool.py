@@ -109,6 +109,13 @@ def test_max_sends_gradient_to_first_maximum(device):
     expected[1, 0] = 1.0  # all-equal row: the first valid frame
     assert torch.equal(out, torch.tensor([[1.0] * 3, [0.0] * 3], device=device))
     assert torch.equal(gx, expected)
+    # Frames that are all -inf still have a first maximum (torch.max agrees).
+    x = torch.full((2, 4, 3), float("-inf"), device=device)
+    lengths = torch.tensor([3, 1], device=device)
+    out, gx = pool_with_grads(ops.frame_pool, x, lengths, "max", torch.ones(2, 3, device=device))
+    ref, gref = pool_with_grads(reference.frame_pool, x, lengths, "max", torch.ones(2, 3, device=device))
+    assert torch.equal(out, ref) and torch.equal(gx, gref)
+    assert gx[:, 0].eq(1).all() and gx[:, 1:].eq(0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

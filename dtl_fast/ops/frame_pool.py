@@ -31,14 +31,12 @@ def _register() -> None:
         _, argmax = output
         ctx.mode = mode
         ctx.T = x.shape[1]
-        ctx.save_for_backward(lengths, argmax if mode == "max" else None)
+        ctx.save_for_backward(lengths, argmax)  # argmax is an empty tensor unless mode is max
 
     def _backward(ctx, grad_out, _grad_argmax):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         lengths, argmax = ctx.saved_tensors
-        if argmax is None:
-            argmax = grad_out.new_empty((0,), dtype=torch.int32)
         grad_x = torch.ops.dtl_fast.frame_pool_backward(grad_out, lengths, argmax, ctx.T, ctx.mode)
         return grad_x, None, None
 

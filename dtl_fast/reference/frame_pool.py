@@ -29,7 +29,7 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
     else:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
         if not torch.compiler.is_compiling() and B > 0:
-            lo, hi = int(lengths.min()), int(lengths.max())
+            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync, not two
             if lo < 0 or hi > T:
                 raise ValueError(f"frame_pool: every lengths[b] must lie in [0, T] = [0, {T}], "
                                  f"got values in [{lo}, {hi}]")

@@ -1,0 +1,526 @@
+"""Benchmark: masked temporal frame pooling (dtl_fast.ops.frame_pool).
+
+Providers (the first is the baseline every ratio is taken against, timed in the same run):
+  reference        dtl_fast.reference.frame_pool -- the eager masked reduction
+  segment_reduce   torch.segment_reduce over x.reshape(B*T, D) with segments alternating
+                   valid / padding frames ([L0, T-L0, L1, T-L1, ...]); every other output row
+                   is kept. Segment lengths are prepared outside the timed region and
+                   unsafe=True skips its validation (no host sync): the strongest form of it.
+  dtl_fast         dtl_fast.ops.frame_pool(..., backend="auto") (C++ on CPU, CUDA on GPU)
+  dtl_fast:cpu-len (CUDA only) the same with lengths given as a CPU tensor
+
+Modes: forward (under torch.no_grad()) and forward+backward (out.backward(g) with a fixed random
+g; x.grad reset to None before every call). Pool modes: mean, max (+ sum in a full run).
+Lengths are uniform in [1, T] (fixed seed); all tensors live on the benchmarked device.
+
+Gate before timing: each provider's forward output must match the reference (assert_close) and a
+float64 reference (relative error), and for forward+backward its x.grad too; a provider that
+fails is recorded with status "gate-failed: ..." and not timed.
+
+Effective bandwidth (forward): bytes = valid frames read (sum(L) * D) + output written (B * D),
+in x's element size, + lengths (8 * B). Reported as GB/s and as % of the device-to-device copy
+bandwidth measured at the start of the same run (dst.copy_(src), 1 GiB on GPU, 256 MiB on CPU,
+bytes = 2 * size). forward+backward also reports GB/s over its minimal traffic (forward bytes +
+grad_out read + the whole grad_x [B, T, D] written), as information.
+
+    python bench/bench_frame_pool.py --quick --device cpu
+    python bench/bench_frame_pool.py --device cuda --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
+
+KERNEL = "frame_pool"
+BASELINE = "reference"
+MIB = 1 << 20
+LARGE_BYTES = 256 * MIB  # GPU acceptance applies from this input size on
+
+f32, bf16 = torch.float32, torch.bfloat16
+
+CPU_SHAPES = [((64, 64, 1024), f32), ((256, 32, 2048), f32)]
+GPU_SHAPES_FULL = CPU_SHAPES + [
+    ((256, 256, 1024), f32),  # 256 MiB
+    ((64, 1024, 1024), f32),  # 256 MiB, long T
+    ((256, 512, 1024), bf16),  # 256 MiB
+    ((128, 1024, 1024), bf16),  # 256 MiB, long T
+    ((4, 4096, 512), f32),  # small B, long T: parallelism must come from T and D
+]
+GPU_SHAPES_QUICK = [
+    ((64, 64, 1024), f32),
+    ((256, 256, 1024), f32),
+    ((256, 512, 1024), bf16),
+    ((4, 4096, 512), f32),
+]
+MODES = ("forward", "forward+backward")
+FLOOR = "__grad_alloc_floor__"  # timed beside the providers in forward+backward, not a row
+
+
+def input_bytes(shape, dtype) -> int:
+    B, T, D = shape
+    return B * T * D * torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# providers
+# ----------------------------------------------------------------------------------------------
+
+
+def _standin_reference(x, lengths=None, mode="mean"):
+    """Eager masked reduction with the reference's semantics (harness self-test only)."""
+    B, T, D = x.shape
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+    lengths = torch.as_tensor(lengths, device=x.device)
+    mask = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # [B, T]
+    acc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    m = mask[:, :, None]
+    if mode == "max":
+        out = acc.masked_fill(~m, float("-inf")).amax(1)
+        out = out.masked_fill((lengths == 0)[:, None], 0.0)
+    else:
+        out = (acc * m).sum(1)
+        if mode == "mean":
+            out = out / lengths.clamp(min=1)[:, None].to(acc.dtype)
+    return out.to(x.dtype)
+
+
+def _standin_fused(x, lengths=None, mode="mean", *, backend=None):
+    """A different eager formulation, standing in for dtl_fast before it builds."""
+    B, T, D = x.shape
+    lengths = torch.as_tensor(lengths, device=x.device)
+    mask = torch.arange(T, device=x.device)[None, :] < lengths[:, None]
+    if mode == "max":
+        out = torch.where(mask[:, :, None], x, x.new_tensor(float("-inf"))).max(1).values
+        return out.masked_fill((lengths == 0)[:, None], 0.0)
+    w = mask.to(torch.float32 if x.dtype != torch.float64 else x.dtype)
+    if mode == "mean":
+        w = w / lengths.clamp(min=1)[:, None].to(w.dtype)
+    return torch.bmm(w[:, None, :], x.to(w.dtype)).squeeze(1).to(x.dtype)
+
+
+_AUTO_IMPL: dict[str, str] = {}  # device type -> what backend="auto" runs (dtl_fast.info())
+
+
+def load_api(standin: bool):
+    """Returns (reference_fn, fused_fn_or_None, note)."""
+    if standin:
+        return _standin_reference, _standin_fused, "stand-in functions (harness self-test)"
+    try:
+        from dtl_fast import reference as R
+
+        ref = R.frame_pool
+    except Exception as exc:  # noqa: BLE001
+        raise SystemExit(
+            f"dtl_fast.reference.frame_pool is not importable ({type(exc).__name__}: {exc}).\n"
+            "Build it first: .venv/bin/pip install --no-build-isolation -e .  "
+            "(or run with --standin to test the harness)"
+        )
+    try:
+        from dtl_fast import ops
+
+        fused = ops.frame_pool
+        note = "dtl_fast.ops.frame_pool"
+        try:  # which implementation "auto" picks per device (auto silently falls back to the
+            import dtl_fast  # reference where a kernel was not built: say so in every row)
+
+            impl = dtl_fast.info()["ops"]["frame_pool"]
+            note += f" (auto: cpu -> {impl.get('cpu')}; cuda -> {impl.get('cuda')})"
+            _AUTO_IMPL.update(impl)
+        except Exception:  # noqa: BLE001
+            pass
+    except Exception as exc:  # noqa: BLE001
+        fused, note = None, f"dtl_fast.ops.frame_pool unavailable: {type(exc).__name__}: {exc}"
+    return ref, fused, note
+
+
+def make_providers(ref_fn, fused_fn, x: torch.Tensor, lengths: torch.Tensor, device: str):
+    """name -> callable(x, mode) or a str saying why the provider does not apply."""
+    B, T, D = x.shape
+    provs: dict[str, Callable | str] = {"reference": lambda xx, mode: ref_fn(xx, lengths, mode)}
+
+    seg = torch.stack([lengths, T - lengths], 1).reshape(-1).contiguous()  # valid, pad, valid...
+    empty = lengths == 0
+    any_empty = bool(empty.any())
+
+    def seg_reduce(xx, mode):
+        kw: dict[str, Any] = {}
+        if any_empty and mode in ("mean", "sum"):
+            kw["initial"] = 0.0  # an empty valid segment pools to 0, as in the reference
+        y = torch.segment_reduce(xx.reshape(B * T, D), mode, lengths=seg, axis=0, unsafe=True, **kw)
+        y = y[0::2]
+        if any_empty and mode == "max":  # initial=0 would clamp max to >= 0: mask instead
+            y = y.masked_fill(empty[:, None], 0.0)
+        return y
+
+    provs["segment_reduce"] = seg_reduce
+
+    if fused_fn is None:
+        provs["dtl_fast"] = "skipped: dtl_fast.ops.frame_pool unavailable"
+    else:
+        provs["dtl_fast"] = lambda xx, mode: fused_fn(xx, lengths, mode, backend="auto")
+        if device == "cuda":
+            lengths_cpu = lengths.cpu()
+            provs["dtl_fast:cpu-len"] = lambda xx, mode: fused_fn(
+                xx, lengths_cpu, mode, backend="auto"
+            )
+    return provs
+
+
+# ----------------------------------------------------------------------------------------------
+# gates
+# ----------------------------------------------------------------------------------------------
+
+
+def grad_gate_max(grad, x, out, g, lengths, *, what="x.grad") -> tuple[bool, str]:
+    """Tie-robust check of a max-pool gradient (bf16 inputs have many ties, and which tied frame
+    gets the gradient is a convention): the gradient sums over frames to g for non-empty rows,
+    is zero on padded frames and on frames that are not a maximum."""
+    B, T, D = x.shape
+    if grad is None:
+        return False, f"{what}: None"
+    if grad.shape != x.shape:
+        return False, f"{what}: shape {tuple(grad.shape)} != {tuple(x.shape)}"
+    if not torch.isfinite(grad).all():
+        return False, f"{what}: non-finite values"
+    valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[:, :, None]
+    is_max = (x == out[:, None, :]) & valid
+    stray = int(((grad != 0) & ~is_max).sum().item())
+    if stray:
+        return False, f"{what}: {stray} nonzero entries on non-max or padded frames"
+    want = torch.where((lengths > 0)[:, None], g.float(), torch.zeros_like(g, dtype=torch.float32))
+    ok, msg = H.gate(grad.float().sum(1), want, what=f"{what} summed over T")
+    return ok, msg
+
+
+def _gate_provider(fn, x, g, lengths, variant, mode, expected, exp64, exp_grad, exp_grad64):
+    """Returns (ok, message, rel64 of the forward output). An exception is (False, "error: ...")."""
+    try:
+        with torch.no_grad():
+            out = fn(x, variant)
+        ok, msg = H.gate(out, expected, ref64=exp64, what="forward")
+        rel64 = float(f"{H.rel_err(out, exp64):.3g}")
+        del out
+        if ok and mode == "forward+backward":
+            xl = x.detach().requires_grad_(True)
+            fn(xl, variant).backward(g)
+            if variant == "max":
+                ok, msg = grad_gate_max(xl.grad, x, expected, g, lengths)
+            else:
+                ok, msg = H.gate(xl.grad, exp_grad, ref64=exp_grad64, what="x.grad")
+        return ok, msg, rel64
+    except Exception as exc:  # noqa: BLE001
+        return False, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", None
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+
+def _gen(device: str, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak_mb(fn, device: str, grad_to_none=None) -> float | None:
+    if device != "cuda":
+        return None
+    H._clear_grads(grad_to_none)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = H.resolve_device(args.device)
+    H.apply_threads(args)
+    standin = getattr(args, "standin", False)
+    kernel = KERNEL + ("_standin" if standin else "")
+    run_id = args.run_id or H.new_run_id()
+    deadline = H.Deadline(args.time_budget)
+    ref_fn, fused_fn, note = load_api(standin)
+
+    stamp = H.env_stamp(device)
+    writer = H.ResultWriter(args.out, kernel)
+    print(f"[{kernel}] {H.format_stamp(stamp)}")
+    print(f"[{kernel}] providers: reference, segment_reduce, {note}")
+
+    if device == "cuda":
+        shapes = GPU_SHAPES_QUICK if args.quick else GPU_SHAPES_FULL
+    else:
+        shapes = CPU_SHAPES
+    variants = ("mean", "max") if args.quick else ("mean", "max", "sum")
+    if device == "cuda":
+        timing_kw: dict[str, Any] = dict(warmup=10, rep=40) if args.quick else {}
+    else:
+        # CPU: longer than the harness default (200 ms / 10 samples): on a shared VM the
+        # sample distribution is wide and sometimes bimodal (see bench/NOTES.md)
+        timing_kw = (dict(warmup=50, rep=100, min_samples=5) if args.quick
+                     else dict(warmup=100, rep=400, min_samples=15))
+        timing_kw["flush_cache"] = args.cold_cache
+
+    if device == "cpu":
+        try:
+            load1 = os.getloadavg()[0]
+            if load1 > 0.5 * (os.cpu_count() or 1):
+                print(f"[{kernel}] WARNING: load average {load1:.2f} on "
+                      f"{os.cpu_count()} CPUs: other processes compete; ratios "
+                      "stay fairer (providers are interleaved) but times are inflated; "
+                      "consider --threads 1")
+        except OSError:
+            pass
+    copy = H.copy_bandwidth(device)
+    print(f"[{kernel}] copy bandwidth: {copy['copy_gbps']:.1f} GB/s "
+          f"({copy['copy_bytes'] / 1e9:.2f} GB moved in {copy['copy_ms']:.3f} ms)")
+
+    rows: list[dict[str, Any]] = []
+
+    def emit(row):
+        writer.append(row)
+        rows.append(row)
+        print("  " + H.row_line(row, extra_keys=("gbps", "pct_copy", "grad_floor_ms")), flush=True)
+
+    for si, (shape, dtype) in enumerate(shapes):
+        if deadline.expired():
+            print(f"[{kernel}] time budget spent: skipping {H.shape_str(shape)} and after")
+            break
+        B, T, D = shape
+        es = torch.empty((), dtype=dtype).element_size()
+        lengths = torch.randint(1, T + 1, (B,), generator=_gen("cpu", 1000 + si)).to(device)
+        x = torch.randn(shape, generator=_gen(device, si), device=device, dtype=torch.float32)
+        x = x.to(dtype)
+        g = torch.randn((B, D), generator=_gen(device, 500 + si), device=device).to(dtype)
+        x64, g64 = x.double(), g.double()
+        sum_len = int(lengths.sum().item())
+        fwd_bytes = sum_len * D * es + B * D * es + B * 8
+        bwd_bytes = B * D * es + B * T * D * es
+        provs = make_providers(ref_fn, fused_fn, x, lengths, device)
+        print(f"[{kernel}] {H.shape_str(shape)} {H.dtype_str(dtype)}: "
+              f"{input_bytes(shape, dtype) / MIB:.0f} MiB input, {sum_len / (B * T):.0%} valid frames")
+
+        for variant in variants:
+            if deadline.expired():
+                break
+            # ground truth: the reference in x's dtype, and in float64
+            with torch.no_grad():
+                expected = ref_fn(x, lengths, variant)
+                exp64 = ref_fn(x64, lengths, variant)
+            xl = x.detach().requires_grad_(True)
+            ref_fn(xl, lengths, variant).backward(g)
+            exp_grad = xl.grad
+            xl64 = x64.detach().requires_grad_(True)
+            ref_fn(xl64, lengths, variant).backward(g64)
+            exp_grad64 = xl64.grad
+            del xl, xl64
+
+            for mode in MODES:
+                base = dict(kernel=kernel, mode=mode, variant=variant, shape=shape, dtype=dtype,
+                            stamp=stamp, baseline=BASELINE, run_id=run_id)
+                calls: dict[str, Callable] = {}
+                grads: dict[str, list] = {}
+                extras: dict[str, dict] = {}
+                for name, fn in provs.items():
+                    if isinstance(fn, str):
+                        emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
+                                        status=fn))
+                        continue
+                    ok, msg, rel64 = _gate_provider(fn, x, g, lengths, variant, mode, expected,
+                                                    exp64, exp_grad, exp_grad64)
+                    if not ok:
+                        if not msg.startswith(("skipped", "error")):
+                            print(f"[{kernel}] RED GATE {name} {mode} {variant} "
+                                  f"{H.shape_str(shape)} {H.dtype_str(dtype)}: {msg}")
+                            msg = f"gate-failed: {msg}"
+                        if name == "segment_reduce" and msg.startswith("error"):
+                            msg = "skipped" + msg[len("error"):]  # a torch limitation, not ours
+                        emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
+                                        status=msg))
+                        continue
+                    extras[name] = {"rel64": rel64}
+                    if mode == "forward":
+                        calls[name] = lambda fn=fn: fn(x, variant)
+                    else:
+                        xl = x.detach().requires_grad_(True)
+                        calls[name] = lambda fn=fn, xl=xl: fn(xl, variant).backward(g)
+                        grads[name] = [xl]
+                if mode == "forward+backward" and BASELINE in calls:
+                    # the floor of any backward here: allocate and write a dense [B, T, D] grad_x
+                    # (on CPU a fresh 64 MiB block costs page faults on every call)
+                    calls[FLOOR] = lambda: torch.empty_like(x).zero_()
+                if BASELINE not in calls:
+                    print(f"[{kernel}] baseline {BASELINE} unavailable: nothing timed for "
+                          f"{mode} {variant} {H.shape_str(shape)}")
+                    continue
+                # ---- time (CPU: interleaved rounds; CUDA: do_bench one after another) ------
+                try:
+                    with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
+                        times = H.time_many(calls, device=device, grad_to_none=grads, **timing_kw)
+                        peaks = {k: _peak_mb(c, device, grads.get(k)) for k, c in calls.items()}
+                except Exception as exc:  # noqa: BLE001
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    for name in calls:
+                        emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
+                                        status=f"error: timing: {reason}"))
+                    _free(device)
+                    continue
+                for xs in grads.values():
+                    xs[0].grad = None
+                nbytes = fwd_bytes if mode == "forward" else fwd_bytes + bwd_bytes
+                baseline_ms = times[BASELINE][0]
+                floor = times.pop(FLOOR, None)
+                for name, t in times.items():
+                    extra = extras[name]
+                    if floor is not None:
+                        extra["grad_floor_ms"] = round(floor[0], 4)  # empty_like(x).zero_()
+                    gbps = nbytes / (t[0] * 1e-3) / 1e9
+                    extra.update(bytes=nbytes, gbps=round(gbps, 2),
+                                 pct_copy=round(100 * gbps / copy["copy_gbps"], 2),
+                                 copy_gbps=round(copy["copy_gbps"], 1))
+                    if peaks.get(name) is not None:
+                        extra["peak_mb"] = round(peaks[name], 1)
+                    if H.noisy(t):
+                        extra["noisy"] = True
+                    if name.startswith("dtl_fast") and _AUTO_IMPL:
+                        extra["impl"] = str(_AUTO_IMPL.get(device, "?"))[:60]
+                    emit(H.make_row(**base, provider=name, timing=t, baseline_ms=baseline_ms,
+                                    extra=extra))
+                del calls, grads
+            del expected, exp64, exp_grad, exp_grad64
+            _free(device)
+        del x, g, x64, g64, provs
+        _free(device)
+
+    print(f"\n[{kernel}] results ({device}, run {run_id}) -> {writer.path}")
+    H.print_table(rows, extra_keys=("gbps", "pct_copy", "grad_floor_ms"))
+    if not args.no_plot:
+        png = H.plot_ratios(rows, args.out, kernel, stamp["device_slug"])
+        if png:
+            print(f"[{kernel}] plot -> {png}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# acceptance figures (run.py prints them)
+# ----------------------------------------------------------------------------------------------
+
+CPU_TARGET = {"forward": 4.0, "forward+backward": 4.0}  # x reference
+GPU_FWD_PCT_COPY = 85.0  # forward: % of copy bandwidth at >= 256 MiB input
+GPU_FWDBWD_RATIO = 3.0  # forward+backward: x eager reference at >= 256 MiB input
+
+
+def _find(rows, **key):
+    for r in rows:
+        if all(r.get(k) == v for k, v in key.items()):
+            return r
+    return None
+
+
+def _shape_bytes(shape: str, dtype: str) -> int:
+    dims = [int(s) for s in shape.split("x")]
+    es = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    n = 1
+    for d in dims:
+        n *= d
+    return n * es
+
+
+def acceptance(rows, device: str) -> list[dict[str, Any]]:
+    """The pooling kernel's acceptance figures from this run's rows: dicts with
+    name, value (str), passed (bool)."""
+    rows = [r for r in rows if r.get("kernel") == KERNEL]
+    figs: list[dict[str, Any]] = []
+
+    def fig(name, r, key, target, unit):
+        if r is None:
+            figs.append(dict(name=name, value="missing", passed=False))
+            return
+        if not str(r.get("status", "")).startswith("ok"):
+            figs.append(dict(name=name, value=str(r["status"])[:40], passed=False))
+            return
+        if key == "ratio":
+            v = H.fnum(r.get("ratio"))
+        else:
+            v = H.fnum(json.loads(r.get("extra") or "{}").get(key))
+        if v is None:
+            figs.append(dict(name=name, value="n/a", passed=False))
+            return
+        noisy = json.loads(r.get("extra") or "{}").get("noisy", False)
+        if key == "ratio":  # the ratio is as noisy as either of its two timings
+            b = _find(rows, provider=BASELINE, mode=r["mode"], variant=r["variant"],
+                      shape=r["shape"], dtype=r["dtype"], device=r["device"])
+            noisy = noisy or (b is not None and json.loads(b.get("extra") or "{}").get("noisy"))
+        figs.append(dict(name=name, value=f"{v:.2f}{unit}" + (", noisy p20-p80" if noisy else ""),
+                         passed=v >= target))
+
+    if device == "cpu":
+        for shape in ("64x64x1024", "256x32x2048"):
+            for variant in ("mean", "max"):
+                for mode, target in CPU_TARGET.items():
+                    r = _find(rows, provider="dtl_fast", mode=mode, variant=variant,
+                              shape=shape, dtype="float32", device="cpu")
+                    fig(f"cpu {mode:<16} {variant:<4} {shape:<12} >= {target:g}x reference",
+                        r, "ratio", target, "x")
+        return figs
+
+    large = []
+    for r in rows:
+        if r.get("device") == "cuda" and r.get("provider") == BASELINE:
+            key = (r["shape"], r["dtype"])
+            if key not in large and _shape_bytes(*key) >= LARGE_BYTES:
+                large.append(key)
+    if not large:
+        figs.append(dict(name="gpu: no case with >= 256 MiB input measured", value="missing",
+                         passed=False))
+        return figs
+    for shape, dtype in large:
+        for variant in ("mean", "max"):
+            r = _find(rows, provider="dtl_fast", mode="forward", variant=variant, shape=shape,
+                      dtype=dtype, device="cuda")
+            fig(f"gpu forward          {variant:<4} {shape:<13} {dtype:<8} >= "
+                f"{GPU_FWD_PCT_COPY:g}% copy bw", r, "pct_copy", GPU_FWD_PCT_COPY, "%")
+            r = _find(rows, provider="dtl_fast", mode="forward+backward", variant=variant,
+                      shape=shape, dtype=dtype, device="cuda")
+            fig(f"gpu forward+backward {variant:<4} {shape:<13} {dtype:<8} >= "
+                f"{GPU_FWDBWD_RATIO:g}x eager", r, "ratio", GPU_FWDBWD_RATIO, "x")
+    return figs
+
+
+def main(argv=None) -> int:
+    p = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--standin", action="store_true",
+                   help="harness self-test with stand-in functions (no dtl_fast needed); "
+                        "rows go to frame_pool_standin.csv")
+    args = p.parse_args(argv)
+    rows = run(args)
+    figs = acceptance(rows, H.resolve_device(args.device)) if not args.standin else []
+    for f in figs:
+        print(f"  {'PASS' if f['passed'] else 'FAIL'}  {f['name']}  ({f['value']})")
+    red = [r for r in rows if r["status"].startswith(("gate-failed", "error"))]
+    return 1 if red else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,769 @@
+"""Shared benchmark harness for dtl_fast kernels.
+
+Every kernel's bench module (bench/bench_<kernel>.py) uses this file for:
+
+- timing: ``time_ms(fn, device=..., grad_to_none=...)`` -> (median, p20, p80) in milliseconds.
+  CUDA: ``triton.testing.do_bench`` with ``quantiles=[0.5, 0.2, 0.8]`` (its default return is the
+  mean, so the median is asked for explicitly; it flushes L2 and clears ``grad_to_none`` between
+  calls outside the timed region). CPU: a steady ``time.perf_counter`` timer, warm-up first, then
+  samples until both a minimum time and a minimum sample count are reached.
+- the environment stamp (device name, torch / triton / CUDA versions, threads, date, git revision),
+- the correctness gate (``gate``): a provider whose output does not match the reference is not
+  timed -- "a speedup is never reported on a red gate",
+- result rows appended to ``<out>/<kernel>.csv`` (header written once) with the ratio against the
+  baseline provider timed in the same run (baseline_ms / this_ms: > 1 means faster than baseline),
+- a compact stdout table and a bar plot per kernel (``<out>/<kernel>_<device-slug>.png``).
+
+Nothing here imports dtl_fast, so the harness works (and can be tested) before the package builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+
+# Column order of every results CSV. Add new columns at the end only.
+COLUMNS = [
+    "kernel",  # e.g. frame_pool
+    "provider",  # e.g. reference / segment_reduce / dtl_fast
+    "mode",  # forward / forward+backward / backward ...
+    "variant",  # kernel-specific sub-case, e.g. the pool mode mean / max / sum
+    "shape",  # e.g. 64x64x1024
+    "dtype",  # e.g. float32
+    "device",  # cpu / cuda
+    "device_name",  # e.g. "NVIDIA H100 80GB HBM3" or "AMD EPYC (2 cores, 2 threads)"
+    "torch",
+    "triton",
+    "cuda",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "baseline",  # name of the baseline provider of this run
+    "ratio",  # baseline median / this median (same run, same case); > 1 = faster
+    "extra",  # JSON object: GB/s, % of copy bandwidth, bytes, ...
+    "status",  # ok | gate-failed: ... | skipped: ... | error: ...
+    "timestamp",
+    "run_id",  # one id per bench invocation (run.py passes one id to every module)
+    "git_rev",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# environment stamp
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: str) -> str:
+    """Human-readable name of the device the benchmark runs on."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cores = os.cpu_count() or 0
+    return f"{_cpu_model()} ({cores} cores, {torch.get_num_threads()} threads)"
+
+
+def device_slug(device: str) -> str:
+    """File-name friendly device tag, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc-2t``."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = f"cpu {_cpu_model()} {torch.get_num_threads()}t"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug[:60] or "device"
+
+
+def _git_rev() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        rev = out.stdout.strip()
+        if out.returncode != 0 or not rev:
+            return "none"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return rev + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:  # no git, not a checkout, ...
+        return "none"
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def env_stamp(device: str) -> dict[str, Any]:
+    """Versions, device and date: stored with every row."""
+    try:
+        import triton  # noqa: F401
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "none"
+    stamp: dict[str, Any] = {
+        "device": "cuda" if device.startswith("cuda") else "cpu",
+        "device_name": device_name(device),
+        "device_slug": device_slug(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_rev": _git_rev(),
+        "loadavg": _loadavg(),
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        stamp["sm_count"] = props.multi_processor_count
+        stamp["capability"] = f"{props.major}.{props.minor}"
+        stamp["memory_gib"] = round(props.total_memory / 2**30, 1)
+    try:  # the package may not exist yet, or may not have info()
+        import dtl_fast
+
+        info = getattr(dtl_fast, "info", None)
+        stamp["dtl_fast"] = info() if callable(info) else getattr(dtl_fast, "__version__", "?")
+    except Exception as exc:  # noqa: BLE001
+        stamp["dtl_fast"] = f"unavailable ({type(exc).__name__})"
+    return stamp
+
+
+def format_stamp(stamp: dict[str, Any]) -> str:
+    keys = ["device_name", "torch", "triton", "cuda", "threads", "date", "git_rev", "loadavg"]
+    return "  ".join(f"{k}={stamp.get(k)}" for k in keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+
+def _clear_grads(grad_to_none: Sequence[torch.Tensor] | None) -> None:
+    if grad_to_none:
+        for t in grad_to_none:
+            t.grad = None
+
+
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+    q = statistics.quantiles(s, n=10, method="inclusive")  # deciles: q[1]=p20, q[7]=p80
+    return statistics.median(s), q[1], q[7]
+
+
+_CPU_FLUSH: torch.Tensor | None = None
+
+
+def _flush_cpu_cache(nbytes: int = 256 << 20) -> None:
+    global _CPU_FLUSH
+    if _CPU_FLUSH is None or _CPU_FLUSH.numel() * 4 != nbytes:
+        _CPU_FLUSH = torch.empty(nbytes // 4, dtype=torch.float32)
+    _CPU_FLUSH.fill_(1.0)
+
+
+class _CpuTimed:
+    """One CPU callable under the steady timer: warm-up, then one sample per ``sample()``."""
+
+    def __init__(self, fn, grad_to_none, warmup_ms: float, flush_cache: bool):
+        self.fn, self.grads, self.flush = fn, grad_to_none, flush_cache
+        self.samples: list[float] = []
+        clock = time.perf_counter
+        t0 = clock()
+        n = 0
+        while n < 2 or (clock() - t0) * 1e3 < warmup_ms:  # >= 2 calls and >= warmup_ms
+            _clear_grads(self.grads)
+            fn()
+            n += 1
+        per_call = (clock() - t0) / n
+        # a sample must sit well above timer resolution and call overhead: batch several
+        # calls into one sample when one call is under ~1 ms
+        self.inner = math.ceil(1e-3 / max(per_call, 1e-9)) if per_call < 1e-3 else 1
+
+    def settle(self) -> None:
+        """One untimed call: back to this provider's steady state after another ran."""
+        _clear_grads(self.grads)
+        self.fn()
+
+    def sample(self) -> None:
+        clock = time.perf_counter
+        if self.flush:
+            _flush_cpu_cache()
+        if self.inner == 1:
+            _clear_grads(self.grads)
+            s = clock()
+            self.fn()
+            self.samples.append((clock() - s) * 1e3)
+        else:
+            s = clock()
+            for _ in range(self.inner):
+                _clear_grads(self.grads)
+                self.fn()
+            self.samples.append((clock() - s) * 1e3 / self.inner)
+
+
+def _time_cpu(
+    fn: Callable[[], Any],
+    grad_to_none: Sequence[torch.Tensor] | None,
+    warmup_ms: float,
+    rep_ms: float,
+    min_samples: int,
+    max_samples: int,
+    max_ms: float,
+    flush_cache: bool,
+) -> tuple[float, float, float]:
+    t = _CpuTimed(fn, grad_to_none, warmup_ms, flush_cache)
+    start = time.perf_counter()
+    while True:
+        t.sample()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        n = len(t.samples)
+        if n >= max_samples or (n >= min_samples and elapsed_ms >= rep_ms):
+            break
+        if n >= 3 and elapsed_ms >= max_ms:  # very slow call: do not run forever
+            break
+    return _quantiles(t.samples)
+
+
+def _time_cuda_events(
+    fn: Callable[[], Any],
+    grad_to_none: Sequence[torch.Tensor] | None,
+    warmup_ms: float,
+    rep_ms: float,
+) -> tuple[float, float, float]:
+    """Fallback when triton is not installed: CUDA events around each call, L2 flushed."""
+    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(5):
+        cache.zero_()
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = max(s.elapsed_time(e) / 5, 1e-3)
+    n_warm, n_rep = max(1, int(warmup_ms / est)), max(1, int(rep_ms / est))
+    for _ in range(n_warm):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        _clear_grads(grad_to_none)
+        cache.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
+
+
+def time_ms(
+    fn: Callable[[], Any],
+    *,
+    device: str,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+    warmup: float | None = None,
+    rep: float | None = None,
+    min_samples: int = 10,
+    max_samples: int = 2000,
+    max_ms: float = 5000.0,
+    flush_cache: bool = False,
+) -> tuple[float, float, float]:
+    """Time ``fn()``; returns (median, p20, p80) in milliseconds.
+
+    ``warmup`` and ``rep`` are in milliseconds (as in ``triton.testing.do_bench``); defaults:
+    CUDA 25 / 100, CPU 100 / 200. On CPU the sampling stops once ``rep`` ms and ``min_samples``
+    samples are both reached (or ``max_samples``, or ``max_ms`` with at least 3 samples).
+    ``grad_to_none``: tensors whose ``.grad`` is set to None before every call (so a backward
+    pass allocates its gradient each time instead of accumulating into a warm buffer).
+    ``flush_cache`` (CPU only): write 256 MB before every sample so the inputs start out of
+    cache; do_bench always flushes L2 on CUDA.
+    """
+    if device.startswith("cuda"):
+        warmup = 25 if warmup is None else warmup
+        rep = 100 if rep is None else rep
+        try:
+            from triton.testing import do_bench
+        except Exception:  # noqa: BLE001
+            return _time_cuda_events(fn, grad_to_none, warmup, rep)
+        med, p20, p80 = do_bench(
+            fn,
+            warmup=warmup,
+            rep=rep,
+            grad_to_none=list(grad_to_none) if grad_to_none else None,
+            quantiles=[0.5, 0.2, 0.8],
+        )
+        return float(med), float(p20), float(p80)
+    warmup = 100 if warmup is None else warmup
+    rep = 200 if rep is None else rep
+    return _time_cpu(fn, grad_to_none, warmup, rep, min_samples, max_samples, max_ms, flush_cache)
+
+
+def time_many(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: str,
+    grad_to_none: dict[str, Sequence[torch.Tensor]] | None = None,
+    warmup: float | None = None,
+    rep: float | None = None,
+    min_samples: int = 10,
+    max_samples: int = 2000,
+    max_ms: float = 5000.0,
+    flush_cache: bool = False,
+) -> dict[str, tuple[float, float, float]]:
+    """Times several providers of one case; returns name -> (median, p20, p80) in ms.
+
+    CUDA: ``time_ms`` (do_bench) for each in turn -- the GPU is not shared.
+    CPU: rounds of blocks -- every round runs each provider (in a rotating order) for one
+    untimed call and then ``block`` timed samples back to back. Rounds make a change in
+    background load (other processes on a shared machine) hit every provider alike; blocks keep
+    each provider in its steady state (its own buffers and cache contents, as in a loop that
+    calls it) instead of timing it right after another provider has evicted everything. Stops
+    when every provider has ``min_samples`` samples and ``rep`` ms of samples, or at
+    ``max_samples``, or after ``max_ms`` ms per provider with at least 3 samples each.
+    """
+    grad_to_none = grad_to_none or {}
+    if device.startswith("cuda"):
+        return {
+            k: time_ms(f, device=device, grad_to_none=grad_to_none.get(k), warmup=warmup, rep=rep)
+            for k, f in fns.items()
+        }
+    warmup = 100 if warmup is None else warmup
+    rep = 200 if rep is None else rep
+    timed = {k: _CpuTimed(f, grad_to_none.get(k), warmup, flush_cache) for k, f in fns.items()}
+    names = list(timed)
+    start = time.perf_counter()
+    rnd = 0
+    block = 5
+    while True:
+        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        for k in order:
+            timed[k].settle()
+            for _ in range(block):
+                timed[k].sample()
+        rnd += block
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        per = elapsed_ms / len(names)
+        if rnd >= max_samples or (rnd >= min_samples and per >= rep):
+            break
+        if rnd >= 3 and per >= max_ms:
+            break
+    return {k: _quantiles(t.samples) for k, t in timed.items()}
+
+
+def noisy(timing: tuple[float, float, float] | None, limit: float = 0.25) -> bool:
+    """True when the p20-p80 spread is more than ``limit`` of the median."""
+    if not timing or not timing[0]:
+        return False
+    med, p20, p80 = timing
+    return (p80 - p20) / med > limit
+
+
+def copy_bandwidth(device: str, nbytes: int | None = None) -> dict[str, float]:
+    """Device-to-device copy ``dst.copy_(src)``; bytes moved = 2 * size (read + write).
+
+    CUDA: a 1 GiB buffer timed with do_bench. CPU: 256 MiB (memcpy-like through torch).
+    Returns {"copy_gbps": ..., "copy_bytes": ..., "copy_ms": ...}.
+    """
+    if nbytes is None:
+        nbytes = (1 << 30) if device.startswith("cuda") else (256 << 20)
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    med, _, _ = time_ms(lambda: dst.copy_(src), device=device, warmup=50, rep=200)
+    moved = 2 * n * 4
+    del src, dst
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"copy_gbps": moved / (med * 1e-3) / 1e9, "copy_bytes": moved, "copy_ms": med}
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness gate
+# ----------------------------------------------------------------------------------------------
+
+# assert_close tolerances against the reference in the same dtype, and the bound on the relative
+# error || out - ref64 || / || ref64 || against a float64 reference (DESIGN.md "Numerics").
+_TOL = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7, rel64=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-5, rel64=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2, rel64=1e-2),
+    torch.float16: dict(rtol=5e-3, atol=5e-3, rel64=1e-2),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """|| out - ref || / || ref || in float64 (NaN if out has NaN)."""
+    o, r = out.detach().double(), ref.detach().double()
+    denom = r.norm().item()
+    num = (o - r).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def gate(
+    out: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    ref64: torch.Tensor | None = None,
+    what: str = "output",
+) -> tuple[bool, str]:
+    """Checks ``out`` against the reference: finite, same shape, assert_close with dtype
+    tolerances, and (when given) relative error against a float64 reference.
+    Returns (ok, message); the message names the numbers either way."""
+    if out.shape != expected.shape:
+        return False, f"{what}: shape {tuple(out.shape)} != {tuple(expected.shape)}"
+    if out.dtype != expected.dtype:
+        return False, f"{what}: dtype {out.dtype} != {expected.dtype}"
+    n_nan = int((~torch.isfinite(out)).sum().item()) - int((~torch.isfinite(expected)).sum().item())
+    if n_nan > 0:
+        return False, f"{what}: {n_nan} more non-finite values than the reference"
+    tol = _TOL.get(out.dtype, _TOL[torch.float32])
+    msgs = []
+    try:
+        torch.testing.assert_close(out, expected, rtol=tol["rtol"], atol=tol["atol"])
+    except AssertionError as exc:
+        first = str(exc).strip().splitlines()
+        return False, f"{what}: " + " | ".join(first[:4])
+    if ref64 is not None:
+        err = rel_err(out, ref64)
+        if not (err <= tol["rel64"]):  # catches NaN too
+            return False, f"{what}: rel err vs float64 {err:.2e} > {tol['rel64']:.0e}"
+        msgs.append(f"rel64={err:.1e}")
+    return True, f"{what}: ok " + " ".join(msgs)
+
+
+# ----------------------------------------------------------------------------------------------
+# rows, CSV, table
+# ----------------------------------------------------------------------------------------------
+
+
+def shape_str(shape: Iterable[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+
+
+def make_row(
+    *,
+    kernel: str,
+    provider: str,
+    mode: str,
+    variant: str,
+    shape: Sequence[int] | str,
+    dtype: torch.dtype | str,
+    stamp: dict[str, Any],
+    timing: tuple[float, float, float] | None,
+    baseline: str,
+    baseline_ms: float | None,
+    extra: dict[str, Any] | None = None,
+    status: str = "ok",
+    run_id: str = "",
+) -> dict[str, Any]:
+    med, p20, p80 = timing if timing is not None else (None, None, None)
+    ratio = None
+    if med and baseline_ms:
+        ratio = baseline_ms / med
+    return {
+        "kernel": kernel,
+        "provider": provider,
+        "mode": mode,
+        "variant": variant,
+        "shape": shape if isinstance(shape, str) else shape_str(shape),
+        "dtype": dtype if isinstance(dtype, str) else dtype_str(dtype),
+        "device": stamp["device"],
+        "device_name": stamp["device_name"],
+        "torch": stamp["torch"],
+        "triton": stamp["triton"],
+        "cuda": stamp["cuda"],
+        "median_ms": _fmt(med, 6),
+        "p20_ms": _fmt(p20, 6),
+        "p80_ms": _fmt(p80, 6),
+        "baseline": baseline,
+        "ratio": _fmt(ratio, 4),
+        "extra": json.dumps(extra or {}, sort_keys=True, separators=(",", ":")),
+        "status": status,
+        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "git_rev": stamp.get("git_rev", ""),
+    }
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}g}"
+
+
+def fnum(v: Any) -> float | None:
+    """Parses a numeric CSV cell ('' -> None)."""
+    try:
+        f = float(v)
+        return f if math.isfinite(f) else None
+    except (TypeError, ValueError):
+        return None
+
+
+class ResultWriter:
+    """Appends rows to ``<out>/<kernel>.csv`` as they are measured (a killed run keeps what it
+    measured). The header is written once; if an existing file has another header it is moved
+    aside to ``<kernel>.csv.old-<date>`` rather than mixed."""
+
+    def __init__(self, out_dir: Path | str, kernel: str):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / f"{kernel}.csv"
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != COLUMNS:
+                aside = self.path.with_name(
+                    f"{self.path.name}.old-{_dt.datetime.now():%Y%m%dT%H%M%S}"
+                )
+                self.path.rename(aside)
+                print(f"[bench] {self.path.name}: other columns; old file moved to {aside.name}")
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def read_rows(path: Path | str) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row_line(r: dict[str, Any], extra_keys: Sequence[str] = ()) -> str:
+    """One compact line for a row (printed live while a benchmark runs)."""
+    try:
+        ex = json.loads(r.get("extra") or "{}")
+    except ValueError:
+        ex = {}
+    med, ratio = fnum(r.get("median_ms")), fnum(r.get("ratio"))
+    parts = [
+        f"{r.get('mode', ''):<16}",
+        f"{r.get('variant', ''):<5}",
+        f"{r.get('shape', ''):<14}",
+        f"{r.get('dtype', ''):<8}",
+        f"{r.get('provider', ''):<16}",
+        f"{med:>10.4f} ms" if med is not None else f"{'-':>10}   ",
+        f"{ratio:>7.2f}x" if ratio is not None else f"{'-':>8}",
+    ]
+    for k in extra_keys:
+        v = ex.get(k)
+        parts.append(f"{k}={v:.1f}" if isinstance(v, (int, float)) else f"{k}=-")
+    parts.append(str(r.get("status", ""))[:100])
+    return " ".join(parts)
+
+
+def print_table(rows: Sequence[dict[str, Any]], extra_keys: Sequence[str] = (), file=None) -> None:
+    """Compact fixed-width table of rows (one line per row)."""
+    file = file or sys.stdout
+    if not rows:
+        print("(no rows)", file=file)
+        return
+    head = ["mode", "variant", "shape", "dtype", "provider", "median_ms", "p20-p80", "ratio"]
+    head += list(extra_keys) + ["status"]
+    lines = []
+    for r in rows:
+        ex = {}
+        try:
+            ex = json.loads(r.get("extra") or "{}")
+        except ValueError:
+            pass
+        med = fnum(r.get("median_ms"))
+        p20, p80 = fnum(r.get("p20_ms")), fnum(r.get("p80_ms"))
+        ratio = fnum(r.get("ratio"))
+        cells = [
+            r.get("mode", ""),
+            r.get("variant", ""),
+            r.get("shape", ""),
+            r.get("dtype", ""),
+            r.get("provider", ""),
+            f"{med:.4f}" if med is not None else "-",
+            f"{p20:.3f}-{p80:.3f}" if p20 is not None and p80 is not None else "-",
+            f"{ratio:.2f}x" if ratio is not None else "-",
+        ]
+        for k in extra_keys:
+            v = ex.get(k)
+            cells.append(f"{v:.1f}" if isinstance(v, (int, float)) else ("-" if v is None else str(v)))
+        st = str(r.get("status", ""))
+        cells.append(st if len(st) <= 60 else st[:57] + "...")
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for c in lines:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)), file=file)
+
+
+# ----------------------------------------------------------------------------------------------
+# plot
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_ratios(
+    rows: Sequence[dict[str, Any]], out_dir: Path | str, kernel: str, slug: str
+) -> Path | None:
+    """Bar plot of the speed ratio vs the baseline: one panel per (mode, variant), one bar group
+    per shape/dtype, one bar per non-baseline provider. Saved as <out>/<kernel>_<slug>.png.
+    Returns the path, or None when matplotlib is missing or there is nothing to plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        print(f"[bench] matplotlib unavailable ({type(exc).__name__}): no plot for {kernel}")
+        return None
+    pts = [r for r in rows if fnum(r.get("ratio")) is not None and r["provider"] != r["baseline"]]
+    if not pts:
+        print(f"[bench] no ratios to plot for {kernel}")
+        return None
+    modes, variants, cases = [], [], []
+    for r in pts:  # keep the order in which they were measured
+        for lst, v in ((modes, r["mode"]), (variants, r["variant"]),
+                       (cases, f"{r['shape']}\n{r['dtype']}")):
+            if v not in lst:
+                lst.append(v)
+    providers = sorted({r["provider"] for r in pts})
+    panels = [(m, v) for m in modes for v in variants]  # one row per mode, one column per variant
+    nrow, ncol = len(modes), len(variants)
+    fig_w = max(4.0, 0.55 * len(cases) * len(providers) + 1.6) * ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(min(fig_w, 30), 3.4 * nrow + 0.6), squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    base = pts[0]["baseline"]
+    for idx, (mode, variant) in enumerate(panels):
+        ax = axes[idx // ncol][idx % ncol]
+        for j, prov in enumerate(providers):
+            xs, ys = [], []
+            for i, c in enumerate(cases):
+                for r in pts:
+                    if (r["mode"], r["variant"], r["provider"]) == (mode, variant, prov) and (
+                        f"{r['shape']}\n{r['dtype']}" == c
+                    ):
+                        xs.append(i + (j - (len(providers) - 1) / 2) * width)
+                        ys.append(fnum(r["ratio"]))
+            if xs:
+                bars = ax.bar(xs, ys, width=width, label=prov)
+                for b, y in zip(bars, ys):
+                    ax.annotate(f"{y:.1f}", (b.get_x() + b.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=6)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, fontsize=6)
+        ax.set_title(f"{mode} / {variant}", fontsize=9)
+        ax.set_ylabel(f"speed vs {base} (x)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    for idx in range(len(panels), nrow * ncol):
+        axes[idx // ncol][idx % ncol].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=7)
+    dev = pts[0].get("device_name", "")
+    fig.suptitle(f"{kernel}: speed ratio vs {base} (higher is faster)  [{dev}]", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.93, 0.95))
+    out = Path(out_dir) / f"{kernel}_{slug}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI, deadline
+# ----------------------------------------------------------------------------------------------
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default bench/results)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop starting new cases after S seconds (rows so far are kept)")
+    p.add_argument("--cold-cache", action="store_true",
+                   help="CPU: flush the cache (256 MB write) before every timed sample")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU: torch.set_num_threads(N) (default: torch's own choice). On a shared "
+                        "machine use fewer threads than idle cores: a parallel region whose "
+                        "thread waits for a busy core costs a scheduler tick (~4 ms)")
+    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    n = getattr(args, "threads", None)
+    if n:
+        torch.set_num_threads(n)
+
+
+def resolve_device(arg: str | None) -> str:
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    return arg
+
+
+class Deadline:
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def left(self) -> float:
+        return math.inf if self.end is None else self.end - time.monotonic()

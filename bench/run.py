@@ -1,0 +1,170 @@
+"""Run every benchmark module that exists, then print a summary with the acceptance figures.
+
+    python bench/run.py --device cpu            # full CPU run
+    python bench/run.py --quick                 # cuda if available, else cpu; fewer cases
+    python bench/run.py --device cuda --summary-only latest   # recompute the summary from CSVs
+
+Flags are the same as each bench module's (--quick, --device, --out, --no-plot, --time-budget,
+--cold-cache). All modules of one invocation share one run id, stored in every CSV row, so the
+summary is computed from exactly this run's rows (also when a module crashed half-way).
+
+Exit status: 0 when every module ran and no gate was red; 1 when a module failed or a
+provider's output did not match the reference; with --strict also 2 when an acceptance figure
+is FAIL (performance targets are reported, not enforced, by default).
+
+A new kernel adds one line to MODULES; its module provides:
+    KERNEL: str                       the CSV name (<out>/<KERNEL>.csv)
+    run(args) -> list[row]            measure, append rows, plot
+    acceptance(rows, device) -> list[{"name", "value", "passed"}]   (optional)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
+
+MODULES = [
+    "bench_frame_pool",  # masked temporal frame pooling (C++ / CUDA)
+    "bench_rnn",  # bidirectional LSTM / GRU (Triton)          -- when written
+    "bench_cosine_attention",  # feature exchange / DAM attention (Triton) -- when written
+]
+
+
+def _rows_of_run(out: Path, kernel: str, run_id: str | None, device: str):
+    rows = [r for r in H.read_rows(out / f"{kernel}.csv") if r.get("device") == device]
+    if run_id in (None, "latest"):
+        ids = sorted({r.get("run_id", "") for r in rows if r.get("run_id")})
+        run_id = ids[-1] if ids else None
+    return [r for r in rows if r.get("run_id") == run_id], run_id
+
+
+def summarize(mods, out: Path, device: str, run_id: str | None, module_status: dict) -> tuple[
+        list[str], bool, bool]:
+    """Returns (lines, red, all_pass)."""
+    lines = []
+    red = False
+    all_pass = True
+    stamp_line = None
+    for name, mod in mods:
+        st = module_status.get(name, "")
+        kernel = getattr(mod, "KERNEL", None) if mod is not None else None
+        if kernel is None:
+            lines.append(f"{name:<24} {st}")
+            if st.startswith("error"):
+                red = True
+            continue
+        rows, rid = _rows_of_run(out, kernel, run_id, device)
+        if rows and stamp_line is None:
+            r0 = rows[0]
+            stamp_line = (f"device: {r0['device_name']}  torch {r0['torch']}  triton {r0['triton']}"
+                          f"  cuda {r0['cuda']}  git {r0.get('git_rev', '')}  run {rid}")
+        c = Counter(r["status"].split(":")[0] for r in rows)
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(c.items())) or "no rows"
+        lines.append(f"{name:<24} {st + '; ' if st else ''}rows: {counts}")
+        if st.startswith("error") or c.get("gate-failed") or c.get("error"):
+            red = True
+        for r in rows:
+            if r["status"].startswith(("gate-failed", "error")):
+                lines.append(f"    RED  {r['provider']} {r['mode']} {r['variant']} {r['shape']} "
+                             f"{r['dtype']}: {r['status'][:110]}")
+        acc = getattr(mod, "acceptance", None)
+        if acc is not None and st != "skipped":
+            figs = acc(rows, device)
+            if figs:
+                n_pass = sum(f["passed"] for f in figs)
+                lines.append(f"  acceptance {kernel} ({device}): {n_pass}/{len(figs)} PASS")
+                for f in figs:
+                    lines.append(f"    {'PASS' if f['passed'] else 'FAIL'}  {f['name']}  "
+                                 f"({f['value']})")
+                all_pass &= n_pass == len(figs)
+    if stamp_line:
+        lines.insert(0, stamp_line)
+    return lines, red, all_pass
+
+
+def main(argv=None) -> int:
+    p = H.add_common_args(argparse.ArgumentParser(description="run all dtl_fast benchmarks"))
+    p.add_argument("--only", action="append", default=None, metavar="MODULE",
+                   help="run only this module (repeatable), e.g. bench_frame_pool")
+    p.add_argument("--summary-only", nargs="?", const="latest", default=None, metavar="RUN_ID",
+                   help="measure nothing; summarize RUN_ID (default: the latest run on --device)")
+    p.add_argument("--strict", action="store_true", help="exit 2 when an acceptance figure FAILs")
+    p.add_argument("--summary-file", default=None,
+                   help="also write the summary here (default <out>/summary_<device-slug>.txt)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summary_only is not None:
+        device = args.device or ("cuda" if H.torch.cuda.is_available() else "cpu")
+    else:
+        device = H.resolve_device(args.device)
+        args.device = device
+    args.run_id = args.run_id or H.new_run_id()
+    H.apply_threads(args)  # before any module runs, so the summary's device slug matches
+    names = [m for m in MODULES if not args.only or m in args.only]
+
+    mods: list[tuple[str, object]] = []
+    status: dict[str, str] = {}
+    t_start = time.monotonic()
+    for name in names:
+        if not (H.BENCH_DIR / f"{name}.py").exists():
+            status[name] = "not written yet"
+            mods.append((name, None))
+            continue
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001
+            status[name] = f"error: import failed: {type(exc).__name__}: {exc}"
+            mods.append((name, None))
+            continue
+        mods.append((name, mod))
+        if args.summary_only is not None:
+            continue
+        if args.time_budget is not None:
+            left = args.time_budget - (time.monotonic() - t_start)
+            if left <= 0:
+                status[name] = "skipped"
+                print(f"[run] time budget spent: {name} skipped")
+                continue
+        print(f"\n===== {name} =====", flush=True)
+        t0 = time.monotonic()
+        margs = argparse.Namespace(**vars(args))
+        if args.time_budget is not None:
+            margs.time_budget = args.time_budget - (time.monotonic() - t_start)
+        try:
+            mod.run(margs)
+            status[name] = f"ran in {time.monotonic() - t0:.0f} s"
+        except SystemExit as exc:  # e.g. dtl_fast not importable
+            status[name] = f"error: {exc}".splitlines()[0]
+            print(f"[run] {name}: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            status[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+    run_id = args.summary_only if args.summary_only is not None else args.run_id
+    lines, red, all_pass = summarize(mods, out, device, run_id, status)
+    slug = H.device_slug(device) if (device == "cpu" or H.torch.cuda.is_available()) else device
+    summary_path = Path(args.summary_file) if args.summary_file else out / f"summary_{slug}.txt"
+    text = "\n".join(["", "=" * 30 + f" benchmark summary ({device}) " + "=" * 30, *lines, ""])
+    print(text)
+    try:
+        summary_path.write_text(text.lstrip("\n") + "\n")
+    except OSError as exc:
+        print(f"[run] could not write {summary_path}: {exc}")
+    if red:
+        return 1
+    if args.strict and not all_pass:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

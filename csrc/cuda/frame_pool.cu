@@ -1,0 +1,707 @@
+// Masked temporal frame pooling, CUDA kernels. The contract (schemas, semantics, argument
+// checks) is in ../frame_pool.h; the checks themselves run in ../frame_pool.cpp.
+//
+// The forward pass is a pure streaming read of x, so the design goal is DRAM bandwidth:
+//   - each thread owns VEC adjacent features (one 16-byte load per frame) and keeps U frames
+//     in flight, so a block of TX feature vectors x TY time lanes reads TY * U rows at once;
+//   - the TY lanes of a block are folded through shared memory;
+//   - when B x (feature blocks) cannot fill the GPU, time is also split across blocks; each
+//     split writes float/double partials (and int32 argmax) to a workspace that a small second
+//     kernel folds. Nothing uses float atomics, so results are bitwise reproducible.
+// The backward pass writes every element of grad_x exactly once with 16-byte stores; each
+// thread owns a feature vector and walks down a run of frames, so grad_out, argmax and the
+// length are read once per run instead of once per element.
+#include "../frame_pool.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace dtl_fast {
+namespace {
+
+// Threads per block of the main kernels. The shared-memory arrays are sized for it.
+constexpr int kThreads = 256;
+// Frames in flight per thread in the forward loop: 4 x 16 B per thread is enough
+// memory-level parallelism to saturate HBM at full occupancy without costing registers.
+constexpr int kUnrollVec = 4;
+// The scalar path moves 2-8 B per load, so it needs more loads in flight for the same bytes.
+constexpr int kUnrollScalar = 8;
+// Longest run of frames one backward thread writes; longer runs only save grad_out reloads,
+// which are already < 1/16 of the traffic at this length.
+constexpr int64_t kBackwardMaxFramesPerThread = 16;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) VecT {
+  T v[N];
+};
+
+template <int BYTES>
+struct RawWord;
+template <>
+struct RawWord<16> {
+  using type = int4;
+};
+template <>
+struct RawWord<8> {
+  using type = long long;
+};
+template <>
+struct RawWord<4> {
+  using type = int;
+};
+template <>
+struct RawWord<2> {
+  using type = short;
+};
+
+// Read-only-cache load of N adjacent elements as one word; __ldg on a plain word type
+// because there is no __ldg overload for c10::Half / c10::BFloat16 or structs of them.
+template <typename T, int N>
+__device__ __forceinline__ typename RawWord<sizeof(T) * N>::type load_raw(const T* p) {
+  using W = typename RawWord<sizeof(T) * N>::type;
+  return __ldg(reinterpret_cast<const W*>(p));
+}
+
+template <typename T, int N, typename W>
+__device__ __forceinline__ VecT<T, N> unpack(const W& w) {
+  static_assert(sizeof(W) == sizeof(VecT<T, N>), "word and vector sizes differ");
+  VecT<T, N> r;
+  memcpy(&r, &w, sizeof(r));
+  return r;
+}
+
+// An empty asm that takes every loaded word as an in/out operand, so each consumer depends on
+// all U loads. Without it ptxas sinks each load next to its first use (seen in the sm_90 SASS
+// of the half/sum kernel: load, convert, add, next load), leaving one load in flight per warp.
+__device__ __forceinline__ void pin_loads(int4 (&w)[4]) {
+  asm volatile(""
+               : "+r"(w[0].x), "+r"(w[0].y), "+r"(w[0].z), "+r"(w[0].w), "+r"(w[1].x),
+                 "+r"(w[1].y), "+r"(w[1].z), "+r"(w[1].w), "+r"(w[2].x), "+r"(w[2].y),
+                 "+r"(w[2].z), "+r"(w[2].w), "+r"(w[3].x), "+r"(w[3].y), "+r"(w[3].z),
+                 "+r"(w[3].w));
+}
+#define DTL_PIN_8(W, C)                                                                      \
+  __device__ __forceinline__ void pin_loads(W (&w)[8]) {                                     \
+    asm volatile("" : C(w[0]), C(w[1]), C(w[2]), C(w[3]), C(w[4]), C(w[5]), C(w[6]), C(w[7])); \
+  }
+DTL_PIN_8(short, "+h")
+DTL_PIN_8(int, "+r")
+DTL_PIN_8(long long, "+l")
+#undef DTL_PIN_8
+
+template <typename acc_t>
+__device__ __forceinline__ bool is_nan(acc_t v) {
+  return v != v;
+}
+
+// Folds partial max (b_val at b_idx) into (a_val at a_idx). Partials may cover interleaved
+// frame sets, so the winner is decided by an order, not by who came first: NaN above every
+// number, larger value above smaller, and among equals the smaller frame index. That is the
+// first maximal frame of the union, i.e. what a sequential scan with
+// `v > acc || (isnan(v) && !isnan(acc))` finds. Index -1 marks an empty partial.
+template <typename acc_t>
+__device__ __forceinline__ void fold_max(acc_t& a_val, int32_t& a_idx, acc_t b_val,
+                                         int32_t b_idx) {
+  bool take;
+  if (b_idx < 0) {
+    take = false;
+  } else if (a_idx < 0) {
+    take = true;
+  } else {
+    const bool an = is_nan(a_val), bn = is_nan(b_val);
+    if (an || bn) {
+      take = bn && (!an || b_idx < a_idx);
+    } else {
+      take = b_val > a_val || (b_val == a_val && b_idx < a_idx);
+    }
+  }
+  if (take) {
+    a_val = b_val;
+    a_idx = b_idx;
+  }
+}
+
+// Sequential update with frame tk, scanned in increasing t within a lane: the first maximum
+// wins and a NaN replaces any number but is never replaced (torch.amax propagates NaN).
+template <bool IS_MAX, typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void accumulate(acc_t (&acc)[VEC], int32_t (&idx)[VEC],
+                                           const VecT<scalar_t, VEC>& r, int32_t tk) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t f = static_cast<acc_t>(r.v[j]);
+    if (IS_MAX) {
+      const bool take = f > acc[j] || (is_nan(f) && !is_nan(acc[j]));
+      acc[j] = take ? f : acc[j];
+      idx[j] = take ? tk : idx[j];
+    } else {
+      acc[j] += f;
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t clamped_length(const int64_t* __restrict__ lens, int64_t b,
+                                                  int64_t T) {
+  // The host checked the values; the clamp keeps reads in bounds whatever is in memory.
+  const int64_t L = lens == nullptr ? T : lens[b];
+  return L < 0 ? 0 : (L > T ? T : L);
+}
+
+template <typename scalar_t, typename acc_t, bool IS_MAX>
+__device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
+                                             int32_t* __restrict__ argmax, int64_t o, acc_t acc,
+                                             int32_t idx, int64_t L, bool mean) {
+  if (IS_MAX) {
+    out[o] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : acc);
+    argmax[o] = idx;
+  } else {
+    out[o] = static_cast<scalar_t>(mean && L > 0 ? acc / static_cast<acc_t>(L) : acc);
+  }
+}
+
+// blockIdx.x = s * X + xb picks the time split s and feature block xb; blockIdx.y strides
+// over rows b (a grid's y extent is capped at 65535). Thread (tx, ty) owns feature vector
+// xb * TX + tx and frames t_lo + ty + k * TY of the split. With S == 1 the result goes
+// straight to out/argmax, otherwise to workspace slot s. The block decomposition uses 32-bit
+// division: a 64-bit one is a called subroutine whose register saves put a stack frame on
+// the kernel.
+template <typename scalar_t, typename acc_t, int VEC, int U, bool IS_MAX>
+__global__ void __launch_bounds__(kThreads, 4)
+    frame_pool_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
+                          scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
+                          acc_t* __restrict__ ws_acc, int32_t* __restrict__ ws_idx, int64_t B,
+                          int64_t T, int64_t D, int64_t sB, int64_t sT, int64_t chunk,
+                          int64_t S, uint32_t X, bool mean) {
+  __shared__ acc_t s_acc[VEC][kThreads];
+  __shared__ int32_t s_idx[IS_MAX ? VEC : 1][IS_MAX ? kThreads : 1];
+
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * TX + tx;
+  const int64_t DV = D / VEC;
+  const int64_t xb = blockIdx.x % X;
+  const int64_t s = blockIdx.x / X;
+  const int64_t v = xb * TX + tx;
+  const bool active = v < DV;
+
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t L = clamped_length(lens, b, T);
+    const int64_t t_lo = s * chunk;
+    const int64_t t_hi = std::min(t_lo + chunk, L);
+    const int64_t t_first = t_lo + ty;
+
+    acc_t acc[VEC];
+    int32_t idx[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      acc[j] = IS_MAX ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+      // Seeding the index with the lane's first frame lets the hot loop use the plain
+      // sequential rule: a first frame of -inf is never "taken" yet is still the first max.
+      idx[j] = active && t_first < t_hi ? static_cast<int32_t>(t_first) : int32_t(-1);
+    }
+
+    if (active) {
+      const scalar_t* p = x + b * sB + v * VEC;
+      const int64_t step = static_cast<int64_t>(TY) * sT;
+      int64_t t = t_first;
+      const scalar_t* q = p + t * sT;
+      // Unguarded body: all U loads are issued before any is consumed.
+      for (; t + static_cast<int64_t>(U - 1) * TY < t_hi; t += static_cast<int64_t>(U) * TY) {
+        typename RawWord<sizeof(scalar_t) * VEC>::type w[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) w[k] = load_raw<scalar_t, VEC>(q + k * step);
+        pin_loads(w);
+        q += U * step;
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          accumulate<IS_MAX, scalar_t, acc_t, VEC>(
+              acc, idx, unpack<scalar_t, VEC>(w[k]),
+              static_cast<int32_t>(t + static_cast<int64_t>(k) * TY));
+        }
+      }
+      // Fewer than U frames are left: one predicated round keeps them in flight together
+      // rather than paying a full memory latency per frame.
+      if (t < t_hi) {
+        typename RawWord<sizeof(scalar_t) * VEC>::type w[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          w[k] = {};
+          if (t + static_cast<int64_t>(k) * TY < t_hi) w[k] = load_raw<scalar_t, VEC>(q + k * step);
+        }
+        pin_loads(w);
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+          if (t + static_cast<int64_t>(k) * TY >= t_hi) break;
+          accumulate<IS_MAX, scalar_t, acc_t, VEC>(
+              acc, idx, unpack<scalar_t, VEC>(w[k]),
+              static_cast<int32_t>(t + static_cast<int64_t>(k) * TY));
+        }
+      }
+    }
+
+    if (TY > 1) {
+      // Tree fold of the TY lanes; [j][tid] keeps consecutive threads on consecutive banks.
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        s_acc[j][tid] = acc[j];
+        if (IS_MAX) s_idx[j][tid] = idx[j];
+      }
+      __syncthreads();
+      for (int h = TY / 2; h > 0; h >>= 1) {
+        if (ty < h) {
+          const int other = tid + h * TX;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            if (IS_MAX) {
+              fold_max(acc[j], idx[j], s_acc[j][other], s_idx[j][other]);
+              s_idx[j][tid] = idx[j];
+            } else {
+              acc[j] += s_acc[j][other];
+            }
+            s_acc[j][tid] = acc[j];
+          }
+        }
+        // Also separates this row's last reads from the next row's first writes.
+        __syncthreads();
+      }
+    }
+
+    if (ty == 0 && active) {
+      const int64_t d0 = v * VEC;
+      if (S == 1) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          write_result<scalar_t, acc_t, IS_MAX>(out, argmax, b * D + d0 + j, acc[j], idx[j], L,
+                                                mean);
+      } else {
+        const int64_t o = (s * B + b) * D + d0;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          ws_acc[o + j] = acc[j];
+          if (IS_MAX) ws_idx[o + j] = idx[j];
+        }
+      }
+    }
+  }
+}
+
+// Folds the S split partials of each (b, d). Thread (tx, ty) folds splits ty, ty + TY, ... of
+// element e = group * TX + tx, then the TY lanes are folded through shared memory. fold_max is
+// order-independent, so interleaving the splits keeps the first-max rule.
+template <typename scalar_t, typename acc_t, bool IS_MAX>
+__global__ void __launch_bounds__(kThreads)
+    frame_pool_combine_kernel(const acc_t* __restrict__ ws_acc,
+                              const int32_t* __restrict__ ws_idx,
+                              const int64_t* __restrict__ lens, scalar_t* __restrict__ out,
+                              int32_t* __restrict__ argmax, int64_t B, int64_t T, int64_t D,
+                              int64_t S, bool mean) {
+  __shared__ acc_t s_acc[kThreads];
+  __shared__ int32_t s_idx[IS_MAX ? kThreads : 1];
+
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * TX + tx;
+  const int64_t n = B * D;
+  const int64_t groups = (n + TX - 1) / TX;
+
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
+    const int64_t e = g * TX + tx;
+    const bool active = e < n;
+    acc_t acc = IS_MAX ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+    int32_t idx = -1;
+    if (active) {
+      for (int64_t s = ty; s < S; s += TY) {
+        const int64_t o = s * n + e;
+        if (IS_MAX) {
+          fold_max(acc, idx, ws_acc[o], ws_idx[o]);
+        } else {
+          acc += ws_acc[o];
+        }
+      }
+    }
+    if (TY > 1) {
+      s_acc[tid] = acc;
+      if (IS_MAX) s_idx[tid] = idx;
+      __syncthreads();
+      for (int h = TY / 2; h > 0; h >>= 1) {
+        if (ty < h) {
+          const int other = tid + h * TX;
+          if (IS_MAX) {
+            fold_max(acc, idx, s_acc[other], s_idx[other]);
+            s_idx[tid] = idx;
+          } else {
+            acc += s_acc[other];
+          }
+          s_acc[tid] = acc;
+        }
+        __syncthreads();
+      }
+    }
+    if (ty == 0 && active) {
+      const int64_t L = IS_MAX ? 0 : clamped_length(lens, e / D, T);
+      write_result<scalar_t, acc_t, IS_MAX>(out, argmax, e, acc, idx, L, mean);
+    }
+  }
+}
+
+// Block (s * X + xb, b) is laid out as in the forward kernel; thread (tx, ty) writes feature
+// vector xb * TX + tx of frames s * chunk + ty + k * TY. The blocks tile [B, T, D / VEC]
+// exactly, so every element of grad_x is written once. Gradient of mean/sum: g on frames
+// [0, L), zero after; of max: g on frame argmax only (-1 for an empty row matches no frame).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, 4)
+    frame_pool_bwd_kernel(const scalar_t* __restrict__ grad_out,
+                          const int64_t* __restrict__ lens, const int32_t* __restrict__ argmax,
+                          scalar_t* __restrict__ grad_x, int64_t B, int64_t T, int64_t D,
+                          int64_t chunk, uint32_t X, bool is_max, bool mean) {
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t DV = D / VEC;
+  const int64_t xb = blockIdx.x % X;
+  const int64_t s = blockIdx.x / X;
+  const int64_t v = xb * TX + tx;
+  if (v >= DV) return;  // no block-wide synchronisation in this kernel
+
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t L = clamped_length(lens, b, T);
+    const int64_t d0 = v * VEC;
+    const int64_t t_hi = std::min((s + 1) * chunk, T);
+
+    VecT<scalar_t, VEC> gv;
+    int64_t am[VEC];
+    // Scalar loads: grad_out / argmax are made contiguous, not necessarily 16-byte aligned,
+    // and are read once per run of frames.
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t g = static_cast<acc_t>(grad_out[b * D + d0 + j]);
+      // Divide in acc_t and round once, as the eager mean does.
+      gv.v[j] = static_cast<scalar_t>(mean ? (L > 0 ? g / static_cast<acc_t>(L) : acc_t(0)) : g);
+      am[j] = is_max ? static_cast<int64_t>(argmax[b * D + d0 + j]) : int64_t(-1);
+    }
+    VecT<scalar_t, VEC> zero;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) zero.v[j] = scalar_t(0);
+
+    int64_t t = s * chunk + ty;
+    scalar_t* dst = grad_x + (b * T + t) * D + d0;
+    const int64_t step = static_cast<int64_t>(TY) * D;
+    if (is_max) {
+      for (; t < t_hi; t += TY, dst += step) {
+        VecT<scalar_t, VEC> r;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) r.v[j] = t == am[j] ? gv.v[j] : zero.v[j];
+        *reinterpret_cast<VecT<scalar_t, VEC>*>(dst) = r;
+      }
+    } else {
+      for (; t < t_hi; t += TY, dst += step)
+        *reinterpret_cast<VecT<scalar_t, VEC>*>(dst) = t < L ? gv : zero;
+    }
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int pow2_at_least(int64_t n, int cap) {
+  int p = 1;
+  while (p < cap && p < n) p <<= 1;
+  return p;
+}
+
+struct BlockShape {
+  int tx;  // feature vectors per block
+  int ty;  // time lanes per block
+};
+
+// Up to 32 feature vectors across (a warp reads 32 x 16 B contiguous per frame), the rest of
+// the 256 threads along time. A short T gives its unused time lanes back to features.
+BlockShape pick_block_shape(int64_t DV, int64_t T) {
+  const int tx_need = pow2_at_least(DV, kThreads);
+  int tx = std::min(32, tx_need);
+  int ty = kThreads / tx;
+  const int ty_need = pow2_at_least(T, kThreads);
+  if (ty_need < ty) {
+    ty = ty_need;
+    tx = std::min(kThreads / ty, tx_need);
+  }
+  return {tx, ty};
+}
+
+// Blocks the whole GPU holds at once. Blocks per SM depend only on (kernel, device, block
+// size), so the occupancy query runs once per combination, not on every call.
+template <auto Kernel>
+int64_t resident_blocks(int threads) {
+  constexpr int kMaxDevices = 64;
+  constexpr int kBlockSizes = 9;  // powers of two 1 ... kThreads
+  static std::atomic<int> cache[kMaxDevices][kBlockSizes];  // 0: not queried yet
+  const int dev = c10::cuda::current_device();
+  const int size_class = __builtin_ctz(static_cast<unsigned>(threads));
+  const bool cached = dev < kMaxDevices && size_class < kBlockSizes;
+  int per_sm = cached ? cache[dev][size_class].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, 0));
+    per_sm = std::max(per_sm, 1);
+    if (cached) cache[dev][size_class].store(per_sm, std::memory_order_relaxed);
+  }
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int64_t>(per_sm) * sms;
+}
+
+// Number of time splits for the forward pass. Model: blocks run in waves of `slots`; a full
+// wave of block work w takes w, a partial wave holding a fraction f of the slots takes
+// (f + kPhi) / (1 + kPhi) of a full one (memory latency, not bandwidth, bounds a thin wave;
+// kPhi is the fraction of resident blocks that saturates HBM). Splitting costs the workspace
+// round trip (relative to the bytes of x) and a second launch.
+int64_t pick_time_splits(int64_t base_blocks, int64_t slots, int64_t max_splits,
+                         double ws_bytes_per_split, double x_bytes_per_element) {
+  if (max_splits <= 1 || base_blocks >= 4 * slots) return 1;
+  constexpr double kPhi = 0.25;
+  constexpr double kLaunchCost = 0.02;
+  const auto cost = [&](int64_t s) {
+    const double waves = static_cast<double>(s) * base_blocks / slots;
+    const double full = std::floor(waves);
+    const double frac = waves - full;
+    const double time = (full + (frac > 0 ? (frac + kPhi) / (1 + kPhi) : 0.0)) / s;
+    const double overhead =
+        s == 1 ? 1.0 : 1.0 + kLaunchCost + 2.0 * s * ws_bytes_per_split / x_bytes_per_element;
+    return time * overhead;
+  };
+  // The cost dips just below whole numbers of waves, so past the small counts only those are
+  // tried: a scan of every count up to 8 waves would cost microseconds of host time per call
+  // when B * D is tiny.
+  constexpr int64_t kSmall = 16;
+  int64_t cand[kSmall + 9];
+  int n = 0;
+  for (int64_t s = 2; s <= std::min(max_splits, kSmall); ++s) cand[n++] = s;
+  for (int64_t k = 1; k <= 8; ++k) {
+    const int64_t s = k * slots / base_blocks;
+    if (s > kSmall && s < max_splits) cand[n++] = s;
+  }
+  if (max_splits > kSmall) cand[n++] = max_splits;
+  std::sort(cand, cand + n);
+  int64_t best = 1;
+  double best_cost = cost(1);
+  for (int i = 0; i < n; ++i) {
+    const int64_t s = cand[i];
+    const double c = cost(s);
+    // Ask for a clear gain: more splits only add traffic the model does not see.
+    if (c < 0.98 * best_cost) {
+      best = s;
+      best_cost = c;
+    }
+  }
+  return best;
+}
+
+template <typename scalar_t, int VEC, bool IS_MAX>
+void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
+                    at::Tensor& argmax, bool mean) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = VEC == 1 ? kUnrollScalar : kUnrollVec;
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const int64_t DV = D / VEC;
+  const BlockShape bs = pick_block_shape(DV, T);
+  const int threads = bs.tx * bs.ty;
+  const int64_t X = ceil_div(DV, bs.tx);
+  const int64_t base = B * X;
+
+  constexpr auto kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, IS_MAX>;
+  const int64_t slots = resident_blocks<kernel>(threads);
+  // Every lane gets at least two unrolled iterations per split.
+  const int64_t min_frames = 2 * static_cast<int64_t>(bs.ty) * U;
+  const int64_t max_splits = std::min<int64_t>(T / min_frames, 4096);
+  const double ws_bytes = sizeof(acc_t) + (IS_MAX ? sizeof(int32_t) : 0);
+  int64_t S = pick_time_splits(base, slots, max_splits, ws_bytes,
+                               static_cast<double>(T) * sizeof(scalar_t));
+  // Split boundaries on whole unrolled iterations; rounding may merge the last splits.
+  const int64_t quantum = static_cast<int64_t>(bs.ty) * U;
+  const int64_t chunk = ceil_div(ceil_div(T, S), quantum) * quantum;
+  S = ceil_div(T, chunk);
+
+  // X * S stays far below 2^31: S > 1 only when B * X is below a few waves of blocks.
+  TORCH_INTERNAL_ASSERT(X * S <= std::numeric_limits<int32_t>::max());
+  const dim3 grid(static_cast<unsigned>(X * S),
+                  static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+  const dim3 block(bs.tx, bs.ty);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t* lens = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+  int32_t* am_p = IS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+
+  if (S == 1) {
+    kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, out_p, am_p, nullptr,
+                                       nullptr, B, T, D, x.stride(0), x.stride(1), chunk, S,
+                                       static_cast<uint32_t>(X), mean);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor ws_acc = at::empty({S, B, D}, x.options().dtype(acc_dtype));
+  at::Tensor ws_idx =
+      IS_MAX ? at::empty({S, B, D}, x.options().dtype(at::kInt)) : at::Tensor();
+  acc_t* ws_acc_p = ws_acc.mutable_data_ptr<acc_t>();
+  int32_t* ws_idx_p = IS_MAX ? ws_idx.mutable_data_ptr<int32_t>() : nullptr;
+  kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, nullptr, nullptr,
+                                     ws_acc_p, ws_idx_p, B, T, D, x.stride(0), x.stride(1),
+                                     chunk, S, static_cast<uint32_t>(X), mean);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const int cty = pow2_at_least(S, 32);
+  const int ctx = kThreads / cty;
+  const int64_t groups = ceil_div(B * D, ctx);
+  const int64_t cgrid = std::min<int64_t>(groups, std::numeric_limits<int32_t>::max());
+  frame_pool_combine_kernel<scalar_t, acc_t, IS_MAX>
+      <<<static_cast<unsigned>(cgrid), dim3(ctx, cty), 0, stream>>>(
+          ws_acc_p, ws_idx_p, lens, out_p, am_p, B, T, D, S, mean);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int VEC>
+void launch_backward(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
+                     at::Tensor& gx, PoolMode mode) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = gx.size(0), T = gx.size(1), D = gx.size(2);
+  const int64_t DV = D / VEC;
+  const BlockShape bs = pick_block_shape(DV, T);
+  const int threads = bs.tx * bs.ty;
+  const int64_t X = ceil_div(DV, bs.tx);
+  const int64_t base = B * X;
+
+  constexpr auto kernel = frame_pool_bwd_kernel<scalar_t, acc_t, VEC>;
+  const int64_t slots = resident_blocks<kernel>(threads);
+  // Splitting time is free here (no partials), so aim for several waves: a short tail.
+  const int64_t want_splits = ceil_div(4 * slots, base);
+  const int64_t frames_per_lane = std::min(
+      kBackwardMaxFramesPerThread, ceil_div(ceil_div(T, bs.ty), want_splits));
+  int64_t chunk = frames_per_lane * bs.ty;
+  // Longer runs per thread keep the grid's x extent (X * S) under 2^31 for any size.
+  while (chunk < T && X * ceil_div(T, chunk) > std::numeric_limits<int32_t>::max()) chunk *= 2;
+  const int64_t S = ceil_div(T, chunk);
+  TORCH_INTERNAL_ASSERT(X * S <= std::numeric_limits<int32_t>::max());
+
+  const dim3 grid(static_cast<unsigned>(X * S),
+                  static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+  const bool is_max = mode == PoolMode::Max;
+  kernel<<<grid, dim3(bs.tx, bs.ty), 0, at::cuda::getCurrentCUDAStream()>>>(
+      g.const_data_ptr<scalar_t>(), len.defined() ? len.const_data_ptr<int64_t>() : nullptr,
+      is_max ? argmax.const_data_ptr<int32_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(), B,
+      T, D, chunk, static_cast<uint32_t>(X), is_max, mode == PoolMode::Mean);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 16-byte loads need an aligned base and every row start on a VEC boundary. Strides of size-1
+// dimensions are never multiplied by a nonzero index, so they do not matter.
+bool can_vectorize(const at::Tensor& x, int vec) {
+  const int64_t D = x.size(2);
+  if (D % vec != 0) return false;
+  if (reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0) return false;
+  if (x.size(0) > 1 && x.stride(0) % vec != 0) return false;
+  if (x.size(1) > 1 && x.stride(1) % vec != 0) return false;
+  return true;
+}
+
+template <typename scalar_t>
+void forward_for_dtype(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
+                       at::Tensor& argmax, PoolMode m) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec = can_vectorize(x, kVec);
+  const bool mean = m == PoolMode::Mean;
+  if (m == PoolMode::Max) {
+    if (vec) {
+      launch_forward<scalar_t, kVec, true>(x, len, out, argmax, mean);
+    } else {
+      launch_forward<scalar_t, 1, true>(x, len, out, argmax, mean);
+    }
+  } else if (vec) {
+    launch_forward<scalar_t, kVec, false>(x, len, out, argmax, mean);
+  } else {
+    launch_forward<scalar_t, 1, false>(x, len, out, argmax, mean);
+  }
+}
+
+template <typename scalar_t>
+void backward_for_dtype(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
+                        at::Tensor& gx, PoolMode m) {
+  // gx is freshly allocated (aligned, contiguous), so only D decides whether rows stay on
+  // 16-byte boundaries.
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (gx.size(2) % kVec == 0) {
+    launch_backward<scalar_t, kVec>(g, len, argmax, gx, m);
+  } else {
+    launch_backward<scalar_t, 1>(g, len, argmax, gx, m);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
+                                                   const c10::optional<at::Tensor>& lengths,
+                                                   c10::string_view mode) {
+  PoolMode m = parse_pool_mode(mode);
+  at::Tensor len = checked_lengths(x, lengths);
+  TORCH_CHECK_VALUE(x.is_cuda(), "frame_pool (CUDA kernel): x must be a CUDA tensor, got ",
+                    x.device());
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const bool is_max = m == PoolMode::Max;
+  at::Tensor out = at::empty({B, D}, x.options());
+  at::Tensor argmax = is_max ? at::empty({B, D}, x.options().dtype(at::kInt))
+                             : at::empty({0}, x.options().dtype(at::kInt));
+  if (B == 0 || D == 0) return {out, argmax};
+  if (T == 0) {
+    out.zero_();
+    if (is_max) argmax.fill_(-1);
+    return {out, argmax};
+  }
+
+  // The kernels need unit feature stride (a size-1 feature dim has no stride to speak of);
+  // other layouts that have it (slices, [T, B, D] transposed to [B, T, D]) are read in place
+  // through their strides, and only the rest is copied.
+  const at::Tensor xs = (x.stride(2) == 1 || D == 1) ? x : x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "frame_pool_cuda",
+                                  [&] { forward_for_dtype<scalar_t>(xs, len, out, argmax, m); });
+  return {out, argmax};
+}
+
+at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
+                                    const c10::optional<at::Tensor>& lengths,
+                                    const at::Tensor& argmax, int64_t T, c10::string_view mode) {
+  PoolMode m = parse_pool_mode(mode);
+  at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, m);
+  TORCH_CHECK_VALUE(grad_out.is_cuda(),
+                    "frame_pool_backward (CUDA kernel): grad_out must be a CUDA tensor, got ",
+                    grad_out.device());
+  const at::cuda::OptionalCUDAGuard guard(device_of(grad_out));
+
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor am = m == PoolMode::Max ? argmax.contiguous() : argmax;
+  const int64_t B = g.size(0), D = g.size(1);
+  at::Tensor gx = at::empty({B, T, D}, g.options());
+  if (B == 0 || D == 0 || T == 0) return gx;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
+                                  "frame_pool_backward_cuda",
+                                  [&] { backward_for_dtype<scalar_t>(g, len, am, gx, m); });
+  return gx;
+}
+
+}  // namespace dtl_fast
+
+TORCH_LIBRARY_IMPL(dtl_fast, CUDA, m) {
+  m.impl("frame_pool", &dtl_fast::frame_pool_cuda);
+  m.impl("frame_pool_backward", &dtl_fast::frame_pool_backward_cuda);
+}
