@@ -84,11 +84,12 @@ void check_x(const at::Tensor& x, const char* name) {
 
 }  // namespace
 
-at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths) {
+at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths,
+                           bool check_values) {
   check_x(x, "x");
   TORCH_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(),
                     "frame_pool: T must be < 2^31 (frame indices are int32), got ", x.size(1));
-  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device());
+  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device(), check_values);
 }
 
 at::Tensor checked_backward_inputs(const at::Tensor& grad_out,

@@ -29,8 +29,11 @@ PoolMode parse_pool_mode(c10::string_view mode);
 // Checks x (rank, dtype) and lengths (rank, size, integer dtype, device, every value in
 // [0, T]) and returns lengths as a contiguous int64 tensor on x's device, or an undefined
 // tensor when lengths is None. Bad input is a ValueError / RuntimeError naming the argument.
-// Reading lengths that live on a GPU for the range check synchronises with that GPU.
-at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths);
+// Reading lengths that live on a GPU for the range check synchronises with that GPU;
+// check_values=false skips the range check (for CUDA graph capture, where a synchronisation
+// is illegal; the kernels clamp every length into [0, T] regardless).
+at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths,
+                           bool check_values = true);
 
 // Checks grad_out / argmax / T for the backward op and returns lengths as checked_lengths
 // does (against a [B, T, D] input); the range of lengths is re-checked only when they are on

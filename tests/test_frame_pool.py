@@ -301,3 +301,37 @@ def test_cuda_real_sizes(dtype, mode, shape):
     assert_rel_close("grad x", gx, gref, REL_TOL[dtype])
     # CPU lengths with CUDA x take the same path.
     assert torch.equal(ops.frame_pool(x, lengths.cpu(), mode), out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_backward_never_writes_padded_frames(device):
+    # An argmax that points past a clip's length (not from the same forward call) must not
+    # put gradient into padding.
+    grad = torch.ones(1, 2, device=device)
+    argmax = torch.tensor([[3, 1]], dtype=torch.int32, device=device)
+    lengths = torch.tensor([2], device=device)
+    gx = torch.ops.dtl_fast.frame_pool_backward(grad, lengths, argmax, 4, "max")
+    expected = torch.zeros(1, 4, 2, device=device)
+    expected[0, 1, 1] = 1.0
+    assert torch.equal(gx, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_capture_with_device_lengths(mode):
+    x = torch.randn(8, 50, 96, device="cuda")
+    lengths = torch.randint(0, 51, (8,), device="cuda")
+    expected = ops.frame_pool(x, lengths, mode)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.frame_pool(x, lengths, mode)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.frame_pool(x, lengths, mode)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ops.frame_pool(x, lengths, mode))
+    assert not torch.equal(out, expected)

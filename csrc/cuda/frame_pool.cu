@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -143,7 +144,7 @@ __device__ __forceinline__ void accumulate(acc_t (&acc)[VEC], int32_t (&idx)[VEC
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const acc_t f = static_cast<acc_t>(r.v[j]);
-    if (IS_MAX) {
+    if constexpr (IS_MAX) {
       const bool take = f > acc[j] || (is_nan(f) && !is_nan(acc[j]));
       acc[j] = take ? f : acc[j];
       idx[j] = take ? tk : idx[j];
@@ -164,7 +165,7 @@ template <typename scalar_t, typename acc_t, bool IS_MAX>
 __device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
                                              int32_t* __restrict__ argmax, int64_t o, acc_t acc,
                                              int32_t idx, int64_t L, bool mean) {
-  if (IS_MAX) {
+  if constexpr (IS_MAX) {
     out[o] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : acc);
     argmax[o] = idx;
   } else {
@@ -257,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         s_acc[j][tid] = acc[j];
-        if (IS_MAX) s_idx[j][tid] = idx[j];
+        if constexpr (IS_MAX) s_idx[j][tid] = idx[j];
       }
       __syncthreads();
       for (int h = TY / 2; h > 0; h >>= 1) {
@@ -265,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           const int other = tid + h * TX;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            if (IS_MAX) {
+            if constexpr (IS_MAX) {
               fold_max(acc[j], idx[j], s_acc[j][other], s_idx[j][other]);
               s_idx[j][tid] = idx[j];
             } else {
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           ws_acc[o + j] = acc[j];
-          if (IS_MAX) ws_idx[o + j] = idx[j];
+          if constexpr (IS_MAX) ws_idx[o + j] = idx[j];
         }
       }
     }
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
     if (active) {
       for (int64_t s = ty; s < S; s += TY) {
         const int64_t o = s * n + e;
-        if (IS_MAX) {
+        if constexpr (IS_MAX) {
           fold_max(acc, idx, ws_acc[o], ws_idx[o]);
         } else {
           acc += ws_acc[o];
@@ -334,12 +335,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (TY > 1) {
       s_acc[tid] = acc;
-      if (IS_MAX) s_idx[tid] = idx;
+      if constexpr (IS_MAX) s_idx[tid] = idx;
       __syncthreads();
       for (int h = TY / 2; h > 0; h >>= 1) {
         if (ty < h) {
           const int other = tid + h * TX;
-          if (IS_MAX) {
+          if constexpr (IS_MAX) {
             fold_max(acc, idx, s_acc[other], s_idx[other]);
             s_idx[tid] = idx;
           } else {
@@ -389,7 +390,8 @@ __global__ void __launch_bounds__(kThreads, 4)
       const acc_t g = static_cast<acc_t>(grad_out[b * D + d0 + j]);
       // Divide in acc_t and round once, as the eager mean does.
       gv.v[j] = static_cast<scalar_t>(mean ? (L > 0 ? g / static_cast<acc_t>(L) : acc_t(0)) : g);
-      am[j] = is_max ? static_cast<int64_t>(argmax[b * D + d0 + j]) : int64_t(-1);
+      const int64_t a = is_max ? static_cast<int64_t>(argmax[b * D + d0 + j]) : int64_t(-1);
+      am[j] = a < L ? a : int64_t(-1);  // padded frames always get 0, as on the CPU
     }
     VecT<scalar_t, VEC> zero;
 #pragma unroll
@@ -651,10 +653,14 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
                                                    const c10::optional<at::Tensor>& lengths,
                                                    c10::string_view mode) {
   PoolMode m = parse_pool_mode(mode);
-  at::Tensor len = checked_lengths(x, lengths);
   TORCH_CHECK_VALUE(x.is_cuda(), "frame_pool (CUDA kernel): x must be a CUDA tensor, got ",
                     x.device());
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  // Range-checking GPU lengths synchronises, which is illegal while a CUDA graph is being
+  // captured; there the kernels' clamping of every length into [0, T] is the only guard.
+  const bool capturing =
+      at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+  at::Tensor len = checked_lengths(x, lengths, /*check_values=*/!capturing);
 
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const bool is_max = m == PoolMode::Max;
