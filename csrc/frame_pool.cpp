@@ -124,70 +124,125 @@ inline int64_t clamped_length(const int64_t* len, int64_t b, int64_t T) {
   return len == nullptr ? T : std::min<int64_t>(std::max<int64_t>(len[b], 0), T);
 }
 
+// What one forward task needs: x with its strides, lengths, outputs.
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* xp;
+  const int64_t* lp;  // nullptr: every clip has T frames
+  scalar_t* op;
+  int32_t* ap;  // argmax (max only)
+  int64_t T, D, sB, sT, nchunk;
+  PoolMode mode;
+};
+
+// Pools tasks [begin, end): task = (clip b, chunk of kChunk features). Always inlined into
+// the per-ISA entry points below, so each gets its own vector code.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void forward_tasks(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = a.T, D = a.D, sB = a.sB, sT = a.sT, nchunk = a.nchunk;
+  const PoolMode mode = a.mode;
+  const scalar_t* xp = a.xp;
+  const int64_t* lp = a.lp;
+  scalar_t* op = a.op;
+  int32_t* ap = a.ap;
+  acc_t acc[kChunk];
+  int32_t idx[kChunk];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / nchunk;
+    const int64_t d0 = (task % nchunk) * kChunk;
+    const int64_t n = std::min(kChunk, D - d0);
+    const int64_t L = clamped_length(lp, b, T);
+    const scalar_t* base = xp + b * sB + d0;
+    scalar_t* dst = op + b * D + d0;
+    if (mode == PoolMode::Max && L == 0) {
+      std::fill(dst, dst + n, scalar_t(0));
+      std::fill(ap + b * D + d0, ap + b * D + d0 + n, int32_t(-1));
+    } else if (mode == PoolMode::Max) {
+      // Start from the first valid frame (not from -inf), so a clip whose frames are all
+      // -inf still has a first maximum, as torch.max gives.
+      for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<acc_t>(base[i]);
+      std::fill(idx, idx + n, int32_t(0));
+      for (int64_t t = 1; t < L; ++t) {
+        const scalar_t* row = base + t * sT;
+        const int32_t ti = static_cast<int32_t>(t);
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t v = static_cast<acc_t>(row[i]);
+          const acc_t a = acc[i];
+          // First maximum wins; a NaN replaces any number and is never replaced.
+          const bool take = (v > a) | ((v != v) & (a == a));
+          acc[i] = take ? v : a;
+          idx[i] = take ? ti : idx[i];
+        }
+      }
+      int32_t* am = ap + b * D + d0;
+      for (int64_t i = 0; i < n; ++i) {
+        dst[i] = static_cast<scalar_t>(acc[i]);
+        am[i] = idx[i];
+      }
+    } else {
+      std::fill(acc, acc + n, acc_t(0));
+      for (int64_t t = 0; t < L; ++t) {
+        const scalar_t* row = base + t * sT;
+        for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
+      }
+      if (mode == PoolMode::Mean && L > 0) {
+        const acc_t denom = static_cast<acc_t>(L);
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i] / denom);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+      }
+    }
+  }
+}
+
+// Entry points per instruction set. The library is built for baseline x86-64 (SSE2) so it
+// loads everywhere; on CPUs with AVX2 the same loops run with 32-byte vectors (measured here:
+// max forward at [64, 64, 1024] float32 0.45 -> 0.27 ms). Chosen once, at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DTL_FAST_HAVE_AVX2_PATH 1
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void forward_tasks_avx2(const ForwardArgs<scalar_t>& a,
+                                                            int64_t begin, int64_t end) {
+  forward_tasks<scalar_t>(a, begin, end);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
+
+template <typename scalar_t>
+void forward_tasks_baseline(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_tasks<scalar_t>(a, begin, end);
+}
+
 template <typename scalar_t>
 void forward_cpu_impl(const at::Tensor& x, const at::Tensor& len, PoolMode mode, at::Tensor& out,
                       at::Tensor& argmax) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  const int64_t sB = x.stride(0), sT = x.stride(1);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  int32_t* ap = mode == PoolMode::Max ? argmax.mutable_data_ptr<int32_t>() : nullptr;
-  const int64_t nchunk = (D + kChunk - 1) / kChunk;
+  const int64_t T = x.size(1), D = x.size(2);
+  ForwardArgs<scalar_t> a{x.const_data_ptr<scalar_t>(),
+                          len.defined() ? len.const_data_ptr<int64_t>() : nullptr,
+                          out.mutable_data_ptr<scalar_t>(),
+                          mode == PoolMode::Max ? argmax.mutable_data_ptr<int32_t>() : nullptr,
+                          T,
+                          D,
+                          x.stride(0),
+                          x.stride(1),
+                          (D + kChunk - 1) / kChunk,
+                          mode};
+  void (*tasks)(const ForwardArgs<scalar_t>&, int64_t, int64_t) = forward_tasks_baseline<scalar_t>;
+#ifdef DTL_FAST_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) tasks = forward_tasks_avx2<scalar_t>;
+#endif
   // Aim for >= 32k elements per thread before going parallel.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * std::min(D, kChunk)));
-
-  at::parallel_for(0, B * nchunk, grain, [&](int64_t begin, int64_t end) {
-    acc_t acc[kChunk];
-    int32_t idx[kChunk];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk;
-      const int64_t d0 = (task % nchunk) * kChunk;
-      const int64_t n = std::min(kChunk, D - d0);
-      const int64_t L = clamped_length(lp, b, T);
-      const scalar_t* base = xp + b * sB + d0;
-      scalar_t* dst = op + b * D + d0;
-      if (mode == PoolMode::Max && L == 0) {
-        std::fill(dst, dst + n, scalar_t(0));
-        std::fill(ap + b * D + d0, ap + b * D + d0 + n, int32_t(-1));
-      } else if (mode == PoolMode::Max) {
-        // Start from the first valid frame (not from -inf), so a clip whose frames are all
-        // -inf still has a first maximum, as torch.max gives.
-        for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<acc_t>(base[i]);
-        std::fill(idx, idx + n, int32_t(0));
-        for (int64_t t = 1; t < L; ++t) {
-          const scalar_t* row = base + t * sT;
-          const int32_t ti = static_cast<int32_t>(t);
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t v = static_cast<acc_t>(row[i]);
-            const acc_t a = acc[i];
-            // First maximum wins; a NaN replaces any number and is never replaced.
-            const bool take = (v > a) | ((v != v) & (a == a));
-            acc[i] = take ? v : a;
-            idx[i] = take ? ti : idx[i];
-          }
-        }
-        int32_t* am = ap + b * D + d0;
-        for (int64_t i = 0; i < n; ++i) {
-          dst[i] = static_cast<scalar_t>(acc[i]);
-          am[i] = idx[i];
-        }
-      } else {
-        std::fill(acc, acc + n, acc_t(0));
-        for (int64_t t = 0; t < L; ++t) {
-          const scalar_t* row = base + t * sT;
-          for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
-        }
-        if (mode == PoolMode::Mean && L > 0) {
-          const acc_t denom = static_cast<acc_t>(L);
-          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i] / denom);
-        } else {
-          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
-        }
-      }
-    }
-  });
+  at::parallel_for(0, x.size(0) * a.nchunk, grain,
+                   [&](int64_t begin, int64_t end) { tasks(a, begin, end); });
 }
 
 // A fresh multi-megabyte output is backed by new zero pages, and faulting them in 4 KiB at a
@@ -264,11 +319,20 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
 
   // One task per (b, t) row of grad_x: every element is written exactly once. A row is built
-  // in a small buffer (the same one serves every valid frame of a clip for mean / sum) and
-  // then stored in one pass.
+  // in a small buffer and then stored in one pass. For mean / sum the buffer holds the clip's
+  // gradient row, the same for all its valid frames. For max it is zero but for the features
+  // whose argmax is this frame: the features are bucketed by argmax once per clip, so a row
+  // costs its store plus its own few features, not a compare per feature.
   at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> row(D);
-    int64_t row_of = -1;  // the clip whose mean / sum gradient `row` holds
+    std::vector<scalar_t> row(D, scalar_t(0));
+    // max: the features whose argmax is frame t are feature[first[t] : first[t + 1]]
+    std::vector<int64_t> first, fill_at, feature;
+    if (mode == PoolMode::Max) {
+      first.resize(T + 1);
+      fill_at.resize(T);
+      feature.resize(D);
+    }
+    int64_t row_of = -1;  // the clip `row` / the buckets were built for
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, t = r % T;
       const int64_t L = clamped_length(lp, b, T);
@@ -279,10 +343,23 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         continue;
       }
       if (mode == PoolMode::Max) {
-        const int32_t* am = ap + b * D;
-        const int32_t ti = static_cast<int32_t>(t);
-        for (int64_t i = 0; i < D; ++i) row[i] = am[i] == ti ? src[i] : scalar_t(0);
-      } else if (row_of != b) {
+        if (row_of != b) {
+          const int32_t* am = ap + b * D;
+          std::fill(first.begin(), first.end(), int64_t(0));
+          for (int64_t i = 0; i < D; ++i)
+            if (am[i] >= 0 && am[i] < L) ++first[am[i] + 1];
+          for (int64_t k = 0; k < T; ++k) first[k + 1] += first[k];
+          std::copy(first.begin(), first.end() - 1, fill_at.begin());
+          for (int64_t i = 0; i < D; ++i)
+            if (am[i] >= 0 && am[i] < L) feature[fill_at[am[i]]++] = i;
+          row_of = b;
+        }
+        for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = src[feature[k]];
+        copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
+        for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = scalar_t(0);
+        continue;
+      }
+      if (row_of != b) {
         if (mode == PoolMode::Mean) {
           const acc_t denom = static_cast<acc_t>(L);
           for (int64_t i = 0; i < D; ++i)
