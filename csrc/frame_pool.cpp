@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -207,12 +208,15 @@ __attribute__((target("avx2,fma"))) void forward_tasks_avx2(const ForwardArgs<sc
   forward_tasks<scalar_t>(a, begin, end);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
+// DTL_FAST_DISABLE_AVX2=1 forces the baseline path (the tests run both).
+bool use_avx2() {
+  static const bool use = [] {
+    const char* off = std::getenv("DTL_FAST_DISABLE_AVX2");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
-  return has;
+  return use;
 }
 #endif
 
@@ -237,7 +241,7 @@ void forward_cpu_impl(const at::Tensor& x, const at::Tensor& len, PoolMode mode,
                           mode};
   void (*tasks)(const ForwardArgs<scalar_t>&, int64_t, int64_t) = forward_tasks_baseline<scalar_t>;
 #ifdef DTL_FAST_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) tasks = forward_tasks_avx2<scalar_t>;
+  if (use_avx2()) tasks = forward_tasks_avx2<scalar_t>;
 #endif
   // Aim for >= 32k elements per thread before going parallel.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * std::min(D, kChunk)));
