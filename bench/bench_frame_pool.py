@@ -473,7 +473,7 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
                       shape=r["shape"], dtype=r["dtype"], device=r["device"])
             noisy = noisy or (b is not None and json.loads(b.get("extra") or "{}").get("noisy"))
         figs.append(dict(name=name, value=f"{v:.2f}{unit}" + (", noisy p20-p80" if noisy else ""),
-                         passed=v >= target))
+                         passed=v >= target, number=v, target=target, unit=unit))
 
     if device == "cpu":
         for shape in ("64x64x1024", "256x32x2048"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
 import sys
 import time
 import traceback
@@ -46,9 +47,30 @@ def _rows_of_run(out: Path, kernel: str, run_id: str | None, device: str):
     return [r for r in rows if r.get("run_id") == run_id], run_id
 
 
-def summarize(mods, out: Path, device: str, run_id: str | None, module_status: dict) -> tuple[
+def _median_over_runs(per_run: list[list[dict]]) -> list[dict]:
+    """Acceptance figures of several runs of the same cases, folded into one figure each: the
+    median of the measured numbers (a shared machine's load comes and goes between runs)."""
+    names = [f["name"] for f in per_run[0]]
+    folded = []
+    for name in names:
+        got = [f for figs in per_run for f in figs if f["name"] == name]
+        nums = sorted(f["number"] for f in got if f.get("number") is not None)
+        if not nums:
+            folded.append(dict(name=name, value=got[0]["value"], passed=False))
+            continue
+        med = statistics.median(nums)
+        unit, target = got[0]["unit"], got[0]["target"]
+        spread = ", ".join(f"{n:.2f}" for n in nums)
+        folded.append(dict(name=name, passed=med >= target,
+                           value=f"median {med:.2f}{unit} of {len(nums)} runs: {spread}"))
+    return folded
+
+
+def summarize(mods, out: Path, device: str, run_id, module_status: dict) -> tuple[
         list[str], bool, bool]:
-    """Returns (lines, red, all_pass)."""
+    """Returns (lines, red, all_pass). run_id: one id, "latest", or a list of ids (repeated
+    runs: acceptance figures are the median over them)."""
+    run_ids = run_id if isinstance(run_id, list) else [run_id]
     lines = []
     red = False
     all_pass = True
@@ -61,7 +83,7 @@ def summarize(mods, out: Path, device: str, run_id: str | None, module_status: d
             if st.startswith("error"):
                 red = True
             continue
-        rows, rid = _rows_of_run(out, kernel, run_id, device)
+        rows, rid = _rows_of_run(out, kernel, run_ids[-1], device)
         if rows and stamp_line is None:
             r0 = rows[0]
             stamp_line = (f"device: {r0['device_name']}  torch {r0['torch']}  triton {r0['triton']}"
@@ -78,6 +100,9 @@ def summarize(mods, out: Path, device: str, run_id: str | None, module_status: d
         acc = getattr(mod, "acceptance", None)
         if acc is not None and st != "skipped":
             figs = acc(rows, device)
+            if len(run_ids) > 1 and figs:
+                figs = _median_over_runs(
+                    [acc(_rows_of_run(out, kernel, r, device)[0], device) for r in run_ids])
             if figs:
                 n_pass = sum(f["passed"] for f in figs)
                 lines.append(f"  acceptance {kernel} ({device}): {n_pass}/{len(figs)} PASS")
@@ -90,6 +115,50 @@ def summarize(mods, out: Path, device: str, run_id: str | None, module_status: d
     return lines, red, all_pass
 
 
+_MODULE_CACHE: dict[str, object] = {}
+
+
+def _run_modules(args, names, mods, status: dict, t_start: float) -> None:
+    """Runs every bench module in `names` once, under args.run_id, recording how each went in
+    `status`. The first round (mods is a list) imports them and appends (name, module) to mods."""
+    for name in names:
+        if mods is not None:
+            if not (H.BENCH_DIR / f"{name}.py").exists():
+                status[name] = "not written yet"
+                mods.append((name, None))
+                continue
+            try:
+                _MODULE_CACHE[name] = importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001
+                status[name] = f"error: import failed: {type(exc).__name__}: {exc}"
+                mods.append((name, None))
+                continue
+            mods.append((name, _MODULE_CACHE[name]))
+        mod = _MODULE_CACHE.get(name)
+        if mod is None or args.summary_only is not None:
+            continue
+        if args.time_budget is not None:
+            left = args.time_budget - (time.monotonic() - t_start)
+            if left <= 0:
+                status[name] = "skipped"
+                print(f"[run] time budget spent: {name} skipped")
+                continue
+        print(f"\n===== {name} ({args.run_id}) =====", flush=True)
+        t0 = time.monotonic()
+        margs = argparse.Namespace(**vars(args))
+        if args.time_budget is not None:
+            margs.time_budget = args.time_budget - (time.monotonic() - t_start)
+        try:
+            mod.run(margs)
+            status[name] = f"ran in {time.monotonic() - t0:.0f} s"
+        except SystemExit as exc:  # e.g. dtl_fast not importable
+            status[name] = f"error: {exc}".splitlines()[0]
+            print(f"[run] {name}: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            status[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
 def main(argv=None) -> int:
     p = H.add_common_args(argparse.ArgumentParser(description="run all dtl_fast benchmarks"))
     p.add_argument("--only", action="append", default=None, metavar="MODULE",
@@ -97,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--summary-only", nargs="?", const="latest", default=None, metavar="RUN_ID",
                    help="measure nothing; summarize RUN_ID (default: the latest run on --device)")
     p.add_argument("--strict", action="store_true", help="exit 2 when an acceptance figure FAILs")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run everything N times (run ids <id>-r1..rN); acceptance figures are "
+                        "the median over the N runs (for a shared, noisy machine)")
     p.add_argument("--summary-file", default=None,
                    help="also write the summary here (default <out>/summary_<device-slug>.txt)")
     args = p.parse_args(argv)
@@ -114,42 +186,14 @@ def main(argv=None) -> int:
     mods: list[tuple[str, object]] = []
     status: dict[str, str] = {}
     t_start = time.monotonic()
-    for name in names:
-        if not (H.BENCH_DIR / f"{name}.py").exists():
-            status[name] = "not written yet"
-            mods.append((name, None))
-            continue
-        try:
-            mod = importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001
-            status[name] = f"error: import failed: {type(exc).__name__}: {exc}"
-            mods.append((name, None))
-            continue
-        mods.append((name, mod))
-        if args.summary_only is not None:
-            continue
-        if args.time_budget is not None:
-            left = args.time_budget - (time.monotonic() - t_start)
-            if left <= 0:
-                status[name] = "skipped"
-                print(f"[run] time budget spent: {name} skipped")
-                continue
-        print(f"\n===== {name} =====", flush=True)
-        t0 = time.monotonic()
-        margs = argparse.Namespace(**vars(args))
-        if args.time_budget is not None:
-            margs.time_budget = args.time_budget - (time.monotonic() - t_start)
-        try:
-            mod.run(margs)
-            status[name] = f"ran in {time.monotonic() - t0:.0f} s"
-        except SystemExit as exc:  # e.g. dtl_fast not importable
-            status[name] = f"error: {exc}".splitlines()[0]
-            print(f"[run] {name}: {exc}")
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            status[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+    repeat = max(1, args.repeat) if args.summary_only is None else 1
+    base_id = args.run_id
+    run_ids = [base_id] if repeat == 1 else [f"{base_id}-r{i + 1}" for i in range(repeat)]
+    for rep, rid in enumerate(run_ids):
+        args.run_id = rid
+        _run_modules(args, names, mods if rep == 0 else None, status, t_start)
 
-    run_id = args.summary_only if args.summary_only is not None else args.run_id
+    run_id = args.summary_only if args.summary_only is not None else run_ids
     lines, red, all_pass = summarize(mods, out, device, run_id, status)
     slug = H.device_slug(device) if (device == "cpu" or H.torch.cuda.is_available()) else device
     summary_path = Path(args.summary_file) if args.summary_file else out / f"summary_{slug}.txt"
