@@ -31,7 +31,7 @@ test: install
 
 demo: install
 	$(VENV)/bin/dtl-fast demo
-	$(PY) bench/run.py --quick --device cpu --out out/bench $(BENCH_ARGS)
+	$(PY) bench/run.py --quick --repeat 3 --device cpu --out out/bench $(BENCH_ARGS)
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)

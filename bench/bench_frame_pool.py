@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if load1 > 0.5 * (os.cpu_count() or 1):
                 print(f"[{kernel}] WARNING: load average {load1:.2f} on "
                       f"{os.cpu_count()} CPUs: other processes compete; ratios "
-                      "stay fairer (providers are interleaved) but times are inflated; "
+                      "stay fairer (providers are timed in alternating rounds) but times are inflated; "
                       "consider --threads 1")
         except OSError:
             pass
@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     print(f"[{kernel}] baseline {BASELINE} unavailable: nothing timed for "
                           f"{mode} {variant} {H.shape_str(shape)}")
                     continue
-                # ---- time (CPU: interleaved rounds; CUDA: do_bench one after another) ------
+                # ---- time (CPU: rounds of blocks; CUDA: do_bench one after another) --------
                 try:
                     with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
                         times = H.time_many(calls, device=device, grad_to_none=grads, **timing_kw)
