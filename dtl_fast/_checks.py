@@ -4,8 +4,10 @@ checked here (they hold for fake tensors under torch.compile too); value checks 
 the data live in the kernels and in the eager references."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -24,22 +26,29 @@ def check_pool_input(x: torch.Tensor, mode: str, modes: Sequence[str] = POOL_MOD
 
 
 def normalize_lengths(lengths, x: torch.Tensor, *, name: str = "lengths") -> torch.Tensor | None:
-    """Turns `lengths` (None, a sequence of ints, or an integer tensor [B] on the CPU or on x's
-    device) into None or an integer tensor, checking its type, shape and device.
+    """Turns `lengths` (None, a sequence of ints, an integer NumPy array, or an integer tensor
+    [B] on the CPU or on x's device) into None or an integer tensor, checking its type, shape
+    and device.
 
     The range 0 <= lengths[b] <= T is checked where the data is read (kernel or reference).
     """
     if lengths is None:
         return None
     B = x.shape[0]
+    if isinstance(lengths, np.ndarray):
+        lengths = torch.from_numpy(lengths)
     if not isinstance(lengths, torch.Tensor):
         if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
             raise ValueError(f"frame_pool: {name} must be None, a list of ints or an integer "
                              f"tensor [B], got {type(lengths).__name__}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-            bad = next(v for v in lengths if not isinstance(v, int) or isinstance(v, bool))
+
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+        if not all(is_int(v) for v in lengths):
+            bad = next(v for v in lengths if not is_int(v))
             raise ValueError(f"frame_pool: {name} must hold integers, got {bad!r}")
-        lengths = torch.tensor(list(lengths), dtype=torch.int64)
+        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"frame_pool: {name} must be an integer tensor, got dtype {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:

@@ -24,6 +24,8 @@ def make_lengths(B, T, kind, device="cpu"):
         lengths[1] = 0
     if kind == "list":
         return lengths.tolist()
+    if kind == "numpy":
+        return lengths.numpy()
     return lengths.to(device)
 
 
@@ -48,7 +50,7 @@ def pool_with_grads(fn, x, lengths, mode, grad):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", ["tensor", "list", "none"])
+@pytest.mark.parametrize("kind", ["tensor", "list", "numpy", "none"])
 def test_reference_matches_plain_loop(mode, kind):
     x = torch.randn(5, 8, 6, dtype=torch.float64)
     lengths = make_lengths(5, 8, kind)
@@ -174,14 +176,15 @@ def test_gradcheck_float64(mode):
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("with_lengths", [True, False])
-def test_opcheck(mode, requires_grad, with_lengths):
-    x = torch.randn(3, 6, 5, requires_grad=requires_grad)
-    lengths = torch.tensor([6, 0, 4]) if with_lengths else None
+def test_opcheck(device, mode, requires_grad, with_lengths):
+    x = torch.randn(3, 6, 5, device=device, requires_grad=requires_grad)
+    lengths = torch.tensor([6, 0, 4], device=device) if with_lengths else None
     torch.library.opcheck(torch.ops.dtl_fast.frame_pool.default, (x, lengths, mode))
-    grad = torch.randn(3, 5, requires_grad=requires_grad)
+    grad = torch.randn(3, 5, device=device, requires_grad=requires_grad)
     _, am = torch.ops.dtl_fast.frame_pool(x.detach(), lengths, mode)
     torch.library.opcheck(torch.ops.dtl_fast.frame_pool_backward.default, (grad, lengths, am, 6, mode))
 
@@ -197,6 +200,19 @@ def test_torch_compile_fullgraph(mode):
     out, gx = pool_with_grads(lambda t, L, _: compiled(t, L), x, lengths, mode, grad)
     ref, gref = pool_with_grads(lambda t, L, _: pool(t, L), x, lengths, mode, grad)
     assert torch.equal(out, ref) and torch.equal(gx, gref)
+
+
+def test_torch_compile_dynamic_shapes():
+    torch._dynamo.reset()
+    pool = FramePool("max")
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B, T, D in [(3, 5, 4), (6, 9, 7), (2, 1, 3)]:
+        x = torch.randn(B, T, D)
+        lengths = torch.randint(0, T + 1, (B,))
+        grad = torch.randn(B, D)
+        out, gx = pool_with_grads(lambda t, L, _: compiled(t, L), x, lengths, "max", grad)
+        ref, gref = pool_with_grads(reference.frame_pool, x, lengths, "max", grad)
+        assert torch.equal(out, ref) and torch.equal(gx, gref)
 
 
 def test_framepool_module_modes():
@@ -244,7 +260,10 @@ BAD_INPUTS = [
     ("x rank 2", lambda x: (x[0], None), "x"),
     ("x rank 4", lambda x: (x[None], None), "x"),
     ("integer x", lambda x: (x.long(), None), "x"),
+    ("float numpy lengths", lambda x: (x, __import__("numpy").array([2.0, 1.0, 1.0])), "lengths"),
 ]
+# The cases the registered op itself sees (it takes lengths as a tensor or None).
+TENSOR_BAD_INPUTS = [c for c in BAD_INPUTS if c[0] not in ("float in list", "float numpy lengths")]
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -258,13 +277,11 @@ def test_bad_input_is_a_clear_value_error(backend, case):
         ops.frame_pool(torch.randn(3, 4, 5), None, "median", backend=backend)
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS[:3] + BAD_INPUTS[5:], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", TENSOR_BAD_INPUTS, ids=[c[0] for c in TENSOR_BAD_INPUTS])
 def test_registered_op_checks_its_own_arguments(case):
     # Calling torch.ops.dtl_fast.* directly skips the Python checks; the C++ ones still hold.
     _, make, name = case
     x, lengths = make(torch.randn(3, 4, 5))
-    if isinstance(lengths, list):
-        pytest.skip("the registered op takes a tensor")
     with pytest.raises(ValueError, match=name):
         torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
     with pytest.raises(ValueError, match="mode"):
