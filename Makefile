@@ -43,4 +43,4 @@ info: install
 	$(VENV)/bin/dtl-fast info
 
 clean:
-	rm -rf build dist *.egg-info dtl_fast/_C*.so out .pytest_cache
+	rm -rf build dist *.egg-info dtl_fast/_C*.so out .pytest_cache $(BUILD_STAMP)

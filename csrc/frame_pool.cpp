@@ -220,6 +220,17 @@ bool use_avx2() {
 }
 #endif
 
+}  // namespace
+
+const char* cpu_forward_isa() {
+#ifdef DTL_FAST_HAVE_AVX2_PATH
+  if (use_avx2()) return "avx2";
+#endif
+  return "baseline";
+}
+
+namespace {
+
 template <typename scalar_t>
 void forward_tasks_baseline(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   forward_tasks<scalar_t>(a, begin, end);

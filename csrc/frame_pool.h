@@ -3,7 +3,7 @@
 // Schemas (csrc/frame_pool.cpp registers them in the `dtl_fast` namespace):
 //   frame_pool(Tensor x, Tensor? lengths, str mode) -> (Tensor out, Tensor argmax)
 //     x       [B, T, D] float32 / float64 / float16 / bfloat16, any strides
-//     lengths [B] int64 on x's device or on the CPU, or None (every row has T frames)
+//     lengths [B] any integer dtype, on x's device or on the CPU, or None (all T frames)
 //     out     [B, D], x's dtype; reduction over frames t < lengths[b] only
 //     argmax  [B, D] int32 frame index of the first maximum (mode "max"; -1 for an
 //             empty row), an empty int32 tensor for the other modes
@@ -41,6 +41,10 @@ at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>&
 at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
                                    const c10::optional<at::Tensor>& lengths,
                                    const at::Tensor& argmax, int64_t T, PoolMode mode);
+
+// The instruction set the CPU forward kernel runs with: "avx2" or "baseline" (x86-64 SSE2 or
+// another architecture). DTL_FAST_DISABLE_AVX2=1 forces "baseline".
+const char* cpu_forward_isa();
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x,
                                                   const c10::optional<at::Tensor>& lengths,

@@ -3,12 +3,26 @@
 // built.
 #include <Python.h>
 
+namespace dtl_fast {
+const char* cpu_forward_isa();  // csrc/frame_pool.cpp
+}
+
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dtl_fast::cpu_forward_isa());
+}
+
+static PyMethodDef dtl_fast_c_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The instruction set of the CPU pooling kernel: 'avx2' or 'baseline'."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 static struct PyModuleDef dtl_fast_c_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "dtl_fast C++/CUDA ops; importing this module registers torch.ops.dtl_fast.*",
     -1,
-    nullptr,
+    dtl_fast_c_methods,
 };
 
 PyMODINIT_FUNC PyInit__C(void) {

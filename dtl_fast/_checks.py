@@ -43,12 +43,17 @@ def normalize_lengths(lengths, x: torch.Tensor, *, name: str = "lengths") -> tor
                              f"tensor [B], got {type(lengths).__name__}")
 
         def is_int(v):
+            if isinstance(v, torch.Tensor):  # e.g. list(lengths_tensor)
+                return v.dim() == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool
             return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
         if not all(is_int(v) for v in lengths):
             bad = next(v for v in lengths if not is_int(v))
             raise ValueError(f"frame_pool: {name} must hold integers, got {bad!r}")
-        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64)
+        values = [int(v) for v in lengths]
+        if any(not -(2**63) <= v < 2**63 for v in values):
+            raise ValueError(f"frame_pool: {name} must fit in int64, got {max(values, key=abs)}")
+        lengths = torch.tensor(values, dtype=torch.int64)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"frame_pool: {name} must be an integer tensor, got dtype {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:

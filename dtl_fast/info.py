@@ -2,11 +2,13 @@
 op uses on each device."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 from dtl_fast import _extension
+from dtl_fast._backend import ENV_VAR
 
 
 def _triton_version() -> str | None:
@@ -17,10 +19,24 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _op_backend(op: str, device: str) -> str:
-    """What backend="auto" runs for `op` on `device`."""
+    """What an op with backend=None runs on `device`: $DTL_FAST_BACKEND, else "auto"."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    chosen = os.environ.get(ENV_VAR) or "auto"
+    if chosen == "reference":
+        return f"eager reference (${ENV_VAR}=reference)"
     if _extension.has_kernel(op, device):
         return "C++ kernel (dtl_fast._C)" if device == "cpu" else "CUDA kernel (dtl_fast._C)"
     return "eager reference (kernel not built)"
@@ -30,8 +46,8 @@ def info() -> dict:
     """Returns a dict describing this installation:
 
     versions (dtl_fast, torch, triton, CUDA of torch, Python), whether the C++ and CUDA
-    kernels were built (and why not), the devices, and for each op the backend that
-    backend="auto" uses on the CPU and on CUDA.
+    kernels were built (and why not), the devices, the default backend ($DTL_FAST_BACKEND or
+    "auto"), and for each op what a call with that default runs on the CPU and on CUDA.
     """
     import dtl_fast
 
@@ -45,8 +61,10 @@ def info() -> dict:
         "cpp_kernels_built": _extension.cpp_available(),
         "cuda_kernels_built": _extension.cuda_kernels_built(),
         "extension_error": _extension.LOAD_ERROR,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_kernel_isa": _extension._C.cpu_isa() if _extension.cpp_available() else None,
+        "backend_default": os.environ.get(ENV_VAR) or "auto",
         "cuda_device": torch.cuda.get_device_name() if cuda else None,
         "ops": {
             "frame_pool": {"cpu": _op_backend("frame_pool", "cpu"),

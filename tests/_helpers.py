@@ -1,8 +1,6 @@
 """Helpers shared by the tests: relative-error comparison and output poisoning."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -37,20 +35,3 @@ def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float
         worst = (o - r).abs().flatten().topk(min(3, o.numel())).indices
         detail = ", ".join(f"[{i}] {o.flatten()[i]:.6g} vs {r.flatten()[i]:.6g}" for i in worst.tolist())
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst: {detail}")
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Every uninitialised allocation (torch.empty in Python, at::empty in C++) is filled with
-    NaN (max int for integer tensors) while this is active, so an output element a kernel
-    forgets to write shows up as NaN instead of passing by luck."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill

@@ -1,5 +1,7 @@
 """Test setup: Triton runs in its interpreter on CPU tensors when there is no GPU, every test
-starts from the same seeds, and `gpu` tests are skipped without CUDA."""
+starts from the same seeds with no backend override, `gpu` tests are skipped without CUDA, and
+the `poison` fixture NaN-fills every fresh allocation so unwritten outputs show."""
+import contextlib
 import os
 import random
 
@@ -11,7 +13,7 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
+from _helpers import HAS_CUDA  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,8 +26,34 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_default_backend(monkeypatch):
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
+    # A DTL_FAST_BACKEND exported by whoever runs the tests would turn kernel-vs-reference
+    # comparisons into reference-vs-reference.
+    monkeypatch.delenv("DTL_FAST_BACKEND", raising=False)
     yield
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every uninitialised allocation (torch.empty in Python, at::empty in C++) is filled with
+    NaN (max int for integer tensors) while this is active, so an output element a kernel
+    forgets to write shows up as NaN instead of passing by luck."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture
+def poison():
+    """`with poison(): out = fused_op(...)`: see poisoned_outputs."""
+    return poisoned_outputs

@@ -7,11 +7,12 @@ import dtl_fast
 from dtl_fast import ops, reference
 from dtl_fast.nn import FramePool
 
-from _helpers import DEVICES, REL_TOL, assert_rel_close, poisoned_outputs
+from _helpers import DEVICES, REL_TOL, assert_rel_close
 
 MODES = ["mean", "max", "sum"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1, 1), (2, 5, 7), (3, 9, 1000), (4, 1, 7), (5, 6, 1), (6, 17, 64)]
+SHAPES = [(1, 1, 1), (2, 5, 7), (3, 9, 1000), (4, 1, 7), (5, 6, 1), (6, 17, 64),
+          (0, 4, 5), (3, 0, 5), (3, 4, 0)]
 
 
 def make_lengths(B, T, kind, device="cpu"):
@@ -19,7 +20,8 @@ def make_lengths(B, T, kind, device="cpu"):
     if kind == "none":
         return None
     lengths = torch.randint(0, T + 1, (B,))
-    lengths[0] = T
+    if B > 0:
+        lengths[0] = T
     if B > 1:
         lengths[1] = 0
     if kind == "list":
@@ -62,12 +64,12 @@ def test_reference_matches_plain_loop(mode, kind):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["tensor", "list", "none"])
-def test_fused_matches_reference(device, dtype, shape, mode, kind):
+def test_fused_matches_reference(device, dtype, shape, mode, kind, poison):
     B, T, D = shape
     x = torch.randn(shape, device=device).to(dtype)
     lengths = make_lengths(B, T, kind, device)
     grad = torch.randn(B, D, device=device).to(dtype)
-    with poisoned_outputs():
+    with poison():
         out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
     # Ground truth: the reference in float64 on the same (rounded) input.
     ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
@@ -168,12 +170,27 @@ def test_non_contiguous_inputs(device, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_float64(mode):
-    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([5, 0, 2])
-    fn = lambda t: ops.frame_pool(t, lengths, mode, backend="fused")  # noqa: E731
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("T", [5, 0])
+def test_gradcheck_float64(mode, backend, T):
+    x = torch.randn(3, T, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([T, 0, min(2, T)])
+    fn = lambda t: ops.frame_pool(t, lengths, mode, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16, torch.int64], ids=str)
+def test_lengths_dtypes_and_layouts(device, dtype):
+    x = torch.randn(4, 6, 3, device=device)
+    base = torch.tensor([[6, 9], [0, 9], [2, 9], [5, 9]], dtype=dtype)[:, 0]  # non-contiguous
+    assert not base.is_contiguous()
+    expected = loop_pool(x, [6, 0, 2, 5], "mean")
+    for lengths in (base, base.to(device), list(base), base.numpy()):
+        for backend in ("fused", "reference"):
+            out = ops.frame_pool(x, lengths, "mean", backend=backend)
+            assert_rel_close(f"{type(lengths).__name__} {backend}", out, expected, 1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -305,13 +322,13 @@ def test_lengths_on_another_device_is_rejected():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", [(64, 64, 1024), (256, 32, 2048), (4, 4096, 512), (3, 333, 1001)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_cuda_real_sizes(dtype, mode, shape):
+def test_cuda_real_sizes(dtype, mode, shape, poison):
     B, T, D = shape
     x = torch.randn(shape, device="cuda", dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,), device="cuda")
     lengths[0] = 0
     grad = torch.randn(B, D, device="cuda", dtype=dtype)
-    with poisoned_outputs():
+    with poison():
         out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
     ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
     assert_rel_close("output", out, ref, REL_TOL[dtype])
@@ -374,11 +391,22 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         ref = dtl_fast.reference.frame_pool(x.double(), lengths, mode)
         err = ((out - ref).norm() / ref.norm()).item()
         worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
-print(json.dumps(worst))
+print(json.dumps({"isa": dtl_fast._extension._C.cpu_isa(), **worst}))
 """
     env = {**os.environ, "DTL_FAST_DISABLE_AVX2": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     worst = json.loads(res.stdout)
+    assert worst.pop("isa") == "baseline"
     for dtype in DTYPES:
         assert worst[str(dtype)] < REL_TOL[dtype], (dtype, worst)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_bad_lengths_raise_under_torch_compile(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(FramePool("mean", backend=backend), fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 6, 3)
+    assert_rel_close("compiled", compiled(x, torch.tensor([6, 0, 3, 5])), loop_pool(x, [6, 0, 3, 5], "mean"), 1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="lengths"):
+        compiled(x, torch.tensor([9, 0, 3, 5]))

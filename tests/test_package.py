@@ -1,5 +1,6 @@
 """The package around the kernels: info(), the command line, the test helpers themselves."""
 import json
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 
 import dtl_fast
 
-from _helpers import assert_rel_close, poisoned_outputs
+from _helpers import assert_rel_close
 
 
 def test_info_reports_build_and_backends():
@@ -16,6 +17,10 @@ def test_info_reports_build_and_backends():
     assert data["cpp_kernels_built"] is True, data["extension_error"]
     assert data["ops"]["frame_pool"]["cpu"].startswith("C++ kernel")
     assert isinstance(data["cuda_kernels_built"], bool)
+    if os.environ.get("DTL_FAST_REQUIRE_CUDA") == "1":  # CI: the CUDA part must have been built
+        assert data["cuda_kernels_built"] is True
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dtl_fast::frame_pool", "CUDA")
+    assert data["cpu_kernel_isa"] in ("avx2", "baseline")
     if not torch.cuda.is_available():
         assert data["ops"]["frame_pool"]["cuda"] == "no CUDA device"
 
@@ -39,8 +44,8 @@ def test_demo_runs_and_masking_matters():
     assert result["accuracy_masked"] > 0.9 > result["accuracy_padded"]
 
 
-def test_poisoned_outputs_fill_uninitialised_memory():
-    with poisoned_outputs():
+def test_poisoned_outputs_fill_uninitialised_memory(poison):
+    with poison():
         assert torch.isnan(torch.empty(4)).all()
         assert (torch.empty(2, dtype=torch.int32) == torch.iinfo(torch.int32).max).all()
     assert not torch.are_deterministic_algorithms_enabled()

@@ -6,8 +6,9 @@ from torch import nn
 
 from dtl_fast import ops
 from dtl_fast._backend import resolve_backend
+from dtl_fast._checks import POOL_MODES
 
-_MODES = ("mean", "max", "sum", "meanmax")
+_MODES = POOL_MODES + ("meanmax",)
 
 
 class FramePool(nn.Module):

@@ -53,7 +53,9 @@ def _register() -> None:
         lengths, argmax = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        if ctx.mode == "max":
+        if ctx.mode == "max" and grad_grad_x.shape[1] == 0:
+            grad = grad_grad_x.new_zeros(argmax.shape)
+        elif ctx.mode == "max":
             index = argmax.clamp(min=0).long().unsqueeze(1)  # [B, 1, D]
             picked = grad_grad_x.gather(1, index).squeeze(1)
             grad = torch.where(argmax >= 0, picked, torch.zeros_like(picked))
@@ -88,7 +90,8 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
         lengths: None (all T frames valid), a list of B ints, or an integer tensor [B] on the
             CPU or on x's device; frames t >= lengths[b] are never read.
         mode: "mean" | "max" | "sum".
-        backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
+        backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto")
+            at each call (under torch.compile: when the graph is traced).
             "auto" runs the C++ kernel on CPU tensors and the CUDA kernel on GPU tensors, and
             the eager reference where a kernel was not built.
 

@@ -28,7 +28,11 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
         lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
     else:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
-        if not torch.compiler.is_compiling() and B > 0:
+        if B > 0 and torch.compiler.is_compiling():
+            # No host round trip inside a graph: the check runs with it and fails the call.
+            torch._assert_async(((lengths >= 0) & (lengths <= T)).all(),
+                                "frame_pool: every lengths[b] must lie in [0, T]")
+        elif B > 0:
             lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync, not two
             if lo < 0 or hi > T:
                 raise ValueError(f"frame_pool: every lengths[b] must lie in [0, T] = [0, {T}], "
@@ -37,7 +41,7 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
     nonempty = (lengths > 0)[:, None]  # [B, 1]
     if mode == "max":
         if T == 0:
-            out = xf.new_zeros((B, D))
+            out = xf.sum(dim=1)  # zeros that stay on x's autograd graph
         else:
             out = torch.where(valid, xf, float("-inf")).max(dim=1).values
             out = torch.where(nonempty, out, 0.0)
