@@ -7,7 +7,7 @@ drop-in torch.nn modules with autograd.
 """
 __version__ = "0.1.0"
 
-from dtl_fast import _extension, nn, ops, reference  # noqa: E402  (_extension loads _C first)
+from dtl_fast import _extension, nn, ops, reference  # noqa: E402, F401  (_extension loads _C first)
 from dtl_fast.info import info  # noqa: E402
 
 __all__ = ["info", "nn", "ops", "reference", "__version__"]
