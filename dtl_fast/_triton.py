@@ -2,19 +2,22 @@
 only in Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are first imported)."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERROR: list = []  # filled on first use; a plain global, which torch.compile traces
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # a broken install must not break `import dtl_fast`
-        return f"{type(e).__name__}: {e}"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+            _IMPORT_ERROR.append(None)
+        except Exception as e:  # a broken install must not break `import dtl_fast`
+            _IMPORT_ERROR.append(f"{type(e).__name__}: {e}")
+    return _IMPORT_ERROR[0]
 
 
 def interpreting() -> bool:

@@ -42,6 +42,31 @@ def _op_backend(op: str, device: str) -> str:
     return "eager reference (kernel not built)"
 
 
+# What backend="auto" runs on CPU tensors for each Triton op (on CUDA it is the Triton kernel).
+_TRITON_OPS_CPU_AUTO = {
+    "lstm": "PyTorch native RNN kernel (torch.lstm)",
+    "gru": "PyTorch native RNN kernel (torch.gru)",
+    "cosine_attention": "eager reference / normalise + SDPA composite",
+}
+
+
+def _triton_op_backend(op: str, device: str) -> str:
+    """What a Triton-backed op with backend=None runs on `device`."""
+    from dtl_fast._triton import interpreting, triton_unavailable_reason
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    chosen = os.environ.get(ENV_VAR) or "auto"
+    if chosen == "reference":
+        return f"eager reference (${ENV_VAR}=reference)"
+    if chosen == "auto" and device == "cpu":
+        return _TRITON_OPS_CPU_AUTO[op]
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        return f"unavailable: {reason}"
+    return "Triton kernel (interpreter)" if device == "cpu" and interpreting() else "Triton kernel"
+
+
 def info() -> dict:
     """Returns a dict describing this installation:
 
@@ -69,6 +94,8 @@ def info() -> dict:
         "ops": {
             "frame_pool": {"cpu": _op_backend("frame_pool", "cpu"),
                            "cuda": _op_backend("frame_pool", "cuda")},
+            **{op: {"cpu": _triton_op_backend(op, "cpu"), "cuda": _triton_op_backend(op, "cuda")}
+               for op in _TRITON_OPS_CPU_AUTO},
         },
     }
 

@@ -5,7 +5,8 @@ registers, stack, local (spill) and shared bytes from the cubin with the cuobjdu
 Triton's package ships.
 
     configs = [dict(kernel="my_kernel", signature={"x_ptr": "*fp32", "n": "i32", "B": "constexpr"},
-                    constexprs={"B": 64}, num_warps=4, num_stages=3)]
+                    constexprs={"B": 64}, num_warps=4, num_stages=3,
+                    divisible=["x_ptr", "n"])]   # optional: args Triton would mark as % 16 == 0
     for r in compile_configs("dtl_fast.kernels.my_module", configs):
         check_fits(r)
 """
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 # Shared memory per block a kernel may use (opt-in maximum), per architecture.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -36,7 +38,12 @@ for cfg in configs:
     while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):
         fn = fn.fn  # an autotuner / heuristics wrapper: the JITFunction is inside
     for arch in archs:
-        src = ASTSource(fn=fn, signature=cfg["signature"], constexprs=cfg.get("constexprs", {}))
+        # "divisible": the arguments Triton's launcher would mark as multiples of 16 (aligned
+        # pointers, sizes divisible by 16) on a real GPU; that specialisation is a different
+        # kernel (wider loads, other register use) from the hint-free one.
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in cfg.get("divisible", ())}
+        src = ASTSource(fn=fn, signature=cfg["signature"], constexprs=cfg.get("constexprs", {}),
+                        attrs=attrs)
         opts = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)}
         row = dict(kernel=cfg["kernel"], arch=arch, config=cfg, error=None)
         try:
@@ -63,24 +70,72 @@ print("@@RESULTS@@" + json.dumps(results))
 """
 
 
-def compile_configs(module: str, configs: list[dict], archs=ARCHS, timeout: float = 900) -> list[dict]:
-    """Compiles every config for every arch; returns one dict per (config, arch) with keys
-    kernel, arch, config, error (None or the message), shared (bytes, Triton's metadata: the
-    dynamic shared memory the launch needs), reg, stack, local, static_shared (cuobjdump), mma (whether
-    HMMA / HGMMA / DMMA instructions are in the SASS)."""
+def compile_configs(module: str, configs: list[dict], archs=ARCHS, timeout: float = 900,
+                    workers: int | None = None) -> list[dict]:
+    """Compiles every config for every arch; returns one dict per (config, arch), in order, with
+    keys kernel, arch, config, error (None or the message), shared (bytes, Triton's metadata:
+    the dynamic shared memory the launch needs), reg, stack, local, static_shared (cuobjdump),
+    mma (whether HMMA / HGMMA / DMMA instructions are in the SASS).
+
+    The configs are split over `workers` subprocesses (default: one per CPU core) that run at
+    the same time: each compile is single-threaded and takes seconds."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps([module, list(archs), configs]),
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    marker = [l for l in proc.stdout.splitlines() if l.startswith("@@RESULTS@@")]
-    if proc.returncode != 0 or not marker:
-        raise AssertionError(f"AOT compile worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(marker[-1][len("@@RESULTS@@"):])
+    workers = max(1, min(workers or os.cpu_count() or 1, len(configs)))
+    chunks = [configs[i::workers] for i in range(workers)]
+    errs = [tempfile.TemporaryFile(mode="w+") for _ in chunks]  # a full stderr pipe would block
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+             for err in errs]
+    outputs = []
+    try:
+        for proc, chunk in zip(procs, chunks):
+            proc.stdin.write(json.dumps([module, list(archs), chunk]))
+            proc.stdin.close()
+        for proc, err in zip(procs, errs):
+            out = proc.stdout.read()  # workers print one line at the end: no pipe can fill
+            proc.wait(timeout=timeout)
+            err.seek(0)
+            outputs.append((proc.returncode, out, err.read()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for err in errs:
+            err.close()
+    per_chunk = []
+    for rc, out, err in outputs:
+        marker = [l for l in out.splitlines() if l.startswith("@@RESULTS@@")]
+        if rc != 0 or not marker:
+            raise AssertionError(f"AOT compile worker failed (rc={rc}):\n{err[-4000:]}")
+        per_chunk.append(json.loads(marker[-1][len("@@RESULTS@@"):]))
+    # Back to the caller's order: worker w compiled configs w, w + workers, ...
+    results = []
+    for i in range(len(configs)):
+        chunk = per_chunk[i % workers]
+        start = (i // workers) * len(archs)
+        results.extend(chunk[start:start + len(archs)])
+    return results
+
+
+def with_aligned_variants(configs: list[dict]) -> list[dict]:
+    """Each config twice: as given (no divisibility hints: odd sizes, unaligned views) and with
+    every pointer and every int argument in `aligned_ints` marked divisible by 16, which is what
+    Triton's launcher specialises on at realistic shapes (H = 256, 512, 1024; fresh tensors)."""
+    out = []
+    for cfg in configs:
+        out.append(cfg)
+        sig = cfg["signature"]
+        ptrs = [n for n, t in sig.items() if t.startswith("*")]
+        ints = [n for n in cfg.get("aligned_ints", ()) if n in sig]
+        out.append({**cfg, "divisible": ptrs + ints})
+    return out
 
 
 def check_fits(row: dict, *, allow_spills: bool = False) -> None:
     """Fails when the config did not compile, needs more shared memory than the arch has, or
     (unless allow_spills) spills registers to local memory."""
-    where = f"{row['kernel']} sm_{row['arch']} {row['config'].get('constexprs')} " \
+    aligned = " aligned" if row["config"].get("divisible") else ""
+    where = f"{row['kernel']}{aligned} sm_{row['arch']} {row['config'].get('constexprs')} " \
             f"warps={row['config'].get('num_warps')} stages={row['config'].get('num_stages')}"
     assert row["error"] is None, f"{where}: does not compile: {row['error']}"
     assert row["shared"] + row["static_shared"] <= SHARED_LIMIT[row["arch"]], f"{where}: {row['shared']} B shared > {SHARED_LIMIT[row['arch']]}"

@@ -23,6 +23,28 @@ def test_info_reports_build_and_backends():
     assert data["cpu_kernel_isa"] in ("avx2", "baseline")
     if not torch.cuda.is_available():
         assert data["ops"]["frame_pool"]["cuda"] == "no CUDA device"
+    assert data["ops"]["lstm"]["cpu"].startswith("PyTorch native RNN")
+    assert data["ops"]["gru"]["cpu"].startswith("PyTorch native RNN")
+    assert "SDPA" in data["ops"]["cosine_attention"]["cpu"]
+
+
+def test_info_follows_the_backend_variable(monkeypatch):
+    monkeypatch.setenv("DTL_FAST_BACKEND", "fused")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dtl_fast.info()["ops"]["lstm"]["cpu"] == "Triton kernel (interpreter)"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in dtl_fast.info()["ops"]["cosine_attention"]["cpu"]
+    monkeypatch.setenv("DTL_FAST_BACKEND", "reference")
+    assert dtl_fast.info()["ops"]["gru"]["cpu"].startswith("eager reference")
+
+
+def test_public_api():
+    for name in ("LSTM", "GRU", "CosineAttention", "FeatureExchange", "DualModalAttention",
+                 "FramePool", "swap_modules"):
+        assert hasattr(dtl_fast.nn, name), name
+    for name in ("lstm", "gru", "cosine_attention", "frame_pool"):
+        assert callable(getattr(dtl_fast.ops, name)) and callable(getattr(dtl_fast.reference, name)), name
+    assert dtl_fast.swap_modules is dtl_fast.nn.swap_modules
 
 
 def test_cli_info_and_help():

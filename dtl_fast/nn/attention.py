@@ -1,0 +1,641 @@
+"""Cosine-similarity attention modules: CosineAttention (multi-head, drop-in for
+nn.MultiheadAttention with scaled cosine scores), FeatureExchange (gated cross-modal exchange
+between two token sequences) and DualModalAttention (the DAM stack of DTL), with DAMLayer, one
+level of that stack.
+
+All of them run dtl_fast.ops.cosine_attention for every attention product, so the backend
+("auto" | "fused" | "reference") picks the Triton kernel or the eager reference for the whole
+module.
+
+Conventions shared by the modules:
+- Layout: batch-first [B, N, C] (CosineAttention also takes batch_first=False: [N, B, C]).
+- CosineAttention.forward returns one tensor, not (output, weights) like
+  nn.MultiheadAttention: the fused kernel never forms the attention weights.
+- Backend: every module takes `backend=` (None: $DTL_FAST_BACKEND, read when the op runs, else
+  "auto"). Assigning `module.backend = "fused"` (or `module.set_backend("fused")`, which
+  returns the module) on any of these modules sets it on that module and on every dtl_fast
+  attention module inside it, so a whole DAM stack switches with one line.
+- Variable lengths: every forward takes lengths [B] (None, a list of ints, a NumPy integer
+  array or an integer tensor on the CPU or on the inputs' device), checked once per forward
+  (one host sync for lengths on a GPU; an asynchronous assert under torch.compile). Tokens
+  n >= lengths[b] are padding: they never influence valid tokens (no attention weight, left
+  out of every pooled summary), and the outputs of FeatureExchange / DualModalAttention are
+  zero there with zero gradient.
+- Bad arguments raise ValueError naming the argument and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtl_fast._backend import resolve_backend
+from dtl_fast.ops.cosine_attention import cosine_attention
+
+__all__ = ["CosineAttention", "DAMLayer", "DualModalAttention", "FeatureExchange"]
+
+MAX_HEAD_DIM = 128  # the fused kernel keeps one head row in registers / shared memory
+_INIT_LOGIT_SCALE = math.log(10.0)  # Swin Transformer V2's initial temperature
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+def _check_int(owner: str, name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if allow_none:
+            kind += " or None"
+        raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
+
+
+def _check_dropout(owner: str, dropout) -> None:
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{owner}: dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def _check_heads(owner: str, dim_name: str, dim: int, num_heads: int) -> int:
+    _check_int(owner, dim_name, dim)
+    _check_int(owner, "num_heads", num_heads)
+    if dim % num_heads != 0:
+        raise ValueError(f"{owner}: {dim_name} ({dim}) must be divisible by num_heads ({num_heads})")
+    head_dim = dim // num_heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"{owner}: head dim {dim_name} / num_heads = {dim} / {num_heads} = {head_dim} "
+                         f"exceeds {MAX_HEAD_DIM}; use more heads")
+    return head_dim
+
+
+def _check_tokens(owner: str, name: str, x, width: int, width_name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{owner}: {name} must be a torch.Tensor [B, N, {width_name}], got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{owner}: {name} must be a 3-D tensor [B, N, {width_name}], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{owner}: {name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] != width:
+        raise ValueError(f"{owner}: {name} must have last dimension {width_name} = {width}, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _check_same(owner: str, name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{owner}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{owner}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def _lengths(owner: str, name: str, lengths, x: torch.Tensor, N: int, x_name: str):
+    """None, or an int64 tensor [B] on x's device with every value checked to lie in [0, N].
+
+    The range check costs one host sync on a GPU; under torch.compile it becomes an
+    asynchronous assert inside the graph instead (no graph break).
+    """
+    if lengths is None:
+        return None
+    B = x.shape[0]
+    if isinstance(lengths, np.ndarray):
+        lengths = torch.from_numpy(lengths)
+    if not isinstance(lengths, torch.Tensor):
+        if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
+            raise ValueError(f"{owner}: {name} must be None, a list of ints or an integer tensor [B], "
+                             f"got {type(lengths).__name__}")
+        for v in lengths:
+            ok = (v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex
+                  and v.dtype != torch.bool) if isinstance(v, torch.Tensor) else (
+                isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)))
+            if not ok:
+                raise ValueError(f"{owner}: {name} must hold integers, got {v!r}")
+        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"{owner}: {name} must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"{owner}: {name} must have shape [B] = [{B}] ({x_name} has batch size {B}), "
+                         f"got {tuple(lengths.shape)}")
+    if lengths.device.type != "cpu" and lengths.device != x.device:
+        raise ValueError(f"{owner}: {name} must be on the CPU or on {x_name}'s device ({x.device}), "
+                         f"got {lengths.device}")
+    if B > 0:
+        if torch.compiler.is_compiling():
+            lengths = lengths.to(device=x.device, dtype=torch.int64)
+            torch._assert_async(((lengths >= 0) & (lengths <= N)).all(),
+                                f"{owner}: every {name}[b] must lie in [0, {N}]")
+        else:
+            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync, not two
+            if lo < 0 or hi > N:
+                raise ValueError(f"{owner}: every {name}[b] must lie in [0, N] = [0, {N}] "
+                                 f"(N = {x_name}.shape[1]), got values in [{lo}, {hi}]")
+    return lengths.to(device=x.device, dtype=torch.int64)
+
+
+def _valid_mask(lengths: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """[B, N, 1] bool, True on valid tokens; None when every token is valid."""
+    if lengths is None:
+        return None
+    return (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None]
+
+
+def _zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # torch.where, not a multiply: inf / NaN in padding must not leak as 0 * inf = NaN.
+    return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# --------------------------------------------------------------------------------------------
+# backend propagation
+# --------------------------------------------------------------------------------------------
+class _BackendMixin:
+    """`backend` property shared by the attention modules: reading gives this module's own
+    setting (None: $DTL_FAST_BACKEND / "auto" at call time); assigning validates the value and
+    sets it on this module and on every _BackendMixin module inside it."""
+
+    @property
+    def backend(self) -> str | None:
+        return self.__dict__.get("_backend")
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value is not None:
+            resolve_backend(value)
+        for m in self.modules():
+            if isinstance(m, _BackendMixin):
+                m.__dict__["_backend"] = value
+
+    def set_backend(self, backend: str | None):
+        """Sets `backend` on this module and every attention module inside it; returns self."""
+        self.backend = backend
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# CosineAttention
+# --------------------------------------------------------------------------------------------
+class CosineAttention(_BackendMixin, nn.Module):
+    r"""Multi-head scaled cosine attention (Swin Transformer V2), called like
+    nn.MultiheadAttention.
+
+    For head h with head dim d = embed_dim / num_heads:
+
+        q = query W_q + b_q,  k = key W_k + b_k,  v = value W_v + b_v      (split into heads)
+        s_ij = exp(min(tau_h, ln 100)) * <q_i, k_j> / (|q_i| |k_j|)
+        a_i  = softmax_j(s_ij) over the allowed keys j;  o_i = sum_j a_ij v_j
+        out  = concat_h(Dropout(o)) W_o + b_o
+
+    The allowed keys of query i are the keys j < key_lengths[b] with |i - j| <= window (all of
+    them when window is None), plus the num_memory learned memory slots, which every query may
+    always attend to. A query with no allowed key gets o_i = 0 (so out = b_o), never NaN.
+    tau (`logit_scale`, [num_heads]) is learned, initialised to ln 10.
+
+    Memory slots are per head and live after the projections: `memory_k` [H, M, d] and
+    `memory_v` [H, M, d] are parameters handed to the op as they are (keys of the slots are
+    compared by cosine, so only their direction matters).
+
+    Dropout: the fused kernel never materialises the attention weights, so there is no
+    attention-weight dropout as in nn.MultiheadAttention; `dropout` is applied to the attended
+    values o (per head, before the output projection), the same in every backend.
+
+    Args:
+        embed_dim: width of query and of the output.
+        num_heads: heads; embed_dim % num_heads == 0 and embed_dim / num_heads <= 128.
+        kdim, vdim: widths of key and value (default embed_dim).
+        window: None (global) or w >= 0: query i sees keys j with |i - j| <= w (positions in
+            the query and key sequences; meant for self-attention over frames).
+        num_memory: M >= 0 learned memory slots.
+        dropout: probability in [0, 1), see above.
+        bias: biases in the four projections.
+        batch_first: True (default, unlike nn.MultiheadAttention): tensors are [B, N, C];
+            False: [N, B, C].
+        backend: "auto" | "fused" | "reference" | None ($DTL_FAST_BACKEND, else "auto").
+        device, dtype: factory arguments for the parameters.
+
+    forward(query, key=None, value=None, key_lengths=None) -> Tensor:
+        query [B, Nq, embed_dim]; key [B, Nk, kdim] (default: query, i.e. self-attention);
+        value [B, Nk, vdim] (default: key); key_lengths None or [B] integers in [0, Nk]
+        (a list, NumPy array or integer tensor on the CPU or the inputs' device).
+        Returns one tensor [B, Nq, embed_dim] in the inputs' dtype (not a tuple: there are no
+        attention weights to return). float32 / float64 / float16 / bfloat16.
+        Rows of padded queries are computed like any other query; mask them downstream.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
+                 window: int | None = None, num_memory: int = 0, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = True, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        owner = type(self).__name__
+        self.head_dim = _check_heads(owner, "embed_dim", embed_dim, num_heads)
+        _check_int(owner, "kdim", kdim, allow_none=True)
+        _check_int(owner, "vdim", vdim, allow_none=True)
+        _check_int(owner, "window", window, minimum=0, allow_none=True)
+        _check_int(owner, "num_memory", num_memory, minimum=0)
+        _check_dropout(owner, dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
+        self.kdim = int(kdim) if kdim is not None else self.embed_dim
+        self.vdim = int(vdim) if vdim is not None else self.embed_dim
+        self.window = None if window is None else int(window)
+        self.num_memory = int(num_memory)
+        self.batch_first = bool(batch_first)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, self.embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, self.embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+        self.logit_scale = nn.Parameter(torch.empty(self.num_heads, **factory))
+        if self.num_memory > 0:
+            self.memory_k = nn.Parameter(torch.empty(self.num_heads, self.num_memory, self.head_dim, **factory))
+            self.memory_v = nn.Parameter(torch.empty(self.num_heads, self.num_memory, self.head_dim, **factory))
+        else:
+            self.register_parameter("memory_k", None)
+            self.register_parameter("memory_v", None)
+        self.dropout = nn.Dropout(dropout)
+        self.backend = backend
+        self._reset_own_parameters()
+
+    def _reset_own_parameters(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.fill_(_INIT_LOGIT_SCALE)
+            if self.memory_k is not None:
+                nn.init.normal_(self.memory_k)  # direction only (cosine)
+                # Small values: a fresh slot acts as a near-null "sink", not as noise.
+                nn.init.normal_(self.memory_v, std=0.02)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                key_lengths=None) -> torch.Tensor:
+        owner = type(self).__name__
+        key = query if key is None else key
+        value = key if value is None else value
+        _check_tokens(owner, "query", query, self.embed_dim, "embed_dim")
+        _check_tokens(owner, "key", key, self.kdim, "kdim")
+        _check_tokens(owner, "value", value, self.vdim, "vdim")
+        _check_same(owner, "key", key, "query", query)
+        _check_same(owner, "value", value, "query", query)
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+            raise ValueError(f"{owner}: query, key and value must have the same batch size, got "
+                             f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}")
+        if value.shape[1] != key.shape[1]:
+            raise ValueError(f"{owner}: key and value must have the same number of tokens, got "
+                             f"{key.shape[1]} and {value.shape[1]}")
+        key_lengths = _lengths(owner, "key_lengths", key_lengths, key, key.shape[1], "key")
+        out = self._attend(query, key, value, key_lengths)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _attend(self, query, key, value, key_lengths) -> torch.Tensor:
+        """forward without argument checks (batch-first inputs, key_lengths already a checked
+        int64 tensor or None); the DAM layers call this after checking their inputs once."""
+        B, Nq, _ = query.shape
+        H, d = self.num_heads, self.head_dim
+        # [B, N, H, d] -> [B, H, N, d] as a view: the op takes any strides.
+        q = self.q_proj(query).unflatten(-1, (H, d)).transpose(1, 2)
+        k = self.k_proj(key).unflatten(-1, (H, d)).transpose(1, 2)
+        v = self.v_proj(value).unflatten(-1, (H, d)).transpose(1, 2)
+        o = cosine_attention(q, k, v, self.logit_scale, key_lengths, self.window,
+                             self.memory_k, self.memory_v, backend=self.backend)
+        o = self.dropout(o.transpose(1, 2).reshape(B, Nq, self.embed_dim))
+        return self.out_proj(o)
+
+    def extra_repr(self) -> str:
+        s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            s += f", kdim={self.kdim}, vdim={self.vdim}"
+        if self.window is not None:
+            s += f", window={self.window}"
+        if self.num_memory:
+            s += f", num_memory={self.num_memory}"
+        if not self.batch_first:
+            s += ", batch_first=False"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class _MemoryReadout(_BackendMixin, nn.Module):
+    r"""Attention from each token to M learned slots only (the long-term memory of DAM):
+
+        q = x W_q + b_q (per head);  s_im = exp(min(tau_h, ln 100)) * cos(q_i, mk_m)
+        o_i = sum_m softmax_m(s_im) mv_m;  out = concat_h(Dropout(o)) W_o + b_o
+
+    mk [H, M, d], mv [H, M, d] are the slots. It runs the same op as CosineAttention with an
+    empty key sequence, so there are no key / value projections to learn.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_memory: int, dropout: float = 0.0, bias: bool = True,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.num_heads, self.num_memory = dim, num_heads, num_memory
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(dim, dim, bias=bias, **factory)
+        self.logit_scale = nn.Parameter(torch.full((num_heads,), _INIT_LOGIT_SCALE, **factory))
+        self.memory_k = nn.Parameter(torch.empty(num_heads, num_memory, self.head_dim, **factory))
+        self.memory_v = nn.Parameter(torch.empty(num_heads, num_memory, self.head_dim, **factory))
+        with torch.no_grad():
+            nn.init.normal_(self.memory_k)
+            nn.init.normal_(self.memory_v, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        q = self.q_proj(x).unflatten(-1, (H, d)).transpose(1, 2)
+        kv = q.new_zeros(B, H, 0, d)
+        o = cosine_attention(q, kv, kv, self.logit_scale, None, None, self.memory_k, self.memory_v,
+                             backend=self.backend)
+        o = self.dropout(o.transpose(1, 2).reshape(B, N, self.dim))
+        return self.out_proj(o)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, num_memory={self.num_memory}"
+
+
+# --------------------------------------------------------------------------------------------
+# FeatureExchange
+# --------------------------------------------------------------------------------------------
+class FeatureExchange(_BackendMixin, nn.Module):
+    r"""The feature-exchange strategy of DTL: two token sequences a and b, brought to a common
+    width `dim`, each take in what they find in the other by cosine attention, through a
+    learned per-token, per-channel gate.
+
+        a' = a P_a + p_a   (identity when dim_a == dim),   b' = b P_b + p_b   (likewise)
+        c_a = CosineAttention_ab(query=a', key=value=b', key_lengths=b_lengths)
+        c_b = CosineAttention_ba(query=b', key=value=a', key_lengths=a_lengths)
+        g_a = sigmoid([a', c_a] G_a + g_a0),   g_b = sigmoid([b', c_b] G_b + g_b0)   in (0, 1)^dim
+        a_out = a' + g_a * c_a,   b_out = b' + g_b * c_b
+
+    g = 0 keeps a token's own features, g = 1 adds everything it attended to in the other
+    modality. A token whose other modality is empty (length 0) gets c = out-projection bias.
+    Outputs are zero at padded positions (n >= a_lengths[b] / b_lengths[b]).
+
+    Args:
+        dim_a, dim_b: widths of a and b.
+        dim: common width; num_heads must divide it (head dim <= 128).
+        num_heads: heads of both cross attentions.
+        dropout: CosineAttention dropout (attended values).
+        bias: biases in the projections and gates.
+        backend, device, dtype: as in CosineAttention.
+
+    forward(a [B, Na, dim_a], b [B, Nb, dim_b], a_lengths=None, b_lengths=None,
+            return_gates=False) -> (a_out [B, Na, dim], b_out [B, Nb, dim])
+        (+ (g_a [B, Na, dim], g_b [B, Nb, dim]) as a third element when return_gates).
+        a and b: same batch size, dtype and device.
+    """
+
+    def __init__(self, dim_a: int, dim_b: int, dim: int, num_heads: int, dropout: float = 0.0,
+                 bias: bool = True, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        owner = type(self).__name__
+        _check_int(owner, "dim_a", dim_a)
+        _check_int(owner, "dim_b", dim_b)
+        _check_heads(owner, "dim", dim, num_heads)
+        _check_dropout(owner, dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.dim_a, self.dim_b, self.dim, self.num_heads = int(dim_a), int(dim_b), int(dim), int(num_heads)
+        self.proj_a = nn.Linear(dim_a, dim, bias=bias, **factory) if dim_a != dim else nn.Identity()
+        self.proj_b = nn.Linear(dim_b, dim, bias=bias, **factory) if dim_b != dim else nn.Identity()
+        self.attn_ab = CosineAttention(dim, num_heads, dropout=dropout, bias=bias, **factory)
+        self.attn_ba = CosineAttention(dim, num_heads, dropout=dropout, bias=bias, **factory)
+        self.gate_a = nn.Linear(2 * dim, dim, bias=bias, **factory)
+        self.gate_b = nn.Linear(2 * dim, dim, bias=bias, **factory)
+        self.backend = backend
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, a_lengths=None, b_lengths=None,
+                return_gates: bool = False):
+        owner = type(self).__name__
+        _check_tokens(owner, "a", a, self.dim_a, "dim_a")
+        _check_tokens(owner, "b", b, self.dim_b, "dim_b")
+        _check_same(owner, "b", b, "a", a)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"{owner}: a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
+        a_lengths = _lengths(owner, "a_lengths", a_lengths, a, a.shape[1], "a")
+        b_lengths = _lengths(owner, "b_lengths", b_lengths, b, b.shape[1], "b")
+        a_out, b_out, g_a, g_b = self._exchange(a, b, a_lengths, b_lengths)
+        return (a_out, b_out, (g_a, g_b)) if return_gates else (a_out, b_out)
+
+    def _exchange(self, a, b, a_lengths, b_lengths):
+        a, b = self.proj_a(a), self.proj_b(b)
+        c_a = self.attn_ab._attend(a, b, b, b_lengths)
+        c_b = self.attn_ba._attend(b, a, a, a_lengths)
+        g_a = torch.sigmoid(self.gate_a(torch.cat([a, c_a], dim=-1)))
+        g_b = torch.sigmoid(self.gate_b(torch.cat([b, c_b], dim=-1)))
+        mask_a, mask_b = _valid_mask(a_lengths, a), _valid_mask(b_lengths, b)
+        a_out = _zero_padding(a + g_a * c_a, mask_a)
+        b_out = _zero_padding(b + g_b * c_b, mask_b)
+        return a_out, b_out, g_a, g_b
+
+    def extra_repr(self) -> str:
+        return f"dim_a={self.dim_a}, dim_b={self.dim_b}, dim={self.dim}, num_heads={self.num_heads}"
+
+
+# --------------------------------------------------------------------------------------------
+# DAM
+# --------------------------------------------------------------------------------------------
+class _Composition(nn.Module):
+    r"""Composition attention: a per-token softmax over K branch outputs o_1..o_K [B, N, dim],
+
+        alpha = softmax_k([o_1, ..., o_K] W_c + b_c)     ([B, N, K]; input-dependent)
+        out   = sum_k alpha_k o_k
+    """
+
+    def __init__(self, dim: int, num_branches: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.num_branches = num_branches
+        self.score = nn.Linear(num_branches * dim, num_branches, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, branches: list[torch.Tensor], return_weights: bool = False):
+        alpha = torch.softmax(self.score(torch.cat(branches, dim=-1)), dim=-1)
+        out = (torch.stack(branches, dim=-1) * alpha.unsqueeze(-2)).sum(-1)
+        return (out, alpha) if return_weights else out
+
+
+class DAMLayer(_BackendMixin, nn.Module):
+    r"""One level of the DAM stack (see DualModalAttention). With x_i [B, Ni, dim] the image
+    tokens, x_v [B, Nv, dim] the video tokens, L_i / L_v their lengths:
+
+        h_i = LN_i(x_i),  h_v = LN_v(x_v)                                  (pre-norm)
+        inter:       e_i = CA_iv(h_i, h_v; L_v)            e_v = CA_vi(h_v, h_i; L_i)
+        intra:       a_i = CA_ii(h_i, h_i; L_i)            a_v = CA_vv(h_v, h_v; L_v)
+        short-term:                                        s_v = CA_st(h_v, h_v; L_v, |t - t'| <= window)
+        long-term:   m_i = MEM(h_i)                        m_v = MEM(h_v)
+                     (MEM: attention to num_memory learned slots only, shared by both modalities)
+        composition: c_i = Comp_i(e_i, a_i, m_i)           c_v = Comp_v(e_v, a_v, s_v, m_v)
+        x_i <- x_i + Dropout(c_i),                         x_v <- x_v + Dropout(c_v)
+        x   <- x + MLP(LN'(x))  per modality, when mlp_ratio > 0 (MLP: Linear, GELU, Linear)
+
+    The short-term branch exists when window is not None, the long-term branch when
+    num_memory > 0. CA are CosineAttention modules; Comp is the composition attention
+    alpha = softmax_k([o_1..o_K] W_c + b_c), c = sum_k alpha_k o_k per token.
+
+    forward(x_i, x_v, L_i, L_v) with L_* None or checked int64 tensors [B] on the inputs'
+    device (use DualModalAttention for checked, user-facing input) -> (x_i, x_v).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int | None = None, num_memory: int = 0,
+                 mlp_ratio: float = 2.0, dropout: float = 0.0, bias: bool = True, backend: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        owner = type(self).__name__
+        _check_heads(owner, "dim", dim, num_heads)
+        _check_int(owner, "window", window, minimum=0, allow_none=True)
+        _check_int(owner, "num_memory", num_memory, minimum=0)
+        _check_dropout(owner, dropout)
+        if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool) or mlp_ratio < 0:
+            raise ValueError(f"{owner}: mlp_ratio must be a number >= 0, got {mlp_ratio!r}")
+        factory = {"device": device, "dtype": dtype}
+        attn = {"dropout": dropout, "bias": bias, **factory}
+        self.window, self.num_memory = window, num_memory
+        self.norm_i = nn.LayerNorm(dim, **factory)
+        self.norm_v = nn.LayerNorm(dim, **factory)
+        self.inter_iv = CosineAttention(dim, num_heads, **attn)
+        self.inter_vi = CosineAttention(dim, num_heads, **attn)
+        self.intra_i = CosineAttention(dim, num_heads, **attn)
+        self.intra_v = CosineAttention(dim, num_heads, **attn)
+        self.short_term = CosineAttention(dim, num_heads, window=window, **attn) if window is not None else None
+        self.long_term = _MemoryReadout(dim, num_heads, num_memory, **attn) if num_memory > 0 else None
+        n_i = 2 + (num_memory > 0)
+        n_v = 2 + (window is not None) + (num_memory > 0)
+        self.compose_i = _Composition(dim, n_i, bias=bias, **factory)
+        self.compose_v = _Composition(dim, n_v, bias=bias, **factory)
+        self.drop = nn.Dropout(dropout)
+        hidden = round(mlp_ratio * dim)
+        if hidden > 0:
+            self.mlp_norm_i = nn.LayerNorm(dim, **factory)
+            self.mlp_norm_v = nn.LayerNorm(dim, **factory)
+
+            def mlp():
+                return nn.Sequential(nn.Linear(dim, hidden, bias=bias, **factory), nn.GELU(),
+                                     nn.Dropout(dropout), nn.Linear(hidden, dim, bias=bias, **factory))
+
+            self.mlp_i, self.mlp_v = mlp(), mlp()
+        else:
+            self.mlp_i = self.mlp_v = None
+        self.backend = backend
+
+    def branches(self, x_i, x_v, L_i, L_v):
+        """The branch outputs before composition: (image list, video list), in the order of
+        the equations (inter, intra[, short-term][, long-term])."""
+        h_i, h_v = self.norm_i(x_i), self.norm_v(x_v)
+        b_i = [self.inter_iv._attend(h_i, h_v, h_v, L_v), self.intra_i._attend(h_i, h_i, h_i, L_i)]
+        b_v = [self.inter_vi._attend(h_v, h_i, h_i, L_i), self.intra_v._attend(h_v, h_v, h_v, L_v)]
+        if self.short_term is not None:
+            b_v.append(self.short_term._attend(h_v, h_v, h_v, L_v))
+        if self.long_term is not None:
+            b_i.append(self.long_term(h_i))
+            b_v.append(self.long_term(h_v))
+        return b_i, b_v
+
+    def forward(self, x_i, x_v, L_i=None, L_v=None):
+        b_i, b_v = self.branches(x_i, x_v, L_i, L_v)
+        x_i = x_i + self.drop(self.compose_i(b_i))
+        x_v = x_v + self.drop(self.compose_v(b_v))
+        if self.mlp_i is not None:
+            x_i = x_i + self.drop(self.mlp_i(self.mlp_norm_i(x_i)))
+            x_v = x_v + self.drop(self.mlp_v(self.mlp_norm_v(x_v)))
+        return x_i, x_v
+
+
+class DualModalAttention(_BackendMixin, nn.Module):
+    r"""The DAM stack of DTL: num_layers DAMLayer levels (inter, intra, composition,
+    short-term and long-term memory attention; see DAMLayer for each equation) over image
+    tokens x_i [B, Ni, dim] and video tokens x_v [B, Nv, dim], with a hierarchical summary:
+
+        (x_i^l, x_v^l) = DAMLayer_l(x_i^{l-1}, x_v^{l-1}),   l = 1..num_layers
+        s_l = (sum_{n < L_i} x_i^l[n] + sum_{n < L_v} x_v^l[n]) / max(L_i + L_v, 1)
+                                            (masked mean over the valid tokens of both modalities)
+        summary   = LN_s(sum_l softmax(beta)_l s_l)      (beta [num_layers] learned, init 0)
+        image_out = LN_i(x_i^L),  video_out = LN_v(x_v^L),  zero at padded positions
+
+    A sample with no valid token in one modality (length 0) is fine: the other modality's
+    cross attention to it gives zeros and the summary averages the other modality; with both
+    empty the summary is LN_s(0) = LN_s's bias. Never NaN.
+
+    Args:
+        dim: token width of both modalities (bring them there first, e.g. with FeatureExchange).
+        num_heads: heads of every attention; dim % num_heads == 0, dim / num_heads <= 128.
+        num_layers: levels >= 1.
+        window: w >= 0, the short-term memory: each video frame attends to frames within w
+            steps; None drops the short-term branch.
+        num_memory: M >= 0 learned long-term memory slots; 0 drops the long-term branch.
+        mlp_ratio: hidden width of the per-layer MLP in units of dim; 0 drops the MLP.
+        dropout: on the attended values, the residual branches and the MLP hidden layer.
+        bias: biases in every linear map.
+        backend: "auto" | "fused" | "reference" | None; assign `.backend` later to switch the
+            whole stack.
+        device, dtype: factory arguments.
+
+    forward(image_tokens [B, Ni, dim], video_tokens [B, Nv, dim], image_lengths=None,
+            video_lengths=None) -> (image_out [B, Ni, dim], video_out [B, Nv, dim], summary [B, dim]).
+        Lengths: None or [B] integers in [0, Ni] / [0, Nv] (list, NumPy or integer tensor on
+        the CPU or the inputs' device). Inputs share dtype and device; float32 / float64 /
+        float16 / bfloat16.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_layers: int = 2, window: int | None = 2,
+                 num_memory: int = 0, mlp_ratio: float = 2.0, dropout: float = 0.0, bias: bool = True,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        owner = type(self).__name__
+        _check_heads(owner, "dim", dim, num_heads)
+        _check_int(owner, "num_layers", num_layers)
+        _check_int(owner, "window", window, minimum=0, allow_none=True)
+        _check_int(owner, "num_memory", num_memory, minimum=0)
+        _check_dropout(owner, dropout)
+        if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool) or mlp_ratio < 0:
+            raise ValueError(f"{owner}: mlp_ratio must be a number >= 0, got {mlp_ratio!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.num_heads, self.num_layers = int(dim), int(num_heads), int(num_layers)
+        self.window = None if window is None else int(window)
+        self.num_memory = int(num_memory)
+        self.layers = nn.ModuleList(
+            DAMLayer(self.dim, self.num_heads, self.window, self.num_memory, mlp_ratio, dropout, bias, **factory)
+            for _ in range(self.num_layers))
+        self.level_logits = nn.Parameter(torch.zeros(self.num_layers, **factory))
+        self.norm_i = nn.LayerNorm(self.dim, **factory)
+        self.norm_v = nn.LayerNorm(self.dim, **factory)
+        self.norm_summary = nn.LayerNorm(self.dim, **factory)
+        self.backend = backend
+
+    def forward(self, image_tokens: torch.Tensor, video_tokens: torch.Tensor, image_lengths=None,
+                video_lengths=None):
+        owner = type(self).__name__
+        x_i, x_v = image_tokens, video_tokens
+        _check_tokens(owner, "image_tokens", x_i, self.dim, "dim")
+        _check_tokens(owner, "video_tokens", x_v, self.dim, "dim")
+        _check_same(owner, "video_tokens", x_v, "image_tokens", x_i)
+        if x_i.shape[0] != x_v.shape[0]:
+            raise ValueError(f"{owner}: image_tokens and video_tokens must have the same batch size, "
+                             f"got {x_i.shape[0]} and {x_v.shape[0]}")
+        L_i = _lengths(owner, "image_lengths", image_lengths, x_i, x_i.shape[1], "image_tokens")
+        L_v = _lengths(owner, "video_lengths", video_lengths, x_v, x_v.shape[1], "video_tokens")
+        mask_i, mask_v = _valid_mask(L_i, x_i), _valid_mask(L_v, x_v)
+        B, Ni, Nv = x_i.shape[0], x_i.shape[1], x_v.shape[1]
+        # Half inputs are pooled in float32 (the counts, too, are not exact in bfloat16).
+        acc = torch.float32 if x_i.dtype in (torch.float16, torch.bfloat16) else x_i.dtype
+        if L_i is None and L_v is None:
+            count = torch.full((B, 1), max(Ni + Nv, 1), dtype=acc, device=x_i.device)
+        else:
+            n_i = L_i if L_i is not None else torch.full((B,), Ni, dtype=torch.int64, device=x_i.device)
+            n_v = L_v if L_v is not None else torch.full((B,), Nv, dtype=torch.int64, device=x_i.device)
+            count = (n_i + n_v).clamp(min=1).to(acc)[:, None]
+        weights = torch.softmax(self.level_logits.to(acc), dim=0)
+        summary = None
+        for level, layer in enumerate(self.layers):
+            x_i, x_v = layer(x_i, x_v, L_i, L_v)
+            total = (_zero_padding(x_i, mask_i).sum(1, dtype=acc)
+                     + _zero_padding(x_v, mask_v).sum(1, dtype=acc))
+            s = weights[level] * (total / count)
+            summary = s if summary is None else summary + s
+        image_out = _zero_padding(self.norm_i(x_i), mask_i)
+        video_out = _zero_padding(self.norm_v(x_v), mask_v)
+        return image_out, video_out, self.norm_summary(summary.to(x_i.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, num_layers={self.num_layers}, "
+                f"window={self.window}, num_memory={self.num_memory}")

@@ -1,0 +1,414 @@
+"""LSTM and GRU: drop-in replacements for torch.nn.LSTM / torch.nn.GRU backed by dtl_fast's
+recurrence ops (Triton kernels on CUDA, PyTorch's native kernels on CPU, or the eager loop).
+
+Why these derive from nn.Module and not from torch.nn.LSTM / GRU: torch.compile refuses any
+module that is an instance of torch.nn.RNN / GRU / LSTM ("Dynamo does not support RNN, GRU, or
+LSTM", a graph break unless torch._dynamo.config.allow_rnn is set), so a subclass could never be
+compiled with fullgraph=True, which is one of the reasons to use the fused kernels at all. A
+subclass would also call cuDNN from flatten_parameters() whenever it is moved to a GPU. What a
+subclass would have given for free is rebuilt here: the same constructor, attributes, parameter
+names, shapes, registration order and initialisation, so state_dicts load both ways (strict),
+and the same forward contract, PackedSequence included. `isinstance(m, torch.nn.LSTM)` is False
+for these modules; code that needs to tell them apart can test for `dtl_fast.nn.LSTM`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from dtl_fast._backend import resolve_backend
+
+# The recurrence ops are imported when first called, so `import dtl_fast` keeps working (and
+# these modules can still be built, loaded and swapped in) even when the op layer cannot load.
+_OPS = None
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        from dtl_fast.ops import rnn as ops_rnn
+        _OPS = ops_rnn
+    return _OPS
+
+
+class _RNNBase(nn.Module):
+    """What LSTM and GRU share: torch.nn.RNNBase's constructor checks, parameters, extra_repr,
+    and a forward that handles unbatched input and PackedSequence around the functional op."""
+
+    __constants__ = ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                     "dropout", "bidirectional", "proj_size")
+
+    mode: str
+    _GATES: int
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        super().__init__()
+        # Same checks, order, exception types and messages as torch.nn.RNNBase.__init__.
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if not isinstance(bidirectional, bool):
+            raise TypeError(
+                f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
+
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = 0
+        self.backend = backend
+
+        factory_kwargs = {"device": device, "dtype": dtype}
+        gate_size = self._GATES * hidden_size
+        num_directions = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input_size = input_size if layer == 0 else hidden_size * num_directions
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [("weight_ih", (gate_size, layer_input_size)),
+                          ("weight_hh", (gate_size, hidden_size))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                names = []
+                for stem, shape in shapes:
+                    name = f"{stem}_l{layer}{suffix}"
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # -- attributes torch.nn.RNNBase has ------------------------------------------------------
+
+    @property
+    def backend(self) -> str | None:
+        """The backend: "auto" | "fused" | "reference", or None for $DTL_FAST_BACKEND (else
+        "auto") read at each call. Settable; a bad value raises ValueError at assignment."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value is not None:
+            resolve_backend(value)  # a typo fails here, not at the first forward
+        # object.__setattr__: nn.Module.__setattr__ would look the name up in its dicts first.
+        object.__setattr__(self, "_backend", value)
+
+    @property
+    def _flat_weights(self) -> list[torch.Tensor]:
+        """The weights in torch's _flat_weights order, read afresh at every call so that
+        .to(), load_state_dict(assign=True) and torch.func.functional_call are always seen."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for API compatibility: the weights are never packed into cuDNN's
+        flat buffer (cuDNN is not used)."""
+
+    def reset_parameters(self) -> None:
+        """uniform(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every weight and bias, as torch."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        s = s.format(**self.__dict__)
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+    # -- conversion ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, *, backend: str | None = None):
+        """A dtl_fast module with `module`'s configuration, Parameters, device, dtype and
+        train/eval mode.
+
+        The Parameters are shared, not copied: the new module holds the very same
+        nn.Parameter objects, so an optimizer built on the old module keeps updating the new
+        one, tied weights stay tied, and no memory is duplicated. Hooks and other attributes of
+        `module` are not carried over (swap_modules does that).
+
+        Args:
+            module: a torch.nn.LSTM for LSTM.from_torch, a torch.nn.GRU for GRU.from_torch
+                (subclasses and dtl_fast's own modules of the same kind are accepted too).
+            backend: the new module's backend (see the class docstring).
+
+        Raises:
+            TypeError: `module` is not an LSTM (GRU), or one of its weights is not a plain
+                Parameter (e.g. under torch.nn.utils.parametrize or weight_norm).
+            NotImplementedError: an LSTM with proj_size > 0.
+        """
+        torch_cls = getattr(nn, cls.mode)
+        if not isinstance(module, (torch_cls, cls)):
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls.mode}, got "
+                            f"{type(module).__module__}.{type(module).__qualname__}")
+        if getattr(module, "proj_size", 0) > 0:
+            raise NotImplementedError(
+                f"dtl_fast.nn.{cls.__name__} does not support proj_size > 0 (LSTM with "
+                f"projections), got proj_size={module.proj_size}")
+        with warnings.catch_warnings():
+            # The dropout-with-one-layer warning was already given when `module` was built.
+            warnings.simplefilter("ignore", UserWarning)
+            new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                      module.batch_first, module.dropout, module.bidirectional,
+                      device="meta", backend=backend)
+        for name in new._flat_weights_names:
+            param = module._parameters.get(name)
+            if not isinstance(param, nn.Parameter):
+                raise TypeError(
+                    f"{cls.__name__}.from_torch: {name} of the given {cls.mode} is not a plain "
+                    f"nn.Parameter (found {type(getattr(module, name, None)).__name__}); modules "
+                    "under torch.nn.utils.parametrize or weight_norm cannot be converted")
+            expected = tuple(getattr(new, name).shape)
+            if tuple(param.shape) != expected:
+                raise TypeError(f"{cls.__name__}.from_torch: {name} has shape {tuple(param.shape)}, "
+                                f"expected {expected} for this configuration")
+            setattr(new, name, param)
+        new.train(module.training)
+        return new
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _check_hx_dims(self, hx, batched: bool):
+        raise NotImplementedError
+
+    def _run_op(self, x, hx, lengths, batch_first):
+        raise NotImplementedError
+
+    def forward(self, input, hx=None, *, lengths=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError(f"{self.mode}: lengths= is for padded input; a PackedSequence "
+                                 "carries its own lengths")
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if data.dim() != 2:
+                raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
+            self._check_dtype(data)
+            hx = self._check_hx_dims(hx, batched=True)
+            if resolve_backend(self.backend) == "auto" and data.device.type != "cuda":
+                return self._packed_native(input, hx)
+            # Padded in the caller's batch order, like hx and h_n, so neither needs permuting.
+            x, lengths = pad_packed_sequence(input)
+            output, hidden = self._run_op(x, hx, lengths, batch_first=False)
+            if sorted_indices is not None:
+                output = output.index_select(1, sorted_indices)
+                lengths = lengths.index_select(0, sorted_indices.cpu())
+            data_out = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+            return PackedSequence(data_out, batch_sizes, sorted_indices, unsorted_indices), hidden
+
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{self.mode}: input must be a Tensor or a PackedSequence, got "
+                            f"{type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        self._check_dtype(input)
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+            if isinstance(lengths, numbers.Integral) or (
+                    isinstance(lengths, torch.Tensor) and lengths.dim() == 0):
+                lengths = lengths.reshape(1) if isinstance(lengths, torch.Tensor) else [int(lengths)]
+        hx = self._check_hx_dims(hx, batched)
+        output, hidden = self._run_op(input, hx, lengths, batch_first=self.batch_first)
+        if not batched:
+            output = output.squeeze(batch_dim)
+            hidden = (tuple(h.squeeze(1) for h in hidden) if isinstance(hidden, tuple)
+                      else hidden.squeeze(1))
+        return output, hidden
+
+    def _packed_native(self, input: PackedSequence, hx):
+        """PyTorch's own packed-sequence RNN kernel, the call torch.nn.LSTM / GRU make: on the
+        CPU ("auto") a PackedSequence goes straight in, without the pad / pack round trip."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if data.size(-1) != self.input_size:
+            raise RuntimeError("input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {data.size(-1)}")
+        D = 2 if self.bidirectional else 1
+        expected = (self.num_layers * D, int(batch_sizes[0]), self.hidden_size)
+        if hx is None:
+            zeros = data.new_zeros(expected)
+            hs = (zeros, zeros) if self.mode == "LSTM" else (zeros,)
+        else:
+            hs = hx if isinstance(hx, tuple) else (hx,)
+            names = ("hidden[0]", "hidden[1]") if self.mode == "LSTM" else ("hidden",)
+            for h, name in zip(hs, names):
+                if tuple(h.shape) != expected:
+                    raise RuntimeError(f"Expected {name} size {expected}, got {list(h.shape)}")
+            if sorted_indices is not None:
+                hs = tuple(h.index_select(1, sorted_indices) for h in hs)
+        fn = torch.lstm if self.mode == "LSTM" else torch.gru
+        out, *state = fn(data, batch_sizes, hs if self.mode == "LSTM" else hs[0],
+                         self._flat_weights, self.bias, self.num_layers, self.dropout,
+                         self.training, self.bidirectional)
+        if unsorted_indices is not None:
+            state = [h.index_select(1, unsorted_indices) for h in state]
+        hidden = (state[0], state[1]) if self.mode == "LSTM" else state[0]
+        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), hidden
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert "
+                f"input: input.to({w.dtype}), or convert model: model.to({x.dtype})")
+
+    def _op_kwargs(self, lengths, batch_first):
+        return {"lengths": lengths, "num_layers": self.num_layers,
+                "bidirectional": self.bidirectional, "batch_first": batch_first,
+                "dropout": self.dropout, "training": self.training, "has_bias": self.bias,
+                "backend": self.backend}
+
+
+class LSTM(_RNNBase):
+    """Drop-in torch.nn.LSTM (gates i, f, g, o; same equations, parameters and state_dict).
+
+    LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+         bidirectional=False, proj_size=0, device=None, dtype=None, *, backend=None)
+
+    backend: "auto" | "fused" | "reference", or None to read $DTL_FAST_BACKEND (else "auto")
+    at each call; settable after construction (`lstm.backend = "fused"`). "auto" runs the
+    Triton kernels on CUDA tensors and PyTorch's native kernels on CPU tensors. proj_size > 0
+    raises NotImplementedError.
+
+    forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n)):
+        input: [T, B, input_size] ([B, T, input_size] if batch_first), [T, input_size]
+            (unbatched), or a PackedSequence; float32 / float64 / float16 / bfloat16, the
+            weights' dtype (any under torch.autocast).
+        hx: None (zeros) or (h_0, c_0), each [num_layers * D, B, hidden_size] ([num_layers * D,
+            hidden_size] unbatched), in the caller's batch order also for a PackedSequence;
+            D = 2 if bidirectional else 1.
+        lengths: padded input only: None (all T steps) or B ints in [1, T] (list or integer
+            tensor). Steps t >= lengths[b] are not read; their output is zero, and the reverse
+            direction starts at each sequence's last valid step.
+        output: [T, B, D * hidden_size] in the input's layout (squeezed when unbatched), or a
+            PackedSequence with the input's batch_sizes, sorted_indices and unsorted_indices.
+        h_n, c_n: [num_layers * D, B, hidden_size], from each sequence's last valid step, in
+            the caller's batch order.
+    Dropout (between layers) follows self.training.
+    """
+
+    mode = "LSTM"
+    _GATES = 4
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str | None = None) -> None:
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size > 0:
+            raise NotImplementedError(
+                f"dtl_fast.nn.LSTM does not support proj_size > 0 (LSTM with projections), got "
+                f"proj_size={proj_size}; use torch.nn.LSTM for it")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend=backend)
+
+    def _check_hx_dims(self, hx, batched):
+        if hx is None:
+            return None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(
+                isinstance(h, torch.Tensor) for h in hx):
+            raise TypeError("LSTM: hx must be None or a tuple (h_0, c_0) of two tensors, got "
+                            f"{type(hx).__name__}")
+        if batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
+            raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        if not batched:
+            if hx[0].dim() != 2 or hx[1].dim() != 2:
+                raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            return (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        return (hx[0], hx[1])
+
+    def _run_op(self, x, hx, lengths, batch_first):
+        if hx is not None:
+            hx = (hx[0], hx[1])
+        return _ops().lstm(x, hx, self._flat_weights, **self._op_kwargs(lengths, batch_first))
+
+
+class GRU(_RNNBase):
+    """Drop-in torch.nn.GRU (PyTorch's equations, n = tanh(W_in x + b_in + r * (W_hn h + b_hn));
+    same parameters and state_dict).
+
+    GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+        bidirectional=False, device=None, dtype=None, *, backend=None)
+
+    forward(input, hx=None, *, lengths=None) -> (output, h_n): as dtl_fast.nn.LSTM, with hx
+    None or h_0 [num_layers * D, B, hidden_size] ([num_layers * D, hidden_size] unbatched).
+    """
+
+    mode = "GRU"
+    _GATES = 3
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend=backend)
+
+    def _check_hx_dims(self, hx, batched):
+        if hx is None:
+            return None
+        if not isinstance(hx, torch.Tensor):
+            raise TypeError(f"GRU: hx must be None or a tensor h_0, got {type(hx).__name__}")
+        if batched and hx.dim() != 3:
+            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+        if not batched:
+            if hx.dim() != 2:
+                raise RuntimeError(
+                    f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+            return hx.unsqueeze(1)
+        return hx
+
+    def _run_op(self, x, hx, lengths, batch_first):
+        return _ops().gru(x, hx, self._flat_weights, **self._op_kwargs(lengths, batch_first))

@@ -1,0 +1,197 @@
+"""The RNN and attention benchmark modules run end to end on tiny CPU shapes (gate, timing, CSV,
+acceptance), and their correctness gate stops a provider that computes the wrong thing."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_cosine_attention as BA  # noqa: E402
+import bench_rnn as BR  # noqa: E402
+import harness as H  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: a second thread only adds wake-up latency (and stalls on a busy machine);
+    # the thread count is restored for the tests that run after these
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _args(tmp_path, **kw):
+    a = argparse.Namespace(device="cpu", quick=True, out=str(tmp_path), no_plot=True,
+                           time_budget=None, cold_cache=False, threads=1, run_id="smoke",
+                           standin=False, tiny=True)
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def _statuses(rows, provider):
+    return [r["status"] for r in rows if r["provider"] == provider]
+
+
+# each tiny case runs once in one of the two tests (LSTM here, GRU below; attention: key padding
+# and window + memory here, the plain case below), so both stay a few seconds
+@pytest.mark.parametrize("mod,cases", [
+    (BR, [c for c in BR.CPU_TINY if c.cell == "lstm"]),
+    (BA, [c for c in BA.CPU_TINY if c.variant != "plain"]),
+], ids=["rnn", "cosine_attention"])
+def test_bench_runs_and_gates_pass(mod, cases, tmp_path):
+    assert cases
+    rows = mod.run(_args(tmp_path, cases=cases))
+    assert rows, "no rows"
+    bad = [(r["provider"], r["mode"], r["status"]) for r in rows
+           if not r["status"].startswith(("ok", "skipped"))]
+    assert not bad, bad
+    for prov in (mod.BASELINE, "reference", "dtl_fast"):
+        st = _statuses(rows, prov)
+        assert st and all(s == "ok" for s in st), (prov, st)
+    # the fused kernels on CPU are never timed, and say so
+    assert all(s.startswith("skipped") for s in _statuses(rows, "dtl_fast:fused"))
+    # rows reach the CSV with the environment stamp
+    on_disk = H.read_rows(Path(tmp_path) / f"{mod.KERNEL}.csv")
+    assert len(on_disk) == len(rows) and on_disk[0]["device_name"] and on_disk[0]["torch"]
+    figs = mod.acceptance(on_disk, "cpu")
+    assert figs and all(f.get("number") is not None for f in figs), figs
+    # GPU figures from CPU rows: every one says unmeasured, none passes
+    gfigs = mod.acceptance(on_disk, "cuda")
+    assert gfigs and not any(f["passed"] for f in gfigs)
+    assert all("unmeasured" in f["value"] for f in gfigs), gfigs
+
+
+def _wrong_rnn(cell):
+    def fn(x, hx, weights, **kw):
+        out, state = BR._standin_native(cell, x, hx, weights, **kw)
+        return out * 1.01, state  # 1 % off: far outside float32's tolerance
+    return fn
+
+
+def _wrong_attention(q, k, v, ls, kl=None, w=None, mk=None, mv=None, backend=None):
+    return BA._standin_composite(q, k.flip(2), v, ls, kl, w, mk, mv)  # keys in the wrong order
+
+
+@pytest.mark.parametrize("mod,override,cases", [
+    (BR, {c: _wrong_rnn(c) for c in ("lstm", "gru")}, [c for c in BR.CPU_TINY if c.cell == "gru"]),
+    (BA, _wrong_attention, [c for c in BA.CPU_TINY if c.variant == "plain"]),
+], ids=["rnn", "cosine_attention"])
+def test_gate_stops_a_wrong_provider(mod, override, cases, tmp_path):
+    assert len(cases) == 1
+    rows = mod.run(_args(tmp_path, standin=True, fused_override=override, cases=cases))
+    st = _statuses(rows, "dtl_fast")
+    assert len(st) == 2 and all(s.startswith("gate-failed") for s in st), st
+    assert all(r["median_ms"] == "" for r in rows if r["provider"] == "dtl_fast")
+    # the baseline and the reference still pass and are timed
+    assert all(s == "ok" for s in _statuses(rows, mod.BASELINE))
+    # a red gate never passes a figure
+    base = {"kernel": mod.KERNEL}
+    figs = mod.acceptance([dict(r, **base) for r in rows], "cpu")
+    assert figs and not any(f["passed"] for f in figs)
+
+
+# ---- acceptance on synthetic CUDA rows: a truncated grid never PASSes a figure -----------------
+
+_FAKE_GPU = dict(device="cuda", device_name="fake GPU", torch="t", triton="t", cuda="c",
+                 git_rev="test")
+
+
+def _gpu_rows(mod, cases, ratio, x_eager):
+    """dtl_fast rows with the given ratio (and x_eager) for every case and mode."""
+    rows = []
+    for variant, shape, dtype in cases:
+        for mode in mod.MODES:
+            rows.append(H.make_row(kernel=mod.KERNEL, provider="dtl_fast", mode=mode,
+                                   variant=variant, shape=shape, dtype=dtype, stamp=_FAKE_GPU,
+                                   timing=(1.0, 0.99, 1.01), baseline=mod.BASELINE,
+                                   baseline_ms=ratio, extra={"x_eager": x_eager}, run_id="g"))
+    return rows
+
+
+def _not_run_rows(mod, cases):
+    return [H.make_row(kernel=mod.KERNEL, provider="(all)", mode=mode, variant=v, shape=s,
+                       dtype=d, stamp=_FAKE_GPU, timing=None, baseline=mod.BASELINE,
+                       baseline_ms=None, run_id="g",
+                       status="skipped: time budget spent before this case")
+            for v, s, d in cases for mode in mod.MODES]
+
+
+_RNN_CASES = [("lstm-bi", "16x128x256", "bfloat16"), ("gru-bi", "16x128x256", "bfloat16")]
+_RNN_CUT = [("lstm-uni", "64x128x256", "float32"), ("gru-bi", "128x512x1024", "bfloat16")]
+_ATT_CASES = [("pad", "64x4x16x32", "bfloat16"), ("pad", "4x16x1024x64", "bfloat16"),
+              ("plain", "4x16x2048x64", "bfloat16")]
+_ATT_CUT = [("plain", "64x8x32x64", "float32"), ("pad", "4x16x4096x128", "float16")]
+
+
+@pytest.mark.parametrize("mod,cases,cut", [(BR, _RNN_CASES, _RNN_CUT), (BA, _ATT_CASES, _ATT_CUT)],
+                         ids=["rnn", "cosine_attention"])
+def test_gpu_acceptance_truncated_grid_fails(mod, cases, cut):
+    full = _gpu_rows(mod, cases, ratio=50.0, x_eager=100.0)  # far above every target
+    figs = mod.acceptance(full, "cuda")
+    assert figs and all(f["passed"] for f in figs), [(f["name"], f["value"]) for f in figs]
+    figs = mod.acceptance(full + _not_run_rows(mod, cut), "cuda")
+    by_name = {f["name"]: f for f in figs}
+    every = [f for n, f in by_name.items() if "everywhere" in n or "DTL-sized" in n
+             or "long (N>=1k)" in n or "key padding" in n]
+    assert every
+    for f in every:
+        assert not f["passed"] and "not run" in f["value"], f
+        assert f.get("incomplete")
+    # run.py's median over repeated runs keeps an incomplete figure failed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import run as RUN
+
+    folded = RUN._median_over_runs([figs, mod.acceptance(full, "cuda")])
+    for f in folded:
+        if f["name"] in {e["name"] for e in every}:
+            assert not f["passed"], f
+
+
+def test_frame_pool_acceptance_counts_cut_cases():
+    import bench_frame_pool as BP
+
+    rows = [H.make_row(kernel=BP.KERNEL, provider="(all)", mode="forward", variant="mean",
+                       shape="256x256x1024", dtype="float32", stamp=_FAKE_GPU, timing=None,
+                       baseline=BP.BASELINE, baseline_ms=None, run_id="g",
+                       status="skipped: time budget spent before this case")]
+    figs = BP.acceptance(rows, "cuda")
+    assert figs and not any(f["passed"] for f in figs)
+    assert any("not run" in f["value"] for f in figs), figs
+
+
+@pytest.mark.parametrize("mod", [BR, BA], ids=["rnn", "cosine_attention"])
+def test_time_budget_zero_runs_nothing_and_says_so(mod, tmp_path):
+    rows = mod.run(_args(tmp_path, time_budget=0.0))
+    assert rows and all(r["provider"] == "(all)" for r in rows)
+    assert all(r["status"].startswith("skipped: time budget") for r in rows)
+    figs = mod.acceptance(rows, "cpu")
+    assert figs and not any(f["passed"] for f in figs)
+    assert any("not run" in f["value"] for f in figs), figs
+
+
+def test_run_py_time_budget_zero(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import run as RUN
+
+    rc = RUN.main(["--device", "cpu", "--quick", "--only", "bench_rnn", "--time-budget", "0",
+                   "--out", str(tmp_path), "--no-plot", "--no-summary-file", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "time budget spent: bench_rnn skipped" in out
+    assert not list(Path(tmp_path).glob("summary_*.txt"))  # --no-summary-file
+
+
+def test_gpu_check_script_parses():
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    res = subprocess.run([bash, "-n", str(script)], check=False, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,412 @@
+"""LSTM / GRU ops: the eager reference against torch.nn.LSTM / GRU, the fused Triton kernels
+(interpreter on CPU) and the native `auto` path against the reference, every gradient,
+dropout, autocast, torch.library / torch.compile integration and bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dtl_fast.ops import rnn as ops
+from dtl_fast.reference import rnn as ref
+
+from _helpers import HAS_CUDA, REL_TOL, assert_rel_close
+
+F32_TOL = 1e-5  # float32 against the float64 reference (issue 3)
+MODES = ["LSTM", "GRU"]
+
+
+def make_case(mode, T, B, I, H, L=1, bi=False, bias=True, dtype=torch.float64, device="cpu",
+              hx=True, seed=0):
+    """Weights of a torch module (so its own forward can be the third opinion), input, hx."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.nn.LSTM if mode == "LSTM" else torch.nn.GRU
+    torch.manual_seed(seed)
+    module = cls(I, H, L, bias=bias, bidirectional=bi).to(torch.float64)
+    D = 2 if bi else 1
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    h = None
+    if hx:
+        h0 = torch.randn(L * D, B, H, generator=g, dtype=torch.float64)
+        h = (h0, torch.randn(L * D, B, H, generator=g, dtype=torch.float64)) if mode == "LSTM" else h0
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    weights = [to(w.detach()) for w in module._flat_weights]
+    if h is not None:
+        h = tuple(to(t) for t in h) if mode == "LSTM" else to(h)
+    return module, to(x), h, weights
+
+
+def run(fn, mode, x, hx, weights, seed=1, **kw):
+    """Calls fn on fresh leaves, backpropagates a fixed random gradient into every output;
+    returns [output, h_n, (c_n), grad x, grad h0, (grad c0), grad of every weight]."""
+    x = x.detach().clone().requires_grad_()
+    ws = [w.detach().clone().requires_grad_() for w in weights]
+    hs = [] if hx is None else ([t.detach().clone().requires_grad_() for t in hx] if mode == "LSTM"
+                                else [hx.detach().clone().requires_grad_()])
+    h_arg = None if hx is None else (tuple(hs) if mode == "LSTM" else hs[0])
+    out, state = fn(x, h_arg, ws, **kw)
+    states = list(state) if mode == "LSTM" else [state]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+               for t in [out] + states)
+    grads = torch.autograd.grad(loss, [x] + hs + ws, allow_unused=True)
+    return [out] + states + list(grads)
+
+
+def names(mode, hx, n_weights):
+    n = ["output", "h_n"] + (["c_n"] if mode == "LSTM" else []) + ["grad input"]
+    if hx is not None:
+        n += ["grad h0"] + (["grad c0"] if mode == "LSTM" else [])
+    return n + [f"grad weights[{i}]" for i in range(n_weights)]
+
+
+def assert_all_close(mode, hx, n_weights, got, want, tol):
+    assert len(got) == len(want)
+    for name, a, b in zip(names(mode, hx, n_weights), got, want):
+        assert a is not None and b is not None, f"{name}: missing gradient"
+        assert_rel_close(name, a, b, tol)
+
+
+def fn_of(mode, backend):
+    if backend == "torch":
+        return None
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    if backend == "ref":
+        return {"LSTM": ref.lstm, "GRU": ref.gru}[mode]
+    return lambda *a, **kw: f(*a, backend=backend, **kw)
+
+
+def torch_module_run(module, mode, x, hx, lengths, batch_first, **_):
+    """torch.nn.LSTM / GRU with the same weights (padded input -> packed when lengths)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    module.batch_first = batch_first
+
+    def fn(x, h, ws, **kw):
+        for name, w in zip(module._flat_weights_names, ws):
+            setattr(module, name, None)
+        module._flat_weights = list(ws)
+        T = x.shape[1] if batch_first else x.shape[0]
+        if lengths is None:
+            return _forward(module, x, h)
+        packed = pack_padded_sequence(x, torch.as_tensor(lengths), batch_first=batch_first,
+                                      enforce_sorted=False)
+        out, state = _forward(module, packed, h)
+        out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=T)
+        return out, state
+    return fn
+
+
+def _forward(module, x, h):
+    # torch.nn.RNNBase.forward reads self._flat_weights, which fn set to the test's leaves.
+    return type(module).forward(module, x, h)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference and native (`auto` on CPU) against torch.nn.LSTM / GRU: cheap, so broad
+# ------------------------------------------------------------------------------------------------
+
+REF_CASES = [
+    # T, B, I, H, L, bi, batch_first, lengths, bias, hx
+    (1, 1, 3, 5, 1, False, False, None, True, True),
+    (5, 3, 4, 6, 2, True, False, [5, 1, 3], True, True),
+    (4, 3, 6, 5, 3, True, True, [2, 4, 1], True, False),
+    (6, 2, 3, 37, 1, False, True, [6, 6], False, True),
+    (3, 2, 5, 4, 2, False, False, None, False, False),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["ref", "auto"])
+@pytest.mark.parametrize("case", REF_CASES, ids=lambda c: "T{}B{}I{}H{}L{}{}{}{}{}{}".format(
+    *c[:5], "bi" if c[5] else "", "bf" if c[6] else "", "len" if c[7] else "", "" if c[8] else "nobias",
+    "hx" if c[9] else ""))
+def test_reference_and_native_match_torch(mode, backend, case):
+    T, B, I, H, L, bi, bf, lengths, bias, hx = case
+    module, x, h, ws = make_case(mode, T, B, I, H, L, bi, bias, hx=hx)
+    if bf:
+        x = x.transpose(0, 1).contiguous()
+        module.batch_first = True
+    kw = dict(lengths=lengths, num_layers=L, bidirectional=bi, batch_first=bf, has_bias=bias)
+    got = run(fn_of(mode, backend), mode, x, h, ws, **kw)
+    want = run(torch_module_run(module, mode, x, h, lengths, bf), mode, x, h, ws)
+    assert_all_close(mode, h, len(ws), got, want, 1e-12)
+    if lengths is not None:  # padded outputs are exactly zero
+        out = got[0] if not bf else got[0].transpose(0, 1)
+        for b, n in enumerate(lengths):
+            assert torch.all(out[n:, b] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused (Triton interpreter on CPU, CUDA as `gpu`) against the reference
+# ------------------------------------------------------------------------------------------------
+
+FUSED_CASES = [
+    # T, B, I, H, L, bi, batch_first, lengths, bias, hx
+    (1, 1, 3, 5, 1, False, False, None, True, True),          # B=1, T=1
+    (4, 3, 5, 7, 2, True, False, [4, 1, 3], True, True),      # lengths incl. 1 and T, unsorted
+    (3, 2, 4, 5, 3, True, True, None, False, False),          # 3 layers, batch_first, no bias, no hx
+    (5, 3, 6, 37, 1, True, True, [2, 5, 1], True, True),      # H=37 (not a power of two)
+]
+
+
+def _case_id(c):
+    return "T{}B{}I{}H{}L{}{}{}{}{}{}".format(*c[:5], "bi" if c[5] else "", "bf" if c[6] else "",
+                                            "len" if c[7] else "", "" if c[8] else "nobias",
+                                            "hx" if c[9] else "")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_fused_matches_reference_float64(mode, case, poison):
+    """float64 runs in the interpreter: the kernels compute the reference's function exactly."""
+    T, B, I, H, L, bi, bf, lengths, bias, hx = case
+    _, x, h, ws = make_case(mode, T, B, I, H, L, bi, bias, hx=hx)
+    if bf:
+        x = x.transpose(0, 1).contiguous()
+    kw = dict(lengths=lengths, num_layers=L, bidirectional=bi, batch_first=bf, has_bias=bias)
+    with poison():
+        got = run(fn_of(mode, "fused"), mode, x, h, ws, **kw)
+    want = run(fn_of(mode, "ref"), mode, x, h, ws, **kw)
+    assert_all_close(mode, h, len(ws), got, want, 1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_many_blocks_float32(mode, poison, monkeypatch):
+    """Blocks of 16 at H=37: three hidden blocks and several contraction blocks per step, the
+    last one partial, in both the forward and the backward kernels; lengths tensor; float32
+    against the float64 reference."""
+    from dtl_fast.kernels import rnn as kernels
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 16)
+    T, B, I, H = 3, 2, 4, 37
+    _, x, h, ws = make_case(mode, T, B, I, H, 1, True)
+    lengths = torch.tensor([1, 3])
+    kw = dict(lengths=lengths, num_layers=1, bidirectional=True)
+    f32 = lambda t: t.float()  # noqa: E731
+    hx32 = tuple(map(f32, h)) if mode == "LSTM" else f32(h)
+    with poison():
+        got = run(fn_of(mode, "fused"), mode, f32(x), hx32, [f32(w) for w in ws], **kw)
+    want = run(fn_of(mode, "ref"), mode, x, h, ws, **kw)
+    for a in got:
+        assert a.dtype == torch.float32
+    assert_all_close(mode, h, len(ws), got, want, F32_TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_dtypes(mode, dtype, poison):
+    """float16 / bfloat16 in, the float64 reference on the same rounded values (float32:
+    test_fused_many_blocks_float32; several layers: the float64 cases)."""
+    T, B, I, H = 4, 3, 5, 6
+    _, x, h, ws = make_case(mode, T, B, I, H, 1, True)
+    kw = dict(lengths=[4, 2, 3], num_layers=1, bidirectional=True)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    hxd = tuple(map(cast, h)) if mode == "LSTM" else cast(h)
+    with poison():
+        got = run(fn_of(mode, "fused"), mode, cast(x), hxd, [cast(w) for w in ws], **kw)
+    up = lambda t: t.to(dtype).double()  # noqa: E731
+    hx64 = tuple(map(up, h)) if mode == "LSTM" else up(h)
+    want = run(fn_of(mode, "ref"), mode, up(x), hx64, [up(w) for w in ws], **kw)
+    n_out = 3 if mode == "LSTM" else 2
+    for a in got[:n_out]:
+        assert a.dtype == dtype
+    assert_all_close(mode, h, len(ws), got, want, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout(mode):
+    """Same seed: the fused path and the reference drop the same elements (identical results);
+    another seed drops others; training=False (eval) drops nothing."""
+    _, x, h, ws = make_case(mode, 2, 2, 3, 4, 2, False)
+    kw = dict(num_layers=2, dropout=0.5, training=True, lengths=[2, 1])
+    res = {}
+    for backend, seed in (("fused", 1), ("ref", 1), ("fused", 2)):
+        torch.manual_seed(seed)
+        res[(backend, seed)] = run(fn_of(mode, backend), mode, x, h, ws, **kw)
+    assert_all_close(mode, h, len(ws), res[("fused", 1)], res[("ref", 1)], 1e-12)
+    assert rel_diff(res[("fused", 1)][0], res[("fused", 2)][0]) > 1e-3
+    no_drop = run(fn_of(mode, "ref"), mode, x, h, ws, **{**kw, "dropout": 0.0})
+    assert rel_diff(res[("ref", 1)][0], no_drop[0]) > 1e-3
+    # eval: dropout is ignored on every backend
+    ev = {**kw, "training": False}
+    want = run(fn_of(mode, "ref"), mode, x, h, ws, **{**ev, "dropout": 0.0})
+    for backend in ("fused", "ref", "auto"):
+        assert_all_close(mode, h, len(ws), run(fn_of(mode, backend), mode, x, h, ws, **ev), want, 1e-12)
+
+
+def rel_diff(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_native_dropout_in_training_is_applied():
+    _, x, h, ws = make_case("LSTM", 3, 2, 4, 5, 2, False)
+    kw = dict(num_layers=2, dropout=0.5, training=True)
+    torch.manual_seed(0)
+    a = ops.lstm(x, h, ws, backend="auto", **kw)[0]
+    b = ops.lstm(x, h, ws, backend="auto", **{**kw, "training": False})[0]
+    assert rel_diff(a, b) > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_autocast(mode):
+    """Under torch.autocast the projection GEMM runs in bfloat16 and the recurrence in that
+    dtype; float32 parameters get float32 gradients close to the float64 reference."""
+    _, x, h, ws = make_case(mode, 3, 2, 4, 6, 1, True)
+    f32 = lambda t: t.float()  # noqa: E731
+    hx32 = tuple(map(f32, h)) if mode == "LSTM" else f32(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(fn_of(mode, "fused"), mode, f32(x), hx32, [f32(w) for w in ws], bidirectional=True)
+    assert got[0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in got[(3 if mode == "LSTM" else 2):])
+    want = run(fn_of(mode, "ref"), mode, x, h, ws, bidirectional=True)
+    assert_all_close(mode, h, len(ws), got, want, 3e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+# ------------------------------------------------------------------------------------------------
+
+def _op_samples(requires_grad):
+    T, B, D, H = 2, 2, 2, 3
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_(requires_grad)  # noqa: E731
+    lengths = torch.tensor([2, 1])
+    yield "lstm_recurrence", (r(T, B, D, 4 * H), r(D, 4 * H, H), r(D, B, H), r(D, B, H), lengths)
+    yield "gru_recurrence", (r(T, B, D, 3 * H), r(D, 3 * H, H), r(D, H), r(D, B, H), lengths)
+    act, out = torch.rand(T, B, D, 4 * H, generator=g), torch.randn(T, B, D * H, generator=g)
+    yield "lstm_recurrence_backward", (r(T, B, D * H), r(D, B, H), r(D, B, H), r(D, 4 * H, H),
+                                       r(D, B, H), act, torch.randn(T, B, D, H, generator=g), lengths)
+    yield "gru_recurrence_backward", (r(T, B, D * H), r(D, B, H), r(D, 3 * H, H), r(D, B, H), out,
+                                      act, lengths)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    """The forward ops with inputs that require grad (opcheck's autograd-registration check
+    too), the backward ops without (they have no autograd formula: no double backward)."""
+    seen = set()
+    for name, args in _op_samples(requires_grad):
+        if requires_grad == name.endswith("_backward"):
+            continue
+        torch.library.opcheck(getattr(torch.ops.dtl_fast, name).default, args)
+        seen.add(name)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    _, x, h, ws = make_case(mode, 3, 2, 4, 5, 2, True, dtype=torch.float32)
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+
+    def model(x, h, ws):
+        out, state = f(x, h, ws, num_layers=2, bidirectional=True, backend="fused")
+        s = state[0] if mode == "LSTM" else state
+        return out.sum() + s.square().sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ws_c = [w.clone().requires_grad_() for w in ws]
+    ws_e = [w.clone().requires_grad_() for w in ws]
+    x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lc, le = compiled(x_c, h, ws_c), model(x_e, h, ws_e)
+    lc.backward()
+    le.backward()
+    assert_rel_close("loss", lc, le, 1e-6)
+    assert_rel_close("grad input", x_c.grad, x_e.grad, 1e-6)
+    for i, (a, b) in enumerate(zip(ws_c, ws_e)):
+        assert_rel_close(f"grad weights[{i}]", a.grad, b.grad, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: every backend rejects it the same way
+# ------------------------------------------------------------------------------------------------
+
+BACKENDS = ["reference", "auto", "fused"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_input(mode, backend):
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    _, x, h, ws = make_case(mode, 3, 2, 8, 20, 2, False, dtype=torch.float32)
+    kw = dict(num_layers=2, backend=backend)
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 8, got 7"):
+        f(x[..., :7], h, ws, **kw)
+    bad_h = torch.zeros(2, 3, 20)
+    with pytest.raises(RuntimeError, match=r"Expected hidden(\[0\])? size \(2, 2, 20\), got \[2, 3, 20\]"):
+        f(x, (bad_h, h[1]) if mode == "LSTM" else bad_h, ws, **kw)
+    for lengths in ([0, 3], [3, 4], torch.tensor([-1, 2])):
+        with pytest.raises(RuntimeError, match=r"lengths\[b\] must lie in \[1, T\]"):
+            f(x, h, ws, lengths=lengths, **kw)
+    with pytest.raises(ValueError, match=r"lengths must have shape \[B\] = \[2\]"):
+        f(x, h, ws, lengths=[3, 3, 3], **kw)
+    with pytest.raises(ValueError, match=r"lengths must be an integer tensor"):
+        f(x, h, ws, lengths=torch.tensor([3.0, 2.0]), **kw)
+    with pytest.raises(ValueError, match=r"weights must hold 8 tensors"):
+        f(x, h, ws[:-1], **kw)
+    with pytest.raises(ValueError, match=r"weights\[2\] \(bias_ih_l0\) must have shape"):
+        f(x, h, ws[:2] + [ws[2][:5]] + ws[3:], **kw)
+    with pytest.raises(ValueError, match=r"Expected input to be 3D"):
+        f(x[0], h, ws, **kw)
+    with pytest.raises(ValueError, match=r"weights\[0\] has dtype torch.float64"):
+        f(x, h, [ws[0].double()] + ws[1:], **kw)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        f(x, h, ws, num_layers=2, backend="cuda")
+    # An empty sequence: torch.nn.LSTM's RuntimeError, before anything runs (not in backward).
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+        f(x[:0], h, ws, **kw)
+
+
+def test_fused_on_cpu_without_interpreter_raises():
+    code = ("import torch\nfrom dtl_fast.ops.rnn import lstm\n"
+            "m = torch.nn.LSTM(3, 4)\n"
+            "try:\n"
+            "    lstm(torch.randn(2, 1, 3), None, m._flat_weights, backend='fused')\n"
+            "except RuntimeError as e:\n"
+            "    print('RAISED', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RAISED lstm(backend='fused') on cpu tensors" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Real sizes on CUDA
+# ------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # T, B, I, H, L, bi, lengths
+    (64, 16, 128, 256, 1, True, False),
+    (33, 37, 100, 333, 2, True, True),
+    (128, 64, 256, 1024, 1, True, False),
+    (17, 128, 512, 512, 2, False, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}B{}I{}H{}L{}{}{}".format(
+    *c[:5], "bi" if c[5] else "", "len" if c[6] else ""))
+def test_fused_cuda_real_sizes(mode, dtype, case, poison):
+    T, B, I, H, L, bi, with_len = case
+    _, x, h, ws = make_case(mode, T, B, I, H, L, bi, dtype=torch.float64, device="cuda")
+    lengths = None
+    if with_len:
+        lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+        lengths[0], lengths[-1] = T, 1
+    kw = dict(lengths=lengths, num_layers=L, bidirectional=bi)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    up = lambda t: t.to(dtype).double()  # noqa: E731
+    hx_d = tuple(map(cast, h)) if mode == "LSTM" else cast(h)
+    hx_64 = tuple(map(up, h)) if mode == "LSTM" else up(h)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with poison():
+            got = run(fn_of(mode, "fused"), mode, cast(x), hx_d, [cast(w) for w in ws], **kw)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    want = run(fn_of(mode, "ref"), mode, up(x), hx_64, [up(w) for w in ws], **kw)
+    tol = 1e-4 if dtype == torch.float32 else REL_TOL[dtype]  # long float32 recurrences drift past 1e-5
+    assert_all_close(mode, h, len(ws), got, want, tol)
