@@ -303,9 +303,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(row)
         print("  " + H.row_line(row, extra_keys=("gbps", "pct_copy", "grad_floor_ms")), flush=True)
 
+    def cut(rest):  # cases the budget cut: one "(all)" row per mode, so figures can say so
+        print(f"[{kernel}] time budget spent: {len(rest)} case(s) not run (rows say so)")
+        for shp, dt, var in rest:
+            for mode in MODES:
+                emit(H.make_row(kernel=kernel, provider="(all)", mode=mode, variant=var,
+                                shape=shp, dtype=dt, stamp=stamp, timing=None,
+                                baseline=BASELINE, baseline_ms=None, run_id=run_id,
+                                status="skipped: time budget spent before this case"))
+
+    stopped = False
     for si, (shape, dtype) in enumerate(shapes):
+        if stopped:
+            break
         if deadline.expired():
-            print(f"[{kernel}] time budget spent: skipping {H.shape_str(shape)} and after")
+            cut([(shp, dt, v) for shp, dt in shapes[si:] for v in variants])
             break
         B, T, D = shape
         es = torch.empty((), dtype=dtype).element_size()
@@ -321,8 +333,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"[{kernel}] {H.shape_str(shape)} {H.dtype_str(dtype)}: "
               f"{input_bytes(shape, dtype) / MIB:.0f} MiB input, {sum_len / (B * T):.0%} valid frames")
 
-        for variant in variants:
+        for vi, variant in enumerate(variants):
             if deadline.expired():
+                cut([(shape, dtype, v) for v in variants[vi:]]
+                    + [(shp, dt, v) for shp, dt in shapes[si + 1:] for v in variants])
+                stopped = True
                 break
             # ground truth: the reference in x's dtype, and in float64
             with torch.no_grad():
@@ -491,6 +506,11 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
             key = (r["shape"], r["dtype"])
             if key not in large and _shape_bytes(*key) >= LARGE_BYTES:
                 large.append(key)
+    cut = {(r["shape"], r["dtype"], r["variant"]) for r in H.not_run_rows(rows)
+           if r.get("device") == "cuda" and _shape_bytes(r["shape"], r["dtype"]) >= LARGE_BYTES}
+    if cut:
+        figs.append(H.mark_not_run(dict(name="gpu >= 256 MiB cases complete", value="cut",
+                                        passed=False), len(cut)))
     if not large:
         figs.append(dict(name="gpu: no case with >= 256 MiB input measured", value="missing",
                          passed=False))

@@ -101,6 +101,9 @@ def device_slug(device: str) -> str:
 
 
 def _git_rev() -> str:
+    """The checkout's revision (+dirty), else $DTL_FAST_GIT_REV (a copy of the tree without .git,
+    e.g. on a lent GPU machine), else "none"."""
+    env = os.environ.get("DTL_FAST_GIT_REV", "").strip()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -111,7 +114,7 @@ def _git_rev() -> str:
         )
         rev = out.stdout.strip()
         if out.returncode != 0 or not rev:
-            return "none"
+            return env or "none"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=REPO_ROOT,
@@ -121,7 +124,7 @@ def _git_rev() -> str:
         )
         return rev + ("+dirty" if dirty.stdout.strip() else "")
     except Exception:  # no git, not a checkout, ...
-        return "none"
+        return env or "none"
 
 
 def _loadavg() -> str:
@@ -758,6 +761,23 @@ def resolve_device(arg: str | None) -> str:
     return arg
 
 
+def mark_not_run(fig: dict[str, Any], n_not_run: int) -> dict[str, Any]:
+    """An acceptance figure some of whose cases were not run (cut by the time budget, or the
+    whole case failed): it says so and never passes (``incomplete`` keeps it failed when run.py
+    folds repeated runs into a median)."""
+    if n_not_run:
+        fig["value"] = f"{fig['value']}; {n_not_run} case(s) not run"
+        fig["passed"] = False
+        fig["incomplete"] = True
+    return fig
+
+
+def not_run_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that stand for a whole case that did not run: provider "(all)" (time budget
+    spent before it, out of memory, or an error before any provider ran)."""
+    return [r for r in rows if r.get("provider") == "(all)"]
+
+
 class Deadline:
     def __init__(self, seconds: float | None):
         self.end = None if seconds is None else time.monotonic() + seconds
@@ -767,3 +787,25 @@ class Deadline:
 
     def left(self) -> float:
         return math.inf if self.end is None else self.end - time.monotonic()
+
+
+TIMING_CALLS = 8  # a timing costs about this many calls (warm-up + samples, do_bench quick)
+
+
+def timing_estimate_s(call_s: float) -> float:
+    """Seconds one provider's timing is expected to take, from one warm call (JIT compile and
+    autotuning excluded: the caller times the second call)."""
+    return TIMING_CALLS * call_s + 1.0
+
+
+def budget_skip(deadline: Deadline, est_s: float, planned_s: float = 0.0,
+                what: str = "timing") -> str | None:
+    """A "skipped: ..." status when ``est_s`` seconds (after ``planned_s`` already promised to
+    other providers of this case) do not fit in what is left of the deadline; None otherwise."""
+    if deadline.end is None:
+        return None
+    left = deadline.left()
+    if planned_s + est_s > left:
+        return (f"skipped: {what} needs ~{est_s:.0f} s, {max(0.0, left - planned_s):.0f} s left "
+                "in the time budget")
+    return None

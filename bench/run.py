@@ -61,8 +61,11 @@ def _median_over_runs(per_run: list[list[dict]]) -> list[dict]:
         med = statistics.median(nums)
         unit, target = got[0]["unit"], got[0]["target"]
         spread = ", ".join(f"{n:.2f}" for n in nums)
-        folded.append(dict(name=name, passed=med >= target,
-                           value=f"median {med:.2f}{unit} of {len(nums)} runs: {spread}"))
+        # a figure whose grid was cut (cases not run) in any of the runs never passes
+        incomplete = [f for f in got if f.get("incomplete")]
+        note = f"; incomplete in {len(incomplete)} run(s)" if incomplete else ""
+        folded.append(dict(name=name, passed=med >= target and not incomplete,
+                           value=f"median {med:.2f}{unit} of {len(nums)} runs: {spread}{note}"))
     return folded
 
 
@@ -170,11 +173,16 @@ def main(argv=None) -> int:
                    help="run everything N times (run ids <id>-r1..rN); acceptance figures are "
                         "the median over the N runs (for a shared, noisy machine)")
     p.add_argument("--summary-file", default=None,
-                   help="also write the summary here (default <out>/summary_<device-slug>.txt)")
+                   help="also write the summary here (default <out>/summary_<device-slug>.txt); "
+                        "with --summary-only and this flag, CUDA is never initialised")
+    p.add_argument("--no-summary-file", action="store_true",
+                   help="print the summary but write no file (gpu_check.sh writes one combined "
+                        "summary at the end)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summary_only is not None:
+        # reads CSVs only: --device given means no CUDA call at all (gpu_check.sh's summary)
         device = args.device or ("cuda" if H.torch.cuda.is_available() else "cpu")
     else:
         device = H.resolve_device(args.device)
@@ -195,14 +203,20 @@ def main(argv=None) -> int:
 
     run_id = args.summary_only if args.summary_only is not None else run_ids
     lines, red, all_pass = summarize(mods, out, device, run_id, status)
-    slug = H.device_slug(device) if (device == "cpu" or H.torch.cuda.is_available()) else device
-    summary_path = Path(args.summary_file) if args.summary_file else out / f"summary_{slug}.txt"
     text = "\n".join(["", "=" * 30 + f" benchmark summary ({device}) " + "=" * 30, *lines, ""])
     print(text)
-    try:
-        summary_path.write_text(text.lstrip("\n") + "\n")
-    except OSError as exc:
-        print(f"[run] could not write {summary_path}: {exc}")
+    summary_path = None
+    if args.summary_file:  # no device query on this path (no CUDA initialisation)
+        summary_path = Path(args.summary_file)
+    elif not args.no_summary_file:
+        slug = (H.device_slug(device) if (device == "cpu" or H.torch.cuda.is_available())
+                else device)
+        summary_path = out / f"summary_{slug}.txt"
+    if summary_path is not None:
+        try:
+            summary_path.write_text(text.lstrip("\n") + "\n")
+        except OSError as exc:
+            print(f"[run] could not write {summary_path}: {exc}")
     if red:
         return 1
     if args.strict and not all_pass:
