@@ -25,40 +25,67 @@ def check_pool_input(x: torch.Tensor, mode: str, modes: Sequence[str] = POOL_MOD
         raise ValueError(f"frame_pool: mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
 
 
-def normalize_lengths(lengths, x: torch.Tensor, *, name: str = "lengths") -> torch.Tensor | None:
-    """Turns `lengths` (None, a sequence of ints, an integer NumPy array, or an integer tensor
-    [B] on the CPU or on x's device) into None or an integer tensor, checking its type, shape
-    and device.
+def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name: str = "lengths",
+                      device_name: str = "x", overflow_error: type = ValueError) -> torch.Tensor | None:
+    """Turns `lengths` (None, a sequence of ints or of 0-d integer tensors, an integer NumPy
+    array, or an integer tensor [B] on the CPU or on `device`) into None or an integer tensor
+    (its dtype and device as given), checking type, shape and device; every op that takes
+    per-sequence lengths goes through here, so they all accept and reject the same things.
 
-    The range 0 <= lengths[b] <= T is checked where the data is read (kernel or reference).
+    Errors are ValueError "<owner>: <name> must ..." (overflow_error for values outside int64).
+    The range of the values is the caller's to check: see check_lengths_range.
     """
     if lengths is None:
         return None
-    B = x.shape[0]
     if isinstance(lengths, np.ndarray):
         lengths = torch.from_numpy(lengths)
     if not isinstance(lengths, torch.Tensor):
         if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
-            raise ValueError(f"frame_pool: {name} must be None, a list of ints or an integer "
+            raise ValueError(f"{owner}: {name} must be None, a list of ints or an integer "
                              f"tensor [B], got {type(lengths).__name__}")
 
         def is_int(v):
             if isinstance(v, torch.Tensor):  # e.g. list(lengths_tensor)
-                return v.dim() == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool
+                return (v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex
+                        and v.dtype != torch.bool)
             return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
-        if not all(is_int(v) for v in lengths):
-            bad = next(v for v in lengths if not is_int(v))
-            raise ValueError(f"frame_pool: {name} must hold integers, got {bad!r}")
+        bad = [v for v in lengths if not is_int(v)]
+        if bad:
+            raise ValueError(f"{owner}: {name} must hold integers, got {bad[0]!r}")
         values = [int(v) for v in lengths]
         if any(not -(2**63) <= v < 2**63 for v in values):
-            raise ValueError(f"frame_pool: {name} must fit in int64, got {max(values, key=abs)}")
+            raise overflow_error(f"{owner}: {name} must fit in int64, got {max(values, key=abs)}")
         lengths = torch.tensor(values, dtype=torch.int64)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"frame_pool: {name} must be an integer tensor, got dtype {lengths.dtype}")
+        raise ValueError(f"{owner}: {name} must be an integer tensor, got dtype {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"frame_pool: {name} must have shape [B] = [{B}], got {tuple(lengths.shape)}")
-    if lengths.device.type != "cpu" and lengths.device != x.device:
-        raise ValueError(f"frame_pool: {name} must be on the CPU or on x's device ({x.device}), "
-                         f"got {lengths.device}")
+        raise ValueError(f"{owner}: {name} must have shape [B] = [{B}] ({device_name} has batch "
+                         f"size {B}), got {tuple(lengths.shape)}")
+    if lengths.device.type != "cpu" and lengths.device != torch.device(device):
+        raise ValueError(f"{owner}: {name} must be on the CPU or on {device_name}'s device "
+                         f"({device}), got {lengths.device}")
     return lengths
+
+
+def check_lengths_range(lengths: torch.Tensor | None, lo: int, hi: int, *, owner: str,
+                        name: str = "lengths", error: type = ValueError, span: str | None = None) -> None:
+    """Checks lo <= lengths[b] <= hi (`span` names the range in the message, default
+    "[lo, hi]"): one host sync for lengths on a GPU (min and max read
+    together); inside a torch.compile graph an asynchronous assert instead (no graph break)."""
+    if lengths is None or lengths.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((lengths >= lo) & (lengths <= hi)).all(),
+                            f"{owner}: every {name}[b] must lie in [{lo}, {hi}]")
+        return
+    got_lo, got_hi = torch.stack(torch.aminmax(lengths)).tolist()
+    if got_lo < lo or got_hi > hi:
+        raise error(f"{owner}: every {name}[b] must lie in {span or f'[{lo}, {hi}]'}, "
+                    f"got values in [{got_lo}, {got_hi}]")
+
+
+def normalize_lengths(lengths, x: torch.Tensor, *, name: str = "lengths") -> torch.Tensor | None:
+    """frame_pool's lengths for x [B, T, D]: see as_lengths_tensor. The range 0 <= lengths[b]
+    <= T is checked where the data is read (kernel or reference)."""
+    return as_lengths_tensor(lengths, x.shape[0], x.device, owner="frame_pool", name=name)

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from dtl_fast._checks import as_lengths_tensor, check_lengths_range
 from dtl_fast._backend import resolve_backend
 from dtl_fast.ops.cosine_attention import cosine_attention
 
@@ -100,38 +99,9 @@ def _lengths(owner: str, name: str, lengths, x: torch.Tensor, N: int, x_name: st
     """
     if lengths is None:
         return None
-    B = x.shape[0]
-    if isinstance(lengths, np.ndarray):
-        lengths = torch.from_numpy(lengths)
-    if not isinstance(lengths, torch.Tensor):
-        if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
-            raise ValueError(f"{owner}: {name} must be None, a list of ints or an integer tensor [B], "
-                             f"got {type(lengths).__name__}")
-        for v in lengths:
-            ok = (v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex
-                  and v.dtype != torch.bool) if isinstance(v, torch.Tensor) else (
-                isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)))
-            if not ok:
-                raise ValueError(f"{owner}: {name} must hold integers, got {v!r}")
-        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64)
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"{owner}: {name} must be an integer tensor, got dtype {lengths.dtype}")
-    if lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"{owner}: {name} must have shape [B] = [{B}] ({x_name} has batch size {B}), "
-                         f"got {tuple(lengths.shape)}")
-    if lengths.device.type != "cpu" and lengths.device != x.device:
-        raise ValueError(f"{owner}: {name} must be on the CPU or on {x_name}'s device ({x.device}), "
-                         f"got {lengths.device}")
-    if B > 0:
-        if torch.compiler.is_compiling():
-            lengths = lengths.to(device=x.device, dtype=torch.int64)
-            torch._assert_async(((lengths >= 0) & (lengths <= N)).all(),
-                                f"{owner}: every {name}[b] must lie in [0, {N}]")
-        else:
-            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync, not two
-            if lo < 0 or hi > N:
-                raise ValueError(f"{owner}: every {name}[b] must lie in [0, N] = [0, {N}] "
-                                 f"(N = {x_name}.shape[1]), got values in [{lo}, {hi}]")
+    lengths = as_lengths_tensor(lengths, x.shape[0], x.device, owner=owner, name=name,
+                                device_name=x_name)
+    check_lengths_range(lengths, 0, N, owner=owner, name=name, span=f"[0, N] = [0, {N}] (N = {x_name}.shape[1])")
     return lengths.to(device=x.device, dtype=torch.int64)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dtl_fast._checks import as_lengths_tensor, check_lengths_range
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOG_MAX_SCALE = math.log(100.0)  # Swin V2 clamps the learned log-scale at ln 100
@@ -29,50 +30,13 @@ def _fail(msg: str):
 
 
 def _normalize_key_lengths(key_lengths, B: int, device: torch.device) -> torch.Tensor | None:
-    if key_lengths is None:
-        return None
-    if isinstance(key_lengths, np.ndarray):
-        key_lengths = torch.from_numpy(key_lengths)
-    if not isinstance(key_lengths, torch.Tensor):
-        if not isinstance(key_lengths, Sequence) or isinstance(key_lengths, (str, bytes)):
-            _fail(f"key_lengths must be None, a list of B ints or an integer tensor [B], "
-                  f"got {type(key_lengths).__name__}")
-
-        def is_int(x):
-            if isinstance(x, torch.Tensor):
-                return x.dim() == 0 and not x.dtype.is_floating_point and not x.dtype.is_complex \
-                    and x.dtype != torch.bool
-            return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-        for x in key_lengths:
-            if not is_int(x):
-                _fail(f"key_lengths must hold integers, got {x!r}")
-        values = [int(x) for x in key_lengths]
-        if any(not -(2**63) <= x < 2**63 for x in values):
-            _fail(f"key_lengths must fit in int64, got {max(values, key=abs)}")
-        key_lengths = torch.tensor(values, dtype=torch.int64)
-    if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex \
-            or key_lengths.dtype == torch.bool:
-        _fail(f"key_lengths must be an integer tensor, got dtype {key_lengths.dtype}")
-    if key_lengths.dim() != 1 or key_lengths.shape[0] != B:
-        _fail(f"key_lengths must have shape [B] = [{B}], got {tuple(key_lengths.shape)}")
-    if key_lengths.device.type != "cpu" and key_lengths.device != device:
-        _fail(f"key_lengths must be on the CPU or on q's device ({device}), got {key_lengths.device}")
-    return key_lengths
+    return as_lengths_tensor(key_lengths, B, device, owner=_NAME, name="key_lengths", device_name="q")
 
 
 def check_key_lengths_range(key_lengths: torch.Tensor | None, Nk: int) -> None:
     """Checks 0 <= key_lengths[b] <= Nk (one host sync when the lengths are on a GPU; an
     asynchronous assert inside a torch.compile graph)."""
-    if key_lengths is None or key_lengths.numel() == 0:
-        return
-    if torch.compiler.is_compiling():
-        torch._assert_async(((key_lengths >= 0) & (key_lengths <= Nk)).all(),
-                            f"{_NAME}: every key_lengths[b] must lie in [0, Nk]")
-        return
-    lo, hi = torch.stack(torch.aminmax(key_lengths)).tolist()
-    if lo < 0 or hi > Nk:
-        _fail(f"every key_lengths[b] must lie in [0, Nk] = [0, {Nk}], got values in [{lo}, {hi}]")
+    check_lengths_range(key_lengths, 0, Nk, owner=_NAME, name="key_lengths", span=f"[0, Nk] = [0, {Nk}]")
 
 
 def check_inputs(q, k, v, logit_scale, key_lengths=None, window=None, memory_k=None, memory_v=None):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dtl_fast._checks import as_lengths_tensor, check_lengths_range
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 GATES = {"LSTM": 4, "GRU": 3}
@@ -131,44 +132,13 @@ def check_lengths(mode: str, lengths, input, batch_first: bool, *, check_values:
     if lengths is None:
         return None
     B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
-    if isinstance(lengths, np.ndarray):
-        lengths = torch.from_numpy(lengths)
-    if not isinstance(lengths, torch.Tensor):
-        if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
-            raise ValueError(f"{mode}: lengths must be None, a list of ints or an integer tensor [B], "
-                             f"got {type(lengths).__name__}")
-
-        def is_int(v):
-            if isinstance(v, torch.Tensor):
-                return v.dim() == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool
-            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-        bad = [v for v in lengths if not is_int(v)]
-        if bad:
-            raise ValueError(f"{mode}: lengths must hold integers, got {bad[0]!r}")
-        values = [int(v) for v in lengths]
-        if any(not -(2**63) <= v < 2**63 for v in values):
-            raise RuntimeError(f"{mode}: every lengths[b] must lie in [1, T] = [1, {T}], got {values}")
-        lengths = torch.tensor(values, dtype=torch.int64)
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"{mode}: lengths must be an integer tensor, got dtype {lengths.dtype}")
-    if lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"{mode}: lengths must have shape [B] = [{B}], got {tuple(lengths.shape)}")
-    if lengths.device.type != "cpu" and lengths.device != input.device:
-        raise ValueError(f"{mode}: lengths must be on the CPU or on input's device ({input.device}), "
-                         f"got {lengths.device}")
+    lengths = as_lengths_tensor(lengths, B, input.device, owner=mode, device_name="input",
+                                overflow_error=RuntimeError)
     lengths = lengths.to(torch.int64)
-    if check_values and B > 0:
-        if torch.compiler.is_compiling():
-            # No host round trip inside a graph: the check runs with it and fails the call.
-            torch._assert_async(((lengths >= 1) & (lengths <= T)).all(),
-                                f"{mode}: every lengths[b] must lie in [1, T]")
-        else:
-            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
-            if lo < 1 or hi > T:
-                # pack_padded_sequence raises RuntimeError for lengths <= 0.
-                raise RuntimeError(f"{mode}: every lengths[b] must lie in [1, T] = [1, {T}] "
-                                   f"(as pack_padded_sequence requires), got values in [{lo}, {hi}]")
+    if check_values:
+        # pack_padded_sequence raises RuntimeError for lengths <= 0.
+        check_lengths_range(lengths, 1, T, owner=mode, error=RuntimeError,
+                            span=f"[1, T] = [1, {T}] (as pack_padded_sequence requires)")
     return lengths
 
 
