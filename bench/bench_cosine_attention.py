@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib
-import json
 import math
 import sys
 import time
@@ -327,38 +325,17 @@ def ref_bytes(case: Case, mode: str) -> int:
     return per * (4 if mode == "forward" else 10)
 
 
-def _gen(device: str, seed: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
-def _peak_mb(fn, device: str, grad_to_none=None) -> float | None:
-    if device != "cuda":
-        return None
-    H._clear_grads(grad_to_none)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / (1 << 20)
 
 
 def make_inputs(case: Case, ci: int, device: str) -> dict:
     dt = DTYPES[case.dtype]
-    gen = _gen(device, ci)
+    gen = H.gen(device, ci)
     shape = (case.B, case.Hh, case.N, case.d)
     inp: dict[str, Any] = {
         "q": torch.randn(shape, generator=gen, device=device).to(dt),
@@ -370,7 +347,7 @@ def make_inputs(case: Case, ci: int, device: str) -> dict:
     }
     if case.variant == "pad":
         inp["key_lengths"] = torch.randint(case.N // 2, case.N + 1, (case.B,),
-                                           generator=_gen("cpu", 1000 + ci)).to(device)
+                                           generator=H.gen("cpu", 1000 + ci)).to(device)
     elif case.variant == "win+mem":
         w, m = (2, 2) if case.N < 16 else (WINDOW, MEMORY)
         inp["window"] = w
@@ -403,14 +380,14 @@ def _fwd_bwd(fn, inp, g):
 
 def _one_call_s(fn, mode, inp, g, device) -> float:
     """Seconds of one call of `fn` in `mode` (synchronised)."""
-    _sync(device)
+    H.sync(device)
     t0 = time.perf_counter()
     if mode == "forward":
         with torch.no_grad():
             _call(fn, inp)
     else:
         _fwd_bwd(fn, inp, g)
-    _sync(device)
+    H.sync(device)
     return time.perf_counter() - t0
 
 
@@ -439,20 +416,13 @@ def _check(names, got: dict, want: dict, base_err: dict | None, dtype: str, base
 
 
 def select_cases(device: str, quick: bool, tiny: bool) -> list[Case]:
-    if tiny:
-        return CPU_TINY
-    if device == "cuda":
-        return GPU_QUICK if quick else GPU_FULL
-    return CPU_QUICK if quick else CPU_FULL
+    return H.select_grid(device, quick, tiny, tiny_grid=CPU_TINY, cpu_quick=CPU_QUICK,
+                         cpu_full=CPU_FULL, gpu_quick=GPU_QUICK, gpu_full=GPU_FULL)
 
 
 def timing_kwargs(device: str, quick: bool, tiny: bool) -> dict[str, Any]:
-    if device == "cuda":
-        return dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
-    if tiny:
-        return dict(warmup=2, rep=5, min_samples=3, max_ms=200)
-    return (dict(warmup=20, rep=40, min_samples=5, max_ms=1000) if quick
-            else dict(warmup=100, rep=300, min_samples=10, max_ms=4000))
+    return H.grid_timing_kwargs(device, quick, tiny,
+                                cpu_quick=dict(warmup=20, rep=40, min_samples=5, max_ms=1000))
 
 
 _COMPILED: dict[str, Any] = {}
@@ -500,80 +470,42 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     into a wait for a busy core (the quick grid took 8 s or 37 s on 2 threads depending on the
     load); the figures compare providers on the same thread count.
     """
-    device = H.resolve_device(args.device)
-    prev_threads = torch.get_num_threads()
-    if device == "cpu" and not getattr(args, "threads", None):
-        torch.set_num_threads(1)
-    try:
-        return _run(args, device)
-    finally:
-        torch.set_num_threads(prev_threads)
+    return H.run_one_thread_on_cpu(args, _run)
 
 
 def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    H.apply_threads(args)
     standin = getattr(args, "standin", False)
     tiny = getattr(args, "tiny", False)
-    kernel = KERNEL + ("_standin" if standin else "")
-    run_id = args.run_id or H.new_run_id()
-    deadline = H.Deadline(args.time_budget)
+    kernel, run_id, deadline = H.start_run(args, KERNEL)
     ref_fn, comp_fn, fused_fn, note = load_api(standin)
     if getattr(args, "fused_override", None) is not None:  # tests: a deliberately wrong provider
         fused_fn = args.fused_override
 
-    stamp = H.env_stamp(device)
-    writer = H.ResultWriter(args.out, kernel)
-    print(f"[{kernel}] {H.format_stamp(stamp)}")
+    stamp, writer = H.open_results(args, kernel, device)
     print(f"[{kernel}] providers: composite (normalise + SDPA), reference, compiled, {note}")
     cases = getattr(args, "cases", None) or select_cases(device, args.quick, tiny)
     timing_kw = timing_kwargs(device, args.quick, tiny)
     if device == "cpu":
         timing_kw["flush_cache"] = getattr(args, "cold_cache", False)
     rows: list[dict[str, Any]] = []
+    emit = H.emitter(writer, rows, ("x_eager", "tflops"))
 
-    def emit(row):
-        writer.append(row)
-        rows.append(row)
-        print("  " + H.row_line(row, extra_keys=("x_eager", "tflops")), flush=True)
+    def one_case(ci, case):
+        _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id, timing_kw,
+                  deadline, emit, standin)
 
-    for ci, case in enumerate(cases):
-        if deadline.expired():
-            print(f"[{kernel}] time budget spent: {len(cases) - ci} case(s) not run (rows say so)")
-            for c in cases[ci:]:
-                for mode in MODES:
-                    emit(H.make_row(kernel=kernel, provider="(all)", mode=mode, variant=c.variant,
-                                    shape=c.shape, dtype=c.dtype, stamp=stamp, timing=None,
-                                    baseline=BASELINE, baseline_ms=None, run_id=run_id,
-                                    status="skipped: time budget spent before this case"))
-            break
-        try:
-            _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id,
-                      timing_kw, deadline, emit, standin)
-        except Exception as exc:  # noqa: BLE001 -- one broken case must not end the run
-            if device == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
-                status = "skipped: out of memory"
-            else:
-                status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            for mode in MODES:
-                emit(H.make_row(kernel=kernel, provider="(all)", mode=mode, variant=case.variant,
-                                shape=case.shape, dtype=case.dtype, stamp=stamp, timing=None,
-                                baseline=BASELINE, baseline_ms=None, run_id=run_id, status=status))
-        _free(device)
+    H.run_cases(cases, kernel=kernel, device=device, deadline=deadline, emit=emit, modes=MODES,
+                stamp=stamp, baseline=BASELINE, run_id=run_id, run_case=one_case)
 
-    print(f"\n[{kernel}] results ({device}, run {run_id}) -> {writer.path}")
-    H.print_table(rows, extra_keys=("x_eager", "tflops", "rel64"))
-    if not args.no_plot:
-        png = H.plot_ratios(rows, args.out, kernel, stamp["device_slug"])
-        if png:
-            print(f"[{kernel}] plot -> {png}")
-    return rows
+    return H.finish_run(rows, args, kernel=kernel, device=device, run_id=run_id, writer=writer,
+                        stamp=stamp, extra_keys=("x_eager", "tflops", "rel64"))
 
 
 def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id, timing_kw,
               deadline, emit, standin):
     inp = make_inputs(case, ci, device)
     dt = DTYPES[case.dtype]
-    g = torch.randn(case.B, case.Hh, case.N, case.d, generator=_gen(device, 500 + ci),
+    g = torch.randn(case.B, case.Hh, case.N, case.d, generator=H.gen(device, 500 + ci),
                     device=device).to(dt)
     provs = make_providers(case, ref_fn, comp_fn, fused_fn, device, standin)
     grad_names = [n for n in GRAD_NAMES if inp.get(n) is not None]
@@ -596,27 +528,23 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
         grads: dict[str, list] = {}
         extras: dict[str, dict] = {}
         planned = 0.0  # seconds of timing already promised to this mode's providers
-        # budget order: the baseline, then dtl_fast, then the others (eager, compiled), so a
-        # tight budget drops the expensive comparisons before the one the figures need
-        for name in sorted(provs, key=lambda n: (n != BASELINE, n != "dtl_fast")):
+        for name in H.budget_order(provs, BASELINE):
             fn = provs[name]
             if isinstance(fn, str):
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None, status=fn))
+                emit(H.status_row(base, name, fn))
                 continue
             if name in ("reference", "compiled") and device == "cuda":
                 need = ref_bytes(case, mode)
                 free = torch.cuda.mem_get_info()[0]
                 if need > 0.8 * free:
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=f"skipped: needs ~{need / 2**30:.0f} GiB of dense scores, "
-                                           f"{free / 2**30:.0f} GiB free"))
+                    emit(H.status_row(base, name, f"skipped: needs ~{need / 2**30:.0f} GiB of "
+                                                  f"dense scores, {free / 2**30:.0f} GiB free"))
                     continue
             if name == "compiled":  # budgeted every time: forward and fwd+bwd separately
                 st = H.budget_skip(deadline, compile_estimate_s(mode), planned,
                                    what=f"a {mode} compile")
                 if st:
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=st))
+                    emit(H.status_row(base, name, st))
                     continue
             t0 = time.perf_counter()
             try:
@@ -626,7 +554,7 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
                 else:
                     out, gr = _fwd_bwd(fn, inp, g)
                     got = {"output": out, **{f"{n}.grad": gr.get(n) for n in grad_names}}
-                _sync(device)
+                H.sync(device)
                 first_s = time.perf_counter() - t0
                 ok, msg, worst, errs = _check(names, got, truth[mode], base_err.get(mode),
                                               case.dtype, name == BASELINE)
@@ -634,17 +562,13 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
                     base_err[mode] = errs
                 del got
             except Exception as exc:  # noqa: BLE001
-                if device == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
-                    ok, msg = False, "skipped: out of memory"
-                    _free(device)
-                else:
-                    ok, msg = False, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                ok, msg = False, H.exc_status(exc, device)
+                if msg == "skipped: out of memory":
+                    H.free(device)
             if not ok:
-                if not msg.startswith(("skipped", "error")):
-                    print(f"[{kernel}] RED GATE {name} {mode} {case.variant} {case.shape} "
-                          f"{case.dtype}: {msg}")
-                    msg = f"gate-failed: {msg}"
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None, status=msg))
+                msg = H.gate_status(msg, kernel, f"{name} {mode} {case.variant} {case.shape} "
+                                                 f"{case.dtype}")
+                emit(H.status_row(base, name, msg))
                 continue
             ex: dict[str, Any] = {"rel64": float(f"{worst:.3g}")}
             if name == "compiled":
@@ -652,19 +576,10 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
             # every provider: the second call, timed (the first one held the JIT compile /
             # autotuning), says what its timing costs; skip (with a row) when that does not fit
             if deadline.end is not None:
-                try:
-                    call_s = _one_call_s(fn, mode, inp, g, device)
-                except Exception as exc:  # noqa: BLE001
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=f"error: second call: {type(exc).__name__}: "
-                                           f"{str(exc).splitlines()[0][:100]}"))
-                    _free(device)
-                    continue
-                est = H.timing_estimate_s(call_s)
-                st = H.budget_skip(deadline, est, planned)
+                est, st = H.second_call_budget(
+                    deadline, planned, lambda fn=fn: _one_call_s(fn, mode, inp, g, device), device)
                 if st:
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=st))
+                    emit(H.status_row(base, name, st))
                     continue
                 planned += est
             extras[name] = ex
@@ -674,34 +589,19 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
                 lv = _leaves(inp)
                 calls[name] = lambda fn=fn, lv=lv: _call(fn, inp, lv).backward(g)
                 grads[name] = list(lv.values())
-        if BASELINE not in calls:
-            print(f"[{kernel}] baseline {BASELINE} unavailable: nothing timed for {mode} "
-                  f"{case.variant} {case.shape} {case.dtype}")
-            for name in calls:
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                status="skipped: baseline failed its gate"))
+        if H.baseline_missing(calls, BASELINE, kernel,
+                              f"{mode} {case.variant} {case.shape} {case.dtype}", emit, base):
             continue
-        try:
-            with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
-                times = H.time_many(calls, device=device, grad_to_none=grads, **timing_kw)
-                peaks = {k: _peak_mb(c, device, grads.get(k)) for k, c in calls.items()}
-        except Exception as exc:  # noqa: BLE001
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            for name in calls:
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                status=f"error: timing: {reason}"))
-            _free(device)
+        timed = H.time_calls(calls, grads, mode=mode, device=device, timing_kw=timing_kw,
+                             emit=emit, base=base)
+        if timed is None:
             continue
+        times, peaks = timed
         base_ms = times[BASELINE][0]
         ref_ms = times["reference"][0] if "reference" in times else None
         fl = flops(case, mode)
         for name, t in times.items():
-            ex = extras[name]
-            ex["tflops"] = round(fl / (t[0] * 1e-3) / 1e12, 3)
-            if ref_ms is not None:
-                ex["x_eager"] = round(ref_ms / t[0], 2)
-            if peaks.get(name) is not None:
-                ex["peak_mb"] = round(peaks[name], 1)
+            ex = H.speed_extras(extras[name], t[0], fl, ref_ms, peaks.get(name))
             if name == "dtl_fast":
                 ex["backend"] = "fused" if device == "cuda" else "auto"
                 if _AUTO_IMPL:
@@ -711,7 +611,7 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
             emit(H.make_row(**base, provider=name, timing=t, baseline_ms=base_ms, extra=ex))
         del calls, grads
         truth.pop(mode, None)
-        _free(device)
+        H.free(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,40 +626,14 @@ GPU_DTL = 1.0  # DTL-sized: x composite
 CPU_AUTO = 0.9  # auto: x the faster of reference / composite (CPU)
 
 
-def _ok(r) -> bool:
-    return str(r.get("status", "")).startswith("ok")
-
-
-def _extra(r) -> dict:
-    try:
-        return json.loads(r.get("extra") or "{}")
-    except ValueError:
-        return {}
+_ok = H.row_ok
+_extra = H.row_extra
+_min_figure = H.min_figure
 
 
 def _dims(shape: str):
     B, Hh, N, d = (int(s) for s in shape.split("x"))
     return B, Hh, N, d
-
-
-def _min_figure(name, rows, value_fn, target, unit="x"):
-    if not rows:
-        return dict(name=name, value="unmeasured (no case of this kind in this run)", passed=False)
-    bad = [r for r in rows if not _ok(r)]
-    if bad:
-        r = bad[0]
-        return dict(name=name, passed=False,
-                    value=f"{len(bad)} case(s) not ok, e.g. {r['variant']} {r['shape']} "
-                          f"{r['dtype']} {r['mode']}: {str(r['status'])[:60]}")
-    vals = [(value_fn(r), r) for r in rows]
-    vals = [(v, r) for v, r in vals if v is not None]
-    if not vals:
-        return dict(name=name, value="n/a", passed=False)
-    v, r = min(vals, key=lambda p: p[0])
-    noisy = any(_extra(rr).get("noisy") for _, rr in vals)
-    return dict(name=name, passed=v >= target, number=v, target=target, unit=unit,
-                value=f"min {v:.2f}{unit} over {len(vals)} case(s), worst {r['variant']} "
-                      f"{r['shape']} {r['dtype']}" + (", noisy p20-p80" if noisy else ""))
 
 
 def _ratio(r):
@@ -831,17 +705,7 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> int:
-    p = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--standin", action="store_true",
-                   help="harness self-test with stand-in functions; rows go to "
-                        "cosine_attention_standin.csv")
-    args = p.parse_args(argv)
-    rows = run(args)
-    figs = acceptance(rows, H.resolve_device(args.device)) if not args.standin else []
-    for f in figs:
-        print(f"  {'PASS' if f['passed'] else 'FAIL'}  {f['name']}  ({f['value']})")
-    red = [r for r in rows if r["status"].startswith(("gate-failed", "error"))]
-    return 1 if red else 0
+    return H.bench_main(argv, doc=__doc__, kernel=KERNEL, run=run, acceptance=acceptance)
 
 
 if __name__ == "__main__":

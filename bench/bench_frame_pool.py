@@ -30,8 +30,6 @@ grad_out read + the whole grad_x [B, T, D] written), as information.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import os
 import sys
@@ -222,7 +220,7 @@ def _gate_provider(fn, x, g, lengths, variant, mode, expected, exp64, exp_grad, 
                 ok, msg = H.gate(xl.grad, exp_grad, ref64=exp_grad64, what="x.grad")
         return ok, msg, rel64
     except Exception as exc:  # noqa: BLE001
-        return False, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", None
+        return False, f"error: {H.exc_text(exc)}", None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,42 +228,19 @@ def _gate_provider(fn, x, g, lengths, variant, mode, expected, exp64, exp_grad, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _gen(device: str, seed: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
-def _peak_mb(fn, device: str, grad_to_none=None) -> float | None:
-    if device != "cuda":
-        return None
-    H._clear_grads(grad_to_none)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = H.resolve_device(args.device)
-    H.apply_threads(args)
     standin = getattr(args, "standin", False)
-    kernel = KERNEL + ("_standin" if standin else "")
-    run_id = args.run_id or H.new_run_id()
-    deadline = H.Deadline(args.time_budget)
+    kernel, run_id, deadline = H.start_run(args, KERNEL)
     ref_fn, fused_fn, note = load_api(standin)
 
-    stamp = H.env_stamp(device)
-    writer = H.ResultWriter(args.out, kernel)
-    print(f"[{kernel}] {H.format_stamp(stamp)}")
+    stamp, writer = H.open_results(args, kernel, device)
     print(f"[{kernel}] providers: reference, segment_reduce, {note}")
 
     if device == "cuda":
@@ -297,20 +272,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
           f"({copy['copy_bytes'] / 1e9:.2f} GB moved in {copy['copy_ms']:.3f} ms)")
 
     rows: list[dict[str, Any]] = []
-
-    def emit(row):
-        writer.append(row)
-        rows.append(row)
-        print("  " + H.row_line(row, extra_keys=("gbps", "pct_copy", "grad_floor_ms")), flush=True)
+    emit = H.emitter(writer, rows, ("gbps", "pct_copy", "grad_floor_ms"))
 
     def cut(rest):  # cases the budget cut: one "(all)" row per mode, so figures can say so
         print(f"[{kernel}] time budget spent: {len(rest)} case(s) not run (rows say so)")
         for shp, dt, var in rest:
-            for mode in MODES:
-                emit(H.make_row(kernel=kernel, provider="(all)", mode=mode, variant=var,
-                                shape=shp, dtype=dt, stamp=stamp, timing=None,
-                                baseline=BASELINE, baseline_ms=None, run_id=run_id,
-                                status="skipped: time budget spent before this case"))
+            H.emit_case_rows(emit, MODES, H.BUDGET_SPENT, kernel=kernel, variant=var, shape=shp,
+                             dtype=dt, stamp=stamp, baseline=BASELINE, run_id=run_id)
 
     stopped = False
     for si, (shape, dtype) in enumerate(shapes):
@@ -321,10 +289,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             break
         B, T, D = shape
         es = torch.empty((), dtype=dtype).element_size()
-        lengths = torch.randint(1, T + 1, (B,), generator=_gen("cpu", 1000 + si)).to(device)
-        x = torch.randn(shape, generator=_gen(device, si), device=device, dtype=torch.float32)
+        lengths = torch.randint(1, T + 1, (B,), generator=H.gen("cpu", 1000 + si)).to(device)
+        x = torch.randn(shape, generator=H.gen(device, si), device=device, dtype=torch.float32)
         x = x.to(dtype)
-        g = torch.randn((B, D), generator=_gen(device, 500 + si), device=device).to(dtype)
+        g = torch.randn((B, D), generator=H.gen(device, 500 + si), device=device).to(dtype)
         x64, g64 = x.double(), g.double()
         sum_len = int(lengths.sum().item())
         fwd_bytes = sum_len * D * es + B * D * es + B * 8
@@ -359,20 +327,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 extras: dict[str, dict] = {}
                 for name, fn in provs.items():
                     if isinstance(fn, str):
-                        emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                        status=fn))
+                        emit(H.status_row(base, name, fn))
                         continue
                     ok, msg, rel64 = _gate_provider(fn, x, g, lengths, variant, mode, expected,
                                                     exp64, exp_grad, exp_grad64)
                     if not ok:
-                        if not msg.startswith(("skipped", "error")):
-                            print(f"[{kernel}] RED GATE {name} {mode} {variant} "
-                                  f"{H.shape_str(shape)} {H.dtype_str(dtype)}: {msg}")
-                            msg = f"gate-failed: {msg}"
+                        what = (f"{name} {mode} {variant} {H.shape_str(shape)} "
+                                f"{H.dtype_str(dtype)}")
+                        msg = H.gate_status(msg, kernel, what)
                         if name == "segment_reduce" and msg.startswith("error"):
                             msg = "skipped" + msg[len("error"):]  # a torch limitation, not ours
-                        emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                        status=msg))
+                        emit(H.status_row(base, name, msg))
                         continue
                     extras[name] = {"rel64": rel64}
                     if mode == "forward":
@@ -390,17 +355,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                           f"{mode} {variant} {H.shape_str(shape)}")
                     continue
                 # ---- time (CPU: rounds of blocks; CUDA: do_bench one after another) --------
-                try:
-                    with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
-                        times = H.time_many(calls, device=device, grad_to_none=grads, **timing_kw)
-                        peaks = {k: _peak_mb(c, device, grads.get(k)) for k, c in calls.items()}
-                except Exception as exc:  # noqa: BLE001
-                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                    for name in calls:
-                        emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                        status=f"error: timing: {reason}"))
-                    _free(device)
+                timed = H.time_calls(calls, grads, mode=mode, device=device,
+                                     timing_kw=timing_kw, emit=emit, base=base)
+                if timed is None:
                     continue
+                times, peaks = timed
                 for xs in grads.values():
                     xs[0].grad = None
                 nbytes = fwd_bytes if mode == "forward" else fwd_bytes + bwd_bytes
@@ -424,17 +383,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     extra=extra))
                 del calls, grads
             del expected, exp64, exp_grad, exp_grad64
-            _free(device)
+            H.free(device)
         del x, g, x64, g64, provs
-        _free(device)
+        H.free(device)
 
-    print(f"\n[{kernel}] results ({device}, run {run_id}) -> {writer.path}")
-    H.print_table(rows, extra_keys=("gbps", "pct_copy", "grad_floor_ms"))
-    if not args.no_plot:
-        png = H.plot_ratios(rows, args.out, kernel, stamp["device_slug"])
-        if png:
-            print(f"[{kernel}] plot -> {png}")
-    return rows
+    return H.finish_run(rows, args, kernel=kernel, device=device, run_id=run_id, writer=writer,
+                        stamp=stamp, extra_keys=("gbps", "pct_copy", "grad_floor_ms"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,17 +483,9 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> int:
-    p = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--standin", action="store_true",
-                   help="harness self-test with stand-in functions (no dtl_fast needed); "
-                        "rows go to frame_pool_standin.csv")
-    args = p.parse_args(argv)
-    rows = run(args)
-    figs = acceptance(rows, H.resolve_device(args.device)) if not args.standin else []
-    for f in figs:
-        print(f"  {'PASS' if f['passed'] else 'FAIL'}  {f['name']}  ({f['value']})")
-    red = [r for r in rows if r["status"].startswith(("gate-failed", "error"))]
-    return 1 if red else 0
+    return H.bench_main(argv, doc=__doc__, kernel=KERNEL, run=run, acceptance=acceptance,
+                        standin_help="harness self-test with stand-in functions (no dtl_fast "
+                                     "needed); rows go to frame_pool_standin.csv")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import importlib
-import json
 import math
 import sys
 import time
@@ -406,14 +404,11 @@ def _fwd_bwd(fn, x, params, g):
     return res
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _one_call_s(fn, mode, x, params, g, device) -> float:
     """Seconds of one call of `fn` in `mode` (synchronised)."""
-    _sync(device)
+    H.sync(device)
     t0 = time.perf_counter()
     if mode == "forward":
         with torch.no_grad():
@@ -423,7 +418,7 @@ def _one_call_s(fn, mode, x, params, g, device) -> float:
         fn(xl)[0].backward(g)
         for p in params:
             p.grad = None
-    _sync(device)
+    H.sync(device)
     return time.perf_counter() - t0
 
 
@@ -441,46 +436,21 @@ def flops(case: Case, mode: str) -> float:
     return fwd if mode == "forward" else 3 * fwd
 
 
-def _gen(device: str, seed: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
-def _peak_mb(fn, device: str, grad_to_none=None) -> float | None:
-    if device != "cuda":
-        return None
-    H._clear_grads(grad_to_none)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / (1 << 20)
 
 
 def select_cases(device: str, quick: bool, tiny: bool) -> list[Case]:
-    if tiny:
-        return CPU_TINY
-    if device == "cuda":
-        return GPU_QUICK if quick else GPU_FULL
-    return CPU_QUICK if quick else CPU_FULL
+    return H.select_grid(device, quick, tiny, tiny_grid=CPU_TINY, cpu_quick=CPU_QUICK,
+                         cpu_full=CPU_FULL, gpu_quick=GPU_QUICK, gpu_full=GPU_FULL)
 
 
 def timing_kwargs(device: str, quick: bool, tiny: bool) -> dict[str, Any]:
-    if device == "cuda":
-        return dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
-    if tiny:
-        return dict(warmup=2, rep=5, min_samples=3, max_ms=200)
     # CPU: longer than the harness default on a shared VM; quick keeps `make demo` short
-    return (dict(warmup=15, rep=30, min_samples=5, max_ms=600) if quick
-            else dict(warmup=100, rep=300, min_samples=10, max_ms=4000))
+    return H.grid_timing_kwargs(device, quick, tiny,
+                                cpu_quick=dict(warmup=15, rep=30, min_samples=5, max_ms=600))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -491,30 +461,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     machine, waits a scheduler tick for its second thread (the quick grid took 76 s on 2 threads
     vs 10 s on 1 under load); the parity ratio compares two providers on the same thread count.
     """
-    device = H.resolve_device(args.device)
-    prev_threads = torch.get_num_threads()
-    if device == "cpu" and not getattr(args, "threads", None):
-        torch.set_num_threads(1)
-    try:
-        return _run(args, device)
-    finally:
-        torch.set_num_threads(prev_threads)
+    return H.run_one_thread_on_cpu(args, _run)
 
 
 def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    H.apply_threads(args)
     standin = getattr(args, "standin", False)
     tiny = getattr(args, "tiny", False)
-    kernel = KERNEL + ("_standin" if standin else "")
-    run_id = args.run_id or H.new_run_id()
-    deadline = H.Deadline(args.time_budget)
+    kernel, run_id, deadline = H.start_run(args, KERNEL)
     ref_fns, fused_fns, note = load_api(standin)
     if getattr(args, "fused_override", None) is not None:  # tests: a deliberately wrong provider
         fused_fns = args.fused_override
 
-    stamp = H.env_stamp(device)
-    writer = H.ResultWriter(args.out, kernel)
-    print(f"[{kernel}] {H.format_stamp(stamp)}")
+    stamp, writer = H.open_results(args, kernel, device)
     print(f"[{kernel}] providers: {BASELINE} ({'cuDNN' if device == 'cuda' else 'native CPU'}), "
           f"reference (eager loop), compiled, {note}")
     print(f"[{kernel}] 1 layer, input size = H, [T, B, H] input, no lengths, hx=None")
@@ -524,49 +482,24 @@ def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         timing_kw["flush_cache"] = getattr(args, "cold_cache", False)
 
     rows: list[dict[str, Any]] = []
+    emit = H.emitter(writer, rows, ("x_eager", "tflops"))
 
-    def emit(row):
-        writer.append(row)
-        rows.append(row)
-        print("  " + H.row_line(row, extra_keys=("x_eager", "tflops")), flush=True)
-
-    for ci, case in enumerate(cases):
-        if deadline.expired():
-            left = cases[ci:]
-            print(f"[{kernel}] time budget spent: {len(left)} case(s) not run (rows say so)")
-            for c in left:
-                for mode in MODES:
-                    emit(H.make_row(kernel=kernel, provider="(all)", mode=mode, variant=c.variant,
-                                    shape=c.shape, dtype=c.dtype, stamp=stamp, timing=None,
-                                    baseline=BASELINE, baseline_ms=None, run_id=run_id,
-                                    status="skipped: time budget spent before this case"))
-            break
+    def one_case(ci, case):
         dtype, tf32 = DTYPES[case.dtype]
         with precision(tf32):
-            try:
-                _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id,
-                          timing_kw, deadline, emit, standin)
-            except Exception as exc:  # noqa: BLE001 -- one broken case must not end the run
-                if device == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
-                    status = "skipped: out of memory"
-                else:
-                    status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                for mode in MODES:
-                    emit(H.make_row(kernel=kernel, provider="(all)", mode=mode,
-                                    variant=case.variant, shape=case.shape, dtype=case.dtype,
-                                    stamp=stamp, timing=None, baseline=BASELINE, baseline_ms=None,
-                                    run_id=run_id, status=status))
+            _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id,
+                      timing_kw, deadline, emit, standin)
+
+    def after_case(case):
         if case.compile and not standin:
             importlib.import_module("torch._dynamo").reset()  # free the unrolled graphs
-        _free(device)
 
-    print(f"\n[{kernel}] results ({device}, run {run_id}) -> {writer.path}")
-    H.print_table(rows, extra_keys=("x_eager", "tflops", "rel64"))
-    if not args.no_plot:
-        png = H.plot_ratios(rows, args.out, kernel, stamp["device_slug"])
-        if png:
-            print(f"[{kernel}] plot -> {png}")
-    return rows
+    H.run_cases(cases, kernel=kernel, device=device, deadline=deadline, emit=emit, modes=MODES,
+                stamp=stamp, baseline=BASELINE, run_id=run_id, run_case=one_case,
+                after_case=after_case)
+
+    return H.finish_run(rows, args, kernel=kernel, device=device, run_id=run_id, writer=writer,
+                        stamp=stamp, extra_keys=("x_eager", "tflops", "rel64"))
 
 
 def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id, timing_kw,
@@ -578,9 +511,9 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
     module64 = copy.deepcopy(module).double()
     params = list(module._flat_weights)
     params64 = list(module64._flat_weights)
-    x = torch.randn(T, B, Hd, generator=_gen(device, ci), device=device).to(dtype)
+    x = torch.randn(T, B, Hd, generator=H.gen(device, ci), device=device).to(dtype)
     D = 2 if case.bi else 1
-    g = torch.randn(T, B, D * Hd, generator=_gen(device, 500 + ci), device=device).to(dtype)
+    g = torch.randn(T, B, D * Hd, generator=H.gen(device, 500 + ci), device=device).to(dtype)
     x64, g64 = x.double(), g.double()
     cudnn_ok = cudnn_expected(dtype, device)
 
@@ -621,58 +554,44 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
         grads: dict[str, list] = {}
         extras: dict[str, dict] = {}
         planned = 0.0  # seconds of timing already promised to this mode's providers
-        # budget order: the baseline, then dtl_fast, then the others (eager, compiled), so a
-        # tight budget drops the expensive comparisons before the one the figures need
-        for name in sorted(provs, key=lambda n: (n != BASELINE, n != "dtl_fast")):
+        for name in H.budget_order(provs, BASELINE):
             fn = provs[name]
             if isinstance(fn, str):
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None, status=fn))
+                emit(H.status_row(base, name, fn))
                 continue
             if name == "compiled":  # forward and forward+backward compile separately
                 st = H.budget_skip(deadline, compile_estimate_s(case, mode), planned,
                                    what=f"a {mode} compile")
                 if st:
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=st))
+                    emit(H.status_row(base, name, st))
                     continue
+            grad = mode != "forward"
+            names, want_base, want64 = ((fb_names, fb_base, fb64) if grad
+                                        else (out_names, fwd_base, fwd64))
             t0 = time.perf_counter()
             try:
-                if mode == "forward":
+                if grad:
+                    got = strip(_fwd_bwd(fn, x, params, g))
+                else:
                     with torch.no_grad():
                         got = strip(list(fn(x)))
-                    _sync(device)
-                    first_s = time.perf_counter() - t0
-                    if name == BASELINE:
-                        ok, msg, e64 = check_baseline(out_names, got, fwd64, case.dtype,
-                                                      False)
-                        eb = 0.0
-                    else:
-                        ok, msg, eb, e64 = check_tensors(out_names, got, fwd_base, fwd64,
-                                                         case.dtype, False)
+                H.sync(device)
+                first_s = time.perf_counter() - t0
+                if name == BASELINE:
+                    ok, msg, e64 = check_baseline(names, got, want64, case.dtype, grad)
+                    eb = 0.0
                 else:
-                    got = strip(_fwd_bwd(fn, x, params, g))
-                    _sync(device)
-                    first_s = time.perf_counter() - t0
-                    if name == BASELINE:
-                        ok, msg, e64 = check_baseline(fb_names, got, fb64, case.dtype,
-                                                      True)
-                        eb = 0.0
-                    else:
-                        ok, msg, eb, e64 = check_tensors(fb_names, got, fb_base, fb64,
-                                                         case.dtype, True)
+                    ok, msg, eb, e64 = check_tensors(names, got, want_base, want64, case.dtype,
+                                                     grad)
                 del got
             except Exception as exc:  # noqa: BLE001
-                if device == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
-                    ok, msg = False, "skipped: out of memory"
-                    _free(device)
-                else:
-                    ok, msg = False, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                ok, msg = False, H.exc_status(exc, device)
+                if msg == "skipped: out of memory":
+                    H.free(device)
             if not ok:
-                if not msg.startswith(("skipped", "error")):
-                    print(f"[{kernel}] RED GATE {name} {mode} {case.variant} {case.shape} "
-                          f"{case.dtype}: {msg}")
-                    msg = f"gate-failed: {msg}"
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None, status=msg))
+                msg = H.gate_status(msg, kernel, f"{name} {mode} {case.variant} {case.shape} "
+                                                 f"{case.dtype}")
+                emit(H.status_row(base, name, msg))
                 continue
             ex: dict[str, Any] = {}
             ex["rel64"] = float(f"{e64:.3g}")
@@ -683,19 +602,11 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
             # every provider: the second call, timed (the first one held the JIT compile /
             # autotuning), says what its timing costs; skip (with a row) when that does not fit
             if deadline.end is not None:
-                try:
-                    call_s = _one_call_s(fn, mode, x, params, g, device)
-                except Exception as exc:  # noqa: BLE001
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=f"error: second call: {type(exc).__name__}: "
-                                           f"{str(exc).splitlines()[0][:100]}"))
-                    _free(device)
-                    continue
-                est = H.timing_estimate_s(call_s)
-                st = H.budget_skip(deadline, est, planned)
+                est, st = H.second_call_budget(
+                    deadline, planned, lambda fn=fn: _one_call_s(fn, mode, x, params, g, device),
+                    device)
                 if st:
-                    emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                    status=st))
+                    emit(H.status_row(base, name, st))
                     continue
                 planned += est
             extras[name] = ex
@@ -705,36 +616,21 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
                 xl = x.detach().requires_grad_(True)
                 calls[name] = lambda fn=fn, xl=xl: fn(xl)[0].backward(g)
                 grads[name] = [xl] + params
-        if BASELINE not in calls:
-            print(f"[{kernel}] baseline {BASELINE} unavailable: nothing timed for {mode} "
-                  f"{case.variant} {case.shape} {case.dtype}")
-            for name in calls:
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                status="skipped: baseline failed its gate"))
+        if H.baseline_missing(calls, BASELINE, kernel,
+                              f"{mode} {case.variant} {case.shape} {case.dtype}", emit, base):
             continue
-        try:
-            with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
-                times = H.time_many(calls, device=device, grad_to_none=grads, **timing_kw)
-                peaks = {k: _peak_mb(c, device, grads.get(k)) for k, c in calls.items()}
-        except Exception as exc:  # noqa: BLE001
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            for name in calls:
-                emit(H.make_row(**base, provider=name, timing=None, baseline_ms=None,
-                                status=f"error: timing: {reason}"))
-            _free(device)
+        timed = H.time_calls(calls, grads, mode=mode, device=device, timing_kw=timing_kw,
+                             emit=emit, base=base)
+        if timed is None:
             continue
+        times, peaks = timed
         for p in params:
             p.grad = None
         base_ms = times[BASELINE][0]
         ref_ms = times["reference"][0] if "reference" in times else None
         fl = flops(case, mode)
         for name, t in times.items():
-            ex = extras[name]
-            ex["tflops"] = round(fl / (t[0] * 1e-3) / 1e12, 3)
-            if ref_ms is not None:
-                ex["x_eager"] = round(ref_ms / t[0], 2)
-            if peaks.get(name) is not None:
-                ex["peak_mb"] = round(peaks[name], 1)
+            ex = H.speed_extras(extras[name], t[0], fl, ref_ms, peaks.get(name))
             if name == BASELINE and cudnn_ok is not None:
                 ex["cudnn"] = cudnn_ok
             if name == "dtl_fast":
@@ -759,15 +655,8 @@ GPU_FLOOR = 0.9  # x cuDNN, everywhere
 GPU_EAGER = 20.0  # x the eager loop, everywhere
 
 
-def _ok(r) -> bool:
-    return str(r.get("status", "")).startswith("ok")
-
-
-def _extra(r) -> dict:
-    try:
-        return json.loads(r.get("extra") or "{}")
-    except ValueError:
-        return {}
+_ok = H.row_ok
+_extra = H.row_extra
 
 
 def _parse_shape(shape: str) -> tuple[int, int, int]:
@@ -781,29 +670,11 @@ def _is_headline(r) -> bool:
             and r["dtype"] in ("bfloat16", "float16"))
 
 
-def _min_figure(name, rows, key, target, unit, expected_rows=None):
-    """One figure: the minimum of `key` over the rows that qualify, naming the worst case. Rows
-    whose provider failed or was skipped make the figure FAIL (a red gate never passes)."""
-    if not rows:
-        return dict(name=name, value="unmeasured (no case of this kind in this run)", passed=False)
-    bad = [r for r in rows if not _ok(r)]
-    if bad:
-        r = bad[0]
-        return dict(name=name, passed=False,
-                    value=f"{len(bad)} case(s) not ok, e.g. {r['variant']} {r['shape']} "
-                          f"{r['dtype']} {r['mode']}: {str(r['status'])[:60]}")
-    vals = []
-    for r in rows:
-        v = H.fnum(r.get("ratio")) if key == "ratio" else H.fnum(_extra(r).get(key))
-        if v is not None:
-            vals.append((v, r))
-    if not vals:
-        return dict(name=name, value="n/a", passed=False)
-    v, r = min(vals, key=lambda p: p[0])
-    noisy = any(_extra(rr).get("noisy") for _, rr in vals)
-    return dict(name=name, passed=v >= target, number=v, target=target, unit=unit,
-                value=f"min {v:.2f}{unit} over {len(vals)} case(s), worst {r['variant']} "
-                      f"{r['shape']} {r['dtype']}" + (", noisy p20-p80" if noisy else ""))
+def _min_figure(name, rows, key, target, unit):
+    """H.min_figure of the row's ``ratio`` (key "ratio") or of its extra's ``key``."""
+    if key == "ratio":
+        return H.min_figure(name, rows, lambda r: H.fnum(r.get("ratio")), target, unit)
+    return H.min_figure(name, rows, lambda r: H.fnum(_extra(r).get(key)), target, unit)
 
 
 def acceptance(rows, device: str) -> list[dict[str, Any]]:
@@ -861,16 +732,7 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> int:
-    p = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--standin", action="store_true",
-                   help="harness self-test with stand-in functions; rows go to rnn_standin.csv")
-    args = p.parse_args(argv)
-    rows = run(args)
-    figs = acceptance(rows, H.resolve_device(args.device)) if not args.standin else []
-    for f in figs:
-        print(f"  {'PASS' if f['passed'] else 'FAIL'}  {f['name']}  ({f['value']})")
-    red = [r for r in rows if r["status"].startswith(("gate-failed", "error"))]
-    return 1 if red else 0
+    return H.bench_main(argv, doc=__doc__, kernel=KERNEL, run=run, acceptance=acceptance)
 
 
 if __name__ == "__main__":

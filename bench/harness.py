@@ -20,8 +20,10 @@ Nothing here imports dtl_fast, so the harness works (and can be tested) before t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -809,3 +811,318 @@ def budget_skip(deadline: Deadline, est_s: float, planned_s: float = 0.0,
         return (f"skipped: {what} needs ~{est_s:.0f} s, {max(0.0, left - planned_s):.0f} s left "
                 "in the time budget")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces the bench modules share (inputs, memory, the run loop's rows, acceptance, main)
+# ----------------------------------------------------------------------------------------------
+
+
+def gen(device: str, seed: int) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed``: every input of a case is drawn from
+    its own seed, so the providers of a case (and repeated runs) see the same tensors."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def free(device: str) -> None:
+    """Collect garbage and, on CUDA, hand the allocator's cached blocks back (between cases)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: str) -> None:
+    """Wait for the device (CUDA) so that host timers measure the work, not its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mb(fn: Callable[[], Any], device: str, grad_to_none=None) -> float | None:
+    """MiB allocated at the peak of one call of ``fn`` above what was allocated before it (CUDA
+    only; None on CPU). ``grad_to_none``'s grads are cleared first, as between timed calls."""
+    if device != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / (1 << 20)
+
+
+def exc_text(exc: BaseException, limit: int = 120) -> str:
+    """``Type: first line of the message`` (cut to ``limit`` characters) for a status."""
+    first = (str(exc).splitlines() or [""])[0]  # an exception may have an empty message
+    return f"{type(exc).__name__}: {first[:limit]}"
+
+
+def exc_status(exc: BaseException, device: str) -> str:
+    """The status of a row whose work raised ``exc``: ``skipped: out of memory`` for a CUDA
+    out-of-memory error, ``error: Type: message`` otherwise."""
+    if device == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "skipped: out of memory"
+    return f"error: {exc_text(exc)}"
+
+
+def gate_status(msg: str, kernel: str, what: str) -> str:
+    """The status of a provider that did not pass its gate: a red gate (a message that is not
+    already ``skipped...`` / ``error...``) is printed as ``RED GATE <what>`` and becomes
+    ``gate-failed: <msg>``; a skip or error stays as it is."""
+    if msg.startswith(("skipped", "error")):
+        return msg
+    print(f"[{kernel}] RED GATE {what}: {msg}")
+    return f"gate-failed: {msg}"
+
+
+def emitter(writer: "ResultWriter", rows: list[dict[str, Any]],
+            extra_keys: Sequence[str]) -> Callable[[dict[str, Any]], None]:
+    """``emit(row)``: append the row to the CSV and to ``rows``, and print its line."""
+
+    def emit(row: dict[str, Any]) -> None:
+        writer.append(row)
+        rows.append(row)
+        print("  " + row_line(row, extra_keys=extra_keys), flush=True)
+
+    return emit
+
+
+def emit_case_rows(emit: Callable, modes: Iterable[str], status: str, **case: Any) -> None:
+    """One ``(all)`` row per mode for a whole case that did not run (``status`` says why):
+    ``case`` holds make_row's kernel, variant, shape, dtype, stamp, baseline, run_id."""
+    for mode in modes:
+        emit(make_row(**case, provider="(all)", mode=mode, timing=None, baseline_ms=None,
+                      status=status))
+
+
+BUDGET_SPENT = "skipped: time budget spent before this case"
+
+
+def second_call_budget(deadline: Deadline, planned_s: float, one_call_s: Callable[[], float],
+                       device: str) -> tuple[float, str | None]:
+    """Budget one provider's timing from its second call (the first held the JIT compile /
+    autotuning): ``(estimated seconds, None)`` when it fits in what is left of ``deadline``
+    after ``planned_s``, else ``(0.0, status)`` -- ``skipped: ...`` or, when the call raised,
+    ``error: second call: ...`` (the device's cache freed)."""
+    try:
+        call_s = one_call_s()
+    except Exception as exc:  # noqa: BLE001
+        free(device)
+        return 0.0, f"error: second call: {exc_text(exc, 100)}"
+    est = timing_estimate_s(call_s)
+    return est, budget_skip(deadline, est, planned_s)
+
+
+def status_row(base: dict[str, Any], provider: str, status: str) -> dict[str, Any]:
+    """The row of a provider that was not timed (``status`` says why): make_row with ``base``
+    (kernel, mode, variant, shape, dtype, stamp, baseline, run_id) and no timing."""
+    return make_row(**base, provider=provider, timing=None, baseline_ms=None, status=status)
+
+
+def budget_order(providers: Iterable[str], baseline: str) -> list[str]:
+    """The order providers are gated and budgeted in: the baseline, then dtl_fast, then the
+    others (eager, compiled), so a tight budget drops the expensive comparisons before the one
+    the figures need."""
+    return sorted(providers, key=lambda n: (n != baseline, n != "dtl_fast"))
+
+
+def baseline_missing(calls: dict[str, Callable], baseline: str, kernel: str, what: str,
+                     emit: Callable, base: dict[str, Any]) -> bool:
+    """True (having printed it and emitted ``skipped: baseline failed its gate`` for the other
+    providers) when the baseline is not among ``calls``: no ratio, so nothing is timed."""
+    if baseline in calls:
+        return False
+    print(f"[{kernel}] baseline {baseline} unavailable: nothing timed for {what}")
+    for name in calls:
+        emit(status_row(base, name, "skipped: baseline failed its gate"))
+    return True
+
+
+def time_calls(calls: dict[str, Callable], grads: dict[str, list], *, mode: str, device: str,
+               timing_kw: dict[str, Any], emit: Callable, base: dict[str, Any]):
+    """``(times, peaks)`` of ``calls`` (time_many; forward under no_grad) and each call's CUDA
+    peak MiB; on an exception an ``error: timing: ...`` row per provider, the device's cache
+    freed, and None."""
+    try:
+        with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
+            times = time_many(calls, device=device, grad_to_none=grads, **timing_kw)
+            peaks = {k: peak_mb(c, device, grads.get(k)) for k, c in calls.items()}
+    except Exception as exc:  # noqa: BLE001
+        reason = exc_text(exc)
+        for name in calls:
+            emit(status_row(base, name, f"error: timing: {reason}"))
+        free(device)
+        return None
+    return times, peaks
+
+
+def speed_extras(ex: dict[str, Any], t_ms: float, flops: float, ref_ms: float | None,
+                 peak: float | None) -> dict[str, Any]:
+    """Add ``tflops``, ``x_eager`` (the eager reference's median / this one, when it was timed)
+    and ``peak_mb`` (when measured) to a row's extra, in that order; returns ``ex``."""
+    ex["tflops"] = round(flops / (t_ms * 1e-3) / 1e12, 3)
+    if ref_ms is not None:
+        ex["x_eager"] = round(ref_ms / t_ms, 2)
+    if peak is not None:
+        ex["peak_mb"] = round(peak, 1)
+    return ex
+
+
+def finish_run(rows: list[dict[str, Any]], args: argparse.Namespace, *, kernel: str,
+               device: str, run_id: str, writer: "ResultWriter", stamp: dict[str, Any],
+               extra_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The end of a module's run: where the rows went, the table and (unless --no-plot) the
+    plot; returns ``rows``."""
+    print(f"\n[{kernel}] results ({device}, run {run_id}) -> {writer.path}")
+    print_table(rows, extra_keys=extra_keys)
+    if not args.no_plot:
+        png = plot_ratios(rows, args.out, kernel, stamp["device_slug"])
+        if png:
+            print(f"[{kernel}] plot -> {png}")
+    return rows
+
+
+def run_one_thread_on_cpu(args: argparse.Namespace,
+                          body: Callable[[argparse.Namespace, str], Any]) -> Any:
+    """``body(args, device)``; on CPU without --threads on one thread, the thread count
+    restored afterwards (the rows' device_name says which)."""
+    device = resolve_device(args.device)
+    prev_threads = torch.get_num_threads()
+    if device == "cpu" and not getattr(args, "threads", None):
+        torch.set_num_threads(1)
+    try:
+        return body(args, device)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+# acceptance helpers
+
+
+def row_ok(r: dict[str, Any]) -> bool:
+    """The row's provider was timed (status ``ok``)."""
+    return str(r.get("status", "")).startswith("ok")
+
+
+def row_extra(r: dict[str, Any]) -> dict[str, Any]:
+    """The row's ``extra`` JSON as a dict ({} when empty or not JSON)."""
+    try:
+        return json.loads(r.get("extra") or "{}")
+    except ValueError:
+        return {}
+
+
+def min_figure(name: str, rows: Sequence[dict[str, Any]],
+               value_fn: Callable[[dict[str, Any]], float | None], target: float,
+               unit: str = "x") -> dict[str, Any]:
+    """One acceptance figure: the minimum of ``value_fn`` over the rows that qualify, naming the
+    worst case. Rows whose provider failed or was skipped make the figure FAIL (a red gate
+    never passes); no rows: ``unmeasured``; no value: ``n/a``."""
+    if not rows:
+        return dict(name=name, value="unmeasured (no case of this kind in this run)", passed=False)
+    bad = [r for r in rows if not row_ok(r)]
+    if bad:
+        r = bad[0]
+        return dict(name=name, passed=False,
+                    value=f"{len(bad)} case(s) not ok, e.g. {r['variant']} {r['shape']} "
+                          f"{r['dtype']} {r['mode']}: {str(r['status'])[:60]}")
+    vals = [(value_fn(r), r) for r in rows]
+    vals = [(v, r) for v, r in vals if v is not None]
+    if not vals:
+        return dict(name=name, value="n/a", passed=False)
+    v, r = min(vals, key=lambda p: p[0])
+    noisy = any(row_extra(rr).get("noisy") for _, rr in vals)
+    return dict(name=name, passed=v >= target, number=v, target=target, unit=unit,
+                value=f"min {v:.2f}{unit} over {len(vals)} case(s), worst {r['variant']} "
+                      f"{r['shape']} {r['dtype']}" + (", noisy p20-p80" if noisy else ""))
+
+
+def bench_main(argv, *, doc: str, kernel: str, run: Callable, acceptance: Callable,
+               standin_help: str | None = None) -> int:
+    """A bench module's command line: the common flags plus --standin, run, print the acceptance
+    figures (not for a stand-in run); exit status 1 when a row is gate-failed or an error."""
+    p = add_common_args(argparse.ArgumentParser(description=doc.splitlines()[0]))
+    p.add_argument("--standin", action="store_true",
+                   help=standin_help or "harness self-test with stand-in functions; rows go to "
+                                        f"{kernel}_standin.csv")
+    args = p.parse_args(argv)
+    rows = run(args)
+    figs = acceptance(rows, resolve_device(args.device)) if not args.standin else []
+    for f in figs:
+        print(f"  {'PASS' if f['passed'] else 'FAIL'}  {f['name']}  ({f['value']})")
+    red = [r for r in rows if r["status"].startswith(("gate-failed", "error"))]
+    return 1 if red else 0
+
+
+def run_cases(cases: Sequence[Any], *, kernel: str, device: str, deadline: Deadline,
+              emit: Callable, modes: Iterable[str], stamp: dict[str, Any], baseline: str,
+              run_id: str, run_case: Callable[[int, Any], None],
+              after_case: Callable[[Any], None] | None = None) -> None:
+    """``run_case(index, case)`` for each case (an object with ``variant``, ``shape`` and
+    ``dtype`` strings) in turn. A case that raises gets one ``(all)`` row per mode with its
+    status (exc_status), so one broken case does not end the run; once the deadline has passed
+    the cases left get ``(all)`` rows saying so, and none runs. After each case:
+    ``after_case(case)``, then free(device)."""
+    modes = tuple(modes)
+
+    def case_rows(c, status):
+        emit_case_rows(emit, modes, status, kernel=kernel, variant=c.variant, shape=c.shape,
+                       dtype=c.dtype, stamp=stamp, baseline=baseline, run_id=run_id)
+
+    for ci, case in enumerate(cases):
+        if deadline.expired():
+            print(f"[{kernel}] time budget spent: {len(cases) - ci} case(s) not run (rows say so)")
+            for c in cases[ci:]:
+                case_rows(c, BUDGET_SPENT)
+            break
+        try:
+            run_case(ci, case)
+        except Exception as exc:  # noqa: BLE001 -- one broken case must not end the run
+            case_rows(case, exc_status(exc, device))
+        if after_case is not None:
+            after_case(case)
+        free(device)
+
+
+def select_grid(device: str, quick: bool, tiny: bool, *, tiny_grid: list, cpu_quick: list,
+                cpu_full: list, gpu_quick: list, gpu_full: list) -> list:
+    """The cases of a run: --tiny (tests) first, then CUDA quick / full, else CPU quick / full."""
+    if tiny:
+        return tiny_grid
+    if device == "cuda":
+        return gpu_quick if quick else gpu_full
+    return cpu_quick if quick else cpu_full
+
+
+def grid_timing_kwargs(device: str, quick: bool, tiny: bool, *,
+                       cpu_quick: dict[str, Any]) -> dict[str, Any]:
+    """time_many's settings for a case grid: CUDA do_bench quick / full; CPU --tiny (tests),
+    ``cpu_quick`` (the module's own), or the full settings (longer than the harness default:
+    on a shared VM the sample distribution is wide). A fresh dict each call."""
+    if device == "cuda":
+        return dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
+    if tiny:
+        return dict(warmup=2, rep=5, min_samples=3, max_ms=200)
+    return (dict(cpu_quick) if quick
+            else dict(warmup=100, rep=300, min_samples=10, max_ms=4000))
+
+
+def start_run(args: argparse.Namespace, kernel: str) -> tuple[str, str, Deadline]:
+    """The start of a module's run: apply --threads; returns the kernel name of the rows (with
+    ``_standin`` for a --standin run), the run id (run.py's, else a new one) and the deadline
+    of --time-budget (started now)."""
+    apply_threads(args)
+    if getattr(args, "standin", False):
+        kernel += "_standin"
+    return kernel, args.run_id or new_run_id(), Deadline(args.time_budget)
+
+
+def open_results(args: argparse.Namespace, kernel: str,
+                 device: str) -> tuple[dict[str, Any], "ResultWriter"]:
+    """The environment stamp (printed) and the writer of ``<out>/<kernel>.csv``."""
+    stamp = env_stamp(device)
+    writer = ResultWriter(args.out, kernel)
+    print(f"[{kernel}] {format_stamp(stamp)}")
+    return stamp, writer
