@@ -66,6 +66,24 @@ def _tanh(x):
 
 
 @triton.jit
+def _dgates_dot_w(dg_ptr, g_base, row_m, w_ptr, d, G, H, cols, col_ok, rk,
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr, F64: tl.constexpr):
+    """dgates[rows, :G] @ W_hh[d, :G, cols] for one hidden block: the recurrent part of dh
+    (g_base [BLOCK_B] indexes the rows' gate gradients; rows outside row_m contribute 0)."""
+    acc = _zeros(BLOCK_B, BLOCK_H, F64)
+    for k0 in range(0, G, BLOCK_K):
+        ks = k0 + rk
+        k_ok = ks < G
+        dgn = tl.load(dg_ptr + g_base[:, None] + ks[None, :],
+                      mask=row_m[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (d * G + ks[:, None]) * H + cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(dgn, w, acc, ALLOW_TF32, DOT_F32)
+    return acc
+
+
+@triton.jit
 def _row_state(t, d, seq_len, row_ok):
     """Per batch row at step t of direction d: (valid, first, last) in processing order. The
     forward direction runs t = 0 .. len-1, the reverse one t = len-1 .. 0."""
@@ -197,15 +215,8 @@ def _lstm_bwd_kernel(gout_ptr, ghn_ptr, gcn_ptr, w_ptr, c0_ptr, act_ptr, call_pt
         for n0 in range(0, H, BLOCK_H):
             cols = n0 + rn
             col_ok = cols < H
-            acc = _zeros(BLOCK_B, BLOCK_H, F64)
-            for k0 in range(0, G, BLOCK_K):
-                ks = k0 + rk
-                k_ok = ks < G
-                dgn = tl.load(dg_ptr + next_gbase[:, None] + ks[None, :],
-                              mask=from_next[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + (d * G + ks[:, None]) * H + cols[None, :],
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _dot(dgn, w, acc, ALLOW_TF32, DOT_F32)
+            acc = _dgates_dot_w(dg_ptr, next_gbase, from_next, w_ptr, d, G, H, cols, col_ok, rk,
+                                BLOCK_B, BLOCK_H, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
             vm = valid[:, None] & col_ok[None, :]
             lm = last[:, None] & col_ok[None, :]
             sm = row_ok[:, None] & col_ok[None, :]
@@ -245,15 +256,8 @@ def _lstm_bwd_kernel(gout_ptr, ghn_ptr, gcn_ptr, w_ptr, c0_ptr, act_ptr, call_pt
     for n0 in range(0, H, BLOCK_H):
         cols = n0 + rn
         col_ok = cols < H
-        acc = _zeros(BLOCK_B, BLOCK_H, F64)
-        for k0 in range(0, G, BLOCK_K):
-            ks = k0 + rk
-            k_ok = ks < G
-            dgn = tl.load(dg_ptr + first_gbase[:, None] + ks[None, :],
-                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + (d * G + ks[:, None]) * H + cols[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(dgn, w, acc, ALLOW_TF32, DOT_F32)
+        acc = _dgates_dot_w(dg_ptr, first_gbase, row_ok, w_ptr, d, G, H, cols, col_ok, rk,
+                            BLOCK_B, BLOCK_H, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
         sm = row_ok[:, None] & col_ok[None, :]
         st = st_base[:, None] + cols[None, :]
         tl.store(dh0_ptr + st, acc, mask=sm)
@@ -372,15 +376,8 @@ def _gru_bwd_kernel(gout_ptr, ghn_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, len_ptr,
         for n0 in range(0, H, BLOCK_H):
             cols = n0 + rn
             col_ok = cols < H
-            acc = _zeros(BLOCK_B, BLOCK_H, F64)
-            for k0 in range(0, G, BLOCK_K):
-                ks = k0 + rk
-                k_ok = ks < G
-                dgn = tl.load(dgh_ptr + next_gbase[:, None] + ks[None, :],
-                              mask=from_next[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + (d * G + ks[:, None]) * H + cols[None, :],
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _dot(dgn, w, acc, ALLOW_TF32, DOT_F32)
+            acc = _dgates_dot_w(dgh_ptr, next_gbase, from_next, w_ptr, d, G, H, cols, col_ok, rk,
+                                BLOCK_B, BLOCK_H, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
             vm = valid[:, None] & col_ok[None, :]
             lm = last[:, None] & col_ok[None, :]
             sm = row_ok[:, None] & col_ok[None, :]
@@ -416,15 +413,8 @@ def _gru_bwd_kernel(gout_ptr, ghn_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, len_ptr,
     for n0 in range(0, H, BLOCK_H):
         cols = n0 + rn
         col_ok = cols < H
-        acc = _zeros(BLOCK_B, BLOCK_H, F64)
-        for k0 in range(0, G, BLOCK_K):
-            ks = k0 + rk
-            k_ok = ks < G
-            dgn = tl.load(dgh_ptr + first_gbase[:, None] + ks[None, :],
-                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + (d * G + ks[:, None]) * H + cols[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(dgn, w, acc, ALLOW_TF32, DOT_F32)
+        acc = _dgates_dot_w(dgh_ptr, first_gbase, row_ok, w_ptr, d, G, H, cols, col_ok, rk,
+                            BLOCK_B, BLOCK_H, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
         sm = row_ok[:, None] & col_ok[None, :]
         st = st_base[:, None] + cols[None, :]
         tl.store(dh0_ptr + st, acc + tl.load(buf_ptr + fin + st, mask=sm, other=0.0), mask=sm)
