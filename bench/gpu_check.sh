@@ -41,7 +41,9 @@
 # GPU_CHECK_TEST_CAP (100, all test groups together), GPU_CHECK_TEST_TIMEOUT (per test, 45 s,
 # needs pytest-timeout), GPU_CHECK_QUICK=0 (full grids instead of --quick, cut by the budget),
 # GPU_CHECK_SKIP_BUILD=1 (package already installed), DTL_FAST_GIT_REV (the git revision to stamp
-# on every row where the checkout has no .git; printed when set).
+# on every row where the checkout has no .git; printed when set), GPU_CHECK_STEPS (comma-separated
+# step names to run, e.g. "test-dtl,bench-dtl"; default all: test-pool, test-rnn, test-attn,
+# test-dtl, bench-pool, bench-rnn, bench-attn, bench-dtl; the build always runs unless skipped).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -116,6 +118,12 @@ step() {
 skip() {
     log "=== [$1] skipped: $2"
     STEP_NAMES+=("$1"); STEP_STATE+=("skipped ($2)"); STEP_SECS+=(0)
+}
+
+# wanted NAME: true when GPU_CHECK_STEPS is unset or lists NAME
+wanted() {
+    [[ -z "${GPU_CHECK_STEPS:-}" ]] && return 0
+    [[ ",${GPU_CHECK_STEPS}," == *",$1,"* ]]
 }
 
 # copy_out: this run's CSVs, PNGs, log and summary into $OUT (at most 8 files come back)
@@ -208,6 +216,7 @@ TEST_USED=0
 test_group() {
     local name=$1 pct=$2
     shift 2
+    if ! wanted "$name"; then skip "$name" "not in GPU_CHECK_STEPS"; return 0; fi
     local files=() f
     for f in "$@"; do [[ -f "$f" ]] && files+=("$f"); done
     if ((${#files[@]} == 0)); then skip "$name" "no test files"; return 0; fi
@@ -231,7 +240,8 @@ else
     skip test-pool "frame_pool CUDA not built"
 fi
 test_group test-rnn 55 tests/test_rnn_ops.py tests/test_rnn_modules.py
-test_group test-attn 100 tests/test_cosine_attention.py tests/test_attention_modules.py
+test_group test-attn 70 tests/test_cosine_attention.py tests/test_attention_modules.py
+test_group test-dtl 100 tests/test_models.py
 
 # ---- 3. benchmarks: one step per module, each with a share of what is left --------------------
 QUICK=(--quick)
@@ -241,6 +251,7 @@ if [[ "${GPU_CHECK_QUICK:-1}" == 0 ]]; then QUICK=(); fi
 # the module stops starting new cases ~20 s before its hard limit, so it ends cleanly.
 bench_step() {
     local name=$1 module=$2 pct=$3
+    if ! wanted "$name"; then skip "$name" "not in GPU_CHECK_STEPS"; return 0; fi
     local avail cap inner
     avail=$(($(left) - SUMMARY_RESERVE))
     cap=$((avail * pct / 100))
@@ -259,8 +270,9 @@ else
     else
         skip bench-pool "frame_pool CUDA not built"
     fi
-    bench_step bench-rnn bench_rnn 55               # ~43 %
-    bench_step bench-attn bench_cosine_attention 100  # the rest (~35 %)
+    bench_step bench-rnn bench_rnn 40               # ~31 %
+    bench_step bench-attn bench_cosine_attention 45   # ~21 %
+    bench_step bench-dtl bench_dtl 100              # the rest (~26 %): the DTL training step
 fi
 
 # ---- 4. outputs to $OUT first, then the summary (printed last), then $OUT again ---------------
