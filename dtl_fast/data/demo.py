@@ -1,0 +1,352 @@
+"""The bundled demo data set: handwritten digits as degraded images and occluded moving clips.
+
+Built from scikit-learn's bundled 8x8 digits (`sklearn.datasets.load_digits`, 1797 samples,
+no download) into the MultiModalFolder layout:
+
+    root/{train,validation,test}/<digit>/<index>.png      the image
+    root/{train,validation,test}/<digit>/<index>/000.png  the clip's frames
+    root/dtl_fast_demo.json                               marker: generator version + parameters
+
+Neither view is enough on its own: the image is noisy and a block hides part of the digit; the
+clip shows another person's handwriting of the same digit, smaller, drifting across the frame
+with a bar that travels with it and hides one side of it, with per-frame noise and 4..12 frames.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import struct
+import uuid
+import zlib
+
+import numpy as np
+
+from dtl_fast.data.folder import SPLITS
+
+MARKER = "dtl_fast_demo.json"
+GENERATOR = "dtl_fast.data.demo"
+VERSION = 1
+_OCCLUDER_GRAY = 0.5
+
+
+def _load_digits():
+    """scikit-learn's bundled digits: images float32 [1797, 8, 8] in [0, 1], labels int64 [1797]."""
+    # Read the bundled file directly when it is where scikit-learn keeps it: importing sklearn
+    # (and scipy under it) can take longer than building the whole data set.
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+            if data.shape == (1797, 65):
+                return data[:, :64].reshape(-1, 8, 8) / 16.0, data[:, 64].astype(np.int64)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise RuntimeError("the demo data set needs scikit-learn (pip install scikit-learn): its bundled "
+                           "handwritten digits are the data") from exc
+    data = load_digits()
+    return data.images.astype(np.float32) / 16.0, data.target.astype(np.int64)
+
+
+@functools.cache
+def _upsample_matrix(n_out: int, n_in: int = 8) -> np.ndarray:
+    """[n_out, n_in] bilinear interpolation (half-pixel centres), so A @ img @ A.T resizes."""
+    a = np.zeros((n_out, n_in), np.float32)
+    for o in range(n_out):
+        x = min(max((o + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1.0)
+        i0 = int(math.floor(x))
+        i1 = min(i0 + 1, n_in - 1)
+        a[o, i0] += 1.0 - (x - i0)
+        a[o, i1] += x - i0
+    return a
+
+
+def _split_and_pair(labels: np.ndarray, params: dict, rng: np.random.Generator):
+    """Stratified split (per class: round(fraction * n), at least one sample per split) and each
+    sample's video partner: another sample of the same class in the same split (itself only when
+    it is its class's single sample in that split)."""
+    n_per_class = params["samples_per_class"]
+    _, f_val, f_test = params["split_fractions"]
+    split_of, partner = {}, {}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if n_per_class is not None:
+            idx = idx[:n_per_class]
+        m = len(idx)
+        n_test, n_val = max(1, round(f_test * m)), max(1, round(f_val * m))
+        for i in idx[:n_test]:
+            split_of[int(i)] = "test"
+        for i in idx[n_test:n_test + n_val]:
+            split_of[int(i)] = "validation"
+        for i in idx[n_test + n_val:]:
+            split_of[int(i)] = "train"
+    for split in SPLITS:
+        for c in range(10):
+            group = rng.permutation([i for i in sorted(split_of) if split_of[i] == split and labels[i] == c])
+            for k, i in enumerate(group):
+                partner[int(i)] = int(group[(k + 1) % len(group)])  # a cycle: nobody is their own partner unless alone
+    return split_of, partner
+
+
+def _render_image(digit: np.ndarray, p: dict, rng: np.random.Generator) -> np.ndarray:
+    size, ds, jit, occ = p["image_size"], p["digit_size"], p["image_jitter"], p["image_occluder"]
+    img = np.zeros((size, size), np.float32)
+    a = _upsample_matrix(ds)
+    oy, ox = (size - ds) // 2 + rng.integers(-jit, jit + 1, 2)
+    oy, ox = int(np.clip(oy, 0, size - ds)), int(np.clip(ox, 0, size - ds))
+    img[oy:oy + ds, ox:ox + ds] = a @ digit @ a.T
+    if occ > 0:
+        # the block always overlaps the digit, so it hides strokes rather than background
+        py = int(np.clip(rng.integers(oy - occ // 2, oy + ds - occ // 2 + 1), 0, size - occ))
+        px = int(np.clip(rng.integers(ox - occ // 2, ox + ds - occ // 2 + 1), 0, size - occ))
+        img[py:py + occ, px:px + occ] = _OCCLUDER_GRAY
+    img += rng.normal(0.0, p["image_noise"], img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _render_clip(digit: np.ndarray, p: dict, rng: np.random.Generator) -> np.ndarray:
+    size, ds, bar = p["frame_size"], p["video_digit_size"], p["video_occluder"]
+    t_len = int(rng.integers(p["min_frames"], p["max_frames"] + 1))
+    a = _upsample_matrix(ds)
+    glyph = a @ digit @ a.T
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    dy, dx = math.sin(angle) * p["motion"], math.cos(angle) * p["motion"]
+    side = int(rng.integers(0, 4))  # which side of the digit the bar hides: top, bottom, left, right
+    centre = (size - ds) / 2.0
+    frames = np.zeros((t_len, size, size), np.float32)
+    for t in range(t_len):
+        s = t / (t_len - 1) - 0.5 if t_len > 1 else 0.0
+        y = int(round(min(max(centre + s * dy, 0), size - ds)))
+        x = int(round(min(max(centre + s * dx, 0), size - ds)))
+        frames[t, y:y + ds, x:x + ds] = glyph
+        if bar > 0:
+            if side == 0:
+                frames[t, y:y + bar, x:x + ds] = _OCCLUDER_GRAY
+            elif side == 1:
+                frames[t, y + ds - bar:y + ds, x:x + ds] = _OCCLUDER_GRAY
+            elif side == 2:
+                frames[t, y:y + ds, x:x + bar] = _OCCLUDER_GRAY
+            else:
+                frames[t, y:y + ds, x + ds - bar:x + ds] = _OCCLUDER_GRAY
+    frames += rng.normal(0.0, p["video_noise"], frames.shape).astype(np.float32)
+    return np.clip(frames, 0.0, 1.0)
+
+
+def render_demo_samples(params: dict):
+    """Yields (split, label, stem, image float32 [H, W] in [0, 1], clip float32 [T, H', W']) for
+    every sample, in a deterministic order; params as recorded in the marker."""
+    images, labels = _load_digits()
+    seed = params["seed"]
+    split_of, partner = _split_and_pair(labels, params, np.random.default_rng([seed, 0]))
+    for i in sorted(split_of):
+        # one generator per sample, so a sample's pixels do not depend on which others are built
+        rng = np.random.default_rng([seed, 1, i])
+        image = _render_image(images[i], params, rng)
+        clip = _render_clip(images[partner[i]], params, rng)
+        yield split_of[i], int(labels[i]), f"{i:04d}", image, clip
+
+
+def _check_params(p: dict) -> None:
+    def need_int(name, low, high=None):
+        v = p[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low or (high is not None and v > high):
+            raise ValueError(f"{name} must be an int >= {low}" + (f" and <= {high}" if high is not None else "")
+                             + f", got {v!r}")
+
+    def need_float(name, low, high):
+        v = p[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high):
+            raise ValueError(f"{name} must be a number in [{low}, {high}], got {v!r}")
+
+    need_int("seed", 0)
+    if p["samples_per_class"] is not None:
+        need_int("samples_per_class", 3)
+    need_int("image_size", 8, 1024)
+    need_int("digit_size", 4, p["image_size"])
+    need_int("image_jitter", 0, p["image_size"])
+    need_int("image_occluder", 0, p["digit_size"])
+    need_float("image_noise", 0.0, 10.0)
+    need_int("frame_size", 8, 1024)
+    need_int("video_digit_size", 4, p["frame_size"])
+    need_int("video_occluder", 0, p["video_digit_size"])
+    need_float("video_noise", 0.0, 10.0)
+    need_int("min_frames", 1, 1000)
+    need_int("max_frames", p["min_frames"], 1000)
+    need_float("motion", 0.0, float(p["frame_size"]))
+    fr = p["split_fractions"]
+    if (not isinstance(fr, (list, tuple)) or len(fr) != 3 or
+            not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in fr)
+            or abs(sum(fr) - 1.0) > 1e-6):
+        raise ValueError(f"split_fractions must be three numbers in (0, 1) summing to 1 "
+                         f"(train, validation, test), got {fr!r}")
+
+
+def _read_marker(root: pathlib.Path):
+    try:
+        with open(root / MARKER, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_builds(root: pathlib.Path) -> None:
+    """Deletes temp folders left by builds of this root that were killed (their pid is gone)."""
+    prefix = f".{root.name}."
+    for entry in root.parent.iterdir():
+        name = entry.name
+        if not (name.startswith(prefix) and entry.is_dir()):
+            continue
+        kind, _, rest = name[len(prefix):].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("building", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    """float [H, W] in [0, 1] -> an 8-bit grayscale PNG file's bytes.
+
+    Written by hand because Pillow's per-file overhead made saving ~16000 tiny frames the
+    slowest part of the build; the bytes are a standard PNG (filter 0, zlib level 6) and depend
+    only on the pixels."""
+    gray = np.round(pixels * 255.0).astype(np.uint8)
+    h, w = gray.shape
+    rows = np.zeros((h, w + 1), np.uint8)  # each row starts with its filter type: 0 (none)
+    rows[:, 1:] = gray
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
+def _write_png(path, pixels: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(_png_bytes(pixels))
+
+
+def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_per_class=None,
+                       image_size: int = 32, digit_size: int = 22, image_jitter: int = 1,
+                       image_occluder: int = 15, image_noise: float = 0.25, frame_size: int = 32,
+                       video_digit_size: int = 18, video_occluder: int = 9, video_noise: float = 0.3,
+                       min_frames: int = 4, max_frames: int = 12, motion: float = 4.0,
+                       split_fractions=(0.7, 0.15, 0.15)) -> pathlib.Path:
+    """Builds the bundled demo data set under `root` and returns root as a pathlib.Path.
+
+    Every sample of scikit-learn's digits (or `samples_per_class` of each digit) becomes:
+      - an image, grayscale PNG image_size x image_size: the digit scaled to digit_size px,
+        shifted by up to image_jitter px, a gray image_occluder-px square block over part of it,
+        Gaussian noise of std image_noise (pixel scale 0..1);
+      - a clip, a folder of min_frames..max_frames grayscale PNG frames frame_size x frame_size:
+        a *different* sample of the same digit (same split), scaled to video_digit_size px,
+        drifting `motion` px in a random direction over the clip, with a video_occluder-px gray
+        bar that moves with it and hides one side (top, bottom, left or right), and per-frame
+        Gaussian noise of std video_noise.
+    Splits: per digit, split_fractions (train, validation, test) of its samples, at least one
+    each; class folders "0".."9". Everything is deterministic for `seed` (same bytes).
+
+    Measured with the defaults (logistic-regression proxy, bench/demo_data_proxy.py: flattened
+    image; mean of the clip's frames; both concatenated; C=0.03; trained on train, scored on
+    test): image 69.1 %, video 69.9 %, both 82.2 % (+12.3 points over the better single view;
+    on validation + test: 66.5 / 69.1 / 81.6 %). The models are CNNs, not this proxy.
+    Building takes ~12 s on a 2-core machine (~16,000 small PNG files).
+
+    The build goes into a temporary sibling folder that is renamed into place, with the marker
+    file (generator version + parameters) written last, so an interrupted build never leaves a
+    set that looks complete. If root already holds a complete demo set with the same parameters
+    this returns at once; with other parameters, or a non-empty root without the marker, it
+    raises FileExistsError unless overwrite=True (which only ever deletes a folder that holds
+    nothing but train/, validation/, test/ and the marker).
+    """
+    root = pathlib.Path(root).expanduser()
+    params = dict(seed=seed, samples_per_class=samples_per_class, image_size=image_size,
+                  digit_size=digit_size, image_jitter=image_jitter, image_occluder=image_occluder,
+                  image_noise=image_noise, frame_size=frame_size, video_digit_size=video_digit_size,
+                  video_occluder=video_occluder, video_noise=video_noise, min_frames=min_frames,
+                  max_frames=max_frames, motion=motion, split_fractions=split_fractions)
+    _check_params(params)
+    params["split_fractions"] = [float(f) for f in split_fractions]
+    params = {k: (float(v) if k in ("image_noise", "video_noise", "motion") else v) for k, v in params.items()}
+    wanted = {"generator": GENERATOR, "version": VERSION, "parameters": params}
+
+    marker = _read_marker(root) if root.is_dir() else None
+    same = marker is not None and {k: marker.get(k) for k in wanted} == wanted
+    if same and not overwrite:
+        return root
+    if root.exists():
+        if not root.is_dir():
+            raise FileExistsError(f"demo data root {root} exists and is not a folder")
+        contents = sorted(p.name for p in root.iterdir())
+        if contents:
+            if not overwrite:
+                if marker is not None and marker.get("generator") == GENERATOR:
+                    old = marker.get("parameters", {})
+                    diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+                    raise FileExistsError(
+                        f"{root} holds a demo data set built with other parameters (recorded vs asked: "
+                        f"{diff}, version {marker.get('version')} vs {VERSION}); pass overwrite=True "
+                        f"(--overwrite) to rebuild it, or choose another folder")
+                raise FileExistsError(
+                    f"{root} is not empty and holds no complete demo data set (no valid {MARKER}): it may be "
+                    f"another data set or an interrupted copy; refusing to write into it. Remove it, choose "
+                    f"another folder, or pass overwrite=True (--overwrite) to replace it")
+            foreign = [n for n in contents if n not in SPLITS + (MARKER,)]
+            if foreign:
+                raise FileExistsError(f"refusing to overwrite {root}: it holds more than a demo data set "
+                                      f"({foreign[:10]}); remove those or choose another folder")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root.parent / f".{root.name}.building-{tag}"
+    try:
+        counts = {s: {str(c): 0 for c in range(10)} for s in SPLITS}
+        tmp.mkdir()
+        for split in SPLITS:
+            for c in range(10):
+                (tmp / split / str(c)).mkdir(parents=True)
+        for split, label, stem, image, clip in render_demo_samples(params):
+            folder = tmp / split / str(label)
+            _write_png(str(folder / f"{stem}.png"), image)
+            (folder / stem).mkdir()
+            for t, frame in enumerate(clip):
+                _write_png(str(folder / stem / f"{t:03d}.png"), frame)
+            counts[split][str(label)] += 1
+        with open(tmp / MARKER, "w", encoding="utf-8") as f:  # last: it says the set is complete
+            json.dump({**wanted, "counts": counts}, f, indent=1, sort_keys=True)
+            f.write("\n")
+        old = None
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{tag}"
+            os.rename(root, old)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            # another process put a set in place since we looked; it is fine if it is ours
+            marker = _read_marker(root)
+            if marker is not None and {k: marker.get(k) for k in wanted} == wanted:
+                return root
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
