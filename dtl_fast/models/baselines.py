@@ -1,0 +1,113 @@
+"""Single-modality baselines for DTL's results table: the classic supervised image CNN and a
+video-only model, both on the same encoder as DTL."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from dtl_fast.models.dtl import _check_backend, set_fused_backend
+from dtl_fast.models.encoders import (ENCODERS, build_encoder, check_choice, check_images,
+                                      check_int, check_video_lengths, check_videos, encode_frames,
+                                      SpatialReadout)
+from dtl_fast.nn import FramePool
+
+__all__ = ["ImageBaseline", "VideoBaseline"]
+
+
+def _common_config(owner, num_classes, in_channels, encoder, encoder_weights, width) -> dict:
+    check_int(owner, "num_classes", num_classes, minimum=2)
+    check_int(owner, "in_channels", in_channels)
+    check_choice(owner, "encoder", encoder, ENCODERS)
+    check_int(owner, "width", width)
+    if encoder_weights is not None and not isinstance(encoder_weights, (str, os.PathLike)):
+        raise ValueError(f"{owner}: encoder_weights must be None or a file path, got "
+                         f"{type(encoder_weights).__name__}")
+    return dict(num_classes=int(num_classes), in_channels=int(in_channels), encoder=encoder,
+                encoder_weights=None if encoder_weights is None else os.fspath(encoder_weights),
+                width=int(width))
+
+
+class ImageBaseline(nn.Module):
+    r"""The classic supervised image-only CNN: logits = R(E(image)), with E DTL's encoder
+    (ConvEncoder by default, same arguments as DTL's) and R a SpatialReadout (average-pool to
+    4 x 4, flatten, linear): convolutions, then a fully connected classifier.
+
+    ImageBaseline(num_classes, *, in_channels=3, encoder="cnn", encoder_weights=None, width=64)
+    .config: the constructor's keyword arguments (JSON-serialisable; ImageBaseline(**config)).
+    forward(images [B, C, H, W] float) -> logits [B, num_classes].
+    """
+
+    def __init__(self, num_classes: int, *, in_channels: int = 3, encoder: str = "cnn",
+                 encoder_weights=None, width: int = 64):
+        super().__init__()
+        self._config = _common_config("ImageBaseline", num_classes, in_channels, encoder,
+                                      encoder_weights, width)
+        self.in_channels = int(in_channels)
+        self.encoder = build_encoder(encoder, in_channels, width, encoder_weights, owner="ImageBaseline")
+        self.head = SpatialReadout(self.encoder.out_channels, num_classes)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images("ImageBaseline", images, self.in_channels)
+        return self.head(self.encoder(images))
+
+
+class VideoBaseline(nn.Module):
+    r"""Video-only model: each valid frame through DTL's encoder and a SpatialReadout R (one
+    token per frame, as in DTL), then FramePool("mean") over the clip's valid frames and a
+    linear head:
+
+        x[b, t] = ReLU(R(E(video[b, t])))  (t < L[b] only),   logits = W mean_{t < L[b]} x[b, t] + b
+
+    Padded frames are never encoded nor read.
+
+    VideoBaseline(num_classes, *, in_channels=3, encoder="cnn", encoder_weights=None, width=64,
+                  backend=None)
+    backend: FramePool's backend ("auto" | "fused" | "reference" | None); settable.
+    .config: the constructor's keyword arguments (JSON-serialisable; VideoBaseline(**config)).
+    forward(videos [B, T, C, H, W] float, lengths [B] integer, 1 <= lengths[b] <= T, CPU or
+    videos' device) -> logits [B, num_classes].
+    """
+
+    def __init__(self, num_classes: int, *, in_channels: int = 3, encoder: str = "cnn",
+                 encoder_weights=None, width: int = 64, backend: str | None = None):
+        super().__init__()
+        self._config = _common_config("VideoBaseline", num_classes, in_channels, encoder,
+                                      encoder_weights, width)
+        _check_backend("VideoBaseline", backend)
+        self.in_channels = int(in_channels)
+        self.encoder = build_encoder(encoder, in_channels, width, encoder_weights, owner="VideoBaseline")
+        self.pool = FramePool("mean")
+        c = self.encoder.out_channels
+        self.readout = nn.Sequential(SpatialReadout(c, c), nn.ReLU())
+        self.head = nn.Linear(c, num_classes)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str | None:
+        return self.__dict__.get("_backend")
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        _check_backend("VideoBaseline", value)
+        set_fused_backend(self, value)
+        self.__dict__["_backend"] = value
+
+    def set_backend(self, backend: str | None) -> "VideoBaseline":
+        self.backend = backend
+        return self
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config, backend=self.backend)
+
+    def forward(self, videos: torch.Tensor, lengths) -> torch.Tensor:
+        check_videos("VideoBaseline", videos, self.in_channels)
+        lengths = check_video_lengths("VideoBaseline", lengths, videos)
+        tokens, _ = encode_frames(self.encoder, self.readout, videos, lengths)
+        return self.head(self.pool(tokens, lengths))

@@ -1,0 +1,244 @@
+"""DTL, the dual task learning model: image and video encoders with shared weights, one shared
+bidirectional RNN, feature exchange, the dual-modal attention (DAM) stack, frame pooling and one
+shared predictor giving image, video and fused logits; dtl_loss, the dual-task objective."""
+from __future__ import annotations
+
+import numbers
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtl_fast._backend import resolve_backend
+from dtl_fast.models.encoders import (ENCODERS, build_encoder, check_choice, check_images,
+                                      check_int, check_video_lengths, check_videos, encode_frames,
+                                      SpatialReadout)
+from dtl_fast.nn import GRU, LSTM, DualModalAttention, FeatureExchange, FramePool
+
+__all__ = ["DTL", "DTLOutput", "dtl_loss", "RNNS", "set_fused_backend"]
+
+RNNS = ("lstm", "gru")
+
+
+class DTLOutput(NamedTuple):
+    """The three views' logits, each [B, num_classes] in the model's compute dtype."""
+    image: torch.Tensor
+    video: torch.Tensor
+    fused: torch.Tensor
+
+
+def set_fused_backend(root: nn.Module, backend: str | None) -> None:
+    """Sets `backend` on every dtl_fast module inside `root` (LSTM / GRU, FramePool and every
+    attention module, nested ones included): a module with a `backend` property, or a
+    FramePool (a plain attribute). ValueError for a value that is not a backend."""
+    if backend is not None:
+        resolve_backend(backend)
+    for m in root.modules():
+        if m is root:
+            continue
+        if isinstance(m, FramePool) or isinstance(getattr(type(m), "backend", None), property):
+            m.backend = backend
+
+
+def _check_dropout(owner: str, dropout) -> float:
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{owner}: dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def _check_backend(owner: str, backend) -> None:
+    if backend is not None:
+        try:
+            resolve_backend(backend)
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {exc}") from None
+
+
+class DTL(nn.Module):
+    r"""Dual task learning over an image and a video of the same sample.
+
+    With E the encoder (shared by both modalities), R the bidirectional RNN (shared), FX the
+    feature exchange, DAM the dual-modal attention stack, P = FramePool("mean"), Q a
+    SpatialReadout (a frame's feature map -> one token) and F the shared predictor
+    (LayerNorm -> Linear(dim, dim) -> GELU -> Dropout -> Linear(dim, classes)):
+
+        x_i = tokens(E(image))                    [B, S, D]   spatial tokens, row-major
+        x_v[b, t] = ReLU(Q(E(video[b, t])))    [B, T, D]   t < L[b] only; zero at padding
+        h_i = R(x_i),  h_v = R(x_v; L)            [B, S, 2H], [B, T, 2H]
+        a_i, a_v = FX(h_i, h_v; L)                [B, S, dim], [B, T, dim]
+        o_i, o_v, s = DAM(a_i, a_v; L)            s [B, dim]: DAM's hierarchical summary
+        p_i = P(o_i),  p_v = P(o_v; L)            [B, dim]   (mean over valid tokens)
+        z_f = s + p_i + p_v                       the fused vector (both pooled views plus the
+                                                  summary, so the fused head also trains them)
+        logits: image = F(p_i), video = F(p_v), fused = F(z_f)
+
+    D = width for encoder="cnn" (S = ceil(H/4) * ceil(W/4)), 512 for "resnet18". Padded frames
+    (t >= L[b]) are never encoded nor read: the outputs do not depend on them. When image and
+    frames have the same size (and the encoder is the CNN) both go through one encoder call.
+
+    Args (all keyword except num_classes; `.config` holds them, `DTL(**model.config)`
+    rebuilds the model):
+        num_classes: >= 2.
+        in_channels: channels of images and frames.
+        encoder: "cnn" (ConvEncoder, GroupNorm) or "resnet18" (torchvision, optional
+            dependency; RuntimeError naming `pip install torchvision` without it).
+        encoder_weights: None or the path of a local state_dict for the encoder (a torchvision
+            resnet18 state_dict, fc.* ignored, or a ConvEncoder state_dict); never downloaded.
+        width: channels of the "cnn" encoder.
+        rnn: "lstm" or "gru" (dtl_fast.nn.LSTM / GRU, one layer, bidirectional, batch-first).
+        hidden_size: RNN hidden size per direction (H).
+        dim: width of the feature exchange, DAM and predictor; divisible by num_heads.
+        num_heads, num_layers, window, num_memory: the DAM stack (window None drops the
+            short-term branch, num_memory 0 the long-term one); num_heads also for FX.
+        dropout: in [0, 1): attention values, DAM residuals / MLP, predictor hidden layer.
+        backend: "auto" | "fused" | "reference" | None (None: each module reads
+            $DTL_FAST_BACKEND at call time, else "auto"). Reaches every fused module;
+            `model.backend = ...` or `model.set_backend(...)` switches them all.
+
+    forward(images [B, C, H, W], videos [B, T, C, H', W'], lengths [B]) -> DTLOutput
+        images / videos: float32 / float64 / float16 / bfloat16, the same dtype and device
+        (the parameters' dtype, or any under autocast); lengths: an integer tensor (or a list
+        of ints) on the CPU or the videos' device, 1 <= lengths[b] <= T.
+        Returns DTLOutput(image, video, fused), each [B, num_classes].
+    """
+
+    def __init__(self, num_classes: int, *, in_channels: int = 3, encoder: str = "cnn",
+                 encoder_weights=None, width: int = 64, rnn: str = "lstm", hidden_size: int = 64,
+                 dim: int = 128, num_heads: int = 4, num_layers: int = 2, window: int | None = 2,
+                 num_memory: int = 4, dropout: float = 0.0, backend: str | None = None):
+        super().__init__()
+        owner = "DTL"
+        check_int(owner, "num_classes", num_classes, minimum=2)
+        check_int(owner, "in_channels", in_channels)
+        check_choice(owner, "encoder", encoder, ENCODERS)
+        check_int(owner, "width", width)
+        check_choice(owner, "rnn", rnn, RNNS)
+        check_int(owner, "hidden_size", hidden_size)
+        check_int(owner, "dim", dim)
+        check_int(owner, "num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"{owner}: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        check_int(owner, "num_layers", num_layers)
+        check_int(owner, "window", window, minimum=0, allow_none=True)
+        check_int(owner, "num_memory", num_memory, minimum=0)
+        dropout = _check_dropout(owner, dropout)
+        _check_backend(owner, backend)
+        if encoder_weights is not None and not isinstance(encoder_weights, (str, os.PathLike)):
+            raise ValueError(f"{owner}: encoder_weights must be None or a file path, got "
+                             f"{type(encoder_weights).__name__}")
+        self._config = dict(
+            num_classes=int(num_classes), in_channels=int(in_channels), encoder=encoder,
+            encoder_weights=None if encoder_weights is None else os.fspath(encoder_weights),
+            width=int(width), rnn=rnn, hidden_size=int(hidden_size), dim=int(dim),
+            num_heads=int(num_heads), num_layers=int(num_layers),
+            window=None if window is None else int(window), num_memory=int(num_memory),
+            dropout=dropout)
+        self.num_classes, self.in_channels = int(num_classes), int(in_channels)
+
+        self.encoder = build_encoder(encoder, in_channels, width, encoder_weights, owner=owner)
+        feat = self.encoder.out_channels
+        self.frame_readout = nn.Sequential(SpatialReadout(feat, feat), nn.ReLU())
+        rnn_cls = LSTM if rnn == "lstm" else GRU
+        self.rnn = rnn_cls(feat, hidden_size, batch_first=True, bidirectional=True)
+        self.exchange = FeatureExchange(2 * hidden_size, 2 * hidden_size, dim, num_heads,
+                                        dropout=dropout)
+        self.dam = DualModalAttention(dim, num_heads, num_layers=num_layers, window=window,
+                                      num_memory=num_memory, dropout=dropout)
+        self.pool = FramePool("mean")
+        self.predictor = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(),
+                                       nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        self.backend = backend
+
+    # -- backend, config ------------------------------------------------------------------------
+    @property
+    def backend(self) -> str | None:
+        """The backend every fused module inside uses ("auto" | "fused" | "reference"), or None
+        ($DTL_FAST_BACKEND, else "auto", read at each call). Assigning sets it on all of them."""
+        return self.__dict__.get("_backend")
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        _check_backend("DTL", value)
+        set_fused_backend(self, value)
+        self.__dict__["_backend"] = value
+
+    def set_backend(self, backend: str | None) -> "DTL":
+        """Sets `backend` on every fused module inside; returns self."""
+        self.backend = backend
+        return self
+
+    @property
+    def config(self) -> dict:
+        """The constructor's keyword arguments (JSON-serialisable, num_classes included, the
+        current backend): DTL(**model.config) builds a model of the same shapes. To rebuild one
+        for a checkpoint, encoder_weights may be set to None (the state_dict holds them)."""
+        return dict(self._config, backend=self.backend)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, videos: torch.Tensor, lengths) -> DTLOutput:
+        owner = "DTL"
+        check_images(owner, images, self.in_channels)
+        check_videos(owner, videos, self.in_channels)
+        if images.shape[0] != videos.shape[0]:
+            raise ValueError(f"{owner}: images and videos must have the same batch size B, got "
+                             f"{images.shape[0]} and {videos.shape[0]}")
+        if images.dtype != videos.dtype or images.device != videos.device:
+            raise ValueError(f"{owner}: images and videos must have the same dtype and device, got "
+                             f"{images.dtype} on {images.device} and {videos.dtype} on {videos.device}")
+        lengths = check_video_lengths(owner, lengths, videos)
+
+        frame_tokens, image_map = encode_frames(self.encoder, self.frame_readout, videos, lengths, images)
+        image_tokens = image_map.flatten(2).transpose(1, 2)
+        h_i, _ = self.rnn(image_tokens)
+        h_v, _ = self.rnn(frame_tokens, lengths=lengths)
+        a_i, a_v = self.exchange(h_i, h_v, None, lengths)
+        o_i, o_v, summary = self.dam(a_i, a_v, None, lengths)
+        p_i = self.pool(o_i)
+        p_v = self.pool(o_v, lengths)
+        z_f = summary + p_i + p_v
+        B = images.shape[0]
+        # the shared predictor once over the three views stacked: [3B, dim] -> [3B, classes]
+        logits = self.predictor(torch.cat([p_i, p_v, z_f.to(p_i.dtype)], dim=0))
+        return DTLOutput(logits[:B], logits[B:2 * B], logits[2 * B:])
+
+    def extra_repr(self) -> str:
+        c = self._config
+        return (f"num_classes={c['num_classes']}, encoder={c['encoder']!r}, rnn={c['rnn']!r}, "
+                f"hidden_size={c['hidden_size']}, dim={c['dim']}, num_heads={c['num_heads']}, "
+                f"num_layers={c['num_layers']}" + (f", backend={self.backend!r}" if self.backend else ""))
+
+
+def dtl_loss(output: DTLOutput, labels: torch.Tensor, weights=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    r"""The dual-task objective: w_i CE(image, y) + w_v CE(video, y) + w_f CE(fused, y), each
+    cross-entropy the mean over the batch (F.cross_entropy).
+
+    output: DTLOutput (or any 3-sequence of logits [B, num_classes]); labels: int64 [B] in
+    [0, num_classes) on the logits' device; weights: three non-negative numbers.
+    Returns a scalar tensor (float32 for half logits, as F.cross_entropy under autocast).
+    """
+    if not isinstance(output, (tuple, list)) or len(output) != 3:
+        raise ValueError(f"dtl_loss: output must be a DTLOutput (image, video, fused logits), got "
+                         f"{type(output).__name__}")
+    if (not isinstance(weights, (tuple, list)) or len(weights) != 3 or any(
+            not isinstance(w, numbers.Real) or isinstance(w, bool) or not w >= 0 for w in weights)):
+        raise ValueError(f"dtl_loss: weights must be three numbers >= 0 (image, video, fused), "
+                         f"got {weights!r}")
+    first = output[0]
+    for name, logits in zip(("image", "video", "fused"), output):
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != first.shape:
+            raise ValueError(f"dtl_loss: output.{name} must be logits [B, num_classes] like "
+                             f"output.image {tuple(first.shape)}, got "
+                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != first.shape[0]:
+        raise ValueError(f"dtl_loss: labels must be an integer tensor [B] = [{first.shape[0]}], got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"dtl_loss: labels must be an integer tensor (class indices), got {labels.dtype}")
+    labels = labels.to(torch.int64)
+    total = None
+    for w, logits in zip(weights, output):
+        term = float(w) * F.cross_entropy(logits, labels)
+        total = term if total is None else total + term
+    return total
