@@ -21,6 +21,38 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from dtl_fast.train import config_from_args, run_config
+
+    return run_config(config_from_args(args), "dtl-fast train")
+
+
+def _cmd_evaluate(args) -> int:
+    from dtl_fast.data import BadSampleError
+    from dtl_fast.train import evaluate
+
+    try:
+        evaluate(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
+                 workers=args.workers, backend=args.backend)
+    except (ValueError, BadSampleError, OSError) as exc:
+        print(f"dtl-fast evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_data_demo(args) -> int:
+    from dtl_fast.data import build_demo_dataset
+
+    try:
+        kwargs = {} if args.samples_per_class is None else {"samples_per_class": args.samples_per_class}
+        root = build_demo_dataset(args.dir, seed=args.seed, overwrite=args.overwrite, **kwargs)
+    except (ValueError, OSError) as exc:
+        print(f"dtl-fast data demo: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"demo data set (handwritten digits, image + video per sample, seed {args.seed}) in {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtl-fast", description=(
         "dtl_fast: fused kernels for DTL (dual task learning) multimodal models."))
@@ -36,6 +68,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=24, help="frames of the longest clip (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    from dtl_fast.train import add_train_arguments
+
+    p = sub.add_parser("train", help="train DTL and the image-only / video-only baselines",
+                       description="Train DTL (dual task learning) and the image-only / video-only "
+                       "baselines on an image + video folder, print and write the results table, "
+                       "metrics, curves and checkpoints. For several GPUs: torchrun "
+                       "--nproc_per_node=N -m dtl_fast.train (same flags).")
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="the results table of a checkpoint on a data set",
+                       description="Evaluate the five heads of a `dtl-fast train` checkpoint on the "
+                       "validation and test splits of DIR (with the checkpoint's classes).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="OUT/checkpoint.pt of `dtl-fast train`")
+    p.add_argument("--data", metavar="DIR", required=True, help="dataset root with validation/ and test/")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--backend", choices=("fused", "reference", "auto"), default="fused",
+                   help="fused: Triton kernels on CUDA ('auto' on a CPU device); reference: eager")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("data", help="data sets: `data demo DIR` builds the bundled demo data")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_sub.required = True
+    q = data_sub.add_parser("demo", help="build the bundled handwritten-digits image + video data set",
+                            description="Build the bundled demo data set on disk from scikit-learn's "
+                            "handwritten digits (no download): DIR/{train,validation,test}/<digit>/ "
+                            "with an image and a clip per sample. Deterministic for a seed.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("dir", metavar="DIR", help="where to build it")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--overwrite", action="store_true",
+                   help="rebuild even if DIR holds a complete build with other parameters")
+    q.add_argument("--samples-per-class", type=int, default=None, metavar="N",
+                   help="use N digits of each class instead of all of scikit-learn's 1797 (a "
+                        "small set for a quick try)")
+    q.set_defaults(func=_cmd_data_demo)
     return parser
 
 

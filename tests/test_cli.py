@@ -1,0 +1,156 @@
+"""The `dtl-fast` command: help of every subcommand, clear errors for bad flags, `data demo`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtl_fast import cli
+from dtl_fast.train import TrainConfig
+
+
+def _console_script() -> list[str]:
+    """The venv's `dtl-fast` next to this Python, else `python -m dtl_fast.cli`."""
+    script = Path(sys.executable).with_name("dtl-fast")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dtl_fast.cli"]
+
+
+def test_help_in_a_subprocess():
+    res = subprocess.run([*_console_script(), "train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: dtl-fast train")
+    # every TrainConfig field is a flag, with its default shown where it has one
+    for flag in ("--data", "--epochs", "--batch-size", "--lr", "--backend", "--amp", "--device",
+                 "--seed", "--workers", "--out", "--resume", "--on-bad-sample", "--image-size",
+                 "--max-frames", "--rnn", "--encoder", "--encoder-weights", "--no-baselines",
+                 "--no-progress", "--width", "--hidden-size", "--dim", "--num-heads", "--num-layers"):
+        assert flag in res.stdout, flag
+    text = " ".join(res.stdout.split())
+    for default in ("(default: 20)", "(default: 64)", "(default: 0.001)", "(default: fused)",
+                    "(default: runs/dtl)", "(default: error)"):
+        assert default in text, default
+
+
+@pytest.mark.parametrize("argv, expect", [
+    ([], "usage: dtl-fast"),
+    (["info"], "usage: dtl-fast info"),
+    (["demo"], "usage: dtl-fast demo"),
+    (["train"], "usage: dtl-fast train"),
+    (["evaluate"], "usage: dtl-fast evaluate"),
+    (["data"], "usage: dtl-fast data"),
+    (["data", "demo"], "usage: dtl-fast data demo"),
+])
+def test_help_of_each_subcommand(argv, expect, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(expect)
+    if argv == []:
+        for name in ("info", "demo", "train", "evaluate", "data"):
+            assert name in out
+    if argv == ["evaluate"]:
+        assert "CHECKPOINT" in out and "--data" in out
+    if argv == ["data", "demo"]:
+        assert "DIR" in out and "--seed" in out and "--overwrite" in out
+
+
+def test_python_m_train_has_the_same_flags():
+    from dtl_fast import train
+
+    def options(parser):
+        return {(opt, a.dest, repr(a.default), a.type, tuple(a.choices or ()))
+                for a in parser._actions for opt in a.option_strings if opt != "-h"}
+
+    sub = next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and a.choices
+               and "train" in a.choices)
+    cli_opts, train_opts = options(sub.choices["train"]), options(train.build_parser())
+    assert cli_opts == train_opts and len(cli_opts) >= 25
+    # every TrainConfig field is reachable from a flag, with the dataclass's default
+    defaults = {dest: default for _, dest, default, _, _ in cli_opts}
+    for name, field in TrainConfig.__dataclass_fields__.items():
+        assert name in defaults, name
+        assert defaults[name] == repr(field.default), name
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--amp", "fp16"], "--amp"),
+    (["--workers", "-2"], "--workers"),
+    (["--device", "gpu"], "--device"),
+    (["--data", "/definitely/not/here"], "--data"),
+])
+def test_bad_train_flags_exit_nonzero_naming_the_flag(flags, name, tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtl-fast train: error:") and name in err, err
+
+
+def test_argparse_rejects_bad_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--backend", "fast"])
+    assert exc.value.code == 2 and "--backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--epochs", "two"])
+    assert exc.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["train", "--device", "cuda", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_evaluate_missing_and_corrupt_checkpoint(tmp_path, capsys):
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "test").mkdir()
+    missing = tmp_path / "missing.pt"
+    assert cli.main(["evaluate", str(missing), "--data", str(tmp_path)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    assert cli.main(["evaluate", str(corrupt), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtl-fast evaluate: error:") and str(corrupt) in err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(corrupt)])  # --data is required
+    assert "--data" in capsys.readouterr().err
+
+
+def test_data_demo_builds_the_set(tmp_path, capsys):
+    """`dtl-fast data demo DIR` builds the bundled digits set on disk (a small one here), and a
+    second call finds it complete and leaves it alone."""
+    from dtl_fast.data import SPLITS
+
+    out = tmp_path / "demo"
+    assert cli.main(["data", "demo", str(out), "--seed", "3", "--samples-per-class", "4"]) == 0
+    assert str(out) in capsys.readouterr().out
+    for split in SPLITS:
+        classes = sorted(p.name for p in (out / split).iterdir() if p.is_dir())
+        assert len(classes) == 10, (split, classes)
+        images = list((out / split).glob("*/*.png"))
+        assert images and all(p.with_suffix("").is_dir() for p in images), split
+    first = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert cli.main(["data", "demo", str(out), "--seed", "3", "--samples-per-class", "4"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == first
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["data", "demo", str(blocker / "sub"), "--samples-per-class", "2"]) == 2
+    assert "dtl-fast data demo: error:" in capsys.readouterr().err
+    assert cli.main(["data", "demo", str(tmp_path / "x"), "--samples-per-class", "0"]) == 2
+    assert "samples_per_class" in capsys.readouterr().err
+
+
+def test_info_and_demo_still_parse():
+    args = cli.build_parser().parse_args(["demo", "--batch", "8"])
+    assert args.func is cli._cmd_demo and args.batch == 8 and args.max_len == 24
+    args = cli.build_parser().parse_args(["info", "--json"])
+    assert args.func is cli._cmd_info and args.json

@@ -1,0 +1,353 @@
+"""`dtl-fast train` / dtl_fast.train on a tiny generated image + video data set (CPU): outputs,
+bit-identical resume, DDP on gloo vs one process, bad samples, clear errors, evaluate, the
+progress bar and the atomic writes."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtl_fast import cli
+from dtl_fast._progress import Progress, format_seconds
+from dtl_fast.train import (
+    HEADS,
+    TrainConfig,
+    evaluate,
+    format_table,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+CLASSES = ("circle", "cross", "square")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HEAD_KEYS = [k for k, _ in HEADS]
+
+
+def _pattern(label: int, rng: np.random.Generator, size: int = 12) -> np.ndarray:
+    """A class-dependent RGB pattern plus noise: easy enough that 2 epochs lower the loss."""
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    img[..., label] = np.clip(img[..., label].astype(int) + 150, 0, 255).astype(np.uint8)
+    return img
+
+
+def make_dataset(root: Path, counts=(12, 3, 3), seed: int = 0) -> Path:
+    """root/{train,validation,test}/<class>/<i>.png plus a folder <i>/ of 1-3 frame PNGs; counts
+    are samples per split (spread over the classes)."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "validation", "test"), counts):
+        for i in range(n):
+            label = i % len(CLASSES)
+            folder = root / split / CLASSES[label]
+            (folder / f"s{i}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_pattern(label, rng)).save(folder / f"s{i}.png")
+            for t in range(int(rng.integers(1, 4))):
+                Image.fromarray(_pattern(label, rng)).save(folder / f"s{i}" / f"{t:02d}.png")
+    return root
+
+
+TINY = dict(batch_size=4, lr=5e-3, image_size=12, max_frames=3, width=8, hidden_size=8, dim=8,
+            num_heads=2, num_layers=1, backend="auto", progress=False)
+TINY_FLAGS = ["--batch-size", "4", "--lr", "5e-3", "--image-size", "12", "--max-frames", "3",
+              "--width", "8", "--hidden-size", "8", "--dim", "8", "--num-heads", "2",
+              "--num-layers", "1", "--backend", "auto", "--no-progress"]
+
+
+def _states(ckpt: Path) -> dict:
+    return load_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "set")
+
+
+@pytest.fixture(scope="module")
+def full_run(data_root, tmp_path_factory):
+    """One uninterrupted 2-epoch run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("full")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        metrics = train(TrainConfig(data=str(data_root), out=str(out), epochs=2, **TINY))
+    return out, metrics, stdout.getvalue()
+
+
+def test_two_epochs_lower_the_loss_and_write_everything(full_run):
+    out, metrics, printed = full_run
+    rows = metrics["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for name in ("dtl", "image_cnn", "video_baseline"):
+        assert rows[1]["train_loss"][name] < rows[0]["train_loss"][name], (name, rows)
+    for name in ("metrics.json", "metrics.csv", "curves.png", "results.md", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
+    assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test_acc"] == metrics["test_acc"]
+    for key in HEAD_KEYS:
+        assert 0.0 <= saved["test_acc"][key] <= 1.0, key
+        assert 0.0 <= saved["val_acc"][key] <= 1.0, key
+    assert len(saved["epochs"]) == 2 and saved["epochs"][1]["samples_per_s"] > 0
+    assert saved["machine"]["torch"] == torch.__version__ and saved["machine"]["cpu_count"] >= 1
+    assert saved["total_seconds"] > 0 and saved["config"]["epochs"] == 2
+    csv_lines = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,")
+    table = format_table(metrics["val_acc"], metrics["test_acc"])
+    assert table in printed and table in (out / "results.md").read_text()
+    assert "epoch 2/2 val acc:" in printed and "backend: auto" in printed
+    state = _states(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["global_step"] == 6 and state["classes"] == list(CLASSES)
+    assert set(state["models"]) == {"dtl", "image_cnn", "video_baseline"}
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
+
+
+def test_resume_after_epoch_one_is_bit_identical(full_run, data_root, tmp_path, capsys):
+    out_full = full_run[0]
+    train(TrainConfig(data=str(data_root), out=str(tmp_path), epochs=1, **TINY))
+    first = _states(tmp_path / "checkpoint.pt")
+    assert first["epoch"] == 1
+    train(TrainConfig(data=str(data_root), out=str(tmp_path), epochs=2, resume=True, **TINY))
+    assert "continuing from" in capsys.readouterr().out
+    a, b = _states(out_full / "checkpoint.pt"), _states(tmp_path / "checkpoint.pt")
+    assert b["epoch"] == 2 and b["global_step"] == a["global_step"]
+    for name in a["models"]:
+        sa, sb = a["models"][name]["state_dict"], b["models"][name]["state_dict"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs after resume"
+        oa, ob = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        assert oa.keys() == ob.keys()
+        for i in oa:
+            for k in oa[i]:
+                assert torch.equal(oa[i][k], ob[i][k]), f"{name} optimizer state {i}.{k}"
+    # the resumed run carries epoch 1's metrics over
+    assert [r["epoch"] for r in b["metrics"]["epochs"]] == [1, 2]
+    assert b["metrics"]["epochs"][0]["train_loss"] == a["metrics"]["epochs"][0]["train_loss"]
+
+
+def test_resume_complete_run_reevaluates_and_mismatch_is_named(full_run, data_root, tmp_path, capsys):
+    out, metrics, _ = full_run
+    again = train(TrainConfig(data=str(data_root), out=str(out), epochs=2, resume=True, **TINY))
+    assert "the run is complete" in capsys.readouterr().out
+    assert again["test_acc"] == metrics["test_acc"]
+    with pytest.raises(ValueError, match=r"--width: checkpoint 8, this run 16"):
+        train(TrainConfig(data=str(data_root), out=str(out), epochs=3, resume=True, **dict(TINY, width=16)))
+    with pytest.raises(ValueError, match="--batch-size"):
+        train(TrainConfig(data=str(data_root), out=str(out), epochs=3, resume=True,
+                          **dict(TINY, batch_size=2)))
+    with pytest.raises(ValueError, match="--resume: no checkpoint at"):
+        train(TrainConfig(data=str(data_root), out=str(tmp_path / "new"), resume=True, **TINY))
+
+
+def test_evaluate_prints_the_same_table(full_run, data_root, capsys):
+    out, metrics, _ = full_run
+    assert cli.main(["evaluate", str(out / "checkpoint.pt"), "--data", str(data_root),
+                     "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert format_table(metrics["val_acc"], metrics["test_acc"]) in printed
+    res = evaluate(out / "checkpoint.pt", data_root, verbose=False)
+    assert res["test_acc"] == metrics["test_acc"] and res["epoch"] == 2
+
+
+def test_evaluate_class_mismatch_and_bad_checkpoint(full_run, data_root, tmp_path):
+    out = full_run[0]
+    other = make_dataset(tmp_path / "other", counts=(3, 3, 3))
+    (other / "test" / "circle").rename(other / "test" / "ellipse")
+    with pytest.raises(ValueError, match="ellipse"):
+        evaluate(out / "checkpoint.pt", other, verbose=False)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        evaluate(tmp_path / "nope.pt", data_root, verbose=False)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((out / "checkpoint.pt").read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="bad.pt"):
+        evaluate(bad, data_root, verbose=False)
+
+
+def test_bad_sample_error_before_training_or_skipped(tmp_path, monkeypatch, capsys):
+    root = make_dataset(tmp_path / "set", counts=(12, 3, 3))
+    corrupt = root / "validation" / "cross" / "s1.png"
+    corrupt.write_bytes(b"not a png at all")
+    import dtl_fast.train as tr
+
+    steps = []
+    real_step = tr._step
+    monkeypatch.setattr(tr, "_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    from dtl_fast.data import BadSampleError
+
+    with pytest.raises(BadSampleError, match="s1.png"):
+        train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1, **TINY))
+    assert not steps, "trained before checking the files"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1,
+                                    on_bad_sample="skip", amp="bf16", **dict(TINY, baselines=False)))
+    assert steps
+    assert [s["path"] for s in metrics["skipped"]] == [str(corrupt)]
+    assert str(corrupt) in capsys.readouterr().out
+    assert metrics["test_acc"]["image_cnn"] is None and metrics["test_acc"]["dtl_fused"] is not None
+    assert metrics["backend"]["amp"] == "bf16" and math.isfinite(metrics["epochs"][0]["train_loss"]["dtl"])
+    # and the CLI turns the error into exit status 2 naming the file
+    assert cli.main(["train", "--data", str(root), "--out", str(tmp_path / "r2"), "--epochs", "1",
+                     *TINY_FLAGS]) == 2
+    assert "s1.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"),
+    (dict(lr=float("nan")), "--lr"), (dict(amp="fp16"), "--amp"), (dict(workers=-1), "--workers"),
+    (dict(device="tpu"), "--device"), (dict(on_bad_sample="ignore"), "--on-bad-sample"),
+    (dict(backend="fast"), "--backend"), (dict(dim=9), "--dim"),
+])
+def test_bad_settings_name_the_flag(change, flag, tmp_path):
+    with pytest.raises(ValueError, match=flag):
+        train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), **change))
+
+
+def test_bad_data_out_device_and_world_size(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--data .*not a folder"):
+        train(TrainConfig(data=str(tmp_path / "missing"), out=str(tmp_path / "o")))
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="missing the split folder.*validation"):
+        train(TrainConfig(data=str(tmp_path / "flat"), out=str(tmp_path / "o")))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="--out .*not writable"):
+        train(TrainConfig(data=str(tmp_path / "flat"), out=str(blocker / "sub")))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+            train(TrainConfig(data=str(tmp_path / "flat"), out=str(tmp_path / "o"), device="cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="--batch-size 64 .*divisible by the 3 processes"):
+        train(TrainConfig(data=str(tmp_path / "flat"), out=str(tmp_path / "o")))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(full_run, data_root, tmp_path):
+    """2 ranks on gloo with a per-rank batch of 2 == one process with the global batch of 4
+    (12 training samples: every global batch is full, so the ranks' shares are equal). The one
+    process is `full_run`, with the same flags."""
+    flags = ["--data", str(data_root), "--epochs", "2", *TINY_FLAGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("DTL_FAST_BACKEND", None)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "dtl_fast.train", *flags,
+                          "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 processes (DDP)" in res.stdout
+    assert res.stdout.count("epoch 2/2 val acc") == 1, "only rank 0 prints"
+    a, b = _states(tmp_path / "ddp" / "checkpoint.pt"), _states(full_run[0] / "checkpoint.pt")
+    assert a["global_step"] == 6 and b["global_step"] == 6
+    # Float sums in another order change gradients by ~1e-7 relative; Adam divides by sqrt(v),
+    # so in the few weights whose gradients are tiny that becomes ~1e-5 in the update. A wrong
+    # split of the batches or unsynchronised ranks moves every weight by ~lr: the mean check.
+    diffs = []
+    for name in b["models"]:
+        sa, sb = a["models"][name]["state_dict"], b["models"][name]["state_dict"]
+        assert sa.keys() == sb.keys()
+        for k in sb:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=5e-5, msg=f"{name}.{k}")
+            diffs.append((sa[k].double() - sb[k].double()).abs().flatten())
+    mean_diff = torch.cat(diffs).mean().item()
+    assert mean_diff < 1e-6, mean_diff
+    ja = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ja["world_size"] == 2
+    np.testing.assert_allclose(ja["epochs"][1]["train_loss"]["dtl"],
+                               b["metrics"]["epochs"][1]["train_loss"]["dtl"], rtol=1e-5)
+
+
+def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": "dtl_fast.train/1", "x": torch.arange(3)})
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        save_checkpoint(path, {"format": "dtl_fast.train/1", "x": lambda: 0})  # not picklable
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    with pytest.raises(ValueError, match="not a `dtl-fast train` checkpoint"):
+        torch.save({"x": 1}, tmp_path / "other.pt")
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_plot_without_matplotlib_warns(tmp_path, monkeypatch):
+    import dtl_fast.train as tr
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    rows = [{"epoch": 1, "train_loss": {"dtl": 1.0}, "val_acc": {"dtl_fused": 0.5}}]
+    with pytest.warns(UserWarning, match="matplotlib"):
+        assert tr._write_plot(tmp_path / "curves.png", rows) is False
+    assert not (tmp_path / "curves.png").exists()
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_progress_bar_modes():
+    s = _Stream(False)
+    bar = Progress(10, "epoch 1/2", stream=s, line_interval=0.0)
+    bar.update(4, loss=1.5)
+    bar.update(6, loss=0.25)
+    bar.close()
+    bar.close()
+    lines = s.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in s.getvalue()
+    assert lines[0].startswith("epoch 1/2 4/10 loss 1.5000") and "samples/s" in lines[0]
+    assert lines[1].startswith("epoch 1/2 10/10 loss 0.2500")
+    t = _Stream(True)
+    bar = Progress(4, "e", stream=t, min_interval=0.0, width=4)
+    bar.update(2)
+    bar.close()
+    assert t.getvalue().startswith("\re |##--| 2/4") and t.getvalue().endswith("\n")
+    off = _Stream(False)
+    bar = Progress(4, stream=off, enabled=False)
+    bar.update(4, loss=1.0)
+    bar.close()
+    assert off.getvalue() == ""
+    assert format_seconds(5) == "00:05" and format_seconds(3725) == "1:02:05"
+    assert format_seconds(float("nan")) == "--:--"
+    with pytest.raises(ValueError, match="total"):
+        Progress(-1)
+
+
+def test_no_data_builds_the_demo_set_once_in_the_cache(tmp_path, monkeypatch, capsys):
+    """Without --data: the bundled digits set in $DTL_FAST_CACHE/demo-digits-seed<seed> (a small
+    build here: samples_per_class=3), built once and reused."""
+    import dtl_fast.data as data
+
+    real, calls = data.build_demo_dataset, []
+
+    def small(root, *, seed=0, overwrite=False):
+        calls.append((Path(root), seed))
+        return real(root, seed=seed, overwrite=overwrite, samples_per_class=3)
+
+    monkeypatch.setattr(data, "build_demo_dataset", small)
+    monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, seed=5, **dict(TINY, baselines=False))
+    metrics = train(cfg)
+    root = tmp_path / "cache" / "demo-digits-seed5"
+    assert calls == [(root, 5)]
+    assert metrics["config"]["data"] == str(root.resolve())
+    assert metrics["classes"] == [str(d) for d in range(10)]
+    assert "the bundled digits demo data set" in capsys.readouterr().out
+    stamp = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*.png"))
+    train(TrainConfig(out=str(tmp_path / "run"), epochs=1, seed=5, resume=True, **dict(TINY, baselines=False)))
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*.png")) == stamp
