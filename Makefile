@@ -5,6 +5,10 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch>=2.11
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# `make demo`: DTL and both baselines on the bundled digits data, sized to finish (setup
+# included) in under 10 minutes on a 2-core CPU machine; `dtl-fast train --help` for the rest.
+DEMO_ARGS  ?= --epochs 20 --batch-size 32 --image-size 16 --max-frames 8 --width 16 \
+              --hidden-size 32 --dim 32 --num-heads 2 --num-layers 1
 
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dtl_fast-built
@@ -18,7 +22,7 @@ install: $(BUILD_STAMP)
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" triton numpy ninja pybind11 \
-		pytest pytest-benchmark matplotlib scikit-learn
+		pytest pytest-benchmark matplotlib scikit-learn pillow torchvision av
 	touch $@
 
 # The package and its C++/CUDA extension: rebuilt when a source of the build changes.
@@ -30,8 +34,7 @@ test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/dtl-fast demo
-	$(PY) bench/run.py --quick --repeat 3 --device cpu --out out/bench $(BENCH_ARGS)
+	$(VENV)/bin/dtl-fast train --out out/demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -36,6 +36,7 @@ MODULES = [
     "bench_frame_pool",  # masked temporal frame pooling (C++ / CUDA)
     "bench_rnn",  # bidirectional LSTM / GRU (Triton)          -- when written
     "bench_cosine_attention",  # feature exchange / DAM attention (Triton) -- when written
+    "bench_dtl",  # one DTL training step: fused vs reference vs torch.compile(reference)
 ]
 
 

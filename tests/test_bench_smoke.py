@@ -195,3 +195,29 @@ def test_gpu_check_script_parses():
     res = subprocess.run([bash, "-n", str(script)], check=False, capture_output=True, text=True,
                          timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+# ---- the DTL training-step benchmark -----------------------------------------------------------
+
+def test_dtl_bench_runs_and_its_gate_stops_a_wrong_model(tmp_path):
+    import bench_dtl as BD
+
+    rows = BD.run(_args(tmp_path, cases=BD.CPU_TINY))
+    assert all(s == "ok" for s in _statuses(rows, "reference") + _statuses(rows, "fused")), rows
+    assert _statuses(rows, "fused") and _statuses(rows, "reference")
+    # not timed on a CPU, and each row says why
+    assert all(s.startswith("skipped") for s in _statuses(rows, "compiled") + _statuses(rows, "fused:triton"))
+    on_disk = H.read_rows(Path(tmp_path) / "dtl.csv")
+    assert len(on_disk) == len(rows)
+    gfigs = BD.acceptance(on_disk, "cuda")  # GPU figures from CPU rows: unmeasured, never passed
+    assert gfigs and not any(f["passed"] for f in gfigs)
+
+    def wrong(model):  # the fused model's classifier bias off by 0.01: the gate must see it
+        with torch.no_grad():
+            model.predictor[-1].bias.add_(0.01)
+        return model
+
+    rows = BD.run(_args(tmp_path / "wrong", cases=BD.CPU_TINY, fused_override=wrong))
+    st = _statuses(rows, "fused")
+    assert st and all(s.startswith("gate-failed") for s in st), st
+    assert all(s == "ok" for s in _statuses(rows, "reference"))
