@@ -241,7 +241,7 @@ else
 fi
 test_group test-rnn 55 tests/test_rnn_ops.py tests/test_rnn_modules.py
 test_group test-attn 70 tests/test_cosine_attention.py tests/test_attention_modules.py
-test_group test-dtl 100 tests/test_models.py
+test_group test-dtl 100 tests/test_models.py tests/test_train.py
 
 # ---- 3. benchmarks: one step per module, each with a share of what is left --------------------
 QUICK=(--quick)

@@ -243,9 +243,25 @@ def _resolve_device(spec: str, local_rank: int | None) -> torch.device:
 
 def _module_backend(backend: str, device: torch.device) -> str:
     """The backend the modules get: the fused Triton kernels need CUDA, so "fused" on a CPU
-    device becomes "auto" (the C++ pooling kernel, PyTorch's native RNN kernels, SDPA)."""
+    device becomes "auto" (the C++ pooling kernel, PyTorch's native RNN kernels, SDPA).
+
+    "fused" on a CUDA device needs Triton and the CUDA build of dtl_fast._C: without either it
+    is refused here, before any data is read, not at the first forward."""
     if backend == "fused" and device.type != "cuda":
         return "auto"
+    if backend == "fused":
+        from dtl_fast import _extension, _triton
+
+        missing = []
+        reason = _triton.triton_unavailable_reason(device)
+        if reason:
+            missing.append(f"Triton ({reason})")
+        if not _extension.has_kernel("frame_pool", "cuda"):
+            missing.append("dtl_fast's CUDA kernels (this build has none: " + 
+                           "install with nvcc and a CUDA build of torch)")
+        if missing:
+            raise ValueError(f"--backend fused on {device} needs {' and '.join(missing)}; "
+                             "use --backend reference, or --backend auto for whatever runs")
     return backend
 
 
@@ -629,10 +645,11 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch and must be divisible "
                          f"by the {dist_info.world} processes (WORLD_SIZE)")
     device = _resolve_device(config.device, dist_info.local_rank)
+    if device.type == "cuda":
+        # Triton launches on the current device, whatever its tensors' device: cuda:N must be it
+        torch.cuda.set_device(device)
     initialised = False
     if dist_info.active and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         initialised = True
     try:
@@ -650,7 +667,7 @@ def _setup(config: TrainConfig, dist_info: _Dist, device: torch.device):
         from dtl_fast.data import build_demo_dataset
 
         root = _demo_root(config.seed)
-        if dist_info.main:
+        if dist_info.local_rank in (None, 0):  # one builder per machine (the cache is local)
             _log(dist_info, f"data: the bundled digits demo data set in {root}")
             build_demo_dataset(root, seed=config.seed)
     else:
@@ -724,7 +741,9 @@ def _train(config: TrainConfig, dist_info: _Dist, device: torch.device, t_start:
     if dist_info.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [device.index] if device.type == "cuda" else None
+        # device_ids=None: the batch is already on the device, and DDP with device ids would
+        # also move the CPU lengths to the GPU (the model would copy them back: a sync a step)
+        ids = None
         if config.encoder == "resnet18" and device.type == "cuda":
             # ResNet-18's BatchNorm would normalise each rank's share alone; SyncBatchNorm
             # (CUDA only) uses the global batch, as one process does. The top module is never
@@ -866,6 +885,8 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
     if missing:
         raise ValueError(f"--data {root}: missing the split folder(s) {', '.join(missing)}")
     dev = _resolve_device(device, None)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # Triton launches on the current device
     used = _module_backend(backend, dev)
     saved = state["config"]
     config = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
@@ -912,6 +933,11 @@ def run_config(config: TrainConfig, prog: str) -> int:
     try:
         train(config)
     except (ValueError, BadSampleError, FileNotFoundError, PermissionError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as exc:
+        if "pip install" not in str(exc):  # a missing optional package says how to get it
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -269,12 +269,24 @@ def test_ddp_two_processes_match_one_process(full_run, data_root, tmp_path):
                                b["metrics"]["epochs"][1]["train_loss"]["dtl"], rtol=1e-5)
 
 
-def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path):
+def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"format": "dtl_fast.train/1", "x": torch.arange(3)})
     before = path.read_bytes()
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         save_checkpoint(path, {"format": "dtl_fast.train/1", "x": lambda: 0})  # not picklable
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+    # a failure at the rename (after the temp file was written and synced): old file intact,
+    # the temp file removed
+    def refuse(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(path, {"format": "dtl_fast.train/1", "x": torch.arange(5)})
+    monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     with pytest.raises(ValueError, match="not a `dtl-fast train` checkpoint"):
@@ -351,3 +363,21 @@ def test_no_data_builds_the_demo_set_once_in_the_cache(tmp_path, monkeypatch, ca
     stamp = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*.png"))
     train(TrainConfig(out=str(tmp_path / "run"), epochs=1, seed=5, resume=True, **dict(TINY, baselines=False)))
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*.png")) == stamp
+
+
+@pytest.mark.gpu
+def test_train_resume_evaluate_on_cuda_fused_bf16(data_root, tmp_path):
+    # the whole loop on a GPU: pinned loaders, bf16 autocast, the fused kernels, the CUDA RNG
+    # state in the checkpoint, resume and evaluate on the device
+    base = dict(TINY, backend="fused", device="cuda", amp="bf16", data=str(data_root))
+    first = train(TrainConfig(**dict(base, epochs=1, out=str(tmp_path / "r"))))
+    assert len(first["epochs"]) == 1
+    res = train(TrainConfig(**dict(base, epochs=2, out=str(tmp_path / "r"), resume=True)))
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]
+    state = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert state["epoch"] == 2
+    for name, entry in state["models"].items():
+        for k, v in entry["state_dict"].items():
+            assert torch.isfinite(v.float()).all(), (name, k)
+    ev = evaluate(tmp_path / "r" / "checkpoint.pt", data_root, device="cuda", verbose=False)
+    assert ev["test_acc"] == pytest.approx(res["test_acc"])
