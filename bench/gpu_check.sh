@@ -25,7 +25,7 @@
 # Outputs: bench/results/ (CSVs, PNGs, gpu_check.log, gpu_check_summary.txt, one combined
 # summary_<gpu-slug>.txt); copied into "$OUT" when set (at most 8 files: log, summary, CSVs,
 # then this run's PNGs while there is room; bench_results.tar.gz holds everything when more).
-# The whole run is kept under GPU_CHECK_BUDGET seconds (default 400): every step runs under
+# The whole run is kept under GPU_CHECK_BUDGET seconds (default 450): every step runs under
 # `timeout`, with its own cap and never more than what is left of the budget.
 # It only reads the GPU's state (nvidia-smi --query-gpu); it changes no GPU setting.
 #
@@ -37,8 +37,8 @@
 #     GPU_CHECK_SKIP_BUILD=1 GPU_CHECK_BUDGET=240 bash bench/gpu_check.sh
 #
 # Environment: PYTHON (else the first of python3, python on PATH that can `import torch`),
-# TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_BUDGET (400), GPU_CHECK_BUILD_CAP (200),
-# GPU_CHECK_TEST_CAP (100, all test groups together), GPU_CHECK_TEST_TIMEOUT (per test, 45 s,
+# TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_BUDGET (450), GPU_CHECK_BUILD_CAP (200),
+# GPU_CHECK_TEST_CAP (160, all test groups together), GPU_CHECK_TEST_TIMEOUT (per test, 45 s,
 # needs pytest-timeout), GPU_CHECK_QUICK=0 (full grids instead of --quick, cut by the budget),
 # GPU_CHECK_SKIP_BUILD=1 (package already installed), DTL_FAST_GIT_REV (the git revision to stamp
 # on every row where the checkout has no .git; printed when set), GPU_CHECK_STEPS (comma-separated
@@ -50,10 +50,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the source tree, built or not
 START=$SECONDS
-BUDGET=${GPU_CHECK_BUDGET:-400}
+BUDGET=${GPU_CHECK_BUDGET:-450}
 BUILD_CAP=${GPU_CHECK_BUILD_CAP:-200}
 CPU_BUILD_CAP=90
-TEST_CAP=${GPU_CHECK_TEST_CAP:-100}
+TEST_CAP=${GPU_CHECK_TEST_CAP:-160}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-45}
 SUMMARY_RESERVE=30   # kept for the copy to $OUT and the summary at the end
 

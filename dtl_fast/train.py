@@ -57,7 +57,8 @@ HEADS = (
 MODEL_NAMES = ("dtl", "image_cnn", "video_baseline")
 # Settings a resumed run must share with the checkpoint: they change the model, the data or the
 # sequence of batches (epochs may grow; device, workers, backend, progress may change).
-RESUME_MUST_MATCH = ("data", "batch_size", "lr", "seed", "image_size", "max_frames", "channels",
+RESUME_MUST_MATCH = ("data", "batch_size", "lr", "seed", "image_size", "frame_size", "max_frames",
+                     "mean", "std", "channels",
                      "rnn", "encoder", "encoder_weights", "width", "hidden_size", "dim",
                      "num_heads", "num_layers", "baselines")
 
@@ -85,7 +86,10 @@ class TrainConfig:
     resume: bool = False
     on_bad_sample: str = "error"
     image_size: int = 32
+    frame_size: int | None = None
     max_frames: int = 16
+    mean: tuple | None = None
+    std: tuple | None = None
     channels: int = 3
     rnn: str = "lstm"
     encoder: str = "cnn"
@@ -107,6 +111,18 @@ class TrainConfig:
                      "hidden_size", "dim", "num_heads", "num_layers"):
             positive(name, getattr(self, name))
         positive("workers", self.workers, 0)
+        if self.frame_size is not None:
+            positive("frame_size", self.frame_size)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = (isinstance(value, (list, tuple)) and len(value) in (1, self.channels)
+                  and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                  and (name == "mean" or all(v > 0 for v in value)))
+            if not ok:
+                raise ValueError(f"--{name} must be 1 or --channels ({self.channels}) finite numbers"
+                                 f"{' > 0' if name == 'std' else ''}, got {value!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -148,7 +164,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="a missing / unreadable / corrupt file: fail before training starts, or "
                         "skip it and report it (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=d.image_size,
-                   help="images and frames are resized to this (default: %(default)s)")
+                   help="images (and frames, unless --frame-size) are resized to this square "
+                        "(default: %(default)s)")
+    g.add_argument("--frame-size", type=int, default=d.frame_size,
+                   help="video frames are resized to this square (default: --image-size)")
+    g.add_argument("--mean", type=float, nargs="+", default=d.mean, metavar="M",
+                   help="per-channel normalisation mean, 1 or --channels numbers "
+                        "(default: ImageNet's 0.485 0.456 0.406)")
+    g.add_argument("--std", type=float, nargs="+", default=d.std, metavar="S",
+                   help="per-channel normalisation std (default: ImageNet's 0.229 0.224 0.225)")
     g.add_argument("--max-frames", type=int, default=d.max_frames,
                    help="longer clips are subsampled uniformly to this (default: %(default)s)")
     g.add_argument("--channels", type=int, default=d.channels,
@@ -610,9 +634,12 @@ def _open_datasets(root: Path, config: TrainConfig, dist_info: _Dist, classes=No
 
     out = {}
     for split in splits:
-        ds = MultiModalFolder(root, split, image_size=config.image_size, max_frames=config.max_frames,
+        stats = {k: tuple(v) if len(v) > 1 else tuple(v) * config.channels
+                 for k, v in (("mean", config.mean), ("std", config.std)) if v is not None}
+        ds = MultiModalFolder(root, split, image_size=config.image_size,
+                              frame_size=config.frame_size, max_frames=config.max_frames,
                               channels=config.channels, classes=classes,
-                              on_bad_sample=config.on_bad_sample)
+                              on_bad_sample=config.on_bad_sample, **stats)
         if classes is None:
             classes = list(ds.classes)
         if len(ds) == 0:

@@ -381,3 +381,24 @@ def test_train_resume_evaluate_on_cuda_fused_bf16(data_root, tmp_path):
             assert torch.isfinite(v.float()).all(), (name, k)
     ev = evaluate(tmp_path / "r" / "checkpoint.pt", data_root, device="cuda", verbose=False)
     assert ev["test_acc"] == pytest.approx(res["test_acc"])
+
+
+def test_normalisation_and_frame_size_flags_reach_the_data(data_root):
+    from dtl_fast.train import _Dist, _open_datasets, build_parser, config_from_args
+
+    args = build_parser().parse_args(["--data", str(data_root), "--mean", "0.5", "--std", "0.25",
+                                      "--frame-size", "10", "--image-size", "12"])
+    cfg = config_from_args(args)
+    cfg.validate()
+    ds = _open_datasets(Path(data_root), cfg, _Dist(), splits=("train",))["train"]
+    assert torch.equal(torch.as_tensor(ds.mean).flatten(), torch.full((3,), 0.5))
+    assert torch.equal(torch.as_tensor(ds.std).flatten(), torch.full((3,), 0.25))
+    image, video, _ = ds[0]
+    assert image.shape[-2:] == (12, 12) and video.shape[-2:] == (10, 10)
+    # a pixel in [0, 255] normalised with mean 0.5, std 0.25 lies in [-2, 2]
+    assert image.min() >= -2.0 - 1e-6 and image.max() <= 2.0 + 1e-6 and image.min() < -1.0
+    for flags, what in ((["--std", "0"], "--std"), (["--mean", "1", "2"], "--mean"),
+                        (["--frame-size", "0"], "--frame-size")):
+        bad = config_from_args(build_parser().parse_args(["--data", str(data_root)] + flags))
+        with pytest.raises(ValueError, match=what):
+            bad.validate()
