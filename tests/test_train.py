@@ -379,7 +379,8 @@ def test_train_resume_evaluate_on_cuda_fused_bf16(data_root, tmp_path):
     for name, entry in state["models"].items():
         for k, v in entry["state_dict"].items():
             assert torch.isfinite(v.float()).all(), (name, k)
-    ev = evaluate(tmp_path / "r" / "checkpoint.pt", data_root, device="cuda", verbose=False)
+    ev = evaluate(tmp_path / "r" / "checkpoint.pt", data_root, device="cuda",
+                  batch_size=TINY["batch_size"], verbose=False)
     assert ev["test_acc"] == pytest.approx(res["test_acc"])
 
 
