@@ -49,7 +49,6 @@ import importlib
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,22 +135,6 @@ def timing_kwargs(device: str, quick: bool, tiny: bool) -> dict[str, Any]:
     # one step is ~1 s on CPU: one round of time_many (5 samples each) is enough for quick
     return H.grid_timing_kwargs(device, quick, tiny,
                                 cpu_quick=dict(warmup=1, rep=1, min_samples=5, max_ms=1))
-
-
-@contextlib.contextmanager
-def precision(tf32: bool):
-    """TF32 for matmuls and cuDNN on or off for one case; the previous flags come back after."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
 def load_api():
@@ -241,7 +224,7 @@ def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
 
     def one_case(ci, case):
         tf32, _ = DTYPES[case.dtype]
-        with precision(tf32):
+        with H.precision(tf32):
             _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw,
                       deadline, emit, getattr(args, "fused_override", None))
 

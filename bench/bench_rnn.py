@@ -47,13 +47,11 @@ with a row, when ~8 such calls do not fit in what is left; torch.compile is budg
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -290,22 +288,6 @@ def _unpack(cell, res):
     return out, state, None
 
 
-@contextlib.contextmanager
-def precision(tf32: bool):
-    """TF32 for matmuls and cuDNN on or off for one case; the previous flags come back after."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
-
-
 def make_providers(case: Case, module, ref_fns, fused_fns, device: str, compiled_fn=None):
     """name -> callable(x) -> (output, h_n, c_n|None), or a str saying why it does not run."""
     cell, bi = case.cell, case.bi
@@ -404,8 +386,6 @@ def _fwd_bwd(fn, x, params, g):
     return res
 
 
-
-
 def _one_call_s(fn, mode, x, params, g, device) -> float:
     """Seconds of one call of `fn` in `mode` (synchronised)."""
     H.sync(device)
@@ -434,12 +414,6 @@ def flops(case: Case, mode: str) -> float:
     G = GATES[case.cell]
     fwd = D * case.T * 2 * case.B * (case.H + case.H) * G * case.H
     return fwd if mode == "forward" else 3 * fwd
-
-
-
-
-
-
 
 
 def select_cases(device: str, quick: bool, tiny: bool) -> list[Case]:
@@ -486,7 +460,7 @@ def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
 
     def one_case(ci, case):
         dtype, tf32 = DTYPES[case.dtype]
-        with precision(tf32):
+        with H.precision(tf32):
             _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id,
                       timing_kw, deadline, emit, standin)
 
@@ -641,7 +615,6 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
                 ex["noisy"] = True
             emit(H.make_row(**base, provider=name, timing=t, baseline_ms=base_ms, extra=ex))
         del calls, grads
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -1126,3 +1127,19 @@ def open_results(args: argparse.Namespace, kernel: str,
     writer = ResultWriter(args.out, kernel)
     print(f"[{kernel}] {format_stamp(stamp)}")
     return stamp, writer
+
+
+@contextlib.contextmanager
+def precision(tf32: bool):
+    """TF32 for matmuls and cuDNN on or off for one case; the previous flags come back after."""
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
