@@ -270,7 +270,7 @@ def _module_backend(backend: str, device: torch.device) -> str:
     device becomes "auto" (the C++ pooling kernel, PyTorch's native RNN kernels, SDPA).
 
     "fused" on a CUDA device needs Triton and the CUDA build of dtl_fast._C: without either it
-    is refused here, before any data is read, not at the first forward."""
+    is refused here, before the models are built, not at the first forward."""
     if backend == "fused" and device.type != "cuda":
         return "auto"
     if backend == "fused":
