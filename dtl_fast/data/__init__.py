@@ -18,6 +18,7 @@ from dtl_fast.data.folder import (
                                   MultiModalFolder,
                                   collate_multimodal,
 )
+from dtl_fast.data.prepared import is_prepared, open_split
 
-__all__ = ["MultiModalFolder", "MultiModalBatch", "collate_multimodal", "BadSampleError",
+__all__ = ["open_split", "is_prepared", "MultiModalFolder", "MultiModalBatch", "collate_multimodal", "BadSampleError",
            "build_demo_dataset", "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]

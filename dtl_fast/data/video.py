@@ -155,26 +155,44 @@ def check_video(path) -> int:
     return len(mp4_frames(path, None, "L"))
 
 
-def to_tensor(im, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """PIL image -> float32 [C, H, W]: bilinear resize to size=(H, W) if needed, scale to
-    [0, 1], then (x - mean) / std per channel (mean, std: float32 [C, 1, 1])."""
+def resize_uint8(im, size: tuple[int, int]) -> np.ndarray:
+    """PIL image -> uint8 [H, W, C] (C = 1 for mode "L"), bilinear resize to size=(H, W) if needed.
+    The pixels every sample is made of: `normalise` turns them into the model's input, and
+    `dtl-fast data prepare` stores exactly these bytes."""
     from PIL import Image
 
     if im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), Image.BILINEAR)
-    arr = np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
-    x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def normalise(pixels, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., H, W, C] (numpy or tensor) -> float32 [..., C, H, W]: scaled to [0, 1],
+    then (x - mean) / std per channel (mean, std: float32 [C, 1, 1])."""
+    if isinstance(pixels, np.ndarray):  # also read-only ones (PIL views, memmaps): a float copy
+        x = torch.from_numpy(pixels.astype(np.float32))
+    else:
+        x = pixels.to(torch.float32)
+    x = x.movedim(-1, -3) * (1.0 / 255.0)
     return (x - mean) / std
 
 
-def read_image(path, size, mean, std, mode: str) -> torch.Tensor:
-    """An image file -> float32 [C, H, W] (see to_tensor); raises ReadError."""
-    return to_tensor(open_image(path, mode), size, mean, std)
+def to_tensor(im, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """PIL image -> float32 [C, H, W]: bilinear resize to size=(H, W) if needed, scale to
+    [0, 1], then (x - mean) / std per channel (mean, std: float32 [C, 1, 1])."""
+    return normalise(resize_uint8(im, size), mean, std)
 
 
-def read_video(path, size, mean, std, mode: str, max_frames: int | None) -> torch.Tensor:
-    """A clip (frame folder or .mp4) -> float32 [T, C, H, W], 1 <= T <= max_frames; raises
-    ReadError (RuntimeError when an .mp4 needs the missing PyAV)."""
+def load_image_uint8(path, size, mode: str) -> np.ndarray:
+    """An image file -> uint8 [H, W, C] at size=(H, W); raises ReadError."""
+    return resize_uint8(open_image(path, mode), size)
+
+
+def load_video_uint8(path, size, mode: str, max_frames: int | None) -> np.ndarray:
+    """A clip (frame folder or video file) -> uint8 [T, H, W, C], 1 <= T <= max_frames, frames
+    subsampled as `subsample_indices` says; raises ReadError (RuntimeError when a video file
+    needs the missing PyAV)."""
     if os.path.isdir(path):
         files = frame_files(path)
         if not files:
@@ -183,7 +201,19 @@ def read_video(path, size, mean, std, mode: str, max_frames: int | None) -> torc
         images = [open_image(files[i], mode) for i in keep]  # only the kept frames are decoded
     else:
         images = mp4_frames(path, max_frames, mode)
-    return torch.stack([to_tensor(im, size, mean, std) for im in images])
+    return np.stack([resize_uint8(im, size) for im in images])
+
+
+def read_image(path, size, mean, std, mode: str) -> torch.Tensor:
+    """An image file -> float32 [C, H, W] (load_image_uint8, then normalise); raises ReadError."""
+    return normalise(load_image_uint8(path, size, mode), mean, std)
+
+
+def read_video(path, size, mean, std, mode: str, max_frames: int | None) -> torch.Tensor:
+    """A clip (frame folder or video file) -> float32 [T, C, H, W], 1 <= T <= max_frames
+    (load_video_uint8, then normalise); raises ReadError (RuntimeError when a video file needs
+    the missing PyAV)."""
+    return normalise(load_video_uint8(path, size, mode, max_frames), mean, std)
 
 
 def as_size(value, name: str) -> tuple[int, int]:
