@@ -1,120 +1,84 @@
-"""A small progress bar on stderr for `dtl-fast train` (no tqdm dependency).
+"""Progress bars for dtl_fast: tqdm, set up the same way for every bar (training epochs, data set
+checks, `data prepare`), so that they read well wherever stderr goes.
 
-On a terminal it redraws one line in place:
+- On a terminal tqdm redraws one line in place, resized with the window.
+- In Jupyter it is tqdm's notebook widget (tqdm.autonotebook), when ipywidgets is installed.
+- Anywhere else (a log file, CI, a pipe) tqdm would write every redraw as a carriage return and
+  a whole run would be one line of `\\r`-separated states. There each redraw becomes its own
+  line, at most one per `LOG_INTERVAL` seconds, plus the first and the final line:
 
-    epoch 3/20 |########------------| 640/1600 loss 0.4312 1834 samples/s 00:02<00:03
+      epoch 3/20:  40%|####      | 640/1600 [00:30<00:45, 21.33 samples/s, loss 0.4312]
 
-When stderr is not a terminal (a log file, CI, a pipe) every printed update is its own line,
-throttled to one line per `line_interval` seconds plus the final line, so logs stay readable.
-`enabled=False` (`--no-progress`) prints nothing.
+`progress_bar(..., enabled=False)` is a bar that prints nothing (`--no-progress`).
 """
 from __future__ import annotations
 
-import math
 import sys
-import time
+import warnings
+
+from tqdm.std import TqdmExperimentalWarning, tqdm
+
+with warnings.catch_warnings():  # as tqdm.auto does: no "notebook mode" warning in Jupyter
+    warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
+    from tqdm.autonotebook import tqdm as notebook_or_std_tqdm  # std tqdm outside Jupyter
+
+# seconds between lines when the stream is not a terminal: a readable log, not a line per batch
+LOG_INTERVAL = 30.0
+# tqdm's default layout, but always items per second: tqdm turns a rate under 1/s into seconds
+# per item ("1.10s/ samples"), which reads like another quantity in a log of samples/s lines
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
 
 
-def format_seconds(seconds: float) -> str:
-    """00:42, 12:03 or 1:02:03 (h:mm:ss past an hour); '--:--' when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "--:--"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+def _isatty(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
-class Progress:
-    """Items done out of `total`, the latest loss, items per second, elapsed and ETA.
+class LogLines:
+    """A text stream for tqdm on a non-terminal: each redraw (written as "\\r" + line + padding)
+    becomes its own line, and tqdm's closing newline (the line already has one) is dropped."""
 
-    Args:
-        total: items expected (samples, for training); > 0.
-        desc: the line's prefix, e.g. "epoch 3/20".
-        unit: what the items are ("samples").
-        enabled: False prints nothing (`--no-progress`, or ranks other than 0 under DDP).
-        stream: where to write (default sys.stderr, looked up when the bar is made).
-        width: characters of the bar itself (terminal mode).
-        min_interval: seconds between redraws on a terminal.
-        line_interval: seconds between lines when the stream is not a terminal.
-    """
+    def __init__(self, stream):
+        self._stream = stream
+        self.encoding = getattr(stream, "encoding", None)
 
-    def __init__(self, total: int, desc: str = "", *, unit: str = "samples", enabled: bool = True,
-                 stream=None, width: int = 24, min_interval: float = 0.1,
-                 line_interval: float = 10.0):
-        if total < 0:
-            raise ValueError(f"Progress: total must be >= 0, got {total}")
-        self.total = int(total)
-        self.desc = desc
-        self.unit = unit
-        self.enabled = enabled
-        self.stream = sys.stderr if stream is None else stream
-        self.width = width
-        self.min_interval = min_interval
-        self.line_interval = line_interval
-        isatty = getattr(self.stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self.done = 0
-        self.loss: float | None = None
-        self.start = time.perf_counter()
-        self._last_draw = -math.inf
-        self._closed = False
-        self._last_len = 0
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self._stream.write(line + "\n")
+        return len(text)
 
-    def rate(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+    def flush(self) -> None:
+        flush = getattr(self._stream, "flush", None)
+        if flush is not None:
+            flush()
 
-    def render(self) -> str:
-        """The current line, without newline or carriage return."""
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        frac = min(1.0, self.done / self.total) if self.total else 1.0
-        parts = [self.desc] if self.desc else []
-        if self.tty:
-            filled = int(round(frac * self.width))
-            parts.append("|" + "#" * filled + "-" * (self.width - filled) + "|")
-        parts.append(f"{self.done}/{self.total}")
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        parts.append(f"{rate:.1f} {self.unit}/s")
-        parts.append(f"{format_seconds(elapsed)}<{format_seconds(eta)}")
-        return " ".join(parts)
 
-    def update(self, n: int, loss: float | None = None) -> None:
-        """Adds n finished items and, if given, the latest loss; redraws when it is time."""
-        self.done += int(n)
-        if loss is not None:
-            self.loss = float(loss)
-        if not self.enabled or self._closed:
-            return
-        now = time.perf_counter()
-        interval = self.min_interval if self.tty else self.line_interval
-        if now - self._last_draw >= interval and self.done < self.total:
-            self._draw()
-            self._last_draw = now
+def progress_bar(total: int | None = None, desc: str = "", *, unit: str = " samples",
+                 enabled: bool = True, stream=None, log_interval: float | None = None,
+                 **kwargs) -> tqdm:
+    """A tqdm bar of `total` items (None: unknown) on `stream` (default: sys.stderr as it is
+    now), set up for a terminal, a notebook or a log (see the module's docstring).
 
-    def _draw(self, final: bool = False) -> None:
-        line = self.render()
-        if self.tty:
-            pad = " " * max(0, self._last_len - len(line))
-            self.stream.write("\r" + line + pad + ("\n" if final else ""))
-            self._last_len = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Draws the final state once (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.enabled:
-            self._draw(final=True)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    unit: shown after the rate, e.g. " samples" gives "21.33 samples/s". enabled: False gives a
+    disabled bar (prints nothing, `update` is a no-op). log_interval: seconds between lines when
+    `stream` is not a terminal (>= 0; None: LOG_INTERVAL). kwargs: other tqdm arguments
+    (initial, leave, postfix, ...).
+    Raises ValueError for a negative log_interval."""
+    log_interval = LOG_INTERVAL if log_interval is None else log_interval
+    if not log_interval >= 0:
+        raise ValueError(f"log_interval must be >= 0 seconds, got {log_interval!r}")
+    layout = {} if total is None else {"bar_format": BAR_FORMAT}  # unknown total: tqdm's own
+    common = dict(total=total, desc=desc, unit=unit, disable=not enabled, **dict(layout, **kwargs))
+    if stream is None and notebook_or_std_tqdm is not tqdm:
+        return notebook_or_std_tqdm(**common)  # Jupyter: the widget draws in the cell
+    stream = sys.stderr if stream is None else stream
+    if _isatty(stream):
+        return tqdm(file=stream, dynamic_ncols=True, **common)
+    # miniters=1: no adaptive skipping, so the interval alone sets the pace; maxinterval: tqdm's
+    # monitor thread would otherwise force a redraw every 10 s
+    return tqdm(file=LogLines(stream), ascii=True, mininterval=log_interval,
+                maxinterval=max(log_interval, 1.0), miniters=1, **common)

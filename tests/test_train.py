@@ -1,6 +1,7 @@
 """`dtl-fast train` / dtl_fast.train on a tiny generated image + video data set (CPU): outputs,
-bit-identical resume, DDP on gloo vs one process, bad samples, clear errors, evaluate, the
-progress bar and the atomic writes."""
+bit-identical resume, DDP on gloo vs one process (and its output: rank 0 only, real sample
+counts), bad samples, clear errors, evaluate, the tqdm progress bar, the plot's colours and the
+atomic writes."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -20,7 +22,6 @@ import torch
 from PIL import Image
 
 from dtl_fast import cli
-from dtl_fast._progress import Progress, format_seconds
 from dtl_fast.train import (
     HEADS,
     TrainConfig,
@@ -30,6 +31,7 @@ from dtl_fast.train import (
     save_checkpoint,
     train,
 )
+from dtl_fast.train.progress import EpochProgress
 
 CLASSES = ("circle", "cross", "square")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -179,7 +181,7 @@ def test_bad_sample_error_before_training_or_skipped(tmp_path, monkeypatch, caps
     root = make_dataset(tmp_path / "set", counts=(12, 3, 3))
     corrupt = root / "validation" / "cross" / "s1.png"
     corrupt.write_bytes(b"not a png at all")
-    import dtl_fast.train as tr
+    import dtl_fast.train.loop as tr
 
     steps = []
     real_step = tr._step
@@ -269,6 +271,45 @@ def test_ddp_two_processes_match_one_process(full_run, data_root, tmp_path):
                                b["metrics"]["epochs"][1]["train_loss"]["dtl"], rtol=1e-5)
 
 
+def _torchrun(flags: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("DTL_FAST_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "dtl_fast.train", *flags],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ddp_output_comes_from_rank_zero_once_with_real_sample_counts(tmp_path):
+    """11 training samples on 2 ranks (the sampler pads each rank's share to 6): the bar ends at
+    11/11, never past it, and is drawn once; a skipped file is reported once; a bad file with
+    --on-bad-sample error stops both ranks, and the error is printed once."""
+    root = make_dataset(tmp_path / "odd", counts=(11, 4, 3))
+    corrupt = root / "validation" / "cross" / "s1.png"
+    corrupt.write_bytes(b"not a png at all")
+    flags = [f for f in TINY_FLAGS if f != "--no-progress"]
+    res = _torchrun(["--data", str(root), "--epochs", "1", "--on-bad-sample", "skip", *flags,
+                     "--out", str(tmp_path / "run")])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # stderr is a pipe here: the bar's lines, one per redraw, without carriage returns
+    bar = [line for line in res.stderr.split("\n") if "epoch 1/1:" in line]
+    counts = _bar_counts("\n".join(bar), 11)
+    assert counts and counts[-1] == 11 and max(counts) == 11, res.stderr[-3000:]
+    assert counts.count(0) == 1, "one bar (rank 0's), not one per rank: " + res.stderr[-3000:]
+    assert not [line for line in bar if "\r" in line]
+    assert res.stdout.count("epoch 1/1 val acc") == 1
+    assert res.stdout.count(f"{corrupt}: ") == 1, res.stdout
+    assert res.stderr.count("skipped 1 bad sample") == 1, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and [s["path"] for s in metrics["skipped"]] == [str(corrupt)]
+
+    res = _torchrun(["--data", str(root), "--epochs", "1", *TINY_FLAGS, "--out", str(tmp_path / "err")])
+    assert res.returncode != 0
+    assert res.stderr.count("dtl_fast.train: error:") == 1, res.stderr[-3000:]
+    assert str(corrupt) in res.stderr
+    assert not (tmp_path / "err" / "checkpoint.pt").exists()
+
+
 def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"format": "dtl_fast.train/1", "x": torch.arange(3)})
@@ -295,12 +336,12 @@ def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_plot_without_matplotlib_warns(tmp_path, monkeypatch):
-    import dtl_fast.train as tr
+    from dtl_fast.train import reports
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     rows = [{"epoch": 1, "train_loss": {"dtl": 1.0}, "val_acc": {"dtl_fused": 0.5}}]
     with pytest.warns(UserWarning, match="matplotlib"):
-        assert tr._write_plot(tmp_path / "curves.png", rows) is False
+        assert reports.write_plot(tmp_path / "curves.png", rows) is False
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -313,31 +354,118 @@ class _Stream(io.StringIO):
         return self._tty
 
 
+def _bar_counts(text: str, total: int) -> list:
+    """The sample counts of the progress lines `n/total` in `text`, in order."""
+    return [int(n) for n in re.findall(rf"\| *(\d+)/{total} \[", text)]
+
+
 def test_progress_bar_modes():
+    # not a terminal (a log file, a pipe): every redraw its own line, no carriage return
     s = _Stream(False)
-    bar = Progress(10, "epoch 1/2", stream=s, line_interval=0.0)
+    bar = EpochProgress(10, "epoch 1/2", stream=s, log_interval=0.0)
     bar.update(4, loss=1.5)
     bar.update(6, loss=0.25)
     bar.close()
     bar.close()
-    lines = s.getvalue().splitlines()
-    assert len(lines) == 2 and "\r" not in s.getvalue()
-    assert lines[0].startswith("epoch 1/2 4/10 loss 1.5000") and "samples/s" in lines[0]
-    assert lines[1].startswith("epoch 1/2 10/10 loss 0.2500")
+    out = s.getvalue()
+    lines = out.splitlines()
+    assert "\r" not in out and all(line.startswith("epoch 1/2:") for line in lines), out
+    assert _bar_counts(out, 10)[:3] == [0, 4, 10] and _bar_counts(out, 10)[-1] == 10, out
+    assert "loss 1.5000" in lines[1] and "samples/s" in lines[1]
+    assert "loss 0.2500" in lines[-1]
+    # the default interval (30 s): the first line and the final one, not a line per batch
+    s = _Stream(False)
+    bar = EpochProgress(1000, "epoch 1/1", stream=s)
+    for _ in range(250):
+        bar.update(4, loss=1.0)
+    bar.close()
+    assert _bar_counts(s.getvalue(), 1000) == [0, 1000], s.getvalue()
+    # a terminal: tqdm redraws in place and ends the line when done
     t = _Stream(True)
-    bar = Progress(4, "e", stream=t, min_interval=0.0, width=4)
+    bar = EpochProgress(4, "e", stream=t)
     bar.update(2)
     bar.close()
-    assert t.getvalue().startswith("\re |##--| 2/4") and t.getvalue().endswith("\n")
+    assert t.getvalue().startswith("\re:") and t.getvalue().endswith("\n") and "2/4" in t.getvalue()
     off = _Stream(False)
-    bar = Progress(4, stream=off, enabled=False)
+    bar = EpochProgress(4, stream=off, enabled=False)
     bar.update(4, loss=1.0)
     bar.close()
     assert off.getvalue() == ""
-    assert format_seconds(5) == "00:05" and format_seconds(3725) == "1:02:05"
-    assert format_seconds(float("nan")) == "--:--"
-    with pytest.raises(ValueError, match="total"):
-        Progress(-1)
+    for bad in (dict(total=-1), dict(total=4, world=0), dict(total=4.0)):
+        with pytest.raises(ValueError, match="total|world"):
+            EpochProgress(**bad)
+
+
+def test_progress_counts_real_samples_under_ddp():
+    """11 samples on 2 ranks with 2 per rank and step: DistributedSampler pads each share to 6,
+    so rank 0 sees 2, 4, 6 samples; the ranks together 4, 8 and then 11 real ones (not 12)."""
+    s = _Stream(False)
+    bar = EpochProgress(11, "epoch 1/1", world=2, stream=s, log_interval=0.0)
+    for _ in range(3):
+        bar.update(2)
+    bar.close()
+    assert bar.n == 11
+    assert _bar_counts(s.getvalue(), 11)[:4] == [0, 4, 8, 11]
+    assert max(_bar_counts(s.getvalue(), 11)) == 11
+
+
+def test_train_progress_in_a_log_is_a_few_lines_with_the_real_count(data_root, tmp_path, monkeypatch):
+    import dtl_fast._progress
+
+    # an interval no epoch reaches, however loaded the machine: the first and the final line
+    monkeypatch.setattr(dtl_fast._progress, "LOG_INTERVAL", 3600.0)
+    err, out = io.StringIO(), io.StringIO()  # StringIO is not a terminal, like a log file
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        train(TrainConfig(data=str(data_root), out=str(tmp_path), epochs=2,
+                          **dict(TINY, progress=True, baselines=False)))
+    text = err.getvalue()
+    for epoch in (1, 2):
+        # split at newlines only: a redraw by carriage return must show up as "\r" in a line
+        lines = [line for line in text.split("\n") if f"epoch {epoch}/2:" in line]
+        counts = _bar_counts("\n".join(lines), 12)
+        assert not [line for line in lines if "\r" in line], lines
+        assert counts == [0, 12], text
+        assert "loss " in lines[-1] and "samples/s" in lines[-1]
+    # --no-progress: no bar at all
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        train(TrainConfig(data=str(data_root), out=str(tmp_path / "quiet"), epochs=1,
+                          **dict(TINY, baselines=False)))
+    assert "epoch 1/1:" not in err.getvalue()
+
+
+def test_curves_use_one_colour_per_model_in_both_panels():
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    from dtl_fast.train.reports import plot_curves
+
+    def rows(baselines):
+        models = ("dtl", "image_cnn", "video_baseline") if baselines else ("dtl",)
+        heads = HEAD_KEYS if baselines else ["dtl_image", "dtl_video", "dtl_fused"]
+        return [{"epoch": e, "train_loss": {m: 2.0 / (e + i) for i, m in enumerate(models)},
+                 "val_acc": {k: min(1.0, 0.2 * e + 0.05 * i) for i, k in enumerate(heads)}}
+                for e in (1, 2, 3)]
+
+    def colours(ax):
+        return {line.get_label(): to_rgba(line.get_color()) for line in ax.get_lines()}
+
+    ax_loss, ax_acc = plot_curves(rows(True)).axes
+    loss, acc = colours(ax_loss), colours(ax_acc)
+    assert len(loss) == 3 and len(acc) == 5, (loss, acc)
+    dtl, image, video = loss["DTL (dual-task loss)"], loss["image-only CNN"], loss["video-only"]
+    assert len({dtl, image, video}) == 3, loss
+    assert acc["image-only CNN (baseline)"] == image, (loss, acc)
+    assert acc["video-only (baseline)"] == video, (loss, acc)
+    for head in ("DTL image head", "DTL video head", "DTL fused head"):
+        assert acc[head] == dtl, (head, loss, acc)
+    # the three DTL heads share a colour, so they differ by line style and marker
+    styles = {(line.get_linestyle(), line.get_marker()) for line in ax_acc.get_lines()
+              if line.get_label().startswith("DTL")}
+    assert len(styles) == 3
+    # and a model keeps its colour when the others are not drawn (no colour cycle)
+    ax_loss, ax_acc = plot_curves(rows(False)).axes
+    assert set(colours(ax_loss).values()) == {dtl} and set(colours(ax_acc).values()) == {dtl}
 
 
 def test_no_data_builds_the_demo_set_once_in_the_cache(tmp_path, monkeypatch, capsys):
@@ -385,13 +513,15 @@ def test_train_resume_evaluate_on_cuda_fused_bf16(data_root, tmp_path):
 
 
 def test_normalisation_and_frame_size_flags_reach_the_data(data_root):
-    from dtl_fast.train import _Dist, _open_datasets, build_parser, config_from_args
+    from dtl_fast.train import build_parser, config_from_args
+    from dtl_fast.train.datasets import open_datasets
+    from dtl_fast.train.distributed import Dist
 
     args = build_parser().parse_args(["--data", str(data_root), "--mean", "0.5", "--std", "0.25",
                                       "--frame-size", "10", "--image-size", "12"])
     cfg = config_from_args(args)
     cfg.validate()
-    ds = _open_datasets(Path(data_root), cfg, _Dist(), splits=("train",))["train"]
+    ds = open_datasets(Path(data_root), cfg, Dist(), splits=("train",))["train"]
     assert torch.equal(torch.as_tensor(ds.mean).flatten(), torch.full((3,), 0.5))
     assert torch.equal(torch.as_tensor(ds.std).flatten(), torch.full((3,), 0.25))
     image, video, _ = ds[0]

@@ -1,0 +1,187 @@
+"""What `dtl-fast train` takes: the TrainConfig dataclass (checked by `validate`) and the
+command-line flags that fill it, shared by `dtl-fast train` and `python -m dtl_fast.train`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtl_fast.train.distributed import parse_device
+
+
+@dataclass
+class TrainConfig:
+    """Everything `dtl-fast train` takes; field names are the flags without `--` (`-` -> `_`).
+
+    data: dataset root (root/{train,validation,test}/<class>/...) or None for the bundled demo
+    data, built once under $DTL_FAST_CACHE or ~/.cache/dtl_fast. batch_size is the global batch
+    (each of N DDP ranks takes batch_size / N). backend: "fused" (Triton kernels on CUDA; on a
+    CPU device the modules' "auto", dtl_fast's fastest CPU paths), "reference" or "auto".
+    amp: None or "bf16" (torch.autocast). device: "auto" | "cpu" | "cuda" | "cuda:N".
+    """
+    data: str | None = None
+    out: str = "runs/dtl"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    backend: str = "fused"
+    amp: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    resume: bool = False
+    on_bad_sample: str = "error"
+    image_size: int = 32
+    frame_size: int | None = None
+    max_frames: int = 16
+    mean: tuple | None = None
+    std: tuple | None = None
+    channels: int = 3
+    rnn: str = "lstm"
+    encoder: str = "cnn"
+    encoder_weights: str | None = None
+    width: int = 64
+    hidden_size: int = 64
+    dim: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    baselines: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag for a setting that cannot work."""
+        def positive(name, value, minimum=1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        for name in ("epochs", "batch_size", "image_size", "max_frames", "channels", "width",
+                     "hidden_size", "dim", "num_heads", "num_layers"):
+            positive(name, getattr(self, name))
+        positive("workers", self.workers, 0)
+        if self.frame_size is not None:
+            positive("frame_size", self.frame_size)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = (isinstance(value, (list, tuple)) and len(value) in (1, self.channels)
+                  and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                  and (name == "mean" or all(v > 0 for v in value)))
+            if not ok:
+                raise ValueError(f"--{name} must be 1 or --channels ({self.channels}) finite numbers"
+                                 f"{' > 0' if name == 'std' else ''}, got {value!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        if self.backend not in ("fused", "reference", "auto"):
+            raise ValueError(f"--backend must be 'fused', 'reference' or 'auto', got {self.backend!r}")
+        if self.amp not in (None, "bf16"):
+            raise ValueError(f"--amp must be 'bf16' (or left out for float32), got {self.amp!r}")
+        if self.on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"--on-bad-sample must be 'skip' or 'error', got {self.on_bad_sample!r}")
+        if self.rnn not in ("lstm", "gru"):
+            raise ValueError(f"--rnn must be 'lstm' or 'gru', got {self.rnn!r}")
+        if self.encoder not in ("cnn", "resnet18"):
+            raise ValueError(f"--encoder must be 'cnn' or 'resnet18', got {self.encoder!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"--dim ({self.dim}) must be divisible by --num-heads ({self.num_heads})")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ValueError(f"--data {self.data}: not a folder (expected root/train, "
+                             "root/validation and root/test with one folder per class)")
+        if self.encoder_weights is not None and not Path(self.encoder_weights).is_file():
+            raise ValueError(f"--encoder-weights {self.encoder_weights}: no such file")
+        parse_device(self.device)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds every TrainConfig flag to `parser` (used by both `dtl-fast train` and
+    `python -m dtl_fast.train`); `config_from_args` turns the parsed result into a TrainConfig."""
+    d = TrainConfig()
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR", default=d.data,
+                   help="dataset root with train/, validation/, test/ (one folder per class; "
+                        "<sample>.png + <sample>.mp4 or a <sample>/ folder of frames), or the "
+                        "output of `dtl-fast data prepare`; default: "
+                        "the bundled digits demo data, built once in $DTL_FAST_CACHE or "
+                        "~/.cache/dtl_fast")
+    g.add_argument("--on-bad-sample", choices=("skip", "error"), default=d.on_bad_sample,
+                   help="a missing / unreadable / corrupt file: fail before training starts, or "
+                        "skip it and report it (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=d.image_size,
+                   help="images (and frames, unless --frame-size) are resized to this square "
+                        "(default: %(default)s)")
+    g.add_argument("--frame-size", type=int, default=d.frame_size,
+                   help="video frames are resized to this square (default: --image-size)")
+    g.add_argument("--mean", type=float, nargs="+", default=d.mean, metavar="M",
+                   help="per-channel normalisation mean, 1 or --channels numbers "
+                        "(default: ImageNet's 0.485 0.456 0.406)")
+    g.add_argument("--std", type=float, nargs="+", default=d.std, metavar="S",
+                   help="per-channel normalisation std (default: ImageNet's 0.229 0.224 0.225)")
+    g.add_argument("--max-frames", type=int, default=d.max_frames,
+                   help="longer clips are subsampled uniformly to this (default: %(default)s)")
+    g.add_argument("--channels", type=int, default=d.channels,
+                   help="image channels, 1 or 3 (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="DataLoader worker processes (default: %(default)s)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="the global batch: under torchrun each of N ranks takes batch-size/N "
+                        "(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the models, the shuffling and the demo data (default: %(default)s)")
+    g.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="train DTL only, without the image-only and video-only baselines")
+    g = parser.add_argument_group("model")
+    g.add_argument("--rnn", choices=("lstm", "gru"), default=d.rnn, help="(default: %(default)s)")
+    g.add_argument("--encoder", choices=("cnn", "resnet18"), default=d.encoder,
+                   help="(default: %(default)s)")
+    g.add_argument("--encoder-weights", metavar="PATH", default=d.encoder_weights,
+                   help="a local state_dict for the resnet18 encoder (nothing is downloaded)")
+    g.add_argument("--width", type=int, default=d.width, help="CNN encoder width (default: %(default)s)")
+    g.add_argument("--hidden-size", type=int, default=d.hidden_size,
+                   help="RNN hidden size per direction (default: %(default)s)")
+    g.add_argument("--dim", type=int, default=d.dim, help="attention dimension (default: %(default)s)")
+    g.add_argument("--num-heads", type=int, default=d.num_heads,
+                   help="attention heads (default: %(default)s)")
+    g.add_argument("--num-layers", type=int, default=d.num_layers,
+                   help="dual-modal attention layers (default: %(default)s)")
+    g = parser.add_argument_group("running")
+    g.add_argument("--backend", choices=("fused", "reference", "auto"), default=d.backend,
+                   help="fused: the Triton kernels on CUDA (on a CPU device the modules' 'auto', "
+                        "dtl_fast's fastest CPU paths); reference: eager PyTorch "
+                        "(default: %(default)s)")
+    g.add_argument("--amp", default=d.amp, metavar="bf16",
+                   help="mixed precision: bf16 (torch.autocast); default: off (float32)")
+    g.add_argument("--device", default=d.device,
+                   help="auto | cpu | cuda | cuda:N (default: %(default)s; under torchrun each rank "
+                        "uses cuda:LOCAL_RANK)")
+    g.add_argument("--out", metavar="DIR", default=d.out,
+                   help="checkpoint.pt, metrics.json, metrics.csv, results.md and curves.png go "
+                        "here (default: %(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt at the epoch after the last one saved")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `add_train_arguments` flags (other attributes are ignored;
+    `--amp none/off/fp32/float32` means no autocast)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    if isinstance(kwargs.get("amp"), str) and kwargs["amp"].lower() in ("none", "off", "fp32", "float32"):
+        kwargs["amp"] = None
+    return TrainConfig(**kwargs)
+
+
+def build_parser(prog: str = "python -m dtl_fast.train") -> argparse.ArgumentParser:
+    """The parser of `python -m dtl_fast.train` (and of torchrun ... -m dtl_fast.train)."""
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "Train DTL and the image-only / video-only baselines on a multimodal image + video folder; "
+        "under torchrun it uses DistributedDataParallel."))
+    return add_train_arguments(parser)
