@@ -25,6 +25,13 @@ from dtl_fast.data import demo as demo_mod
 HAS_AV = importlib.util.find_spec("av") is not None
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """The check manifests go to a folder of this test (outside tmp_path, whose listing some
+    tests check), not to ~/.cache."""
+    monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 def _png(path, value, size=(6, 6), mode="RGB"):
     """Writes a constant image; value is an int (gray) or an (r, g, b) triple."""
     path = pathlib.Path(path)

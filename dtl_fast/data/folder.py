@@ -1,25 +1,34 @@
 """MultiModalFolder: paired image + video samples from a class-per-folder layout on disk.
 
-    root/<split>/<class>/<stem>.png          the image (.png .jpg .jpeg .bmp .gif .webp)
-    root/<split>/<class>/<stem>/             the video: a folder of frame images (natural order)
-    root/<split>/<class>/<stem>.mp4          ... or an .mp4 file (decoded with PyAV, optional)
+    root/<split>/<class>/<stem>.png     the image (.png .jpg .jpeg .bmp .gif .webp)
+    root/<split>/<class>/<stem>/        the video: a folder of frame images (natural order)
+    root/<split>/<class>/<stem>.mp4     ... or a video file: .mp4 .m4v .mov .avi .mkv .webm
+                                        (any codec FFmpeg decodes; read with PyAV)
+    root/<split>/<class>/<stem>.gif     ... or an animated .gif beside a still image of the stem
 
-Every sample is decoded once when the dataset is built, so a missing, corrupt or truncated
-file is reported with its path before training starts instead of in the middle of an epoch.
+Every sample is decoded once (every frame) when the data set is first built, so a missing,
+corrupt or truncated file is reported with its path before training starts instead of in the
+middle of an epoch. The check runs in threads, or in `workers` processes, with an optional
+progress bar, and its verdicts are remembered in a manifest in the cache (see
+dtl_fast.data.manifest): the next construction decodes only the samples whose files changed.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
+from dtl_fast.data.manifest import Manifest, sample_stamp
 from dtl_fast.data.video import (
+    ANIMATED_EXTENSIONS,
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     ReadError,
@@ -94,10 +103,25 @@ class MultiModalFolder(Dataset):
             a class folder missing from the list is a ValueError naming it.
         on_bad_sample: "error" raises BadSampleError listing every bad path when the dataset is
             built; "skip" leaves those samples out, warns once and lists them in `.skipped`.
+        workers: 0 checks the samples in a thread pool in this process; N > 0 in N worker
+            processes (faster for video files on several cores; the multiprocessing start
+            method is Python's default, as for a DataLoader, so under "spawn" the calling script
+            needs an `if __name__ == "__main__":` guard).
+        progress: True shows a tqdm progress bar of the samples checked on stderr (redrawn at
+            most every 30 s when stderr is not a terminal, so logs stay short).
+        manifest: True remembers each sample's verdict and file stamps (size, mtime) in
+            $DTL_FAST_CACHE/manifests (else ~/.cache/dtl_fast/manifests), never in the data
+            folder; the next construction decodes only new or changed samples. False checks
+            everything and writes nothing.
 
-    A sample is bad when its image or video is missing, unreadable or corrupt, its frame folder
-    holds no frame, or its stem is ambiguous (two images, or an .mp4 and a frame folder). Files
-    that are neither images, .mp4 nor folders are ignored, as are hidden files.
+    Which file is the clip: a folder <stem>/ of frame images, a video file <stem>.mp4 (.m4v .mov
+    .avi .mkv .webm, any case), or a <stem>.gif when the stem also has a still image (a.png +
+    a.gif: a.gif is the clip; a.gif alone, or beside a video, is the image).
+
+    A sample is bad when its image or video is missing, unreadable or corrupt, the video file
+    has no video stream or no frame, its frame folder holds no frame, or its stem is ambiguous
+    (two images, or two clips such as a.mp4 + a.webm or a.avi + a folder a/: the reason names
+    both). Other files are ignored, as are hidden files.
 
     Attributes: classes (list[str]), class_to_idx (dict[str, int]), samples (list of
     (image_path, video_path, label)), skipped (list of (path, reason)), num_frames (list[int],
@@ -109,7 +133,8 @@ class MultiModalFolder(Dataset):
 
     def __init__(self, root, split: str = "train", *, image_size=32, frame_size=None, max_frames=16,
                  channels: int = 3, mean=IMAGENET_MEAN, std=IMAGENET_STD, classes=None,
-                 on_bad_sample: str = "error"):
+                 on_bad_sample: str = "error", workers: int = 0, progress: bool = False,
+                 manifest: bool = True):
         if not isinstance(split, str) or not split or split in (".", "..") or "/" in split or os.sep in split:
             raise ValueError(f"split must be the name of a folder under root (e.g. one of {SPLITS}), got {split!r}")
         if on_bad_sample not in ON_BAD_SAMPLE:
@@ -119,6 +144,12 @@ class MultiModalFolder(Dataset):
             raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
         if isinstance(channels, bool) or channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0 (0: threads in this process), got {workers!r}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress must be True or False, got {progress!r}")
+        if not isinstance(manifest, bool):
+            raise ValueError(f"manifest must be True or False, got {manifest!r}")
         self.image_size = as_size(image_size, "image_size")
         self.frame_size = self.image_size if frame_size is None else as_size(frame_size, "frame_size")
         self.max_frames = max_frames
@@ -149,7 +180,8 @@ class MultiModalFolder(Dataset):
                          if not n.startswith(".") and os.path.isdir(os.path.join(split_dir, n)))
         if not folders:
             raise ValueError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<sample>.png "
-                             f"with <sample>.mp4 or a folder <sample>/ of frames beside it")
+                             f"with <sample>.mp4 (or another video file) or a folder <sample>/ of frames "
+                             "beside it")
         if classes is None:
             self.classes = folders
         else:
@@ -167,19 +199,16 @@ class MultiModalFolder(Dataset):
             bad += problems
         if not candidates and not bad:
             raise ValueError(f"no samples in {split_dir}: expected {split_dir}/<class>/<sample>.png with "
-                             f"<sample>.mp4 or a folder <sample>/ of frames beside it")
+                             f"<sample>.mp4 (or another video file) or a folder <sample>/ of frames beside it")
 
-        # Decoding is mostly zlib/libjpeg work that releases the GIL, so threads help.
-        workers = min(8, (os.cpu_count() or 1) + 1, max(1, len(candidates) // 64))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_sample, candidates, chunksize=1))
+        verdicts = _check_all(split_dir, candidates, workers, progress, manifest)
         self.samples, self.num_frames = [], []
-        for sample, result in zip(candidates, results):
-            if isinstance(result, ReadError):
-                bad.append((result.path, result.reason))
+        for sample, verdict in zip(candidates, verdicts):
+            if verdict[0] == "bad":
+                bad.append((verdict[1], verdict[2]))
             else:
                 self.samples.append(sample)
-                self.num_frames.append(result)
+                self.num_frames.append(verdict[1])
         bad.sort(key=lambda pr: natural_key(pr[0]))
         self.skipped: list[tuple[str, str]] = []
         if bad and on_bad_sample == "error":
@@ -210,51 +239,139 @@ class MultiModalFolder(Dataset):
                 + (f", skipped={len(self.skipped)}" if self.skipped else "") + ")")
 
 
+_VIDEO_HINT = " ".join(VIDEO_EXTENSIONS[1:])  # ".m4v .mov .avi .mkv .webm"
+
+
 def _scan_class_folder(folder: str, label: int):
-    """Pairs images with videos by stem. Returns ([(image, video, label)], [(path, reason)])."""
-    images: dict[str, list[str]] = {}
-    videos: dict[str, list[str]] = {}
+    """Pairs images with clips by stem (the rule is in MultiModalFolder's docstring).
+    Returns ([(image, video, label)], [(path, reason)])."""
+    stills: dict[str, list[str]] = {}
+    animated: dict[str, list[str]] = {}
+    clips: dict[str, list[str]] = {}
+    folders = set()
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                videos.setdefault(entry.name, []).append(entry.path)
+                clips.setdefault(entry.name, []).append(entry.path)
+                folders.add(entry.path)
                 continue
             stem, ext = os.path.splitext(entry.name)
             ext = ext.lower()
-            if ext in IMAGE_EXTENSIONS:
-                images.setdefault(stem, []).append(entry.path)
+            if ext in ANIMATED_EXTENSIONS:
+                animated.setdefault(stem, []).append(entry.path)
+            elif ext in IMAGE_EXTENSIONS:
+                stills.setdefault(stem, []).append(entry.path)
             elif ext in VIDEO_EXTENSIONS:
-                videos.setdefault(stem, []).append(entry.path)
+                clips.setdefault(stem, []).append(entry.path)
+
+    def name(path):
+        return os.path.basename(path) + ("/" if path in folders else "")
+
     found, bad = [], []
-    for stem in sorted(set(images) | set(videos), key=natural_key):
-        imgs, vids = sorted(images.get(stem, [])), sorted(videos.get(stem, []))
+    for stem in sorted(set(stills) | set(animated) | set(clips), key=natural_key):
+        gifs = animated.get(stem, [])
+        if stem in stills:  # a .gif beside a still image is the clip
+            imgs, vids = sorted(stills[stem]), sorted(clips.get(stem, []) + gifs)
+        else:               # a .gif alone, or beside a video, is the image
+            imgs, vids = sorted(gifs), sorted(clips.get(stem, []))
+        base = os.path.join(folder, stem)
         if len(imgs) > 1:
             bad.append((imgs[0], f"several images share the stem {stem!r}: "
-                                 f"{', '.join(os.path.basename(p) for p in imgs)}"))
+                                 f"{', '.join(name(p) for p in imgs)}"))
         elif len(vids) > 1:
-            bad.append((vids[0], f"both {stem}.mp4 and a frame folder {stem}/ exist; keep one"))
+            bad.append((vids[0], f"several clips share the stem {stem!r}: {', '.join(name(p) for p in vids)}; "
+                                 "keep one (a .gif beside a still image counts as a clip)"))
         elif not imgs:
             bad.append((vids[0], f"a video with no image of the same stem (expected {stem}.png, .jpg, ...)"))
         elif not vids:
-            bad.append((imgs[0], f"no video for this image (expected {os.path.join(folder, stem)}.mp4 "
-                                 f"or a folder {os.path.join(folder, stem)}/ of frames)"))
+            alone = (f" ({name(imgs[0])} alone is the image; put a still image beside it to use it as the clip)"
+                     if gifs else "")
+            bad.append((imgs[0], f"no video for this image (expected a video file {base}.mp4 (or {_VIDEO_HINT}), "
+                                 f"an animated {stem}.gif beside the image, or a folder {base}/ of frames){alone}"))
         else:
             found.append((imgs[0], vids[0], label))
     return found, bad
 
 
 def _check_sample(sample):
-    """Decodes a sample's image and every frame of its video once: the frame count, or the
-    ReadError (RuntimeError for a missing optional dependency propagates: it is not the data's
-    fault and skipping every .mp4 would be a silent loss)."""
+    """Decodes a sample's image and every frame of its video once: ("ok", frame count) or
+    ("bad", path, reason). A RuntimeError for a missing optional dependency propagates: it is
+    not the data's fault and skipping every video file would be a silent loss."""
     image_path, video_path, _ = sample
     try:
         check_image(image_path)
-        return check_video(video_path)
+        return ("ok", check_video(video_path))
     except ReadError as exc:
-        return exc
+        return ("bad", exc.path, exc.reason)
+
+
+def _run_checks(samples: list, workers: int):
+    """_check_sample over samples, results in order, in threads (workers=0) or processes."""
+    if not samples:
+        return
+    if workers == 0:
+        # Decoding is mostly zlib / libjpeg / libavcodec work that releases the GIL: threads help.
+        threads = min(8, (os.cpu_count() or 1) + 1, max(1, len(samples) // 64))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            yield from pool.map(_check_sample, samples)
+        return
+    workers = min(workers, len(samples))
+    # chunks amortise the pickling round trip yet stay small enough for an even spread and a
+    # progress bar that moves; Executor.map cancels what is still queued if we stop early
+    chunk = max(1, min(64, len(samples) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_check_sample, samples, chunksize=chunk)
+
+
+def _stamp_chunk(samples: list) -> list:
+    return [sample_stamp(image_path, video_path) for image_path, video_path, _ in samples]
+
+
+def _stamp_all(candidates: list, chunk: int = 256) -> list:
+    """sample_stamp of every candidate, in order; threads for many samples (stat and scandir
+    release the GIL, and on a network file system each one waits on a round trip)."""
+    if len(candidates) < 2 * chunk:
+        return _stamp_chunk(candidates)
+    parts = [candidates[i:i + chunk] for i in range(0, len(candidates), chunk)]
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        return [stamp for part in pool.map(_stamp_chunk, parts) for stamp in part]
+
+
+def _check_all(split_dir: str, candidates: list, workers: int, progress: bool, use_manifest: bool) -> list:
+    """The verdict of every candidate, in order: ("ok", frames) or ("bad", path, reason); taken
+    from the manifest where the sample's files are unchanged, else decoded (and remembered)."""
+    book = Manifest(split_dir) if use_manifest else None
+    started = time.time_ns()  # before the stamps: a write after this is seen as a change
+    verdicts, stamps, todo = [None] * len(candidates), [None] * len(candidates), []
+    if book is not None:
+        stamps = _stamp_all(candidates)
+    for i, (image_path, video_path, _) in enumerate(candidates):
+        if book is not None:
+            verdicts[i] = book.lookup(image_path, video_path, stamps[i])
+        if verdicts[i] is None:
+            todo.append(i)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        bar = tqdm(total=len(candidates), initial=len(candidates) - len(todo), desc=f"checking {split_dir}",
+                   unit="sample", file=sys.stderr, mininterval=0.1 if tty else 30.0, dynamic_ncols=True)
+    try:
+        for i, verdict in zip(todo, _run_checks([candidates[i] for i in todo], workers)):
+            verdicts[i] = verdict
+            if book is not None:
+                book.record(candidates[i][0], candidates[i][1], stamps[i], started, verdict)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+        if book is not None:
+            book.save()  # also when interrupted: the samples checked so far are not decoded again
+    return verdicts
 
 
 class MultiModalBatch(NamedTuple):

@@ -1,8 +1,17 @@
-"""Reading images and clips from disk into normalised float32 tensors (Pillow + numpy, no
-torchvision).
+"""Reading images and clips from disk into uint8 pixels and normalised float32 tensors (Pillow,
+PyAV and numpy; no torchvision).
 
-A clip is either a folder of frame images, read in natural name order ("2.png" before
-"10.png"), or an .mp4 file decoded with PyAV, which is imported only when an .mp4 is read.
+A clip is one of:
+- a folder of frame images, read in natural name order ("2.png" before "10.png");
+- a video file in any container FFmpeg reads, decoded with PyAV (imported only when a video file
+  is read): VIDEO_EXTENSIONS = .mp4 .m4v .mov .avi .mkv .webm; the first video stream is used
+  (cover art attached to an audio file does not count as one);
+- an animated .gif (or any multi-frame image Pillow reads), decoded frame by frame with Pillow.
+
+`check_video` decodes every frame once and returns the count; `load_video_uint8` returns the
+frames kept by `subsample_indices`. Every failure of the data (missing file, no video stream,
+undecodable bytes, no frame) is a ReadError with the reason; a missing PyAV is a RuntimeError,
+because it is not the data's fault.
 """
 from __future__ import annotations
 
@@ -16,7 +25,8 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-VIDEO_EXTENSIONS = (".mp4",)
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")  # decoded with PyAV
+ANIMATED_EXTENSIONS = (".gif",)  # a clip when it sits beside a still image of its stem (Pillow)
 
 
 class ReadError(Exception):
@@ -27,6 +37,9 @@ class ReadError(Exception):
         super().__init__(reason)
         self.path = str(path)
         self.reason = reason
+
+    def __reduce__(self):  # picklable across worker processes (Exception's default drops path)
+        return (type(self), (self.path, self.reason))
 
 
 def natural_key(name: str):
@@ -87,15 +100,23 @@ def open_image(path, mode: str):
 
     with _image_errors(path), Image.open(path) as im:
         im.load()  # decodes every byte now: a truncated file fails here, not later
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # convert("L") would clip 16/32-bit values, so rescale to 8 bits first
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            # composite on black: a transparent pixel's stored colour is arbitrary
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
-        return im.convert(mode)
+        return _convert(im, mode)
+
+
+def _convert(im, mode: str):
+    """A decoded PIL image -> a new PIL image of `mode`: 16/32-bit gray rescaled to 8 bits,
+    transparency composited on black."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # convert("L") would clip 16/32-bit values, so rescale to 8 bits first
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # composite on black: a transparent pixel's stored colour is arbitrary
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    return im.convert(mode)
 
 
 def check_image(path) -> None:
@@ -116,33 +137,106 @@ def _import_av(path):
     return av
 
 
-def mp4_frames(path, max_frames: int | None = None, mode: str = "RGB") -> list:
-    """Decodes an .mp4 clip with PyAV into PIL images of `mode`, subsampled to max_frames.
+def is_video_file_name(name: str) -> bool:
+    """True for a name PyAV decodes as a clip (VIDEO_EXTENSIONS, any case, not hidden)."""
+    return not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS)
 
-    Raises RuntimeError if PyAV is missing; ReadError if the file cannot be decoded or holds no
-    video frame.
-    """
-    av = _import_av(path)
+
+def _is_animated_name(path) -> bool:
+    return os.fspath(path).lower().endswith(ANIMATED_EXTENSIONS)
+
+
+@contextlib.contextmanager
+def _video_errors(path):
+    """Turns PyAV's ways of failing into one ReadError naming the path and why."""
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ReadError(path, "the file has no video stream")
-            stream = container.streams.video[0]
-            frames = [frame.to_image() for frame in container.decode(stream)]
+        yield
     except ReadError:
         raise
     except FileNotFoundError as exc:
         raise ReadError(path, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise ReadError(path, "a folder, not a video file") from exc
     except Exception as exc:  # PyAV raises av.error.* (OSError/ValueError subclasses) and others
         raise ReadError(path, f"corrupt or undecodable video: {type(exc).__name__}: {exc}") from exc
-    if not frames:
+
+
+def _decoded_frames(av, container, path):
+    """The decoded av.VideoFrame objects of the container's first real video stream, in order."""
+    attached = int(getattr(av.stream.Disposition, "attached_pic", 0))
+    # an audio file's cover art is a one-picture "video" stream: not a clip
+    streams = [s for s in container.streams.video if not int(s.disposition) & attached]
+    if not streams:
+        raise ReadError(path, "the file has no video stream")
+    return container.decode(streams[0])
+
+
+def video_frames(path, max_frames: int | None = None, mode: str = "RGB") -> list:
+    """Decodes a clip file into PIL images of `mode` ("RGB" or "L"), subsampled to max_frames
+    as `subsample_indices` says. A video file (any container, VIDEO_EXTENSIONS and whatever else
+    FFmpeg opens) is decoded with PyAV; a .gif with Pillow.
+
+    Raises RuntimeError if a video file needs the missing PyAV; ReadError if the file is missing,
+    cannot be decoded, has no video stream or holds no frame.
+    """
+    if _is_animated_name(path):
+        return _animated_frames(path, max_frames, mode)
+    av = _import_av(path)
+    with _video_errors(path), av.open(os.fspath(path)) as container:
+        # keep the decoded (YUV) frames and make PIL images of the kept ones only: the frame count
+        # is known once the stream ends, and a YUV 4:2:0 frame is half the bytes of its RGB image
+        frames = list(_decoded_frames(av, container, path))
+        if not frames:
+            raise ReadError(path, "the video holds no frames")
+        return [frames[i].to_image().convert(mode) for i in subsample_indices(len(frames), max_frames)]
+
+
+mp4_frames = video_frames  # the name from when only .mp4 was read
+
+
+def _animated_frames(path, max_frames: int | None, mode: str) -> list:
+    """The frames of an animated image (GIF) as PIL images of `mode`; ReadError if it cannot be
+    decoded. Pillow applies each frame's disposal, so frame k is the picture shown at step k."""
+    from PIL import Image
+
+    with _image_errors(path), Image.open(path) as im:
+        total = getattr(im, "n_frames", 1)
+        images = []
+        for i in subsample_indices(total, max_frames):
+            im.seek(i)
+            im.load()
+            images.append(_convert(im, mode))
+        return images
+
+
+def _count_animated_frames(path) -> int:
+    from PIL import Image
+
+    with _image_errors(path), Image.open(path) as im:
+        total = getattr(im, "n_frames", 1)
+        for i in range(total):  # every frame decoded: a truncated last frame fails here
+            im.seek(i)
+            im.load()
+        return total
+
+
+def count_video_frames(path) -> int:
+    """Decodes every frame of a clip file once (no colour conversion) and returns their number;
+    raises ReadError like `video_frames`, RuntimeError when a video file needs the missing PyAV."""
+    if _is_animated_name(path):
+        return _count_animated_frames(path)
+    av = _import_av(path)
+    with _video_errors(path), av.open(os.fspath(path)) as container:
+        total = sum(1 for _ in _decoded_frames(av, container, path))
+    if not total:
         raise ReadError(path, "the video holds no frames")
-    return [frames[i].convert(mode) for i in subsample_indices(len(frames), max_frames)]
+    return total
 
 
 def check_video(path) -> int:
-    """Decodes a clip once (every frame) and returns its number of frames; raises ReadError
-    (or RuntimeError when an .mp4 needs the missing PyAV)."""
+    """Decodes a clip (frame folder, video file or animated .gif) once, every frame, and returns
+    its number of frames; raises ReadError (or RuntimeError when a video file needs the missing
+    PyAV)."""
     if os.path.isdir(path):
         files = frame_files(path)
         if not files:
@@ -152,7 +246,7 @@ def check_video(path) -> int:
         return len(files)
     if not os.path.exists(path):
         raise ReadError(path, "file not found")
-    return len(mp4_frames(path, None, "L"))
+    return count_video_frames(path)
 
 
 def resize_uint8(im, size: tuple[int, int]) -> np.ndarray:
@@ -190,7 +284,7 @@ def load_image_uint8(path, size, mode: str) -> np.ndarray:
 
 
 def load_video_uint8(path, size, mode: str, max_frames: int | None) -> np.ndarray:
-    """A clip (frame folder or video file) -> uint8 [T, H, W, C], 1 <= T <= max_frames, frames
+    """A clip (frame folder, video file or animated .gif) -> uint8 [T, H, W, C], 1 <= T <= max_frames, frames
     subsampled as `subsample_indices` says; raises ReadError (RuntimeError when a video file
     needs the missing PyAV)."""
     if os.path.isdir(path):
@@ -200,7 +294,7 @@ def load_video_uint8(path, size, mode: str, max_frames: int | None) -> np.ndarra
         keep = subsample_indices(len(files), max_frames)
         images = [open_image(files[i], mode) for i in keep]  # only the kept frames are decoded
     else:
-        images = mp4_frames(path, max_frames, mode)
+        images = video_frames(path, max_frames, mode)
     return np.stack([resize_uint8(im, size) for im in images])
 
 
