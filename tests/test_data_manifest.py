@@ -324,6 +324,7 @@ def test_progress_bar_on_stderr(data, capfd):
     out, err = capfd.readouterr()
     assert out == ""
     assert "checking" in err and str(data / "train") in err and "3/3" in err  # 3 pairs to decode
+    assert "\r" not in err  # not a terminal: whole lines (a log), not carriage-return redraws
     _build(data, progress=True)  # every sample from the manifest: a finished bar, no decoding
     _, err = capfd.readouterr()
     assert "3/3" in err

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -354,11 +353,10 @@ def _check_all(split_dir: str, candidates: list, workers: int, progress: bool, u
             todo.append(i)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from dtl_fast._progress import progress_bar  # tqdm, one line per interval in a log
 
-        tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-        bar = tqdm(total=len(candidates), initial=len(candidates) - len(todo), desc=f"checking {split_dir}",
-                   unit="sample", file=sys.stderr, mininterval=0.1 if tty else 30.0, dynamic_ncols=True)
+        bar = progress_bar(len(candidates), f"checking {split_dir}", unit=" samples",
+                           initial=len(candidates) - len(todo))
     try:
         for i, verdict in zip(todo, _run_checks([candidates[i] for i in todo], workers)):
             verdicts[i] = verdict
