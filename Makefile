@@ -14,7 +14,7 @@ DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dtl_fast-built
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install test demo bench gpu-check info clean
+.PHONY: install test test-cpu-capabilities wheel-check demo bench gpu-check info clean
 
 install: $(BUILD_STAMP)
 
@@ -22,7 +22,7 @@ install: $(BUILD_STAMP)
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" triton numpy ninja pybind11 \
-		pytest pytest-benchmark matplotlib scikit-learn pillow torchvision av
+		pytest pytest-benchmark matplotlib scikit-learn pillow torchvision av tqdm
 	touch $@
 
 # The package and its C++/CUDA extension: rebuilt when a source of the build changes.
@@ -32,6 +32,17 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The bfloat16 / float16 / autocast tests (marker `half`) once more under each other CPU
+# capability this machine has (ATEN_CPU_CAPABILITY=default, avx2, avx512): ATen's CPU kernels
+# round differently under each, and a user's machine may pick any of them. CI runs it.
+test-cpu-capabilities: install
+	$(PY) .ci/cpu_capabilities.py $(PYTEST_ARGS)
+
+# The user's install: build the wheel, install it (not editable) into a fresh venv outside the
+# source tree, run `dtl-fast info`, data demo, a two-step train and evaluate from there. CI runs it.
+wheel-check: install
+	PYTHON=$(abspath $(PY)) bash .ci/wheel_check.sh
 
 demo: install
 	$(VENV)/bin/dtl-fast train --out out/demo $(DEMO_ARGS)

@@ -11,8 +11,10 @@ Environment:
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -110,18 +112,33 @@ def _extensions():
     ], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
+def _packages() -> tuple:
+    """(packages, package_dir): every package with an __init__.py under dtl_fast/, found rather
+    than listed (a hand-written list once shipped a wheel without dtl_fast.models and
+    dtl_fast.data), plus kernels/ and its subpackages installed as dtl_fast.kernels through
+    package_dir, so no top-level `kernels` module lands on anyone's import path."""
+    packages = find_packages(where=ROOT, include=["dtl_fast", "dtl_fast.*"])
+    packages += ["dtl_fast.kernels"] + [
+        "dtl_fast.kernels." + p for p in find_packages(where=os.path.join(ROOT, "kernels"))]
+    return packages, {"dtl_fast.kernels": "kernels"}
+
+
+def _build_temp() -> str:
+    """One folder for the compiled objects of every build of this tree. setuptools' editable
+    install (`make install`) otherwise compiles in a throwaway temporary folder, so a wheel or
+    a `pip install .` after it compiled everything again (nvcc: minutes); with a fixed folder,
+    ninja recompiles only what changed, for either. The name is setuptools' own default for
+    non-editable builds (build/temp.<platform>-<python>)."""
+    return os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
+packages, package_dir = _packages()
 ext_modules, build_ext = _extensions()
 
 setup(
-    packages=[
-        "dtl_fast",
-        "dtl_fast.ops",
-        "dtl_fast.reference",
-        "dtl_fast.nn",
-        "dtl_fast.kernels",
-    ],
-    package_dir={"dtl_fast.kernels": "kernels"},
+    packages=packages,
+    package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}, "build_ext": {"build_temp": _build_temp()}},
 )

@@ -4,6 +4,7 @@ the `poison` fixture NaN-fills every fresh allocation so unwritten outputs show.
 import contextlib
 import os
 import random
+import re
 
 import torch  # importing torch does not import triton, so the next line still takes effect
 
@@ -16,7 +17,24 @@ import pytest  # noqa: E402
 from _helpers import HAS_CUDA  # noqa: E402
 
 
+# A test whose name or parameters name a half type or autocast gets the `half` marker: CI runs
+# those once more under each other CPU capability (.ci/cpu_capabilities.py), because ATen's CPU
+# kernels round half-precision work differently under each. The name, not the body: bodies
+# mention "bf16" in flag checks and GPU compile targets that do no CPU half arithmetic.
+_HALF = re.compile(r"bfloat16|float16|bf16|fp16|half|autocast", re.IGNORECASE)
+
+
+def pytest_report_header(config):
+    # Which CPU kernels ATen dispatches to: ATEN_CPU_CAPABILITY picks them (when the CPU has them).
+    asked = os.environ.get("ATEN_CPU_CAPABILITY")
+    return (f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}"
+            + (f" (ATEN_CPU_CAPABILITY={asked})" if asked else ""))
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _HALF.search(item.name):
+            item.add_marker(pytest.mark.half)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import dtl_fast
@@ -82,3 +83,66 @@ def test_assert_rel_close_catches_errors():
         except AssertionError:
             continue
         raise AssertionError(f"assert_rel_close accepted {bad}")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_py_packages():
+    """(packages, package_dir) as setup.py hands them to setuptools, read by running setup.py
+    up to setup()'s start (distutils' run_setup, stop_after="init": nothing is built), in a
+    subprocess because setup.py sets build variables in os.environ."""
+    code = ("import json, setuptools\n"
+            "from distutils.core import run_setup\n"
+            "d = run_setup('setup.py', stop_after='init')\n"
+            "print('PACKAGES=' + json.dumps([d.packages, d.package_dir]))\n")
+    env = {**os.environ, "DTL_FAST_REQUIRE_CUDA": "0"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("PACKAGES=")][-1]
+    packages, package_dir = json.loads(line[len("PACKAGES="):])
+    return packages, package_dir
+
+
+def _packages_on_disk():
+    """{package name: folder} for every folder under dtl_fast/ and kernels/ (as dtl_fast.kernels)
+    that holds Python files; asserts each has an __init__.py (without one, setuptools' discovery
+    skips it and the wheel would lack it while the editable install still imports it)."""
+    found, no_init = {}, []
+    for top, name in (("dtl_fast", "dtl_fast"), ("kernels", "dtl_fast.kernels")):
+        for d, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = sorted(x for x in dirs if x != "__pycache__" and not x.startswith("."))
+            if not any(f.endswith(".py") for f in files):
+                continue
+            rel = os.path.relpath(d, os.path.join(ROOT, top))
+            pkg = name if rel == "." else name + "." + rel.replace(os.sep, ".")
+            if "__init__.py" in files:
+                found[pkg] = d
+            else:
+                no_init.append(d)
+    assert not no_init, f"folders with Python files but no __init__.py (not installed): {no_init}"
+    return found
+
+
+def test_setup_py_ships_every_package_on_disk():
+    """The wheel holds what setup.py lists: every package folder of the tree must be in that
+    list, mapped to its own folder (kernels/ as dtl_fast.kernels), and nothing else. A
+    hand-written list once left out dtl_fast.models and dtl_fast.data; the editable install
+    the other tests use hides such a gap (`make wheel-check` runs the built wheel itself)."""
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        pytest.skip("not a source tree")
+    packages, package_dir = _setup_py_packages()
+    on_disk = _packages_on_disk()
+    missing, extra = sorted(set(on_disk) - set(packages)), sorted(set(packages) - set(on_disk))
+    assert not missing, f"setup.py does not ship these packages of the tree: {missing}"
+    assert not extra, f"setup.py ships packages with no folder of Python files: {extra}"
+    assert len(packages) == len(set(packages)), f"listed twice: {packages}"
+    assert all(p == "dtl_fast" or p.startswith("dtl_fast.") for p in packages), packages
+    for pkg in packages:  # where setuptools takes each package from: longest package_dir prefix
+        parts = pkg.split(".")
+        for i in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in package_dir or i == 0:
+                src = os.path.join(ROOT, package_dir.get(prefix, ""), *parts[i:])
+                break
+        assert os.path.samefile(src, on_disk[pkg]), f"{pkg} would be taken from {src}, not {on_disk[pkg]}"

@@ -11,7 +11,7 @@ import torch
 from dtl_fast.ops import rnn as ops
 from dtl_fast.reference import rnn as ref
 
-from _helpers import HAS_CUDA, REL_TOL, assert_rel_close
+from _helpers import HAS_CUDA, REL_TOL, assert_half_close, assert_rel_close
 
 F32_TOL = 1e-5  # float32 against the float64 reference (issue 3)
 MODES = ["LSTM", "GRU"]
@@ -66,6 +66,16 @@ def assert_all_close(mode, hx, n_weights, got, want, tol):
     for name, a, b in zip(names(mode, hx, n_weights), got, want):
         assert a is not None and b is not None, f"{name}: missing gradient"
         assert_rel_close(name, a, b, tol)
+
+
+def assert_all_half_close(mode, hx, n_weights, got, want, base, dtype):
+    """Every output and gradient within the derived half-precision tolerance (_helpers.
+    assert_half_close): HALF_FACTOR x the error of `base` (the eager reference computing in
+    dtype on the same inputs) against the float64 `want`, plus a unit roundoff of dtype."""
+    assert len(got) == len(want) == len(base)
+    for name, a, w, b in zip(names(mode, hx, n_weights), got, want, base):
+        assert a is not None and w is not None and b is not None, f"{name}: missing gradient"
+        assert_half_close(name, a, w, b, dtype)
 
 
 def fn_of(mode, backend):
@@ -196,7 +206,9 @@ def test_fused_many_blocks_float32(mode, poison, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_dtypes(mode, dtype, poison):
     """float16 / bfloat16 in, the float64 reference on the same rounded values (float32:
-    test_fused_many_blocks_float32; several layers: the float64 cases)."""
+    test_fused_many_blocks_float32; several layers: the float64 cases); the tolerance derived
+    from the eager reference computing in the same dtype (measured: the fused kernels land
+    1.5-2x its error in float16, 2-4x in bfloat16)."""
     T, B, I, H = 4, 3, 5, 6
     _, x, h, ws = make_case(mode, T, B, I, H, 1, True)
     kw = dict(lengths=[4, 2, 3], num_layers=1, bidirectional=True)
@@ -204,13 +216,14 @@ def test_fused_dtypes(mode, dtype, poison):
     hxd = tuple(map(cast, h)) if mode == "LSTM" else cast(h)
     with poison():
         got = run(fn_of(mode, "fused"), mode, cast(x), hxd, [cast(w) for w in ws], **kw)
+    base = run(fn_of(mode, "ref"), mode, cast(x), hxd, [cast(w) for w in ws], **kw)
     up = lambda t: t.to(dtype).double()  # noqa: E731
     hx64 = tuple(map(up, h)) if mode == "LSTM" else up(h)
     want = run(fn_of(mode, "ref"), mode, up(x), hx64, [up(w) for w in ws], **kw)
     n_out = 3 if mode == "LSTM" else 2
     for a in got[:n_out]:
         assert a.dtype == dtype
-    assert_all_close(mode, h, len(ws), got, want, REL_TOL[dtype])
+    assert_all_half_close(mode, h, len(ws), got, want, base, dtype)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -250,16 +263,21 @@ def test_native_dropout_in_training_is_applied():
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_autocast(mode):
     """Under torch.autocast the projection GEMM runs in bfloat16 and the recurrence in that
-    dtype; float32 parameters get float32 gradients close to the float64 reference."""
+    dtype; float32 parameters get float32 gradients as close to the float64 reference as the
+    eager reference computing wholly in bfloat16 is (assert_all_half_close)."""
+    bf16 = torch.bfloat16
     _, x, h, ws = make_case(mode, 3, 2, 4, 6, 1, True)
     f32 = lambda t: t.float()  # noqa: E731
     hx32 = tuple(map(f32, h)) if mode == "LSTM" else f32(h)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=bf16):
         got = run(fn_of(mode, "fused"), mode, f32(x), hx32, [f32(w) for w in ws], bidirectional=True)
-    assert got[0].dtype == torch.bfloat16
+    assert got[0].dtype == bf16
     assert all(g.dtype == torch.float32 for g in got[(3 if mode == "LSTM" else 2):])
     want = run(fn_of(mode, "ref"), mode, x, h, ws, bidirectional=True)
-    assert_all_close(mode, h, len(ws), got, want, 3e-2)
+    cast = lambda t: t.to(bf16)  # noqa: E731
+    base = run(fn_of(mode, "ref"), mode, cast(x), tuple(map(cast, h)) if mode == "LSTM" else cast(h),
+               [cast(w) for w in ws], bidirectional=True)
+    assert_all_half_close(mode, h, len(ws), got, want, base, bf16)
 
 
 # ------------------------------------------------------------------------------------------------
