@@ -43,6 +43,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """$DTL_FAST_CACHE (the demo data, the data-check manifests) in a folder of this test run,
+    for subprocesses too: tests leave nothing in the user's ~/.cache/dtl_fast and find nothing
+    of an earlier run there."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DTL_FAST_CACHE", str(tmp_path_factory.mktemp("dtl_fast_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_default_backend(monkeypatch):
     torch.manual_seed(0)
