@@ -43,7 +43,9 @@
 # GPU_CHECK_SKIP_BUILD=1 (package already installed), DTL_FAST_GIT_REV (the git revision to stamp
 # on every row where the checkout has no .git; printed when set), GPU_CHECK_STEPS (comma-separated
 # step names to run, e.g. "test-dtl,bench-dtl"; default all: test-pool, test-rnn, test-attn,
-# test-dtl, bench-pool, bench-rnn, bench-attn, bench-dtl; the build always runs unless skipped).
+# test-dtl, bench-pool, bench-rnn, bench-attn, bench-dtl; the build always runs unless skipped;
+# sweep-pool, the frame_pool launch-constant sweep, runs only when listed: issue 13's one call is
+# GPU_CHECK_STEPS=test-pool,sweep-pool,bench-pool; GPU_CHECK_SWEEP_CAP, default 150 s).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -266,6 +268,12 @@ if ((HAS_CUDA != 1)); then
     skip bench "no CUDA device"
 else
     if ((CUDA_BUILT)); then
+        # the launch-constant sweep of issue 13 (bench/sweep_frame_pool.py): only when listed in
+        # GPU_CHECK_STEPS, so the default run keeps its time; bounded by its own --budget-s
+        if [[ ",${GPU_CHECK_STEPS:-}," == *",sweep-pool,"* ]]; then
+            step sweep-pool "${GPU_CHECK_SWEEP_CAP:-150}" "$PY" bench/sweep_frame_pool.py \
+                --budget-s $(( ${GPU_CHECK_SWEEP_CAP:-150} - 40 )) --run-id "$RUN_ID"
+        fi
         bench_step bench-pool bench_frame_pool 22   # ~22 % of what is left
     else
         skip bench-pool "frame_pool CUDA not built"

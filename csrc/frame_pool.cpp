@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -30,7 +31,8 @@ PoolMode parse_pool_mode(c10::string_view mode) {
   if (mode == "mean") return PoolMode::Mean;
   if (mode == "max") return PoolMode::Max;
   if (mode == "sum") return PoolMode::Sum;
-  TORCH_CHECK_VALUE(false, "frame_pool: mode must be 'mean', 'max' or 'sum', got '",
+  if (mode == "meanmax") return PoolMode::MeanMax;
+  TORCH_CHECK_VALUE(false, "frame_pool: mode must be 'mean', 'max', 'sum' or 'meanmax', got '",
                     std::string(mode.data(), mode.size()), "'");
 }
 
@@ -40,27 +42,18 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Range check of lengths. CPU lengths are read in place; GPU lengths cost one
-// synchronisation (both bounds come back in a single copy).
+// Range check of lengths that live on the CPU (read in place, no device involved).
 void check_length_values(const at::Tensor& len64, int64_t T) {
-  int64_t lo = 0, hi = 0;
   if (len64.numel() == 0) return;
-  if (len64.is_cpu()) {
-    const int64_t* p = len64.data_ptr<int64_t>();
-    lo = *std::min_element(p, p + len64.numel());
-    hi = *std::max_element(p, p + len64.numel());
-  } else {
-    auto [mn, mx] = at::aminmax(len64);
-    auto both = at::stack({mn, mx}).cpu();
-    lo = both[0].item<int64_t>();
-    hi = both[1].item<int64_t>();
-  }
+  const int64_t* p = len64.const_data_ptr<int64_t>();
+  const int64_t lo = *std::min_element(p, p + len64.numel());
+  const int64_t hi = *std::max_element(p, p + len64.numel());
   TORCH_CHECK_VALUE(lo >= 0 && hi <= T, "frame_pool: every lengths[b] must lie in [0, T] = [0, ",
                     T, "], got values in [", lo, ", ", hi, "]");
 }
 
 at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T,
-                               const at::Device& device, bool check_values = true) {
+                               const at::Device& device) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
   const at::Tensor& len = *lengths;
   TORCH_CHECK_VALUE(at::isIntegralType(len.scalar_type(), /*includeBool=*/false),
@@ -72,8 +65,13 @@ at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t
                     "frame_pool: lengths must be on the CPU or on x's device (", device,
                     "), got ", len.device());
   at::Tensor len64 = len.to(at::kLong).contiguous();
-  if (check_values) check_length_values(len64, T);
-  return len64.to(device);
+  if (!len64.is_cpu()) return len64;  // range left to the kernels: clamp + error flag
+  check_length_values(len64, T);
+  if (device.is_cpu()) return len64;
+  // A copy from pageable memory blocks the host until the GPU has drained its queue; from a
+  // pinned buffer it is asynchronous (the caching host allocator keeps the buffer alive until
+  // the copy has run).
+  return len64.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 void check_x(const at::Tensor& x, const char* name) {
@@ -85,12 +83,17 @@ void check_x(const at::Tensor& x, const char* name) {
 
 }  // namespace
 
-at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths,
-                           bool check_values) {
+// Frame indices (argmax, the CUDA kernels' frame counters) are int32; the margin keeps a
+// counter that steps past the last frame (by at most unroll x time lanes = 8 x 256) from
+// overflowing.
+constexpr int64_t kMaxT = std::numeric_limits<int32_t>::max() - 4096;
+
+at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths) {
   check_x(x, "x");
-  TORCH_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(),
-                    "frame_pool: T must be < 2^31 (frame indices are int32), got ", x.size(1));
-  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device(), check_values);
+  TORCH_CHECK_VALUE(x.size(1) <= kMaxT,
+                    "frame_pool: T must be <= 2^31 - 4097 (frame indices are int32), got ",
+                    x.size(1));
+  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device());
 }
 
 at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
@@ -101,19 +104,73 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
   TORCH_CHECK_VALUE(is_supported_float(grad_out.scalar_type()),
                     "frame_pool_backward: grad_out must be a float tensor, got ",
                     grad_out.scalar_type());
-  TORCH_CHECK_VALUE(T >= 0, "frame_pool_backward: T must be >= 0, got ", T);
-  if (mode == PoolMode::Max) {
-    TORCH_CHECK_VALUE(argmax.scalar_type() == at::kInt && argmax.sizes() == grad_out.sizes() &&
+  TORCH_CHECK_VALUE(T >= 0 && T <= kMaxT,
+                    "frame_pool_backward: T must lie in [0, 2^31 - 4097], got ", T);
+  TORCH_CHECK_VALUE(mode != PoolMode::MeanMax || grad_out.size(1) % 2 == 0,
+                    "frame_pool_backward: grad_out of meanmax must be [B, 2D], got ",
+                    grad_out.sizes());
+  if (has_argmax(mode)) {
+    const int64_t D = mode == PoolMode::MeanMax ? grad_out.size(1) / 2 : grad_out.size(1);
+    TORCH_CHECK_VALUE(argmax.scalar_type() == at::kInt && argmax.dim() == 2 &&
+                          argmax.size(0) == grad_out.size(0) && argmax.size(1) == D &&
                           argmax.device() == grad_out.device(),
-                      "frame_pool_backward: argmax must be an int32 tensor shaped like grad_out ",
-                      grad_out.sizes(), " on ", grad_out.device(), ", got ", argmax.scalar_type(),
-                      " ", argmax.sizes(), " on ", argmax.device());
+                      "frame_pool_backward: argmax must be an int32 tensor [B, D] = [",
+                      grad_out.size(0), ", ", D, "] on ", grad_out.device(), ", got ",
+                      argmax.scalar_type(), " ", argmax.sizes(), " on ", argmax.device());
   }
-  // Lengths on a GPU were range-checked by the forward pass; checking them again would cost
-  // another synchronisation, and the kernels clamp every length into [0, T] regardless.
-  const bool on_cpu = !lengths.has_value() || !lengths->defined() || lengths->is_cpu();
-  return checked_lengths_for(lengths, grad_out.size(0), T, grad_out.device(), on_cpu);
+  return checked_lengths_for(lengths, grad_out.size(0), T, grad_out.device());
 }
+
+namespace {
+// Each field is atomic on its own; a sweep sets the whole configuration between calls.
+std::atomic<int> g_threads{CudaLaunchConfig{}.threads};
+std::atomic<int> g_max_tx{CudaLaunchConfig{}.max_tx};
+std::atomic<int> g_split_waves{CudaLaunchConfig{}.split_waves};
+std::atomic<int> g_split_phi_pct{CudaLaunchConfig{}.split_phi_pct};
+std::atomic<int> g_bwd_frames{CudaLaunchConfig{}.bwd_frames};
+std::atomic<int> g_bwd_waves{CudaLaunchConfig{}.bwd_waves};
+
+bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
+}  // namespace
+
+CudaLaunchConfig cuda_launch_config() {
+  CudaLaunchConfig c;
+  c.threads = g_threads.load(std::memory_order_relaxed);
+  c.max_tx = g_max_tx.load(std::memory_order_relaxed);
+  c.split_waves = g_split_waves.load(std::memory_order_relaxed);
+  c.split_phi_pct = g_split_phi_pct.load(std::memory_order_relaxed);
+  c.bwd_frames = g_bwd_frames.load(std::memory_order_relaxed);
+  c.bwd_waves = g_bwd_waves.load(std::memory_order_relaxed);
+  return c;
+}
+
+void set_cuda_launch_config(const CudaLaunchConfig& c) {
+  // The kernels' shared memory and __launch_bounds__ are sized for 256 threads.
+  TORCH_CHECK_VALUE(c.threads == 64 || c.threads == 128 || c.threads == 256,
+                    "cuda launch config: threads must be 64, 128 or 256, got ", c.threads);
+  TORCH_CHECK_VALUE(is_pow2(c.max_tx) && c.max_tx <= c.threads,
+                    "cuda launch config: max_tx must be a power of two <= threads, got ",
+                    c.max_tx);
+  TORCH_CHECK_VALUE(c.split_waves >= 0 && c.split_waves <= 64,
+                    "cuda launch config: split_waves must lie in [0, 64], got ", c.split_waves);
+  TORCH_CHECK_VALUE(c.split_phi_pct >= 1 && c.split_phi_pct <= 100,
+                    "cuda launch config: split_phi_pct must lie in [1, 100], got ",
+                    c.split_phi_pct);
+  TORCH_CHECK_VALUE(c.bwd_frames >= 1 && c.bwd_frames <= 1024,
+                    "cuda launch config: bwd_frames must lie in [1, 1024], got ", c.bwd_frames);
+  TORCH_CHECK_VALUE(c.bwd_waves >= 1 && c.bwd_waves <= 64,
+                    "cuda launch config: bwd_waves must lie in [1, 64], got ", c.bwd_waves);
+  g_threads.store(c.threads);
+  g_max_tx.store(c.max_tx);
+  g_split_waves.store(c.split_waves);
+  g_split_phi_pct.store(c.split_phi_pct);
+  g_bwd_frames.store(c.bwd_frames);
+  g_bwd_waves.store(c.bwd_waves);
+}
+
+#ifndef DTL_FAST_WITH_CUDA
+void check_device_errors(bool /*sync*/) {}  // no CUDA kernels, nothing can be recorded
+#endif
 
 namespace {
 
@@ -131,10 +188,42 @@ struct ForwardArgs {
   const scalar_t* xp;
   const int64_t* lp;  // nullptr: every clip has T frames
   scalar_t* op;
-  int32_t* ap;  // argmax (max only)
+  int32_t* ap;  // argmax (max / meanmax only)
   int64_t T, D, sB, sT, nchunk;
+  int64_t out_w;  // row stride of out: D, or 2D for meanmax (mean, then max)
   PoolMode mode;
 };
+
+// Whether value v of a later frame replaces the running max m: the first maximum wins; a NaN
+// replaces any number and is never replaced (torch.amax's rule).
+template <typename acc_t>
+C10_ALWAYS_INLINE bool take_max(acc_t v, acc_t m) {
+  return (v > m) | ((v != v) & (m == m));
+}
+
+// acc[0:n] = the sum of frames [0, L) of the rows at base + t * sT, four frames per pass over
+// the accumulators (a quarter of their loads and stores, four read streams at once), added
+// pairwise within a group.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+C10_ALWAYS_INLINE void sum_frames(acc_t* acc, const scalar_t* base, int64_t sT, int64_t L,
+                                  int64_t n) {
+  std::fill(acc, acc + n, acc_t(0));
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const scalar_t* r0 = base + t * sT;
+    const scalar_t* r1 = r0 + sT;
+    const scalar_t* r2 = r1 + sT;
+    const scalar_t* r3 = r2 + sT;
+    for (int64_t i = 0; i < n; ++i) {
+      acc[i] += (static_cast<acc_t>(r0[i]) + static_cast<acc_t>(r1[i])) +
+                (static_cast<acc_t>(r2[i]) + static_cast<acc_t>(r3[i]));
+    }
+  }
+  for (; t < L; ++t) {
+    const scalar_t* row = base + t * sT;
+    for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
+  }
+}
 
 // Pools tasks [begin, end): task = (clip b, chunk of kChunk features). Always inlined into
 // the per-ISA entry points below, so each gets its own vector code.
@@ -148,6 +237,7 @@ C10_ALWAYS_INLINE void forward_tasks(const ForwardArgs<scalar_t>& a, int64_t beg
   scalar_t* op = a.op;
   int32_t* ap = a.ap;
   acc_t acc[kChunk];
+  acc_t mx[kChunk];  // meanmax: the running max beside the running sum in acc
   int32_t idx[kChunk];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / nchunk;
@@ -155,8 +245,66 @@ C10_ALWAYS_INLINE void forward_tasks(const ForwardArgs<scalar_t>& a, int64_t beg
     const int64_t n = std::min(kChunk, D - d0);
     const int64_t L = clamped_length(lp, b, T);
     const scalar_t* base = xp + b * sB + d0;
-    scalar_t* dst = op + b * D + d0;
-    if (mode == PoolMode::Max && L == 0) {
+    scalar_t* dst = op + b * a.out_w + d0;
+    if (mode == PoolMode::MeanMax) {
+      // One read of each valid frame feeds both reductions.
+      scalar_t* dmax = dst + D;
+      int32_t* am = ap + b * D + d0;
+      if (L == 0) {
+        std::fill(dst, dst + n, scalar_t(0));
+        std::fill(dmax, dmax + n, scalar_t(0));
+        std::fill(am, am + n, int32_t(-1));
+        continue;
+      }
+      // The sum is grouped exactly as in sum_frames (the mean path), so meanmax's mean equals
+      // mean's bit for bit; each group's max scan follows on rows still in L1, so x is read
+      // from memory once. The scan meets frame 0 again harmlessly (an equal value, or a NaN
+      // over itself, is never taken).
+      for (int64_t i = 0; i < n; ++i) mx[i] = static_cast<acc_t>(base[i]);
+      std::fill(idx, idx + n, int32_t(0));
+      std::fill(acc, acc + n, acc_t(0));
+      int64_t t = 0;
+      for (; t + 4 <= L; t += 4) {
+        const scalar_t* r0 = base + t * sT;
+        const scalar_t* r1 = r0 + sT;
+        const scalar_t* r2 = r1 + sT;
+        const scalar_t* r3 = r2 + sT;
+        const int32_t ti = static_cast<int32_t>(t);
+        for (int64_t i = 0; i < n; ++i) {
+          acc[i] += (static_cast<acc_t>(r0[i]) + static_cast<acc_t>(r1[i])) +
+                    (static_cast<acc_t>(r2[i]) + static_cast<acc_t>(r3[i]));
+        }
+        // The max scan, one frame per pass as in the max path, over rows now in L1.
+        for (int k = 0; k < 4; ++k) {
+          const scalar_t* row = r0 + k * sT;
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t v = static_cast<acc_t>(row[i]);
+            const acc_t m = mx[i];
+            const bool take = take_max(v, m);
+            mx[i] = take ? v : m;
+            idx[i] = take ? ti + k : idx[i];
+          }
+        }
+      }
+      for (; t < L; ++t) {
+        const scalar_t* row = base + t * sT;
+        const int32_t ti = static_cast<int32_t>(t);
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t v = static_cast<acc_t>(row[i]);
+          const acc_t m = mx[i];
+          acc[i] += v;
+          const bool take = take_max(v, m);
+          mx[i] = take ? v : m;
+          idx[i] = take ? ti : idx[i];
+        }
+      }
+      const acc_t denom = static_cast<acc_t>(L);
+      for (int64_t i = 0; i < n; ++i) {
+        dst[i] = static_cast<scalar_t>(acc[i] / denom);
+        dmax[i] = static_cast<scalar_t>(mx[i]);
+        am[i] = idx[i];
+      }
+    } else if (mode == PoolMode::Max && L == 0) {
       std::fill(dst, dst + n, scalar_t(0));
       std::fill(ap + b * D + d0, ap + b * D + d0 + n, int32_t(-1));
     } else if (mode == PoolMode::Max) {
@@ -164,14 +312,15 @@ C10_ALWAYS_INLINE void forward_tasks(const ForwardArgs<scalar_t>& a, int64_t beg
       // -inf still has a first maximum, as torch.max gives.
       for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<acc_t>(base[i]);
       std::fill(idx, idx + n, int32_t(0));
+      // One frame per pass: a four-frame chain of compare-and-select per feature was measured
+      // 3-4x slower here (the select chain does not vectorise as well as the plain loop).
       for (int64_t t = 1; t < L; ++t) {
         const scalar_t* row = base + t * sT;
         const int32_t ti = static_cast<int32_t>(t);
         for (int64_t i = 0; i < n; ++i) {
           const acc_t v = static_cast<acc_t>(row[i]);
           const acc_t a = acc[i];
-          // First maximum wins; a NaN replaces any number and is never replaced.
-          const bool take = (v > a) | ((v != v) & (a == a));
+          const bool take = take_max(v, a);
           acc[i] = take ? v : a;
           idx[i] = take ? ti : idx[i];
         }
@@ -182,11 +331,7 @@ C10_ALWAYS_INLINE void forward_tasks(const ForwardArgs<scalar_t>& a, int64_t beg
         am[i] = idx[i];
       }
     } else {
-      std::fill(acc, acc + n, acc_t(0));
-      for (int64_t t = 0; t < L; ++t) {
-        const scalar_t* row = base + t * sT;
-        for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
-      }
+      sum_frames<scalar_t>(acc, base, sT, L, n);
       if (mode == PoolMode::Mean && L > 0) {
         const acc_t denom = static_cast<acc_t>(L);
         for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i] / denom);
@@ -243,12 +388,13 @@ void forward_cpu_impl(const at::Tensor& x, const at::Tensor& len, PoolMode mode,
   ForwardArgs<scalar_t> a{x.const_data_ptr<scalar_t>(),
                           len.defined() ? len.const_data_ptr<int64_t>() : nullptr,
                           out.mutable_data_ptr<scalar_t>(),
-                          mode == PoolMode::Max ? argmax.mutable_data_ptr<int32_t>() : nullptr,
+                          has_argmax(mode) ? argmax.mutable_data_ptr<int32_t>() : nullptr,
                           T,
                           D,
                           x.stride(0),
                           x.stride(1),
                           (D + kChunk - 1) / kChunk,
+                          out_width(D, mode),
                           mode};
   void (*tasks)(const ForwardArgs<scalar_t>&, int64_t, int64_t) = forward_tasks_baseline<scalar_t>;
 #ifdef DTL_FAST_HAVE_AVX2_PATH
@@ -325,9 +471,12 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
                        PoolMode mode, at::Tensor& gx) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = gx.size(0), T = gx.size(1), D = gx.size(2);
+  const int64_t gw = g.size(1);  // D, or 2D for meanmax: [mean part | max part]
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const int64_t* lp = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  const int32_t* ap = mode == PoolMode::Max ? argmax.const_data_ptr<int32_t>() : nullptr;
+  const bool with_max = has_argmax(mode);
+  const bool with_mean = mode != PoolMode::Max;  // mean, sum, meanmax: a dense row per clip
+  const int32_t* ap = with_max ? argmax.const_data_ptr<int32_t>() : nullptr;
   scalar_t* out = gx.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D));
   const bool stream = gx.nbytes() >= kStreamingMinBytes;
@@ -337,28 +486,33 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
   // in a small buffer and then stored in one pass. For mean / sum the buffer holds the clip's
   // gradient row, the same for all its valid frames. For max it is zero but for the features
   // whose argmax is this frame: the features are bucketed by argmax once per clip, so a row
-  // costs its store plus its own few features, not a compare per feature.
+  // costs its store plus its own few features, not a compare per feature. meanmax is both:
+  // the mean row, plus the max gradient on the bucketed features (added in acc_t and rounded
+  // once), restored after the store.
   at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> row(D, scalar_t(0));
+    std::vector<acc_t> mean_row;  // meanmax: the unrounded mean gradient of the clip
     // max: the features whose argmax is frame t are feature[first[t] : first[t + 1]]
     std::vector<int64_t> first, fill_at, feature;
-    if (mode == PoolMode::Max) {
+    if (with_max) {
       first.resize(T + 1);
       fill_at.resize(T);
       feature.resize(D);
     }
+    if (mode == PoolMode::MeanMax) mean_row.resize(D);
     int64_t row_of = -1;  // the clip `row` / the buckets were built for
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, t = r % T;
       const int64_t L = clamped_length(lp, b, T);
       char* dst = reinterpret_cast<char*>(out + r * D);
-      const scalar_t* src = gp + b * D;
+      const scalar_t* src = gp + b * gw;
+      const scalar_t* src_max = mode == PoolMode::MeanMax ? src + D : src;
       if (t >= L) {
         zero_row(dst, row_bytes, stream);
         continue;
       }
-      if (mode == PoolMode::Max) {
-        if (row_of != b) {
+      if (row_of != b) {
+        if (with_max) {
           const int32_t* am = ap + b * D;
           std::fill(first.begin(), first.end(), int64_t(0));
           for (int64_t i = 0; i < D; ++i)
@@ -367,24 +521,33 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
           std::copy(first.begin(), first.end() - 1, fill_at.begin());
           for (int64_t i = 0; i < D; ++i)
             if (am[i] >= 0 && am[i] < L) feature[fill_at[am[i]]++] = i;
-          row_of = b;
         }
-        for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = src[feature[k]];
-        copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
-        for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = scalar_t(0);
-        continue;
-      }
-      if (row_of != b) {
-        if (mode == PoolMode::Mean) {
+        if (mode == PoolMode::Mean || mode == PoolMode::MeanMax) {
           const acc_t denom = static_cast<acc_t>(L);
-          for (int64_t i = 0; i < D; ++i)
-            row[i] = static_cast<scalar_t>(static_cast<acc_t>(src[i]) / denom);
-        } else {
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t v = static_cast<acc_t>(src[i]) / denom;
+            row[i] = static_cast<scalar_t>(v);
+            if (mode == PoolMode::MeanMax) mean_row[i] = v;
+          }
+        } else if (mode == PoolMode::Sum) {
           std::copy(src, src + D, row.begin());
         }
         row_of = b;
       }
+      if (!with_max) {
+        copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
+        continue;
+      }
+      for (int64_t k = first[t]; k < first[t + 1]; ++k) {
+        const int64_t f = feature[k];
+        row[f] = with_mean ? static_cast<scalar_t>(mean_row[f] + static_cast<acc_t>(src_max[f]))
+                           : src_max[f];
+      }
       copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
+      for (int64_t k = first[t]; k < first[t + 1]; ++k) {
+        const int64_t f = feature[k];
+        row[f] = with_mean ? static_cast<scalar_t>(mean_row[f]) : scalar_t(0);
+      }
     }
     stream_fence(stream);
   });
@@ -402,9 +565,9 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x_in,
   // The kernel walks features with unit stride; any other layout is copied once.
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), D = x.size(2);
-  at::Tensor out = at::empty({B, D}, x.options());
-  at::Tensor argmax = mode == PoolMode::Max ? at::empty({B, D}, x.options().dtype(at::kInt))
-                                            : at::empty({0}, x.options().dtype(at::kInt));
+  at::Tensor out = at::empty({B, out_width(D, mode)}, x.options());
+  at::Tensor argmax = has_argmax(mode) ? at::empty({B, D}, x.options().dtype(at::kInt))
+                                       : at::empty({0}, x.options().dtype(at::kInt));
   if (out.numel() == 0) return {out, argmax};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frame_pool_cpu",
                                   [&] { forward_cpu_impl<scalar_t>(x, len, mode, out, argmax); });
@@ -416,9 +579,13 @@ at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out,
                                    const at::Tensor& argmax, int64_t T, c10::string_view mode_str) {
   const PoolMode mode = parse_pool_mode(mode_str);
   const at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, mode);
+  TORCH_CHECK_VALUE(grad_out.is_cpu(),
+                    "frame_pool_backward (CPU kernel): grad_out must be a CPU tensor, got ",
+                    grad_out.device());
   const at::Tensor g = grad_out.contiguous();
-  const at::Tensor am = mode == PoolMode::Max ? argmax.contiguous() : argmax;
-  at::Tensor gx = at::empty({g.size(0), T, g.size(1)}, g.options());
+  const at::Tensor am = has_argmax(mode) ? argmax.contiguous() : argmax;
+  const int64_t D = mode == PoolMode::MeanMax ? g.size(1) / 2 : g.size(1);
+  at::Tensor gx = at::empty({g.size(0), T, D}, g.options());
   if (gx.numel() == 0) return gx;
   advise_huge_pages(gx);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),

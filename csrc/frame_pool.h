@@ -4,13 +4,22 @@
 //   frame_pool(Tensor x, Tensor? lengths, str mode) -> (Tensor out, Tensor argmax)
 //     x       [B, T, D] float32 / float64 / float16 / bfloat16, any strides
 //     lengths [B] any integer dtype, on x's device or on the CPU, or None (all T frames)
-//     out     [B, D], x's dtype; reduction over frames t < lengths[b] only
-//     argmax  [B, D] int32 frame index of the first maximum (mode "max"; -1 for an
-//             empty row), an empty int32 tensor for the other modes
+//     mode    "mean" | "max" | "sum" | "meanmax" (mean and max from one read of x)
+//     out     [B, D] ([B, 2D] for meanmax: mean, then max), x's dtype; reduction over
+//             frames t < lengths[b] only
+//     argmax  [B, D] int32 frame index of the first maximum (modes "max" and "meanmax"; -1
+//             for an empty row), an empty int32 tensor for the other modes
 //   frame_pool_backward(Tensor grad_out, Tensor? lengths, Tensor argmax, SymInt T,
 //                       str mode) -> Tensor grad_x
 //     grad_x  [B, T, D] contiguous, grad_out's dtype; every element written exactly once
 //             (padded frames and empty rows get 0)
+//
+// Autograd of both ops is registered in C++ (frame_pool_autograd.cpp); the backward op is
+// itself differentiable (its adjoint is pooling / a gather at argmax), so double backward works.
+//
+// Lengths on the CPU are range-checked on the host. Lengths on a GPU are never read by the
+// host (no synchronisation): the CUDA kernels clamp each length into [0, T] and record a bad
+// one in a flag that dtl_fast.check_errors() (or a later CUDA call that finds it set) raises.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,23 +30,23 @@
 
 namespace dtl_fast {
 
-enum class PoolMode : int { Mean = 0, Max = 1, Sum = 2 };
+enum class PoolMode : int { Mean = 0, Max = 1, Sum = 2, MeanMax = 3 };
 
-// Parses "mean" / "max" / "sum"; anything else is a ValueError naming `mode`.
+inline bool has_argmax(PoolMode m) { return m == PoolMode::Max || m == PoolMode::MeanMax; }
+
+// Parses "mean" / "max" / "sum" / "meanmax"; anything else is a ValueError naming `mode`.
 PoolMode parse_pool_mode(c10::string_view mode);
 
-// Checks x (rank, dtype) and lengths (rank, size, integer dtype, device, every value in
-// [0, T]) and returns lengths as a contiguous int64 tensor on x's device, or an undefined
-// tensor when lengths is None. Bad input is a ValueError / RuntimeError naming the argument.
-// Reading lengths that live on a GPU for the range check synchronises with that GPU;
-// check_values=false skips the range check (for CUDA graph capture, where a synchronisation
-// is illegal; the kernels clamp every length into [0, T] regardless).
-at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths,
-                           bool check_values = true);
+// Checks x (rank, dtype) and lengths (rank, size, integer dtype, device) and returns lengths
+// as a contiguous int64 tensor on x's device, or an undefined tensor when lengths is None.
+// Lengths on the CPU are also range-checked here (every value in [0, T]); lengths on a GPU
+// are left to the kernels (clamp + error flag, see above). CPU lengths for a CUDA x go through
+// a pinned buffer and a non-blocking copy, so no call synchronises the host with the GPU.
+// Bad input is a ValueError naming the argument.
+at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>& lengths);
 
 // Checks grad_out / argmax / T for the backward op and returns lengths as checked_lengths
-// does (against a [B, T, D] input); the range of lengths is re-checked only when they are on
-// the CPU (no GPU synchronisation in the backward pass).
+// does (against a [B, T, D] input, D = grad_out's width, halved for meanmax).
 at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
                                    const c10::optional<at::Tensor>& lengths,
                                    const at::Tensor& argmax, int64_t T, PoolMode mode);
@@ -45,6 +54,31 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
 // The instruction set the CPU forward kernel runs with: "avx2" or "baseline" (x86-64 SSE2 or
 // another architecture). DTL_FAST_DISABLE_AVX2=1 forces "baseline".
 const char* cpu_forward_isa();
+
+// Width of `out` for a [B, T, D] input: D, or 2D for meanmax.
+inline int64_t out_width(int64_t D, PoolMode m) { return m == PoolMode::MeanMax ? 2 * D : D; }
+
+// Launch constants of the CUDA kernels, read at every launch so that a sweep on a GPU
+// (bench/sweep_frame_pool.py, through dtl_fast._C.set_cuda_launch_config) can measure them
+// without a rebuild. The defaults are the values the sweep is meant to confirm or replace.
+struct CudaLaunchConfig {
+  int threads = 256;        // threads per block, forward and backward: 64, 128 or 256
+  int max_tx = 32;          // feature vectors (16 B each) across a block; the rest go along time
+  int split_waves = 4;      // the forward splits time only while B x feature blocks < this many
+                            // waves of resident blocks
+  int split_phi_pct = 25;   // % of the resident blocks that saturates memory (split model)
+  int bwd_frames = 16;      // longest run of frames one backward thread writes
+  int bwd_waves = 4;        // waves of blocks the backward aims for (a short tail)
+};
+CudaLaunchConfig cuda_launch_config();
+// Validates every field (ValueError naming it) before replacing the configuration.
+void set_cuda_launch_config(const CudaLaunchConfig& cfg);
+
+// Raises (ValueError naming lengths) if a CUDA kernel has recorded a length outside [0, T]
+// since the last call, and clears the record. sync=true first waits for every kernel already
+// queued on every device that ran one; sync=false only reads what has landed so far (no
+// synchronisation). A no-op in a build without CUDA kernels.
+void check_device_errors(bool sync);
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x,
                                                   const c10::optional<at::Tensor>& lengths,

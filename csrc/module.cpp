@@ -1,29 +1,87 @@
 // The Python module dtl_fast._C. Importing it loads the shared library, whose static
-// TORCH_LIBRARY blocks register torch.ops.dtl_fast.*; the module itself only says what was
-// built.
+// TORCH_LIBRARY blocks register torch.ops.dtl_fast.*; the module itself says what was built
+// and carries the few host-side controls that are not tensor ops (the GPU length-error check,
+// the CUDA launch constants a sweep sets).
 #include <Python.h>
 
-namespace dtl_fast {
-const char* cpu_forward_isa();  // csrc/frame_pool.cpp
+#include <c10/util/Exception.h>
+
+#include "frame_pool.h"
+
+namespace {
+
+// C++ exceptions must not cross into Python: ValueError stays ValueError.
+template <typename F>
+PyObject* translate(F&& f) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
 }
 
-static PyObject* cpu_isa(PyObject*, PyObject*) {
+PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(dtl_fast::cpu_forward_isa());
 }
 
-static PyMethodDef dtl_fast_c_methods[] = {
+PyObject* check_errors(PyObject*, PyObject* args) {
+  int sync = 1;
+  if (!PyArg_ParseTuple(args, "|p", &sync)) return nullptr;
+  return translate([&]() -> PyObject* {
+    dtl_fast::check_device_errors(sync != 0);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* config_tuple(const dtl_fast::CudaLaunchConfig& c) {
+  return Py_BuildValue("(iiiiii)", c.threads, c.max_tx, c.split_waves, c.split_phi_pct,
+                       c.bwd_frames, c.bwd_waves);
+}
+
+PyObject* cuda_launch_config(PyObject*, PyObject*) {
+  return config_tuple(dtl_fast::cuda_launch_config());
+}
+
+PyObject* set_cuda_launch_config(PyObject*, PyObject* args) {
+  dtl_fast::CudaLaunchConfig c;
+  if (!PyArg_ParseTuple(args, "iiiiii", &c.threads, &c.max_tx, &c.split_waves,
+                        &c.split_phi_pct, &c.bwd_frames, &c.bwd_waves))
+    return nullptr;
+  return translate([&]() -> PyObject* {
+    const dtl_fast::CudaLaunchConfig old = dtl_fast::cuda_launch_config();
+    dtl_fast::set_cuda_launch_config(c);
+    return config_tuple(old);
+  });
+}
+
+PyMethodDef dtl_fast_c_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The instruction set of the CPU pooling kernel: 'avx2' or 'baseline'."},
+    {"check_errors", check_errors, METH_VARARGS,
+     "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
+     "[0, T] since the last check (and clear the record); sync waits for the GPU first."},
+    {"cuda_launch_config", cuda_launch_config, METH_NOARGS,
+     "(threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves) of the CUDA kernels."},
+    {"set_cuda_launch_config", set_cuda_launch_config, METH_VARARGS,
+     "set_cuda_launch_config(threads, max_tx, split_waves, split_phi_pct, bwd_frames, "
+     "bwd_waves) -> the previous tuple; ValueError names a bad field."},
     {nullptr, nullptr, 0, nullptr},
 };
 
-static struct PyModuleDef dtl_fast_c_module = {
+struct PyModuleDef dtl_fast_c_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "dtl_fast C++/CUDA ops; importing this module registers torch.ops.dtl_fast.*",
     -1,
     dtl_fast_c_methods,
 };
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&dtl_fast_c_module);

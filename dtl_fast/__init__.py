@@ -7,11 +7,13 @@ drop-in torch.nn modules with autograd.
     attn = dtl_fast.nn.CosineAttention(256, num_heads=4)   # cosine attention, Triton on CUDA
     pool = dtl_fast.nn.FramePool("mean")      # masked temporal pooling, C++ / CUDA
     dtl_fast.info()                            # versions, build, which backend runs where
+    dtl_fast.check_errors()                    # raise a bad GPU length a CUDA kernel recorded
 """
 __version__ = "0.1.0"
 
 from dtl_fast import _extension, nn, ops, reference  # noqa: E402, F401  (_extension loads _C first)
+from dtl_fast._extension import check_errors  # noqa: E402
 from dtl_fast.info import info  # noqa: E402
 from dtl_fast.nn.swap import swap_modules  # noqa: E402
 
-__all__ = ["info", "nn", "ops", "reference", "swap_modules", "__version__"]
+__all__ = ["check_errors", "info", "nn", "ops", "reference", "swap_modules", "__version__"]

@@ -1,5 +1,6 @@
 """Masked temporal frame pooling: the C++ / CUDA op against the eager reference, the reference
-against a plain loop, gradients, torch.library / torch.compile integration and bad input."""
+against a plain loop, gradients (autograd registered in C++), torch.library / torch.compile
+integration, bad input, the GPU length-error flag and the CUDA launch constants."""
 import pytest
 import torch
 
@@ -9,10 +10,15 @@ from dtl_fast.nn import FramePool
 
 from _helpers import DEVICES, REL_TOL, assert_rel_close
 
-MODES = ["mean", "max", "sum"]
+MODES = ["mean", "max", "sum", "meanmax"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 1), (2, 5, 7), (3, 9, 1000), (4, 1, 7), (5, 6, 1), (6, 17, 64),
           (0, 4, 5), (3, 0, 5), (3, 4, 0)]
+
+
+def width(D, mode):
+    """Columns of the pooled output: meanmax puts mean and max side by side."""
+    return 2 * D if mode == "meanmax" else D
 
 
 def make_lengths(B, T, kind, device="cpu"):
@@ -35,12 +41,14 @@ def loop_pool(x, lengths, mode):
     """The semantics written as the plainest possible loop, in float64."""
     B, T, D = x.shape
     lengths = [T] * B if lengths is None else list(torch.as_tensor(lengths).tolist())
-    out = torch.zeros(B, D, dtype=torch.float64)
+    out = torch.zeros(B, width(D, mode), dtype=torch.float64)
     for b, L in enumerate(lengths):
         if L == 0:
             continue
         frames = x[b, :L].double().cpu()
-        out[b] = {"mean": frames.mean(0), "max": frames.amax(0), "sum": frames.sum(0)}[mode]
+        pooled = {"mean": frames.mean(0), "max": frames.amax(0), "sum": frames.sum(0)}
+        pooled["meanmax"] = torch.cat([pooled["mean"], pooled["max"]])
+        out[b] = pooled[mode]
     return out
 
 
@@ -68,7 +76,7 @@ def test_fused_matches_reference(device, dtype, shape, mode, kind, poison):
     B, T, D = shape
     x = torch.randn(shape, device=device).to(dtype)
     lengths = make_lengths(B, T, kind, device)
-    grad = torch.randn(B, D, device=device).to(dtype)
+    grad = torch.randn(B, width(D, mode), device=device).to(dtype)
     with poison():
         out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
     # Ground truth: the reference in float64 on the same (rounded) input.
@@ -84,8 +92,8 @@ def test_empty_rows_give_zeros_and_zero_gradient(device, mode):
     x = torch.randn(3, 4, 5, device=device)
     x[1] = float("nan")  # an empty row must not read its frames at all
     lengths = torch.tensor([4, 0, 2], device=device)
-    out, gx = pool_with_grads(ops.frame_pool, x, lengths, mode, torch.ones(3, 5, device=device))
-    assert torch.equal(out[1], torch.zeros(5, device=device))
+    out, gx = pool_with_grads(ops.frame_pool, x, lengths, mode, torch.ones(3, width(5, mode), device=device))
+    assert torch.equal(out[1], torch.zeros(width(5, mode), device=device))
     assert torch.equal(gx[1], torch.zeros(4, 5, device=device))
     assert torch.isfinite(out).all() and torch.isfinite(gx).all()
 
@@ -161,7 +169,7 @@ def _layouts(B, T, D, device):
 def test_non_contiguous_inputs(device, mode):
     B, T, D = 4, 7, 12
     lengths = torch.tensor([7, 0, 3, 5], device=device)
-    grad = torch.randn(B, D, device=device)
+    grad = torch.randn(B, width(D, mode), device=device)
     for name, x in _layouts(B, T, D, device):
         out, gx = pool_with_grads(ops.frame_pool, x, lengths, mode, grad)
         ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
@@ -201,7 +209,7 @@ def test_opcheck(device, mode, requires_grad, with_lengths):
     x = torch.randn(3, 6, 5, device=device, requires_grad=requires_grad)
     lengths = torch.tensor([6, 0, 4], device=device) if with_lengths else None
     torch.library.opcheck(torch.ops.dtl_fast.frame_pool.default, (x, lengths, mode))
-    grad = torch.randn(3, 5, device=device, requires_grad=requires_grad)
+    grad = torch.randn(3, width(5, mode), device=device, requires_grad=requires_grad)
     _, am = torch.ops.dtl_fast.frame_pool(x.detach(), lengths, mode)
     torch.library.opcheck(torch.ops.dtl_fast.frame_pool_backward.default, (grad, lengths, am, 6, mode))
 
@@ -249,12 +257,12 @@ def test_framepool_module_modes():
 def test_backend_choice(monkeypatch):
     x = torch.randn(2, 3, 4)
     x.requires_grad_()
-    node = lambda out: type(out.grad_fn).__name__  # noqa: E731
-    # The registered op shows up as its own autograd node; the reference is plain autograd.
-    assert "dtl_fast_frame_pool" in node(ops.frame_pool(x, None))
+    node = lambda out: out.grad_fn.name()  # noqa: E731
+    # The registered op shows up as its own (C++) autograd node; the reference is plain autograd.
+    assert "FramePoolFunction" in node(ops.frame_pool(x, None))
     monkeypatch.setenv("DTL_FAST_BACKEND", "reference")
-    assert "dtl_fast_frame_pool" not in node(ops.frame_pool(x, None))
-    assert "dtl_fast_frame_pool" in node(ops.frame_pool(x, None, backend="fused"))
+    assert "FramePoolFunction" not in node(ops.frame_pool(x, None))
+    assert "FramePoolFunction" in node(ops.frame_pool(x, None, backend="fused"))
     monkeypatch.setenv("DTL_FAST_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="DTL_FAST_BACKEND"):
         ops.frame_pool(x, None)
@@ -327,7 +335,7 @@ def test_cuda_real_sizes(dtype, mode, shape, poison):
     x = torch.randn(shape, device="cuda", dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,), device="cuda")
     lengths[0] = 0
-    grad = torch.randn(B, D, device="cuda", dtype=dtype)
+    grad = torch.randn(B, width(D, mode), device="cuda", dtype=dtype)
     with poison():
         out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
     ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
@@ -384,7 +392,7 @@ import json, torch, dtl_fast
 torch.manual_seed(0)
 worst = {}
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-    for mode in ("mean", "max", "sum"):
+    for mode in ("mean", "max", "sum", "meanmax"):
         x = torch.randn(5, 13, 37).to(dtype)
         lengths = torch.tensor([13, 0, 5, 1, 9])
         out = dtl_fast.ops.frame_pool(x, lengths, mode, backend="fused").double()
@@ -410,3 +418,150 @@ def test_bad_lengths_raise_under_torch_compile(backend):
     assert_rel_close("compiled", compiled(x, torch.tensor([6, 0, 3, 5])), loop_pool(x, [6, 0, 3, 5], "mean"), 1e-6)
     with pytest.raises((ValueError, RuntimeError), match="lengths"):
         compiled(x, torch.tensor([9, 0, 3, 5]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_meanmax_equals_mean_and_max_side_by_side(device, dtype):
+    # One pass gives exactly what the two single-mode passes give (same accumulation order),
+    # and its gradient is theirs added up (rounded once, so compared with the tolerance).
+    x = torch.randn(5, 19, 24, device=device).to(dtype)
+    lengths = torch.tensor([19, 0, 7, 1, 12], device=device)
+    g = torch.randn(5, 48, device=device).to(dtype)
+    out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, "meanmax", g)
+    mean, g_mean = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, "mean", g[:, :24])
+    mx, g_max = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, "max", g[:, 24:])
+    assert torch.equal(out, torch.cat([mean, mx], 1))
+    assert_rel_close("meanmax grad", gx, g_mean.double() + g_max.double(), REL_TOL[dtype])
+
+
+def test_autograd_is_registered_in_cpp():
+    # Both ops have a C++ Autograd kernel (no Python autograd wrapper), and the backward op's
+    # own backward works (gradgradcheck above covers its values).
+    for op in ("dtl_fast::frame_pool", "dtl_fast::frame_pool_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), op
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    out = ops.frame_pool(x, [3, 1], "max", backend="fused")
+    assert "FramePoolFunction" in out.grad_fn.name()
+    # grad_x depends on grad_out only (the backward is linear in it), so a grad_out that
+    # requires grad is what puts the backward op's own node on the graph.
+    g = torch.ones(2, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad(out, x, g, create_graph=True)
+    assert gx.grad_fn is not None and "FramePoolBackwardFunction" in gx.grad_fn.name()
+    (gg,) = torch.autograd.grad(gx, g, torch.ones_like(gx))
+    assert torch.equal(gg, torch.ones(2, 4))  # every max has exactly one frame
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_of_an_intermediate_input(mode):
+    # The benchmark's form: x is an intermediate of a model, its gradient taken with
+    # torch.autograd.grad (nothing accumulated into a .grad).
+    w = torch.randn(4, 7, 6, dtype=torch.float64, requires_grad=True)
+    h = w * 2.0
+    lengths = torch.tensor([7, 0, 3, 6])
+    g = torch.randn(4, width(6, mode), dtype=torch.float64)
+    (gh,) = torch.autograd.grad(ops.frame_pool(h, lengths, mode, backend="fused"), h, g)
+    (gref,) = torch.autograd.grad(reference.frame_pool(h, lengths, mode), h, g)
+    assert w.grad is None
+    assert_rel_close("grad of intermediate", gh, gref, 1e-12)
+
+
+def test_check_errors_without_a_gpu_error_is_silent():
+    # CPU lengths are checked on the host (ValueError at the call); the GPU flag has nothing to
+    # report here, with or without waiting.
+    assert dtl_fast.check_errors() is None
+    assert dtl_fast.check_errors(sync=False) is None
+    with pytest.raises(ValueError, match="lengths"):
+        ops.frame_pool(torch.randn(2, 3, 4), torch.tensor([4, 1]), "mean", backend="fused")
+    assert dtl_fast.check_errors() is None
+
+
+def test_cuda_launch_config_validates_and_round_trips():
+    C = dtl_fast._extension._C
+    default = C.cuda_launch_config()
+    assert len(default) == 6 and all(isinstance(v, int) for v in default)
+    try:
+        assert C.set_cuda_launch_config(128, 16, 2, 50, 8, 2) == default
+        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2)
+        for bad, name in [((96, 16, 2, 50, 8, 2), "threads"), ((128, 12, 2, 50, 8, 2), "max_tx"),
+                          ((128, 256, 2, 50, 8, 2), "max_tx"), ((128, 16, -1, 50, 8, 2), "split_waves"),
+                          ((128, 16, 2, 0, 8, 2), "split_phi_pct"), ((128, 16, 2, 50, 0, 2), "bwd_frames"),
+                          ((128, 16, 2, 50, 8, 0), "bwd_waves")]:
+            with pytest.raises(ValueError, match=name):
+                C.set_cuda_launch_config(*bad)
+        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2)  # a rejected call changes nothing
+    finally:
+        C.set_cuda_launch_config(*default)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_lengths_are_checked_on_the_gpu(mode):
+    # A bad GPU length does not stop the call (no host sync): the kernel pools over the length
+    # clamped into [0, T] and records the error, which check_errors() raises once and clears.
+    dtl_fast.check_errors()
+    x = torch.randn(3, 6, 8, device="cuda")
+    bad = torch.tensor([9, -2, 4], device="cuda")
+    out = ops.frame_pool(x, bad, mode)
+    assert_rel_close("clamped", out, loop_pool(x, [6, 0, 4], mode), 1e-6)
+    with pytest.raises(ValueError, match="lengths"):
+        dtl_fast.check_errors()
+    dtl_fast.check_errors()  # cleared
+    # Raised by a later call too, once the faulty kernel has finished.
+    ops.frame_pool(x, bad, mode)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="lengths"):
+        ops.frame_pool(x, torch.tensor([1, 2, 3], device="cuda"), mode)
+    dtl_fast.check_errors()
+    # The backward kernel records a bad length as well.
+    g = torch.ones(3, width(8, mode), device="cuda")
+    _, am = torch.ops.dtl_fast.frame_pool(x, torch.tensor([6, 0, 4], device="cuda"), mode)
+    torch.ops.dtl_fast.frame_pool_backward(g, bad, am, 6, mode)
+    with pytest.raises(ValueError, match="lengths"):
+        dtl_fast.check_errors()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cuda", "cpu"])
+def test_no_host_synchronisation_per_call(where):
+    # Lengths on the GPU are never read by the host; CPU lengths go through a pinned buffer
+    # with a non-blocking copy. torch's sync debug mode turns any synchronisation into an error.
+    x = torch.randn(8, 40, 64, device="cuda", requires_grad=True)
+    lengths = torch.randint(0, 41, (8,), device=where)
+    g = torch.randn(8, 128, device="cuda")
+    ops.frame_pool(x, lengths, "meanmax")  # first call: allocations, occupancy queries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.frame_pool(x, lengths, "meanmax")
+        (gx,) = torch.autograd.grad(out, x, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref, gref = pool_with_grads(reference.frame_pool, x.detach().double(), lengths, "meanmax", g.double())
+    assert_rel_close("output", out, ref, 1e-6)
+    assert_rel_close("grad", gx, gref, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(256, 32, 4, 25, 16, 4), (128, 16, 2, 50, 8, 2), (64, 8, 8, 10, 4, 8),
+                                    (256, 64, 0, 100, 1, 1), (128, 128, 64, 1, 64, 16)])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_launch_config_computes_the_same(config, mode, poison):
+    # The sweep varies these constants; each must stay correct (shapes that split time or not,
+    # vector and scalar paths, both dtypes' vector widths).
+    C = dtl_fast._extension._C
+    old = C.set_cuda_launch_config(*config)
+    try:
+        for shape, dtype in [((4, 1000, 96), torch.float32), ((3, 77, 1001), torch.float32),
+                             ((64, 33, 512), torch.bfloat16), ((2, 4096, 8), torch.float16)]:
+            B, T, D = shape
+            x = torch.randn(shape, device="cuda").to(dtype)
+            lengths = torch.randint(0, T + 1, (B,), device="cuda")
+            grad = torch.randn(B, width(D, mode), device="cuda").to(dtype)
+            with poison():
+                out, gx = pool_with_grads(lambda *a: ops.frame_pool(*a, backend="fused"), x, lengths, mode, grad)
+            ref, gref = pool_with_grads(reference.frame_pool, x.double(), lengths, mode, grad.double())
+            assert_rel_close(f"{shape} output", out, ref, REL_TOL[dtype])
+            assert_rel_close(f"{shape} grad", gx, gref, REL_TOL[dtype])
+    finally:
+        C.set_cuda_launch_config(*old)

@@ -8,19 +8,27 @@
 //   - when B x (feature blocks) cannot fill the GPU, time is also split across blocks; each
 //     split writes float/double partials (and int32 argmax) to a workspace that a small second
 //     kernel folds. Nothing uses float atomics, so results are bitwise reproducible.
+//   - "meanmax" keeps a running sum and a running max side by side: one read of x.
 // The backward pass writes every element of grad_x exactly once with 16-byte stores; each
 // thread owns a feature vector and walks down a run of frames, so grad_out, argmax and the
 // length are read once per run instead of once per element.
+//
+// The block shape, the time split and the backward's run length come from the shape, the SM
+// count (occupancy query) and CudaLaunchConfig (runtime constants a GPU sweep measures).
+//
+// Lengths on the GPU are never read by the host. Every kernel clamps each length into [0, T]
+// (reads stay in bounds whatever is in memory) and, when a length was outside, stores 1 into a
+// flag in mapped pinned host memory; check_device_errors() raises it (see frame_pool.h).
 #include "../frame_pool.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,21 +37,24 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
 
 namespace dtl_fast {
 namespace {
 
-// Threads per block of the main kernels. The shared-memory arrays are sized for it.
-constexpr int kThreads = 256;
+// Largest threads per block (CudaLaunchConfig::threads); shared memory is sized for it and
+// __launch_bounds__ promises it.
+constexpr int kMaxThreads = 256;
 // Frames in flight per thread in the forward loop: 4 x 16 B per thread is enough
 // memory-level parallelism to saturate HBM at full occupancy without costing registers.
 constexpr int kUnrollVec = 4;
 // The scalar path moves 2-8 B per load, so it needs more loads in flight for the same bytes.
 constexpr int kUnrollScalar = 8;
-// Longest run of frames one backward thread writes; longer runs only save grad_out reloads,
-// which are already < 1/16 of the traffic at this length.
-constexpr int64_t kBackwardMaxFramesPerThread = 16;
+
+// What a kernel computes: a running sum (mean / sum), a running max with its first frame
+// (max), or both from the same loads (meanmax).
+enum Kind : int { kSum = 0, kMax = 1, kMeanMax = 2 };
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) VecT {
@@ -138,100 +149,122 @@ __device__ __forceinline__ void fold_max(acc_t& a_val, int32_t& a_idx, acc_t b_v
 
 // Sequential update with frame tk, scanned in increasing t within a lane: the first maximum
 // wins and a NaN replaces any number but is never replaced (torch.amax propagates NaN).
-template <bool IS_MAX, typename scalar_t, typename acc_t, int VEC>
-__device__ __forceinline__ void accumulate(acc_t (&acc)[VEC], int32_t (&idx)[VEC],
-                                           const VecT<scalar_t, VEC>& r, int32_t tk) {
+template <int KIND, typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void accumulate(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                           int32_t (&idx)[VEC], const VecT<scalar_t, VEC>& r,
+                                           int32_t tk) {
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const acc_t f = static_cast<acc_t>(r.v[j]);
-    if constexpr (IS_MAX) {
-      const bool take = f > acc[j] || (is_nan(f) && !is_nan(acc[j]));
-      acc[j] = take ? f : acc[j];
+    if constexpr (KIND != kMax) sum[j] += f;
+    if constexpr (KIND != kSum) {
+      const bool take = f > mx[j] || (is_nan(f) && !is_nan(mx[j]));
+      mx[j] = take ? f : mx[j];
       idx[j] = take ? tk : idx[j];
-    } else {
-      acc[j] += f;
     }
   }
 }
 
+// The clip's length clamped into [0, T]. A length outside is recorded in *err (one thread per
+// block reports, so a bad batch costs a few host-memory stores, and a good one none).
 __device__ __forceinline__ int64_t clamped_length(const int64_t* __restrict__ lens, int64_t b,
-                                                  int64_t T) {
-  // The host checked the values; the clamp keeps reads in bounds whatever is in memory.
+                                                  int64_t T, int* err, bool reporter) {
   const int64_t L = lens == nullptr ? T : lens[b];
-  return L < 0 ? 0 : (L > T ? T : L);
+  if (L < 0 || L > T) {
+    if (reporter) *reinterpret_cast<volatile int*>(err) = 1;
+    return L < 0 ? 0 : T;
+  }
+  return L;
 }
 
-template <typename scalar_t, typename acc_t, bool IS_MAX>
+// Writes element d (< D) of row b: the mean / sum / max, or both for meanmax (out is [B, 2D]).
+template <int KIND, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
-                                             int32_t* __restrict__ argmax, int64_t o, acc_t acc,
-                                             int32_t idx, int64_t L, bool mean) {
-  if constexpr (IS_MAX) {
-    out[o] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : acc);
-    argmax[o] = idx;
+                                             int32_t* __restrict__ argmax, int64_t b, int64_t d,
+                                             int64_t D, acc_t sum, acc_t mx, int32_t idx,
+                                             int64_t L, bool mean) {
+  if constexpr (KIND == kSum) {
+    out[b * D + d] = static_cast<scalar_t>(mean && L > 0 ? sum / static_cast<acc_t>(L) : sum);
+  } else if constexpr (KIND == kMax) {
+    out[b * D + d] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : mx);
+    argmax[b * D + d] = idx;
   } else {
-    out[o] = static_cast<scalar_t>(mean && L > 0 ? acc / static_cast<acc_t>(L) : acc);
+    out[b * 2 * D + d] = static_cast<scalar_t>(L > 0 ? sum / static_cast<acc_t>(L) : sum);
+    out[b * 2 * D + D + d] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : mx);
+    argmax[b * D + d] = idx;
   }
 }
 
 // blockIdx.x = s * X + xb picks the time split s and feature block xb; blockIdx.y strides
 // over rows b (a grid's y extent is capped at 65535). Thread (tx, ty) owns feature vector
 // xb * TX + tx and frames t_lo + ty + k * TY of the split. With S == 1 the result goes
-// straight to out/argmax, otherwise to workspace slot s. The block decomposition uses 32-bit
-// division: a 64-bit one is a called subroutine whose register saves put a stack frame on
-// the kernel.
-template <typename scalar_t, typename acc_t, int VEC, int U, bool IS_MAX>
-__global__ void __launch_bounds__(kThreads, 4)
+// straight to out/argmax, otherwise to workspace slot s (ws_sum / ws_max / ws_idx, each
+// [S, B, D]). The block decomposition uses 32-bit division: a 64-bit one is a called
+// subroutine whose register saves put a stack frame on the kernel.
+// Blocks per SM the forward's launch bounds promise: 4 (64 registers per thread), except the
+// meanmax kernel on 2-byte types (VEC 8), whose 3 x 8 accumulators next to 4 x 16 B loads in
+// flight spilled 16 bytes at 64 registers on sm_80: 3 blocks (80 registers) still keep
+// 768 threads x 64 B = 48 KB of loads in flight per SM.
+template <int KIND, int VEC>
+constexpr int kFwdMinBlocks = KIND == kMeanMax && VEC >= 8 ? 3 : 4;
+
+template <typename scalar_t, typename acc_t, int VEC, int U, int KIND>
+__global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC>))
     frame_pool_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
-                          scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
-                          acc_t* __restrict__ ws_acc, int32_t* __restrict__ ws_idx, int64_t B,
-                          int64_t T, int64_t D, int64_t sB, int64_t sT, int64_t chunk,
-                          int64_t S, uint32_t X, bool mean) {
-  __shared__ acc_t s_acc[VEC][kThreads];
-  __shared__ int32_t s_idx[IS_MAX ? VEC : 1][IS_MAX ? kThreads : 1];
+                          int* err, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
+                          acc_t* __restrict__ ws_sum, acc_t* __restrict__ ws_max,
+                          int32_t* __restrict__ ws_idx, int64_t B, int64_t T, int64_t D,
+                          int64_t sB, int64_t sT, int64_t chunk, int64_t S, uint32_t X,
+                          bool mean) {
+  constexpr bool HAS_SUM = KIND != kMax;
+  constexpr bool HAS_MAX = KIND != kSum;
+  __shared__ acc_t s_sum[HAS_SUM ? VEC : 1][HAS_SUM ? kMaxThreads : 1];
+  __shared__ acc_t s_max[HAS_MAX ? VEC : 1][HAS_MAX ? kMaxThreads : 1];
+  __shared__ int32_t s_idx[HAS_MAX ? VEC : 1][HAS_MAX ? kMaxThreads : 1];
 
   const int TX = blockDim.x, TY = blockDim.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * TX + tx;
   const int64_t DV = D / VEC;
-  const int64_t xb = blockIdx.x % X;
+  const uint32_t xb = blockIdx.x % X;
   const int64_t s = blockIdx.x / X;
-  const int64_t v = xb * TX + tx;
+  const int64_t v = static_cast<int64_t>(xb) * TX + tx;
   const bool active = v < DV;
 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const int64_t L = clamped_length(lens, b, T);
-    const int64_t t_lo = s * chunk;
-    const int64_t t_hi = std::min(t_lo + chunk, L);
-    const int64_t t_first = t_lo + ty;
+    const int64_t L = clamped_length(lens, b, T, err, tid == 0);
+    // Frame counters in int32 (T <= 2^31 - 4097, checked on the host, so t + U * TY cannot
+    // overflow): as int64 the meanmax bf16 kernel spilled 16 bytes on sm_80 at 64 registers.
+    const int32_t t_lo = static_cast<int32_t>(s * chunk);
+    const int32_t t_hi = static_cast<int32_t>(std::min<int64_t>(s * chunk + chunk, L));
+    const int32_t t_first = t_lo + ty;
 
-    acc_t acc[VEC];
+    acc_t sum[VEC], mx[VEC];
     int32_t idx[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      acc[j] = IS_MAX ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+      sum[j] = acc_t(0);
+      mx[j] = -std::numeric_limits<acc_t>::infinity();
       // Seeding the index with the lane's first frame lets the hot loop use the plain
       // sequential rule: a first frame of -inf is never "taken" yet is still the first max.
-      idx[j] = active && t_first < t_hi ? static_cast<int32_t>(t_first) : int32_t(-1);
+      idx[j] = active && t_first < t_hi ? t_first : int32_t(-1);
     }
 
     if (active) {
-      const scalar_t* p = x + b * sB + v * VEC;
       const int64_t step = static_cast<int64_t>(TY) * sT;
-      int64_t t = t_first;
-      const scalar_t* q = p + t * sT;
+      int32_t t = t_first;
+      const scalar_t* q = x + b * sB + v * VEC + static_cast<int64_t>(t) * sT;
       // Unguarded body: all U loads are issued before any is consumed.
-      for (; t + static_cast<int64_t>(U - 1) * TY < t_hi; t += static_cast<int64_t>(U) * TY) {
+      for (; t + (U - 1) * TY < t_hi; t += U * TY) {
         typename RawWord<sizeof(scalar_t) * VEC>::type w[U];
 #pragma unroll
         for (int k = 0; k < U; ++k) w[k] = load_raw<scalar_t, VEC>(q + k * step);
         pin_loads(w);
         q += U * step;
 #pragma unroll
-        for (int k = 0; k < U; ++k) {
-          accumulate<IS_MAX, scalar_t, acc_t, VEC>(
-              acc, idx, unpack<scalar_t, VEC>(w[k]),
-              static_cast<int32_t>(t + static_cast<int64_t>(k) * TY));
-        }
+        for (int k = 0; k < U; ++k)
+          accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
+                                                 t + k * TY);
       }
       // Fewer than U frames are left: one predicated round keeps them in flight together
       // rather than paying a full memory latency per frame.
@@ -240,15 +273,14 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           w[k] = {};
-          if (t + static_cast<int64_t>(k) * TY < t_hi) w[k] = load_raw<scalar_t, VEC>(q + k * step);
+          if (t + k * TY < t_hi) w[k] = load_raw<scalar_t, VEC>(q + k * step);
         }
         pin_loads(w);
 #pragma unroll
         for (int k = 0; k < U; ++k) {
-          if (t + static_cast<int64_t>(k) * TY >= t_hi) break;
-          accumulate<IS_MAX, scalar_t, acc_t, VEC>(
-              acc, idx, unpack<scalar_t, VEC>(w[k]),
-              static_cast<int32_t>(t + static_cast<int64_t>(k) * TY));
+          if (t + k * TY >= t_hi) break;
+          accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
+                                                 t + k * TY);
         }
       }
     }
@@ -257,8 +289,11 @@ __global__ void __launch_bounds__(kThreads, 4)
       // Tree fold of the TY lanes; [j][tid] keeps consecutive threads on consecutive banks.
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        s_acc[j][tid] = acc[j];
-        if constexpr (IS_MAX) s_idx[j][tid] = idx[j];
+        if constexpr (HAS_SUM) s_sum[j][tid] = sum[j];
+        if constexpr (HAS_MAX) {
+          s_max[j][tid] = mx[j];
+          s_idx[j][tid] = idx[j];
+        }
       }
       __syncthreads();
       for (int h = TY / 2; h > 0; h >>= 1) {
@@ -266,13 +301,15 @@ __global__ void __launch_bounds__(kThreads, 4)
           const int other = tid + h * TX;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            if constexpr (IS_MAX) {
-              fold_max(acc[j], idx[j], s_acc[j][other], s_idx[j][other]);
-              s_idx[j][tid] = idx[j];
-            } else {
-              acc[j] += s_acc[j][other];
+            if constexpr (HAS_SUM) {
+              sum[j] += s_sum[j][other];
+              s_sum[j][tid] = sum[j];
             }
-            s_acc[j][tid] = acc[j];
+            if constexpr (HAS_MAX) {
+              fold_max(mx[j], idx[j], s_max[j][other], s_idx[j][other]);
+              s_max[j][tid] = mx[j];
+              s_idx[j][tid] = idx[j];
+            }
           }
         }
         // Also separates this row's last reads from the next row's first writes.
@@ -285,14 +322,17 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (S == 1) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
-          write_result<scalar_t, acc_t, IS_MAX>(out, argmax, b * D + d0 + j, acc[j], idx[j], L,
-                                                mean);
+          write_result<KIND, scalar_t, acc_t>(out, argmax, b, d0 + j, D, sum[j], mx[j], idx[j],
+                                              L, mean);
       } else {
         const int64_t o = (s * B + b) * D + d0;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          ws_acc[o + j] = acc[j];
-          if constexpr (IS_MAX) ws_idx[o + j] = idx[j];
+          if constexpr (HAS_SUM) ws_sum[o + j] = sum[j];
+          if constexpr (HAS_MAX) {
+            ws_max[o + j] = mx[j];
+            ws_idx[o + j] = idx[j];
+          }
         }
       }
     }
@@ -302,15 +342,18 @@ __global__ void __launch_bounds__(kThreads, 4)
 // Folds the S split partials of each (b, d). Thread (tx, ty) folds splits ty, ty + TY, ... of
 // element e = group * TX + tx, then the TY lanes are folded through shared memory. fold_max is
 // order-independent, so interleaving the splits keeps the first-max rule.
-template <typename scalar_t, typename acc_t, bool IS_MAX>
-__global__ void __launch_bounds__(kThreads)
-    frame_pool_combine_kernel(const acc_t* __restrict__ ws_acc,
+template <typename scalar_t, typename acc_t, int KIND>
+__global__ void __launch_bounds__(kMaxThreads)
+    frame_pool_combine_kernel(const acc_t* __restrict__ ws_sum, const acc_t* __restrict__ ws_max,
                               const int32_t* __restrict__ ws_idx,
                               const int64_t* __restrict__ lens, scalar_t* __restrict__ out,
                               int32_t* __restrict__ argmax, int64_t B, int64_t T, int64_t D,
                               int64_t S, bool mean) {
-  __shared__ acc_t s_acc[kThreads];
-  __shared__ int32_t s_idx[IS_MAX ? kThreads : 1];
+  constexpr bool HAS_SUM = KIND != kMax;
+  constexpr bool HAS_MAX = KIND != kSum;
+  __shared__ acc_t s_sum[HAS_SUM ? kMaxThreads : 1];
+  __shared__ acc_t s_max[HAS_MAX ? kMaxThreads : 1];
+  __shared__ int32_t s_idx[HAS_MAX ? kMaxThreads : 1];
 
   const int TX = blockDim.x, TY = blockDim.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -321,39 +364,45 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
     const int64_t e = g * TX + tx;
     const bool active = e < n;
-    acc_t acc = IS_MAX ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+    acc_t sum = acc_t(0);
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
     int32_t idx = -1;
     if (active) {
       for (int64_t s = ty; s < S; s += TY) {
         const int64_t o = s * n + e;
-        if constexpr (IS_MAX) {
-          fold_max(acc, idx, ws_acc[o], ws_idx[o]);
-        } else {
-          acc += ws_acc[o];
-        }
+        if constexpr (HAS_SUM) sum += ws_sum[o];
+        if constexpr (HAS_MAX) fold_max(mx, idx, ws_max[o], ws_idx[o]);
       }
     }
     if (TY > 1) {
-      s_acc[tid] = acc;
-      if constexpr (IS_MAX) s_idx[tid] = idx;
+      if constexpr (HAS_SUM) s_sum[tid] = sum;
+      if constexpr (HAS_MAX) {
+        s_max[tid] = mx;
+        s_idx[tid] = idx;
+      }
       __syncthreads();
       for (int h = TY / 2; h > 0; h >>= 1) {
         if (ty < h) {
           const int other = tid + h * TX;
-          if constexpr (IS_MAX) {
-            fold_max(acc, idx, s_acc[other], s_idx[other]);
-            s_idx[tid] = idx;
-          } else {
-            acc += s_acc[other];
+          if constexpr (HAS_SUM) {
+            sum += s_sum[other];
+            s_sum[tid] = sum;
           }
-          s_acc[tid] = acc;
+          if constexpr (HAS_MAX) {
+            fold_max(mx, idx, s_max[other], s_idx[other]);
+            s_max[tid] = mx;
+            s_idx[tid] = idx;
+          }
         }
         __syncthreads();
       }
     }
     if (ty == 0 && active) {
-      const int64_t L = IS_MAX ? 0 : clamped_length(lens, e / D, T);
-      write_result<scalar_t, acc_t, IS_MAX>(out, argmax, e, acc, idx, L, mean);
+      const int64_t b = e / D;
+      // The forward kernel already reported a bad length; here it is only clamped.
+      const int64_t raw = lens == nullptr ? T : lens[b];
+      const int64_t L = raw < 0 ? 0 : (raw > T ? T : raw);
+      write_result<KIND, scalar_t, acc_t>(out, argmax, b, e - b * D, D, sum, mx, idx, L, mean);
     }
   }
 }
@@ -361,55 +410,77 @@ __global__ void __launch_bounds__(kThreads)
 // Block (s * X + xb, b) is laid out as in the forward kernel; thread (tx, ty) writes feature
 // vector xb * TX + tx of frames s * chunk + ty + k * TY. The blocks tile [B, T, D / VEC]
 // exactly, so every element of grad_x is written once. Gradient of mean/sum: g on frames
-// [0, L), zero after; of max: g on frame argmax only (-1 for an empty row matches no frame).
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, 4)
+// [0, L), zero after; of max: g on frame argmax only (-1 for an empty row matches no frame);
+// of meanmax: both, added in acc_t and rounded once. grad_out is [B, D] ([B, 2D] for
+// meanmax: the mean part, then the max part).
+template <typename scalar_t, typename acc_t, int VEC, int KIND>
+__global__ void __launch_bounds__(kMaxThreads, 4)
     frame_pool_bwd_kernel(const scalar_t* __restrict__ grad_out,
-                          const int64_t* __restrict__ lens, const int32_t* __restrict__ argmax,
-                          scalar_t* __restrict__ grad_x, int64_t B, int64_t T, int64_t D,
-                          int64_t chunk, uint32_t X, bool is_max, bool mean) {
+                          const int64_t* __restrict__ lens, int* err,
+                          const int32_t* __restrict__ argmax, scalar_t* __restrict__ grad_x,
+                          int64_t B, int64_t T, int64_t D, int64_t chunk, uint32_t X,
+                          bool mean) {
   const int TX = blockDim.x, TY = blockDim.y;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t DV = D / VEC;
-  const int64_t xb = blockIdx.x % X;
+  const uint32_t xb = blockIdx.x % X;
   const int64_t s = blockIdx.x / X;
-  const int64_t v = xb * TX + tx;
+  const int64_t v = static_cast<int64_t>(xb) * TX + tx;
   if (v >= DV) return;  // no block-wide synchronisation in this kernel
+  const int64_t GW = KIND == kMeanMax ? 2 * D : D;
 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const int64_t L = clamped_length(lens, b, T);
+    const int64_t L = clamped_length(lens, b, T, err, tx == 0 && ty == 0);
     const int64_t d0 = v * VEC;
     const int64_t t_hi = std::min((s + 1) * chunk, T);
 
-    VecT<scalar_t, VEC> gv;
-    int64_t am[VEC];
+    VecT<scalar_t, VEC> g_dense;  // mean / sum part, rounded: every valid frame
+    VecT<scalar_t, VEC> g_peak;   // max part (+ mean part for meanmax): the argmax frame
+    int32_t am[VEC];
     // Scalar loads: grad_out / argmax are made contiguous, not necessarily 16-byte aligned,
     // and are read once per run of frames.
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const acc_t g = static_cast<acc_t>(grad_out[b * D + d0 + j]);
-      // Divide in acc_t and round once, as the eager mean does.
-      gv.v[j] = static_cast<scalar_t>(mean ? (L > 0 ? g / static_cast<acc_t>(L) : acc_t(0)) : g);
-      const int64_t a = is_max ? static_cast<int64_t>(argmax[b * D + d0 + j]) : int64_t(-1);
-      am[j] = a < L ? a : int64_t(-1);  // padded frames always get 0, as on the CPU
+      acc_t dense = acc_t(0);
+      if constexpr (KIND != kMax) {
+        const acc_t g = static_cast<acc_t>(grad_out[b * GW + d0 + j]);
+        // Divide in acc_t and round once, as the eager mean does.
+        dense = mean || KIND == kMeanMax ? (L > 0 ? g / static_cast<acc_t>(L) : acc_t(0)) : g;
+      }
+      g_dense.v[j] = static_cast<scalar_t>(dense);
+      am[j] = -1;
+      if constexpr (KIND != kSum) {
+        const acc_t gm = static_cast<acc_t>(grad_out[b * GW + (KIND == kMeanMax ? D : 0) + d0 + j]);
+        g_peak.v[j] = static_cast<scalar_t>(dense + gm);
+        const int32_t a = argmax[b * D + d0 + j];
+        am[j] = a < L ? a : -1;  // padded frames always get 0, as on the CPU
+      }
     }
     VecT<scalar_t, VEC> zero;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) zero.v[j] = scalar_t(0);
 
-    int64_t t = s * chunk + ty;
+    // Frame indices fit in int32 (checked on the host), and comparing them as such keeps the
+    // meanmax bf16 kernel within 64 registers (as int64 it spilled 8 bytes on sm_90).
+    const int32_t t_end = static_cast<int32_t>(t_hi);
+    const int32_t len = static_cast<int32_t>(L);
+    int32_t t = static_cast<int32_t>(s * chunk) + ty;
     scalar_t* dst = grad_x + (b * T + t) * D + d0;
     const int64_t step = static_cast<int64_t>(TY) * D;
-    if (is_max) {
-      for (; t < t_hi; t += TY, dst += step) {
+    if constexpr (KIND == kSum) {
+      for (; t < t_end; t += TY, dst += step)
+        *reinterpret_cast<VecT<scalar_t, VEC>*>(dst) = t < len ? g_dense : zero;
+    } else {
+      for (; t < t_end; t += TY, dst += step) {
+        // Selected per element: a reference to one of two local vectors would put them on the
+        // stack (seen in the sm_90 SASS of the bf16 / double meanmax kernels).
+        const bool dense = KIND == kMeanMax && t < len;
         VecT<scalar_t, VEC> r;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) r.v[j] = t == am[j] ? gv.v[j] : zero.v[j];
+        for (int j = 0; j < VEC; ++j)
+          r.v[j] = t == am[j] ? g_peak.v[j] : (dense ? g_dense.v[j] : zero.v[j]);
         *reinterpret_cast<VecT<scalar_t, VEC>*>(dst) = r;
       }
-    } else {
-      for (; t < t_hi; t += TY, dst += step)
-        *reinterpret_cast<VecT<scalar_t, VEC>*>(dst) = t < L ? gv : zero;
     }
   }
 }
@@ -427,16 +498,16 @@ struct BlockShape {
   int ty;  // time lanes per block
 };
 
-// Up to 32 feature vectors across (a warp reads 32 x 16 B contiguous per frame), the rest of
-// the 256 threads along time. A short T gives its unused time lanes back to features.
-BlockShape pick_block_shape(int64_t DV, int64_t T) {
-  const int tx_need = pow2_at_least(DV, kThreads);
-  int tx = std::min(32, tx_need);
-  int ty = kThreads / tx;
-  const int ty_need = pow2_at_least(T, kThreads);
+// Up to max_tx feature vectors across (a warp reads 32 x 16 B contiguous per frame at 32),
+// the rest of the threads along time. A short T gives its unused time lanes back to features.
+BlockShape pick_block_shape(int64_t DV, int64_t T, int threads, int max_tx) {
+  const int tx_need = pow2_at_least(DV, threads);
+  int tx = std::min(max_tx, tx_need);
+  int ty = threads / tx;
+  const int ty_need = pow2_at_least(T, threads);
   if (ty_need < ty) {
     ty = ty_need;
-    tx = std::min(kThreads / ty, tx_need);
+    tx = std::min(threads / ty, tx_need);
   }
   return {tx, ty};
 }
@@ -446,7 +517,7 @@ BlockShape pick_block_shape(int64_t DV, int64_t T) {
 template <auto Kernel>
 int64_t resident_blocks(int threads) {
   constexpr int kMaxDevices = 64;
-  constexpr int kBlockSizes = 9;  // powers of two 1 ... kThreads
+  constexpr int kBlockSizes = 9;  // powers of two 1 ... kMaxThreads
   static std::atomic<int> cache[kMaxDevices][kBlockSizes];  // 0: not queried yet
   const int dev = c10::cuda::current_device();
   const int size_class = __builtin_ctz(static_cast<unsigned>(threads));
@@ -463,19 +534,21 @@ int64_t resident_blocks(int threads) {
 
 // Number of time splits for the forward pass. Model: blocks run in waves of `slots`; a full
 // wave of block work w takes w, a partial wave holding a fraction f of the slots takes
-// (f + kPhi) / (1 + kPhi) of a full one (memory latency, not bandwidth, bounds a thin wave;
-// kPhi is the fraction of resident blocks that saturates HBM). Splitting costs the workspace
-// round trip (relative to the bytes of x) and a second launch.
+// (f + phi) / (1 + phi) of a full one (memory latency, not bandwidth, bounds a thin wave;
+// phi = split_phi_pct / 100 is the fraction of resident blocks that saturates HBM). Splitting
+// costs the workspace round trip (relative to the bytes of x) and a second launch. No split
+// once B x feature blocks fills split_waves waves.
 int64_t pick_time_splits(int64_t base_blocks, int64_t slots, int64_t max_splits,
-                         double ws_bytes_per_split, double x_bytes_per_element) {
-  if (max_splits <= 1 || base_blocks >= 4 * slots) return 1;
-  constexpr double kPhi = 0.25;
+                         double ws_bytes_per_split, double x_bytes_per_element,
+                         const CudaLaunchConfig& cfg) {
+  if (max_splits <= 1 || base_blocks >= cfg.split_waves * slots) return 1;
+  const double phi = cfg.split_phi_pct / 100.0;
   constexpr double kLaunchCost = 0.02;
   const auto cost = [&](int64_t s) {
     const double waves = static_cast<double>(s) * base_blocks / slots;
     const double full = std::floor(waves);
     const double frac = waves - full;
-    const double time = (full + (frac > 0 ? (frac + kPhi) / (1 + kPhi) : 0.0)) / s;
+    const double time = (full + (frac > 0 ? (frac + phi) / (1 + phi) : 0.0)) / s;
     const double overhead =
         s == 1 ? 1.0 : 1.0 + kLaunchCost + 2.0 * s * ws_bytes_per_split / x_bytes_per_element;
     return time * overhead;
@@ -507,30 +580,62 @@ int64_t pick_time_splits(int64_t base_blocks, int64_t slots, int64_t max_splits,
   return best;
 }
 
-template <typename scalar_t, int VEC, bool IS_MAX>
+// ---- the length-error flag ------------------------------------------------------------------
+// One int in mapped, portable pinned host memory: kernels on any device store 1 into it (a
+// store over the bus, only when a length is bad); the host reads it without a copy or a
+// synchronisation. Devices that launched a pooling kernel are remembered so that
+// check_device_errors(sync=true) waits for exactly those.
+std::once_flag g_flag_once;
+int* g_flag_host = nullptr;
+std::atomic<uint64_t> g_used_devices{0};
+
+int* error_flag_for_current_device() {
+  std::call_once(g_flag_once, [] {
+    void* p = nullptr;
+    C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
+    *static_cast<volatile int*>(p) = 0;
+    g_flag_host = static_cast<int*>(p);
+  });
+  const int dev = c10::cuda::current_device();
+  if (dev < 64) g_used_devices.fetch_or(uint64_t(1) << dev, std::memory_order_relaxed);
+  // With unified addressing the device pointer equals the host pointer; asked once per
+  // device all the same, as the CUDA documentation prescribes for mapped memory.
+  static std::atomic<int*> dev_ptrs[64];
+  int* dev_ptr = dev < 64 ? dev_ptrs[dev].load(std::memory_order_relaxed) : nullptr;
+  if (dev_ptr == nullptr) {
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_ptr), g_flag_host, 0));
+    if (dev < 64) dev_ptrs[dev].store(dev_ptr, std::memory_order_relaxed);
+  }
+  return dev_ptr;
+}
+
+template <typename scalar_t, int VEC, int KIND>
 void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
-                    at::Tensor& argmax, bool mean) {
+                    at::Tensor& argmax, bool mean, int* err) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool HAS_SUM = KIND != kMax;
+  constexpr bool HAS_MAX = KIND != kSum;
   constexpr int U = VEC == 1 ? kUnrollScalar : kUnrollVec;
+  const CudaLaunchConfig cfg = cuda_launch_config();
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const int64_t DV = D / VEC;
-  const BlockShape bs = pick_block_shape(DV, T);
+  const BlockShape bs = pick_block_shape(DV, T, cfg.threads, cfg.max_tx);
   const int threads = bs.tx * bs.ty;
   const int64_t X = ceil_div(DV, bs.tx);
   const int64_t base = B * X;
 
-  constexpr auto kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, IS_MAX>;
+  constexpr auto kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, KIND>;
   const int64_t slots = resident_blocks<kernel>(threads);
   // Every lane gets at least two unrolled iterations per split.
   const int64_t min_frames = 2 * static_cast<int64_t>(bs.ty) * U;
   const int64_t max_splits = std::min<int64_t>(T / min_frames, 4096);
-  const double ws_bytes = sizeof(acc_t) + (IS_MAX ? sizeof(int32_t) : 0);
+  const double ws_bytes = (HAS_SUM ? sizeof(acc_t) : 0) + (HAS_MAX ? sizeof(acc_t) + 4 : 0);
   int64_t S = pick_time_splits(base, slots, max_splits, ws_bytes,
-                               static_cast<double>(T) * sizeof(scalar_t));
+                               static_cast<double>(T) * sizeof(scalar_t), cfg);
   // Split boundaries on whole unrolled iterations; rounding may merge the last splits.
   const int64_t quantum = static_cast<int64_t>(bs.ty) * U;
-  const int64_t chunk = ceil_div(ceil_div(T, S), quantum) * quantum;
-  S = ceil_div(T, chunk);
+  const int64_t chunk = std::max<int64_t>(1, ceil_div(ceil_div(T, S), quantum)) * quantum;
+  S = std::max<int64_t>(1, ceil_div(T, chunk));
 
   // X * S stays far below 2^31: S > 1 only when B * X is below a few waves of blocks.
   TORCH_INTERNAL_ASSERT(X * S <= std::numeric_limits<int32_t>::max());
@@ -540,55 +645,57 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t* lens = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-  int32_t* am_p = IS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+  int32_t* am_p = HAS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
 
   if (S == 1) {
-    kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, out_p, am_p, nullptr,
-                                       nullptr, B, T, D, x.stride(0), x.stride(1), chunk, S,
-                                       static_cast<uint32_t>(X), mean);
+    kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, err, out_p, am_p,
+                                       nullptr, nullptr, nullptr, B, T, D, x.stride(0),
+                                       x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  at::Tensor ws_acc = at::empty({S, B, D}, x.options().dtype(acc_dtype));
-  at::Tensor ws_idx =
-      IS_MAX ? at::empty({S, B, D}, x.options().dtype(at::kInt)) : at::Tensor();
-  acc_t* ws_acc_p = ws_acc.mutable_data_ptr<acc_t>();
-  int32_t* ws_idx_p = IS_MAX ? ws_idx.mutable_data_ptr<int32_t>() : nullptr;
-  kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, nullptr, nullptr,
-                                     ws_acc_p, ws_idx_p, B, T, D, x.stride(0), x.stride(1),
-                                     chunk, S, static_cast<uint32_t>(X), mean);
+  at::Tensor ws_sum = HAS_SUM ? at::empty({S, B, D}, x.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor ws_max = HAS_MAX ? at::empty({S, B, D}, x.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor ws_idx = HAS_MAX ? at::empty({S, B, D}, x.options().dtype(at::kInt)) : at::Tensor();
+  acc_t* ws_sum_p = HAS_SUM ? ws_sum.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* ws_max_p = HAS_MAX ? ws_max.mutable_data_ptr<acc_t>() : nullptr;
+  int32_t* ws_idx_p = HAS_MAX ? ws_idx.mutable_data_ptr<int32_t>() : nullptr;
+  kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, err, nullptr, nullptr,
+                                     ws_sum_p, ws_max_p, ws_idx_p, B, T, D, x.stride(0),
+                                     x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int cty = pow2_at_least(S, 32);
-  const int ctx = kThreads / cty;
+  const int ctx = kMaxThreads / cty;
   const int64_t groups = ceil_div(B * D, ctx);
   const int64_t cgrid = std::min<int64_t>(groups, std::numeric_limits<int32_t>::max());
-  frame_pool_combine_kernel<scalar_t, acc_t, IS_MAX>
+  frame_pool_combine_kernel<scalar_t, acc_t, KIND>
       <<<static_cast<unsigned>(cgrid), dim3(ctx, cty), 0, stream>>>(
-          ws_acc_p, ws_idx_p, lens, out_p, am_p, B, T, D, S, mean);
+          ws_sum_p, ws_max_p, ws_idx_p, lens, out_p, am_p, B, T, D, S, mean);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, int KIND>
 void launch_backward(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
-                     at::Tensor& gx, PoolMode mode) {
+                     at::Tensor& gx, bool mean, int* err) {
   using acc_t = at::opmath_type<scalar_t>;
+  const CudaLaunchConfig cfg = cuda_launch_config();
   const int64_t B = gx.size(0), T = gx.size(1), D = gx.size(2);
   const int64_t DV = D / VEC;
-  const BlockShape bs = pick_block_shape(DV, T);
+  const BlockShape bs = pick_block_shape(DV, T, cfg.threads, cfg.max_tx);
   const int threads = bs.tx * bs.ty;
   const int64_t X = ceil_div(DV, bs.tx);
   const int64_t base = B * X;
 
-  constexpr auto kernel = frame_pool_bwd_kernel<scalar_t, acc_t, VEC>;
+  constexpr auto kernel = frame_pool_bwd_kernel<scalar_t, acc_t, VEC, KIND>;
   const int64_t slots = resident_blocks<kernel>(threads);
   // Splitting time is free here (no partials), so aim for several waves: a short tail.
-  const int64_t want_splits = ceil_div(4 * slots, base);
-  const int64_t frames_per_lane = std::min(
-      kBackwardMaxFramesPerThread, ceil_div(ceil_div(T, bs.ty), want_splits));
-  int64_t chunk = frames_per_lane * bs.ty;
+  const int64_t want_splits = ceil_div(cfg.bwd_waves * slots, base);
+  const int64_t frames_per_lane = std::min<int64_t>(
+      cfg.bwd_frames, ceil_div(ceil_div(T, bs.ty), want_splits));
+  int64_t chunk = std::max<int64_t>(1, frames_per_lane) * bs.ty;
   // Longer runs per thread keep the grid's x extent (X * S) under 2^31 for any size.
   while (chunk < T && X * ceil_div(T, chunk) > std::numeric_limits<int32_t>::max()) chunk *= 2;
   const int64_t S = ceil_div(T, chunk);
@@ -596,11 +703,10 @@ void launch_backward(const at::Tensor& g, const at::Tensor& len, const at::Tenso
 
   const dim3 grid(static_cast<unsigned>(X * S),
                   static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-  const bool is_max = mode == PoolMode::Max;
   kernel<<<grid, dim3(bs.tx, bs.ty), 0, at::cuda::getCurrentCUDAStream()>>>(
       g.const_data_ptr<scalar_t>(), len.defined() ? len.const_data_ptr<int64_t>() : nullptr,
-      is_max ? argmax.const_data_ptr<int32_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(), B,
-      T, D, chunk, static_cast<uint32_t>(X), is_max, mode == PoolMode::Mean);
+      err, KIND != kSum ? argmax.const_data_ptr<int32_t>() : nullptr,
+      gx.mutable_data_ptr<scalar_t>(), B, T, D, chunk, static_cast<uint32_t>(X), mean);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -615,39 +721,88 @@ bool can_vectorize(const at::Tensor& x, int vec) {
   return true;
 }
 
+int kind_of(PoolMode m) {
+  return m == PoolMode::Max ? kMax : (m == PoolMode::MeanMax ? kMeanMax : kSum);
+}
+
+template <typename scalar_t, int KIND>
+void forward_for_kind(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
+                      at::Tensor& argmax, bool mean, int* err) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (can_vectorize(x, kVec)) {
+    launch_forward<scalar_t, kVec, KIND>(x, len, out, argmax, mean, err);
+  } else {
+    launch_forward<scalar_t, 1, KIND>(x, len, out, argmax, mean, err);
+  }
+}
+
 template <typename scalar_t>
 void forward_for_dtype(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
-                       at::Tensor& argmax, PoolMode m) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool vec = can_vectorize(x, kVec);
+                       at::Tensor& argmax, PoolMode m, int* err) {
   const bool mean = m == PoolMode::Mean;
-  if (m == PoolMode::Max) {
-    if (vec) {
-      launch_forward<scalar_t, kVec, true>(x, len, out, argmax, mean);
-    } else {
-      launch_forward<scalar_t, 1, true>(x, len, out, argmax, mean);
-    }
-  } else if (vec) {
-    launch_forward<scalar_t, kVec, false>(x, len, out, argmax, mean);
+  switch (kind_of(m)) {
+    case kMax:
+      forward_for_kind<scalar_t, kMax>(x, len, out, argmax, mean, err);
+      break;
+    case kMeanMax:
+      forward_for_kind<scalar_t, kMeanMax>(x, len, out, argmax, mean, err);
+      break;
+    default:
+      forward_for_kind<scalar_t, kSum>(x, len, out, argmax, mean, err);
+  }
+}
+
+template <typename scalar_t, int KIND>
+void backward_for_kind(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
+                       at::Tensor& gx, bool mean, int* err) {
+  // gx is freshly allocated (aligned, contiguous), so only D decides whether rows stay on
+  // 16-byte boundaries.
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (gx.size(2) % kVec == 0) {
+    launch_backward<scalar_t, kVec, KIND>(g, len, argmax, gx, mean, err);
   } else {
-    launch_forward<scalar_t, 1, false>(x, len, out, argmax, mean);
+    launch_backward<scalar_t, 1, KIND>(g, len, argmax, gx, mean, err);
   }
 }
 
 template <typename scalar_t>
 void backward_for_dtype(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
-                        at::Tensor& gx, PoolMode m) {
-  // gx is freshly allocated (aligned, contiguous), so only D decides whether rows stay on
-  // 16-byte boundaries.
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (gx.size(2) % kVec == 0) {
-    launch_backward<scalar_t, kVec>(g, len, argmax, gx, m);
-  } else {
-    launch_backward<scalar_t, 1>(g, len, argmax, gx, m);
+                        at::Tensor& gx, PoolMode m, int* err) {
+  const bool mean = m == PoolMode::Mean;
+  switch (kind_of(m)) {
+    case kMax:
+      backward_for_kind<scalar_t, kMax>(g, len, argmax, gx, mean, err);
+      break;
+    case kMeanMax:
+      backward_for_kind<scalar_t, kMeanMax>(g, len, argmax, gx, mean, err);
+      break;
+    default:
+      backward_for_kind<scalar_t, kSum>(g, len, argmax, gx, mean, err);
   }
 }
 
 }  // namespace
+
+void check_device_errors(bool sync) {
+  if (g_flag_host == nullptr) return;  // no pooling kernel has run: nothing recorded
+  if (sync) {
+    const uint64_t used = g_used_devices.load(std::memory_order_relaxed);
+    for (int dev = 0; dev < 64; ++dev) {
+      if (used & (uint64_t(1) << dev)) {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
+        C10_CUDA_CHECK(cudaDeviceSynchronize());
+      }
+    }
+  }
+  volatile int* flag = g_flag_host;
+  if (*flag != 0) {
+    *flag = 0;
+    TORCH_CHECK_VALUE(false,
+                      "frame_pool: lengths on the GPU held a value outside [0, T] in an earlier "
+                      "call (that call pooled over the lengths clamped into [0, T]); every "
+                      "lengths[b] must lie in [0, T]");
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
                                                    const c10::optional<at::Tensor>& lengths,
@@ -655,31 +810,26 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   PoolMode m = parse_pool_mode(mode);
   TORCH_CHECK_VALUE(x.is_cuda(), "frame_pool (CUDA kernel): x must be a CUDA tensor, got ",
                     x.device());
+  // A bad length an earlier kernel has already reported is raised now (no waiting).
+  check_device_errors(/*sync=*/false);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
-  // Range-checking GPU lengths synchronises, which is illegal while a CUDA graph is being
-  // captured; there the kernels' clamping of every length into [0, T] is the only guard.
-  const bool capturing =
-      at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  at::Tensor len = checked_lengths(x, lengths, /*check_values=*/!capturing);
+  at::Tensor len = checked_lengths(x, lengths);
 
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  const bool is_max = m == PoolMode::Max;
-  at::Tensor out = at::empty({B, D}, x.options());
-  at::Tensor argmax = is_max ? at::empty({B, D}, x.options().dtype(at::kInt))
-                             : at::empty({0}, x.options().dtype(at::kInt));
+  at::Tensor out = at::empty({B, out_width(D, m)}, x.options());
+  at::Tensor argmax = has_argmax(m) ? at::empty({B, D}, x.options().dtype(at::kInt))
+                                    : at::empty({0}, x.options().dtype(at::kInt));
+  // T == 0 still launches: the kernel writes the zeros (argmax -1) of empty rows and reports
+  // any nonzero GPU length.
   if (B == 0 || D == 0) return {out, argmax};
-  if (T == 0) {
-    out.zero_();
-    if (is_max) argmax.fill_(-1);
-    return {out, argmax};
-  }
 
   // The kernels need unit feature stride (a size-1 feature dim has no stride to speak of);
   // other layouts that have it (slices, [T, B, D] transposed to [B, T, D]) are read in place
   // through their strides, and only the rest is copied.
   const at::Tensor xs = (x.stride(2) == 1 || D == 1) ? x : x.contiguous();
+  int* err = error_flag_for_current_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "frame_pool_cuda",
-                                  [&] { forward_for_dtype<scalar_t>(xs, len, out, argmax, m); });
+                                  [&] { forward_for_dtype<scalar_t>(xs, len, out, argmax, m, err); });
   return {out, argmax};
 }
 
@@ -687,21 +837,22 @@ at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
                                     const c10::optional<at::Tensor>& lengths,
                                     const at::Tensor& argmax, int64_t T, c10::string_view mode) {
   PoolMode m = parse_pool_mode(mode);
-  at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, m);
   TORCH_CHECK_VALUE(grad_out.is_cuda(),
                     "frame_pool_backward (CUDA kernel): grad_out must be a CUDA tensor, got ",
                     grad_out.device());
+  at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, m);
   const at::cuda::OptionalCUDAGuard guard(device_of(grad_out));
 
   const at::Tensor g = grad_out.contiguous();
-  const at::Tensor am = m == PoolMode::Max ? argmax.contiguous() : argmax;
-  const int64_t B = g.size(0), D = g.size(1);
+  const at::Tensor am = has_argmax(m) ? argmax.contiguous() : argmax;
+  const int64_t B = g.size(0), D = m == PoolMode::MeanMax ? g.size(1) / 2 : g.size(1);
   at::Tensor gx = at::empty({B, T, D}, g.options());
   if (B == 0 || D == 0 || T == 0) return gx;
 
+  int* err = error_flag_for_current_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "frame_pool_backward_cuda",
-                                  [&] { backward_for_dtype<scalar_t>(g, len, am, gx, m); });
+                                  [&] { backward_for_dtype<scalar_t>(g, len, am, gx, m, err); });
   return gx;
 }
 

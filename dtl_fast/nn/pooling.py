@@ -6,16 +6,15 @@ from torch import nn
 
 from dtl_fast import ops
 from dtl_fast._backend import resolve_backend
-from dtl_fast._checks import POOL_MODES
-
-_MODES = POOL_MODES + ("meanmax",)
+from dtl_fast.ops.frame_pool import MODES as _MODES
 
 
 class FramePool(nn.Module):
     """Pools [B, T, D] frame features over each clip's valid frames to [B, D].
 
     Args:
-        mode: "mean" | "max" | "sum" | "meanmax" ("meanmax" concatenates mean and max: [B, 2D]).
+        mode: "mean" | "max" | "sum" | "meanmax" ("meanmax" concatenates mean and max: [B, 2D],
+            computed in one pass over x).
         backend: "auto" | "fused" | "reference", or None for $DTL_FAST_BACKEND / "auto".
 
     forward(x, lengths=None): x [B, T, D]; lengths None, a list of B ints or an integer
@@ -33,9 +32,6 @@ class FramePool(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
-        if self.mode == "meanmax":
-            mean = ops.frame_pool(x, lengths, "mean", backend=self.backend)
-            return torch.cat([mean, ops.frame_pool(x, lengths, "max", backend=self.backend)], dim=-1)
         return ops.frame_pool(x, lengths, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -1,77 +1,67 @@
 """Masked temporal frame pooling: the registered C++/CUDA op torch.ops.dtl_fast.frame_pool,
-its fake (meta) kernels and autograd, and the backend choice."""
+its fake (meta) kernels, and the backend choice. Its autograd lives in C++
+(csrc/frame_pool_autograd.cpp)."""
 from __future__ import annotations
 
 import torch
 
 from dtl_fast import _extension, reference
 from dtl_fast._backend import resolve_backend
-from dtl_fast._checks import check_pool_input, normalize_lengths
+from dtl_fast._checks import POOL_MODES, check_pool_input, normalize_lengths
 
 _FWD = "dtl_fast::frame_pool"
 _BWD = "dtl_fast::frame_pool_backward"
+MODES = POOL_MODES + ("meanmax",)
 
 
 def _register() -> None:
+    # Shapes only, for fake tensors (torch.compile, opcheck). The autograd of both ops is
+    # registered in C++ (csrc/frame_pool_autograd.cpp, under the Autograd dispatch key), which
+    # saves the ~0.18 ms per call the Python register_autograd wrapper cost.
     @torch.library.register_fake(_FWD)
     def _frame_pool_fake(x, lengths, mode):
         torch._check(x.dim() == 3, lambda: f"frame_pool: x must be [B, T, D], got {x.shape}")
         B, _, D = x.shape
-        argmax_shape = (B, D) if mode == "max" else (0,)
-        return x.new_empty((B, D)), x.new_empty(argmax_shape, dtype=torch.int32)
+        width = 2 * D if mode == "meanmax" else D
+        argmax_shape = (B, D) if mode in ("max", "meanmax") else (0,)
+        return x.new_empty((B, width)), x.new_empty(argmax_shape, dtype=torch.int32)
 
     @torch.library.register_fake(_BWD)
     def _frame_pool_backward_fake(grad_out, lengths, argmax, T, mode):
         torch._check(grad_out.dim() == 2, lambda: "frame_pool_backward: grad_out must be [B, D]")
-        B, D = grad_out.shape
+        B, width = grad_out.shape
+        D = width // 2 if mode == "meanmax" else width
         return grad_out.new_empty((B, T, D))
-
-    def _setup_context(ctx, inputs, output):
-        x, lengths, mode = inputs
-        _, argmax = output
-        ctx.mode = mode
-        ctx.T = x.shape[1]
-        ctx.save_for_backward(lengths, argmax)  # argmax is an empty tensor unless mode is max
-
-    def _backward(ctx, grad_out, _grad_argmax):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        lengths, argmax = ctx.saved_tensors
-        grad_x = torch.ops.dtl_fast.frame_pool_backward(grad_out, lengths, argmax, ctx.T, ctx.mode)
-        return grad_x, None, None
-
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
-
-    # The backward is linear in grad_out, so its own gradient (for double backward) is the
-    # adjoint map: pooling for mean / sum, a gather at the argmax for max.
-    def _setup_context_bwd(ctx, inputs, output):
-        _, lengths, argmax, _, mode = inputs
-        ctx.mode = mode
-        ctx.save_for_backward(lengths, argmax)
-
-    def _backward_bwd(ctx, grad_grad_x):
-        lengths, argmax = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        if ctx.mode == "max" and grad_grad_x.shape[1] == 0:
-            grad = grad_grad_x.new_zeros(argmax.shape)
-        elif ctx.mode == "max":
-            index = argmax.clamp(min=0).long().unsqueeze(1)  # [B, 1, D]
-            picked = grad_grad_x.gather(1, index).squeeze(1)
-            grad = torch.where(argmax >= 0, picked, torch.zeros_like(picked))
-        else:
-            grad, _ = torch.ops.dtl_fast.frame_pool(grad_grad_x, lengths, ctx.mode)
-        return grad, None, None, None, None
-
-    torch.library.register_autograd(_BWD, _backward_bwd, setup_context=_setup_context_bwd)
 
 
 if _extension.cpp_available():
     _register()
 
 
-def _use_compiled(x: torch.Tensor, backend: str) -> bool:
+# `auto` on CUDA must never be slower than the best stock formulation (the eager masked
+# reduction, torch.segment_reduce; DESIGN.md "Backends"). The rule is this table of measured
+# cases where a stock form wins: (mode, dtype, largest input bytes) -> `auto` runs the eager
+# reference for inputs up to that size. Its inputs are the "stock" rows that
+# bench/sweep_frame_pool.py writes (fused with the default launch constants beside both stock
+# forms, forward and forward+backward, small and headline shapes); its table prints
+# "STOCK WINS" where an entry is due. EMPTY AND UNMEASURED: the only GPU rows (H200, run
+# gpucheck-20261127T013134-437) predate the sync-free length check, and the cases the fused op
+# lost there (64x64x1024: max forward 0.048 ms vs segment_reduce 0.022 ms) were dominated by the
+# per-call host synchronisation the kernels no longer do. Fill it from the first sweep.
+_CUDA_STOCK_WINS: tuple[tuple[str, torch.dtype, int], ...] = ()
+
+
+def _stock_wins_on_cuda(x: torch.Tensor, mode: str) -> bool:
+    if not _CUDA_STOCK_WINS or torch.compiler.is_compiling():
+        return False
+    nbytes = x.numel() * x.element_size()
+    return any(m == mode and d == x.dtype and nbytes <= limit for m, d, limit in _CUDA_STOCK_WINS)
+
+
+def _use_compiled(x: torch.Tensor, backend: str, mode: str) -> bool:
     if backend == "reference":
+        return False
+    if backend == "auto" and x.is_cuda and _stock_wins_on_cuda(x, mode):
         return False
     if _extension.has_kernel("frame_pool", x.device.type):
         return True
@@ -89,25 +79,30 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
         x: [B, T, D] float32 / float64 / float16 / bfloat16, any strides.
         lengths: None (all T frames valid), a list of B ints, or an integer tensor [B] on the
             CPU or on x's device; frames t >= lengths[b] are never read.
-        mode: "mean" | "max" | "sum".
+        mode: "mean" | "max" | "sum" | "meanmax" (mean and max side by side, [B, 2D], from one
+            read of x and, in the backward pass, one write of grad_x).
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto")
             at each call (under torch.compile: when the graph is traced).
-            "auto" runs the C++ kernel on CPU tensors and the CUDA kernel on GPU tensors, and
-            the eager reference where a kernel was not built.
+            "auto" runs the C++ kernel on CPU tensors and the CUDA kernel on GPU tensors (unless
+            the measured rule _CUDA_STOCK_WINS names the case), and the eager reference where a
+            kernel was not built.
 
     Returns:
-        [B, D] in x's dtype; half types accumulate in float32. A row with length 0 gives
-        zeros and zero gradient. "max" propagates NaN like torch.amax and sends the gradient
-        to the first maximal frame.
+        [B, D] ([B, 2D] for "meanmax") in x's dtype; half types accumulate in float32. A row
+        with length 0 gives zeros and zero gradient. "max" propagates NaN like torch.amax and
+        sends the gradient to the first maximal frame.
 
     Raises:
         ValueError: wrong rank or dtype of x, unknown mode, lengths not integer, not [B], on
-            another device, or outside [0, T].
+            another device, or (CPU lengths) outside [0, T]. Lengths on the GPU are checked
+            on the GPU without a host synchronisation: the kernel pools over the lengths
+            clamped into [0, T] and records the error, which `dtl_fast.check_errors()` raises
+            (it waits for the GPU), as does any later CUDA call that finds it recorded.
     """
     backend = resolve_backend(backend)
-    check_pool_input(x, mode)
+    check_pool_input(x, mode, MODES)
     lengths = normalize_lengths(lengths, x)
-    if not _use_compiled(x, backend):
+    if not _use_compiled(x, backend, mode):
         return reference.frame_pool(x, lengths, mode)
     out, _ = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     return out

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from dtl_fast._checks import check_pool_input, normalize_lengths
+from dtl_fast._checks import POOL_MODES, check_pool_input, normalize_lengths
+
+MODES = POOL_MODES + ("meanmax",)
 
 
 def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tensor:
@@ -13,14 +15,14 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
         x: [B, T, D] float32 / float64 / float16 / bfloat16.
         lengths: None (every row has T frames), a list of B ints, or an integer tensor [B] on
             the CPU or on x's device; frames t >= lengths[b] are ignored.
-        mode: "mean" | "max" | "sum".
+        mode: "mean" | "max" | "sum" | "meanmax" (mean and max concatenated: [B, 2D]).
 
     Returns:
-        [B, D] in x's dtype (half types are reduced in float32). A row with length 0 gives
+        [B, D] ([B, 2D] for "meanmax") in x's dtype (half types are reduced in float32). A row with length 0 gives
         zeros and zero gradient. "max" propagates NaN and sends the gradient to the first
         maximal frame.
     """
-    check_pool_input(x, mode)
+    check_pool_input(x, mode, MODES)
     lengths = normalize_lengths(lengths, x)
     B, T, D = x.shape
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -38,6 +40,16 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
                 raise ValueError(f"frame_pool: every lengths[b] must lie in [0, T] = [0, {T}], "
                                  f"got values in [{lo}, {hi}]")
     valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None]  # [B, T, 1]
+    if mode == "meanmax":
+        out = torch.cat([_pool(xf, lengths, valid, "mean"), _pool(xf, lengths, valid, "max")], -1)
+    else:
+        out = _pool(xf, lengths, valid, mode)
+    return out.to(x.dtype)
+
+
+def _pool(xf: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
+    """One of "mean" / "max" / "sum" of xf [B, T, D] over the frames `valid` [B, T, 1] marks."""
+    T = xf.shape[1]
     nonempty = (lengths > 0)[:, None]  # [B, 1]
     if mode == "max":
         if T == 0:
@@ -49,4 +61,4 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
         out = torch.where(valid, xf, 0.0).sum(dim=1)
         if mode == "mean":
             out = out / lengths.clamp(min=1)[:, None].to(xf.dtype)
-    return out.to(x.dtype)
+    return out

@@ -1,0 +1,335 @@
+"""Sweep of the CUDA frame-pooling launch constants on a GPU (issue 13), one bounded call.
+
+What it measures, on the headline shapes (>= 256 MiB inputs, fp32 and bf16, a long-T one and a
+small-B one) and the pooling modes mean, max and meanmax:
+  forward   every forward configuration in FWD_GRID (threads per block, feature vectors per
+            block, time-split waves / phi), as % of the copy bandwidth measured in the same run
+            over the bytes the op must move (valid frames read once + output written once);
+  backward  the backward op alone (torch.ops.dtl_fast.frame_pool_backward) for every
+            configuration in BWD_GRID (threads, feature vectors, frames per thread, waves), over
+            grad_out read once + grad_x written once;
+  stock     the eager masked reduction (dtl_fast.reference) and torch.segment_reduce beside the
+            fused op with its default configuration, forward and forward+backward (gradient of an
+            intermediate by torch.autograd.grad), on the headline and small shapes: the inputs of
+            the `auto` rule (dtl_fast/ops/frame_pool.py) that must keep `auto` never slower than
+            the best stock formulation.
+Each configuration's output is compared with the default configuration's before it is timed (a
+mismatch is a row with status "mismatch", not a time). Rows go to
+bench/results/frame_pool_sweep.csv (harness format; provider = the configuration); a short
+table prints last: per case the default and the best configuration with their % of copy
+bandwidth, the stock timings, and the configuration that is best over all headline cases.
+
+Bounded: --budget-s (default 150 s of timing, checked before every timing); cases not reached
+are listed as not run. Without CUDA (or with --dry-run) it walks the same plan, checks that
+every configuration is accepted by dtl_fast._C.set_cuda_launch_config and that every op call
+runs on small CPU tensors, and prints that nothing was measured.
+
+    python bench/sweep_frame_pool.py                  # on a GPU machine (about 1-2 minutes)
+    python bench/sweep_frame_pool.py --dry-run        # anywhere: the plan, nothing measured
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
+
+KERNEL = "frame_pool_sweep"
+f32, bf16 = torch.float32, torch.bfloat16
+
+HEADLINE = [((256, 256, 1024), f32), ((256, 512, 1024), bf16), ((64, 1024, 1024), f32),
+            ((4, 4096, 512), f32)]
+SMALL = [((64, 64, 1024), f32), ((16, 32, 256), f32), ((8, 128, 128), bf16)]  # auto-rule inputs
+POOL_MODES = ("mean", "max", "meanmax")
+
+# (threads, max_tx, split_waves, split_phi_pct); the backward fields stay at their defaults.
+FWD_GRID = [(t, tx, w, phi) for t in (128, 256) for tx in (16, 32, 64)
+            for (w, phi) in ((4, 25), (2, 50), (8, 10))]
+# (threads, max_tx, bwd_frames, bwd_waves); the forward fields stay at their defaults.
+BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in (4, 8, 16, 32)]
+
+
+def config_name(cfg: tuple[int, ...]) -> str:
+    t, tx, w, phi, fr, bw = cfg
+    return f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}"
+
+
+def fwd_config(default: tuple[int, ...], c: tuple[int, int, int, int]) -> tuple[int, ...]:
+    return (c[0], c[1], c[2], c[3], default[4], default[5])
+
+
+def bwd_config(default: tuple[int, ...], c: tuple[int, int, int, int]) -> tuple[int, ...]:
+    return (c[0], c[1], default[2], default[3], c[2], c[3])
+
+
+def out_width(D: int, mode: str) -> int:
+    return 2 * D if mode == "meanmax" else D
+
+
+def seg_reduce_fn(lengths: torch.Tensor, B: int, T: int, D: int) -> Callable:
+    """torch.segment_reduce in its strongest form (segments prepared, unsafe=True); meanmax as
+    the two reductions a user would write."""
+    seg = torch.stack([lengths, T - lengths], 1).reshape(-1).contiguous()
+    empty = lengths == 0
+
+    def fn(xx: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "meanmax":
+            return torch.cat([fn(xx, "mean"), fn(xx, "max")], -1)
+        kw: dict[str, Any] = {"initial": 0.0} if mode != "max" else {}
+        y = torch.segment_reduce(xx.reshape(B * T, D), mode, lengths=seg, axis=0, unsafe=True, **kw)[0::2]
+        return y.masked_fill(empty[:, None], 0.0) if mode == "max" else y
+
+    return fn
+
+
+class Sweep:
+    def __init__(self, args: argparse.Namespace, device: str, measure: bool):
+        import dtl_fast
+        from dtl_fast import _extension
+
+        self.args, self.device, self.measure = args, device, measure
+        self.dtl_fast = dtl_fast
+        self.C = _extension._C
+        if self.C is None:
+            raise SystemExit(f"dtl_fast._C is not built: {_extension.LOAD_ERROR}")
+        self.default = tuple(self.C.cuda_launch_config())
+        self.deadline = H.Deadline(args.budget_s)
+        self.rows: list[dict[str, Any]] = []
+        self.not_run: list[str] = []
+        self.planned = {"forward": 0, "backward": 0, "stock": 0}
+        self.results: dict[tuple, dict[str, Any]] = {}  # (shape, dtype, mode, pass) -> summary
+        self.run_id = args.run_id or H.new_run_id()
+        self.stamp = H.env_stamp(device)
+        self.writer = H.ResultWriter(args.out, KERNEL) if measure else None
+        self.copy = H.copy_bandwidth(device) if measure else None
+
+    # -- timing ---------------------------------------------------------------------------------
+    def time(self, fn: Callable) -> tuple[float, float, float] | None:
+        if not self.measure:
+            fn()  # the call itself still runs (small CPU tensors): the plan is exercised
+            return None
+        return H.time_ms(fn, device=self.device, warmup=self.args.warmup_ms, rep=self.args.rep_ms)
+
+    def emit(self, *, mode: str, variant: str, shape, dtype, provider: str, timing, nbytes: int,
+             baseline_ms: float | None, status: str = "ok", extra: dict | None = None) -> None:
+        ex = dict(extra or {})
+        if timing is not None:
+            gbps = nbytes / (timing[0] * 1e-3) / 1e9
+            ex.update(bytes=nbytes, gbps=round(gbps, 1),
+                      pct_copy=round(100 * gbps / self.copy["copy_gbps"], 2),
+                      copy_gbps=round(self.copy["copy_gbps"], 1))
+        row = H.make_row(kernel=KERNEL, provider=provider, mode=mode, variant=variant, shape=shape,
+                         dtype=dtype, stamp=self.stamp, timing=timing, baseline="default",
+                         baseline_ms=baseline_ms, extra=ex, status=status, run_id=self.run_id)
+        self.rows.append(row)
+        if self.writer is not None:
+            self.writer.append(row)
+
+    def budget_left(self, what: str) -> bool:
+        if self.measure and self.deadline.expired():
+            self.not_run.append(what)
+            return False
+        return True
+
+    # -- one case -------------------------------------------------------------------------------
+    def inputs(self, shape, dtype, seed: int):
+        B, T, D = shape
+        if not self.measure:  # the plan on small CPU tensors: same code paths, tiny sizes
+            B, T, D = min(B, 3), min(T, 9), min(D, 16)
+        x = torch.randn((B, T, D), generator=H.gen(self.device, seed), device=self.device).to(dtype)
+        lengths = torch.randint(1, T + 1, (B,), generator=H.gen("cpu", 1000 + seed)).to(self.device)
+        return x, lengths
+
+    def sweep_case(self, shape, dtype, mode: str, seed: int) -> None:
+        x, lengths = self.inputs(shape, dtype, seed)
+        B, T, D = x.shape
+        es = x.element_size()
+        W = out_width(D, mode)
+        sum_len = int(lengths.sum())
+        fwd_bytes = sum_len * D * es + B * W * es + 8 * B
+        bwd_bytes = B * W * es + B * T * D * es
+        g = torch.randn(B, W, device=self.device).to(dtype)
+        op, op_bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
+        key = (H.shape_str(shape), H.dtype_str(dtype), mode)
+
+        for pas, grid, make, nbytes in (("forward", FWD_GRID, fwd_config, fwd_bytes),
+                                        ("backward", BWD_GRID, bwd_config, bwd_bytes)):
+            self.C.set_cuda_launch_config(*self.default)
+            ref_out, argmax = op(x, lengths, mode)
+            ref_gx = op_bwd(g, lengths, argmax, T, mode)
+            summary = self.results.setdefault(key + (pas,), {"configs": {}})
+            base_ms = None
+            for c in [None] + grid:
+                cfg = self.default if c is None else make(self.default, c)
+                if c is not None and cfg == self.default:
+                    continue
+                name = "default" if c is None else config_name(cfg)
+                self.planned[pas] += 1
+                if not self.budget_left(f"{pas} {name} {mode} {key[0]} {key[1]}"):
+                    continue
+                self.C.set_cuda_launch_config(*cfg)
+                try:
+                    if pas == "forward":
+                        call = lambda: op(x, lengths, mode)  # noqa: E731
+                        got = call()[0]
+                        same = torch.equal(got, ref_out)
+                    else:
+                        call = lambda: op_bwd(g, lengths, argmax, T, mode)  # noqa: E731
+                        same = torch.equal(call(), ref_gx)
+                    if not same:
+                        self.emit(mode=pas, variant=mode, shape=shape, dtype=dtype, provider=name,
+                                  timing=None, nbytes=nbytes, baseline_ms=None,
+                                  status="mismatch: output differs from the default config's")
+                        continue
+                    t = self.time(call)
+                finally:
+                    self.C.set_cuda_launch_config(*self.default)
+                if t is None:
+                    continue
+                base_ms = t[0] if c is None else base_ms
+                self.emit(mode=pas, variant=mode, shape=shape, dtype=dtype, provider=name, timing=t,
+                          nbytes=nbytes, baseline_ms=base_ms, extra={"config": list(cfg)})
+                summary["configs"][cfg] = t[0]
+                summary["pct"] = summary.get("pct", {})
+                summary["pct"][cfg] = 100 * nbytes / (t[0] * 1e-3) / 1e9 / self.copy["copy_gbps"]
+
+    def stock_case(self, shape, dtype, mode: str, seed: int) -> None:
+        """Fused (default config) against the eager reference and segment_reduce: forward and
+        forward+backward of an intermediate input."""
+        from dtl_fast import ops, reference
+
+        x, lengths = self.inputs(shape, dtype, seed)
+        B, T, D = x.shape
+        es, W = x.element_size(), out_width(D, mode)
+        fwd_bytes = int(lengths.sum()) * D * es + B * W * es + 8 * B
+        g = torch.randn(B, W, device=self.device).to(dtype)
+        provs = {"fused": lambda xx: ops.frame_pool(xx, lengths, mode, backend="fused"),
+                 "eager": lambda xx: reference.frame_pool(xx, lengths, mode),
+                 "segment_reduce": lambda xx: seg_reduce_fn(lengths, B, T, D)(xx, mode)}
+        h = x.detach().requires_grad_(True) * 1
+        key = (H.shape_str(shape), H.dtype_str(dtype), mode)
+        for pas in ("forward", "forward+backward"):
+            times: dict[str, float] = {}
+            for name, fn in provs.items():
+                self.planned["stock"] += 1
+                if not self.budget_left(f"stock {pas} {name} {mode} {key[0]} {key[1]}"):
+                    continue
+                if pas == "forward":
+                    def call(fn=fn):
+                        with torch.no_grad():
+                            return fn(x)
+                else:
+                    def call(fn=fn):
+                        return torch.autograd.grad(fn(h), h, g)
+                try:
+                    t = self.time(call)
+                except Exception as exc:  # noqa: BLE001  (a stock form may not support a dtype)
+                    self.emit(mode=f"stock {pas}", variant=mode, shape=shape, dtype=dtype,
+                              provider=name, timing=None, nbytes=0, baseline_ms=None,
+                              status=f"error: {H.exc_text(exc)}")
+                    if not self.measure:
+                        raise  # the dry run exists to catch exactly this
+                    continue
+                if t is None:
+                    continue
+                times[name] = t[0]
+                nbytes = fwd_bytes + (B * W * es + B * T * D * es if pas != "forward" else 0)
+                # baseline: the fused op (timed first), so ratio = fused time / this time
+                self.emit(mode=f"stock {pas}", variant=mode, shape=shape, dtype=dtype, provider=name,
+                          timing=t, nbytes=nbytes, baseline_ms=times.get("fused"))
+            self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
+
+    # -- the table ------------------------------------------------------------------------------
+    def table(self) -> str:
+        lines = []
+        if not self.measure:
+            lines.append("no CUDA: nothing measured (every GPU figure stays unmeasured)")
+            lines.append(f"plan: {self.planned['forward']} forward and {self.planned['backward']} "
+                         f"backward configuration timings, {self.planned['stock']} stock timings; "
+                         f"every configuration accepted by set_cuda_launch_config, every call ran "
+                         f"on small CPU tensors")
+            return "\n".join(lines)
+        lines.append(f"copy bandwidth {self.copy['copy_gbps']:.0f} GB/s on {self.stamp['device_name']}, "
+                     f"run {self.run_id}; % = of copy bandwidth over the bytes the op must move")
+        lines.append(f"{'case':<32} {'pass':<9} {'default':>14} {'best':>14}  best config")
+        best_overall: dict[str, dict] = {"forward": {}, "backward": {}}
+        for key, res in self.results.items():
+            if "configs" not in res or not res.get("pct"):
+                continue
+            shape, dtype, mode, pas = key
+            pct = res["pct"]
+            best = max(pct, key=pct.get)
+            d = pct.get(self.default)
+            lines.append(f"{shape + ' ' + dtype + ' ' + mode:<32} {pas:<9} "
+                         f"{(f'{d:.1f}%' if d is not None else 'n/a'):>14} {pct[best]:>13.1f}%  "
+                         f"{config_name(best)}")
+            if (tuple(int(s) for s in shape.split("x")), getattr(torch, dtype)) in HEADLINE:
+                for cfg, p in pct.items():
+                    best_overall[pas].setdefault(cfg, []).append(p)
+        for pas, per_cfg in best_overall.items():
+            n = max((len(v) for v in per_cfg.values()), default=0)
+            full = {c: v for c, v in per_cfg.items() if len(v) == n and n > 0}
+            if full:
+                geo = {c: math.exp(sum(math.log(max(p, 1e-9)) for p in v) / n) for c, v in full.items()}
+                c = max(geo, key=geo.get)
+                lines.append(f"best {pas} config over the {n} headline cases (geometric mean "
+                             f"{geo[c]:.1f}% vs default {geo.get(self.default, float('nan')):.1f}%): "
+                             f"{config_name(c)}")
+        for key, res in self.results.items():
+            if "stock" in res and res["stock"]:
+                shape, dtype, mode, pas = key
+                st = res["stock"]
+                stock = {k: v for k, v in st.items() if k != "fused"}
+                best_stock = min(stock, key=stock.get) if stock else None
+                verdict = ("fused wins" if best_stock is None or st.get("fused", math.inf) <= stock[best_stock]
+                           else f"STOCK WINS ({best_stock})")
+                lines.append(f"{shape + ' ' + dtype + ' ' + mode:<32} {pas:<24} "
+                             + " ".join(f"{k} {v:.4f} ms" for k, v in st.items()) + f"  -> {verdict}")
+        if self.not_run:
+            lines.append(f"budget spent: {len(self.not_run)} timing(s) not run, first: {self.not_run[0]}")
+        return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-s", type=float, default=150.0, help="seconds of timing (default 150)")
+    p.add_argument("--dry-run", action="store_true", help="walk the plan on the CPU, measure nothing")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--warmup-ms", type=float, default=5.0)
+    p.add_argument("--rep-ms", type=float, default=20.0)
+    p.add_argument("--no-stock", action="store_true", help="skip the stock-formulation timings")
+    args = p.parse_args(argv)
+
+    measure = torch.cuda.is_available() and not args.dry_run
+    device = "cuda" if measure else "cpu"
+    t0 = time.perf_counter()
+    sweep = Sweep(args, device, measure)
+    if measure and not sweep.dtl_fast.info().get("cuda_kernels_built"):
+        print("dtl_fast._C has no CUDA kernels: nothing to sweep")
+        return 1
+    print(f"[sweep] {H.format_stamp(sweep.stamp)}")
+    print(f"[sweep] default config {config_name(sweep.default)}; {'measuring' if measure else 'DRY RUN (no CUDA): nothing is measured'}")
+    for i, (shape, dtype) in enumerate(HEADLINE):
+        for mode in POOL_MODES:
+            sweep.sweep_case(shape, dtype, mode, i)
+    if not args.no_stock:
+        for i, (shape, dtype) in enumerate(SMALL + HEADLINE):
+            for mode in POOL_MODES:
+                sweep.stock_case(shape, dtype, mode, 100 + i)
+    print(f"[sweep] {len(sweep.rows)} rows{' written to ' + str(Path(args.out) / (KERNEL + '.csv')) if measure else ''}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    print("==================== frame_pool sweep ====================")
+    print(sweep.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
