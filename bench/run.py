@@ -37,6 +37,7 @@ MODULES = [
     "bench_rnn",  # bidirectional LSTM / GRU (Triton)          -- when written
     "bench_cosine_attention",  # feature exchange / DAM attention (Triton) -- when written
     "bench_dtl",  # one DTL training step: fused vs reference vs torch.compile(reference)
+    "bench_data",  # data loading: raw files vs `dtl-fast data prepare` (CPU; 10,000 clips, --quick 200)
 ]
 
 

@@ -53,6 +53,33 @@ def _cmd_data_demo(args) -> int:
     return 0
 
 
+def _cmd_data_prepare(args) -> int:
+    from dtl_fast.data import BadSampleError
+    from dtl_fast.data.prepared import prepare
+
+    try:
+        m = prepare(args.dir, args.out, image_size=args.image_size, frame_size=args.frame_size,
+                    max_frames=args.max_frames, channels=args.channels,
+                    on_bad_sample=args.on_bad_sample, workers=args.workers,
+                    overwrite=args.overwrite, progress=args.progress)
+    except (ValueError, BadSampleError, OSError, RuntimeError) as exc:
+        print(f"dtl-fast data prepare: error: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{split} {e['count']}" for split, e in m["splits"].items())
+    skipped = sum(len(e["skipped"]) for e in m["splits"].values())
+    size = sum(a["bytes"] for e in m["splits"].values() for a in e["arrays"].values())
+    flags = f"--image-size {args.image_size}"
+    if args.frame_size is not None:
+        flags += f" --frame-size {args.frame_size}"
+    flags += f" --max-frames {args.max_frames} --channels {args.channels}"
+    if skipped:
+        flags += " --on-bad-sample skip"
+    print(f"prepared {counts} samples{f' ({skipped} skipped)' if skipped else ''}: "
+          f"{size / 2**20:.1f} MiB in {args.out} ({m['seconds']:.1f} s)\n"
+          f"train on it with: dtl-fast train --data {args.out} {flags}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtl-fast", description=(
         "dtl_fast: fused kernels for DTL (dual task learning) multimodal models."))
@@ -69,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    from dtl_fast.train import add_train_arguments
+    from dtl_fast.train import TrainConfig, add_train_arguments
+    from dtl_fast.train.config import add_sample_size_arguments
 
     p = sub.add_parser("train", help="train DTL and the image-only / video-only baselines",
                        description="Train DTL (dual task learning) and the image-only / video-only "
@@ -92,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: Triton kernels on CUDA ('auto' on a CPU device); reference: eager")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("data", help="data sets: `data demo DIR` builds the bundled demo data")
+    p = sub.add_parser("data", help="data sets: `data demo DIR` builds the bundled demo data, "
+                       "`data prepare DIR OUT` decodes one once for fast training")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data_sub.required = True
     q = data_sub.add_parser("demo", help="build the bundled handwritten-digits image + video data set",
@@ -108,6 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use N digits of each class instead of all of scikit-learn's 1797 (a "
                         "small set for a quick try)")
     q.set_defaults(func=_cmd_data_demo)
+
+    d = TrainConfig()
+    q = data_sub.add_parser(
+        "prepare", help="decode a data set once into memory-mapped uint8 arrays for fast training",
+        description="Decode every image and clip of DIR (DIR/{train,validation,test}/<class>/...) "
+        "once, at the training resolution and frame budget, into memory-mapped uint8 arrays "
+        "with a manifest in OUT. `dtl-fast train --data OUT` (same --image-size, --frame-size, "
+        "--max-frames, --channels) then reads them directly: the same samples in the same order "
+        "and bitwise the same tensors as training from DIR, without decoding in every epoch. "
+        "OUT is written atomically; it is a snapshot: after changing DIR, prepare again with "
+        "--overwrite.")
+    q.add_argument("dir", metavar="DIR", help="the raw data set root")
+    q.add_argument("out", metavar="OUT", help="where to write the prepared data set (new or empty "
+                   "folder, or an earlier prepare's output with --overwrite)")
+    add_sample_size_arguments(q)
+    q.add_argument("--on-bad-sample", choices=("skip", "error"), default=d.on_bad_sample,
+                   help="a missing / unreadable / corrupt file: fail, or leave the sample out and "
+                        "record it in the manifest (default: %(default)s)")
+    q.add_argument("--workers", type=int, default=d.workers,
+                   help="decoding processes; 0 decodes in this process (default: %(default)s)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it holds an earlier prepare's output (never anything else)")
+    q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    q.set_defaults(func=_cmd_data_prepare)
     return parser
 
 

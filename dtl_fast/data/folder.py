@@ -67,7 +67,9 @@ class BadSampleError(RuntimeError):
         return (type(self), (self.bad, self.where))
 
 
-def _check_stats(value, name: str, channels: int, positive: bool) -> torch.Tensor:
+def check_stats(value, name: str, channels: int, positive: bool) -> torch.Tensor:
+    """A mean / std argument -> float32 [channels, 1, 1]; ValueError naming `name` unless it is
+    `channels` finite numbers (positive ones for a std), or 3 averaged into 1 for channels=1."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a sequence of {channels} numbers, got {value!r}")
     try:
@@ -82,6 +84,18 @@ def _check_stats(value, name: str, channels: int, positive: bool) -> torch.Tenso
     if not all(math.isfinite(v) for v in numbers) or (positive and min(numbers) <= 0):
         raise ValueError(f"{name} must hold finite{' positive' if positive else ''} numbers, got {value!r}")
     return torch.tensor(numbers, dtype=torch.float32).view(channels, 1, 1)
+
+
+def check_decode_options(on_bad_sample: str, max_frames, channels: int) -> None:
+    """ValueError naming the argument unless on_bad_sample is "error" / "skip", max_frames None
+    or an int >= 1 and channels 1 or 3 (MultiModalFolder's and `prepare`'s shared options)."""
+    if on_bad_sample not in ON_BAD_SAMPLE:
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                   or max_frames < 1):
+        raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
 
 
 class MultiModalFolder(Dataset):
@@ -136,13 +150,7 @@ class MultiModalFolder(Dataset):
                  manifest: bool = True):
         if not isinstance(split, str) or not split or split in (".", "..") or "/" in split or os.sep in split:
             raise ValueError(f"split must be the name of a folder under root (e.g. one of {SPLITS}), got {split!r}")
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
-                                       or max_frames < 1):
-            raise ValueError(f"max_frames must be None or an int >= 1, got {max_frames!r}")
-        if isinstance(channels, bool) or channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        check_decode_options(on_bad_sample, max_frames, channels)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be an int >= 0 (0: threads in this process), got {workers!r}")
         if not isinstance(progress, bool):
@@ -153,8 +161,8 @@ class MultiModalFolder(Dataset):
         self.frame_size = self.image_size if frame_size is None else as_size(frame_size, "frame_size")
         self.max_frames = max_frames
         self.channels = channels
-        self.mean = _check_stats(mean, "mean", channels, positive=False)
-        self.std = _check_stats(std, "std", channels, positive=True)
+        self.mean = check_stats(mean, "mean", channels, positive=False)
+        self.std = check_stats(std, "std", channels, positive=True)
         self._mode = "RGB" if channels == 3 else "L"
         if classes is not None:
             if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:

@@ -95,6 +95,22 @@ class TrainConfig:
         parse_device(self.device)
 
 
+def add_sample_size_arguments(group) -> None:
+    """--image-size, --frame-size, --max-frames, --channels with TrainConfig's defaults: what a
+    sample is decoded to, shared by `dtl-fast train` and `dtl-fast data prepare` (a prepared data
+    set must match the training run's values)."""
+    d = TrainConfig()
+    group.add_argument("--image-size", type=int, default=d.image_size,
+                       help="images (and frames, unless --frame-size) are resized to this square "
+                            "(default: %(default)s)")
+    group.add_argument("--frame-size", type=int, default=d.frame_size,
+                       help="video frames are resized to this square (default: --image-size)")
+    group.add_argument("--max-frames", type=int, default=d.max_frames,
+                       help="longer clips are subsampled uniformly to this (default: %(default)s)")
+    group.add_argument("--channels", type=int, default=d.channels,
+                       help="image channels, 1 or 3 (default: %(default)s)")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds every TrainConfig flag to `parser` (used by both `dtl-fast train` and
     `python -m dtl_fast.train`); `config_from_args` turns the parsed result into a TrainConfig."""
@@ -109,22 +125,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--on-bad-sample", choices=("skip", "error"), default=d.on_bad_sample,
                    help="a missing / unreadable / corrupt file: fail before training starts, or "
                         "skip it and report it (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=d.image_size,
-                   help="images (and frames, unless --frame-size) are resized to this square "
-                        "(default: %(default)s)")
-    g.add_argument("--frame-size", type=int, default=d.frame_size,
-                   help="video frames are resized to this square (default: --image-size)")
+    add_sample_size_arguments(g)
     g.add_argument("--mean", type=float, nargs="+", default=d.mean, metavar="M",
                    help="per-channel normalisation mean, 1 or --channels numbers "
                         "(default: ImageNet's 0.485 0.456 0.406)")
     g.add_argument("--std", type=float, nargs="+", default=d.std, metavar="S",
                    help="per-channel normalisation std (default: ImageNet's 0.229 0.224 0.225)")
-    g.add_argument("--max-frames", type=int, default=d.max_frames,
-                   help="longer clips are subsampled uniformly to this (default: %(default)s)")
-    g.add_argument("--channels", type=int, default=d.channels,
-                   help="image channels, 1 or 3 (default: %(default)s)")
     g.add_argument("--workers", type=int, default=d.workers,
-                   help="DataLoader worker processes (default: %(default)s)")
+                   help="DataLoader worker processes, and the processes that check the data "
+                        "set's files before training (default: %(default)s)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
