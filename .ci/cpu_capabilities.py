@@ -75,8 +75,12 @@ def main(pytest_args):
         start = time.monotonic()
         rc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ATEN_CPU_CAPABILITY": asked}).returncode
         seconds = time.monotonic() - start
-        if rc == 5:  # pytest: no test selected (e.g. a -k in PYTEST_ARGS that matches no half test)
+        if rc == 5 and pytest_args:  # no test selected: a -k in PYTEST_ARGS matching no half test
             print(f"cpu_capabilities: {asked}: no half-precision test selected ({seconds:.0f} s)")
+        elif rc == 5:  # without a filter, none selected means the `half` marking broke
+            failed.append(asked)
+            print(f"cpu_capabilities: {asked}: FAILED: no test carries the `half` marker "
+                  "(tests/conftest.py marks them by name)")
         elif rc != 0:
             failed.append(asked)
             print(f"cpu_capabilities: {asked}: FAILED (pytest exit {rc}, {seconds:.0f} s)")

@@ -79,6 +79,7 @@ printf '%s\n' "$DEPS" > "$SITE/_dtl_fast_wheel_check_deps.pth"
 "$PY" -m pip --python "$VPY" check || fail "the dependencies the wheel declares are not all installed"
 
 export PATH="$WORK/venv/bin:$PATH"
+export DTL_FAST_CACHE="$WORK/cache"  # the data-check manifests go with $WORK, not into ~/.cache
 unset PYTHONPATH PYTHONHOME DTL_FAST_BACKEND
 mkdir -p "$WORK/run"
 cd "$WORK/run"

@@ -70,8 +70,12 @@ at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t
   if (device.is_cpu()) return len64;
   // A copy from pageable memory blocks the host until the GPU has drained its queue; from a
   // pinned buffer it is asynchronous (the caching host allocator keeps the buffer alive until
-  // the copy has run).
-  return len64.pin_memory().to(device, /*non_blocking=*/true);
+  // the copy has run). Always a fresh buffer of ours: lengths that are already pinned int64
+  // (a DataLoader with pin_memory) would otherwise be read by the GPU after this call returns,
+  // and a caller refilling them at once would pool with the next batch's lengths.
+  at::Tensor staged = at::empty({B}, len64.options().pinned_memory(true));
+  staged.copy_(len64);
+  return staged.to(device, /*non_blocking=*/true);
 }
 
 void check_x(const at::Tensor& x, const char* name) {

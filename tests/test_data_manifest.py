@@ -357,18 +357,22 @@ def test_threaded_stamps_match_serial_and_see_every_change(data):
     assert folder_mod._stamp_all(candidates, chunk=1) == serial  # 3 chunks in threads
     assert [s[1] for s in serial] == [3, 5, 4]  # image + frames
     frame = data / "train" / "cat" / "b" / "1.png"
-    before = manifest_mod.sample_stamp(*candidates[1][:2])
-    st = frame.stat()
-    for change in ("size", "mtime", "rename"):
+    for change in ("mtime", "mtime restored", "size", "rename"):
+        before = manifest_mod.sample_stamp(*candidates[1][:2])
+        assert manifest_mod.sample_stamp(*candidates[1][:2]) == before  # nothing changed yet
+        st = frame.stat()
         if change == "size":
             frame.write_bytes(frame.read_bytes() + b"\0")
-            _touch(frame, st.st_mtime_ns)  # the same mtime: only the size tells
+            _touch(frame, st.st_mtime_ns)  # the same mtime: size (and ctime) tell
         elif change == "mtime":
             _png(frame, 10)
             _touch(frame, st.st_mtime_ns + 1)  # the same size, one nanosecond later
             assert frame.stat().st_size == st.st_size
+        elif change == "mtime restored":
+            time.sleep(0.01)  # ctime moves on (its clock ticks at least this fine here)
+            _png(frame, 20)
+            _touch(frame, st.st_mtime_ns)  # same size, old mtime (`cp -p`, `touch -r`): ctime tells
+            assert (frame.stat().st_size, frame.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
         else:
-            _touch(frame, st.st_mtime_ns)
-            assert manifest_mod.sample_stamp(*candidates[1][:2]) == before  # back to the start
-            frame.rename(frame.with_name("1b.png"))  # same order, size and mtime: only the name
+            frame.rename(frame.with_name("1b.png"))  # same order, size and mtime: the name tells
         assert manifest_mod.sample_stamp(*candidates[1][:2])[0] != before[0], change

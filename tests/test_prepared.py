@@ -310,6 +310,21 @@ def test_out_is_protected_and_replaced_atomically(raw, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
 
 
+def test_a_split_opened_before_an_overwrite_refuses_the_new_files(raw, tmp_path):
+    """A DataLoader worker (or the next epoch's) maps the arrays after the split was opened: if
+    `prepare --overwrite` replaced them meanwhile, the old index must not read the new frames."""
+    out = tmp_path / "out"
+    P.prepare(raw, out, progress=False, **OPTS)
+    ds = open_split(out, "train", **OPTS)
+    first = ds[0]
+    P.prepare(raw, out, overwrite=True, progress=False, image_size=8, frame_size=(6, 10), max_frames=2)
+    _same_item(ds[0], first, "already mapped in this process")  # the old files stay mapped
+    ds._maps = None  # as in a new worker process
+    with pytest.raises(P.PreparedDataError, match="replaced or changed since this split was opened"):
+        ds[0]
+    assert open_split(out, "train", image_size=8, frame_size=(6, 10), max_frames=2)[0][1].shape[0] <= 2
+
+
 @pytest.mark.slow
 def test_training_on_prepared_data_matches_raw(raw, tmp_path):
     from dtl_fast.train import TrainConfig, evaluate, train

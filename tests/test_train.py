@@ -533,3 +533,20 @@ def test_normalisation_and_frame_size_flags_reach_the_data(data_root):
         bad = config_from_args(build_parser().parse_args(["--data", str(data_root)] + flags))
         with pytest.raises(ValueError, match=what):
             bad.validate()
+
+
+def test_an_error_of_one_rank_alone_is_printed_by_that_rank(monkeypatch, capsys):
+    """Rank 0 prints what every rank raised (once); an error only this rank raised (a file that
+    went bad mid-epoch here) is printed by this rank, or nobody would ever see it."""
+    from dtl_fast.train import entry
+    from dtl_fast.train.distributed import Dist
+
+    for rank, everywhere, shown in ((0, True, True), (0, False, True), (1, True, False), (1, False, True)):
+        monkeypatch.setattr(entry, "dist_from_env", lambda rank=rank: Dist(world=2, rank=rank))
+        exc = ValueError("bad file x.png")
+        if everywhere:
+            exc.raised_on_every_rank = True
+        entry._report("dtl-fast train", exc)
+        err = capsys.readouterr().err
+        assert ("bad file x.png" in err) == shown, (rank, everywhere, err)
+        assert ("[rank 1]" in err) == (rank == 1 and shown)

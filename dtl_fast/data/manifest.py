@@ -5,7 +5,7 @@ One JSON file per split folder, in the cache (never in the data folder, which ma
 or shared): `<cache>/manifests/<sha1 of the absolute split folder path>.json`, where <cache> is
 $DTL_FAST_CACHE, else ~/.cache/dtl_fast (where the demo data is built too). It records the
 absolute split folder it belongs to and, for every sample (image and clip paths): a SHA-1 digest
-of the size and mtime_ns of each of its files (the image; the clip file, or every frame file of
+of the size, mtime_ns, ctime_ns and inode of each of its files (the image; the clip file, or every frame file of
 a frame folder, with their names), their count and newest mtime, when it was checked, and the
 verdict: ok with the clip's frame count, or bad with the path and reason.
 
@@ -16,9 +16,10 @@ same stamp (git's "racy clean" problem), so such samples are checked again next 
 changed or removed file changes the digest and is checked again. A manifest that is corrupt, foreign (another folder's)
 or from another format version is ignored with a warning, never trusted; one written by other
 Pillow / PyAV versions is ignored quietly (a decoder upgrade can change what decodes).
-Limits: a file rewritten with the same size whose mtime is then set back to the old value (e.g.
-`cp -p` of another file with an identical stamp) is not noticed; pass manifest=False (or delete
-the file) to check everything.
+Each file's stamp is its size, mtime, ctime and inode, so a file rewritten with the same size
+and its old mtime set back (`cp -p`, `touch -r`, an archive extracted again) or one whose
+permissions were fixed after a failed check is checked again too. manifest=False checks
+everything.
 """
 from __future__ import annotations
 
@@ -71,11 +72,18 @@ def _is_frame(entry) -> bool:  # the files video.frame_files reads
     return is_image_name(entry.name) and entry.is_file()
 
 
+def _file_stamp(st) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def sample_stamp(image_path: str, video_path: str):
-    """(digest, files, newest mtime_ns) of the size and mtime_ns of every file a sample's check
-    reads: the image, then the clip file or each frame image of a frame folder (by name, names
-    included, so an added, removed or renamed frame changes it too). None when a file cannot be
-    stat-ed or the folder listed (the sample is then simply checked)."""
+    """(digest, files, newest mtime_ns) of the size, mtime_ns, ctime_ns and inode of every file a
+    sample's check reads: the image, then the clip file or each frame image of a frame folder
+    (by name, names included, so an added, removed or renamed frame changes it too). The ctime
+    and inode catch what size and mtime miss: a file replaced with its old mtime restored
+    (`cp -p`, `touch -r`, an archive extracted again) and a permission fixed with chmod / chown
+    after a check failed on it. None when a file cannot be stat-ed or the folder listed (the
+    sample is then simply checked)."""
     try:
         img = os.stat(image_path)
         vid = os.stat(video_path)
@@ -84,13 +92,12 @@ def sample_stamp(image_path: str, video_path: str):
         if stat.S_ISDIR(vid.st_mode):
             with os.scandir(video_path) as entries:
                 frames = sorted((e.name, e) for e in entries if _is_frame(e))
-            stamps = [(img.st_size, img.st_mtime_ns)]
+            stamps = [_file_stamp(img)]
             for name, e in frames:
-                st = e.stat()
-                stamps.append((name, st.st_size, st.st_mtime_ns))
+                stamps.append((name, *_file_stamp(e.stat())))
             newest = max(img.st_mtime_ns, max((t[2] for t in stamps[1:]), default=0))
         elif stat.S_ISREG(vid.st_mode):
-            stamps = [(img.st_size, img.st_mtime_ns), (vid.st_size, vid.st_mtime_ns)]
+            stamps = [_file_stamp(img), _file_stamp(vid)]
             newest = max(img.st_mtime_ns, vid.st_mtime_ns)
         else:
             return None

@@ -224,6 +224,15 @@ def _check_array(root: str, split: str, name: str, entry: dict) -> str:
     return path
 
 
+def _identity(path) -> tuple:
+    """(device, inode, size, mtime_ns) of a file, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class PreparedSplit(Dataset):
     """One split of a prepared data set (`dtl-fast data prepare`), read from memory-mapped uint8
     arrays; a drop-in for `MultiModalFolder` on the raw folder it was prepared from.
@@ -322,6 +331,9 @@ class PreparedSplit(Dataset):
             raise PreparedDataError(f"{os.path.join(self.root, MANIFEST)}: the {split} split lists the "
                                     f"arrays {sorted(arrays)}, expected {sorted(ARRAYS)}")
         self._paths = {name: _check_array(self.root, split, name, arrays[name]) for name in ARRAYS}
+        # which files were checked: a process that maps them later (a DataLoader worker, the
+        # next epoch) must map these, not what a `prepare --overwrite` has put there since
+        self._identity = {name: _identity(self._paths[name]) for name in ("images", "frames")}
         index = {name: np.load(self._paths[name]) for name in _INDEX_ARRAYS}
         n, total = int(s["count"]), int(s["frames"])
         lengths, offsets, labels = index["lengths"], index["offsets"], index["labels"]
@@ -364,8 +376,16 @@ class PreparedSplit(Dataset):
         """(images, frames) memory-mapped read-only, mapped once per process (as plain ndarray
         views of the np.memmap: np.memmap's Python-level __getitem__ cost 0.5 ms a batch)."""
         if self._maps is None or self._pid != os.getpid():
-            self._maps = tuple(np.load(self._paths[name], mmap_mode="r").view(np.ndarray)
-                               for name in ("images", "frames"))
+            maps = tuple(np.load(self._paths[name], mmap_mode="r").view(np.ndarray)
+                         for name in ("images", "frames"))
+            # stat after mapping: a file replaced before np.load opened it shows another identity
+            for name in ("images", "frames"):
+                if _identity(self._paths[name]) != self._identity[name]:
+                    raise PreparedDataError(
+                        f"{self._paths[name]}: replaced or changed since this split was opened (a "
+                        "`dtl-fast data prepare --overwrite` while it was in use?); open the data "
+                        "set again")
+            self._maps = maps
             self._pid = os.getpid()
         return self._maps
 
@@ -542,7 +562,10 @@ def _remove_stale(out: Path) -> None:
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
-                shutil.rmtree(entry, ignore_errors=True)
+                if kind == "old" and not out.exists() and (entry / MANIFEST).is_file():
+                    os.rename(entry, out)  # killed between its two renames: the old set is whole
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
             except OSError:
                 pass
 
@@ -609,7 +632,8 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     t0 = time.perf_counter()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
-    source_p, out = Path(source).expanduser(), Path(out).expanduser()
+    # OUT resolved: a symlink's target is replaced (on its own file system), not the link
+    source_p, out = Path(source).expanduser(), Path(out).expanduser().resolve()
     if not source_p.is_dir():
         raise FileNotFoundError(f"data root {source_p} does not exist or is not a folder")
     if is_prepared(source_p):
@@ -636,6 +660,7 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.preparing-{tag}"
     tmp.mkdir()
+    old = None
     try:
         pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
         try:
@@ -662,7 +687,6 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        old = None
         if out.exists():  # empty, or an earlier prepare's output (checked above)
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)
@@ -670,6 +694,8 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not out.exists():
+            os.rename(old, out)  # interrupted between the two renames: put the old set back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest["seconds"] = time.perf_counter() - t0

@@ -137,9 +137,8 @@ def on_every_rank(fn, dist_info: Dist):
         return result
     errors = [None] * dist_info.world
     torch.distributed.all_gather_object(errors, _portable(error))
-    if error is not None:
-        raise error
-    first = next((e for e in errors if e is not None), None)
+    first = error if error is not None else next((e for e in errors if e is not None), None)
     if first is not None:
+        first.raised_on_every_rank = True  # rank 0 reports it; the others stay quiet
         raise first
     return result

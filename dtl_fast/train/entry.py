@@ -1,6 +1,7 @@
 """The command-line entry of `dtl-fast train` and `python -m dtl_fast.train` (what torchrun
 runs): flags to TrainConfig, train, and bad input turned into `prog: error: ...` and exit
-status 2, printed by rank 0 only under torchrun."""
+status 2, printed by rank 0 only under torchrun (an error that one rank alone raised, by that
+rank)."""
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,8 @@ from dtl_fast.train.loop import train
 
 def run_config(config: TrainConfig, prog: str) -> int:
     """Runs train(config); a bad input becomes `prog: error: ...` on stderr and exit status 2.
-    Under torchrun every rank returns 2 and only rank 0 prints (train raises the same error on
-    every rank)."""
+    Under torchrun every rank returns 2 and only rank 0 prints an error that train raised on
+    every rank (setup, data check, resume); one raised on a single rank is printed there."""
     from dtl_fast.data import BadSampleError
 
     try:
@@ -30,8 +31,13 @@ def run_config(config: TrainConfig, prog: str) -> int:
 
 
 def _report(prog: str, exc: BaseException) -> None:
-    if dist_from_env().main:
+    """Prints the error on rank 0; on another rank only when it was not raised on every rank
+    (a file that went bad mid-epoch on this rank alone: rank 0 never sees it)."""
+    dist = dist_from_env()
+    if dist.main:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    elif not getattr(exc, "raised_on_every_rank", False):
+        print(f"{prog}: error: [rank {dist.rank}] {exc}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
