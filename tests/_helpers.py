@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: relative-error comparison and output poisoning."""
+"""Helpers shared by the tests: relative-error comparison, output poisoning, encoding test clips."""
 from __future__ import annotations
 
 import pytest
@@ -80,3 +80,19 @@ def assert_half_close(name: str, out: torch.Tensor, ref: torch.Tensor, base: tor
     assert_rel_close(f"{name} (tolerance {factor:g} x eager {str(dtype)[6:]} error {err:.2e} "
                      f"+ {unit_roundoff(dtype):.1e})", out, ref, tol)
     return tol
+
+
+def encode_clip(path, frames, codec: str, rate: int = 10):
+    """Writes uint8 RGB frames [T, H, W, 3] as a real video file at `path` (container from the
+    suffix) with PyAV's encoder `codec`, yuv420p; returns the path. Needs PyAV."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            out.mux(packet)
+    return path

@@ -11,6 +11,7 @@ from PIL import Image
 
 from dtl_fast.data import BadSampleError, MultiModalFolder
 from dtl_fast.data import video as video_mod
+from _helpers import encode_clip
 
 av = pytest.importorskip("av", reason="PyAV is needed to encode and decode the test clips")
 
@@ -58,15 +59,7 @@ def _encoder(kind):
 def _encode(path, kind, frames):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(_encoder(kind), rate=10)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    return encode_clip(path, frames, _encoder(kind))
 
 
 def _gif(path, frames):

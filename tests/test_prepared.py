@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from dtl_fast import cli
 from dtl_fast.data import BadSampleError, MultiModalFolder, collate_multimodal, is_prepared, open_split
 from dtl_fast.data import prepared as P
+from _helpers import encode_clip
 
 av = pytest.importorskip("av")
 
@@ -47,14 +48,7 @@ def _codec() -> str:
 
 
 def _write_mp4(path: Path, frames: np.ndarray) -> None:
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(_codec(), rate=8)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    encode_clip(path, frames, _codec(), rate=8)
 
 
 def make_raw(root: Path, seed: int = 0) -> Path:
