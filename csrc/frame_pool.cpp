@@ -205,6 +205,19 @@ C10_ALWAYS_INLINE bool take_max(acc_t v, acc_t m) {
   return (v > m) | ((v != v) & (m == m));
 }
 
+// acc[0:n] += the four frames at r0, r0 + sT, r0 + 2 sT, r0 + 3 sT, added pairwise: the one
+// grouping of sum_frames and of meanmax's sum, so that meanmax's mean equals mean's bit for bit.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void add_four_frames(acc_t* acc, const scalar_t* r0, int64_t sT, int64_t n) {
+  const scalar_t* r1 = r0 + sT;
+  const scalar_t* r2 = r1 + sT;
+  const scalar_t* r3 = r2 + sT;
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] += (static_cast<acc_t>(r0[i]) + static_cast<acc_t>(r1[i])) +
+              (static_cast<acc_t>(r2[i]) + static_cast<acc_t>(r3[i]));
+  }
+}
+
 // acc[0:n] = the sum of frames [0, L) of the rows at base + t * sT, four frames per pass over
 // the accumulators (a quarter of their loads and stores, four read streams at once), added
 // pairwise within a group.
@@ -213,16 +226,7 @@ C10_ALWAYS_INLINE void sum_frames(acc_t* acc, const scalar_t* base, int64_t sT, 
                                   int64_t n) {
   std::fill(acc, acc + n, acc_t(0));
   int64_t t = 0;
-  for (; t + 4 <= L; t += 4) {
-    const scalar_t* r0 = base + t * sT;
-    const scalar_t* r1 = r0 + sT;
-    const scalar_t* r2 = r1 + sT;
-    const scalar_t* r3 = r2 + sT;
-    for (int64_t i = 0; i < n; ++i) {
-      acc[i] += (static_cast<acc_t>(r0[i]) + static_cast<acc_t>(r1[i])) +
-                (static_cast<acc_t>(r2[i]) + static_cast<acc_t>(r3[i]));
-    }
-  }
+  for (; t + 4 <= L; t += 4) add_four_frames(acc, base + t * sT, sT, n);
   for (; t < L; ++t) {
     const scalar_t* row = base + t * sT;
     for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<acc_t>(row[i]);
@@ -270,14 +274,8 @@ C10_ALWAYS_INLINE void forward_tasks(const ForwardArgs<scalar_t>& a, int64_t beg
       int64_t t = 0;
       for (; t + 4 <= L; t += 4) {
         const scalar_t* r0 = base + t * sT;
-        const scalar_t* r1 = r0 + sT;
-        const scalar_t* r2 = r1 + sT;
-        const scalar_t* r3 = r2 + sT;
         const int32_t ti = static_cast<int32_t>(t);
-        for (int64_t i = 0; i < n; ++i) {
-          acc[i] += (static_cast<acc_t>(r0[i]) + static_cast<acc_t>(r1[i])) +
-                    (static_cast<acc_t>(r2[i]) + static_cast<acc_t>(r3[i]));
-        }
+        add_four_frames(acc, r0, sT, n);
         // The max scan, one frame per pass as in the max path, over rows now in L1.
         for (int k = 0; k < 4; ++k) {
           const scalar_t* row = r0 + k * sT;
