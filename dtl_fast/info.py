@@ -42,7 +42,7 @@ def _op_backend(op: str, device: str) -> str:
     return "eager reference (kernel not built)"
 
 
-# What backend="auto" runs on CPU tensors for each Triton op (on CUDA it is the Triton kernel).
+# What backend="auto" runs on CPU tensors for each Triton op (on CUDA: the op's auto_rule()).
 _TRITON_OPS_CPU_AUTO = {
     "lstm": "PyTorch native RNN kernel (torch.lstm)",
     "gru": "PyTorch native RNN kernel (torch.gru)",
@@ -62,9 +62,27 @@ def _triton_op_backend(op: str, device: str) -> str:
     if chosen == "auto" and device == "cpu":
         return _TRITON_OPS_CPU_AUTO[op]
     reason = triton_unavailable_reason(device)
+    if chosen == "auto":  # CUDA: the measured per-shape rule picks kernel or stock path
+        stock = "unavailable" if reason is not None else "Triton kernel"
+        return f"per shape, by the auto rule: {stock} or the stock PyTorch path"
     if reason is not None:
         return f"unavailable: {reason}"
     return "Triton kernel (interpreter)" if device == "cpu" and interpreting() else "Triton kernel"
+
+
+def _auto_rules() -> dict:
+    """{op: one-line description of what backend="auto" picks}, from each op module's
+    auto_rule() (the rule tables live beside the ops, with the card they were measured on)."""
+    import importlib
+
+    rules = {}
+    # importlib: dtl_fast.ops re-exports functions named like two of these modules
+    for name, module in (("frame_pool", "frame_pool"), ("lstm/gru", "rnn"),
+                         ("cosine_attention", "cosine_attention")):
+        rule = getattr(importlib.import_module(f"dtl_fast.ops.{module}"), "auto_rule", None)
+        if rule is not None:
+            rules[name] = rule()
+    return rules
 
 
 def info() -> dict:
@@ -95,6 +113,8 @@ def info() -> dict:
                                    if _extension.cuda_kernels_built() else None),
         "backend_default": os.environ.get(ENV_VAR) or "auto",
         "cuda_device": torch.cuda.get_device_name() if cuda else None,
+        # each op's rule for backend="auto" (a measured table beside the op: DESIGN.md)
+        "auto_rules": _auto_rules(),
         "ops": {
             "frame_pool": {"cpu": _op_backend("frame_pool", "cpu"),
                            "cuda": _op_backend("frame_pool", "cuda")},
@@ -109,7 +129,11 @@ def format_info(data: dict | None = None) -> str:
     data = info() if data is None else data
     lines = []
     for key, value in data.items():
-        if key == "ops":
+        if key == "auto_rules":
+            for op, rule in value.items():
+                # a rule of several lines keeps the value column
+                lines.append(f"{'auto rule ' + op:<28} " + rule.replace("\n", "\n" + " " * 29))
+        elif key == "ops":
             for op, per_device in value.items():
                 for device, backend in per_device.items():
                     lines.append(f"{'op ' + op + ' on ' + device:<28} {backend}")

@@ -1,4 +1,5 @@
 """The package around the kernels: info(), the command line, the test helpers themselves."""
+import importlib
 import json
 import os
 import subprocess
@@ -27,6 +28,23 @@ def test_info_reports_build_and_backends():
     assert data["ops"]["lstm"]["cpu"].startswith("PyTorch native RNN")
     assert data["ops"]["gru"]["cpu"].startswith("PyTorch native RNN")
     assert "SDPA" in data["ops"]["cosine_attention"]["cpu"]
+
+
+def test_info_shows_each_ops_auto_rule(monkeypatch):
+    fp_ops = importlib.import_module("dtl_fast.ops.frame_pool")  # the module, not the function
+
+    rules = dtl_fast.info()["auto_rules"]
+    assert set(rules) == {"frame_pool", "lstm/gru", "cosine_attention"}
+    assert all(isinstance(r, str) and r for r in rules.values())
+    assert "empty" in rules["frame_pool"]  # no stock form measured faster yet
+    # a filled table is what the line shows, and what the op then does
+    monkeypatch.setattr(fp_ops, "_CUDA_STOCK_WINS", (("max", torch.bfloat16, 4 << 20),))
+    assert "max bfloat16 <= 4 MiB" in dtl_fast.info()["auto_rules"]["frame_pool"]
+    x = torch.zeros(2, 3, 4, dtype=torch.bfloat16)
+    assert fp_ops._stock_wins_on_cuda(x, "max") and not fp_ops._stock_wins_on_cuda(x, "mean")
+    from dtl_fast.info import format_info
+
+    assert "auto rule frame_pool" in format_info()
 
 
 def test_info_follows_the_backend_variable(monkeypatch):

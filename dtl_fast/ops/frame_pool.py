@@ -51,6 +51,16 @@ if _extension.cpp_available():
 _CUDA_STOCK_WINS: tuple[tuple[str, torch.dtype, int], ...] = ()
 
 
+def auto_rule() -> str:
+    """What backend="auto" runs for frame_pool, in one line (shown by `dtl-fast info`)."""
+    if not _CUDA_STOCK_WINS:
+        return ("CPU: the C++ kernel; CUDA: the CUDA kernel for every shape (no stock form "
+                "measured faster yet: the rule table is empty until a GPU sweep fills it)")
+    cases = ", ".join(f"{m} {str(d).replace('torch.', '')} <= {n / 2**20:g} MiB"
+                      for m, d, n in _CUDA_STOCK_WINS)
+    return f"CPU: the C++ kernel; CUDA: the CUDA kernel, except the eager form for {cases}"
+
+
 def _stock_wins_on_cuda(x: torch.Tensor, mode: str) -> bool:
     if not _CUDA_STOCK_WINS or torch.compiler.is_compiling():
         return False
