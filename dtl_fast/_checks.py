@@ -68,14 +68,21 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
     return lengths
 
 
+def device_capturing(t: torch.Tensor) -> bool:
+    """True while `t`'s device is capturing a CUDA graph on the current stream: then a host
+    read of device memory (.item(), .tolist()) is an error, and checks must be asynchronous."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_lengths_range(lengths: torch.Tensor | None, lo: int, hi: int, *, owner: str,
                         name: str = "lengths", error: type = ValueError, span: str | None = None) -> None:
     """Checks lo <= lengths[b] <= hi (`span` names the range in the message, default
     "[lo, hi]"): one host sync for lengths on a GPU (min and max read
-    together); inside a torch.compile graph an asynchronous assert instead (no graph break)."""
+    together); inside a torch.compile graph or a CUDA graph capture an asynchronous assert
+    instead (no graph break; a capture may not read device memory on the host)."""
     if lengths is None or lengths.numel() == 0:
         return
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device_capturing(lengths):
         torch._assert_async(((lengths >= lo) & (lengths <= hi)).all(),
                             f"{owner}: every {name}[b] must lie in [{lo}, {hi}]")
         return

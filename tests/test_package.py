@@ -164,3 +164,24 @@ def test_setup_py_ships_every_package_on_disk():
                 src = os.path.join(ROOT, package_dir.get(prefix, ""), *parts[i:])
                 break
         assert os.path.samefile(src, on_disk[pkg]), f"{pkg} would be taken from {src}, not {on_disk[pkg]}"
+
+
+def test_lengths_range_check_is_asynchronous_under_capture(monkeypatch):
+    """During a CUDA graph capture a host read of device lengths would fail the capture: the
+    range check becomes torch._assert_async (on CPU tensors it fires at once, a RuntimeError
+    instead of the ValueError of the host check), in the shared check and in the reference."""
+    import dtl_fast._checks as checks
+    from dtl_fast.reference import frame_pool as ref_pool
+
+    bad = torch.tensor([1, 9])
+    with pytest.raises(ValueError, match=r"lengths\[b\] must lie in \[0, 4\]"):
+        checks.check_lengths_range(bad, 0, 4, owner="t")
+    assert not checks.device_capturing(bad)  # a CPU tensor is never captured
+    monkeypatch.setattr(checks, "device_capturing", lambda t: True)
+    with pytest.raises(RuntimeError, match=r"lengths\[b\] must lie in \[0, 4\]"):
+        checks.check_lengths_range(bad, 0, 4, owner="t")
+    checks.check_lengths_range(torch.tensor([0, 4]), 0, 4, owner="t")  # in range: no error
+    ref_module = importlib.import_module("dtl_fast.reference.frame_pool")
+    monkeypatch.setattr(ref_module, "device_capturing", lambda t: True)
+    with pytest.raises(RuntimeError, match="must lie in"):
+        ref_pool(torch.zeros(2, 4, 3), bad)

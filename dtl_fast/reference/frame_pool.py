@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from dtl_fast._checks import POOL_MODES, check_pool_input, normalize_lengths
+from dtl_fast._checks import POOL_MODES, check_pool_input, device_capturing, normalize_lengths
 
 MODES = POOL_MODES + ("meanmax",)
 
@@ -30,8 +30,9 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
         lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
     else:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
-        if B > 0 and torch.compiler.is_compiling():
-            # No host round trip inside a graph: the check runs with it and fails the call.
+        if B > 0 and (torch.compiler.is_compiling() or device_capturing(lengths)):
+            # No host round trip inside a graph (compiled or CUDA-captured): the check runs
+            # with it and fails the call.
             torch._assert_async(((lengths >= 0) & (lengths <= T)).all(),
                                 "frame_pool: every lengths[b] must lie in [0, T]")
         elif B > 0:
