@@ -14,6 +14,16 @@ has its own copy of the same initial weights and its own Adam (lr 1e-3):
               fastest CPU path (PyTorch's native RNN kernels, the C++ pooling op, the CPU
               attention path) -- the fused kernels on CPU tensors would run in the Triton
               interpreter, which is never timed (the row's extra "backend" says which ran)
+  fused+graphs  CUDA only: the fused model in static-shape mode (every frame slot encoded,
+              lengths in a device buffer) with Adam(capturable=True); the WHOLE step (forward,
+              dtl_loss, backward, Adam step) captured once in a torch.cuda.CUDAGraph after 3
+              warm-up steps on a side stream, and each timed step is one replay (make_graphed_step;
+              autocast with cache_enabled=False, as capture needs). Its gate runs the same
+              static-mode model eagerly; peak_mb is the peak of warm-up + capture (a replay
+              allocates nothing: its buffers are the graph's pool)
+  compiled-fused  CUDA only: torch.compile(model with backend="fused"), default mode (the
+              model's static-shape mode under tracing: one graph, no break; compile_s in extra);
+              budgeted like `compiled`, on the cases marked for compile
   compiled    torch.compile(model with backend="reference"), default mode, forward and backward
               compiled on the first step (compile_s in extra). The unrolled RNN loop makes the
               compile long (minutes): it is budgeted (COMPILE_* below, against --time-budget)
@@ -29,15 +39,19 @@ reference (relative error <= GATE_TOL: 1e-4 on CPU float32, 1e-2 on CUDA under T
 and the flat vector of all parameter gradients (<= GRAD_TOL). A provider that fails is
 "gate-failed: ..." and not timed.
 
-extra: backend, rel_logits, rel_grads (gate), samples_per_s, x_compiled (fused row: compiled
-ms / fused ms, when compiled was timed), compile_s, frames (valid frames per step), params,
-peak_mb (CUDA), noisy.
+extra: backend, rel_logits, rel_grads (gate), samples_per_s, x_compiled (every dtl_fast row:
+compiled ms / its ms, when compiled was timed), compile_s, frames (valid frames per step),
+params, peak_mb (CUDA), gpu_busy (CUDA: GPU time of the step's kernels, memcpys and memsets
+from torch.profiler over 3 steps / the step's median time), noisy.
 
-Acceptance figures (GPU): fused >= 2x reference and fused >= 1.3x compiled, per step (min over
-the cases). CPU: fused (auto) >= 1x reference, with the ratio reported as information.
+Acceptance figures (GPU, min over the cases): fused >= 2x reference; fused >= 1.3x compiled;
+fused+graphs >= 2x compiled; fused+graphs GPU busy >= 80 %; peak memory fused <= reference
+(max over the cases of fused peak_mb / reference peak_mb <= 1). CPU: fused (auto) >= 1x
+reference, with the ratio reported as information.
 
     python bench/bench_dtl.py --device cpu [--quick]
     python bench/bench_dtl.py --device cuda --quick --time-budget 300
+    python bench/bench_dtl.py --device cuda --time-budget 540      (the issue's whole grid)
 """
 
 from __future__ import annotations
@@ -77,6 +91,9 @@ GRAD_TOL = {"cpu": 1e-4, "cuda": 5e-2}  # the flat parameter gradient (bf16: rou
 # modalities), forward and backward. Seconds assumed, to decide whether it fits the budget.
 COMPILE_S_FIXED = 30.0
 COMPILE_S_PER_STEP = 0.75
+# torch.compile of the fused model: no unrolled loop (the recurrences are custom ops)
+COMPILE_FUSED_S = 60.0
+GRAPH_WARMUP = 3  # eager steps on a side stream before the capture (the docs' pattern)
 
 
 @dataclass(frozen=True)
@@ -99,22 +116,24 @@ class Case:
 
 
 DEFAULT = dict(B=64, T=16, S=32)
+LARGE = dict(B=256, T=16, S=32)
 CPU_TINY = [Case("lstm", 2, 3, 8, "float32",
                  model=(("width", 8), ("hidden_size", 8), ("dim", 16), ("num_heads", 2),
                         ("num_layers", 1), ("window", 1), ("num_memory", 2)))]
 # quick (`make demo` runs run.py --quick three times): the default model at batch 16
 CPU_QUICK = [Case("lstm", 16, 16, 32, "float32")]
 CPU_FULL = [Case(rnn, **DEFAULT, dtype="float32") for rnn in ("lstm", "gru")]
-# GPU: the default size, the cheap cases first, the torch.compile case last (its compile takes
-# minutes and is budgeted; when it does not fit its row says so and the 1.3x figure FAILs)
+# GPU (issue 12's grid: LSTM and GRU, fp32+TF32 and bf16 autocast, batch 64 and 256): the cheap
+# cases first, the torch.compile cases last (their compiles take minutes and are budgeted; when
+# one does not fit its row says so and the compiled figures FAIL)
 GPU_QUICK = [Case("lstm", **DEFAULT, dtype="float32-tf32"),
-             Case("lstm", **DEFAULT, dtype="bf16-amp"),
-             Case("gru", **DEFAULT, dtype="float32-tf32"),
+             Case("gru", **DEFAULT, dtype="bf16-amp"),
+             Case("lstm", **LARGE, dtype="bf16-amp"),
              Case("lstm", **DEFAULT, dtype="float32-tf32", compile=True)]
-GPU_FULL = ([Case(rnn, **DEFAULT, dtype=dt) for rnn in ("lstm", "gru") for dt in DTYPES]
-            + [Case("lstm", 128, 16, 32, "bf16-amp")]
-            + [Case(rnn, **DEFAULT, dtype=dt, compile=True) for rnn in ("lstm", "gru")
-               for dt in ("float32-tf32", "bf16-amp")])
+GPU_FULL = ([Case(rnn, **size, dtype=dt) for size in (DEFAULT, LARGE) for rnn in ("lstm", "gru")
+             for dt in ("float32-tf32", "bf16-amp")]
+            + [Case(rnn, **DEFAULT, dtype="float32-tf32", compile=True) for rnn in ("lstm", "gru")]
+            + [Case("lstm", **LARGE, dtype="bf16-amp", compile=True)])
 
 
 def compile_estimate_s(case: Case, tokens: int) -> float:
@@ -145,23 +164,25 @@ def load_api():
     return M.DTL, M.dtl_loss
 
 
-def make_inputs(case: Case, ci: int, device: str):
+def make_inputs(case: Case, ci: int, device: str, channels: int = 3):
     """images, videos (zero padded), lengths (int64, CPU), labels: seeded per case."""
     g = H.gen("cpu", 100 + ci)
     lengths = torch.randint(max(1, case.T // 2), case.T + 1, (case.B,), generator=g)
     labels = torch.randint(0, NUM_CLASSES, (case.B,), generator=g).to(device)
     gd = H.gen(device, 200 + ci)
-    images = torch.randn(case.B, 3, case.S, case.S, generator=gd, device=device)
-    videos = torch.randn(case.B, case.T, 3, case.S, case.S, generator=gd, device=device)
+    images = torch.randn(case.B, channels, case.S, case.S, generator=gd, device=device)
+    videos = torch.randn(case.B, case.T, channels, case.S, case.S, generator=gd, device=device)
     pad = (torch.arange(case.T)[None, :] >= lengths[:, None]).to(device)
     videos[pad] = 0.0
     return images, videos, lengths, labels
 
 
-def _autocast(device: str, amp):
+def _autocast(device: str, amp, cache: bool = True):
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=amp)
+    # cache=False under CUDA graph capture: autocast's cast cache would keep casts of the
+    # weights made before the capture (torch.cuda.graphs docs)
+    return torch.autocast(device_type=device, dtype=amp, cache_enabled=cache)
 
 
 def _flat_grads(model) -> torch.Tensor:
@@ -198,6 +219,59 @@ def make_step(model, opt, loss_fn, inputs, device, amp) -> Callable[[], None]:
     return step
 
 
+def make_graphed_step(model, opt, loss_fn, inputs, device, amp) -> Callable[[], None]:
+    """The whole training step (forward, loss, backward, opt.step()) captured in one
+    torch.cuda.CUDAGraph; returns replay. `inputs` are the static buffers (lengths on the
+    device: refill them with .copy_() between replays); `opt` must be built with
+    capturable=True. GRAPH_WARMUP eager steps run first on a side stream (they step the
+    model, as any training step would). The model is put in static-shape mode."""
+    if device != "cuda":
+        raise RuntimeError("make_graphed_step: CUDA graphs need a CUDA device")
+    images, videos, lengths, labels = inputs
+    if lengths.device != videos.device:
+        raise ValueError("make_graphed_step: lengths must be a device buffer like videos")
+    model.static_shapes = True
+
+    def body():
+        with _autocast(device, amp, cache=False):
+            out = model(images, videos, lengths)
+            loss = loss_fn(out, labels)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in its pool
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
+def gpu_kernel_ms(step: Callable[[], None], steps: int = 3) -> float | None:
+    """GPU time per step (ms) of the kernels, memcpys and memsets torch.profiler sees over
+    `steps` calls (CUDA graph replays included); None when the profiler shows no GPU work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            v = getattr(e, "self_device_time_total", None)
+            total += v if v is not None else getattr(e, "self_cuda_time_total", 0.0)
+    return total / 1e3 / steps if total > 0 else None
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measures the grid of args (see the module docstring); returns the rows it appended.
     On CPU without --threads it runs on one thread (restored afterwards; the rows'
@@ -212,9 +286,10 @@ def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     DTL, loss_fn = load_api()
     stamp, writer = H.open_results(args, kernel, device)
     print(f"[{kernel}] providers: reference (backend reference), fused (backend "
-          f"{'fused' if device == 'cuda' else 'auto: the fastest CPU path'}), compiled "
-          "(torch.compile of the reference model); one step = forward, dtl_loss, backward, "
-          "Adam step, zero_grad")
+          f"{'fused' if device == 'cuda' else 'auto: the fastest CPU path'}), fused+graphs (the "
+          "whole step in one CUDA graph), compiled-fused (torch.compile of the fused model), "
+          "compiled (torch.compile of the reference model); one step = forward, dtl_loss, "
+          "backward, Adam step, zero_grad")
     cases = getattr(args, "cases", None) or select_cases(device, args.quick, tiny)
     timing_kw = timing_kwargs(device, args.quick, tiny)
     if device == "cpu":
@@ -266,6 +341,7 @@ def _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw, 
         models["fused"] = fused_override(models["fused"])
     provs: dict[str, Any] = dict(models)
     pristine = None  # the compiled provider's weights: the initial ones (the others step)
+    pristine_fused = None  # likewise for compiled-fused
     if device != "cuda":
         provs["compiled"] = ("skipped: torch.compile of the reference model is timed on CUDA only "
                              "(the unrolled RNN loop takes many minutes to compile on a CPU)")
@@ -274,6 +350,17 @@ def _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw, 
     else:
         pristine = copy.deepcopy(models["reference"])
         provs["compiled"] = None  # compiled below, once the budget says it fits
+    if device != "cuda":
+        provs["fused+graphs"] = "skipped: CUDA graphs need a CUDA device"
+        provs["compiled-fused"] = ("skipped: torch.compile of the fused model is timed on CUDA only "
+                                   "(its Triton kernels run in the interpreter on CPU tensors)")
+    else:
+        provs["fused+graphs"] = copy.deepcopy(models["fused"])
+        if case.compile:
+            provs["compiled-fused"] = None  # compiled below, once the budget says it fits
+            pristine_fused = copy.deepcopy(models["fused"])
+        else:
+            provs["compiled-fused"] = "skipped: torch.compile only on the case marked for it (compile time)"
     if device == "cpu":
         provs["fused:triton"] = ("skipped: the fused kernels on CPU tensors run in the Triton "
                                  "interpreter: never timed")
@@ -286,25 +373,34 @@ def _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw, 
     calls: dict[str, Callable] = {}
     extras: dict[str, dict] = {}
     planned = 0.0
-    for name in H.budget_order(provs, BASELINE):
+    graph_peak = None
+    order = [n for n in H.budget_order(provs, BASELINE) if n not in ("fused+graphs", "compiled-fused")]
+    order[order.index("fused") + 1:order.index("fused") + 1] = ["fused+graphs", "compiled-fused"]
+    for name in order:
         prov = provs[name]
         if isinstance(prov, str):
             emit(H.status_row(base, name, prov))
             continue
         ex: dict[str, Any] = {"frames": n_frames, "params": n_params}
-        if name == "compiled":
-            est = compile_estimate_s(case, tokens)
-            st = H.budget_skip(deadline, est, planned, what="torch.compile (forward + backward)")
+        gate_inputs = inputs
+        if name in ("compiled", "compiled-fused"):
+            est = (compile_estimate_s(case, tokens) if name == "compiled" else COMPILE_FUSED_S)
+            st = H.budget_skip(deadline, est, planned, what=f"torch.compile ({name}, forward + backward)")
             if st:
                 emit(H.status_row(base, name, st))
                 continue
-            model = pristine
+            model = pristine if name == "compiled" else pristine_fused
             prov = torch.compile(model)
+        elif name == "fused+graphs":
+            model = prov
+            model.static_shapes = True
+            # static buffers: the lengths live on the device (checked on the host first)
+            gate_inputs = (inputs[0].clone(), inputs[1].clone(), inputs[2].to(device), inputs[3].clone())
         else:
             model = prov
         t0 = time.perf_counter()
         try:
-            got = gate_step(prov, loss_fn, inputs, device, amp)
+            got = gate_step(prov, loss_fn, gate_inputs, device, amp)
         except Exception as exc:  # noqa: BLE001
             status = H.exc_status(exc, device)
             if name == "compiled" and not status.startswith("skipped"):
@@ -313,7 +409,7 @@ def _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw, 
             emit(H.status_row(base, name, status))
             continue
         first_s = time.perf_counter() - t0
-        if name == "compiled":
+        if name in ("compiled", "compiled-fused"):
             ex["compile_s"] = round(first_s, 1)
         if name == BASELINE:
             want = got
@@ -327,10 +423,24 @@ def _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw, 
             if name == BASELINE:
                 break
             continue
-        if name == BASELINE or name == "fused":
+        if name == BASELINE or name.startswith(("fused", "compiled-fused")):
             ex["backend"] = "reference" if name == BASELINE else fused_backend
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-        step = make_step(prov, opt, loss_fn, inputs, device, amp)
+        if name == "fused+graphs":
+            opt = torch.optim.Adam(model.parameters(), lr=LR, capturable=True)
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                step = make_graphed_step(model, opt, loss_fn, gate_inputs, device, amp)
+                torch.cuda.synchronize()
+                graph_peak = (torch.cuda.max_memory_allocated() - before) / (1 << 20)
+            except Exception as exc:  # noqa: BLE001 -- a host sync in an op breaks capture
+                H.free(device)
+                emit(H.status_row(base, name, f"error: CUDA graph capture failed: {H.exc_text(exc, 160)}"))
+                continue
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=LR)
+            step = make_step(prov, opt, loss_fn, inputs, device, amp)
         if deadline.end is not None:
             est, st = H.second_call_budget(deadline, planned, lambda s=step: _one_call_s(s, device),
                                            device)
@@ -347,15 +457,25 @@ def _run_case(case, ci, device, DTL, loss_fn, kernel, stamp, run_id, timing_kw, 
     if timed is None:
         return
     times, peaks = timed
+    if graph_peak is not None and "fused+graphs" in peaks:
+        peaks["fused+graphs"] = graph_peak  # a replay allocates nothing new
     base_ms = times[BASELINE][0]
     comp_ms = times["compiled"][0] if "compiled" in times else None
     for name, t in times.items():
         ex = extras[name]
         ex["samples_per_s"] = round(case.B / (t[0] * 1e-3), 1)
-        if name == "fused" and comp_ms is not None:
+        if name != "compiled" and name != BASELINE and comp_ms is not None:
             ex["x_compiled"] = round(comp_ms / t[0], 3)
         if peaks.get(name) is not None:
             ex["peak_mb"] = round(peaks[name], 1)
+        if device == "cuda":
+            try:
+                k_ms = gpu_kernel_ms(calls[name])
+            except Exception as exc:  # noqa: BLE001 -- the profiler is information only
+                print(f"[{kernel}] {name}: profiler failed ({H.exc_text(exc, 80)})")
+                k_ms = None
+            if k_ms is not None:
+                ex["gpu_busy"] = round(min(k_ms / t[0], 1.0), 3)
         if H.noisy(t):
             ex["noisy"] = True
         emit(H.make_row(**base, provider=name, timing=t, baseline_ms=base_ms, extra=ex))
@@ -397,6 +517,9 @@ def _one_call_s(step, device) -> float:
 
 GPU_X_REFERENCE = 2.0  # fused vs the eager reference, per training step
 GPU_X_COMPILED = 1.3  # fused vs torch.compile(reference), per training step
+GPU_GRAPHS_X_COMPILED = 2.0  # fused+graphs vs torch.compile(reference) (issue 12)
+GPU_GRAPHS_BUSY = 0.80  # fused+graphs: GPU busy fraction of the step (issue 12)
+GPU_PEAK_RATIO = 1.0  # peak memory fused / reference (issue 12: fused <= reference)
 CPU_X_REFERENCE = 1.0  # auto vs the eager reference on CPU (the ratio is information)
 
 
@@ -432,7 +555,40 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
                          GPU_X_COMPILED)
     # a grid cut by the budget may have cut the compile case: unmeasured then says so
     figs.append(H.mark_not_run(f, 0 if with_comp else len(not_run)))
+    graphs = [r for r in rows if r["provider"] == "fused+graphs"]
+    g_comp = [r for r in graphs if "x_compiled" in H.row_extra(r)]
+    name = f"gpu train step fused+graphs >= {GPU_GRAPHS_X_COMPILED:g}x torch.compile(reference)"
+    if graphs and not any(H.row_ok(r) for r in graphs):
+        f = dict(name=name, passed=False, value=f"fused+graphs not timed: {graphs[0]['status'][:90]}")
+    else:
+        f = H.min_figure(name, g_comp, lambda r: H.fnum(H.row_extra(r).get("x_compiled")),
+                         GPU_GRAPHS_X_COMPILED)
+    figs.append(H.mark_not_run(f, 0 if g_comp else len(not_run)))
+    figs.append(H.mark_not_run(H.min_figure(
+        f"gpu train step fused+graphs GPU busy >= {100 * GPU_GRAPHS_BUSY:g} %",
+        [r for r in graphs if "gpu_busy" in H.row_extra(r)],
+        lambda r: H.fnum(H.row_extra(r).get("gpu_busy")), GPU_GRAPHS_BUSY), len(not_run)))
+    figs.append(H.mark_not_run(_peak_figure(rows), len(not_run)))
     return figs
+
+
+def _peak_figure(rows) -> dict[str, Any]:
+    """max over the cases of fused peak_mb / reference peak_mb (same case) <= GPU_PEAK_RATIO."""
+    name = f"gpu train step peak memory fused <= {GPU_PEAK_RATIO:g}x reference"
+    ref = {(r["variant"], r["shape"], r["dtype"]): H.fnum(H.row_extra(r).get("peak_mb"))
+           for r in rows if r["provider"] == BASELINE and H.row_ok(r)}
+    ratios = []
+    for r in rows:
+        key = (r["variant"], r["shape"], r["dtype"])
+        mb = H.fnum(H.row_extra(r).get("peak_mb")) if r["provider"] == "fused" and H.row_ok(r) else None
+        if mb is not None and ref.get(key):
+            ratios.append((mb / ref[key], " ".join(key)))
+    if not ratios:
+        return dict(name=name, passed=False, value="unmeasured: no fused and reference peak_mb pair")
+    worst, where = max(ratios)
+    return dict(name=name, passed=worst <= GPU_PEAK_RATIO, number=round(worst, 3),
+                target=GPU_PEAK_RATIO, unit="x",
+                value=f"max {worst:.2f}x over {len(ratios)} case(s), worst {where}")
 
 
 def main(argv=None) -> int:

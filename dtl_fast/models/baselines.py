@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from dtl_fast.models.dtl import _check_backend, set_fused_backend
-from dtl_fast.models.encoders import (ENCODERS, build_encoder, check_choice, check_images,
-                                      check_int, check_video_lengths, check_videos, encode_frames,
-                                      SpatialReadout)
+from dtl_fast.models.encoders import (ENCODERS, build_encoder, capturing, check_choice,
+                                      check_images, check_int, check_video_lengths, check_videos,
+                                      encode_frames, SpatialReadout)
 from dtl_fast.nn import FramePool
 
 __all__ = ["ImageBaseline", "VideoBaseline"]
@@ -64,7 +64,8 @@ class VideoBaseline(nn.Module):
 
         x[b, t] = ReLU(R(E(video[b, t])))  (t < L[b] only),   logits = W mean_{t < L[b]} x[b, t] + b
 
-    Padded frames are never encoded nor read.
+    Padded frames are never encoded nor read (static-shape mode, `static_shapes = True` or
+    under torch.compile / CUDA graph capture: encoded as zeros and masked, as in DTL).
 
     VideoBaseline(num_classes, *, in_channels=3, encoder="cnn", encoder_weights=None, width=64,
                   backend=None)
@@ -86,6 +87,7 @@ class VideoBaseline(nn.Module):
         c = self.encoder.out_channels
         self.readout = nn.Sequential(SpatialReadout(c, c), nn.ReLU())
         self.head = nn.Linear(c, num_classes)
+        self.static_shapes = False
         self.backend = backend
 
     @property
@@ -108,6 +110,9 @@ class VideoBaseline(nn.Module):
 
     def forward(self, videos: torch.Tensor, lengths) -> torch.Tensor:
         check_videos("VideoBaseline", videos, self.in_channels)
-        lengths = check_video_lengths("VideoBaseline", lengths, videos)
-        tokens, _ = encode_frames(self.encoder, self.readout, videos, lengths)
+        # static-shape mode as in DTL (see DTL's docstring): every frame slot encoded, lengths
+        # kept on their device, under torch.compile, CUDA graph capture or static_shapes=True
+        static = self.static_shapes or torch.compiler.is_compiling() or capturing(videos)
+        lengths = check_video_lengths("VideoBaseline", lengths, videos, keep_device=static)
+        tokens, _ = encode_frames(self.encoder, self.readout, videos, lengths, static=static)
         return self.head(self.pool(tokens, lengths))

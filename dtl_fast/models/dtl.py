@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtl_fast._backend import resolve_backend
-from dtl_fast.models.encoders import (ENCODERS, build_encoder, check_choice, check_images,
-                                      check_int, check_video_lengths, check_videos, encode_frames,
-                                      SpatialReadout)
+from dtl_fast.models.encoders import (ENCODERS, build_encoder, capturing, check_choice,
+                                      check_images, check_int, check_video_lengths, check_videos,
+                                      encode_frames, SpatialReadout, to_device_async)
 from dtl_fast.nn import GRU, LSTM, DualModalAttention, FeatureExchange, FramePool
+from dtl_fast.nn.attention import _Lengths
 
 __all__ = ["DTL", "DTLOutput", "dtl_loss", "RNNS", "set_fused_backend"]
 
@@ -102,6 +103,18 @@ class DTL(nn.Module):
         (the parameters' dtype, or any under autocast); lengths: an integer tensor (or a list
         of ints) on the CPU or the videos' device, 1 <= lengths[b] <= T.
         Returns DTLOutput(image, video, fused), each [B, num_classes].
+
+    Static-shape mode (`model.static_shapes = True`, and always while torch.compile traces the
+    model or a CUDA graph is captured): every frame slot goes through the encoder (padded ones
+    as zeros, their tokens zeroed), so no shape depends on the lengths' values, and the
+    lengths stay on their device, never read on the host by the model (range check: an
+    asynchronous device assert under compile / capture; check them on the host before filling
+    a captured buffer). Under capture the lengths must be a tensor on the videos' device.
+    Same function as the default mode (the valid frames only) for the ConvEncoder; more encoder
+    work when clips are short. The ops below may still read device lengths on the host in eager
+    mode (see the ops' docs); CPU lengths in the default mode cost no device sync anywhere.
+
+    Argument checks of images / videos run once per (shape, dtype, device) and are cached.
     """
 
     def __init__(self, num_classes: int, *, in_channels: int = 3, encoder: str = "cnn",
@@ -149,6 +162,8 @@ class DTL(nn.Module):
         self.pool = FramePool("mean")
         self.predictor = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(),
                                        nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        self.static_shapes = False
+        self._checked_inputs: set = set()
         self.backend = backend
 
     # -- backend, config ------------------------------------------------------------------------
@@ -177,8 +192,14 @@ class DTL(nn.Module):
         return dict(self._config, backend=self.backend)
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, videos: torch.Tensor, lengths) -> DTLOutput:
+    def _check_inputs(self, images, videos) -> None:
         owner = "DTL"
+        key = None
+        if isinstance(images, torch.Tensor) and isinstance(videos, torch.Tensor):
+            key = (tuple(images.shape), images.dtype, images.device, tuple(videos.shape),
+                   videos.dtype, videos.device)
+            if key in self._checked_inputs:
+                return
         check_images(owner, images, self.in_channels)
         check_videos(owner, videos, self.in_channels)
         if images.shape[0] != videos.shape[0]:
@@ -187,14 +208,32 @@ class DTL(nn.Module):
         if images.dtype != videos.dtype or images.device != videos.device:
             raise ValueError(f"{owner}: images and videos must have the same dtype and device, got "
                              f"{images.dtype} on {images.device} and {videos.dtype} on {videos.device}")
-        lengths = check_video_lengths(owner, lengths, videos)
+        if not torch.compiler.is_compiling() and len(self._checked_inputs) < 64:
+            self._checked_inputs.add(key)
 
-        frame_tokens, image_map = encode_frames(self.encoder, self.frame_readout, videos, lengths, images)
+    def forward(self, images: torch.Tensor, videos: torch.Tensor, lengths) -> DTLOutput:
+        owner = "DTL"
+        if torch.compiler.is_compiling():  # traced once per shape: the checks cost nothing
+            check_images(owner, images, self.in_channels)
+            check_videos(owner, videos, self.in_channels)
+        else:
+            self._check_inputs(images, videos)
+        static = self.static_shapes or torch.compiler.is_compiling() or capturing(videos)
+        lengths = check_video_lengths(owner, lengths, videos, keep_device=static)
+        # lengths: CPU int64 (default mode; the RNN, pooling and attention ops check them on the
+        # host and copy them without a device sync) or on the videos' device (static mode);
+        # masks and counts use one copy on the device.
+        L = _Lengths(lengths, to_device_async(lengths, videos.device))
+
+        frame_tokens, image_map = encode_frames(self.encoder, self.frame_readout, videos, lengths,
+                                                images, static=static)
         image_tokens = image_map.flatten(2).transpose(1, 2)
         h_i, _ = self.rnn(image_tokens)
         h_v, _ = self.rnn(frame_tokens, lengths=lengths)
-        a_i, a_v = self.exchange(h_i, h_v, None, lengths)
-        o_i, o_v, summary = self.dam(a_i, a_v, None, lengths)
+        # the modules' own argument checks are skipped: shapes come from the layers above and
+        # the lengths were checked once, against T = every sequence length below
+        a_i, a_v, _, _ = self.exchange._exchange(h_i, h_v, None, L)
+        o_i, o_v, summary = self.dam._run(a_i, a_v, None, L)
         p_i = self.pool(o_i)
         p_v = self.pool(o_v, lengths)
         z_f = summary + p_i + p_v

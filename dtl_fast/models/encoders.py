@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtl_fast._checks import as_lengths_tensor, check_lengths_range
+from dtl_fast._checks import as_lengths_tensor
+from dtl_fast.nn.attention import capturing, check_range_no_sync
 
 __all__ = ["ConvEncoder", "ResNet18Encoder", "build_encoder", "encode_frames", "ENCODERS"]
 
@@ -78,23 +79,34 @@ def check_videos(owner: str, videos, in_channels: int, name: str = "videos") -> 
         raise ValueError(f"{owner}: {name} must be non-empty, got shape {tuple(videos.shape)}")
 
 
-def check_video_lengths(owner: str, lengths, videos: torch.Tensor) -> torch.Tensor:
+def check_video_lengths(owner: str, lengths, videos: torch.Tensor, *, keep_device: bool = False
+                        ) -> torch.Tensor:
     """lengths of a padded batch of clips: an integer tensor [B] (or a list of ints) on the CPU
-    or on videos' device with 1 <= lengths[b] <= T. Returns it as int64 on the CPU (on its own
-    device under torch.compile, with an asynchronous range assert).
+    or on videos' device with 1 <= lengths[b] <= T. Returns it as int64.
 
-    Lengths on a GPU are copied to the CPU once here (one host sync). The CPU copy is what the
-    model passes on: every module below then checks it on the host and copies it to the GPU
-    without waiting, where GPU lengths would cost each module a sync of its own."""
+    Default: on the CPU. Lengths on a GPU are copied to the CPU once here (one host sync). The
+    CPU copy is what the model passes on: every module below then checks it on the host and
+    copies it to the GPU without waiting, where GPU lengths would cost each module a sync of
+    its own.
+
+    keep_device=True (static-shape mode: torch.compile, CUDA graph capture): the lengths stay
+    where they are and are never read on the host while a graph is captured or traced (the
+    range check is then an asynchronous device assert; the caller checks values on the host
+    before filling a captured buffer). Under capture they must already be on videos' device:
+    a CPU tensor would be a host-to-device copy from memory the graph cannot own."""
     if lengths is None:
         raise ValueError(f"{owner}: lengths is required: an integer tensor [B] with the number of "
                          "valid frames of each clip")
     B, T = videos.shape[0], videos.shape[1]
     lengths = as_lengths_tensor(lengths, B, videos.device, owner=owner, name="lengths",
                                 device_name="videos")
-    if lengths.device.type != "cpu" and not torch.compiler.is_compiling():
+    if keep_device and capturing(videos) and lengths.device != videos.device:
+        raise ValueError(f"{owner}: while a CUDA graph is captured, lengths must be an integer "
+                         f"tensor on the videos' device ({videos.device}), a static buffer checked "
+                         f"on the host before it was filled; got a tensor on {lengths.device}")
+    if not keep_device and lengths.device.type != "cpu" and not torch.compiler.is_compiling():
         lengths = lengths.cpu()
-    check_lengths_range(lengths, 1, T, owner=owner, name="lengths",
+    check_range_no_sync(lengths, 1, T, owner=owner, name="lengths",
                         span=f"[1, T] = [1, {T}] (T = videos.shape[1])")
     return lengths.to(torch.int64)
 
@@ -263,6 +275,18 @@ def build_encoder(encoder: str = "cnn", in_channels: int = 3, width: int = 64, w
     return module
 
 
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device` without making the host wait: a CPU tensor bound for a GPU goes through
+    pinned memory (PyTorch's caching host allocator: no new allocation per call), since a
+    non-blocking copy from pageable memory may synchronise with the stream."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def valid_frame_index(lengths: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:
     """Flat indices b * T + t of the valid frames (t < lengths[b]), int64 on `device`, in
     batch-major order. Computed on the CPU (lengths from a DataLoader are there; lengths on a
@@ -270,7 +294,7 @@ def valid_frame_index(lengths: torch.Tensor, T: int, device: torch.device) -> to
     lengths_cpu = lengths.to("cpu", torch.int64)
     valid = torch.arange(T)[None, :] < lengths_cpu[:, None]
     idx = valid.flatten().nonzero().squeeze(1)
-    return idx.to(device, non_blocking=True)
+    return to_device_async(idx, device)
 
 
 class SpatialReadout(nn.Module):
@@ -296,7 +320,7 @@ class SpatialReadout(nn.Module):
 
 
 def encode_frames(encoder: nn.Module, readout: nn.Module, videos: torch.Tensor,
-                  lengths: torch.Tensor, images: torch.Tensor | None = None):
+                  lengths: torch.Tensor, images: torch.Tensor | None = None, *, static: bool = False):
     """Runs `encoder` over the valid frames only and turns each frame's feature map into one
     token with `readout` ([N, D, h, w] -> [N, D'], e.g. a SpatialReadout).
 
@@ -307,22 +331,46 @@ def encode_frames(encoder: nn.Module, readout: nn.Module, videos: torch.Tensor,
     of two; GroupNorm has no batch statistics, so this changes nothing but speed); other
     encoders (BatchNorm) get two calls, so the image batch statistics stay the images' own.
 
+    static=True: every frame slot is encoded (padded ones as zeros, their tokens then zeroed
+    with torch.where: no value nor gradient of theirs reaches a valid token), so every shape
+    depends on the input shapes only and nothing is read on the host: what torch.compile
+    (fullgraph) and CUDA graph capture need. Same function for per-sample encoders (the
+    ConvEncoder: GroupNorm); a BatchNorm encoder in training mode would see the padded frames
+    in its batch statistics.
+
     Returns (frame_tokens [B, T, D'] zero at padded positions, image_map [B, D, h, w] or None
     when images is None). D = encoder.out_channels; dtype of the readout's output.
     """
     B, T = videos.shape[:2]
+    if static:
+        return _encode_frames_static(encoder, readout, videos, lengths, images)
     idx = valid_frame_index(lengths, T, videos.device)
     frames = videos.flatten(0, 1).index_select(0, idx)
+    frame_map, image_map = _encode_with_images(encoder, frames, images)
+    feats = readout(frame_map)
+    tokens = feats.new_zeros(B * T, feats.shape[1]).index_copy(0, idx, feats)
+    return tokens.view(B, T, -1), image_map
+
+
+def _encode_with_images(encoder, frames, images):
+    """(encoder(frames), encoder(images) or None): one encoder call over both when the CNN
+    takes them together (same size and dtype), so the weights are read once."""
     n = frames.shape[0]
-    image_map = None
     if (images is not None and isinstance(encoder, ConvEncoder)
             and images.shape[2:] == frames.shape[2:] and images.dtype == frames.dtype):
         fmap = encoder(torch.cat([frames, images], dim=0))
-        frame_map, image_map = fmap[:n], fmap[n:]
-    else:
-        frame_map = encoder(frames)
-        if images is not None:
-            image_map = encoder(images)
+        return fmap[:n], fmap[n:]
+    return encoder(frames), (encoder(images) if images is not None else None)
+
+
+def _encode_frames_static(encoder, readout, videos, lengths, images):
+    B, T = videos.shape[:2]
+    lengths = to_device_async(lengths, videos.device)
+    valid = (torch.arange(T, device=videos.device)[None, :] < lengths[:, None]).flatten()  # [B*T]
+    zero = torch.zeros((), dtype=videos.dtype, device=videos.device)
+    # padded slots read as zeros whatever they hold (NaN there must not reach a gradient)
+    frames = torch.where(valid[:, None, None, None], videos.flatten(0, 1), zero)
+    frame_map, image_map = _encode_with_images(encoder, frames, images)
     feats = readout(frame_map)
-    tokens = feats.new_zeros(B * T, feats.shape[1]).index_copy(0, idx, feats)
+    tokens = torch.where(valid[:, None], feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
     return tokens.view(B, T, -1), image_map

@@ -17,18 +17,32 @@ Conventions shared by the modules:
   attention module inside it, so a whole DAM stack switches with one line.
 - Variable lengths: every forward takes lengths [B] (None, a list of ints, a NumPy integer
   array or an integer tensor on the CPU or on the inputs' device), checked once per forward
-  (one host sync for lengths on a GPU; an asynchronous assert under torch.compile). Tokens
+  (CPU lengths on the host, no device sync; lengths on a GPU cost one host sync, except under
+  torch.compile and during CUDA graph capture, where the check is an asynchronous device
+  assert and nothing is read on the host). CPU lengths are handed to the attention op as
+  they are (it checks them on the host and copies them without a sync); masks use one copy
+  on the inputs' device. Tokens
   n >= lengths[b] are padding: they never influence valid tokens (no attention weight, left
   out of every pooled summary), and the outputs of FeatureExchange / DualModalAttention are
   zero there with zero gradient.
 - Bad arguments raise ValueError naming the argument and what was expected.
+- Grouped form (FeatureExchange, DAMLayer, and CosineAttention's self / shared key-value
+  projections): with backend "auto" or "fused", the projections that read the same tokens run
+  as one GEMM over their weights concatenated at call time (the parameters and the state_dict
+  stay those of the separate nn.Linear modules, so every checkpoint loads as before), memory-only
+  attention of both modalities runs as one op call over their queries side by side, and a DAM
+  layer's per-branch output projections run as one batched GEMM. Same function as the simple
+  form, which backend="reference" keeps (one module call per branch, the readable ground
+  truth); `module.grouped = True / False` forces either form (None: by backend).
 """
 from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dtl_fast._checks import as_lengths_tensor, check_lengths_range
@@ -91,25 +105,120 @@ def _check_same(owner: str, name: str, x: torch.Tensor, ref_name: str, ref: torc
         raise ValueError(f"{owner}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
 
 
-def _lengths(owner: str, name: str, lengths, x: torch.Tensor, N: int, x_name: str):
-    """None, or an int64 tensor [B] on x's device with every value checked to lie in [0, N].
+class _Lengths(NamedTuple):
+    """Checked lengths [B], in the two forms the modules need: `op`, what the attention op gets
+    (the caller's CPU tensor when the lengths came on the CPU: the op checks those on the host
+    and copies them to the device without a sync, where device lengths would cost each op call
+    a host sync of its own; else the device tensor), and `dev`, int64 on the tokens' device,
+    for the padding masks and counts."""
+    op: torch.Tensor
+    dev: torch.Tensor
 
-    The range check costs one host sync on a GPU; under torch.compile it becomes an
-    asynchronous assert inside the graph instead (no graph break).
-    """
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream (eager mode, not inside
+    torch.compile tracing): no host read of device data is allowed then."""
+    return t.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+
+
+def check_range_no_sync(lengths: torch.Tensor, lo: int, hi: int, *, owner: str, name: str,
+                        span: str | None = None) -> None:
+    """lo <= lengths[b] <= hi: on the host for CPU lengths (and for device lengths in eager
+    mode: one sync); an asynchronous device assert under torch.compile and while a CUDA graph
+    is captured (the caller checked the values on the host before copying them to the
+    device: a bad value then aborts the CUDA context instead of raising here)."""
+    if capturing(lengths):
+        torch._assert_async(((lengths >= lo) & (lengths <= hi)).all(),
+                            f"{owner}: every {name}[b] must lie in [{lo}, {hi}]")
+        return
+    check_lengths_range(lengths, lo, hi, owner=owner, name=name, span=span)
+
+
+def _lengths(owner: str, name: str, lengths, x: torch.Tensor, N: int, x_name: str):
+    """None, or _Lengths with every value checked to lie in [0, N] (see check_range_no_sync
+    for where the check runs)."""
     if lengths is None:
         return None
     lengths = as_lengths_tensor(lengths, x.shape[0], x.device, owner=owner, name=name,
                                 device_name=x_name)
-    check_lengths_range(lengths, 0, N, owner=owner, name=name, span=f"[0, N] = [0, {N}] (N = {x_name}.shape[1])")
-    return lengths.to(device=x.device, dtype=torch.int64)
+    check_range_no_sync(lengths, 0, N, owner=owner, name=name,
+                        span=f"[0, N] = [0, {N}] (N = {x_name}.shape[1])")
+    return _Lengths(lengths, lengths.to(device=x.device, dtype=torch.int64, non_blocking=True))
 
 
-def _valid_mask(lengths: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+def _as_checked(lengths) -> _Lengths | None:
+    """Internal entry points take _Lengths, or an int64 tensor already checked by the caller
+    (as DAMLayer.forward documents) that then serves both as op and mask lengths."""
+    if lengths is None or isinstance(lengths, _Lengths):
+        return lengths
+    return _Lengths(lengths, lengths)
+
+
+def _op_lengths(lengths: _Lengths | None) -> torch.Tensor | None:
+    return None if lengths is None else lengths.op
+
+
+def _valid_mask(lengths: _Lengths | torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """[B, N, 1] bool, True on valid tokens; None when every token is valid."""
     if lengths is None:
         return None
+    if isinstance(lengths, _Lengths):
+        lengths = lengths.dev
     return (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# grouped form: several projections of the same tokens as one GEMM
+# --------------------------------------------------------------------------------------------
+def use_grouped(module: nn.Module) -> bool:
+    """Whether `module` runs its grouped form: `module.grouped` when set (True / False), else
+    every backend but "reference" (the simple form stays the readable ground truth)."""
+    forced = getattr(module, "grouped", None)
+    if forced is not None:
+        return bool(forced)
+    return resolve_backend(module.backend) != "reference"
+
+
+def _linear_group(x: torch.Tensor, linears) -> torch.Tensor:
+    """x [..., C] through several nn.Linear(C, *) at once: [..., sum of their out_features],
+    their outputs side by side in the order given. The weights are concatenated at each call
+    (a small copy: the parameters stay the modules' own, state_dicts and optimizers unchanged);
+    autograd splits the gradient back to each weight."""
+    if len(linears) == 1:
+        return linears[0](x)
+    w = torch.cat([m.weight for m in linears])
+    b = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return F.linear(x, w, b)
+
+
+def _split_heads(y: torch.Tensor, K: int, H: int, d: int) -> tuple[torch.Tensor, ...]:
+    """[B, N, K*H*d] -> K views [B, H, N, d] (the op takes any strides: no copy)."""
+    return y.unflatten(-1, (K, H, d)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attn_op(mod, q, k, v, lengths: _Lengths | None) -> torch.Tensor:
+    """The op call of CosineAttention `mod` on projected heads: o [B, H, Nq, d]."""
+    return cosine_attention(q, k, v, mod.logit_scale, _op_lengths(lengths), mod.window,
+                            mod.memory_k, mod.memory_v, backend=mod.backend)
+
+
+def _out_group(outs, mods) -> torch.Tensor:
+    """The output projections of K attention branches over the same N tokens as one batched
+    GEMM: outs K x o [B, H, N, d] (any strides), mods their modules (each with .dropout of the
+    same p and .out_proj) -> [K, B, N, dim], branch k = mods[k].out_proj(dropout(o_k))."""
+    B, Hh, N, d = outs[0].shape
+    K, dim = len(outs), Hh * d
+    if K == 1:
+        m = mods[0]
+        return m.out_proj(m.dropout(outs[0].transpose(1, 2).reshape(B, N, dim)))[None]
+    o = torch.stack([t.transpose(1, 2) for t in outs]).view(K, B * N, dim)
+    o = mods[0].dropout(o)
+    w = torch.stack([m.out_proj.weight for m in mods]).transpose(1, 2)  # [K, dim_in, dim_out]
+    if mods[0].out_proj.bias is None:
+        y = torch.bmm(o, w)
+    else:
+        y = torch.baddbmm(torch.stack([m.out_proj.bias for m in mods])[:, None, :], o, w)
+    return y.view(K, B, N, w.shape[2])
 
 
 def _zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -223,6 +332,7 @@ class CosineAttention(_BackendMixin, nn.Module):
             self.register_parameter("memory_k", None)
             self.register_parameter("memory_v", None)
         self.dropout = nn.Dropout(dropout)
+        self.grouped = None  # None: by backend (see use_grouped)
         self.backend = backend
         self._reset_own_parameters()
 
@@ -253,7 +363,7 @@ class CosineAttention(_BackendMixin, nn.Module):
             raise ValueError(f"{owner}: key and value must have the same number of tokens, got "
                              f"{key.shape[1]} and {value.shape[1]}")
         key_lengths = _lengths(owner, "key_lengths", key_lengths, key, key.shape[1], "key")
-        out = self._attend(query, key, value, key_lengths)
+        out = self._attend(query, key, value, _op_lengths(key_lengths))
         return out if self.batch_first else out.transpose(0, 1)
 
     def _attend(self, query, key, value, key_lengths) -> torch.Tensor:
@@ -262,9 +372,16 @@ class CosineAttention(_BackendMixin, nn.Module):
         B, Nq, _ = query.shape
         H, d = self.num_heads, self.head_dim
         # [B, N, H, d] -> [B, H, N, d] as a view: the op takes any strides.
-        q = self.q_proj(query).unflatten(-1, (H, d)).transpose(1, 2)
-        k = self.k_proj(key).unflatten(-1, (H, d)).transpose(1, 2)
-        v = self.v_proj(value).unflatten(-1, (H, d)).transpose(1, 2)
+        grouped = use_grouped(self) and self.kdim == self.embed_dim and self.vdim == self.embed_dim
+        if grouped and key is query and value is query:  # self-attention: one GEMM for q, k, v
+            q, k, v = _split_heads(_linear_group(query, [self.q_proj, self.k_proj, self.v_proj]), 3, H, d)
+        elif grouped and value is key:  # k and v of the same tokens: one GEMM
+            q = self.q_proj(query).unflatten(-1, (H, d)).transpose(1, 2)
+            k, v = _split_heads(_linear_group(key, [self.k_proj, self.v_proj]), 2, H, d)
+        else:
+            q = self.q_proj(query).unflatten(-1, (H, d)).transpose(1, 2)
+            k = self.k_proj(key).unflatten(-1, (H, d)).transpose(1, 2)
+            v = self.v_proj(value).unflatten(-1, (H, d)).transpose(1, 2)
         o = cosine_attention(q, k, v, self.logit_scale, key_lengths, self.window,
                              self.memory_k, self.memory_v, backend=self.backend)
         o = self.dropout(o.transpose(1, 2).reshape(B, Nq, self.embed_dim))
@@ -310,17 +427,24 @@ class _MemoryReadout(_BackendMixin, nn.Module):
             nn.init.normal_(self.memory_k)
             nn.init.normal_(self.memory_v, std=0.02)
         self.dropout = nn.Dropout(dropout)
+        self.window = None  # memory only: no keys, no window
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         H, d = self.num_heads, self.head_dim
         q = self.q_proj(x).unflatten(-1, (H, d)).transpose(1, 2)
-        kv = q.new_zeros(B, H, 0, d)
-        o = cosine_attention(q, kv, kv, self.logit_scale, None, None, self.memory_k, self.memory_v,
-                             backend=self.backend)
+        o = self.attend_heads(q)
         o = self.dropout(o.transpose(1, 2).reshape(B, N, self.dim))
         return self.out_proj(o)
+
+    def attend_heads(self, q: torch.Tensor) -> torch.Tensor:
+        """The op on projected queries q [B, H, N, d] (any strides) -> o [B, H, N, d]. Each
+        query attends to the slots only, so queries of several sequences may be laid side by
+        side along N and attended in one call."""
+        kv = q.new_zeros(q.shape[0], q.shape[1], 0, q.shape[3])
+        return cosine_attention(q, kv, kv, self.logit_scale, None, None, self.memory_k, self.memory_v,
+                                backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, num_memory={self.num_memory}"
@@ -374,6 +498,7 @@ class FeatureExchange(_BackendMixin, nn.Module):
         self.attn_ba = CosineAttention(dim, num_heads, dropout=dropout, bias=bias, **factory)
         self.gate_a = nn.Linear(2 * dim, dim, bias=bias, **factory)
         self.gate_b = nn.Linear(2 * dim, dim, bias=bias, **factory)
+        self.grouped = None  # None: by backend (see use_grouped)
         self.backend = backend
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, a_lengths=None, b_lengths=None,
@@ -384,21 +509,54 @@ class FeatureExchange(_BackendMixin, nn.Module):
         _check_same(owner, "b", b, "a", a)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"{owner}: a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
+        same = a_lengths is b_lengths  # one object: one check, and the directions may stack
         a_lengths = _lengths(owner, "a_lengths", a_lengths, a, a.shape[1], "a")
-        b_lengths = _lengths(owner, "b_lengths", b_lengths, b, b.shape[1], "b")
+        b_lengths = a_lengths if same and a.shape[1] == b.shape[1] else \
+            _lengths(owner, "b_lengths", b_lengths, b, b.shape[1], "b")
         a_out, b_out, g_a, g_b = self._exchange(a, b, a_lengths, b_lengths)
         return (a_out, b_out, (g_a, g_b)) if return_gates else (a_out, b_out)
 
     def _exchange(self, a, b, a_lengths, b_lengths):
+        """forward without argument checks: a [B, Na, dim_a], b [B, Nb, dim_b]; lengths None,
+        _Lengths or checked int64 tensors. Returns (a_out, b_out, g_a, g_b)."""
+        a_lengths, b_lengths = _as_checked(a_lengths), _as_checked(b_lengths)
         a, b = self.proj_a(a), self.proj_b(b)
-        c_a = self.attn_ab._attend(a, b, b, b_lengths)
-        c_b = self.attn_ba._attend(b, a, a, a_lengths)
+        if use_grouped(self):
+            c_a, c_b = self._cross_grouped(a, b, a_lengths, b_lengths)
+        else:
+            c_a = self.attn_ab._attend(a, b, b, _op_lengths(b_lengths))
+            c_b = self.attn_ba._attend(b, a, a, _op_lengths(a_lengths))
         g_a = torch.sigmoid(self.gate_a(torch.cat([a, c_a], dim=-1)))
         g_b = torch.sigmoid(self.gate_b(torch.cat([b, c_b], dim=-1)))
         mask_a, mask_b = _valid_mask(a_lengths, a), _valid_mask(b_lengths, b)
         a_out = _zero_padding(a + g_a * c_a, mask_a)
         b_out = _zero_padding(b + g_b * c_b, mask_b)
         return a_out, b_out, g_a, g_b
+
+    def _cross_grouped(self, a, b, a_lengths, b_lengths):
+        """Both cross attentions with the projections of each sequence as one GEMM (a: q of
+        a->b, k and v of b->a; b: k and v of a->b, q of b->a). When the two directions have the
+        same shapes and key lengths (Na == Nb, one lengths object or none) they also run as one
+        op call over 2H stacked heads (each head keeps its own learned scale). Otherwise two
+        calls: the op has one key-lengths vector [B] for all heads, and the directions' keys
+        have different lengths (a per-head key_lengths [B, H] would let them stack)."""
+        ab, ba = self.attn_ab, self.attn_ba
+        H, d = self.num_heads, self.dim // self.num_heads
+        B, Na, Nb = a.shape[0], a.shape[1], b.shape[1]
+        q_ab, k_ba, v_ba = _split_heads(_linear_group(a, [ab.q_proj, ba.k_proj, ba.v_proj]), 3, H, d)
+        k_ab, v_ab, q_ba = _split_heads(_linear_group(b, [ab.k_proj, ab.v_proj, ba.q_proj]), 3, H, d)
+        if Na == Nb and a_lengths is b_lengths and ab.backend == ba.backend:
+            o = cosine_attention(torch.cat([q_ab, q_ba], 1), torch.cat([k_ab, k_ba], 1),
+                                 torch.cat([v_ab, v_ba], 1),
+                                 torch.cat([ab.logit_scale, ba.logit_scale]),
+                                 _op_lengths(a_lengths), None, None, None, backend=ab.backend)
+            o_ab, o_ba = o[:, :H], o[:, H:]
+        else:
+            o_ab = _attn_op(ab, q_ab, k_ab, v_ab, b_lengths)
+            o_ba = _attn_op(ba, q_ba, k_ba, v_ba, a_lengths)
+        c_a = ab.out_proj(ab.dropout(o_ab.transpose(1, 2).reshape(B, Na, self.dim)))
+        c_b = ba.out_proj(ba.dropout(o_ba.transpose(1, 2).reshape(B, Nb, self.dim)))
+        return c_a, c_b
 
     def extra_repr(self) -> str:
         return f"dim_a={self.dim_a}, dim_b={self.dim_b}, dim={self.dim}, num_heads={self.num_heads}"
@@ -424,6 +582,15 @@ class _Composition(nn.Module):
         out = (torch.stack(branches, dim=-1) * alpha.unsqueeze(-2)).sum(-1)
         return (out, alpha) if return_weights else out
 
+    def forward_stacked(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The same from the branches stacked [K, B, N, dim] (what the grouped DAM layer
+        computes): one copy to [B, N, K*dim] (= torch.cat(branches, -1)) serves both the
+        scores and the weighted sum."""
+        K, B, N, D = stacked.shape
+        flat = stacked.permute(1, 2, 0, 3).reshape(B, N, K * D)
+        alpha = torch.softmax(self.score(flat), dim=-1)
+        return (flat.view(B, N, K, D) * alpha.unsqueeze(-1)).sum(2)
+
 
 class DAMLayer(_BackendMixin, nn.Module):
     r"""One level of the DAM stack (see DualModalAttention). With x_i [B, Ni, dim] the image
@@ -445,6 +612,16 @@ class DAMLayer(_BackendMixin, nn.Module):
 
     forward(x_i, x_v, L_i, L_v) with L_* None or checked int64 tensors [B] on the inputs'
     device (use DualModalAttention for checked, user-facing input) -> (x_i, x_v).
+
+    Grouped form (backend "auto" / "fused", or `grouped = True`): the nine projections of h_v
+    (inter_vi q; intra_v q, k, v; short-term q, k, v; long-term q; inter_iv k, v) are one GEMM,
+    the seven of h_i another; the long-term branch attends the image and video queries in one
+    op call; the out-projections of each modality's branches are one batched GEMM. Branches
+    that read the same tokens but differ in window (intra_v, short-term) or in keys stay
+    separate op calls: the op has one window and one key-lengths vector for all heads (a
+    window per head would let intra_v and short-term run as one call over stacked heads).
+    With dropout > 0 in training the grouped form draws its masks over the stacked branches
+    (same distribution, other random numbers than the simple form).
     """
 
     def __init__(self, dim: int, num_heads: int, window: int | None = None, num_memory: int = 0,
@@ -486,25 +663,76 @@ class DAMLayer(_BackendMixin, nn.Module):
             self.mlp_i, self.mlp_v = mlp(), mlp()
         else:
             self.mlp_i = self.mlp_v = None
+        self.grouped = None  # None: by backend (see use_grouped)
         self.backend = backend
 
     def branches(self, x_i, x_v, L_i, L_v):
         """The branch outputs before composition: (image list, video list), in the order of
-        the equations (inter, intra[, short-term][, long-term])."""
+        the equations (inter, intra[, short-term][, long-term]). Simple form."""
+        L_i, L_v = _as_checked(L_i), _as_checked(L_v)
+        li, lv = _op_lengths(L_i), _op_lengths(L_v)
         h_i, h_v = self.norm_i(x_i), self.norm_v(x_v)
-        b_i = [self.inter_iv._attend(h_i, h_v, h_v, L_v), self.intra_i._attend(h_i, h_i, h_i, L_i)]
-        b_v = [self.inter_vi._attend(h_v, h_i, h_i, L_i), self.intra_v._attend(h_v, h_v, h_v, L_v)]
+        b_i = [self.inter_iv._attend(h_i, h_v, h_v, lv), self.intra_i._attend(h_i, h_i, h_i, li)]
+        b_v = [self.inter_vi._attend(h_v, h_i, h_i, li), self.intra_v._attend(h_v, h_v, h_v, lv)]
         if self.short_term is not None:
-            b_v.append(self.short_term._attend(h_v, h_v, h_v, L_v))
+            b_v.append(self.short_term._attend(h_v, h_v, h_v, lv))
         if self.long_term is not None:
             b_i.append(self.long_term(h_i))
             b_v.append(self.long_term(h_v))
         return b_i, b_v
 
+    def branches_stacked(self, x_i, x_v, L_i, L_v):
+        """The branch outputs of the grouped form, stacked: ([K_i, B, Ni, dim], [K_v, B, Nv,
+        dim]) in the order of branches()."""
+        L_i, L_v = _as_checked(L_i), _as_checked(L_v)
+        h_i, h_v = self.norm_i(x_i), self.norm_v(x_v)
+        Ni = x_i.shape[1]
+        H = self.inter_iv.num_heads
+        d = self.inter_iv.head_dim
+        st, lt = self.short_term, self.long_term
+        lin_v = [self.inter_vi.q_proj, self.intra_v.q_proj, self.intra_v.k_proj, self.intra_v.v_proj]
+        if st is not None:
+            lin_v += [st.q_proj, st.k_proj, st.v_proj]
+        if lt is not None:
+            lin_v.append(lt.q_proj)
+        lin_v += [self.inter_iv.k_proj, self.inter_iv.v_proj]
+        lin_i = [self.inter_iv.q_proj, self.intra_i.q_proj, self.intra_i.k_proj, self.intra_i.v_proj]
+        if lt is not None:
+            lin_i.append(lt.q_proj)
+        lin_i += [self.inter_vi.k_proj, self.inter_vi.v_proj]
+        pv = iter(_split_heads(_linear_group(h_v, lin_v), len(lin_v), H, d))
+        pi = iter(_split_heads(_linear_group(h_i, lin_i), len(lin_i), H, d))
+        q_vi, q_vv, k_vv, v_vv = next(pv), next(pv), next(pv), next(pv)
+        qkv_st = (next(pv), next(pv), next(pv)) if st is not None else None
+        q_lv = next(pv) if lt is not None else None
+        k_iv, v_iv = next(pv), next(pv)
+        q_iv, q_ii, k_ii, v_ii = next(pi), next(pi), next(pi), next(pi)
+        q_li = next(pi) if lt is not None else None
+        k_vi, v_vi = next(pi), next(pi)
+        outs_i = [_attn_op(self.inter_iv, q_iv, k_iv, v_iv, L_v), _attn_op(self.intra_i, q_ii, k_ii, v_ii, L_i)]
+        mods_i = [self.inter_iv, self.intra_i]
+        outs_v = [_attn_op(self.inter_vi, q_vi, k_vi, v_vi, L_i), _attn_op(self.intra_v, q_vv, k_vv, v_vv, L_v)]
+        mods_v = [self.inter_vi, self.intra_v]
+        if st is not None:
+            outs_v.append(_attn_op(st, *qkv_st, L_v))
+            mods_v.append(st)
+        if lt is not None:
+            o = lt.attend_heads(torch.cat([q_li, q_lv], dim=2))  # memory only: one call
+            outs_i.append(o[:, :, :Ni])
+            outs_v.append(o[:, :, Ni:])
+            mods_i.append(lt)
+            mods_v.append(lt)
+        return _out_group(outs_i, mods_i), _out_group(outs_v, mods_v)
+
     def forward(self, x_i, x_v, L_i=None, L_v=None):
-        b_i, b_v = self.branches(x_i, x_v, L_i, L_v)
-        x_i = x_i + self.drop(self.compose_i(b_i))
-        x_v = x_v + self.drop(self.compose_v(b_v))
+        if use_grouped(self):
+            s_i, s_v = self.branches_stacked(x_i, x_v, L_i, L_v)
+            c_i, c_v = self.compose_i.forward_stacked(s_i), self.compose_v.forward_stacked(s_v)
+        else:
+            b_i, b_v = self.branches(x_i, x_v, L_i, L_v)
+            c_i, c_v = self.compose_i(b_i), self.compose_v(b_v)
+        x_i = x_i + self.drop(c_i)
+        x_v = x_v + self.drop(c_v)
         if self.mlp_i is not None:
             x_i = x_i + self.drop(self.mlp_i(self.mlp_norm_i(x_i)))
             x_v = x_v + self.drop(self.mlp_v(self.mlp_norm_v(x_v)))
@@ -584,6 +812,11 @@ class DualModalAttention(_BackendMixin, nn.Module):
                              f"got {x_i.shape[0]} and {x_v.shape[0]}")
         L_i = _lengths(owner, "image_lengths", image_lengths, x_i, x_i.shape[1], "image_tokens")
         L_v = _lengths(owner, "video_lengths", video_lengths, x_v, x_v.shape[1], "video_tokens")
+        return self._run(x_i, x_v, L_i, L_v)
+
+    def _run(self, x_i, x_v, L_i, L_v):
+        """forward without argument checks (lengths None, _Lengths or checked int64 tensors)."""
+        L_i, L_v = _as_checked(L_i), _as_checked(L_v)
         mask_i, mask_v = _valid_mask(L_i, x_i), _valid_mask(L_v, x_v)
         B, Ni, Nv = x_i.shape[0], x_i.shape[1], x_v.shape[1]
         # Half inputs are pooled in float32 (the counts, too, are not exact in bfloat16).
@@ -591,8 +824,8 @@ class DualModalAttention(_BackendMixin, nn.Module):
         if L_i is None and L_v is None:
             count = torch.full((B, 1), max(Ni + Nv, 1), dtype=acc, device=x_i.device)
         else:
-            n_i = L_i if L_i is not None else torch.full((B,), Ni, dtype=torch.int64, device=x_i.device)
-            n_v = L_v if L_v is not None else torch.full((B,), Nv, dtype=torch.int64, device=x_i.device)
+            n_i = L_i.dev if L_i is not None else torch.full((B,), Ni, dtype=torch.int64, device=x_i.device)
+            n_v = L_v.dev if L_v is not None else torch.full((B,), Nv, dtype=torch.int64, device=x_i.device)
             count = (n_i + n_v).clamp(min=1).to(acc)[:, None]
         weights = torch.softmax(self.level_logits.to(acc), dim=0)
         summary = None
