@@ -22,9 +22,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from dtl_fast.train import config_from_args, run_config
+    from dtl_fast.train.entry import run_args
 
-    return run_config(config_from_args(args), "dtl-fast train")
+    return run_args(args, "dtl-fast train")
 
 
 def _cmd_evaluate(args) -> int:
@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate the five heads of a `dtl-fast train` checkpoint on the "
                        "validation and test splits of DIR (with the checkpoint's classes).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="OUT/checkpoint.pt of `dtl-fast train`")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="OUT/checkpoint.pt (the last epoch) or OUT/best.pt (each model at its best "
+                        "validation epoch) of `dtl-fast train`")
     p.add_argument("--data", metavar="DIR", required=True, help="dataset root with validation/ and test/")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=64)

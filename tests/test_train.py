@@ -32,6 +32,7 @@ from dtl_fast.train import (
     train,
 )
 from dtl_fast.train.progress import EpochProgress
+from dtl_fast.train.reports import format_best_table
 
 CLASSES = ("circle", "cross", "square")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,7 +93,7 @@ def test_two_epochs_lower_the_loss_and_write_everything(full_run):
     assert [r["epoch"] for r in rows] == [1, 2]
     for name in ("dtl", "image_cnn", "video_baseline"):
         assert rows[1]["train_loss"][name] < rows[0]["train_loss"][name], (name, rows)
-    for name in ("metrics.json", "metrics.csv", "curves.png", "results.md", "checkpoint.pt"):
+    for name in ("metrics.json", "metrics.csv", "curves.png", "results.md", "checkpoint.pt", "best.pt"):
         assert (out / name).is_file(), name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
     assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -106,8 +107,14 @@ def test_two_epochs_lower_the_loss_and_write_everything(full_run):
     assert saved["total_seconds"] > 0 and saved["config"]["epochs"] == 2
     csv_lines = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,")
-    table = format_table(metrics["val_acc"], metrics["test_acc"])
+    # the table: each head at its model's best validation epoch and at the last one
+    table = format_best_table(metrics["best"], metrics["val_acc"], metrics["test_acc"], 2)
     assert table in printed and table in (out / "results.md").read_text()
+    assert "| method | best epoch | val acc (best) | test acc (best) | val acc (last, 2) |" in table
+    assert set(saved["best"]["epoch"]) == {"dtl", "image_cnn", "video_baseline"}
+    for key in HEAD_KEYS:
+        assert 0.0 <= saved["best"]["test_acc"][key] <= 1.0, key
+    assert "cuda graphs off" in printed
     assert "epoch 2/2 val acc:" in printed and "backend: auto" in printed
     state = _states(out / "checkpoint.pt")
     assert state["epoch"] == 2 and state["global_step"] == 6 and state["classes"] == list(CLASSES)
@@ -181,11 +188,11 @@ def test_bad_sample_error_before_training_or_skipped(tmp_path, monkeypatch, caps
     root = make_dataset(tmp_path / "set", counts=(12, 3, 3))
     corrupt = root / "validation" / "cross" / "s1.png"
     corrupt.write_bytes(b"not a png at all")
-    import dtl_fast.train.loop as tr
+    import dtl_fast.train.graphs as tr
 
     steps = []
-    real_step = tr._step
-    monkeypatch.setattr(tr, "_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    real_step = tr.train_step
+    monkeypatch.setattr(tr, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
     from dtl_fast.data import BadSampleError
 
     with pytest.raises(BadSampleError, match="s1.png"):

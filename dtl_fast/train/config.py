@@ -20,6 +20,9 @@ class TrainConfig:
     (each of N DDP ranks takes batch_size / N). backend: "fused" (Triton kernels on CUDA; on a
     CPU device the modules' "auto", dtl_fast's fastest CPU paths), "reference" or "auto".
     amp: None or "bf16" (torch.autocast). device: "auto" | "cpu" | "cuda" | "cuda:N".
+    compile: torch.compile each model for training. cuda_graphs: None (auto: on where correct
+    for the run, see dtl_fast.train.graphs), True (required: an error where it cannot be) or
+    False. A multi-seed run (`--seeds`) is several of these, see dtl_fast.train.seeds.
     """
     data: str | None = None
     out: str = "runs/dtl"
@@ -49,6 +52,8 @@ class TrainConfig:
     num_layers: int = 2
     baselines: bool = True
     progress: bool = True
+    compile: bool = False
+    cuda_graphs: bool | None = None
 
     def validate(self) -> None:
         """Raises ValueError naming the flag for a setting that cannot work."""
@@ -71,8 +76,12 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"--{name} must be 1 or --channels ({self.channels}) finite numbers"
                                  f"{' > 0' if name == 'std' else ''}, got {value!r}")
-        if not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"--cuda-graphs must be on, off or left out (auto), got {self.cuda_graphs!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"--compile must be True or False, got {self.compile!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
         if self.backend not in ("fused", "reference", "auto"):
@@ -140,8 +149,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="the global batch: under torchrun each of N ranks takes batch-size/N "
                         "(default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=int, default=d.seed, action=_SeedAction,
                    help="seeds the models, the shuffling and the demo data (default: %(default)s)")
+    g.add_argument("--seeds", type=_seeds_type, default=None, metavar="LIST|N",
+                   help="a multi-seed run: train once per seed (0,1,2 or N = seeds 0..N-1), each "
+                        "into OUT/seed-<s>/, and report mean +- std over seeds and the paired "
+                        "difference DTL fused head - best baseline with its 95%% interval; not "
+                        "with --seed")
     g.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="train DTL only, without the image-only and video-only baselines")
     g = parser.add_argument_group("model")
@@ -168,14 +182,73 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--device", default=d.device,
                    help="auto | cpu | cuda | cuda:N (default: %(default)s; under torchrun each rank "
                         "uses cuda:LOCAL_RANK)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each model for training (evaluation runs eagerly)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
+                   help="capture each model's training step in a CUDA graph and replay it; default: "
+                        "on where correct (CUDA, --backend fused, one process, no --compile), off "
+                        "elsewhere; the run says which it used and why")
     g.add_argument("--out", metavar="DIR", default=d.out,
-                   help="checkpoint.pt, metrics.json, metrics.csv, results.md and curves.png go "
-                        "here (default: %(default)s)")
+                   help="checkpoint.pt, best.pt, metrics.json, metrics.csv, results.md and "
+                        "curves.png go here; with --seeds one OUT/seed-<s>/ per seed and "
+                        "seeds.json / seeds.md here (default: %(default)s)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt at the epoch after the last one saved")
+                   help="continue from OUT/checkpoint.pt at the epoch after the last one saved "
+                        "(with --seeds: each seed from its own folder; a seed not started yet "
+                        "starts)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     return parser
+
+
+class _SeedAction(argparse.Action):
+    """Stores --seed and notes that it was given (the default cannot tell), so that --seed with
+    --seeds is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.seed_given = True
+
+
+def parse_seeds(text) -> list[int]:
+    """The seeds of --seeds: "0,1,2" (distinct integers >= 0, in that order) or "N" (an integer
+    >= 1: seeds 0..N-1). Raises ValueError naming --seeds for anything else."""
+    usage = "--seeds must be N >= 1 (seeds 0..N-1) or a comma-separated list of distinct integers >= 0"
+    if not isinstance(text, str):
+        raise ValueError(f"{usage}, got {text!r}")
+    raw = text.strip()
+    if "," not in raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{usage}, got {text!r}")
+        return list(range(int(raw)))
+    items = [item.strip() for item in raw.split(",")]
+    seeds = []
+    for i, item in enumerate(items):
+        if item == "":
+            raise ValueError(f"{usage}, got {text!r} (item {i + 1} is empty)")
+        if not item.isdigit():
+            raise ValueError(f"{usage}, got {text!r} ({item!r} is not an integer >= 0)")
+        if int(item) in seeds:
+            raise ValueError(f"{usage}, got {text!r} (seed {int(item)} appears twice)")
+        seeds.append(int(item))
+    return seeds
+
+
+def _seeds_type(text: str) -> list[int]:
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:  # argparse prints an ArgumentTypeError's message as it is
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seeds ")) from exc
+
+
+def seeds_from_args(args: argparse.Namespace) -> list[int] | None:
+    """The seeds of a multi-seed run (--seeds), or None for a single run (--seed). Raises
+    ValueError naming both flags when both were given."""
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and getattr(args, "seed_given", False):
+        raise ValueError("--seed and --seeds cannot be combined: --seed S is one run, --seeds "
+                         "0,1,2 (or N) one run per seed")
+    return seeds
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

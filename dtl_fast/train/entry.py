@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import sys
 
-from dtl_fast.train.config import TrainConfig, build_parser, config_from_args
+from dtl_fast.train.config import TrainConfig, build_parser, config_from_args, seeds_from_args
 from dtl_fast.train.distributed import dist_from_env
 from dtl_fast.train.loop import train
 
 
-def run_config(config: TrainConfig, prog: str) -> int:
-    """Runs train(config); a bad input becomes `prog: error: ...` on stderr and exit status 2.
-    Under torchrun every rank returns 2 and only rank 0 prints an error that train raised on
-    every rank (setup, data check, resume); one raised on a single rank is printed there."""
+def run_config(config: TrainConfig, prog: str, seeds: list | None = None) -> int:
+    """Runs train(config), or train_seeds(config, seeds) for a multi-seed run; a bad input
+    becomes `prog: error: ...` on stderr and exit status 2. Under torchrun every rank returns 2
+    and only rank 0 prints an error that train raised on every rank (setup, data check,
+    resume); one raised on a single rank is printed there."""
     from dtl_fast.data import BadSampleError
+    from dtl_fast.train.seeds import train_seeds
 
     try:
-        train(config)
+        if seeds is None:
+            train(config)
+        else:
+            train_seeds(config, seeds)
     except (ValueError, BadSampleError, FileNotFoundError, PermissionError) as exc:
         _report(prog, exc)
         return 2
@@ -42,5 +47,15 @@ def _report(prog: str, exc: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dtl_fast.train ...` (what torchrun runs); returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_config(config_from_args(args), "dtl_fast.train")
+    return run_args(build_parser().parse_args(argv), "dtl_fast.train")
+
+
+def run_args(args, prog: str) -> int:
+    """Runs parsed `add_train_arguments` flags: one run (--seed) or one per seed (--seeds);
+    --seed with --seeds is exit status 2 naming both."""
+    try:
+        seeds = seeds_from_args(args)
+    except ValueError as exc:
+        _report(prog, exc)
+        return 2
+    return run_config(config_from_args(args), prog, seeds)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from dtl_fast.train.best import BEST_NAME, BEST_RULE_TEXT, BestTracker, best_state_epochs
 from dtl_fast.train.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -39,10 +39,12 @@ from dtl_fast.train.distributed import (
     on_every_rank,
     resolve_device,
 )
+from dtl_fast.train.graphs import LossSums, StepRunner, set_capturable
 from dtl_fast.train.progress import EpochProgress
 from dtl_fast.train.reports import (
     HEADS,
     MODEL_NAMES,
+    format_best_table,
     format_table,
     format_val_line,
     machine_info,
@@ -195,6 +197,10 @@ def _open_data(config: TrainConfig, dist_info: Dist, root: Path, ckpt_path: Path
 
 
 def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: float) -> dict:
+    # the same on every rank, and before the data is built or checked: a flag that cannot work
+    # (--cuda-graphs on a CPU, fused without Triton) fails at once
+    backend = module_backend(config.backend, device)
+    use_graphs, graphs_reason = graphs_decision(config, device, backend, dist_info)
     # Each step runs on every rank and fails on every rank if it fails on one; its collective
     # also orders the steps: no rank reads the demo data before it is built.
     out, root = on_every_rank(lambda: _setup(config, dist_info), dist_info)
@@ -211,12 +217,19 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
         if len(skipped) > 20:
             _log(dist_info, f"  and {len(skipped) - 20} more (all in metrics.json)")
 
-    backend = module_backend(config.backend, device)
     seed_everything(config.seed)
     models = _build_models(config, len(classes), backend)
     for m in models.values():
         m.to(device)
-    optims = {name: torch.optim.Adam(m.parameters(), lr=config.lr) for name, m in models.items()}
+        if use_graphs and hasattr(m, "static_shapes"):
+            # the models' static-shape mode: every frame of the padded clips is encoded (the
+            # padded ones masked out) and lengths stay on the device, so no shape depends on
+            # the lengths and nothing is read on the host: what a captured graph needs. The
+            # eager warm-up and partial-batch steps use it too, so all steps are one function.
+            m.static_shapes = True
+    # capturable: Adam's step count on the device, so its step can be captured in a graph
+    optims = {name: torch.optim.Adam(m.parameters(), lr=config.lr, capturable=use_graphs)
+              for name, m in models.items()}
 
     metrics = {"config": dataclasses.asdict(config), "classes": classes, "epochs": [],
                "skipped": skipped, "world_size": dist_info.world, "total_seconds": 0.0}
@@ -225,6 +238,8 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
         for name, m in models.items():
             m.load_state_dict(state["models"][name]["state_dict"])
             optims[name].load_state_dict(state["optimizers"][name])
+            # the checkpoint's run may have used the other mode (graphs on / off)
+            set_capturable(optims[name], use_graphs, device)
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
         metrics["epochs"] = list(state["metrics"].get("epochs", []))
         prior_seconds = float(state["metrics"].get("total_seconds", 0.0))
@@ -233,6 +248,12 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
     metrics["backend"] = {"requested": config.backend, "modules": backend, "device": str(device),
                           "amp": config.amp}
     metrics["machine"] = machine_info(device)
+    best = None
+    if dist_info.main:
+        # each model's best epoch so far and its weights (resume: from best.pt / the checkpoint)
+        best = BestTracker(models, out / BEST_NAME)
+        if state is not None:
+            best.restore(metrics["epochs"], state, ckpt_path)
 
     _log(dist_info, describe_backend(config.backend, backend, device)
          + ("; amp bf16" if config.amp else "") + (f"; {dist_info.world} processes (DDP)" if dist_info.active else ""))
@@ -254,9 +275,29 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
             for m in models.values():
                 torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
         train_models = {name: DDP(m, device_ids=ids) for name, m in models.items()}
+    if config.compile:
+        # the wrapped modules train; `models` (the originals, sharing the parameters) are saved
+        # and evaluated, so checkpoints hold plain state_dicts
+        train_models = {name: torch.compile(m) for name, m in train_models.items()}
+    runner = StepRunner(train_models, optims, device=device, amp=config.amp,
+                        batch_size=config.batch_size // dist_info.world, frames=config.max_frames,
+                        capture=use_graphs, fallback=config.cuda_graphs is None)
+    _log(dist_info, ("cuda graphs: on (" if use_graphs else "cuda graphs: off (") + graphs_reason + ")"
+         + ("; torch.compile: on" if config.compile else ""))
 
     def session_seconds():
         return prior_seconds + (time.perf_counter() - t_start)
+
+    def record_graphs():
+        used = runner.capture and runner.replays > 0
+        reason = graphs_reason
+        if use_graphs and runner.capture_error:
+            reason = f"capture failed, ran eagerly: {runner.capture_error}"
+        elif use_graphs and not used:
+            reason = (f"no full batch past the {runner.warmup} warm-up steps to capture; ran eagerly")
+        metrics["cuda_graphs"] = {"requested": config.cuda_graphs, "used": used, "reason": reason,
+                                  "replays": runner.replays}
+        metrics["compile"] = bool(config.compile)
 
     if start_epoch >= config.epochs:
         _log(dist_info, f"--resume: {ckpt_path} already holds all {start_epoch} epoch(s) "
@@ -267,7 +308,7 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
     n_train = len(datasets["train"])
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
-        sums = torch.zeros(len(MODEL_NAMES) + 1, dtype=torch.float64)
+        sums = LossSums(MODEL_NAMES, device)
         # counts the real samples of all ranks (the sampler's padding is left out), on rank 0
         bar = EpochProgress(n_train, f"epoch {epoch + 1}/{config.epochs}", world=dist_info.world,
                             enabled=config.progress and dist_info.main)
@@ -279,23 +320,19 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
             # GPU would cost a host sync in every module that takes them
             batch = batch.to(device, non_blocking=True)._replace(lengths=batch.lengths)
             n = int(batch.labels.numel())
-            losses = _step(train_models, optims, batch, device, config.amp)
-            for i, name in enumerate(MODEL_NAMES):
-                if name in losses:
-                    sums[i] += losses[name] * n
-            sums[-1] += n
+            losses = runner.step(batch)
+            sums.add(losses, n)  # on the device: no wait for the GPU here
             global_step += 1
             bar.update(n, loss=losses["dtl"])
+        total = sums.tensor()
+        if dist_info.active:  # every rank's losses, weighted by its samples
+            torch.distributed.all_reduce(total)
+        train_loss, count = sums.read(total)  # the epoch's one read of the device
+        train_loss = {name: v for name, v in train_loss.items() if name in models}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         bar.close()
-        if dist_info.active:  # every rank's losses, weighted by its samples
-            sums_dev = sums.to(device)
-            torch.distributed.all_reduce(sums_dev)
-            sums = sums_dev.cpu()
-        count = float(sums[-1])
-        train_loss = {name: float(sums[i]) / count for i, name in enumerate(MODEL_NAMES) if name in models}
         if dist_info.main:
             val = _accuracies(models, eval_loaders["validation"], device, config.amp)
             row = {"epoch": epoch + 1, "global_step": global_step, "train_loss": train_loss,
@@ -303,22 +340,31 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
                    "epoch_seconds": seconds}
             metrics["epochs"].append(row)
             metrics["total_seconds"] = session_seconds()
+            record_graphs()
+            improved = best.update(metrics["epochs"])
             _log(dist_info, format_val_line(epoch + 1, config.epochs, val)
-                 + f" | train loss DTL {train_loss['dtl']:.4f} | {row['samples_per_s']:.1f} samples/s")
+                 + f" | train loss DTL {train_loss['dtl']:.4f} | {row['samples_per_s']:.1f} samples/s"
+                 + (f" | new best: {', '.join(improved)}" if improved else ""))
             # a JSON round trip: plain data only, so the checkpoint loads with weights_only=True
             metrics = json.loads(json.dumps(metrics))
-            save_checkpoint(ckpt_path, {
+            ckpt = {
                 "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "global_step": global_step,
                 "classes": classes, "config": dataclasses.asdict(config),
                 "models": {name: {"config": m.config, "state_dict": m.state_dict()}
                            for name, m in models.items()},
                 "optimizers": {name: o.state_dict() for name, o in optims.items()},
                 "metrics": metrics, "rng": rng_state(device),
-            })
+            }
+            # checkpoint.pt first, then best.pt: a crash between the two leaves a best.pt one
+            # improvement behind, which --resume repairs from the checkpoint (BestTracker.restore)
+            save_checkpoint(ckpt_path, ckpt)
+            if improved:
+                best.save(ckpt)
             write_outputs(out, metrics)
         barrier(dist_info)
 
     if dist_info.main:
+        record_graphs()
         if metrics["epochs"]:
             final_val = metrics["epochs"][-1]["val_acc"]
         else:
@@ -326,16 +372,30 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
         test = _accuracies(models, eval_loaders["test"], device, config.amp)
         metrics["val_acc"] = final_val
         metrics["test_acc"] = test
+        if metrics["epochs"]:
+            # the same models at each one's best validation epoch (best.pt), on the test split
+            last_states = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
+                           for name, m in models.items()}
+            best.load_into(models)
+            metrics["best"] = best.summary(metrics["epochs"])
+            metrics["best"]["test_acc"] = _accuracies(models, eval_loaders["test"], device, config.amp)
+            for name, m in models.items():
+                m.load_state_dict(last_states[name])
         metrics["total_seconds"] = session_seconds()
         metrics["complete"] = True
-        table = format_table(final_val, test)
+        table = format_best_table(metrics.get("best"), final_val, test, config.epochs)
         print("\n" + table + "\n", flush=True)
+        print(BEST_RULE_TEXT, flush=True)
+        g = metrics["cuda_graphs"]
         print(f"run time {metrics['total_seconds']:.1f} s on {metrics['machine']['device_name']} "
-              f"({metrics['machine']['device']}); outputs in {out}", flush=True)
+              f"({metrics['machine']['device']}); cuda graphs {'on' if g['used'] else 'off'} "
+              f"({g['reason']}); outputs in {out}", flush=True)
         header = (f"# dtl-fast train results\n\ndata: {root}; epochs {config.epochs}; batch "
-                  f"{config.batch_size}; lr {config.lr}; backend {config.backend} ({backend} ran); "
-                  f"device {device}; run time {metrics['total_seconds']:.1f} s\n\n")
-        write_results(out, header, table)
+                  f"{config.batch_size}; lr {config.lr}; seed {config.seed}; backend "
+                  f"{config.backend} ({backend} ran); device {device}; cuda graphs "
+                  f"{'on' if g['used'] else 'off'}; compile {'on' if config.compile else 'off'}; "
+                  f"run time {metrics['total_seconds']:.1f} s\n\n")
+        write_results(out, header, table + "\n\n" + BEST_RULE_TEXT)
         write_outputs(out, metrics, plot=True)
     if dist_info.active:
         box = [metrics]
@@ -344,24 +404,32 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
     return metrics
 
 
-def _step(models: dict, optims: dict, batch, device: torch.device, amp: str | None) -> dict:
-    """One optimizer step of every model on the same batch; returns each model's loss (float)."""
-    from dtl_fast.models import dtl_loss
-
-    losses = {}
-    for name, model in models.items():
-        with _autocast(device, amp):
-            if name == "dtl":
-                loss = dtl_loss(model(batch.images, batch.videos, batch.lengths), batch.labels)
-            elif name == "image_cnn":
-                loss = F.cross_entropy(model(batch.images).float(), batch.labels)
-            else:
-                loss = F.cross_entropy(model(batch.videos, batch.lengths).float(), batch.labels)
-        optims[name].zero_grad(set_to_none=True)
-        loss.backward()
-        optims[name].step()
-        losses[name] = float(loss.detach())
-    return losses
+def graphs_decision(config: TrainConfig, device: torch.device, backend: str, dist_info: Dist):
+    """(use CUDA graphs?, why / why not) for this run. Auto (--cuda-graphs left out): on for the
+    fused backend on CUDA in one process without --compile; --cuda-graphs where that does not
+    hold is a ValueError naming the flag; --no-cuda-graphs: off."""
+    if config.cuda_graphs is False:
+        return False, "--no-cuda-graphs"
+    blockers = []
+    if device.type != "cuda":
+        blockers.append(f"the device is {device}: graphs need CUDA")
+    elif backend != "fused":
+        blockers.append(f"the modules run backend {backend!r} (graphs are used with the fused "
+                        "kernels, the path kept free of host syncs)")
+    if dist_info.active:
+        blockers.append("DDP under torchrun runs eagerly")
+    if config.compile:
+        blockers.append("--compile (torch.compile'd models run without our graphs)")
+    if config.encoder == "resnet18":
+        # static shapes encode the padded frames too, and BatchNorm's batch statistics would
+        # see them: not the same function as the eager run
+        blockers.append("--encoder resnet18 (its BatchNorm would see the padded frames)")
+    if blockers:
+        if config.cuda_graphs:
+            raise ValueError("--cuda-graphs cannot be used here: " + "; ".join(blockers))
+        return False, "; ".join(blockers)
+    return True, (f"fused backend on {device}: static batch {config.batch_size}, clips padded to "
+                  f"--max-frames {config.max_frames}, the last partial batch eager")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,10 +437,11 @@ def _step(models: dict, optims: dict, batch, device: torch.device, amp: str | No
 
 def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, workers: int = 0,
              backend: str = "fused", verbose: bool = True) -> dict:
-    """Evaluates the five heads of a `dtl-fast train` checkpoint on DATA's validation and test
+    """Evaluates the five heads of a `dtl-fast train` checkpoint (OUT/checkpoint.pt: the last
+    epoch; OUT/best.pt: each model at its best validation epoch) on DATA's validation and test
     splits (a raw folder or a prepared data set), with the checkpoint's class list. Returns
-    {"val_acc": {...}, "test_acc": {...}, "epoch": int, "checkpoint": str, "data": str,
-    "table": str}; prints the table if verbose. Raises FileNotFoundError / ValueError naming the
+    {"val_acc": {...}, "test_acc": {...}, "epoch": int, "epochs": {model: epoch} for best.pt
+    else None, "checkpoint": str, "data": str, "table": str}; prints the table if verbose. Raises FileNotFoundError / ValueError naming the
     checkpoint, the folder or the flag."""
     from torch.utils.data import DataLoader
 
@@ -408,14 +477,20 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
         m.load_state_dict(entry["state_dict"])
         _set_backend(m, used)
         models[name] = m.to(dev).eval()
-    result = {"checkpoint": str(checkpoint), "data": str(root), "epoch": int(state["epoch"])}
+    result = {"checkpoint": str(checkpoint), "data": str(root), "epoch": int(state["epoch"]),
+              # best.pt: each model's own best epoch (None for checkpoint.pt: all at "epoch")
+              "epochs": best_state_epochs(state)}
     for split, key in (("validation", "val_acc"), ("test", "test_acc")):
         loader = DataLoader(datasets[split], batch_size=batch_size, shuffle=False, num_workers=workers,
                             collate_fn=collate_multimodal)
         result[key] = _accuracies(models, loader, dev, config.amp)
     result["table"] = format_table(result["val_acc"], result["test_acc"])
     if verbose:
-        print(f"checkpoint {checkpoint} (epoch {result['epoch']}), data {root}, "
-              + describe_backend(backend, used, dev))
+        if result["epochs"] is None:
+            which = f"epoch {result['epoch']}"
+        else:
+            which = "best.pt: " + ", ".join(f"{name} at its best epoch {e}"
+                                            for name, e in result["epochs"].items())
+        print(f"checkpoint {checkpoint} ({which}), data {root}, " + describe_backend(backend, used, dev))
         print(result["table"])
     return result

@@ -3,6 +3,10 @@ widget in Jupyter, one line per 30 s in a log), counting samples, and under torc
 real ones: the DistributedSampler's padding is left out, so the count never passes the total."""
 from __future__ import annotations
 
+import time
+
+import torch
+
 from dtl_fast._progress import progress_bar
 
 
@@ -37,15 +41,26 @@ class EpochProgress:
         self.world = world
         self.n = 0  # real samples done, over all ranks
         self._seen = 0  # samples this rank has processed, padded duplicates included
+        self.enabled = bool(enabled)
         self._bar = progress_bar(total, desc, unit=" samples", enabled=enabled, stream=stream,
                                  log_interval=log_interval, leave=True)
+        # a loss given as a tensor is read (a wait for the device) at most this often
+        self._loss_interval = float(getattr(self._bar, "mininterval", 0.1)) if enabled else 0.0
+        self._loss_read = None
 
-    def update(self, n: int, loss: float | None = None) -> None:
-        """Adds this rank's `n` processed samples and, if given, the latest loss."""
+    def update(self, n: int, loss=None) -> None:
+        """Adds this rank's `n` processed samples and, if given, the latest loss: a number, or a
+        0-d tensor on the device, which is read only when the bar may draw it (at most once per
+        redraw interval, and at the epoch's last batch), never on a disabled bar: reading a GPU
+        tensor waits for the GPU."""
         self._seen += int(n)
         done = min(self.total, self._seen * self.world)
-        if loss is not None:
-            self._bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+        if loss is not None and self.enabled:
+            now = time.monotonic()
+            if (not isinstance(loss, torch.Tensor) or done >= self.total
+                    or self._loss_read is None or now - self._loss_read >= self._loss_interval):
+                self._loss_read = now
+                self._bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
         if done > self.n:
             self._bar.update(done - self.n)
             self.n = done

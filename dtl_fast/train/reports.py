@@ -50,6 +50,29 @@ def format_table(val: dict | None, test: dict | None) -> str:
     return "\n".join(lines)
 
 
+def format_best_table(best: dict | None, last_val: dict | None, last_test: dict | None,
+                      last_epoch: int) -> str:
+    """The results table of a run (markdown), one row per head: its model's best validation
+    epoch, validation and test accuracy there, and both at the last epoch (`last_epoch`).
+
+    best: metrics["best"] ({"epoch": {model: epoch}, "val_acc": {head: acc}, "test_acc": {head:
+    acc}}) or None (no epoch trained in this run's history: the plain last-epoch table)."""
+    if best is None:
+        return format_table(last_val, last_test)
+
+    def cell(acc):
+        return "-" if acc is None else f"{100.0 * acc:.2f} %"
+    lines = ["| method | best epoch | val acc (best) | test acc (best) | "
+             f"val acc (last, {last_epoch}) | test acc (last) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, label in HEADS:
+        epoch = best["epoch"].get(HEAD_MODEL[key])
+        lines.append(f"| {label} | {'-' if epoch is None else epoch} | {cell(best['val_acc'].get(key))} | "
+                     f"{cell((best.get('test_acc') or {}).get(key))} | {cell((last_val or {}).get(key))} | "
+                     f"{cell((last_test or {}).get(key))} |")
+    return "\n".join(lines)
+
+
 def format_val_line(epoch: int, epochs: int, val: dict) -> str:
     """"epoch 3/20 val acc: image CNN 81.00%, ..." for the heads that have an accuracy."""
     short = {"image_cnn": "image CNN", "video_baseline": "video baseline", "dtl_image": "DTL image",
