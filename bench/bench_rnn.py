@@ -13,6 +13,9 @@ Providers (the first is the baseline every ratio is taken against, timed in the 
   dtl_fast     dtl_fast.ops.lstm / gru: backend="fused" (Triton) on CUDA; backend="auto"
                (PyTorch's native kernels) on CPU -- the fused kernels on CPU tensors would run
                in the Triton interpreter, which is never timed (a "skipped" row says so)
+  dtl_fast:auto  (CUDA) backend="auto": the path dtl_fast.ops.rnn.auto_path picks for the
+               case (extra "path": "native" = cuDNN, or "fused:<impl>"); its ratio is the
+               "swapping in never costs" figure (on CPU the dtl_fast row is already auto)
 
 Every case: one layer (num_layers=1), input size = hidden size H, time-major input [T, B, H]
 (batch_first=False, cuDNN's own layout), no lengths (all sequences full), bias on, hx=None
@@ -31,7 +34,7 @@ torch.nn itself must be within 10x TOL64 of float64 (a sanity check of the groun
 provider that fails is recorded "gate-failed: ..." and not timed.
 
 extra: rel_base / rel64 (worst tensor), x_eager (reference ms / this ms), tflops (GEMM FLOPs of
-the recurrence + input projection over the time), compile_s (first call of the compiled
+the recurrence + input projection over the time), us_per_step (median / T), compile_s (first call of the compiled
 provider), peak_mb (CUDA), cudnn, impl (what "auto" runs), noisy.
 
 Time budget (--time-budget): a case is not started once it is spent (its rows say "skipped: time
@@ -132,6 +135,10 @@ CPU_QUICK = _cells((16, 16, 128, True, "float32")) + [Case("lstm", 16, 64, 128, 
                                                            eager=False)]
 CPU_TINY = _cells((2, 5, 8, True, "float32"))  # tests/test_bench_smoke.py
 
+# FlashRNN's published case (NX-AI/flashrnn, H100 SXM): uni LSTM fp16 B16 T1024 H768, where their
+# table has cuDNN at 2.01 ms forward and 5.19 ms forward+backward: our rows sit beside theirs.
+FLASHRNN_CASE = Case("lstm", 16, 1024, 768, False, "float16", eager=False)
+
 # GPU quick (gpu_check.sh): one cheap case per acceptance figure first (both cells, bi bf16
 # B16 T128 H256: a headline case, so it feeds the headline, the 0.9x-everywhere and the
 # 20x-eager figures at once), then the bigger ones, so a budget cut drops the expensive tail;
@@ -144,7 +151,8 @@ GPU_QUICK = _cells(
     (64, 128, 256, False, "float32"),  # unidirectional, TF32 off
     (64, 128, 256, False, "float32-tf32"),  # TF32 on
     (128, 512, 1024, True, "bfloat16", {"eager": False}),  # biggest headline case, no eager
-) + _cells((64, 16, 256, True, "bfloat16", {"compile": True}))
+    (16, 1024, 256, True, "bfloat16", {"eager": False}),  # T = 1024
+) + [FLASHRNN_CASE] + _cells((64, 16, 256, True, "bfloat16", {"compile": True}))
 
 
 def _gpu_full() -> list[Case]:
@@ -154,11 +162,12 @@ def _gpu_full() -> list[Case]:
             for bi in (True, False):
                 for H_ in (128, 256, 512, 1024):
                     for B in (16, 64, 128):
-                        for T in (16, 128, 512):
+                        for T in (16, 128, 512, 1024):
                             comp = (T <= 128 and B == 64 and H_ in (256, 1024)
                                     and dtype in ("bfloat16", "float32") and bi)
                             cases.append(Case(cell, B, T, H_, bi, dtype, eager=T <= 128,
                                               compile=comp))
+    cases.append(FLASHRNN_CASE)  # H = 768 is outside the grid's H set
     # headline cases first, compile cases last, the rest in grid order
     return sorted(cases, key=lambda c: (not c.figure_case(), c.compile))
 
@@ -248,6 +257,17 @@ def _standin_native(cell, x, hx, weights, *, bidirectional=False, backend=None, 
 _AUTO_IMPL: dict[str, str] = {}
 
 
+def _auto_path(case: Case, device: str) -> str:
+    """What backend="auto" runs for this case (dtl_fast.ops.rnn.auto_path), for the row."""
+    try:
+        O = importlib.import_module("dtl_fast.ops.rnn")
+        dtype = {"float32-tf32": torch.float32}.get(case.dtype) or getattr(torch, case.dtype)
+        return O.auto_path(case.cell.upper(), dtype, case.B, case.H, case.T, 2 if case.bi else 1,
+                           None, device)
+    except Exception as exc:  # noqa: BLE001
+        return f"? ({type(exc).__name__})"
+
+
 def load_api(standin: bool):
     """Returns ({cell: reference_fn}, {cell: dtl_fast_fn} or None, note). Each fn takes
     (x, hx, weights, *, bidirectional, backend=...) like dtl_fast.ops.lstm."""
@@ -320,6 +340,9 @@ def make_providers(case: Case, module, ref_fns, fused_fns, device: str, compiled
         if device == "cpu":
             provs["dtl_fast:fused"] = ("skipped: the fused kernels on CPU tensors run in the Triton "
                                        "interpreter: never timed")
+        else:
+            provs["dtl_fast:auto"] = lambda x: _unpack(cell, fn(x, None, weights, bidirectional=bi,
+                                                                backend="auto"))
     return provs
 
 
@@ -605,6 +628,9 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
         fl = flops(case, mode)
         for name, t in times.items():
             ex = H.speed_extras(extras[name], t[0], fl, ref_ms, peaks.get(name))
+            ex["us_per_step"] = round(t[0] * 1e3 / case.T, 2)
+            if name == "dtl_fast:auto":
+                ex["path"] = _auto_path(case, device)
             if name == BASELINE and cudnn_ok is not None:
                 ex["cudnn"] = cudnn_ok
             if name == "dtl_fast":

@@ -599,8 +599,10 @@ def _cuda_case(mode, dtype, *, packed):
     ref = getattr(nn, mode)(I, H, num_layers=layers, bidirectional=True, batch_first=True)
     ref.to(dtype).float()  # weights representable in dtype, so every side computes on the same ones
     cudnn = copy.deepcopy(ref).cuda().to(dtype)
-    ours = OURS[mode].from_torch(copy.deepcopy(ref).cuda().to(dtype))  # auto: the fused kernels
-    assert ours.backend is None and next(ours.parameters()).dtype == dtype
+    # backend="fused": the Triton kernels under test ("auto" runs cuDNN at this shape: the rule
+    # in dtl_fast/ops/rnn.py, tested in tests/test_rnn_persistent.py)
+    ours = OURS[mode].from_torch(copy.deepcopy(ref).cuda().to(dtype), backend="fused")
+    assert ours.backend == "fused" and next(ours.parameters()).dtype == dtype
     ref64 = ref.double()  # ground truth: float64 on the CPU
     x = torch.randn(B, T, I).to(dtype).float()
     hx = [h.to(dtype).float() for h in make_hx(mode, layers, 2, B, H)]
@@ -633,10 +635,19 @@ def test_cuda_swap_modules(no_tf32):
     model = TinyModel().cuda()
     tokens = torch.randint(0, 20, (16, 33), device="cuda")
     out0, grads0 = model_grads(model, tokens)  # cuDNN
-    swap_modules(model)
+    swap_modules(model, backend="fused")
     assert type(model.parts["enc"].rnn) is LSTM
     assert model.parts["enc"].rnn.weight_ih_l0.is_cuda
     out1, grads1 = model_grads(model, tokens)  # the fused kernels
     assert_rel_close("output", out1, out0, 1e-4)
     for n in grads0:
         assert_rel_close(f"grad {n}", grads1[n], grads0[n], 1e-4)
+    # backend="auto" (the default) runs cuDNN at these shapes: the swapped model computes what
+    # the torch.nn one did (the same cuDNN calls on the same weights)
+    for m in model.modules():
+        if isinstance(m, (LSTM, GRU)):
+            m.backend = "auto"
+    out2, grads2 = model_grads(model, tokens)
+    assert_rel_close("output (auto)", out2, out0, 1e-6)
+    for n in grads0:
+        assert_rel_close(f"grad {n} (auto)", grads2[n], grads0[n], 1e-6)

@@ -233,7 +233,7 @@ class _RNNBase(nn.Module):
                 raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
             self._check_dtype(data)
             hx = self._check_hx_dims(hx, batched=True)
-            if resolve_backend(self.backend) == "auto" and data.device.type != "cuda":
+            if resolve_backend(self.backend) == "auto" and self._auto_native_packed(data, batch_sizes):
                 return self._packed_native(input, hx)
             # Padded in the caller's batch order, like hx and h_n, so neither needs permuting.
             x, lengths = pad_packed_sequence(input)
@@ -265,9 +265,21 @@ class _RNNBase(nn.Module):
                       else hidden.squeeze(1))
         return output, hidden
 
+    def _auto_native_packed(self, data: torch.Tensor, batch_sizes: torch.Tensor) -> bool:
+        """Whether backend="auto" runs PyTorch's kernel for this PackedSequence (the op layer's
+        rule, dtl_fast.ops.rnn.auto_path: always on the CPU, on CUDA where no measured row puts
+        a fused kernel ahead); then it goes in packed, without the pad / pack round trip."""
+        dtype = data.dtype
+        if torch.is_autocast_enabled(data.device.type) and dtype in (torch.float32, torch.float64):
+            dtype = torch.get_autocast_dtype(data.device.type)
+        B, T = (int(batch_sizes[0]), len(batch_sizes)) if len(batch_sizes) else (0, 0)
+        return _ops().auto_path(self.mode, dtype, B, self.hidden_size, T,
+                                2 if self.bidirectional else 1, batch_sizes, data.device) == "native"
+
     def _packed_native(self, input: PackedSequence, hx):
-        """PyTorch's own packed-sequence RNN kernel, the call torch.nn.LSTM / GRU make: on the
-        CPU ("auto") a PackedSequence goes straight in, without the pad / pack round trip."""
+        """PyTorch's own packed-sequence RNN kernel, the call torch.nn.LSTM / GRU make: with
+        backend "auto" (see _auto_native_packed) a PackedSequence goes straight in, without the
+        pad / pack round trip."""
         data, batch_sizes, sorted_indices, unsorted_indices = input
         if data.size(-1) != self.input_size:
             raise RuntimeError("input.size(-1) must be equal to input_size. Expected "
@@ -315,9 +327,10 @@ class LSTM(_RNNBase):
          bidirectional=False, proj_size=0, device=None, dtype=None, *, backend=None)
 
     backend: "auto" | "fused" | "reference", or None to read $DTL_FAST_BACKEND (else "auto")
-    at each call; settable after construction (`lstm.backend = "fused"`). "auto" runs the
-    Triton kernels on CUDA tensors and PyTorch's native kernels on CPU tensors. proj_size > 0
-    raises NotImplementedError.
+    at each call; settable after construction (`lstm.backend = "fused"`). "auto" runs
+    PyTorch's native kernels on CPU tensors and, on CUDA, cuDNN except where a measured GPU row
+    puts the Triton kernels ahead (dtl_fast.ops.rnn.auto_rule()); "fused" always the Triton
+    kernels. proj_size > 0 raises NotImplementedError.
 
     forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n)):
         input: [T, B, input_size] ([B, T, input_size] if batch_first), [T, input_size]

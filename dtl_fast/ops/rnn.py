@@ -10,9 +10,20 @@ and its backward
     dW_hh = dgates^T @ h_prev                                one batched GEMM over all steps
     dW_ih, db, dx                                           autograd of the projection GEMM
 so every weight gradient is a GEMM (deterministic, no atomics).
+
+The recurrence has three fused implementations ("impl"), all computing the same function with
+the same saved tensors:
+    "loop"        kernels/rnn.py: one program per direction and 16 batch rows, time loop inside
+    "persistent"  kernels/rnn_persistent.py: D x P programs, each owning H/P hidden units of one
+                  direction for all T steps, a grid-wide barrier per step (CUDA only)
+    "step"        the persistent kernel's step code, one launch per step (any device; the
+                  persistent path's fallback when its grid cannot be co-resident)
+backend="fused" runs FUSED_DEFAULT_IMPL ($DTL_FAST_RNN_IMPL overrides it); backend="auto" asks
+auto_path, a rule from measured GPU rows (AUTO_FUSED_REGIONS below).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -35,13 +46,103 @@ def _kernels():
     return k
 
 
+def _persistent():
+    from dtl_fast.kernels import rnn_persistent as k
+    return k
+
+
+IMPLS = ("loop", "persistent", "step")
+IMPL_ENV_VAR = "DTL_FAST_RNN_IMPL"
+# What backend="fused" means: the best fused variant measured so far. Today's "loop" kernel stays
+# the default until a GPU run (bench/gpu_rnn_persistent.sh) measures the persistent one faster:
+# the persistent kernel has never run on a GPU (no device was lent while it was written).
+FUSED_DEFAULT_IMPL = "loop"
+
+
+def fused_impl() -> str:
+    """The fused implementation backend="fused" runs: $DTL_FAST_RNN_IMPL if set, else
+    FUSED_DEFAULT_IMPL. Raises ValueError naming the variable for anything not in IMPLS."""
+    impl = os.environ.get(IMPL_ENV_VAR) or FUSED_DEFAULT_IMPL
+    if impl not in IMPLS:
+        raise ValueError(f"${IMPL_ENV_VAR} must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    return impl
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="auto": which path runs, from measured GPU rows
+# ----------------------------------------------------------------------------------------------
+
+# Where the rule comes from: one benchmark run; its rows are in bench/results/rnn.csv.
+AUTO_RULE_SOURCE = {"card": "NVIDIA H200", "run_id": "gpucheck-20261127T013134-437",
+                    "csv": "bench/results/rnn.csv", "torch": "2.11.0+cu130", "triton": "3.6.0"}
+# The regions of (cell, dtype, directions, B, H, T, lengths) where a fused implementation
+# measured faster than cuDNN (torch.nn) in BOTH forward and forward+backward in that run (auto
+# cannot know at the forward whether a backward follows). Everywhere else on CUDA, auto runs
+# PyTorch's cuDNN path. In that run the "loop" kernel was 0.02-0.51x cuDNN in 13 of the 14
+# timed shapes (the recurrence is latency-bound on 2-16 SMs: bench/NOTES.md); it won only at
+# T=16, B=64, H=256 (bi bf16): LSTM 1.35x forward / 1.16x forward+backward, GRU 0.95x / 1.34x.
+# A single point does not define a region, so the entry is that exact shape. The persistent
+# kernel has no entry: it is unmeasured, and auto does not pick it until a GPU row says it wins
+# (bench/gpu_rnn_persistent.sh prints the rows that would go here).
+AUTO_FUSED_REGIONS: tuple[dict, ...] = (
+    dict(cell="LSTM", dtypes=(torch.bfloat16,), D=(2,), B=(64, 64), H=(256, 256), T=(16, 16),
+         lengths=False, impl="loop", measured="1.353x fwd, 1.157x fwd+bwd"),
+)
+
+
+def auto_rule() -> str:
+    """One or two lines saying what backend="auto" runs for lstm / gru (for `dtl-fast info`)."""
+    wins = "; ".join(
+        f"{r['cell']} D={'/'.join(map(str, r['D']))} {'/'.join(str(d).replace('torch.', '') for d in r['dtypes'])} "
+        f"B{_span(r['B'])} H{_span(r['H'])} T{_span(r['T'])}{'' if r['lengths'] else ' no lengths'} "
+        f"-> fused {r['impl']} ({r['measured']})" for r in AUTO_FUSED_REGIONS)
+    src = AUTO_RULE_SOURCE
+    return (f"CUDA: PyTorch's cuDNN path (torch.lstm / torch.gru) except {wins or 'nowhere'}; "
+            f"measured on {src['card']}, run {src['run_id']} ({src['csv']}); the persistent "
+            f"kernel is unmeasured and never picked.\n"
+            "CPU (and float64): PyTorch's native kernels (torch.lstm / torch.gru).")
+
+
+def _span(r) -> str:
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
+def auto_path(cell: str, dtype: torch.dtype, B: int, H: int, T: int, D: int, lengths,
+              device) -> str:
+    """Which path backend="auto" takes for one call: "native" (PyTorch's torch.lstm /
+    torch.gru: cuDNN on CUDA, the native kernels on the CPU) or "fused:<impl>" (impl in IMPLS).
+
+    cell "LSTM" | "GRU"; dtype the recurrence's dtype (the autocast dtype under autocast);
+    B batch, H hidden size, T steps, D directions (1 or 2); lengths None or anything (only
+    whether there are lengths counts); device a torch.device or its string.
+    """
+    if cell not in ("LSTM", "GRU"):
+        raise ValueError(f"auto_path: cell must be 'LSTM' or 'GRU', got {cell!r}")
+    if D not in (1, 2):
+        raise ValueError(f"auto_path: D must be 1 or 2, got {D!r}")
+    if torch.device(device).type != "cuda" or dtype == torch.float64:
+        return "native"
+    has_len = lengths is not None
+    for r in AUTO_FUSED_REGIONS:
+        if (r["cell"] == cell and dtype in r["dtypes"] and D in r["D"]
+                and r["B"][0] <= B <= r["B"][1] and r["H"][0] <= H <= r["H"][1]
+                and r["T"][0] <= T <= r["T"][1] and (r["lengths"] or not has_len)):
+            return "fused:" + r["impl"]
+    return "native"
+
+
 # ----------------------------------------------------------------------------------------------
 # Registered ops
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("dtl_fast::lstm_recurrence", mutates_args=())
 def lstm_recurrence(gates_x: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                    lengths: Optional[torch.Tensor]
+                    lengths: Optional[torch.Tensor], impl: str = "loop"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LSTM recurrence of one layer, both directions in one launch.
 
@@ -49,13 +150,17 @@ def lstm_recurrence(gates_x: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     all of one float dtype; lengths None or int64 [B] on gates_x's device.
     Returns out [T, B, D*H], h_n, c_n [D, B, H] (gates_x's dtype) and, for the backward,
     act [T, B, D, 4H] (gate activations i, f, g, o) and c_all [T, B, D, H] (cell states), both
-    float32 (float64 for float64 input).
+    float32 (float64 for float64 input). impl: one of IMPLS ("loop", "persistent", "step"); every
+    implementation returns the same tensors.
     """
-    return _kernels().lstm_forward(gates_x, w_hh, h0, c0, lengths)
+    _check_impl(impl)
+    if impl == "loop":
+        return _kernels().lstm_forward(gates_x, w_hh, h0, c0, lengths)
+    return _persistent().lstm_forward(gates_x, w_hh, h0, c0, lengths, persistent=impl == "persistent")
 
 
 @lstm_recurrence.register_fake
-def _(gates_x, w_hh, h0, c0, lengths):
+def _(gates_x, w_hh, h0, c0, lengths, impl="loop"):
     T, B, D, G = gates_x.shape
     H = w_hh.shape[-1]
     torch._check(G == 4 * H, lambda: f"lstm_recurrence: gates_x last dim {G} != 4 * {H}")
@@ -67,15 +172,20 @@ def _(gates_x, w_hh, h0, c0, lengths):
 @torch.library.custom_op("dtl_fast::lstm_recurrence_backward", mutates_args=())
 def lstm_recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, grad_cn: torch.Tensor,
                              w_hh: torch.Tensor, c0: torch.Tensor, act: torch.Tensor,
-                             c_all: torch.Tensor, lengths: Optional[torch.Tensor]
+                             c_all: torch.Tensor, lengths: Optional[torch.Tensor],
+                             impl: str = "loop"
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reverse-time dh/dc recurrence of lstm_recurrence: returns dgates [T, B, D, 4H] (the
     gradient of gates_x, in w_hh's dtype) and dh0, dc0 [D, B, H] (float32 / float64)."""
-    return _kernels().lstm_backward(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths)
+    _check_impl(impl)
+    if impl == "loop":
+        return _kernels().lstm_backward(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths)
+    return _persistent().lstm_backward(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths,
+                                       persistent=impl == "persistent")
 
 
 @lstm_recurrence_backward.register_fake
-def _(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths):
+def _(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths, impl="loop"):
     T, B, D, G = act.shape
     H = G // 4
     acc = _acc_dtype(w_hh.dtype)
@@ -85,20 +195,23 @@ def _(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths):
 
 @torch.library.custom_op("dtl_fast::gru_recurrence", mutates_args=())
 def gru_recurrence(gates_x: torch.Tensor, w_hh: torch.Tensor, b_hn: torch.Tensor, h0: torch.Tensor,
-                   lengths: Optional[torch.Tensor]
+                   lengths: Optional[torch.Tensor], impl: str = "loop"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GRU recurrence of one layer, both directions in one launch.
 
     gates_x [T, B, D, 3H] (W_ih x + b_ih, plus b_hr, b_hz on the r and z gates), w_hh [D, 3H, H],
     b_hn [D, H], h0 [D, B, H], one float dtype; lengths None or int64 [B].
     Returns out [T, B, D*H], h_n [D, B, H] and, for the backward, act [T, B, D, 4H]
-    (r, z, n, W_hn h + b_hn) in float32 (float64 for float64 input).
+    (r, z, n, W_hn h + b_hn) in float32 (float64 for float64 input). impl as lstm_recurrence.
     """
-    return _kernels().gru_forward(gates_x, w_hh, b_hn, h0, lengths)
+    _check_impl(impl)
+    if impl == "loop":
+        return _kernels().gru_forward(gates_x, w_hh, b_hn, h0, lengths)
+    return _persistent().gru_forward(gates_x, w_hh, b_hn, h0, lengths, persistent=impl == "persistent")
 
 
 @gru_recurrence.register_fake
-def _(gates_x, w_hh, b_hn, h0, lengths):
+def _(gates_x, w_hh, b_hn, h0, lengths, impl="loop"):
     T, B, D, G = gates_x.shape
     H = w_hh.shape[-1]
     torch._check(G == 3 * H, lambda: f"gru_recurrence: gates_x last dim {G} != 3 * {H}")
@@ -110,16 +223,20 @@ def _(gates_x, w_hh, b_hn, h0, lengths):
 @torch.library.custom_op("dtl_fast::gru_recurrence_backward", mutates_args=())
 def gru_recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, w_hh: torch.Tensor,
                             h0: torch.Tensor, out: torch.Tensor, act: torch.Tensor,
-                            lengths: Optional[torch.Tensor]
+                            lengths: Optional[torch.Tensor], impl: str = "loop"
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reverse-time dh recurrence of gru_recurrence: returns dgates_x [T, B, D, 3H] (gradient of
     gates_x), dgates_h [T, B, D, 3H] (gradient of W_hh h + [b_hr, b_hz, b_hn]), both in w_hh's
     dtype, and dh0 [D, B, H] (float32 / float64)."""
-    return _kernels().gru_backward(grad_out, grad_hn, w_hh, h0, out, act, lengths)
+    _check_impl(impl)
+    if impl == "loop":
+        return _kernels().gru_backward(grad_out, grad_hn, w_hh, h0, out, act, lengths)
+    return _persistent().gru_backward(grad_out, grad_hn, w_hh, h0, out, act, lengths,
+                                      persistent=impl == "persistent")
 
 
 @gru_recurrence_backward.register_fake
-def _(grad_out, grad_hn, w_hh, h0, out, act, lengths):
+def _(grad_out, grad_hn, w_hh, h0, out, act, lengths, impl="loop"):
     T, B, D, G4 = act.shape
     H = G4 // 4
     acc = _acc_dtype(w_hh.dtype)
@@ -159,9 +276,10 @@ def _zeros_if_none(g, like: torch.Tensor, shape=None):
 
 
 def _lstm_setup(ctx, inputs, output):
-    gates_x, w_hh, h0, c0, lengths = inputs
+    gates_x, w_hh, h0, c0, lengths, impl = inputs
     out, _, _, act, c_all = output
     ctx.save_for_backward(w_hh, h0, c0, out, act, c_all, lengths)
+    ctx.impl = impl  # the backward runs the same implementation
 
 
 def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _g_act, _g_call):
@@ -170,20 +288,21 @@ def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _g_act, _g_call):
     grad_hn = _zeros_if_none(grad_hn, h0).contiguous()
     grad_cn = _zeros_if_none(grad_cn, c0).contiguous()
     dgates, dh0, dc0 = torch.ops.dtl_fast.lstm_recurrence_backward(
-        grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths)
+        grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths, ctx.impl)
     g_w = _grad_w_hh(dgates, _h_prev(out, h0, lengths)) if ctx.needs_input_grad[1] else None
     return (dgates if ctx.needs_input_grad[0] else None, g_w,
             dh0.to(h0.dtype) if ctx.needs_input_grad[2] else None,
-            dc0.to(c0.dtype) if ctx.needs_input_grad[3] else None, None)
+            dc0.to(c0.dtype) if ctx.needs_input_grad[3] else None, None, None)
 
 
 torch.library.register_autograd("dtl_fast::lstm_recurrence", _lstm_backward, setup_context=_lstm_setup)
 
 
 def _gru_setup(ctx, inputs, output):
-    gates_x, w_hh, b_hn, h0, lengths = inputs
+    gates_x, w_hh, b_hn, h0, lengths, impl = inputs
     out, _, act = output
     ctx.save_for_backward(w_hh, h0, out, act, lengths)
+    ctx.impl = impl
 
 
 def _gru_backward(ctx, grad_out, grad_hn, _g_act):
@@ -191,14 +310,14 @@ def _gru_backward(ctx, grad_out, grad_hn, _g_act):
     grad_out = _zeros_if_none(grad_out, out).contiguous()
     grad_hn = _zeros_if_none(grad_hn, h0).contiguous()
     dgx, dgh, dh0 = torch.ops.dtl_fast.gru_recurrence_backward(
-        grad_out, grad_hn, w_hh, h0, out, act, lengths)
+        grad_out, grad_hn, w_hh, h0, out, act, lengths, ctx.impl)
     H = w_hh.shape[-1]
     g_w = _grad_w_hh(dgh, _h_prev(out, h0, lengths)) if ctx.needs_input_grad[1] else None
     g_bhn = None
     if ctx.needs_input_grad[2]:
         g_bhn = dgh[..., 2 * H:].sum(dim=(0, 1), dtype=_acc_dtype(w_hh.dtype)).to(w_hh.dtype)
     return (dgx if ctx.needs_input_grad[0] else None, g_w, g_bhn,
-            dh0.to(h0.dtype) if ctx.needs_input_grad[3] else None, None)
+            dh0.to(h0.dtype) if ctx.needs_input_grad[3] else None, None, None)
 
 
 torch.library.register_autograd("dtl_fast::gru_recurrence", _gru_backward, setup_context=_gru_setup)
@@ -240,7 +359,7 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
 
 
 def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
-           training, has_bias, H, D):
+           training, has_bias, H, D, impl):
     require_triton(x.device, f"{mode.lower()}(backend='fused') on {x.device.type} tensors")
     G = 4 if mode == "LSTM" else 3
     per_dir = 4 if has_bias else 2
@@ -276,14 +395,14 @@ def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first
             h0 = hs[0][sl].to(dt)
             c0 = hs[1][sl].to(dt) if mode == "LSTM" else None
         if mode == "LSTM":
-            out, hn, cn, _, _ = torch.ops.dtl_fast.lstm_recurrence(gates_x, w_hh, h0, c0, lengths)
+            out, hn, cn, _, _ = torch.ops.dtl_fast.lstm_recurrence(gates_x, w_hh, h0, c0, lengths, impl)
             c_n.append(cn)
         else:
             if has_bias:
                 b_hn = torch.stack([w[3][2 * H:] for w in ws]).to(dt)
             else:
                 b_hn = gates_x.new_zeros(D, H)
-            out, hn, _ = torch.ops.dtl_fast.gru_recurrence(gates_x, w_hh, b_hn, h0, lengths)
+            out, hn, _ = torch.ops.dtl_fast.gru_recurrence(gates_x, w_hh, b_hn, h0, lengths, impl)
         h_n.append(hn)
         if dropout > 0 and training and layer < num_layers - 1:
             out = F.dropout(out, float(dropout), training=True)
@@ -307,10 +426,20 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
                                        dropout=dropout, has_bias=has_bias)
     args = (mode, input, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
             training, has_bias, H, D)
-    # float64 has no GPU kernel (the fused float64 path is the interpreter's, for CPU tests).
-    if backend == "auto" and (input.device.type != "cuda" or input.dtype == torch.float64):
-        return _native(*args)
-    return _fused(*args)
+    if backend == "auto":
+        path = auto_path(mode, _run_dtype(input), input.shape[0 if batch_first else 1], H,
+                         input.shape[1 if batch_first else 0], D, lengths, input.device)
+        if path == "native":
+            return _native(*args)
+        return _fused(*args, path.split(":", 1)[1])
+    return _fused(*args, fused_impl())
+
+
+def _run_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the recurrence runs in: the autocast dtype under autocast, else x's."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional: bool = False,
@@ -331,8 +460,11 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             sequence's last valid step; h_n / c_n come from each sequence's last valid step.
         dropout, training: F.dropout(p=dropout) on each layer's output but the last, when training.
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
-            "auto": Triton kernels on CUDA tensors, PyTorch's native kernels on the CPU (and
-            for float64 CUDA tensors: the fused float64 path exists only in the interpreter).
+            "auto": the path auto_path picks: on CUDA PyTorch's cuDNN path (torch.lstm) except
+            where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule());
+            PyTorch's native kernels on the CPU and for float64.
+            "fused": the Triton kernels (FUSED_DEFAULT_IMPL; $DTL_FAST_RNN_IMPL = "loop" |
+            "persistent" | "step" picks another implementation).
 
     Returns:
         (output, (h_n, c_n)): output [T, B, D*H] (or [B, T, D*H]), h_n, c_n [num_layers * D, B, H],
