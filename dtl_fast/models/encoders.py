@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dtl_fast._checks import as_lengths_tensor
+from dtl_fast._device import to_device_async  # re-exported: dtl.py imports it from here
 from dtl_fast.nn.attention import capturing, check_range_no_sync
 
 __all__ = ["ConvEncoder", "ResNet18Encoder", "build_encoder", "encode_frames", "ENCODERS"]
@@ -273,18 +274,6 @@ def build_encoder(encoder: str = "cnn", in_channels: int = 3, width: int = 64, w
     if weights is not None:
         load_encoder_weights(module, weights, owner=owner)
     return module
-
-
-def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
-    """t on `device` without making the host wait: a CPU tensor bound for a GPU goes through
-    pinned memory (PyTorch's caching host allocator: no new allocation per call), since a
-    non-blocking copy from pageable memory may synchronise with the stream."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def valid_frame_index(lengths: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtl_fast._checks import as_lengths_tensor, check_lengths_range
+from dtl_fast._checks import as_lengths_tensor, check_lengths_range, device_capturing
 from dtl_fast._backend import resolve_backend
 from dtl_fast.ops.cosine_attention import cosine_attention
 
@@ -118,7 +118,7 @@ class _Lengths(NamedTuple):
 def capturing(t: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on the current stream (eager mode, not inside
     torch.compile tracing): no host read of device data is allowed then."""
-    return t.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+    return not torch.compiler.is_compiling() and device_capturing(t)
 
 
 def check_range_no_sync(lengths: torch.Tensor, lo: int, hi: int, *, owner: str, name: str,
@@ -127,11 +127,7 @@ def check_range_no_sync(lengths: torch.Tensor, lo: int, hi: int, *, owner: str, 
     mode: one sync); an asynchronous device assert under torch.compile and while a CUDA graph
     is captured (the caller checked the values on the host before copying them to the
     device: a bad value then aborts the CUDA context instead of raising here)."""
-    if capturing(lengths):
-        torch._assert_async(((lengths >= lo) & (lengths <= hi)).all(),
-                            f"{owner}: every {name}[b] must lie in [{lo}, {hi}]")
-        return
-    check_lengths_range(lengths, lo, hi, owner=owner, name=name, span=span)
+    check_lengths_range(lengths, lo, hi, owner=owner, name=name, span=span)  # capture-aware
 
 
 def _lengths(owner: str, name: str, lengths, x: torch.Tensor, N: int, x_name: str):

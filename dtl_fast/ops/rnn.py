@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
 from dtl_fast._triton import require_triton
 from dtl_fast.reference import rnn as _ref
@@ -366,7 +367,8 @@ def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first
     xt = x.transpose(0, 1) if batch_first else x  # [T, B, I]
     T, B = xt.shape[0], xt.shape[1]
     if lengths is not None:
-        lengths = lengths.to(device=x.device, dtype=torch.int64)
+        # CPU lengths (checked on the host) go over without a stream sync
+        lengths = to_device_async(lengths.to(torch.int64), x.device)
     h_n, c_n = [], []
     layer_in = xt
     for layer in range(num_layers):
