@@ -652,6 +652,7 @@ GPU_FWD = 2.0  # x cuDNN, headline cases
 GPU_FWDBWD = 1.5
 GPU_FLOOR = 0.9  # x cuDNN, everywhere
 GPU_EAGER = 20.0  # x the eager loop, everywhere
+GPU_AUTO = 0.95  # backend="auto" x torch.nn (cuDNN), everywhere: swapping the modules in never costs
 
 
 _ok = H.row_ok
@@ -726,6 +727,10 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
         if sel and len(in_mode) > len(sel):
             f["value"] += (f"; eager timed in {len(sel)} of {len(in_mode)} case(s) (only where "
                            "affordable)")
+        figs.append(H.mark_not_run(f, len([r for r in not_run if r["mode"] == mode])))
+        auto = [r for r in rows if r["provider"] == "dtl_fast:auto" and r["mode"] == mode]
+        f = _min_figure(f"gpu everywhere {mode:<16} auto >= {GPU_AUTO:g}x torch.nn", auto,
+                        "ratio", GPU_AUTO, "x")
         figs.append(H.mark_not_run(f, len([r for r in not_run if r["mode"] == mode])))
     return figs
 

@@ -100,15 +100,33 @@ _FAKE_GPU = dict(device="cuda", device_name="fake GPU", torch="t", triton="t", c
 
 
 def _gpu_rows(mod, cases, ratio, x_eager):
-    """dtl_fast rows with the given ratio (and x_eager) for every case and mode."""
+    """dtl_fast (fused) and dtl_fast:auto rows with the given ratio (and x_eager) for every
+    case and mode."""
     rows = []
     for variant, shape, dtype in cases:
         for mode in mod.MODES:
-            rows.append(H.make_row(kernel=mod.KERNEL, provider="dtl_fast", mode=mode,
-                                   variant=variant, shape=shape, dtype=dtype, stamp=_FAKE_GPU,
-                                   timing=(1.0, 0.99, 1.01), baseline=mod.BASELINE,
-                                   baseline_ms=ratio, extra={"x_eager": x_eager}, run_id="g"))
+            for provider in ("dtl_fast", "dtl_fast:auto"):
+                rows.append(H.make_row(kernel=mod.KERNEL, provider=provider, mode=mode,
+                                       variant=variant, shape=shape, dtype=dtype, stamp=_FAKE_GPU,
+                                       timing=(1.0, 0.99, 1.01), baseline=mod.BASELINE,
+                                       baseline_ms=ratio, extra={"x_eager": x_eager}, run_id="g"))
     return rows
+
+
+def test_rnn_auto_figure_fails_below_parity():
+    """`auto` >= 0.95x torch.nn everywhere: one case at 0.9x fails it; no auto rows = unmeasured."""
+    rows = _gpu_rows(BR, _RNN_CASES, ratio=50.0, x_eager=100.0)
+    slow = H.make_row(kernel=BR.KERNEL, provider="dtl_fast:auto", mode="forward",
+                      variant="gru-bi", shape="64x16x256", dtype="float32", stamp=_FAKE_GPU,
+                      timing=(1.0, 0.99, 1.01), baseline=BR.BASELINE, baseline_ms=0.9,
+                      extra={}, run_id="g")
+    figs = {f["name"]: f for f in BR.acceptance(rows + [slow], "cuda")}
+    auto_fwd = [f for n, f in figs.items() if "auto >=" in n and "forward " in n]
+    assert len(auto_fwd) == 1 and not auto_fwd[0]["passed"], auto_fwd
+    assert all(f["passed"] for n, f in figs.items() if "auto >=" in n and "backward" in n)
+    no_auto = [r for r in rows if r["provider"] != "dtl_fast:auto"]
+    figs = [f for f in BR.acceptance(no_auto, "cuda") if "auto >=" in f["name"]]
+    assert figs and not any(f["passed"] for f in figs)
 
 
 def _not_run_rows(mod, cases):
