@@ -45,7 +45,8 @@
 # step names to run, e.g. "test-dtl,bench-dtl"; default all: test-pool, test-rnn, test-attn,
 # test-dtl, bench-pool, bench-rnn, bench-attn, bench-dtl; the build always runs unless skipped;
 # sweep-pool, the frame_pool launch-constant sweep, runs only when listed: issue 13's one call is
-# GPU_CHECK_STEPS=test-pool,sweep-pool,bench-pool; GPU_CHECK_SWEEP_CAP, default 150 s).
+# GPU_CHECK_STEPS=test-pool,sweep-pool,bench-pool; GPU_CHECK_SWEEP_CAP, default 150 s; likewise
+# opt-in: sweep-rnn, sweep-attn, profile-dtl, train-graphs, see step 3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -241,9 +242,11 @@ if ((CUDA_BUILT)); then
 else
     skip test-pool "frame_pool CUDA not built"
 fi
-test_group test-rnn 55 tests/test_rnn_ops.py tests/test_rnn_modules.py
-test_group test-attn 70 tests/test_cosine_attention.py tests/test_attention_modules.py
-test_group test-dtl 100 tests/test_models.py tests/test_train.py
+test_group test-rnn 55 tests/test_rnn_ops.py tests/test_rnn_modules.py tests/test_rnn_persistent.py
+test_group test-attn 70 tests/test_cosine_attention.py tests/test_cosine_attention_*.py \
+    tests/test_attention_modules.py
+test_group test-dtl 100 tests/test_models.py tests/test_models_capture.py tests/test_train.py \
+    tests/test_train_graphs.py
 
 # ---- 3. benchmarks: one step per module, each with a share of what is left --------------------
 QUICK=(--quick)
@@ -277,6 +280,32 @@ else
         bench_step bench-pool bench_frame_pool 22   # ~22 % of what is left
     else
         skip bench-pool "frame_pool CUDA not built"
+    fi
+    # opt-in sweeps and profiles (only when listed in GPU_CHECK_STEPS; each bounded by its cap):
+    #   sweep-rnn    issue 10: the persistent kernel's variants against cuDNN (bench/sweep_rnn.py)
+    #   sweep-attn   issue 11: the attention tile configurations (bench/sweep_cosine_attention.py)
+    #   profile-dtl  issue 12: one training step profiled, eager fused and graphed
+    #                (bench/profile_dtl.py; GPU busy fraction, top kernels, peak memory)
+    #   train-graphs issue 12: a short dtl-fast train with CUDA graphs, then without
+    if [[ ",${GPU_CHECK_STEPS:-}," == *",sweep-rnn,"* ]]; then
+        step sweep-rnn "${GPU_CHECK_SWEEP_CAP:-150}" "$PY" bench/sweep_rnn.py \
+            --budget-s $(( ${GPU_CHECK_SWEEP_CAP:-150} - 40 ))
+    fi
+    if [[ ",${GPU_CHECK_STEPS:-}," == *",sweep-attn,"* && -f bench/sweep_cosine_attention.py ]]; then
+        step sweep-attn "${GPU_CHECK_SWEEP_CAP:-150}" "$PY" bench/sweep_cosine_attention.py \
+            --time-budget $(( ${GPU_CHECK_SWEEP_CAP:-150} - 40 ))
+    fi
+    if [[ ",${GPU_CHECK_STEPS:-}," == *",profile-dtl,"* ]]; then
+        step profile-dtl-fused 90 "$PY" bench/profile_dtl.py --device cuda --preset bench \
+            --backend fused --tf32 --optimizer
+        step profile-dtl-graphs 90 "$PY" bench/profile_dtl.py --device cuda --preset bench \
+            --backend fused --tf32 --graphs
+    fi
+    if [[ ",${GPU_CHECK_STEPS:-}," == *",train-graphs,"* ]]; then
+        step train-graphs 120 "$PY" -m dtl_fast.train --device cuda --backend fused --epochs 2 \
+            --batch-size 64 --out "$RES/train_graphs_${SLUG}" --no-progress
+        step train-eager 120 "$PY" -m dtl_fast.train --device cuda --backend fused --epochs 2 \
+            --batch-size 64 --out "$RES/train_eager_${SLUG}" --no-progress --no-cuda-graphs
     fi
     bench_step bench-rnn bench_rnn 40               # ~31 %
     bench_step bench-attn bench_cosine_attention 45   # ~21 %
