@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 # demo data split), the mean +- std table and the paired DTL - best baseline interval; sized to
 # finish (setup included) in under 10 minutes on a 2-core CPU machine; `dtl-fast train --help`
 # for the rest.
-DEMO_ARGS  ?= --seeds 3 --epochs 6 --batch-size 32 --image-size 16 --max-frames 8 --width 16 \
+DEMO_ARGS  ?= --seeds 3 --epochs 7 --batch-size 32 --image-size 16 --max-frames 8 --width 16 \
               --hidden-size 32 --dim 32 --num-heads 2 --num-layers 1
 
 DEPS_STAMP  := $(VENV)/.deps-installed
