@@ -11,11 +11,24 @@ Providers (the first is the baseline every ratio is taken against, timed in the 
   dtl_fast     dtl_fast.ops.cosine_attention: backend="fused" (Triton) on CUDA; backend="auto" on
                CPU (the reference or the composite, ops.cosine_attention.CPU_AUTO_PATH) -- the
                fused kernels on CPU tensors would run in the Triton interpreter, never timed
+  dtl_fast:auto  backend="auto" on CUDA (the rule ops.cosine_attention.auto_path: fused or the
+               composite per shape); its row's extra says which ("impl")
+  flex         torch.nn.attention.flex_attention under torch.compile (dynamic=False): q, k
+               normalised with F.normalize, a score_mod multiplying the logits by the per-head
+               scale, a block mask (create_block_mask, built once per case and input: what a
+               training step builds once per batch) for key_lengths / window; memory slots
+               appended to K / V (the mask lets every query see them). CUDA only (skipped on CPU
+               or where torch has no flex_attention, with the reason); its compile is budgeted as
+               torch.compile's. Without a mask it is a calibration: what Triton-generated
+               attention reaches on this card and stack.
+
+The composite's row records which SDPA backend ran (extra "sdpa": flash / efficient / cudnn /
+math, from torch._fused_sdp_choice on the composite's own arguments).
 
 Shapes ("BxHxNxd", self-attention: Nq = Nk = N, dv = d): DTL-sized (B 64, H 4-8, N 16-64,
-d 32-64) and long (B 4, H 16, N 1k-8k, d 64 / 128). Variants: plain (no key_lengths), pad
-(key_lengths uniform in [N/2, N], fixed seed), win+mem (window 8 and 8 memory slots; DTL shapes,
-full grid only). logit_scale: per head, uniform in [ln 5, ln 20] (scales 5-20, below the clamp).
+d 32-64) and long (B 4, H 16, N 1k-16k, d 64 / 128). Variants: plain (no key_lengths), pad
+(key_lengths uniform in [N/2, N], fixed seed), win64 / win256 (window 64 / 256), win+mem (window
+8 at N <= 64, else 64, and 8 memory slots). logit_scale: per head, uniform in [ln 5, ln 20] (scales 5-20, below the clamp).
 dtypes bfloat16, float16, float32 (TF32 off, PyTorch's default for matmuls).
 
 Modes: forward (under torch.no_grad()) and forward+backward (out.backward(g), g fixed random;
@@ -31,8 +44,10 @@ Memory: the reference holds several dense [B, H, N, N] float32 matrices (4 in th
 with the backward: 17 GB each at B 4, H 16, N 8k); the reference and the compiled reference are
 skipped, with the reason in the row, where that estimate exceeds 80 % of free GPU memory.
 
-extra: rel64, x_eager (reference ms / this ms), tflops (4 B H N N d forward, x2.5 with backward),
-compile_s, peak_mb (CUDA), impl, noisy.
+extra: rel64, x_eager (reference ms / this ms), tflops (every provider: 4 d per attended
+(query, key) pair -- B H N N for plain, the valid pairs for pad / window, plus the memory slots --
+forward; x3.5 forward+backward: FlashAttention-2's backward counts 2.5x the forward), compile_s,
+peak_mb (CUDA), impl, sdpa, noisy.
 
 Time budget (--time-budget): a case is not started once it is spent (its rows say "skipped: time
 budget spent", and every figure covering it FAILs with "N case(s) not run"); within a case each
@@ -74,7 +89,8 @@ TOL64 = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 5e-2), "float16": (5e-3, 2e
 BASELINE_SLACK = 10.0  # the composite itself: within 10x TOL64 (a sanity check of the ground
 # truth; the providers are held to max(TOL64, 2x the composite's own error))
 
-WINDOW, MEMORY = 8, 8  # the win+mem variant (DTL shapes)
+WINDOW, MEMORY = 8, 8  # the win+mem variant (DTL shapes; window 64 from N 128 on)
+VARIANT_WINDOW = {"win64": 64, "win256": 256}
 
 
 @dataclass(frozen=True)
@@ -102,9 +118,9 @@ def _dtl(*, variants=("plain", "pad"), dtypes=("bfloat16",)):
             for n in (16, 32, 64) for d in (32, 64)]
 
 
-def _long(*, variants=("plain", "pad"), dtypes=("bfloat16",)):
+def _long(*, variants=("plain", "pad"), dtypes=("bfloat16",), ns=(1024, 2048, 4096, 8192)):
     return [Case(4, 16, n, d, v, dt) for dt in dtypes for v in variants for d in (64, 128)
-            for n in (1024, 2048, 4096, 8192)]
+            for n in ns]
 
 
 CPU_QUICK = [  # `make demo` runs this three times: two DTL-sized cases keep it to seconds
@@ -129,6 +145,7 @@ GPU_QUICK = [
     Case(64, 8, 32, 64, "plain", "float32"),  # DTL-sized, float32
     Case(4, 16, 4096, 128, "pad", "float16"),  # d 128, padding
     Case(4, 16, 8192, 64, "plain", "bfloat16", eager=False),  # the longest Nk
+    Case(4, 16, 4096, 64, "win256", "bfloat16"),  # window >= 1.5x composite, >= 1.2x Flex
     Case(64, 8, 64, 64, "plain", "bfloat16", compile=True),  # DTL-sized + compiled
     Case(4, 16, 2048, 64, "plain", "bfloat16", compile=True),  # headline + compiled
 ]
@@ -136,12 +153,15 @@ GPU_QUICK = [
 
 def _gpu_full() -> list[Case]:
     dts = ("bfloat16", "float16", "float32")
-    cases = (_long(dtypes=dts) + _dtl(dtypes=dts)
-             + [Case(64, h, 64, 64, "win+mem", dt) for h in (4, 8) for dt in dts])
-    cases = [Case(c.B, c.Hh, c.N, c.d, c.variant, c.dtype, True, True) for c in cases]
+    cases = (_long(dtypes=dts, variants=("plain", "pad", "win64", "win256", "win+mem"),
+                   ns=(1024, 2048, 4096, 8192, 16384))
+             + [Case(16, 16, 64, d, v, dt) for dt in dts for v in ("plain", "pad") for d in (64, 128)]
+             + _dtl(dtypes=dts, variants=("plain", "pad", "win+mem")))
+    # the eager reference and its torch.compile stop at N 8k (dense scores: 17 GB at 8k)
+    cases = [Case(c.B, c.Hh, c.N, c.d, c.variant, c.dtype, c.N <= 8192, c.N <= 8192) for c in cases]
 
     def prio(c: Case):  # the headline cases first
-        head = c.long and c.dtype == "bfloat16" and c.d == 64 and c.variant in ("plain", "pad")
+        head = c.long and c.dtype == "bfloat16" and c.d == 64 and c.variant in ("plain", "pad", "win256")
         return (not head, not c.long)
 
     return sorted(cases, key=prio)
@@ -155,8 +175,13 @@ COMPILE_EST_S = 45.0
 COMPILE_BWD_FACTOR = 2.0
 
 
-def compile_estimate_s(mode: str) -> float:
-    return COMPILE_EST_S if mode == "forward" else COMPILE_BWD_FACTOR * COMPILE_EST_S
+FLEX_COMPILE_EST_S = 25.0  # flex_attention's compile per shape / dtype / mask (a guess: not
+# yet measured here); forward+backward COMPILE_BWD_FACTOR x that
+
+
+def compile_estimate_s(mode: str, provider: str = "compiled") -> float:
+    est = FLEX_COMPILE_EST_S if provider == "flex" else COMPILE_EST_S
+    return est if mode == "forward" else COMPILE_BWD_FACTOR * est
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,9 +337,34 @@ def truth64(inputs: dict, g: torch.Tensor | None, *, chunk_elems: int = 1 << 24)
 # ----------------------------------------------------------------------------------------------
 
 
-def flops(case: Case, mode: str) -> float:
-    """QK^T and PV matmuls; the backward does ~2.5x the forward's (FlashAttention-2's count)."""
-    f = 4 * case.B * case.Hh * case.N * case.N * case.d
+def _window_of(case: Case) -> int | None:
+    if case.variant == "win+mem":
+        return (2 if case.N < 16 else WINDOW) if case.N <= 64 else 64
+    return VARIANT_WINDOW.get(case.variant)
+
+
+def attended_pairs(case: Case, key_lengths=None) -> int:
+    """(query, key) pairs a query attends to, summed over the batch (per head): N * N for
+    plain; the valid ones under key_lengths / window; plus N * M memory pairs."""
+    N = case.N
+    w = _window_of(case)
+    lens = [N] * case.B if key_lengths is None else [int(x) for x in key_lengths]
+    total = 0
+    for L in lens:
+        if w is None:
+            total += N * L
+        else:  # sum over i < N of #{j < L : |i - j| <= w}
+            i = torch.arange(N)
+            total += int((torch.clamp(i + w + 1, max=L) - torch.clamp(i - w, min=0)).clamp(min=0).sum())
+    if case.variant == "win+mem":
+        total += case.B * N * (2 if case.N < 16 else MEMORY)
+    return total
+
+
+def flops(case: Case, mode: str, key_lengths=None) -> float:
+    """QK^T and PV matmuls over the attended pairs (attended_pairs: 4 d each); the backward
+    does ~2.5x the forward's (FlashAttention-2's count)."""
+    f = 4 * case.Hh * attended_pairs(case, key_lengths) * case.d
     return f if mode == "forward" else 3.5 * f
 
 
@@ -348,15 +398,28 @@ def make_inputs(case: Case, ci: int, device: str) -> dict:
     if case.variant == "pad":
         inp["key_lengths"] = torch.randint(case.N // 2, case.N + 1, (case.B,),
                                            generator=H.gen("cpu", 1000 + ci)).to(device)
+    elif case.variant in VARIANT_WINDOW:
+        inp["window"] = VARIANT_WINDOW[case.variant]
     elif case.variant == "win+mem":
-        w, m = (2, 2) if case.N < 16 else (WINDOW, MEMORY)
-        inp["window"] = w
+        inp["window"] = _window_of(case)
+        m = 2 if case.N < 16 else MEMORY
         inp["memory_k"] = torch.randn(case.Hh, m, case.d, generator=gen, device=device).to(dt)
         inp["memory_v"] = torch.randn(case.Hh, m, case.d, generator=gen, device=device).to(dt)
     return inp
 
 
 GRAD_NAMES = ("q", "k", "v", "logit_scale", "memory_k", "memory_v")
+
+
+def _auto_impl(inp: dict, mode: str) -> str:
+    """The path backend="auto" takes for these inputs (ops.cosine_attention.auto_path)."""
+    try:
+        O = importlib.import_module("dtl_fast.ops.cosine_attention")
+        q = inp["q"]
+        masked = inp["key_lengths"] is not None or inp["window"] is not None
+        return O.auto_path(q.device.type, q.dtype, masked, mode != "forward", q.shape[2], inp["k"].shape[2])
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def _call(fn, inp, leaves=None):
@@ -426,6 +489,92 @@ def timing_kwargs(device: str, quick: bool, tiny: bool) -> dict[str, Any]:
 
 
 _COMPILED: dict[str, Any] = {}
+_FLEX: dict[str, Any] = {}
+
+
+def flex_unavailable(device: str) -> str | None:
+    """Why the FlexAttention provider cannot run here (None: it can)."""
+    if device != "cuda":
+        return "skipped: FlexAttention is timed on CUDA only (its CPU path is not a Triton kernel)"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"skipped: torch.nn.attention.flex_attention unavailable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def flex_provider():
+    """FlexAttention as a PyTorch user writes scaled cosine attention with it (see the module
+    docstring). One torch.compile'd flex_attention for the run; the block mask is cached per
+    (key_lengths, window, memory, shape), so a timed call does not rebuild it."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX["masks"] = {}
+    compiled, masks = _FLEX["fn"], _FLEX["masks"]
+
+    def fn(q, k, v, logit_scale, key_lengths=None, window=None, memory_k=None, memory_v=None):
+        B, Hh, Nq, _ = q.shape
+        scale = _scale(logit_scale, torch.float32)
+        qn, kn, vv = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS), v
+        M = 0
+        if memory_k is not None:
+            M = memory_k.shape[1]
+            kn = torch.cat([F.normalize(memory_k, dim=-1, eps=NORM_EPS)[None].expand(B, -1, -1, -1), kn], 2)
+            vv = torch.cat([memory_v[None].expand(B, -1, -1, -1), vv], 2)
+        Nk = kn.shape[2]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * scale[h]
+
+        block_mask = None
+        if key_lengths is not None or window is not None:
+            # keyed by the lengths tensor's identity (no host sync in a timed call); the cache
+            # holds the tensor, so its id is not reused while the entry lives
+            key = (id(key_lengths), window, M, B, Nq, Nk, str(q.device))
+            if key not in masks or masks[key][0] is not key_lengths:
+                kl = key_lengths
+                w = window
+
+                def mask_mod(b, h, q_idx, kv_idx):
+                    j = kv_idx - M
+                    ok = j >= 0
+                    if kl is not None:
+                        ok = ok & (j < kl[b])
+                    if w is not None:
+                        ok = ok & ((q_idx - j).abs() <= w)
+                    return ok | (kv_idx < M)
+
+                masks[key] = (key_lengths, create_block_mask(mask_mod, B, None, Nq, Nk,
+                                                             device=q.device))
+            block_mask = masks[key][1]
+        return compiled(qn, kn, vv, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+
+    return fn
+
+
+def sdpa_backend(inp: dict) -> str:
+    """Which SDPA backend the composite's call picks (torch._fused_sdp_choice on arguments of
+    the composite's shapes, dtype and mask): flash / efficient / cudnn / math, or '?'."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        q, k, v = inp["q"], inp["k"], inp["v"]
+        B, _, N, _ = q.shape
+        mask = _mask(inp.get("key_lengths"), inp.get("window"), B, N, k.shape[2], q.device)
+        if inp.get("memory_k") is not None:
+            M = inp["memory_k"].shape[1]
+            k = torch.cat([inp["memory_k"][None].expand(B, -1, -1, -1), k], 2)
+            v = torch.cat([inp["memory_v"][None].expand(B, -1, -1, -1), v], 2)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(B, 1, N, M), mask], -1)
+        choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=1.0)
+        return {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient",
+                SDPBackend.MATH: "math"}.get(SDPBackend(choice), "cudnn" if "CUDNN" in
+                                             SDPBackend(choice).name else SDPBackend(choice).name.lower())
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def _compiled_reference(ref_fn):
@@ -459,6 +608,12 @@ def make_providers(case: Case, ref_fn, comp_fn, fused_fn, device: str, standin: 
         if device == "cpu":
             provs["dtl_fast:fused"] = ("skipped: the fused kernel on CPU tensors runs in the Triton "
                                        "interpreter: never timed")
+            provs["dtl_fast:auto"] = "skipped: on CPU the dtl_fast row is backend='auto'"
+        else:
+            provs["dtl_fast:auto"] = (lambda q, k, v, ls, kl, w, mk, mv, fn=fused_fn:
+                                      fn(q, k, v, ls, kl, w, mk, mv, backend="auto"))
+    why = flex_unavailable(device)
+    provs["flex"] = why if why is not None else ("skipped: stand-in run" if standin else flex_provider())
     return provs
 
 
@@ -540,8 +695,8 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
                     emit(H.status_row(base, name, f"skipped: needs ~{need / 2**30:.0f} GiB of "
                                                   f"dense scores, {free / 2**30:.0f} GiB free"))
                     continue
-            if name == "compiled":  # budgeted every time: forward and fwd+bwd separately
-                st = H.budget_skip(deadline, compile_estimate_s(mode), planned,
+            if name in ("compiled", "flex"):  # budgeted every time: forward and fwd+bwd separately
+                st = H.budget_skip(deadline, compile_estimate_s(mode, name), planned,
                                    what=f"a {mode} compile")
                 if st:
                     emit(H.status_row(base, name, st))
@@ -571,7 +726,7 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
                 emit(H.status_row(base, name, msg))
                 continue
             ex: dict[str, Any] = {"rel64": float(f"{worst:.3g}")}
-            if name == "compiled":
+            if name in ("compiled", "flex"):
                 ex["compile_s"] = round(first_s, 1)
             # every provider: the second call, timed (the first one held the JIT compile /
             # autotuning), says what its timing costs; skip (with a row) when that does not fit
@@ -599,13 +754,18 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
         times, peaks = timed
         base_ms = times[BASELINE][0]
         ref_ms = times["reference"][0] if "reference" in times else None
-        fl = flops(case, mode)
+        fl = flops(case, mode, None if inp["key_lengths"] is None else inp["key_lengths"].tolist())
         for name, t in times.items():
             ex = H.speed_extras(extras[name], t[0], fl, ref_ms, peaks.get(name))
             if name == "dtl_fast":
                 ex["backend"] = "fused" if device == "cuda" else "auto"
                 if _AUTO_IMPL:
                     ex["impl"] = _AUTO_IMPL.get(device, "?")
+            if name == "dtl_fast:auto":
+                ex["backend"] = "auto"
+                ex["impl"] = _auto_impl(inp, mode)
+            if name == BASELINE and not standin:
+                ex["sdpa"] = sdpa_backend(inp)
             if H.noisy(t):
                 ex["noisy"] = True
             emit(H.make_row(**base, provider=name, timing=t, baseline_ms=base_ms, extra=ex))
@@ -620,9 +780,12 @@ def _run_case(case, ci, device, ref_fn, comp_fn, fused_fn, kernel, stamp, run_id
 
 GPU_FWD_LONG = 1.1  # bf16, d 64, no padding, Nk >= 2k: x composite
 GPU_FWDBWD_LONG = 1.0
-GPU_PAD = 1.5  # with key padding (long): x composite
+GPU_PAD = 1.5  # with key padding or a window (long): x composite
+GPU_PAD_FLEX = 1.2  # the same cases: x FlexAttention
 GPU_EAGER = 4.0  # long: x eager reference
-GPU_DTL = 1.0  # DTL-sized: x composite
+GPU_DTL = 1.5  # DTL-sized (N <= 64, B H >= 256): x composite
+GPU_AUTO = 0.95  # backend="auto": x composite, every case
+GPU_TFLOPS_FWD, GPU_TFLOPS_FWDBWD = 300.0, 150.0  # plain bf16 d64 N >= 2k
 CPU_AUTO = 0.9  # auto: x the faster of reference / composite (CPU)
 
 
@@ -679,11 +842,42 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
             lambda r, mode=mode: (r["mode"] == mode and r["dtype"] == "bfloat16"
                                   and r["variant"] == "plain" and _dims(r["shape"])[3] == 64
                                   and _dims(r["shape"])[2] >= 2048), _ratio, target))
+    def masked_long(r, mode):
+        return r["mode"] == mode and r["variant"] != "plain" and _dims(r["shape"])[2] >= 1024
+
     for mode in MODES:
         figs.append(figure(
-            f"gpu key padding (N>=1k) {mode:<16} >= {GPU_PAD:g}x composite",
-            lambda r, mode=mode: (r["mode"] == mode and r["variant"] == "pad"
-                                  and _dims(r["shape"])[2] >= 1024), _ratio, GPU_PAD))
+            f"gpu key padding or window (N>=1k) {mode:<16} >= {GPU_PAD:g}x composite",
+            lambda r, mode=mode: masked_long(r, mode), _ratio, GPU_PAD))
+    # Figures on other providers' rows appear when the run has such rows (a run of an older
+    # grid, or synthetic rows, has none).
+    flex_ms = {(r["mode"], r["variant"], r["shape"], r["dtype"]): H.fnum(r.get("median_ms"))
+               for r in rows if r["provider"] == "flex" and _ok(r)}
+    if any(r["provider"] == "flex" for r in rows):
+        def x_flex(r):
+            f = flex_ms.get((r["mode"], r["variant"], r["shape"], r["dtype"]))
+            ms = H.fnum(r.get("median_ms"))
+            return None if f is None or not ms else f / ms
+
+        for mode in MODES:
+            figs.append(figure(
+                f"gpu key padding or window (N>=1k) {mode:<16} >= {GPU_PAD_FLEX:g}x FlexAttention",
+                lambda r, mode=mode: masked_long(r, mode), x_flex, GPU_PAD_FLEX))
+    auto = [r for r in rows if r["provider"] == "dtl_fast:auto"]
+    if auto:
+        for mode in MODES:
+            figs.append(H.mark_not_run(_min_figure(
+                f"gpu auto everywhere {mode:<16} >= {GPU_AUTO:g}x composite",
+                [r for r in auto if r["mode"] == mode], _ratio, GPU_AUTO),
+                len([r for r in not_run if r["mode"] == mode])))
+    headline = [r for r in fused if r["dtype"] == "bfloat16" and r["variant"] == "plain"
+                and _dims(r["shape"])[3] == 64 and _dims(r["shape"])[2] >= 2048]
+    if any("tflops" in _extra(r) for r in headline):
+        for mode, target in (("forward", GPU_TFLOPS_FWD), ("forward+backward", GPU_TFLOPS_FWDBWD)):
+            figs.append(_min_figure(
+                f"gpu bf16 d64 no padding Nk>=2k {mode:<16} >= {target:g} TFLOP/s",
+                [r for r in headline if r["mode"] == mode],
+                lambda r: H.fnum(_extra(r).get("tflops")), target, unit=" TFLOP/s"))
     for mode in MODES:
         def is_long(r, mode=mode):
             return r["mode"] == mode and _dims(r["shape"])[2] >= 1024
@@ -698,8 +892,9 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
         figs.append(figure(name, is_long, None, GPU_EAGER, f=f))
     for mode in MODES:
         figs.append(figure(
-            f"gpu DTL-sized (N<=64) {mode:<16} >= {GPU_DTL:g}x composite",
-            lambda r, mode=mode: r["mode"] == mode and _dims(r["shape"])[2] <= 64,
+            f"gpu DTL-sized (N<=64, BH>=256) {mode:<16} >= {GPU_DTL:g}x composite",
+            lambda r, mode=mode: (r["mode"] == mode and _dims(r["shape"])[2] <= 64
+                                  and _dims(r["shape"])[0] * _dims(r["shape"])[1] >= 256),
             _ratio, GPU_DTL))
     return figs
 

@@ -1,5 +1,11 @@
-"""Scaled cosine attention (Swin Transformer V2) in Triton: flash-style forward with the L2
-normalisation of q and k fused in, and a deterministic backward (no float atomics).
+"""Scaled cosine attention (Swin Transformer V2) in Triton, first version: flash-style forward
+with the L2 normalisation of q and k fused in, and a deterministic backward (no float atomics).
+
+The op (dtl_fast.ops.cosine_attention) now runs the second version: kernels/cosine_attention_fwd.py
+(normalise-once pre-pass, fixed softmax maximum, block-aware masking, a short-sequence kernel)
+and kernels/cosine_attention_bwd.py. These kernels stay as the comparison the GPU sweep
+(bench/sweep_cosine_attention.py) times against, and for their helpers (_rowdot, _mm, ...),
+which the second version imports; their outputs (out, lse) are interchangeable with it.
 
     score(i, j) = scale_h * cos(q_i, k_j),  cos = (q_i . k_j) / (max(|q_i|, eps) max(|k_j|, eps))
 

@@ -64,3 +64,132 @@ def test_every_launch_config_compiles_fits_without_spills_and_uses_mma():
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------
+# The second forward (kernels/cosine_attention_fwd.py: pre-pass, fixed-maximum kernel, short-
+# sequence kernel) and the second backward (kernels/cosine_attention_bwd.py), in the dtypes the
+# op runs them in on a GPU (ops.V2_DTYPES: bfloat16 / float16; float32 takes the first version:
+# its second-version tiles spilled). Every tile candidate in bfloat16 at the aligned head dims
+# 64 / 128 (float16 compiles to the same code but for the element type), the defaults at every
+# head dim (d 40: unaligned) and float16 at d 64, the pre-pass at d 40 / 64, the short kernel's
+# tile buckets at d 64.
+
+FWD_MODULE = "dtl_fast.kernels.cosine_attention_fwd"
+BWD_MODULE = "dtl_fast.kernels.cosine_attention_bwd"
+
+
+def _dedup(configs):
+    seen, out = set(), []
+    for c in configs:
+        key = (c["kernel"], c["dtype"], tuple(sorted(c["constexprs"].items())), c["num_warps"],
+               c["num_stages"], tuple(c["divisible"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _v2_configs(mod, main_kernels, other_kernels=()):
+    bf, f16 = torch.bfloat16, torch.float16
+    c = mod.launch_configs(dtypes=(bf,), head_dims=((64, 64), (128, 128)), kernels=main_kernels,
+                           candidates=True)
+    c += mod.launch_configs(dtypes=(bf,), head_dims=HEAD_DIMS, kernels=main_kernels, candidates=False)
+    c += mod.launch_configs(dtypes=(f16,), head_dims=((64, 64),), kernels=main_kernels, candidates=False)
+    if other_kernels:
+        c += mod.launch_configs(dtypes=(bf,), head_dims=((40, 40), (64, 64)), kernels=other_kernels)
+    return _dedup(c)
+
+
+def _fwd_configs():
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    return _v2_configs(F2, ("_cos_attn_fwd2_kernel",), ("_cos_attn_prep_kernel",)) + _dedup(
+        F2.launch_configs(dtypes=(torch.bfloat16,), head_dims=((64, 64),),
+                          kernels=("_cos_attn_fwd_short_kernel",)))
+
+
+def _bwd_configs():
+    from dtl_fast.kernels import cosine_attention_bwd as B2
+    return _v2_configs(B2, B2.KERNELS)
+
+
+def test_v2_launch_configs_cover_every_candidate():
+    from dtl_fast.kernels import cosine_attention_bwd as B2
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    fwd, bwd = _fwd_configs(), _bwd_configs()
+    assert {c["kernel"] for c in fwd} == set(F2.KERNELS)
+    assert {c["kernel"] for c in bwd} == set(B2.KERNELS)
+    got = {(c["constexprs"]["BLOCK_M"], c["constexprs"]["BLOCK_N"], c["num_warps"], c["num_stages"])
+           for c in fwd if c["kernel"] == "_cos_attn_fwd2_kernel" and c["dtype"] == str(torch.bfloat16)
+           and c["constexprs"]["BLOCK_D"] in (64, 128)}
+    want = {t for (cls, bd), cands in F2.FWD2_CANDIDATES.items() if cls == "half" and bd in (64, 128)
+            for t in cands}
+    assert got == want
+    for kernel in B2.KERNELS:
+        got = {(c["constexprs"]["BLOCK_M"], c["constexprs"]["BLOCK_N"], c["num_warps"], c["num_stages"])
+               for c in bwd if c["kernel"] == kernel and c["dtype"] == str(torch.bfloat16)
+               and c["constexprs"]["BLOCK_D"] in (64, 128)}
+        want = set()
+        for (k, cls, bd), cands in B2.BWD2_CANDIDATES.items():
+            if k == kernel and cls == "half" and bd in (64, 128):
+                want |= {(cols, rows, w, st) if "dkdv" in kernel else (rows, cols, w, st)
+                         for rows, cols, w, st in cands}
+        assert got == want, kernel
+    assert len(fwd) + len(bwd) <= 60
+
+
+def _check_rows(rows, half_mma_exempt=("_cos_attn_prep_kernel",)):
+    print("kernel | constexprs | warps | stages | arch | shared | regs | local | stack | mma")
+    failures = []
+    for row in rows:
+        cfg = row["config"]
+        print(f"{row['kernel']} | {cfg['constexprs']} | {cfg['num_warps']} | {cfg['num_stages']} | "
+              f"sm_{row['arch']} | {row.get('shared')} | {row.get('reg')} | {row.get('local')} | "
+              f"{row.get('stack')} | {row.get('mma')} | {row['error'] or ''}")
+        try:
+            check_fits(row)
+            if cfg["dtype"] != str(torch.float32) and row["kernel"] not in half_mma_exempt:
+                assert row["mma"], f"{row['kernel']} sm_{row['arch']}: no HMMA / HGMMA in the SASS"
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_v2_forward_compiles_fits_without_spills_and_uses_mma():
+    configs = _fwd_configs()
+    t0 = time.time()
+    rows = compile_configs(FWD_MODULE, configs)
+    print(f"{len(configs)} configs, {len(rows)} compiles: {time.time() - t0:.1f} s wall")
+    assert len(rows) == 2 * len(configs)
+    _check_rows(rows)
+
+
+@pytest.mark.slow
+def test_v2_backward_compiles_fits_and_uses_mma():
+    """The second backward compiles for sm_80 / sm_90, fits in shared memory and uses MMA; its
+    register spills are printed (see the next test)."""
+    configs = _bwd_configs()
+    rows = compile_configs(BWD_MODULE, configs)
+    assert len(rows) == 2 * len(configs)
+    _V2_BWD_ROWS[:] = rows
+    for row in rows:
+        row = dict(row)
+        check_fits(row, allow_spills=True)
+        assert row["mma"], f"{row['kernel']} sm_{row['arch']}: no HMMA / HGMMA in the SASS"
+    spills = [(r["kernel"], r["arch"], r["config"]["constexprs"], r["config"]["num_warps"],
+               r["stack"] + r["local"]) for r in rows if r["stack"] or r["local"]]
+    print(f"{len(spills)} of {len(rows)} backward compiles spill:")
+    for s in spills:
+        print("  ", s)
+
+
+_V2_BWD_ROWS: list = []
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="unfinished: the second backward's tiles spill registers "
+                   "(8-150 B of stack at the aligned head dims, 1-4 KB at d 40) on sm_80 / sm_90")
+def test_v2_backward_has_no_spills():
+    rows = _V2_BWD_ROWS or compile_configs(BWD_MODULE, _bwd_configs())
+    _check_rows(rows)

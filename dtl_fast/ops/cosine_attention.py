@@ -41,6 +41,15 @@ def _kernels():
     return kernels
 
 
+# Which kernels the fused path runs, by dtype. The second version (kernels/cosine_attention_fwd.py,
+# _bwd.py: normalise-once pre-pass, fixed maximum, block-aware masking, short-sequence kernel) for
+# the half types (and float64, tests); the first (kernels/cosine_attention.py) for float32, whose
+# second-version tiles spill registers in the sm_80 / sm_90 compile. A forward and its backward
+# always come from the same version: the second rounds the normalised rows to the input dtype,
+# and its backward recomputes the logits the forward's lse was taken over.
+V2_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -53,7 +62,11 @@ def _cosine_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     """out [B, H, Nq, dv] in q's dtype, lse [B, H, Nq] (float32; float64 for float64 inputs):
     the log-sum-exp of each query's scores, +inf for a query with nothing to attend to.
     scale [H] float32 (float64); key_lengths None or int32 [B] on q's device; window -1: none."""
-    return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, window, memory_k, memory_v)
+    if q.dtype not in V2_DTYPES:
+        return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, window, memory_k,
+                                                   memory_v)
+    from dtl_fast.kernels import cosine_attention_fwd as fwd  # lazily, as _kernels
+    return fwd.cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, memory_v)
 
 
 @_cosine_attention_fwd.register_fake
@@ -74,8 +87,12 @@ def _cosine_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dscale, dmemory_k, dmemory_v); dmemory_* are empty [0] without memory."""
-    return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, window,
-                                                memory_k, memory_v, out, lse)
+    if q.dtype not in V2_DTYPES:
+        return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, window,
+                                                    memory_k, memory_v, out, lse)
+    from dtl_fast.kernels import cosine_attention_bwd as bwd  # lazily, as _kernels
+    return bwd.cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window,
+                                          memory_k, memory_v, out, lse)
 
 
 @_cosine_attention_bwd.register_fake
@@ -188,13 +205,75 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.to(q.dtype)
 
 
-def _use_fused(device: torch.device, backend: str) -> bool:
+# ---------------------------------------------------------------------------------------------
+# backend="auto" on CUDA: the fused kernel only where it measured faster than the composite.
+#
+# Card NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0; run
+# gpucheck-20261127T013134-437, bench/results/cosine_attention.csv (provider dtl_fast =
+# backend="fused", ratio = composite median / fused median, same run):
+#
+#   variant  shape (BxHxNxd)  dtype     forward (no grad)  forward+backward
+#   pad      64x4x16x32       bfloat16  1.38               1.11
+#   pad      4x16x1024x64     bfloat16  1.30               0.94
+#   pad      4x16x4096x128    float16   1.34               0.61
+#   plain    64x8x32x64       float32   0.64               0.79
+#   plain    64x8x64x64       bfloat16  0.61               0.79
+#   plain    4x16x2048x64     bfloat16  0.58, 0.67         0.49, 0.58
+#   plain    4x16x8192x64     bfloat16  0.36               0.22
+#
+# So: without a mask the composite runs SDPA's flash / cuDNN kernels and wins everywhere; with
+# key_lengths SDPA gets a dense boolean attn_mask (no flash) and the fused forward wins at every
+# measured N (16, 1k, 4k; d 32-128; bf16 and fp16), its backward only at N = 16. A window gives
+# the composite the same dense-mask path as key_lengths while the kernel visits fewer key blocks
+# than with padding, so it counts as masked (the window variant itself was not in these rows).
+# float32 / float64 take the composite (the only float32 row lost; float64 was not measured).
+# These rows timed the first kernels (kernels/cosine_attention.py); bf16 / fp16 now run the
+# second version (V2_DTYPES), not yet timed on a GPU: rederive this table from its rows
+# (bench/sweep_cosine_attention.py, the bench's dtl_fast and dtl_fast:auto providers).
+AUTO_RULE_CARD = "NVIDIA H200"
+AUTO_RULE_RUN = "gpucheck-20261127T013134-437"
+AUTO_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+AUTO_FUSED_GRAD_MAX_N = 16  # masked forward+backward: fused only up to this max(Nq, Nk)
+
+
+def auto_path(device_type: str, dtype: torch.dtype, masked: bool, needs_grad: bool,
+              nq: int, nk: int) -> str:
+    """What backend="auto" runs on a `device_type` tensor: "fused" (the Triton kernels),
+    "composite" (normalise + SDPA) or "reference" (CPU only, CPU_AUTO_PATH).
+
+    masked: key_lengths or a window was given; needs_grad: autograd will record the call
+    (grad mode on and an input requires grad); nq, nk: query and key counts (memory slots not
+    counted). The CUDA rule is the table above (measured on AUTO_RULE_CARD)."""
+    if device_type != "cuda":
+        return CPU_AUTO_PATH
+    if dtype not in AUTO_FUSED_DTYPES or not masked:
+        return "composite"
+    if not needs_grad or max(nq, nk) <= AUTO_FUSED_GRAD_MAX_N:
+        return "fused"
+    return "composite"
+
+
+def auto_rule() -> str:
+    """backend="auto" in two lines, for `dtl-fast info`."""
+    return (f"CUDA: fused Triton kernel for bf16/fp16 with key_lengths or a window, without grad "
+            f"(with grad only at N <= {AUTO_FUSED_GRAD_MAX_N}); normalise + SDPA composite "
+            f"otherwise (measured on {AUTO_RULE_CARD}, run {AUTO_RULE_RUN}).\n"
+            f"CPU: the {CPU_AUTO_PATH}.")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend: str) -> str:
     if backend == "reference":
-        return False
+        return "reference"
     if backend == "fused":
-        require_triton(device, "cosine_attention(backend='fused')")
-        return True
-    return device.type == "cuda"
+        require_triton(q.device, "cosine_attention(backend='fused')")
+        return "fused"
+    return auto_path(q.device.type, q.dtype, key_lengths is not None or window is not None,
+                     _needs_grad(q, k, v, logit_scale, memory_k, memory_v), q.shape[2], k.shape[2])
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor,
@@ -219,8 +298,10 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             that every query attends to besides its keys, with the same scaled cosine score;
             key_lengths and window do not apply to them.
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
-            "auto": the Triton kernels on CUDA tensors; on CPU tensors the faster of the
-            eager reference and the normalise + SDPA composite (CPU_AUTO_PATH).
+            "auto": on CUDA tensors the Triton kernels where they measured faster than the
+            normalise + SDPA composite (auto_path, auto_rule: bf16 / fp16 with key_lengths or
+            a window and no gradient needed, or N <= 16), the composite elsewhere; on CPU
+            tensors the faster of the eager reference and the composite (CPU_AUTO_PATH).
             "fused": the Triton kernels (CPU tensors only under TRITON_INTERPRET=1).
 
     Returns:
@@ -236,10 +317,10 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
     backend = resolve_backend(backend)
     q, k, v, memory_k, memory_v = _autocast_inputs(q, k, v, memory_k, memory_v)
     key_lengths, window = check_inputs(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
-    fused = _use_fused(q.device, backend)
-    if not fused:
+    path = _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend)
+    if path != "fused":
         with torch.autocast(q.device.type, enabled=False):
-            if backend == "reference" or CPU_AUTO_PATH == "reference":
+            if path == "reference":
                 return _reference(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
             return cosine_attention_composite(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
     Nk = k.shape[2]

@@ -1,0 +1,579 @@
+"""Scaled cosine attention forward, second version: normalise once, then a flash-attention
+forward that knows nothing of cosines, with a fixed softmax maximum where that is safe.
+
+    score(i, j) = s_h * cos(q_i, k_j),  s_h = exp(min(logit_scale_h, ln 100))
+
+1. Pre-pass (_cos_attn_prep_kernel, one launch per tensor): q_i / max(|q_i|, eps) * s_h log2(e)
+   and k_j / max(|k_j|, eps) (and the memory keys), rounded to the input dtype (as the normalise
+   + SDPA composite rounds them) into contiguous [rows, BLOCK_D] buffers whose padding columns
+   are zero: the main loop's Q / K loads need no head-dim mask and no stride arguments.
+2. Main kernel (_cos_attn_fwd2_kernel): logits in base 2 are plain dot products of those rows.
+   |cos| <= 1 bounds every logit to [-S, S], S = s log2(e), so where exp2(logit - S) cannot
+   underflow (S <= fixed_max_limit(dtype), derived below) the softmax runs with the fixed
+   maximum S: no running maximum, no rescaling of the accumulator. Above the limit the online
+   maximum is kept. The choice is per head at run time (a scalar branch before the loops), so
+   one compile serves every scale.
+3. Block-aware masking: each program computes the key-block range its rows can see (key
+   length, window) and runs masked loops only over the edge blocks; the interior loop loads and
+   computes without masks. The memory slots are one masked prologue loop.
+
+The outputs are those of kernels/cosine_attention.cosine_attention_forward: out in q's dtype
+and lse, the natural log-sum-exp of each row's scores (+inf for a row with nothing to attend
+to), so that module's backward applies unchanged.
+
+A short-sequence path (_cos_attn_fwd_short_kernel, use_short: max(Nq, Nk, M) <= SHORT_MAX_N = 64,
+half types): one program
+holds whole (batch, head) tiles, several (b, h) per program, normalises in registers (rounding
+as the pre-pass does) and takes the exact row maximum: one launch in all, no pre-pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dtl_fast.kernels.cosine_attention import (_acc, _acc_dtype, _dot_precision, _dummy_lengths,
+                                               _exp2, _inv, _mm, _mma, _slice32, _TRITON_DTYPE,
+                                               _window_arg)
+
+LOG2E = 1.4426950408889634
+SHORT_MAX_N = 64
+
+_RUNTIME = ["H", "NQ", "NK", "M", "WINDOW", "HAS_LENS", "NBH"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed-maximum limit, derived.
+#
+# With the fixed maximum S every weight is p = exp2(logit - S) in [exp2(-2 S), 1]. The weights
+# must not underflow where they are rounded and summed:
+# - float32 / bfloat16 weights (the same 8-bit exponent): the smallest normal is 2^-126. The
+#   row sum l and the products p * v accumulated in float32 must stay normal too for values
+#   down to 2^-24 |v| (a float32 mantissa of headroom): 2 S <= 126 - 24 = 102.
+# - float16 weights (P is rounded to float16 before P @ V): the smallest normal is 2^-14, and
+#   no headroom is left for products (they are exact in the float32 accumulator): 2 S <= 14.
+# - float64 (tests): 2 S <= 1022 - 53.
+# Above the limit a row whose keys all point away from its query (cos = -1) would lose its
+# weights to underflow (zeros or subnormal noise) although its softmax is well defined.
+_EXP_ROOM = {torch.float32: 126 - 24, torch.bfloat16: 126 - 24, torch.float16: 14,
+             torch.float64: 1022 - 53}
+
+
+def fixed_max_limit(dtype: torch.dtype) -> float:
+    """Largest S = s * log2(e) (base-2 logit bound) for which the fixed-maximum softmax is
+    used on `dtype` inputs: half the exponent room above (51 for float32 / bfloat16, i.e.
+    scale s <= 35.35; 7 for float16, s <= 4.85)."""
+    return _EXP_ROOM[dtype] / 2.0
+
+
+def fixed_max_scale_limit(dtype: torch.dtype) -> float:
+    """fixed_max_limit in units of the scale s = exp(min(logit_scale, ln 100))."""
+    return fixed_max_limit(dtype) / LOG2E
+
+
+# "auto": the derived limit; "always" / "never": force one softmax (tests show the limit is
+# needed and test the online path at small scales; the sweep compares the two).
+FIXED_MAX_MODES = ("auto", "always", "never")
+
+
+def _fixed_arg(dtype: torch.dtype, mode: str) -> float:
+    if mode not in FIXED_MAX_MODES:
+        raise ValueError(f"fixed_max must be one of {FIXED_MAX_MODES}, got {mode!r}")
+    return {"auto": fixed_max_limit(dtype), "always": math.inf, "never": -1.0}[mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit(do_not_specialize=["H", "N"])
+def _cos_attn_prep_kernel(X, Y, SCALE, NRM, stride_xb, stride_xh, stride_xn, H, N, D,
+                          HAS_SCALE: tl.constexpr, WRITE_NRM: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, IS_F64: tl.constexpr):
+    # Y[bh, n, :] = X[b, h, n, :] / max(|X[b, h, n, :]|, eps) (* SCALE[h] log2 e), zero-padded
+    # to BLOCK_D columns, in Y's dtype. The norm and the product are taken in float32; the
+    # backward also takes the norms (NRM[bh * N + n] = |X[b, h, n, :]|).
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(N, BLOCK_R)
+    pid_r = pid % n_rb
+    bh = pid // n_rb
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_r < N
+    x = tl.load(X + b * stride_xb + h.to(tl.int64) * stride_xh + offs_r[:, None] * stride_xn
+                + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    xf = _acc(x, IS_F64)
+    nrm = tl.sqrt(tl.sum(xf * xf, axis=1))
+    if WRITE_NRM:
+        tl.store(NRM + bh.to(tl.int64) * N + offs_r, nrm, mask=rmask)
+    mul = _inv(nrm)
+    if HAS_SCALE:
+        mul = mul * (_acc(tl.load(SCALE + h), IS_F64) * 1.4426950408889634)
+    y = xf * mul[:, None]
+    tl.store(Y + (bh.to(tl.int64) * N + offs_r[:, None]) * BLOCK_D + offs_d[None, :],
+             y.to(Y.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, lo, hi, kend, offs_m, win, S, DV,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+               FIXED: tl.constexpr, EVEN_DV: tl.constexpr, IS_F64: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    # Key blocks starting at lo, lo + BLOCK_N, ... < hi. MASK: element masks (key length,
+    # window); without it every (row, key) of every block is valid and nothing is masked.
+    # FIXED: weights exp2(logit - S) (S: the logit bound); else the online maximum m_i.
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kp = kb + offs_n[:, None] * BLOCK_D + offs_d[None, :]
+        vp = vb + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASK:
+            nmask = offs_n < kend
+            k = tl.load(kp, mask=nmask[:, None], other=0.0)
+        else:
+            k = tl.load(kp)
+        s = _mm(q, tl.trans(k), DOT_PREC)
+        if MASK:
+            valid = nmask[None, :] & (tl.abs(offs_m[:, None] - offs_n[None, :]) <= win)
+            s = tl.where(valid, s, float("-inf"))
+        if FIXED:
+            p = _exp2(s - S, IS_F64)
+        else:
+            # m_i starts below every logit (-S - 1): always finite, no -inf - -inf.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = _exp2(m_i - m_new, IS_F64)
+            p = _exp2(s - m_new[:, None], IS_F64)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        l_i += tl.sum(p, axis=1)
+        if MASK:
+            if EVEN_DV:
+                v = tl.load(vp, mask=nmask[:, None], other=0.0)
+            else:
+                v = tl.load(vp, mask=nmask[:, None] & (offs_d[None, :] < DV), other=0.0)
+        else:
+            if EVEN_DV:
+                v = tl.load(vp)
+            else:
+                v = tl.load(vp, mask=offs_d[None, :] < DV, other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M, lo, int_lo, int_hi,
+              hi, kend, offs_m, win, big, S, DV,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FIXED: tl.constexpr,
+              EVEN_DV: tl.constexpr, IS_F64: tl.constexpr, DOT_PREC: tl.constexpr):
+    # memory slots (masked: M need not fill a block), lower edge, interior, upper edge
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, mkb, mvb, stride_mvn, 0, M, M, offs_m, big, S,
+                               DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64, DOT_PREC)
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, lo, int_lo, kend, offs_m,
+                               win, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
+                               DOT_PREC)
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, int_lo, int_hi, kend,
+                               offs_m, win, S, DV, BLOCK_N, BLOCK_D, False, FIXED, EVEN_DV,
+                               IS_F64, DOT_PREC)
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, int_hi, hi, kend, offs_m,
+                               win, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
+                               DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=_RUNTIME + ["FIXED_S_MAX"])
+def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, O, LSE,
+                          stride_vb, stride_vh, stride_vn, stride_mvh, stride_mvn,
+                          stride_ob, stride_oh, stride_on,
+                          H, NQ, NK, M, DV, WINDOW, HAS_LENS, FIXED_S_MAX,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          EVEN_DV: tl.constexpr, IS_F64: tl.constexpr, DOT_PREC: tl.constexpr):
+    # One query block of one (b, h). QS [B*H, NQ, BLOCK_D]: normalised q times S; KN
+    # [B*H, NK, BLOCK_D], MKN [H, M, BLOCK_D]: normalised keys (zero padding columns).
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(NQ, BLOCK_M)
+    pid_m = pid % n_mb
+    bh = pid // n_mb
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < NQ
+    q = tl.load(QS + (bh.to(tl.int64) * NQ + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
+                mask=mmask[:, None], other=0.0)
+    S = _acc(tl.load(SCALE + h), IS_F64) * 1.4426950408889634
+    l_i = _acc(tl.zeros([BLOCK_M], tl.float32), IS_F64)
+    m_i = l_i - (S + 1.0)
+    acc = _acc(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), IS_F64)
+
+    # Keys this block's rows can see: [lo, hi) (lo aligned down to a block); of those the
+    # blocks in [int_lo, int_hi) are valid for every row (no mask): start >= m0 + BLOCK_M - 1
+    # - win (left window edge of the last row) and start + BLOCK_N <= min(kend, m0 + win + 1)
+    # (key length; right window edge of the first row). Blocks past hi in the last masked
+    # block are masked by the window (j >= m0 + BLOCK_M + win) or the length.
+    big = NQ + NK + M + BLOCK_M + BLOCK_N  # "no window": larger than any distance
+    kend = NK
+    if HAS_LENS != 0:
+        kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
+    win = tl.where(WINDOW >= 0, WINDOW, big)
+    lo = tl.maximum(m0 - win, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(kend, m0 + BLOCK_M + win)
+    int_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 - win, 0), BLOCK_N) * BLOCK_N
+    int_lo = tl.minimum(tl.maximum(int_lo, lo), tl.maximum(hi, lo))
+    int_hi = tl.minimum(kend, m0 + win + 1) // BLOCK_N * BLOCK_N
+    int_hi = tl.maximum(int_hi, int_lo)
+    kb = KN + bh.to(tl.int64) * NK * BLOCK_D
+    vb = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    mkb = MKN + h.to(tl.int64) * M * BLOCK_D
+    mvb = MV + h.to(tl.int64) * stride_mvh
+    if S <= FIXED_S_MAX:
+        acc, m_i, l_i = _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M,
+                                  lo, int_lo, int_hi, hi, kend, offs_m, win, big, S, DV,
+                                  BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
+        m_i = l_i * 0.0 + S
+    else:
+        acc, m_i, l_i = _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M,
+                                  lo, int_lo, int_hi, hi, kend, offs_m, win, big, S, DV,
+                                  BLOCK_N, BLOCK_D, False, EVEN_DV, IS_F64, DOT_PREC)
+
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
+             + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mmask[:, None] & (offs_d[None, :] < DV))
+    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=mmask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
+def _cos_attn_fwd_short_kernel(Q, K, V, MK, MV, SCALE, LENS, O, LSE,
+                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                               stride_vb, stride_vh, stride_vn, stride_mkh, stride_mkn,
+                               stride_mvh, stride_mvn, stride_ob, stride_oh, stride_on,
+                               H, NQ, NK, M, D, DV, WINDOW, HAS_LENS, NBH,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_MEM: tl.constexpr, BLOCK_D: tl.constexpr,
+                               HEADS: tl.constexpr, IS_F64: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
+    # HEADS consecutive (b, h) pairs of NBH = B * H, each whole: all NQ <= BLOCK_M queries
+    # against all NK <= BLOCK_N keys and M <= BLOCK_MEM memory slots (BLOCK_MEM 0: none), with
+    # the normalisation done here in registers and the exact row maximum over memory and keys.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < NQ
+    big = NQ + NK + BLOCK_M + BLOCK_N
+    win = tl.where(WINDOW >= 0, WINDOW, big)
+    for i in range(HEADS):
+        bh = tl.program_id(0) * HEADS + i
+        if bh < NBH:
+            b = (bh // H).to(tl.int64)
+            h = (bh % H).to(tl.int64)
+            kend = NK
+            if HAS_LENS != 0:
+                kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                        + offs_d[None, :], mask=mmask[:, None] & (offs_d[None, :] < D), other=0.0)
+            # normalised (and scaled) rows rounded to the input dtype exactly as the pre-pass
+            # of the long path rounds them: the backward recomputes the logits from the
+            # pre-pass's rows, so this lse must come from the same logits
+            qf = _acc(q, IS_F64)
+            S = _acc(tl.load(SCALE + h), IS_F64) * 1.4426950408889634
+            qs = (qf * (_inv(tl.sqrt(tl.sum(qf * qf, axis=1))) * S)[:, None]).to(q.dtype)
+            nmask = offs_n < kend
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+                        + offs_d[None, :], mask=nmask[:, None] & (offs_d[None, :] < D), other=0.0)
+            kf = _acc(k, IS_F64)
+            kn = (kf * _inv(tl.sqrt(tl.sum(kf * kf, axis=1)))[:, None]).to(k.dtype)
+            s = _mm(qs, tl.trans(kn), DOT_PREC)
+            valid = nmask[None, :] & (tl.abs(offs_m[:, None] - offs_n[None, :]) <= win)
+            s = tl.where(valid, s, float("-inf"))
+            # the exact maximum; -S - 1 (below every logit) where a row has nothing
+            m = tl.maximum(tl.max(s, axis=1), -S - 1.0)
+            if BLOCK_MEM > 0:
+                offs_j = tl.arange(0, BLOCK_MEM)
+                jmask = offs_j < M
+                mk = tl.load(MK + h * stride_mkh + offs_j[:, None] * stride_mkn + offs_d[None, :],
+                             mask=jmask[:, None] & (offs_d[None, :] < D), other=0.0)
+                mkf = _acc(mk, IS_F64)
+                mkn = (mkf * _inv(tl.sqrt(tl.sum(mkf * mkf, axis=1)))[:, None]).to(mk.dtype)
+                sm = _mm(qs, tl.trans(mkn), DOT_PREC)
+                sm = tl.where(jmask[None, :], sm, float("-inf"))
+                m = tl.maximum(m, tl.max(sm, axis=1))
+            p = _exp2(s - m[:, None], IS_F64)
+            l_i = tl.sum(p, axis=1)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                        + offs_d[None, :], mask=nmask[:, None] & (offs_d[None, :] < DV), other=0.0)
+            acc = _mm(p.to(v.dtype), v, DOT_PREC)
+            if BLOCK_MEM > 0:
+                pm = _exp2(sm - m[:, None], IS_F64)
+                l_i += tl.sum(pm, axis=1)
+                mv = tl.load(MV + h * stride_mvh + offs_j[:, None] * stride_mvn + offs_d[None, :],
+                             mask=jmask[:, None] & (offs_d[None, :] < DV), other=0.0)
+                acc = _mma(pm.to(mv.dtype), mv, acc, DOT_PREC)
+            nonempty = l_i > 0
+            l_safe = tl.where(nonempty, l_i, 1.0)
+            out = acc / l_safe[:, None]
+            tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+                     + offs_d[None, :], out.to(O.dtype.element_ty),
+                     mask=mmask[:, None] & (offs_d[None, :] < DV))
+            lse = tl.where(nonempty, (m + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+            tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=mmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+
+KERNELS = ("_cos_attn_prep_kernel", "_cos_attn_fwd2_kernel", "_cos_attn_fwd_short_kernel")
+_PREP = dict(BLOCK_R=32, num_warps=4, num_stages=1)
+
+# _cos_attn_fwd2_kernel: (dtype class, BLOCK_D) -> candidate (BLOCK_M, BLOCK_N, warps, stages),
+# the default first. Half types as the Triton tutorial / FlexAttention on Hopper (BLOCK_M 128,
+# BLOCK_N 64-128, 4-8 warps, 2-4 stages; Flex's H100 default for bf16 d64 is 128 x 128, 4 warps,
+# 3 stages); float32 smaller (no half tensor cores; IEEE or TF32 dots). Not yet timed on a GPU:
+# bench/sweep_cosine_attention.py times every candidate and prints the winner per shape.
+#
+# Dropped after the sm_80 / sm_90 compile (tests/test_cosine_attention_compile.py) showed
+# register spills (stack bytes): 4 warps with 128 x 128 tiles (d 32, 64), 128 x 64 with 4 warps
+# (d 64, sm_80), every 128-row tile at d 128 on sm_80, float32 (32, 32) at d 64 unaligned and
+# (16, 32) at d 128.
+FWD2_CANDIDATES = {
+    ("half", 32): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    ("half", 64): [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
+    ("half", 128): [(64, 64, 4, 3)],
+    ("f32", 32): [(64, 32, 4, 2), (64, 64, 4, 2)],
+    ("f32", 64): [(64, 32, 4, 2)],
+    ("f32", 128): [(32, 32, 4, 2)],
+}
+
+
+def _cls(dtype: torch.dtype) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "f32"
+
+
+def block_d(d: int, dv: int) -> int:
+    """Head dims are bucketed: BLOCK_D = max(32, next_pow2(max(d, dv)))."""
+    return max(32, triton.next_power_of_2(max(int(d), int(dv), 1)))
+
+
+def fwd2_config(dtype: torch.dtype, d: int, dv: int, index: int = 0) -> dict:
+    """Constexprs and launch options of _cos_attn_fwd2_kernel: candidate `index` (0: the
+    default) of FWD2_CANDIDATES for this dtype class and head-dim bucket."""
+    BD = block_d(d, dv)
+    bm, bn, warps, stages = FWD2_CANDIDATES[(_cls(dtype), BD)][index]
+    if dtype == torch.float64:
+        bm, bn = min(bm, 32), min(bn, 32)
+    return dict(constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, EVEN_DV=int(dv) == BD),
+                num_warps=warps, num_stages=stages)
+
+
+def short_config(dtype: torch.dtype, nq: int, nk: int, m: int, d: int, dv: int, nbh: int) -> dict:
+    """Constexprs and launch options of _cos_attn_fwd_short_kernel (nq, nk <= SHORT_MAX_N):
+    tiles of the next powers of two (at least 16), HEADS (b, h) pairs per program so that
+    there are about 4 programs per SM of a 132-SM card (and at most 8 heads each)."""
+    bm = max(16, triton.next_power_of_2(max(nq, 1)))
+    bn = max(16, triton.next_power_of_2(max(nk, 1)))
+    bmem = 0 if m == 0 else max(16, triton.next_power_of_2(m))
+    heads = 1
+    while heads < 8 and nbh // (2 * heads) >= 4 * 132:
+        heads *= 2
+    warps = 4 if bm * bn <= 64 * 64 else 8
+    return dict(constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_MEM=bmem, BLOCK_D=block_d(d, dv),
+                                HEADS=heads),
+                num_warps=warps, num_stages=1)
+
+
+def use_short(nq: int, nk: int, m: int, bd: int = 32, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The short path: every tile fits one program (max(Nq, Nk, M) <= SHORT_MAX_N), for half
+    types (and float64, tests). Not float32: its IEEE dots are FMA loops whose whole-tile
+    operands spill (thousands of stack bytes in the sm_80 / sm_90 compile), nor tiles of 128
+    or head-dim buckets bd of 128 (spills on sm_80)."""
+    return max(nq, nk, m) <= SHORT_MAX_N and dtype != torch.float32 and bd <= 64
+
+
+_INT_ARGS = {"H", "N", "NQ", "NK", "M", "D", "DV", "WINDOW", "HAS_LENS", "NBH"}
+
+
+def _signature(kernel: str, dtype: torch.dtype, consts: dict) -> dict:
+    t = _TRITON_DTYPE[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    ptr = {"LENS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "NRM": f"*{acc}"}
+    fn = globals()[kernel]
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "FIXED_S_MAX":
+            sig[name] = "fp32"
+        elif name in _INT_ARGS or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:
+            sig[name] = ptr.get(name, f"*{t}")
+    return sig
+
+
+def _aligned_args(kernel: str, consts: dict, d: int | None) -> list[str]:
+    # As kernels/cosine_attention._aligned_args: pointers, batch / head strides always; head
+    # dims and row strides when d % 16 == 0.
+    fn = globals()[kernel]
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    out = []
+    for name in fn.arg_names:
+        if name in consts or name in ("H", "N", "NQ", "NK", "M", "WINDOW", "HAS_LENS", "NBH",
+                                      "FIXED_S_MAX"):
+            continue
+        if name in ("D", "DV") or name.startswith("stride_") and name.endswith("n"):
+            if d is not None and d % 16 == 0:
+                out.append(name)
+        else:
+            out.append(name)
+    return out
+
+
+def _short_shapes():
+    # the short path's tile buckets the compile test covers: DTL's N 16 / 32 / 64, with and
+    # without 8 memory slots
+    return [(16, 16, 0), (32, 32, 8), (64, 64, 0), (64, 64, 8)]
+
+
+def launch_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                   head_dims=((32, 32), (40, 40), (64, 64), (128, 128)),
+                   precisions=("ieee", "tf32"), kernels=KERNELS, candidates: bool = True
+                   ) -> list[dict]:
+    """Every launch configuration of this module's kernels for the given dtypes and head dims
+    (all FWD2_CANDIDATES when `candidates`, else the defaults), deduplicated, in the form
+    tests/_triton_aot.compile_configs takes."""
+    seen, out = set(), []
+
+    def add(kernel, dtype, consts, warps, stages, d):
+        aligned = _aligned_args(kernel, consts, d)
+        key = (kernel, str(dtype), tuple(sorted(consts.items())), warps, stages, tuple(aligned))
+        if key in seen:
+            return
+        seen.add(key)
+        out.append(dict(kernel=kernel, signature=_signature(kernel, dtype, consts),
+                        constexprs=consts, num_warps=warps, num_stages=stages, dtype=str(dtype),
+                        divisible=aligned))
+
+    for kernel in kernels:
+        for dtype in dtypes:
+            precs = precisions if dtype == torch.float32 and kernel != "_cos_attn_prep_kernel" \
+                else ("ieee",)
+            for prec in precs:
+                for d, dv in head_dims:
+                    dd = d if d == dv else None
+                    if kernel == "_cos_attn_prep_kernel":
+                        for has_scale in (False, True):
+                            for write_nrm in (False, True):
+                                consts = dict(HAS_SCALE=has_scale, WRITE_NRM=write_nrm,
+                                              BLOCK_R=_PREP["BLOCK_R"], BLOCK_D=block_d(d, dv),
+                                              IS_F64=dtype == torch.float64)
+                                add(kernel, dtype, consts, _PREP["num_warps"], _PREP["num_stages"], dd)
+                    elif kernel == "_cos_attn_fwd2_kernel":
+                        n = len(FWD2_CANDIDATES[(_cls(dtype), block_d(d, dv))]) if candidates else 1
+                        for i in range(n):
+                            cfg = fwd2_config(dtype, d, dv, i)
+                            consts = dict(cfg["constexprs"], IS_F64=dtype == torch.float64,
+                                          DOT_PREC=prec)
+                            add(kernel, dtype, consts, cfg["num_warps"], cfg["num_stages"], dd)
+                    else:
+                        for nq, nk, m in _short_shapes():
+                            if not use_short(nq, nk, m, block_d(d, dv), dtype):
+                                continue
+                            cfg = short_config(dtype, nq, nk, m, d, dv, 4 * 132 * 8)
+                            consts = dict(cfg["constexprs"], IS_F64=dtype == torch.float64,
+                                          DOT_PREC=prec)
+                            add(kernel, dtype, consts, cfg["num_warps"], cfg["num_stages"], dd)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launcher
+
+
+def _prep(x: torch.Tensor, BD: int, scale: torch.Tensor | None, batched: bool = True,
+          norms: bool = False):
+    """Normalised rows of x ([B, H, N, d], or [H, N, d] with batched=False) times
+    scale[h] log2(e) when scale is given, as a contiguous [B * H, N, BD] (zero-padded) tensor;
+    with norms=True also the row norms |x| [B * H * N] in the accumulation dtype: (y, norms)."""
+    if batched:
+        B, H, N, D = x.shape
+        strides = (x.stride(0), x.stride(1), x.stride(2))
+    else:
+        B, (H, N, D) = 1, x.shape
+        strides = (0, x.stride(0), x.stride(1))
+    y = torch.empty((B * H, N, BD), dtype=x.dtype, device=x.device)
+    nrm = torch.empty((B * H * N,), dtype=_acc_dtype(x.dtype), device=x.device) if norms else None
+    if y.numel() > 0:
+        br = _PREP["BLOCK_R"]
+        _cos_attn_prep_kernel[(triton.cdiv(N, br) * B * H,)](
+            x, y, scale if scale is not None else y, nrm if norms else y, *strides, H, N, D,
+            HAS_SCALE=scale is not None, WRITE_NRM=norms, BLOCK_R=br, BLOCK_D=BD,
+            IS_F64=x.dtype == torch.float64,
+            num_warps=_PREP["num_warps"], num_stages=_PREP["num_stages"])
+    return (y, nrm) if norms else y
+
+
+def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, memory_v, *,
+                              fixed_max: str = "auto", config: int = 0, short: bool | None = None):
+    """As kernels/cosine_attention.cosine_attention_forward (same arguments and results: out
+    [B, H, Nq, dv] in q's dtype, lse [B, H, Nq] float32 / float64, +inf for empty rows), with
+    the pre-pass + fixed-maximum kernel, or the short-sequence kernel.
+
+    fixed_max: "auto" (the derived limit, fixed_max_limit), "always", "never" (tests, sweep).
+    config: index into FWD2_CANDIDATES (the sweep). short: None picks the short kernel when
+    use_short(Nq, Nk, M, BLOCK_D); True / False force it (True needs use_short)."""
+    B, H, Nq, d = q.shape
+    Nk, dv = k.shape[2], v.shape[3]
+    M = 0 if memory_k is None else memory_k.shape[1]
+    out = torch.empty((B, H, Nq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=_acc_dtype(q.dtype), device=q.device)
+    if B * H * Nq == 0:
+        return out, lse
+    fixed = _fixed_arg(q.dtype, fixed_max)
+    q, k, v, memory_k, memory_v = (_slice32(t) for t in (q, k, v, memory_k, memory_v))
+    lens = key_lengths if key_lengths is not None else _dummy_lengths(q.device)
+    has_lens = int(key_lengths is not None)
+    is_f64 = q.dtype == torch.float64
+    prec = _dot_precision(q.dtype, q.device)
+    mk, mv = (memory_k, memory_v) if M > 0 else (k, v)
+    if short is None:
+        short = use_short(Nq, Nk, M, block_d(d, dv), q.dtype)
+    if short:
+        if max(Nq, Nk, M) > SHORT_MAX_N:
+            raise ValueError(f"cosine_attention: the short kernel takes at most {SHORT_MAX_N} "
+                             f"queries, keys and slots, got {Nq}, {Nk}, {M}")
+        cfg = short_config(q.dtype, Nq, Nk, M, d, dv, B * H)
+        heads = cfg["constexprs"]["HEADS"]
+        _cos_attn_fwd_short_kernel[(triton.cdiv(B * H, heads),)](
+            q, k, v, mk, mv, scale, lens, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), mk.stride(-3), mk.stride(-2),
+            mv.stride(-3), mv.stride(-2), out.stride(0), out.stride(1), out.stride(2),
+            H, Nq, Nk, M, d, dv, _window_arg(window), has_lens, B * H,
+            **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out, lse
+    cfg = fwd2_config(q.dtype, d, dv, config)
+    BD = cfg["constexprs"]["BLOCK_D"]
+    qs = _prep(q, BD, scale)
+    kn = _prep(k, BD, None)
+    mkn = _prep(memory_k, BD, None, batched=False) if M > 0 else kn
+    grid = (triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"]) * B * H,)
+    _cos_attn_fwd2_kernel[grid](
+        qs, kn, v, mkn, mv, scale, lens, out, lse,
+        v.stride(0), v.stride(1), v.stride(2), mv.stride(-3), mv.stride(-2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, Nq, Nk, M, dv, _window_arg(window), has_lens, fixed,
+        **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
