@@ -121,3 +121,16 @@ def test_gpu_auto_dispatch():
         other = "composite" if want == "fused" else "fused"
         assert torch.equal(got, run(want, lens_, window, grad)), (lens_ is not None, window, grad, want)
         assert not torch.equal(got, run(other, lens_, window, grad)), "the two paths agree bit for bit"
+
+
+def test_second_version_is_opt_in_until_measured(monkeypatch):
+    """The auto rule's rows timed the first kernels, so the second version runs only when asked
+    for ($DTL_FAST_ATTN_IMPL=v2); anything else is an error naming the variable."""
+    mod = ops
+    monkeypatch.delenv("DTL_FAST_ATTN_IMPL", raising=False)
+    assert mod._v2_dtypes() == ()
+    monkeypatch.setenv("DTL_FAST_ATTN_IMPL", "v2")
+    assert set(mod._v2_dtypes()) == {torch.float16, torch.bfloat16, torch.float64}
+    monkeypatch.setenv("DTL_FAST_ATTN_IMPL", "v3")
+    with pytest.raises(ValueError, match="DTL_FAST_ATTN_IMPL"):
+        mod._v2_dtypes()

@@ -14,6 +14,8 @@ contiguous first.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,23 @@ def _kernels():
 # second-version tiles spill registers in the sm_80 / sm_90 compile. A forward and its backward
 # always come from the same version: the second rounds the normalised rows to the input dtype,
 # and its backward recomputes the logits the forward's lse was taken over.
-V2_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+#
+# The second version is opt-in (DTL_FAST_ATTN_IMPL=v2, read at import) until a GPU has timed it:
+# the auto rule below was measured on the first version, so `auto`'s fused choices and the
+# `fused` default stay on the kernels those rows timed (as the RNN's persistent kernel waits for
+# its rows). The tests and bench/sweep_cosine_attention.py run the second version explicitly.
+V2_CANDIDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+ATTN_IMPL_ENV = "DTL_FAST_ATTN_IMPL"
+
+
+def _v2_dtypes() -> tuple:
+    impl = os.environ.get(ATTN_IMPL_ENV, "v1") or "v1"
+    if impl not in ("v1", "v2"):
+        raise ValueError(f"${ATTN_IMPL_ENV} must be 'v1' or 'v2', got {impl!r}")
+    return V2_CANDIDATE_DTYPES if impl == "v2" else ()
+
+
+V2_DTYPES = _v2_dtypes()
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
