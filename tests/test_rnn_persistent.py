@@ -210,13 +210,13 @@ def test_step_mode_resident_w_float32(mode, impl, poison):
     assert_all_close(mode, h, len(ws), got, want, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_step_mode_bfloat16(mode, impl, poison):
+def test_step_mode_half(mode, dtype, impl, poison):
     T, B, I, H = 3, 3, 4, 18
     impl("step")
     _, x, h, ws = make_case(mode, T, B, I, H, 1, True)
     kw = dict(lengths=[3, 1, 2], num_layers=1, bidirectional=True)
-    dtype = torch.bfloat16
     cast = lambda t: t.to(dtype)  # noqa: E731
     up = lambda t: t.to(dtype).double()  # noqa: E731
     hxd = tuple(map(cast, h)) if mode == "LSTM" else cast(h)
@@ -227,6 +227,38 @@ def test_step_mode_bfloat16(mode, impl, poison):
     want = run(fn_of(mode, "ref"), mode, up(x), hx64, [up(w) for w in ws], **kw)
     assert got[0].dtype == dtype
     assert_all_half_close(mode, h, len(ws), got, want, base, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_mode_dropout_and_autocast_match_the_loop_kernel(mode, impl):
+    """Inter-layer dropout and autocast live in the op around the recurrence, so the step mode
+    gives what the (reference-checked) loop kernel gives with the same seed: 2 layers, dropout
+    0.4 in training, float32; and under CPU autocast (bfloat16) the same output dtype and values."""
+    T, B, I, H = 3, 2, 4, 9
+    _, x, h, ws = make_case(mode, T, B, I, H, 2, True)
+    f32 = lambda t: t.float()  # noqa: E731
+    x, ws = f32(x), [f32(w) for w in ws]
+    h = tuple(map(f32, h)) if mode == "LSTM" else f32(h)
+    kw = dict(lengths=[3, 2], num_layers=2, bidirectional=True, dropout=0.4, training=True)
+    outs = {}
+    for name in ("loop", "step"):
+        impl(name)
+        torch.manual_seed(7)
+        outs[name] = run(fn_of(mode, "fused"), mode, x, h, ws, **kw)
+    torch.manual_seed(7)
+    no_drop = run(fn_of(mode, "fused"), mode, x, h, ws, **dict(kw, dropout=0.0))
+    assert not torch.allclose(outs["step"][0], no_drop[0])  # dropout did act
+    for i, (a, b) in enumerate(zip(outs["loop"], outs["step"])):
+        if a is not None:
+            assert_rel_close(f"{mode} dropout result {i}", b, a, 1e-5)
+    auto = {}
+    for name in ("loop", "step"):
+        impl(name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto[name] = fn_of(mode, "fused")(x, h, ws, lengths=[3, 2], num_layers=2,
+                                              bidirectional=True)[0]
+    assert auto["step"].dtype == torch.bfloat16
+    assert_rel_close(f"{mode} autocast output", auto["step"].float(), auto["loop"].float(), 2e-2)
 
 
 @pytest.mark.parametrize("mode", MODES)
