@@ -14,12 +14,16 @@ the time loop runs inside the kernel; each step loops over hidden blocks (BLOCK_
 over the contraction (BLOCK_K) with tl.dot; h_{t-1} is re-read from global memory (written by
 other threads of the same program in the previous step), with tl.debug_barrier() between steps.
 Rows past B are masked. The cell state and all accumulation are float32 (float64 for float64).
+The cell math of a step (gates, state update, and its gradient) is kernels/rnn_cell.py's,
+shared with the persistent kernels (kernels/rnn_persistent.py).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from dtl_fast.kernels.rnn_cell import gru_bwd_cell, gru_fwd_cell, lstm_bwd_cell, lstm_fwd_cell
 
 # T, B, D are not specialised on their values (== 1), so the batch / length / direction count
 # never changes which kernel runs. H and the pointers keep Triton's divisibility-by-16
@@ -49,20 +53,6 @@ def _zeros(BB: tl.constexpr, BN: tl.constexpr, F64: tl.constexpr):
         return tl.zeros([BB, BN], dtype=tl.float64)
     else:
         return tl.zeros([BB, BN], dtype=tl.float32)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # exp of a non-positive argument only: no overflow, and no cancellation near 0 that
-    # 2 * sigmoid(2x) - 1 would have.
-    e = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
@@ -144,33 +134,9 @@ def _lstm_fwd_kernel(gx_ptr, wt_ptr, h0_ptr, c0_ptr, len_ptr,
                 acc_f = _dot(hp, tl.load(w_p + H, mask=w_m, other=0.0), acc_f, ALLOW_TF32, DOT_F32)
                 acc_g = _dot(hp, tl.load(w_p + 2 * H, mask=w_m, other=0.0), acc_g, ALLOW_TF32, DOT_F32)
                 acc_o = _dot(hp, tl.load(w_p + 3 * H, mask=w_m, other=0.0), acc_o, ALLOW_TF32, DOT_F32)
-            m = valid[:, None] & col_ok[None, :]
-            gx_p = gx_ptr + gx_base[:, None] + cols[None, :]
-            i = _sigmoid(acc_i + tl.load(gx_p, mask=m, other=0.0).to(acc_i.dtype))
-            f = _sigmoid(acc_f + tl.load(gx_p + H, mask=m, other=0.0).to(acc_i.dtype))
-            g = _tanh(acc_g + tl.load(gx_p + 2 * H, mask=m, other=0.0).to(acc_i.dtype))
-            o = _sigmoid(acc_o + tl.load(gx_p + 3 * H, mask=m, other=0.0).to(acc_i.dtype))
-            c_prev = tl.load(call_ptr + prev_base[:, None] + cols[None, :],
-                             mask=use_prev[:, None] & col_ok[None, :], other=0.0)
-            c_prev += tl.load(c0_ptr + st_base[:, None] + cols[None, :],
-                              mask=first[:, None] & col_ok[None, :], other=0.0).to(acc_i.dtype)
-            c = f * c_prev + i * g
-            h = o * _tanh(c)
-            # Padded steps are written too (zeros), so no output element is left unwritten.
-            sm = row_ok[:, None] & col_ok[None, :]
-            vm = valid[:, None]
-            cur = cur_base[:, None] + cols[None, :]
-            tl.store(out_ptr + cur, tl.where(vm, h, 0.0).to(out_ptr.dtype.element_ty), mask=sm)
-            tl.store(call_ptr + cur, tl.where(vm, c, 0.0), mask=sm)
-            a_p = act_ptr + gx_base[:, None] + cols[None, :]
-            tl.store(a_p, tl.where(vm, i, 0.0), mask=sm)
-            tl.store(a_p + H, tl.where(vm, f, 0.0), mask=sm)
-            tl.store(a_p + 2 * H, tl.where(vm, g, 0.0), mask=sm)
-            tl.store(a_p + 3 * H, tl.where(vm, o, 0.0), mask=sm)
-            lm = last[:, None] & col_ok[None, :]
-            st = st_base[:, None] + cols[None, :]
-            tl.store(hn_ptr + st, h.to(hn_ptr.dtype.element_ty), mask=lm)
-            tl.store(cn_ptr + st, c.to(cn_ptr.dtype.element_ty), mask=lm)
+            lstm_fwd_cell(acc_i, acc_f, acc_g, acc_o, gx_ptr, c0_ptr, out_ptr, hn_ptr, cn_ptr, act_ptr,
+                          call_ptr, gx_base, st_base, cur_base, prev_base, cols, col_ok,
+                          row_ok, valid, first, last, use_prev, H)
         # The next step reads this step's h and c, written by other threads of this program.
         tl.debug_barrier()
 
@@ -217,37 +183,9 @@ def _lstm_bwd_kernel(gout_ptr, ghn_ptr, gcn_ptr, w_ptr, c0_ptr, act_ptr, call_pt
             col_ok = cols < H
             acc = _dgates_dot_w(dg_ptr, next_gbase, from_next, w_ptr, d, G, H, cols, col_ok, rk,
                                 BLOCK_B, BLOCK_H, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
-            vm = valid[:, None] & col_ok[None, :]
-            lm = last[:, None] & col_ok[None, :]
-            sm = row_ok[:, None] & col_ok[None, :]
-            st = st_base[:, None] + cols[None, :]
-            cur = cur_base[:, None] + cols[None, :]
-            dh = acc + tl.load(gout_ptr + cur, mask=vm, other=0.0).to(acc.dtype)
-            dh += tl.load(ghn_ptr + st, mask=lm, other=0.0).to(acc.dtype)
-            carry = tl.load(buf_ptr + rd + st, mask=sm, other=0.0)
-            dc = tl.where(last[:, None], tl.load(gcn_ptr + st, mask=lm, other=0.0).to(acc.dtype), carry)
-            a_p = act_ptr + gbase[:, None] + cols[None, :]
-            i = tl.load(a_p, mask=vm, other=0.0)
-            f = tl.load(a_p + H, mask=vm, other=0.0)
-            g = tl.load(a_p + 2 * H, mask=vm, other=0.0)
-            o = tl.load(a_p + 3 * H, mask=vm, other=0.0)
-            tc = _tanh(tl.load(call_ptr + cur, mask=vm, other=0.0))
-            c_prev = tl.load(call_ptr + prev_base[:, None] + cols[None, :],
-                             mask=use_prev[:, None] & col_ok[None, :], other=0.0)
-            c_prev += tl.load(c0_ptr + st, mask=first[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
-            dc += dh * o * (1.0 - tc * tc)
-            v = valid[:, None]
-            d_i = tl.where(v, dc * g * i * (1.0 - i), 0.0)
-            d_f = tl.where(v, dc * c_prev * f * (1.0 - f), 0.0)
-            d_g = tl.where(v, dc * i * (1.0 - g * g), 0.0)
-            d_o = tl.where(v, dh * tc * o * (1.0 - o), 0.0)
-            dg_p = dg_ptr + gbase[:, None] + cols[None, :]
-            ty = dg_ptr.dtype.element_ty
-            tl.store(dg_p, d_i.to(ty), mask=sm)
-            tl.store(dg_p + H, d_f.to(ty), mask=sm)
-            tl.store(dg_p + 2 * H, d_g.to(ty), mask=sm)
-            tl.store(dg_p + 3 * H, d_o.to(ty), mask=sm)
-            tl.store(buf_ptr + wr + st, tl.where(v, dc * f, carry), mask=sm)
+            lstm_bwd_cell(acc, gout_ptr, ghn_ptr, gcn_ptr, c0_ptr, act_ptr, call_ptr, dg_ptr, buf_ptr,
+                          rd, wr, gbase, st_base, cur_base, prev_base, cols, col_ok,
+                          row_ok, valid, first, last, use_prev, H)
         tl.debug_barrier()
     # Gradients of h0 / c0: from each row's first processed step.
     t_first = tl.where(d == 0, 0, seq_len - 1)
@@ -311,25 +249,10 @@ def _gru_fwd_kernel(gx_ptr, wt_ptr, bhn_ptr, h0_ptr, len_ptr,
                 acc_r = _dot(hp, tl.load(w_p, mask=w_m, other=0.0), acc_r, ALLOW_TF32, DOT_F32)
                 acc_z = _dot(hp, tl.load(w_p + H, mask=w_m, other=0.0), acc_z, ALLOW_TF32, DOT_F32)
                 acc_n = _dot(hp, tl.load(w_p + 2 * H, mask=w_m, other=0.0), acc_n, ALLOW_TF32, DOT_F32)
-            m = valid[:, None] & col_ok[None, :]
-            gx_p = gx_ptr + gx_base[:, None] + cols[None, :]
-            r = _sigmoid(acc_r + tl.load(gx_p, mask=m, other=0.0).to(acc_r.dtype))
-            z = _sigmoid(acc_z + tl.load(gx_p + H, mask=m, other=0.0).to(acc_r.dtype))
-            hn_pre = acc_n + tl.load(bhn_ptr + d * H + cols, mask=col_ok, other=0.0).to(acc_r.dtype)[None, :]
-            n = _tanh(tl.load(gx_p + 2 * H, mask=m, other=0.0).to(acc_r.dtype) + r * hn_pre)
-            h_prev = tl.load(h_row[:, None] + cols[None, :], mask=m, other=0.0).to(acc_r.dtype)
-            h = (1.0 - z) * n + z * h_prev
-            sm = row_ok[:, None] & col_ok[None, :]
-            vm = valid[:, None]
-            tl.store(out_ptr + cur_base[:, None] + cols[None, :],
-                     tl.where(vm, h, 0.0).to(out_ptr.dtype.element_ty), mask=sm)
-            a_p = act_ptr + act_base[:, None] + cols[None, :]
-            tl.store(a_p, tl.where(vm, r, 0.0), mask=sm)
-            tl.store(a_p + H, tl.where(vm, z, 0.0), mask=sm)
-            tl.store(a_p + 2 * H, tl.where(vm, n, 0.0), mask=sm)
-            tl.store(a_p + 3 * H, tl.where(vm, hn_pre, 0.0), mask=sm)
-            tl.store(hn_ptr + st_base[:, None] + cols[None, :], h.to(hn_ptr.dtype.element_ty),
-                     mask=last[:, None] & col_ok[None, :])
+            b_hn = tl.load(bhn_ptr + d * H + cols, mask=col_ok, other=0.0)
+            gru_fwd_cell(acc_r, acc_z, acc_n, b_hn, gx_ptr, out_ptr, hn_ptr, act_ptr, h_row,
+                         gx_base, act_base, st_base, cur_base, cols, col_ok, row_ok, valid, last, H,
+                         "")
         tl.debug_barrier()
 
 
@@ -378,34 +301,9 @@ def _gru_bwd_kernel(gout_ptr, ghn_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, len_ptr,
             col_ok = cols < H
             acc = _dgates_dot_w(dgh_ptr, next_gbase, from_next, w_ptr, d, G, H, cols, col_ok, rk,
                                 BLOCK_B, BLOCK_H, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
-            vm = valid[:, None] & col_ok[None, :]
-            lm = last[:, None] & col_ok[None, :]
-            sm = row_ok[:, None] & col_ok[None, :]
-            st = st_base[:, None] + cols[None, :]
-            carry = tl.load(buf_ptr + rd + st, mask=sm, other=0.0)
-            direct = tl.where(last[:, None], tl.load(ghn_ptr + st, mask=lm, other=0.0).to(acc.dtype), carry)
-            dh = acc + direct + tl.load(gout_ptr + cur_base[:, None] + cols[None, :],
-                                        mask=vm, other=0.0).to(acc.dtype)
-            a_p = act_ptr + act_base[:, None] + cols[None, :]
-            r = tl.load(a_p, mask=vm, other=0.0)
-            z = tl.load(a_p + H, mask=vm, other=0.0)
-            n = tl.load(a_p + 2 * H, mask=vm, other=0.0)
-            hn_pre = tl.load(a_p + 3 * H, mask=vm, other=0.0)
-            h_prev = tl.load(h_row[:, None] + cols[None, :], mask=vm, other=0.0).to(acc.dtype)
-            v = valid[:, None]
-            d_z = tl.where(v, dh * (h_prev - n) * z * (1.0 - z), 0.0)
-            d_n = tl.where(v, dh * (1.0 - z) * (1.0 - n * n), 0.0)
-            d_r = tl.where(v, d_n * hn_pre * r * (1.0 - r), 0.0)
-            ty = dgx_ptr.dtype.element_ty
-            gx_p = dgx_ptr + gbase[:, None] + cols[None, :]
-            gh_p = dgh_ptr + gbase[:, None] + cols[None, :]
-            tl.store(gx_p, d_r.to(ty), mask=sm)
-            tl.store(gx_p + H, d_z.to(ty), mask=sm)
-            tl.store(gx_p + 2 * H, d_n.to(ty), mask=sm)
-            tl.store(gh_p, d_r.to(ty), mask=sm)
-            tl.store(gh_p + H, d_z.to(ty), mask=sm)
-            tl.store(gh_p + 2 * H, (d_n * r).to(ty), mask=sm)
-            tl.store(buf_ptr + wr + st, tl.where(v, dh * z, carry), mask=sm)
+            gru_bwd_cell(acc, gout_ptr, ghn_ptr, act_ptr, dgx_ptr, dgh_ptr, buf_ptr, h_row,
+                         rd, wr, gbase, act_base, st_base, cur_base, cols, col_ok,
+                         row_ok, valid, last, H)
         tl.debug_barrier()
     t_first = tl.where(d == 0, 0, seq_len - 1)
     first_gbase = ((t_first * B + rows) * D + d) * G
@@ -556,81 +454,121 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _lstm_fwd_outputs(gates_x, w_hh, h0, c0):
+    """lstm_forward's results, allocated: (out [T, B, D*H], h_n, c_n [D, B, H] in gates_x's
+    dtype, act [T, B, D, 4H], c_all [T, B, D, H] float32 / float64), and whether there is
+    nothing to run (T == 0 or B == 0: h_n, c_n are then h0, c0). Shared with
+    kernels/rnn_persistent.py's launchers."""
+    T, B, D, G = gates_x.shape
+    H = w_hh.shape[-1]
+    acc = _acc(gates_x.dtype)
+    outs = (gates_x.new_empty(T, B, D * H), gates_x.new_empty(D, B, H), gates_x.new_empty(D, B, H),
+            gates_x.new_empty(T, B, D, G, dtype=acc), gates_x.new_empty(T, B, D, H, dtype=acc))
+    empty = T == 0 or B == 0
+    if empty:
+        outs[1].copy_(h0)
+        outs[2].copy_(c0)
+    return outs, empty
+
+
+def _lstm_bwd_outputs(act, w_hh, grad_hn, grad_cn):
+    """lstm_backward's results, allocated: (dgates [T, B, D, 4H] in w_hh's dtype, dh0, dc0
+    [D, B, H] float32 / float64), and the zeroed carry buffer [2, D, B, H], None when there is
+    nothing to run (T == 0 or B == 0: dh0, dc0 are then grad_h_n, grad_c_n)."""
+    T, B, D, G = act.shape
+    H = w_hh.shape[-1]
+    acc = _acc(w_hh.dtype)
+    outs = (act.new_empty(T, B, D, G, dtype=w_hh.dtype), act.new_empty(D, B, H, dtype=acc),
+            act.new_empty(D, B, H, dtype=acc))
+    if T == 0 or B == 0:
+        outs[1].copy_(grad_hn)
+        outs[2].copy_(grad_cn)
+        return outs, None
+    return outs, act.new_zeros(2, D, B, H, dtype=acc)
+
+
+def _gru_fwd_outputs(gates_x, w_hh, h0):
+    """gru_forward's results, allocated: (out [T, B, D*H], h_n [D, B, H] in gates_x's dtype,
+    act [T, B, D, 4H] float32 / float64), and whether there is nothing to run (T == 0 or
+    B == 0: h_n is then h0)."""
+    T, B, D, _ = gates_x.shape
+    H = w_hh.shape[-1]
+    outs = (gates_x.new_empty(T, B, D * H), gates_x.new_empty(D, B, H),
+            gates_x.new_empty(T, B, D, 4 * H, dtype=_acc(gates_x.dtype)))
+    empty = T == 0 or B == 0
+    if empty:
+        outs[1].copy_(h0)
+    return outs, empty
+
+
+def _gru_bwd_outputs(act, w_hh, grad_hn):
+    """gru_backward's results, allocated: (dgates_x, dgates_h [T, B, D, 3H] in w_hh's dtype,
+    dh0 [D, B, H] float32 / float64), and the zeroed carry buffer [2, D, B, H], None when there
+    is nothing to run (T == 0 or B == 0: dh0 is then grad_h_n)."""
+    T, B, D, _ = act.shape
+    H = w_hh.shape[-1]
+    acc = _acc(w_hh.dtype)
+    outs = (act.new_empty(T, B, D, 3 * H, dtype=w_hh.dtype), act.new_empty(T, B, D, 3 * H, dtype=w_hh.dtype),
+            act.new_empty(D, B, H, dtype=acc))
+    if T == 0 or B == 0:
+        outs[2].copy_(grad_hn)
+        return outs, None
+    return outs, act.new_zeros(2, D, B, H, dtype=acc)
+
+
 def lstm_forward(gates_x, w_hh, h0, c0, lengths):
     """gates_x [T, B, D, 4H], w_hh [D, 4H, H], h0, c0 [D, B, H] (one dtype), lengths None or
     int [B] -> out [T, B, D*H], h_n, c_n [D, B, H], act [T, B, D, 4H], c_all [T, B, D, H]."""
-    T, B, D, G = gates_x.shape
+    outs, empty = _lstm_fwd_outputs(gates_x, w_hh, h0, c0)
+    if empty:
+        return outs
+    T, B, D, _ = gates_x.shape
     H = w_hh.shape[-1]
-    dt, acc = gates_x.dtype, _acc(gates_x.dtype)
-    out = gates_x.new_empty(T, B, D * H)
-    h_n = gates_x.new_empty(D, B, H)
-    c_n = gates_x.new_empty(D, B, H)
-    act = gates_x.new_empty(T, B, D, G, dtype=acc)
-    c_all = gates_x.new_empty(T, B, D, H, dtype=acc)
-    if T == 0 or B == 0:
-        h_n.copy_(h0)
-        c_n.copy_(c0)
-        return out, h_n, c_n, act, c_all
     wt = w_hh.transpose(1, 2).contiguous()  # [D, H, 4H]
     _launch("_lstm_fwd_kernel",
             [gates_x.contiguous(), wt, h0.contiguous(), c0.contiguous(), _len_arg(lengths, T, B, gates_x),
-             out, h_n, c_n, act, c_all], T, B, H, D, dt, gates_x)
-    return out, h_n, c_n, act, c_all
+             *outs], T, B, H, D, gates_x.dtype, gates_x)
+    return outs
 
 
 def lstm_backward(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths):
     """-> dgates [T, B, D, 4H] (w_hh's dtype), dh0, dc0 [D, B, H] (float32 / float64)."""
-    T, B, D, G = act.shape
-    H = w_hh.shape[-1]
-    dt, acc = w_hh.dtype, _acc(w_hh.dtype)
-    dgates = act.new_empty(T, B, D, G, dtype=dt)
-    dh0 = act.new_empty(D, B, H, dtype=acc)
-    dc0 = act.new_empty(D, B, H, dtype=acc)
-    if T == 0 or B == 0:
-        dh0.copy_(grad_hn)
-        dc0.copy_(grad_cn)
-        return dgates, dh0, dc0
-    buf = act.new_zeros(2, D, B, H, dtype=acc)
+    outs, buf = _lstm_bwd_outputs(act, w_hh, grad_hn, grad_cn)
+    if buf is None:
+        return outs
+    T, B, D, _ = act.shape
+    H, dt = w_hh.shape[-1], w_hh.dtype
     _launch("_lstm_bwd_kernel",
             [grad_out.to(dt).contiguous(), grad_hn.to(dt).contiguous(), grad_cn.to(dt).contiguous(),
              w_hh.contiguous(), c0.to(dt).contiguous(), act.contiguous(), c_all.contiguous(),
-             _len_arg(lengths, T, B, act), dgates, dh0, dc0, buf], T, B, H, D, dt, act)
-    return dgates, dh0, dc0
+             _len_arg(lengths, T, B, act), *outs, buf], T, B, H, D, dt, act)
+    return outs
 
 
 def gru_forward(gates_x, w_hh, b_hn, h0, lengths):
     """gates_x [T, B, D, 3H], w_hh [D, 3H, H], b_hn [D, H], h0 [D, B, H] (one dtype), lengths
     None or int [B] -> out [T, B, D*H], h_n [D, B, H], act [T, B, D, 4H] (r, z, n, W_hn h + b_hn)."""
-    T, B, D, G = gates_x.shape
+    outs, empty = _gru_fwd_outputs(gates_x, w_hh, h0)
+    if empty:
+        return outs
+    T, B, D, _ = gates_x.shape
     H = w_hh.shape[-1]
-    dt, acc = gates_x.dtype, _acc(gates_x.dtype)
-    out = gates_x.new_empty(T, B, D * H)
-    h_n = gates_x.new_empty(D, B, H)
-    act = gates_x.new_empty(T, B, D, 4 * H, dtype=acc)
-    if T == 0 or B == 0:
-        h_n.copy_(h0)
-        return out, h_n, act
     wt = w_hh.transpose(1, 2).contiguous()  # [D, H, 3H]
     _launch("_gru_fwd_kernel",
             [gates_x.contiguous(), wt, b_hn.contiguous(), h0.contiguous(), _len_arg(lengths, T, B, gates_x),
-             out, h_n, act], T, B, H, D, dt, gates_x)
-    return out, h_n, act
+             *outs], T, B, H, D, gates_x.dtype, gates_x)
+    return outs
 
 
 def gru_backward(grad_out, grad_hn, w_hh, h0, out, act, lengths):
     """-> dgates_x, dgates_h [T, B, D, 3H] (w_hh's dtype), dh0 [D, B, H] (float32 / float64)."""
-    T, B, D, G4 = act.shape
-    H = w_hh.shape[-1]
-    dt, acc = w_hh.dtype, _acc(w_hh.dtype)
-    dgx = act.new_empty(T, B, D, 3 * H, dtype=dt)
-    dgh = act.new_empty(T, B, D, 3 * H, dtype=dt)
-    dh0 = act.new_empty(D, B, H, dtype=acc)
-    if T == 0 or B == 0:
-        dh0.copy_(grad_hn)
-        return dgx, dgh, dh0
-    buf = act.new_zeros(2, D, B, H, dtype=acc)
+    outs, buf = _gru_bwd_outputs(act, w_hh, grad_hn)
+    if buf is None:
+        return outs
+    T, B, D, _ = act.shape
+    H, dt = w_hh.shape[-1], w_hh.dtype
     _launch("_gru_bwd_kernel",
             [grad_out.to(dt).contiguous(), grad_hn.to(dt).contiguous(), w_hh.contiguous(),
              h0.to(dt).contiguous(), out.contiguous(), act.contiguous(), _len_arg(lengths, T, B, act),
-             dgx, dgh, dh0, buf], T, B, H, D, dt, act)
-    return dgx, dgh, dh0
+             *outs, buf], T, B, H, D, dt, act)
+    return outs

@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dtl_fast.kernels.rnn import (GPU_DTYPES, _TY, _acc, _dot, _len_arg, _nullcontext, _row_state,
-                                  _sigmoid, _tanh, _zeros)
+from dtl_fast.kernels.rnn import (GPU_DTYPES, _TY, _dot, _gru_bwd_outputs, _gru_fwd_outputs, _len_arg,
+                                  _lstm_bwd_outputs, _lstm_fwd_outputs, _nullcontext, _row_state, _zeros)
+from dtl_fast.kernels.rnn_cell import gru_bwd_cell, gru_fwd_cell, lstm_bwd_cell, lstm_fwd_cell
 
 # T, B, D, P and the step range are not value-specialised: a new length, batch or step never
 # compiles another kernel. H keeps Triton's divisibility specialisation.
@@ -197,7 +198,8 @@ def _lstm_fwd_persistent(gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr,
                          KP: tl.constexpr, RESIDENT: tl.constexpr,
                          ALLOW_TF32: tl.constexpr, F64: tl.constexpr, DOT_F32: tl.constexpr):
     """Steps S0 .. S1-1 of the LSTM forward for direction d = program_id(0), hidden units of
-    block p = program_id(1); the step math is kernels/rnn.py's _lstm_fwd_kernel."""
+    block p = program_id(1); the step's cell math is kernels/rnn_cell.py's lstm_fwd_cell, as in
+    kernels/rnn.py's _lstm_fwd_kernel."""
     d = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
     G = 4 * H
@@ -224,35 +226,11 @@ def _lstm_fwd_persistent(gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr,
                 BLOCK_B, BLOCK_N, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
             cur_base = ((t * B + rows) * D + d) * H
             gx_base = ((t * B + rows) * D + d) * G
-            m = valid[:, None] & col_ok[None, :]
-            gx_p = gx_ptr + gx_base[:, None] + cols[None, :]
-            i = _sigmoid(acc_i + tl.load(gx_p, mask=m, other=0.0).to(acc_i.dtype))
-            f = _sigmoid(acc_f + tl.load(gx_p + H, mask=m, other=0.0).to(acc_i.dtype))
-            g = _tanh(acc_g + tl.load(gx_p + 2 * H, mask=m, other=0.0).to(acc_i.dtype))
-            o = _sigmoid(acc_o + tl.load(gx_p + 3 * H, mask=m, other=0.0).to(acc_i.dtype))
-            # c of this program's own columns: written by this program (other threads of it) in
-            # the previous step; the step's CTA barrier orders it.
-            c_prev = tl.load(call_ptr + prev_base[:, None] + cols[None, :],
-                             mask=use_prev[:, None] & col_ok[None, :], other=0.0)
-            c_prev += tl.load(c0_ptr + st_base[:, None] + cols[None, :],
-                              mask=first[:, None] & col_ok[None, :], other=0.0).to(acc_i.dtype)
-            c = f * c_prev + i * g
-            h = o * _tanh(c)
-            # Padded steps are written too (zeros), so no output element is left unwritten.
-            sm = row_ok[:, None] & col_ok[None, :]
-            vm = valid[:, None]
-            cur = cur_base[:, None] + cols[None, :]
-            tl.store(out_ptr + cur, tl.where(vm, h, 0.0).to(out_ptr.dtype.element_ty), mask=sm)
-            tl.store(call_ptr + cur, tl.where(vm, c, 0.0), mask=sm)
-            a_p = act_ptr + gx_base[:, None] + cols[None, :]
-            tl.store(a_p, tl.where(vm, i, 0.0), mask=sm)
-            tl.store(a_p + H, tl.where(vm, f, 0.0), mask=sm)
-            tl.store(a_p + 2 * H, tl.where(vm, g, 0.0), mask=sm)
-            tl.store(a_p + 3 * H, tl.where(vm, o, 0.0), mask=sm)
-            lm = last[:, None] & col_ok[None, :]
-            st = st_base[:, None] + cols[None, :]
-            tl.store(hn_ptr + st, h.to(hn_ptr.dtype.element_ty), mask=lm)
-            tl.store(cn_ptr + st, c.to(cn_ptr.dtype.element_ty), mask=lm)
+            # The cell reads c_{t-1} of this program's own columns only: written by this program
+            # (other threads of it) in the previous step; the step's CTA barrier orders it.
+            lstm_fwd_cell(acc_i, acc_f, acc_g, acc_o, gx_ptr, c0_ptr, out_ptr, hn_ptr, cn_ptr, act_ptr,
+                          call_ptr, gx_base, st_base, cur_base, prev_base, cols, col_ok,
+                          row_ok, valid, first, last, use_prev, H)
         if PERSISTENT != 0:
             failed = _grid_sync(bar_ptr + d, err_ptr, (s + 1) * P, spin_limit, failed)
         else:
@@ -266,8 +244,8 @@ def _lstm_bwd_persistent(gout_ptr, ghn_ptr, gcn_ptr, w_ptr, c0_ptr, act_ptr, cal
                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          KP: tl.constexpr, RESIDENT: tl.constexpr,
                          ALLOW_TF32: tl.constexpr, F64: tl.constexpr, DOT_F32: tl.constexpr):
-    """Backward steps S0 .. S1-1 (S1 <= T) in reverse processing order (the step math of
-    kernels/rnn.py's _lstm_bwd_kernel, for this program's columns); when EPI != 0, then the
+    """Backward steps S0 .. S1-1 (S1 <= T) in reverse processing order (the cell math of
+    kernels/rnn_cell.py's lstm_bwd_cell, for this program's columns); when EPI != 0, then the
     epilogue dh0 = dgates[t_first] @ W_hh, dc0 = the carry buffer (after the last step's
     barrier, or in a launch of its own)."""
     d = tl.program_id(0).to(tl.int64)
@@ -300,37 +278,9 @@ def _lstm_bwd_persistent(gout_ptr, ghn_ptr, gcn_ptr, w_ptr, c0_ptr, act_ptr, cal
             prev_base = ((tp * B + rows) * D + d) * H
             acc = _mv_gate_lhs(dg_ptr + next_gbase, from_next, w_base, H, w0, w1, w2, w3, 4,
                                RESIDENT, KP, BLOCK_B, BLOCK_N, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
-            vm = valid[:, None] & col_ok[None, :]
-            lm = last[:, None] & col_ok[None, :]
-            sm = row_ok[:, None] & col_ok[None, :]
-            st = st_base[:, None] + cols[None, :]
-            cur = cur_base[:, None] + cols[None, :]
-            dh = acc + tl.load(gout_ptr + cur, mask=vm, other=0.0).to(acc.dtype)
-            dh += tl.load(ghn_ptr + st, mask=lm, other=0.0).to(acc.dtype)
-            carry = tl.load(buf_ptr + rd + st, mask=sm, other=0.0)
-            dc = tl.where(last[:, None], tl.load(gcn_ptr + st, mask=lm, other=0.0).to(acc.dtype), carry)
-            a_p = act_ptr + gbase[:, None] + cols[None, :]
-            i = tl.load(a_p, mask=vm, other=0.0)
-            f = tl.load(a_p + H, mask=vm, other=0.0)
-            g = tl.load(a_p + 2 * H, mask=vm, other=0.0)
-            o = tl.load(a_p + 3 * H, mask=vm, other=0.0)
-            tc = _tanh(tl.load(call_ptr + cur, mask=vm, other=0.0))
-            c_prev = tl.load(call_ptr + prev_base[:, None] + cols[None, :],
-                             mask=use_prev[:, None] & col_ok[None, :], other=0.0)
-            c_prev += tl.load(c0_ptr + st, mask=first[:, None] & col_ok[None, :], other=0.0).to(acc.dtype)
-            dc += dh * o * (1.0 - tc * tc)
-            v = valid[:, None]
-            d_i = tl.where(v, dc * g * i * (1.0 - i), 0.0)
-            d_f = tl.where(v, dc * c_prev * f * (1.0 - f), 0.0)
-            d_g = tl.where(v, dc * i * (1.0 - g * g), 0.0)
-            d_o = tl.where(v, dh * tc * o * (1.0 - o), 0.0)
-            dg_p = dg_ptr + gbase[:, None] + cols[None, :]
-            ty = dg_ptr.dtype.element_ty
-            tl.store(dg_p, d_i.to(ty), mask=sm)
-            tl.store(dg_p + H, d_f.to(ty), mask=sm)
-            tl.store(dg_p + 2 * H, d_g.to(ty), mask=sm)
-            tl.store(dg_p + 3 * H, d_o.to(ty), mask=sm)
-            tl.store(buf_ptr + wr + st, tl.where(v, dc * f, carry), mask=sm)
+            lstm_bwd_cell(acc, gout_ptr, ghn_ptr, gcn_ptr, c0_ptr, act_ptr, call_ptr, dg_ptr, buf_ptr,
+                          rd, wr, gbase, st_base, cur_base, prev_base, cols, col_ok,
+                          row_ok, valid, first, last, use_prev, H)
         if PERSISTENT != 0:
             failed = _grid_sync(bar_ptr + d, err_ptr, (s + 1) * P, spin_limit, failed)
         else:
@@ -365,7 +315,7 @@ def _gru_fwd_persistent(gx_ptr, w_ptr, bhn_ptr, h0_ptr, len_ptr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         KP: tl.constexpr, RESIDENT: tl.constexpr,
                         ALLOW_TF32: tl.constexpr, F64: tl.constexpr, DOT_F32: tl.constexpr):
-    """Steps S0 .. S1-1 of the GRU forward (kernels/rnn.py's _gru_fwd_kernel step math)."""
+    """Steps S0 .. S1-1 of the GRU forward (kernels/rnn_cell.py's gru_fwd_cell)."""
     d = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
     G = 3 * H
@@ -394,26 +344,10 @@ def _gru_fwd_persistent(gx_ptr, w_ptr, bhn_ptr, h0_ptr, len_ptr,
             cur_base = ((t * B + rows) * D + d) * H
             gx_base = ((t * B + rows) * D + d) * G
             act_base = ((t * B + rows) * D + d) * G4
-            m = valid[:, None] & col_ok[None, :]
-            gx_p = gx_ptr + gx_base[:, None] + cols[None, :]
-            r = _sigmoid(acc_r + tl.load(gx_p, mask=m, other=0.0).to(acc_r.dtype))
-            z = _sigmoid(acc_z + tl.load(gx_p + H, mask=m, other=0.0).to(acc_r.dtype))
-            hn_pre = acc_n + b_hn.to(acc_r.dtype)[None, :]
-            n = _tanh(tl.load(gx_p + 2 * H, mask=m, other=0.0).to(acc_r.dtype) + r * hn_pre)
-            h_prev = tl.load(h_row[:, None] + cols[None, :], mask=m, other=0.0,
-                             cache_modifier=".cg").to(acc_r.dtype)
-            h = (1.0 - z) * n + z * h_prev
-            sm = row_ok[:, None] & col_ok[None, :]
-            vm = valid[:, None]
-            tl.store(out_ptr + cur_base[:, None] + cols[None, :],
-                     tl.where(vm, h, 0.0).to(out_ptr.dtype.element_ty), mask=sm)
-            a_p = act_ptr + act_base[:, None] + cols[None, :]
-            tl.store(a_p, tl.where(vm, r, 0.0), mask=sm)
-            tl.store(a_p + H, tl.where(vm, z, 0.0), mask=sm)
-            tl.store(a_p + 2 * H, tl.where(vm, n, 0.0), mask=sm)
-            tl.store(a_p + 3 * H, tl.where(vm, hn_pre, 0.0), mask=sm)
-            tl.store(hn_ptr + st_base[:, None] + cols[None, :], h.to(hn_ptr.dtype.element_ty),
-                     mask=last[:, None] & col_ok[None, :])
+            # .cg: h_{t-1} of the tile's columns was written by other programs (other SMs).
+            gru_fwd_cell(acc_r, acc_z, acc_n, b_hn, gx_ptr, out_ptr, hn_ptr, act_ptr, h_row,
+                         gx_base, act_base, st_base, cur_base, cols, col_ok, row_ok, valid, last, H,
+                         ".cg")
         if PERSISTENT != 0:
             failed = _grid_sync(bar_ptr + d, err_ptr, (s + 1) * P, spin_limit, failed)
         else:
@@ -427,7 +361,7 @@ def _gru_bwd_persistent(gout_ptr, ghn_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, len_
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         KP: tl.constexpr, RESIDENT: tl.constexpr,
                         ALLOW_TF32: tl.constexpr, F64: tl.constexpr, DOT_F32: tl.constexpr):
-    """GRU backward steps (kernels/rnn.py's _gru_bwd_kernel step math, this program's columns);
+    """GRU backward steps (kernels/rnn_cell.py's gru_bwd_cell, this program's columns);
     epilogue dh0 = buffer + dgh[t_first] @ W_hh when EPI != 0."""
     d = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
@@ -461,34 +395,9 @@ def _gru_bwd_persistent(gout_ptr, ghn_ptr, w_ptr, h0_ptr, out_ptr, act_ptr, len_
             h_row = tl.where(first, h0_ptr + st_base, out_ptr + prev_base)
             acc = _mv_gate_lhs(dgh_ptr + next_gbase, from_next, w_base, H, w0, w1, w2, w3, 3,
                                RESIDENT, KP, BLOCK_B, BLOCK_N, BLOCK_K, ALLOW_TF32, DOT_F32, F64)
-            vm = valid[:, None] & col_ok[None, :]
-            lm = last[:, None] & col_ok[None, :]
-            sm = row_ok[:, None] & col_ok[None, :]
-            st = st_base[:, None] + cols[None, :]
-            carry = tl.load(buf_ptr + rd + st, mask=sm, other=0.0)
-            direct = tl.where(last[:, None], tl.load(ghn_ptr + st, mask=lm, other=0.0).to(acc.dtype), carry)
-            dh = acc + direct + tl.load(gout_ptr + cur_base[:, None] + cols[None, :],
-                                        mask=vm, other=0.0).to(acc.dtype)
-            a_p = act_ptr + act_base[:, None] + cols[None, :]
-            r = tl.load(a_p, mask=vm, other=0.0)
-            z = tl.load(a_p + H, mask=vm, other=0.0)
-            n = tl.load(a_p + 2 * H, mask=vm, other=0.0)
-            hn_pre = tl.load(a_p + 3 * H, mask=vm, other=0.0)
-            h_prev = tl.load(h_row[:, None] + cols[None, :], mask=vm, other=0.0).to(acc.dtype)
-            v = valid[:, None]
-            d_z = tl.where(v, dh * (h_prev - n) * z * (1.0 - z), 0.0)
-            d_n = tl.where(v, dh * (1.0 - z) * (1.0 - n * n), 0.0)
-            d_r = tl.where(v, d_n * hn_pre * r * (1.0 - r), 0.0)
-            ty = dgx_ptr.dtype.element_ty
-            gx_p = dgx_ptr + gbase[:, None] + cols[None, :]
-            gh_p = dgh_ptr + gbase[:, None] + cols[None, :]
-            tl.store(gx_p, d_r.to(ty), mask=sm)
-            tl.store(gx_p + H, d_z.to(ty), mask=sm)
-            tl.store(gx_p + 2 * H, d_n.to(ty), mask=sm)
-            tl.store(gh_p, d_r.to(ty), mask=sm)
-            tl.store(gh_p + H, d_z.to(ty), mask=sm)
-            tl.store(gh_p + 2 * H, (d_n * r).to(ty), mask=sm)
-            tl.store(buf_ptr + wr + st, tl.where(v, dh * z, carry), mask=sm)
+            gru_bwd_cell(acc, gout_ptr, ghn_ptr, act_ptr, dgx_ptr, dgh_ptr, buf_ptr, h_row,
+                         rd, wr, gbase, act_base, st_base, cur_base, cols, col_ok,
+                         row_ok, valid, last, H)
         if PERSISTENT != 0:
             failed = _grid_sync(bar_ptr + d, err_ptr, (s + 1) * P, spin_limit, failed)
         else:
@@ -807,83 +716,61 @@ def lstm_forward(gates_x, w_hh, h0, c0, lengths, *, persistent: bool = True):
     co-resident on a GPU) or its step mode: gates_x [T, B, D, 4H], w_hh [D, 4H, H], h0, c0
     [D, B, H], lengths None or int [B] -> out [T, B, D*H], h_n, c_n [D, B, H], act
     [T, B, D, 4H], c_all [T, B, D, H]."""
-    T, B, D, G = gates_x.shape
+    outs, empty = _lstm_fwd_outputs(gates_x, w_hh, h0, c0)
+    if empty:
+        return outs
+    T, B, D, _ = gates_x.shape
     H = w_hh.shape[-1]
-    dt, acc = gates_x.dtype, _acc(gates_x.dtype)
-    out = gates_x.new_empty(T, B, D * H)
-    h_n = gates_x.new_empty(D, B, H)
-    c_n = gates_x.new_empty(D, B, H)
-    act = gates_x.new_empty(T, B, D, G, dtype=acc)
-    c_all = gates_x.new_empty(T, B, D, H, dtype=acc)
-    if T == 0 or B == 0:
-        h_n.copy_(h0)
-        c_n.copy_(c0)
-        return out, h_n, c_n, act, c_all
     LAST_MODE["lstm_forward"] = _run(
         "_lstm_fwd_persistent",
-        [gates_x.contiguous(), h0.contiguous(), c0.contiguous(), _len_arg(lengths, T, B, gates_x),
-         out, h_n, c_n, act, c_all], T, B, H, D, dt, gates_x, persistent, w_hh, backward=False)
-    return out, h_n, c_n, act, c_all
+        [gates_x.contiguous(), h0.contiguous(), c0.contiguous(), _len_arg(lengths, T, B, gates_x), *outs],
+        T, B, H, D, gates_x.dtype, gates_x, persistent, w_hh, backward=False)
+    return outs
 
 
 def lstm_backward(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths, *, persistent: bool = True):
     """kernels/rnn.py's lstm_backward by the persistent / step kernel: -> dgates [T, B, D, 4H]
     (w_hh's dtype), dh0, dc0 [D, B, H] (float32 / float64)."""
-    T, B, D, G = act.shape
-    H = w_hh.shape[-1]
-    dt, acc = w_hh.dtype, _acc(w_hh.dtype)
-    dgates = act.new_empty(T, B, D, G, dtype=dt)
-    dh0 = act.new_empty(D, B, H, dtype=acc)
-    dc0 = act.new_empty(D, B, H, dtype=acc)
-    if T == 0 or B == 0:
-        dh0.copy_(grad_hn)
-        dc0.copy_(grad_cn)
-        return dgates, dh0, dc0
-    buf = act.new_zeros(2, D, B, H, dtype=acc)
+    outs, buf = _lstm_bwd_outputs(act, w_hh, grad_hn, grad_cn)
+    if buf is None:
+        return outs
+    T, B, D, _ = act.shape
+    H, dt = w_hh.shape[-1], w_hh.dtype
     LAST_MODE["lstm_backward"] = _run(
         "_lstm_bwd_persistent",
         [grad_out.to(dt).contiguous(), grad_hn.to(dt).contiguous(), grad_cn.to(dt).contiguous(),
          c0.to(dt).contiguous(), act.contiguous(), c_all.contiguous(), _len_arg(lengths, T, B, act),
-         dgates, dh0, dc0, buf], T, B, H, D, dt, act, persistent, w_hh, backward=True)
-    return dgates, dh0, dc0
+         *outs, buf], T, B, H, D, dt, act, persistent, w_hh, backward=True)
+    return outs
 
 
 def gru_forward(gates_x, w_hh, b_hn, h0, lengths, *, persistent: bool = True):
     """kernels/rnn.py's gru_forward by the persistent / step kernel: gates_x [T, B, D, 3H],
     w_hh [D, 3H, H], b_hn [D, H], h0 [D, B, H] -> out [T, B, D*H], h_n [D, B, H], act
     [T, B, D, 4H]."""
-    T, B, D, G = gates_x.shape
+    outs, empty = _gru_fwd_outputs(gates_x, w_hh, h0)
+    if empty:
+        return outs
+    T, B, D, _ = gates_x.shape
     H = w_hh.shape[-1]
-    dt, acc = gates_x.dtype, _acc(gates_x.dtype)
-    out = gates_x.new_empty(T, B, D * H)
-    h_n = gates_x.new_empty(D, B, H)
-    act = gates_x.new_empty(T, B, D, 4 * H, dtype=acc)
-    if T == 0 or B == 0:
-        h_n.copy_(h0)
-        return out, h_n, act
     LAST_MODE["gru_forward"] = _run(
         "_gru_fwd_persistent",
-        [gates_x.contiguous(), b_hn.contiguous(), h0.contiguous(), _len_arg(lengths, T, B, gates_x),
-         out, h_n, act], T, B, H, D, dt, gates_x, persistent, w_hh, backward=False)
-    return out, h_n, act
+        [gates_x.contiguous(), b_hn.contiguous(), h0.contiguous(), _len_arg(lengths, T, B, gates_x), *outs],
+        T, B, H, D, gates_x.dtype, gates_x, persistent, w_hh, backward=False)
+    return outs
 
 
 def gru_backward(grad_out, grad_hn, w_hh, h0, out, act, lengths, *, persistent: bool = True):
     """kernels/rnn.py's gru_backward by the persistent / step kernel: -> dgates_x, dgates_h
     [T, B, D, 3H] (w_hh's dtype), dh0 [D, B, H] (float32 / float64)."""
-    T, B, D, G4 = act.shape
-    H = w_hh.shape[-1]
-    dt, acc = w_hh.dtype, _acc(w_hh.dtype)
-    dgx = act.new_empty(T, B, D, 3 * H, dtype=dt)
-    dgh = act.new_empty(T, B, D, 3 * H, dtype=dt)
-    dh0 = act.new_empty(D, B, H, dtype=acc)
-    if T == 0 or B == 0:
-        dh0.copy_(grad_hn)
-        return dgx, dgh, dh0
-    buf = act.new_zeros(2, D, B, H, dtype=acc)
+    outs, buf = _gru_bwd_outputs(act, w_hh, grad_hn)
+    if buf is None:
+        return outs
+    T, B, D, _ = act.shape
+    H, dt = w_hh.shape[-1], w_hh.dtype
     LAST_MODE["gru_backward"] = _run(
         "_gru_bwd_persistent",
         [grad_out.to(dt).contiguous(), grad_hn.to(dt).contiguous(), h0.to(dt).contiguous(),
-         out.contiguous(), act.contiguous(), _len_arg(lengths, T, B, act), dgx, dgh, dh0, buf],
+         out.contiguous(), act.contiguous(), _len_arg(lengths, T, B, act), *outs, buf],
         T, B, H, D, dt, act, persistent, w_hh, backward=True)
-    return dgx, dgh, dh0
+    return outs

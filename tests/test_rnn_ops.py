@@ -9,82 +9,12 @@ import pytest
 import torch
 
 from dtl_fast.ops import rnn as ops
-from dtl_fast.reference import rnn as ref
 
-from _helpers import HAS_CUDA, REL_TOL, assert_half_close, assert_rel_close
+from _helpers import HAS_CUDA, assert_rel_close
+from _rnn_cases import (MODES, assert_all_close, assert_all_half_close, check_cuda_real_size, fn_of,
+                        make_case, real_size_id, run)
 
 F32_TOL = 1e-5  # float32 against the float64 reference (issue 3)
-MODES = ["LSTM", "GRU"]
-
-
-def make_case(mode, T, B, I, H, L=1, bi=False, bias=True, dtype=torch.float64, device="cpu",
-              hx=True, seed=0):
-    """Weights of a torch module (so its own forward can be the third opinion), input, hx."""
-    g = torch.Generator().manual_seed(seed)
-    cls = torch.nn.LSTM if mode == "LSTM" else torch.nn.GRU
-    torch.manual_seed(seed)
-    module = cls(I, H, L, bias=bias, bidirectional=bi).to(torch.float64)
-    D = 2 if bi else 1
-    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
-    h = None
-    if hx:
-        h0 = torch.randn(L * D, B, H, generator=g, dtype=torch.float64)
-        h = (h0, torch.randn(L * D, B, H, generator=g, dtype=torch.float64)) if mode == "LSTM" else h0
-    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    weights = [to(w.detach()) for w in module._flat_weights]
-    if h is not None:
-        h = tuple(to(t) for t in h) if mode == "LSTM" else to(h)
-    return module, to(x), h, weights
-
-
-def run(fn, mode, x, hx, weights, seed=1, **kw):
-    """Calls fn on fresh leaves, backpropagates a fixed random gradient into every output;
-    returns [output, h_n, (c_n), grad x, grad h0, (grad c0), grad of every weight]."""
-    x = x.detach().clone().requires_grad_()
-    ws = [w.detach().clone().requires_grad_() for w in weights]
-    hs = [] if hx is None else ([t.detach().clone().requires_grad_() for t in hx] if mode == "LSTM"
-                                else [hx.detach().clone().requires_grad_()])
-    h_arg = None if hx is None else (tuple(hs) if mode == "LSTM" else hs[0])
-    out, state = fn(x, h_arg, ws, **kw)
-    states = list(state) if mode == "LSTM" else [state]
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
-               for t in [out] + states)
-    grads = torch.autograd.grad(loss, [x] + hs + ws, allow_unused=True)
-    return [out] + states + list(grads)
-
-
-def names(mode, hx, n_weights):
-    n = ["output", "h_n"] + (["c_n"] if mode == "LSTM" else []) + ["grad input"]
-    if hx is not None:
-        n += ["grad h0"] + (["grad c0"] if mode == "LSTM" else [])
-    return n + [f"grad weights[{i}]" for i in range(n_weights)]
-
-
-def assert_all_close(mode, hx, n_weights, got, want, tol):
-    assert len(got) == len(want)
-    for name, a, b in zip(names(mode, hx, n_weights), got, want):
-        assert a is not None and b is not None, f"{name}: missing gradient"
-        assert_rel_close(name, a, b, tol)
-
-
-def assert_all_half_close(mode, hx, n_weights, got, want, base, dtype):
-    """Every output and gradient within the derived half-precision tolerance (_helpers.
-    assert_half_close): HALF_FACTOR x the error of `base` (the eager reference computing in
-    dtype on the same inputs) against the float64 `want`, plus a unit roundoff of dtype."""
-    assert len(got) == len(want) == len(base)
-    for name, a, w, b in zip(names(mode, hx, n_weights), got, want, base):
-        assert a is not None and w is not None and b is not None, f"{name}: missing gradient"
-        assert_half_close(name, a, w, b, dtype)
-
-
-def fn_of(mode, backend):
-    if backend == "torch":
-        return None
-    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
-    if backend == "ref":
-        return {"LSTM": ref.lstm, "GRU": ref.gru}[mode]
-    return lambda *a, **kw: f(*a, backend=backend, **kw)
 
 
 def torch_module_run(module, mode, x, hx, lengths, batch_first, **_):
@@ -404,27 +334,6 @@ GPU_CASES = [
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "T{}B{}I{}H{}L{}{}{}".format(
-    *c[:5], "bi" if c[5] else "", "len" if c[6] else ""))
+@pytest.mark.parametrize("case", GPU_CASES, ids=real_size_id)
 def test_fused_cuda_real_sizes(mode, dtype, case, poison):
-    T, B, I, H, L, bi, with_len = case
-    _, x, h, ws = make_case(mode, T, B, I, H, L, bi, dtype=torch.float64, device="cuda")
-    lengths = None
-    if with_len:
-        lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
-        lengths[0], lengths[-1] = T, 1
-    kw = dict(lengths=lengths, num_layers=L, bidirectional=bi)
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    up = lambda t: t.to(dtype).double()  # noqa: E731
-    hx_d = tuple(map(cast, h)) if mode == "LSTM" else cast(h)
-    hx_64 = tuple(map(up, h)) if mode == "LSTM" else up(h)
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with poison():
-            got = run(fn_of(mode, "fused"), mode, cast(x), hx_d, [cast(w) for w in ws], **kw)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-    want = run(fn_of(mode, "ref"), mode, up(x), hx_64, [up(w) for w in ws], **kw)
-    tol = 1e-4 if dtype == torch.float32 else REL_TOL[dtype]  # long float32 recurrences drift past 1e-5
-    assert_all_close(mode, h, len(ws), got, want, tol)
+    check_cuda_real_size(mode, dtype, case, poison)
