@@ -20,8 +20,12 @@ over the batch by the launcher.
 
 Key lengths, the window and the memory-slot count are runtime arguments (no recompile, and no
 per-element cost where a block needs no mask: a scalar test per block decides whether the
-element mask is applied). Offsets inside one (b, h) slice are 32-bit; the slice base pointer
-is advanced with 64-bit arithmetic once per program (the launcher checks that one slice fits).
+element mask is applied). They may differ between heads (_head_mask: WINDOW == -2 reads head
+h's window from WINS[h], HAS_LENS == 2 reads LENS[b * H + h]), so that branches with different
+masks over the same tokens run as one launch over their stacked heads; a program then loads two
+int32 scalars once, and every per-block and per-element step is the one-mask code. Offsets
+inside one (b, h) slice are 32-bit; the slice base pointer is advanced with 64-bit arithmetic
+once per program (the launcher checks that one slice fits).
 
 Kernels (each launched on a 1-D grid: (row block, b * H + h) flattened, row blocks fastest):
   _cos_attn_rowdot_kernel    per-row sum(x * y) (delta = rowsum(dO * O)) or |x| (norms)
@@ -104,6 +108,23 @@ def _normalize_bwd(xf, g, nrm):
     return (g - xh * (proj * keep)[:, None]) / den[:, None]
 
 
+@triton.jit
+def _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big):
+    # (kend, win) of head h of batch b: keys j < kend with |i - j| <= win are visible (win = big:
+    # no window). HAS_LENS 0: none, 1: LENS[b], 2: LENS[b * H + h] (int32 [B, H]); WINDOW >= 0
+    # for every head, -1 none, -2: WINS[h] (-1: none for that head). Scalar loads, once per
+    # program (per (b, h) in the short kernel). Written as the one-mask code was (one branch
+    # for the lengths, selects for the window; the per-head window a predicated load that
+    # the one-window launch never issues) so that it compiles to the same straight-line code:
+    # a branch per form instead moved ptxas's register allocation by up to 30 registers.
+    kend = NK
+    if HAS_LENS != 0:
+        kend = tl.minimum(kend, tl.load(LENS + tl.where(HAS_LENS == 2, b * H + h, b)).to(tl.int32))
+    wh = tl.load(WINS + h, mask=WINDOW == -2, other=-1).to(tl.int32)
+    win = tl.where(WINDOW >= 0, WINDOW, tl.where(wh >= 0, wh, big))
+    return kend, win
+
+
 @triton.jit(do_not_specialize=["H", "N", "SQRT"])
 def _cos_attn_rowdot_kernel(X, Y, OUT, stride_xb, stride_xh, stride_xn,
                             stride_yb, stride_yh, stride_yn, H, N, D, SQRT,
@@ -163,7 +184,7 @@ def _fwd_tile(acc, m_i, l_i, q, qmul, offs_m, m0, start, kend, win, kb, stride_k
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _cos_attn_fwd_kernel(Q, K, V, MK, MV, NRM_K, NRM_M, SCALE, LENS, O, LSE,
+def _cos_attn_fwd_kernel(Q, K, V, MK, MV, NRM_K, NRM_M, SCALE, LENS, WINS, O, LSE,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_mkh, stride_mkn,
                          stride_mvh, stride_mvn, stride_ob, stride_oh, stride_on,
@@ -192,10 +213,7 @@ def _cos_attn_fwd_kernel(Q, K, V, MK, MV, NRM_K, NRM_M, SCALE, LENS, O, LSE,
     # The memory-slot blocks, then the key blocks that hold a valid key for some row of this
     # block (lengths, window).
     big = NQ + NK + M + BLOCK_M + BLOCK_N  # "no window": larger than any distance
-    kend = NK
-    if HAS_LENS != 0:
-        kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
-    win = tl.where(WINDOW >= 0, WINDOW, big)
+    kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)
     kstart = tl.maximum(m0 - win, 0) // BLOCK_N * BLOCK_N
     kend = tl.minimum(kend, m0 + BLOCK_M + win)
     kb = K + b * stride_kb + h.to(tl.int64) * stride_kh
@@ -226,7 +244,8 @@ def _cos_attn_fwd_kernel(Q, K, V, MK, MV, NRM_K, NRM_M, SCALE, LENS, O, LSE,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _cos_attn_bwd_dkdv_kernel(Q, K, V, MK, MV, DO, NRM_Q, NRM_K, NRM_M, SCALE, LENS, LSE, DELTA,
+def _cos_attn_bwd_dkdv_kernel(Q, K, V, MK, MV, DO, NRM_Q, NRM_K, NRM_M, SCALE, LENS, WINS, LSE,
+                              DELTA,
                               DK, DV_OUT, DMK, DMV,
                               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, stride_mkh, stride_mkn,
@@ -264,11 +283,8 @@ def _cos_attn_bwd_dkdv_kernel(Q, K, V, MK, MV, DO, NRM_Q, NRM_K, NRM_M, SCALE, L
         skn = (pid * 0 + stride_kn).to(tl.int32)
         svn = (pid * 0 + stride_vn).to(tl.int32)
         nb = NRM_K + bh.to(tl.int64) * NK
-        kend = NK
-        if HAS_LENS != 0:
-            kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
+        kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)
         nrows = NK
-        win = tl.where(WINDOW >= 0, WINDOW, big)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < kend
@@ -363,7 +379,8 @@ def _dq_tile(dq_acc, dsc_acc, z_acc, c_acc, q, do, rq, smul, lse2, delta, offs_m
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _cos_attn_bwd_dq_kernel(Q, K, V, MK, MV, DO, NRM_Q, NRM_K, NRM_M, SCALE, LENS, LSE, DELTA,
+def _cos_attn_bwd_dq_kernel(Q, K, V, MK, MV, DO, NRM_Q, NRM_K, NRM_M, SCALE, LENS, WINS, LSE,
+                            DELTA,
                             DQ, DSCALE_PART,
                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                             stride_vb, stride_vh, stride_vn, stride_mkh, stride_mkn,
@@ -402,10 +419,7 @@ def _cos_attn_bwd_dq_kernel(Q, K, V, MK, MV, DO, NRM_Q, NRM_K, NRM_M, SCALE, LEN
     c_acc = _acc(tl.zeros([BLOCK_M], tl.float32), IS_F64)
 
     big = NQ + NK + M + BLOCK_M + BLOCK_N  # "no window": larger than any distance
-    kend = NK
-    if HAS_LENS != 0:
-        kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
-    win = tl.where(WINDOW >= 0, WINDOW, big)
+    kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)
     kstart = tl.maximum(m0 - win, 0) // BLOCK_N * BLOCK_N
     kend = tl.minimum(kend, m0 + BLOCK_M + win)
     kb = K + b * stride_kb + h.to(tl.int64) * stride_kh
@@ -517,7 +531,7 @@ def _signature(kernel: str, dtype: torch.dtype, consts: dict) -> dict:
     """Triton signature of `kernel` (pointer element types and i32 scalars) for AOT compiles."""
     t = _TRITON_DTYPE[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    ptr = {"LENS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "DELTA": f"*{acc}",
+    ptr = {"LENS": "*i32", "WINS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "DELTA": f"*{acc}",
            "DSCALE_PART": f"*{acc}", "NRM_Q": f"*{acc}", "NRM_K": f"*{acc}", "NRM_M": f"*{acc}",
            "DMK": f"*{acc}", "DMV": f"*{acc}", "OUT": f"*{acc}"}
     fn = globals()[kernel]
@@ -654,10 +668,28 @@ def _window_arg(window: int) -> int:
     return window if window >= 0 else -1
 
 
+def _mask_args(key_lengths, window, device: torch.device):
+    """The kernels' (LENS, WINS, WINDOW, HAS_LENS) from a launcher's key_lengths (None, int32 [B],
+    or int32 [B, H] per head) and window (None or an int: -1 / negative none, >= 0 one window;
+    or an int32 tensor [H] per head, -1: none for that head). Unused pointers get a 1-element
+    dummy (never read)."""
+    dummy = _dummy_lengths(device)
+    if key_lengths is None:
+        lens, has_lens = dummy, 0
+    else:
+        # int32, and rows of H for the per-head form: no-ops for what the op passes
+        lens = key_lengths.to(torch.int32).contiguous()
+        has_lens = 2 if key_lengths.dim() == 2 else 1
+    if isinstance(window, torch.Tensor):
+        return lens, window.to(torch.int32).contiguous(), -2, has_lens
+    return lens, dummy, _window_arg(-1 if window is None else int(window)), has_lens
+
+
 def cosine_attention_forward(q, k, v, scale, key_lengths, window, memory_k, memory_v):
     """q [B, H, Nq, d], k [B, H, Nk, d], v [B, H, Nk, dv] (same dtype, last dim contiguous),
-    scale [H] float32 (float64 for float64 inputs), key_lengths None or int32 [B] on q's device,
-    window -1 (none) or >= 0, memory_k / memory_v None or [H, M, d] / [H, M, dv].
+    scale [H] float32 (float64 for float64 inputs), key_lengths None or int32 [B] (or [B, H]:
+    per head) on q's device, window None / -1 (none), an int >= 0, or an int32 tensor [H] on
+    q's device (per head, -1: none), memory_k / memory_v None or [H, M, d] / [H, M, dv].
 
     Returns out [B, H, Nq, dv] in q's dtype and lse [B, H, Nq] (float32 / float64): the
     natural log-sum-exp of each row's scores, +inf for a row with nothing to attend to."""
@@ -675,15 +707,15 @@ def cosine_attention_forward(q, k, v, scale, key_lengths, window, memory_k, memo
         nrm_m = _rowdot(mk, mk, True, batched=False)
     else:
         mk, mv, nrm_m = k, v, nrm_k
-    lens = key_lengths if key_lengths is not None else _dummy_lengths(q.device)
+    lens, wins, win, has_lens = _mask_args(key_lengths, window, q.device)
     cfg = _choose("_cos_attn_fwd_kernel", q.dtype, d, dv)
     grid = (triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"]) * B * H,)
     _launch(_cos_attn_fwd_kernel, grid,
-            (q, k, v, mk, mv, nrm_k, nrm_m, scale, lens, out, lse,
+            (q, k, v, mk, mv, nrm_k, nrm_m, scale, lens, wins, out, lse,
              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), mk.stride(-3), mk.stride(-2),
              mv.stride(-3), mv.stride(-2), out.stride(0), out.stride(1), out.stride(2),
-             H, Nq, Nk, M, d, dv, _window_arg(window), int(key_lengths is not None)),
+             H, Nq, Nk, M, d, dv, win, has_lens),
             cfg, IS_F64=q.dtype == torch.float64, DOT_PREC=_dot_precision(q.dtype, q.device))
     return out, lse
 
@@ -716,8 +748,7 @@ def cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, window, mem
         return dq, dk, dvv, torch.zeros_like(scale), dmk, dmv
     q, k, v, memory_k, memory_v, grad_out, out = (
         _slice32(t) for t in (q, k, v, memory_k, memory_v, grad_out, out))
-    lens = key_lengths if key_lengths is not None else _dummy_lengths(q.device)
-    win, has_lens = _window_arg(window), int(key_lengths is not None)
+    lens, wins, win, has_lens = _mask_args(key_lengths, window, q.device)
 
     delta = _rowdot(out, grad_out, False)
     nrm_q = _rowdot(q, q, True)
@@ -742,7 +773,7 @@ def cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, window, mem
         bn = cfg["constexprs"]["BLOCK_N"]
         grid = ((triton.cdiv(Nk, bn) + triton.cdiv(M, bn)) * B * H,)
         _launch(_cos_attn_bwd_dkdv_kernel, grid,
-                (q, k, v, mk, mv, grad_out, nrm_q, nrm_k, nrm_m, scale, lens, lse, delta,
+                (q, k, v, mk, mv, grad_out, nrm_q, nrm_k, nrm_m, scale, lens, wins, lse, delta,
                  dk, dvv, dmk_b, dmv_b, *common,
                  dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
                  dvv.stride(2), H, Nq, Nk, M, d, dv, win, has_lens),
@@ -755,7 +786,7 @@ def cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, window, mem
     n_mb = triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"])
     dscale_part = torch.empty((B, H, n_mb), dtype=acc_dt, device=q.device)
     _launch(_cos_attn_bwd_dq_kernel, (n_mb * B * H,),
-            (q, k, v, mk, mv, grad_out, nrm_q, nrm_k, nrm_m, scale, lens, lse, delta, dq,
+            (q, k, v, mk, mv, grad_out, nrm_q, nrm_k, nrm_m, scale, lens, wins, lse, delta, dq,
              dscale_part, *common, dq.stride(0), dq.stride(1), dq.stride(2),
              H, Nq, Nk, M, d, dv, win, has_lens),
             cfg, IS_F64=is_f64, DOT_PREC=prec)

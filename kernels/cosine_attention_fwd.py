@@ -14,8 +14,10 @@ forward that knows nothing of cosines, with a fixed softmax maximum where that i
    maximum is kept. The choice is per head at run time (a scalar branch before the loops), so
    one compile serves every scale.
 3. Block-aware masking: each program computes the key-block range its rows can see (key
-   length, window) and runs masked loops only over the edge blocks; the interior loop loads and
-   computes without masks. The memory slots are one masked prologue loop.
+   length, window: its own head's when they differ between heads, see
+   kernels/cosine_attention._head_mask) and runs masked loops only over the edge blocks; the
+   interior loop loads and computes without masks. The memory slots are one masked prologue
+   loop.
 
 The outputs are those of kernels/cosine_attention.cosine_attention_forward: out in q's dtype
 and lse, the natural log-sum-exp of each row's scores (+inf for a row with nothing to attend
@@ -34,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dtl_fast.kernels.cosine_attention import (_acc, _acc_dtype, _dot_precision, _dummy_lengths,
-                                               _exp2, _inv, _mm, _mma, _slice32, _TRITON_DTYPE,
-                                               _window_arg)
+from dtl_fast.kernels.cosine_attention import (_acc, _acc_dtype, _dot_precision, _exp2,
+                                               _head_mask, _inv, _mask_args, _mm, _mma, _slice32,
+                                               _TRITON_DTYPE)
 
 LOG2E = 1.4426950408889634
 SHORT_MAX_N = 64
@@ -186,7 +188,7 @@ def _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M, lo, 
 
 
 @triton.jit(do_not_specialize=_RUNTIME + ["FIXED_S_MAX"])
-def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, O, LSE,
+def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, WINS, O, LSE,
                           stride_vb, stride_vh, stride_vn, stride_mvh, stride_mvn,
                           stride_ob, stride_oh, stride_on,
                           H, NQ, NK, M, DV, WINDOW, HAS_LENS, FIXED_S_MAX,
@@ -217,10 +219,7 @@ def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, O, LSE,
     # (key length; right window edge of the first row). Blocks past hi in the last masked
     # block are masked by the window (j >= m0 + BLOCK_M + win) or the length.
     big = NQ + NK + M + BLOCK_M + BLOCK_N  # "no window": larger than any distance
-    kend = NK
-    if HAS_LENS != 0:
-        kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
-    win = tl.where(WINDOW >= 0, WINDOW, big)
+    kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)  # this head's
     lo = tl.maximum(m0 - win, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(kend, m0 + BLOCK_M + win)
     int_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 - win, 0), BLOCK_N) * BLOCK_N
@@ -252,7 +251,7 @@ def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, O, LSE,
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _cos_attn_fwd_short_kernel(Q, K, V, MK, MV, SCALE, LENS, O, LSE,
+def _cos_attn_fwd_short_kernel(Q, K, V, MK, MV, SCALE, LENS, WINS, O, LSE,
                                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                                stride_vb, stride_vh, stride_vn, stride_mkh, stride_mkn,
                                stride_mvh, stride_mvn, stride_ob, stride_oh, stride_on,
@@ -269,15 +268,12 @@ def _cos_attn_fwd_short_kernel(Q, K, V, MK, MV, SCALE, LENS, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < NQ
     big = NQ + NK + BLOCK_M + BLOCK_N
-    win = tl.where(WINDOW >= 0, WINDOW, big)
     for i in range(HEADS):
         bh = tl.program_id(0) * HEADS + i
         if bh < NBH:
             b = (bh // H).to(tl.int64)
             h = (bh % H).to(tl.int64)
-            kend = NK
-            if HAS_LENS != 0:
-                kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
+            kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)
             q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                         + offs_d[None, :], mask=mmask[:, None] & (offs_d[None, :] < D), other=0.0)
             # normalised (and scaled) rows rounded to the input dtype exactly as the pre-pass
@@ -403,7 +399,7 @@ _INT_ARGS = {"H", "N", "NQ", "NK", "M", "D", "DV", "WINDOW", "HAS_LENS", "NBH"}
 def _signature(kernel: str, dtype: torch.dtype, consts: dict) -> dict:
     t = _TRITON_DTYPE[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    ptr = {"LENS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "NRM": f"*{acc}"}
+    ptr = {"LENS": "*i32", "WINS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "NRM": f"*{acc}"}
     fn = globals()[kernel]
     while not hasattr(fn, "arg_names"):
         fn = fn.fn
@@ -525,9 +521,10 @@ def _prep(x: torch.Tensor, BD: int, scale: torch.Tensor | None, batched: bool = 
 
 def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, memory_v, *,
                               fixed_max: str = "auto", config: int = 0, short: bool | None = None):
-    """As kernels/cosine_attention.cosine_attention_forward (same arguments and results: out
-    [B, H, Nq, dv] in q's dtype, lse [B, H, Nq] float32 / float64, +inf for empty rows), with
-    the pre-pass + fixed-maximum kernel, or the short-sequence kernel.
+    """As kernels/cosine_attention.cosine_attention_forward (same arguments, per-head key_lengths
+    [B, H] and window tensor [H] included, and results: out [B, H, Nq, dv] in q's dtype, lse
+    [B, H, Nq] float32 / float64, +inf for empty rows), with the pre-pass + fixed-maximum
+    kernel, or the short-sequence kernel.
 
     fixed_max: "auto" (the derived limit, fixed_max_limit), "always", "never" (tests, sweep).
     config: index into FWD2_CANDIDATES (the sweep). short: None picks the short kernel when
@@ -541,8 +538,7 @@ def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, mem
         return out, lse
     fixed = _fixed_arg(q.dtype, fixed_max)
     q, k, v, memory_k, memory_v = (_slice32(t) for t in (q, k, v, memory_k, memory_v))
-    lens = key_lengths if key_lengths is not None else _dummy_lengths(q.device)
-    has_lens = int(key_lengths is not None)
+    lens, wins, win, has_lens = _mask_args(key_lengths, window, q.device)
     is_f64 = q.dtype == torch.float64
     prec = _dot_precision(q.dtype, q.device)
     mk, mv = (memory_k, memory_v) if M > 0 else (k, v)
@@ -555,11 +551,11 @@ def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, mem
         cfg = short_config(q.dtype, Nq, Nk, M, d, dv, B * H)
         heads = cfg["constexprs"]["HEADS"]
         _cos_attn_fwd_short_kernel[(triton.cdiv(B * H, heads),)](
-            q, k, v, mk, mv, scale, lens, out, lse,
+            q, k, v, mk, mv, scale, lens, wins, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), mk.stride(-3), mk.stride(-2),
             mv.stride(-3), mv.stride(-2), out.stride(0), out.stride(1), out.stride(2),
-            H, Nq, Nk, M, d, dv, _window_arg(window), has_lens, B * H,
+            H, Nq, Nk, M, d, dv, win, has_lens, B * H,
             **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return out, lse
@@ -570,10 +566,10 @@ def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, mem
     mkn = _prep(memory_k, BD, None, batched=False) if M > 0 else kn
     grid = (triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"]) * B * H,)
     _cos_attn_fwd2_kernel[grid](
-        qs, kn, v, mkn, mv, scale, lens, out, lse,
+        qs, kn, v, mkn, mv, scale, lens, wins, out, lse,
         v.stride(0), v.stride(1), v.stride(2), mv.stride(-3), mv.stride(-2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, Nq, Nk, M, dv, _window_arg(window), has_lens, fixed,
+        H, Nq, Nk, M, dv, win, has_lens, fixed,
         **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse

@@ -73,6 +73,11 @@ def test_auto_rule_text():
     (True, True, None, None, True, False),
     (False, True, [5, 3], None, False, True),  # torch.no_grad(): nothing is recorded
     (True, False, None, 2, False, True),  # no input requires grad
+    # per head: any window or lengths is a mask; a window of None for every head is none
+    (False, False, None, [None, 2], False, True),
+    (False, False, None, torch.tensor([-1, -1]), False, True),  # a tensor is not read for this
+    (False, False, torch.tensor([[5, 5], [3, 0]]), None, False, True),
+    (False, False, None, [None, -1], False, False),
 ])
 def test_op_feeds_the_rule(monkeypatch, grad_mode, requires, lens, window, want_grad, want_masked):
     seen = []

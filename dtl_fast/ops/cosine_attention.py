@@ -14,6 +14,7 @@ contiguous first.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 
 from dtl_fast._backend import resolve_backend
 from dtl_fast._triton import require_triton
-from dtl_fast.reference.cosine_attention import (NORM_EPS, check_inputs, check_key_lengths_range,
-                                                 head_scale, key_mask)
+from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
+                                                 head_scale, key_mask, window_tensor)
 from dtl_fast.reference.cosine_attention import cosine_attention as _reference
 
 _FWD = "dtl_fast::cosine_attention_fwd"
@@ -72,26 +73,68 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _bwd2_supports_per_head() -> bool:
+    from dtl_fast.kernels import cosine_attention_bwd as bwd  # lazily, as _kernels
+    return bool(getattr(bwd, "SUPPORTS_PER_HEAD", False))
+
+
+def _use_v2(q: torch.Tensor, key_lengths: torch.Tensor | None, window_heads: torch.Tensor | None
+            ) -> bool:
+    """Whether this call runs the second-version kernels. A call with per-head key lengths or
+    windows does so only once the second backward supports them (its SUPPORTS_PER_HEAD): a
+    forward and its backward must come from the same version. The answer depends on the
+    arguments alone, so the forward and the backward op of one call agree."""
+    if q.dtype not in V2_DTYPES:
+        return False
+    per_head = window_heads is not None or (key_lengths is not None and key_lengths.dim() == 2)
+    return not per_head or _bwd2_supports_per_head()
+
+
+def _launch_window(window: int, window_heads: torch.Tensor | None):
+    # The launchers' window: an int (-1: none) or the int32 [H] per-head tensor.
+    return window_heads if window == -2 else window
+
+
+def _check_window_args(window: int, window_heads: torch.Tensor | None) -> None:
+    if (window == -2) != (window_heads is not None):
+        raise ValueError("dtl_fast::cosine_attention_fwd / _bwd: window == -2 (per head) goes "
+                         f"with window_heads (int32 [H]) and only with it, got window={window} and "
+                         f"window_heads "
+                         f"{'None' if window_heads is None else 'given'}")
+
+
 @torch.library.custom_op(_FWD, mutates_args=())
 def _cosine_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                           key_lengths: torch.Tensor | None, window: int,
-                          memory_k: torch.Tensor | None, memory_v: torch.Tensor | None
+                          memory_k: torch.Tensor | None, memory_v: torch.Tensor | None,
+                          window_heads: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, H, Nq, dv] in q's dtype, lse [B, H, Nq] (float32; float64 for float64 inputs):
     the log-sum-exp of each query's scores, +inf for a query with nothing to attend to.
-    scale [H] float32 (float64); key_lengths None or int32 [B] on q's device; window -1: none."""
-    if q.dtype not in V2_DTYPES:
-        return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, window, memory_k,
+    scale [H] float32 (float64); key_lengths None or int32 [B] or [B, H] (per head, contiguous)
+    on q's device; window -1: none, >= 0: one window for all heads, -2: per head, from
+    window_heads (int32 [H] on q's device, -1: none for that head; None unless window is -2)."""
+    _check_window_args(window, window_heads)
+    win = _launch_window(window, window_heads)
+    if not _use_v2(q, key_lengths, window_heads):
+        return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, win, memory_k,
                                                    memory_v)
     from dtl_fast.kernels import cosine_attention_fwd as fwd  # lazily, as _kernels
-    return fwd.cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, memory_v)
+    return fwd.cosine_attention_forward2(q, k, v, scale, key_lengths, win, memory_k, memory_v)
 
 
 @_cosine_attention_fwd.register_fake
-def _cosine_attention_fwd_fake(q, k, v, scale, key_lengths, window, memory_k, memory_v):
+def _cosine_attention_fwd_fake(q, k, v, scale, key_lengths, window, memory_k, memory_v,
+                               window_heads=None):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "cosine_attention_fwd: q, k, v must be 4-D")
     B, H, Nq, _ = q.shape
+    if key_lengths is not None:
+        torch._check(key_lengths.dim() in (1, 2), lambda: "cosine_attention_fwd: key_lengths "
+                     "must be [B] or [B, H]")
+    if window_heads is not None:
+        torch._check(window_heads.dim() == 1, lambda: "cosine_attention_fwd: window_heads must "
+                     "be [H]")
     out = q.new_empty((B, H, Nq, v.shape[3]))
     lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -101,21 +144,25 @@ def _cosine_attention_fwd_fake(q, k, v, scale, key_lengths, window, memory_k, me
 def _cosine_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scale: torch.Tensor, key_lengths: torch.Tensor | None, window: int,
                           memory_k: torch.Tensor | None, memory_v: torch.Tensor | None,
-                          out: torch.Tensor, lse: torch.Tensor
+                          out: torch.Tensor, lse: torch.Tensor,
+                          window_heads: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dscale, dmemory_k, dmemory_v); dmemory_* are empty [0] without memory."""
-    if q.dtype not in V2_DTYPES:
-        return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, window,
+    """(dq, dk, dv, dscale, dmemory_k, dmemory_v); dmemory_* are empty [0] without memory.
+    Arguments as the forward's (window_heads last), plus grad_out and the forward's out, lse."""
+    _check_window_args(window, window_heads)
+    win = _launch_window(window, window_heads)
+    if not _use_v2(q, key_lengths, window_heads):
+        return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, win,
                                                     memory_k, memory_v, out, lse)
     from dtl_fast.kernels import cosine_attention_bwd as bwd  # lazily, as _kernels
-    return bwd.cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window,
+    return bwd.cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, win,
                                           memory_k, memory_v, out, lse)
 
 
 @_cosine_attention_bwd.register_fake
 def _cosine_attention_bwd_fake(grad_out, q, k, v, scale, key_lengths, window, memory_k, memory_v,
-                               out, lse):
+                               out, lse, window_heads=None):
     torch._check(grad_out.shape == out.shape, lambda: "cosine_attention_bwd: grad_out must match out")
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(scale),
             torch.empty_like(memory_k) if memory_k is not None else q.new_empty((0,)),
@@ -123,14 +170,17 @@ def _cosine_attention_bwd_fake(grad_out, q, k, v, scale, key_lengths, window, me
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, key_lengths, window, memory_k, memory_v = inputs
+    q, k, v, scale, key_lengths, window, memory_k, memory_v, window_heads = inputs
     out, lse = output
     ctx.window = window
     ctx.has_memory = memory_k is not None
     ctx.has_lengths = key_lengths is not None
+    ctx.has_window_heads = window_heads is not None
     saved = [q, k, v, scale, out, lse]
     if ctx.has_lengths:
         saved.append(key_lengths)
+    if ctx.has_window_heads:
+        saved.append(window_heads)
     if ctx.has_memory:
         saved += [memory_k, memory_v]
     ctx.save_for_backward(*saved)
@@ -141,18 +191,42 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, scale, out, lse = saved[:6]
     rest = saved[6:]
     key_lengths = rest.pop(0) if ctx.has_lengths else None
+    window_heads = rest.pop(0) if ctx.has_window_heads else None
     memory_k, memory_v = (rest[0], rest[1]) if ctx.has_memory else (None, None)
     if not any(ctx.needs_input_grad):
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     dq, dk, dv, dscale, dmk, dmv = torch.ops.dtl_fast.cosine_attention_bwd(
         grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
-        q, k, v, scale, key_lengths, ctx.window, memory_k, memory_v, out, lse)
+        q, k, v, scale, key_lengths, ctx.window, memory_k, memory_v, out, lse, window_heads)
     if not ctx.has_memory:
         dmk = dmv = None
-    return dq, dk, dv, dscale, None, None, dmk, dmv
+    return dq, dk, dv, dscale, None, None, dmk, dmv, None
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_window_heads(entries: tuple, device: torch.device) -> torch.Tensor:
+    # A per-head window given as Python ints: made on the device once per (entries, device), so
+    # that later calls (a CUDA graph capture too) copy nothing from the host.
+    return window_tensor(entries, device, torch.int32)
+
+
+def _fused_window_args(window, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """(window, window_heads) for the custom op from check_inputs' window: (-1, None) none,
+    (w, None) one window, (-2, int32 [H] on `device`) per head."""
+    if window is None:
+        return -1, None
+    if isinstance(window, int):
+        return window, None
+    if isinstance(window, tuple):
+        if torch.compiler.is_compiling():  # a constant of the graph (no cache inside a trace)
+            return -2, window_tensor(window, device, torch.int32)
+        return -2, _cached_window_heads(window, torch.device(device))
+    # an integer tensor [H], values checked (>= -1); int32 without overflow
+    return -2, window.to(device=device, dtype=torch.int64, non_blocking=True).clamp(
+        max=MAX_WINDOW).to(torch.int32)
 
 
 def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -195,7 +269,7 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     key_lengths, window = check_inputs(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    check_key_lengths_range(key_lengths, Nk)
+    check_values(key_lengths, window, Nk)
     eps = NORM_EPS
     qn = F.normalize(q, dim=-1, eps=eps) * head_scale(logit_scale, q.dtype)[None, :, None, None]
     kn = F.normalize(k, dim=-1, eps=eps)
@@ -207,13 +281,13 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         kn = torch.cat([mkn, kn], dim=2)
         vv = torch.cat([memory_v[None].expand(B, -1, -1, -1), vv], dim=2)
         if mask is not None:
-            mask = torch.cat([mask.new_ones((B, 1, Nq, M)), mask], dim=-1)
+            mask = torch.cat([mask.new_ones(mask.shape[:3] + (M,)), mask], dim=-1)
         Nk = Nk + M
     empty_rows = None
     if mask is not None:
         # SDPA gives NaN (or NaN gradients) for a row with every key masked: such rows attend to
         # everything instead and are zeroed afterwards (where: zero gradient into them).
-        empty_rows = ~mask.any(dim=-1, keepdim=True)  # [B, 1, Nq, 1]
+        empty_rows = ~mask.any(dim=-1, keepdim=True)  # [B, 1 or H, Nq, 1]
         mask = mask | empty_rows
     if Nk == 0:
         return ((qn @ kn.transpose(-1, -2)) @ vv).to(q.dtype)  # zeros, on the autograd graph
@@ -311,7 +385,14 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         logit_scale: [H], any float dtype (learnable); the scale is clamped at 100.
         key_lengths: None, a list of B ints or an integer tensor [B] on the CPU or on q's
             device, in [0, Nk]: keys j >= key_lengths[b] get no weight (and are not read).
+            Per head: an integer tensor (or nested list) [B, H]: keys j >= key_lengths[b, h]
+            get no weight in head h.
         window: None or an int w >= 0: query i attends only to keys j with |i - j| <= w.
+            Per head: H entries, a sequence of ints >= 0 / None / -1 or an integer tensor [H]
+            on the CPU or q's device (-1: no window), window[h] for head h. A sequence whose
+            entries are all equal is the one-window form. A Python sequence costs no host
+            sync (its device copy is cached); a tensor is range-checked with one sync (an
+            asynchronous assert under torch.compile and CUDA graph capture), as key_lengths.
         memory_k, memory_v: None or [H, M, d] / [H, M, dv] (both or neither; M >= 0): slots
             that every query attends to besides its keys, with the same scaled cosine score;
             key_lengths and window do not apply to them.
@@ -329,7 +410,8 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
 
     Raises:
         ValueError: wrong ranks / shapes / dtypes / devices (naming the argument), head dims
-            outside [1, 128], key_lengths not [B] integers in [0, Nk], window < 0.
+            outside [1, 128], key_lengths not [B] or [B, H] integers in [0, Nk], window < 0
+            (per-head entries < -1), a per-head window without H entries.
         RuntimeError: backend="fused" where the Triton kernels cannot run.
     """
     backend = resolve_backend(backend)
@@ -342,12 +424,15 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
                 return _reference(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
             return cosine_attention_composite(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
     Nk = k.shape[2]
-    check_key_lengths_range(key_lengths, Nk)
+    check_values(key_lengths, window, Nk)
     if key_lengths is not None:
         key_lengths = key_lengths.to(device=q.device, dtype=torch.int32, non_blocking=True)
+        if key_lengths.dim() == 2:
+            key_lengths = key_lengths.contiguous()  # the kernels read LENS[b * H + h]
+    win, window_heads = _fused_window_args(window, q.device)
     with torch.autocast(q.device.type, enabled=False):
         scale = head_scale(logit_scale, _lse_dtype(q.dtype))
     q, k, v, memory_k, memory_v = (_last_dim_contiguous(t) for t in (q, k, v, memory_k, memory_v))
     out, _ = torch.ops.dtl_fast.cosine_attention_fwd(
-        q, k, v, scale, key_lengths, -1 if window is None else window, memory_k, memory_v)
+        q, k, v, scale, key_lengths, win, memory_k, memory_v, window_heads)
     return out

@@ -5,22 +5,27 @@ dtl_fast.ops.cosine_attention, and the argument checks every backend of it share
     out_i       = sum_j softmax_j(score(i, j)) v_j
 
 over the keys j < key_lengths[b] with |i - j| <= window, plus M memory slots every query sees.
+Per head (head h): key_lengths may be [B, H] (keys j < key_lengths[b, h]) and window may hold
+H entries (window[h], None / -1: no window for that head), so that branches with different
+masks over the same tokens run as one call over their stacked heads.
 Nothing here imports the kernels."""
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dtl_fast._checks import as_lengths_tensor, check_lengths_range
+from dtl_fast._checks import as_lengths_tensor, check_lengths_range, device_capturing
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOG_MAX_SCALE = math.log(100.0)  # Swin V2 clamps the learned log-scale at ln 100
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 MAX_HEAD_DIM = 128
+MAX_WINDOW = 2**31 - 1  # the kernels take windows as int32; a wider one equals none (N < 2^31)
 
 _NAME = "cosine_attention"
 
@@ -29,20 +34,138 @@ def _fail(msg: str):
     raise ValueError(f"{_NAME}: {msg}")
 
 
-def _normalize_key_lengths(key_lengths, B: int, device: torch.device) -> torch.Tensor | None:
+def _is_int(v) -> bool:
+    """A Python / NumPy integer (not a bool) or a 0-d integer tensor."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex \
+            and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_int_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _normalize_key_lengths(key_lengths, B: int, H: int, device: torch.device) -> torch.Tensor | None:
+    """None, an integer tensor [B] (every head), or an integer tensor [B, H] (per head)."""
+    if isinstance(key_lengths, np.ndarray) and key_lengths.ndim == 2:
+        key_lengths = torch.from_numpy(key_lengths)
+    if isinstance(key_lengths, Sequence) and not isinstance(key_lengths, (str, bytes)) \
+            and len(key_lengths) > 0 and all(isinstance(r, (Sequence, np.ndarray)) and
+                                             not isinstance(r, (str, bytes)) for r in key_lengths):
+        # nested lists: [B][H] integers, per head
+        rows = [list(r) for r in key_lengths]
+        bad = [v for r in rows for v in r if not _is_int(v)]
+        if bad:
+            _fail(f"key_lengths must hold integers, got {bad[0]!r}")
+        if len({len(r) for r in rows}) != 1:
+            _fail(f"key_lengths per head must be [B, H] = [{B}, {H}], got rows of lengths "
+                  f"{sorted({len(r) for r in rows})}")
+        key_lengths = torch.tensor([[int(v) for v in r] for r in rows], dtype=torch.int64)
+    if isinstance(key_lengths, torch.Tensor) and key_lengths.dim() == 2:
+        if not _is_int_dtype(key_lengths.dtype):
+            _fail(f"key_lengths must be an integer tensor, got dtype {key_lengths.dtype}")
+        if tuple(key_lengths.shape) != (B, H):
+            _fail(f"key_lengths per head must have shape [B, H] = [{B}, {H}] (q is [B, H, Nq, d]), "
+                  f"got {tuple(key_lengths.shape)}")
+        if key_lengths.device.type != "cpu" and key_lengths.device != torch.device(device):
+            _fail(f"key_lengths must be on the CPU or on q's device ({device}), got "
+                  f"{key_lengths.device}")
+        return key_lengths
+    if isinstance(key_lengths, torch.Tensor) and key_lengths.dim() > 2:
+        _fail(f"key_lengths must have shape [B] = [{B}] or [B, H] = [{B}, {H}], got "
+              f"{tuple(key_lengths.shape)}")
     return as_lengths_tensor(key_lengths, B, device, owner=_NAME, name="key_lengths", device_name="q")
 
 
+def _normalize_window(window, H: int, device: torch.device):
+    """None, an int >= 0 (every head), a tuple of H entries (int >= 0 or None) with at least two
+    different ones, or an integer tensor [H] (-1: none; its values are check_window_range's).
+    A sequence whose entries are all equal becomes the one-window form (None or the int): the
+    same function, and the kernels' cheaper specialisation."""
+    scalar_msg = (f"window must be None or an int >= 0 (one window for all heads), or H = {H} "
+                  f"per-head entries (ints >= 0 or None / -1)")
+    if window is None:
+        return None
+    if isinstance(window, np.ndarray):
+        window = torch.from_numpy(window)
+    if isinstance(window, torch.Tensor):
+        if not _is_int_dtype(window.dtype):
+            _fail(f"window must be None, an int or an integer tensor [H], got dtype {window.dtype}")
+        if window.dim() == 0:
+            window = int(window)  # one window (a host read, as for an int)
+        elif window.dim() != 1 or window.shape[0] != H:
+            _fail(f"window per head must have shape [H] = [{H}], got {tuple(window.shape)}")
+        elif window.device.type != "cpu" and window.device != torch.device(device):
+            _fail(f"window must be on the CPU or on q's device ({device}), got {window.device}")
+        else:
+            return window
+    if isinstance(window, Sequence) and not isinstance(window, (str, bytes)):
+        if len(window) != H:
+            _fail(f"window per head must have H = {H} entries (q has {H} heads), got {len(window)}")
+        entries = []
+        for w in window:
+            if w is None:
+                entries.append(None)
+                continue
+            if not _is_int(w):
+                _fail(f"window entries must be ints >= 0 or None / -1, got {w!r}")
+            w = int(w)
+            if w < -1:
+                _fail(f"window entries must be ints >= 0 or None / -1, got {w}")
+            entries.append(None if w == -1 else min(w, MAX_WINDOW))
+        if all(e == entries[0] for e in entries[1:]):
+            return entries[0] if entries else None
+        return tuple(entries)
+    if not _is_int(window):
+        _fail(f"{scalar_msg}, got {window!r}")
+    window = int(window)
+    if window < 0:
+        _fail(f"{scalar_msg}, got {window}")
+    return min(window, MAX_WINDOW)
+
+
+def window_tensor(window, device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A per-head window (a tuple of H ints / None, or an integer tensor [H]) as a `dtype` tensor
+    [H] on `device`, -1 where a head has none."""
+    if isinstance(window, torch.Tensor):
+        return window.to(device=device, dtype=dtype)
+    return torch.tensor([-1 if w is None else w for w in window], dtype=dtype, device=device)
+
+
 def check_key_lengths_range(key_lengths: torch.Tensor | None, Nk: int) -> None:
-    """Checks 0 <= key_lengths[b] <= Nk (one host sync when the lengths are on a GPU; an
-    asynchronous assert inside a torch.compile graph)."""
+    """Checks 0 <= key_lengths[b] (or [b, h]) <= Nk (one host sync when the lengths are on a GPU;
+    an asynchronous assert inside a torch.compile graph or a CUDA graph capture)."""
     check_lengths_range(key_lengths, 0, Nk, owner=_NAME, name="key_lengths", span=f"[0, Nk] = [0, {Nk}]")
 
 
-def check_inputs(q, k, v, logit_scale, key_lengths=None, window=None, memory_k=None, memory_v=None):
-    """Checks shapes, dtypes and devices (not the key_lengths range: check_key_lengths_range).
+def check_window_range(window) -> None:
+    """Checks that a per-head window tensor holds ints >= -1 (-1: none), as check_lengths_range
+    checks lengths: one host read (CPU, or one sync on a GPU), or an asynchronous assert inside a
+    torch.compile graph or a CUDA graph capture. Other forms were checked by check_inputs."""
+    if not isinstance(window, torch.Tensor) or window.numel() == 0:
+        return
+    if torch.compiler.is_compiling() or device_capturing(window):
+        torch._assert_async((window >= -1).all(),
+                            f"{_NAME}: every window[h] must be >= 0, or -1 for no window")
+        return
+    low = int(window.min())
+    if low < -1:
+        _fail(f"every window[h] must be >= 0, or -1 for no window, got {low}")
 
-    Returns (key_lengths as None or an integer tensor [B], window as None or an int).
+
+def check_values(key_lengths, window, Nk: int) -> None:
+    """The value checks of check_inputs' results that read the data: key lengths in [0, Nk],
+    per-head window tensor entries >= -1."""
+    check_key_lengths_range(key_lengths, Nk)
+    check_window_range(window)
+
+
+def check_inputs(q, k, v, logit_scale, key_lengths=None, window=None, memory_k=None, memory_v=None):
+    """Checks shapes, dtypes and devices (not the values of tensors: check_values).
+
+    Returns (key_lengths as None or an integer tensor [B] or [B, H], window as None, an int, a
+    tuple of H entries int / None with at least two different ones, or an integer tensor [H]).
     Raises ValueError naming the argument and what was expected.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("logit_scale", logit_scale)):
@@ -93,16 +216,8 @@ def check_inputs(q, k, v, logit_scale, key_lengths=None, window=None, memory_k=N
         if memory_k.shape[1] != memory_v.shape[1]:
             _fail(f"memory_k and memory_v must have the same number of slots M, got "
                   f"{memory_k.shape[1]} and {memory_v.shape[1]}")
-    if window is not None:
-        if isinstance(window, torch.Tensor) and window.dim() == 0 and not window.dtype.is_floating_point \
-                and window.dtype != torch.bool:
-            window = int(window)
-        if not isinstance(window, numbers.Integral) or isinstance(window, (bool, np.bool_)):
-            _fail(f"window must be None or an int >= 0, got {window!r}")
-        window = int(window)
-        if window < 0:
-            _fail(f"window must be None or an int >= 0, got {window}")
-    key_lengths = _normalize_key_lengths(key_lengths, B, q.device)
+    window = _normalize_window(window, H, q.device)
+    key_lengths = _normalize_key_lengths(key_lengths, B, H, q.device)
     return key_lengths, window
 
 
@@ -117,17 +232,25 @@ def head_scale(logit_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def key_mask(key_lengths, window, B: int, Nq: int, Nk: int, device) -> torch.Tensor | None:
-    """Boolean [B, 1, Nq, Nk] (True: the query may attend to the key), or None when all can."""
+    """Boolean [B, 1, Nq, Nk], or [B, H, Nq, Nk] for per-head key_lengths / window (True: the
+    query may attend to the key), or None when all can. key_lengths: None, [B] or [B, H];
+    window: None, an int, H entries (int / None) or an integer tensor [H] (-1: none)."""
     if key_lengths is None and window is None:
         return None
     mask = torch.ones((B, 1, Nq, Nk), dtype=torch.bool, device=device)
     j = torch.arange(Nk, device=device)
     if key_lengths is not None:
-        lens = key_lengths.to(device=device, dtype=torch.int64)
-        mask = mask & (j[None, :] < lens[:, None])[:, None, None, :]
+        lens = torch.as_tensor(key_lengths).to(device=device, dtype=torch.int64)
+        lens = lens[:, None] if lens.dim() == 1 else lens  # [B, 1] or [B, H]
+        mask = mask & (j < lens[..., None])[:, :, None, :]
     if window is not None:
         i = torch.arange(Nq, device=device)
-        mask = mask & ((i[:, None] - j[None, :]).abs() <= window)[None, None]
+        dist = (i[:, None] - j[None, :]).abs()  # [Nq, Nk]
+        if isinstance(window, numbers.Integral):
+            mask = mask & (dist <= window)[None, None]
+        else:
+            w = window_tensor(window, device)[:, None, None]  # [H, 1, 1]
+            mask = mask & ((dist[None] <= w) | (w < 0))[None]
     return mask
 
 
@@ -142,8 +265,11 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         k: [B, H, Nk, d], v: [B, H, Nk, dv], q's dtype and device; 1 <= d, dv <= 128.
         logit_scale: [H], any float dtype: score = exp(min(logit_scale_h, ln 100)) * cos.
         key_lengths: None, a list of B ints or an integer tensor [B] (CPU or q's device) in
-            [0, Nk]: keys j >= key_lengths[b] get no weight.
-        window: None or an int w >= 0: query i sees only keys j with |i - j| <= w.
+            [0, Nk]: keys j >= key_lengths[b] get no weight; or per head an integer tensor
+            (or nested list) [B, H]: keys j >= key_lengths[b, h] get no weight in head h.
+        window: None or an int w >= 0: query i sees only keys j with |i - j| <= w; or per head
+            H entries (a sequence of ints >= 0 / None / -1, or an integer tensor [H], -1: none)
+            for head h's window.
         memory_k, memory_v: None or [H, M, d], [H, M, dv] (both or neither, M >= 0): slots
             every query attends to besides its keys (not affected by key_lengths / window).
 
@@ -154,7 +280,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
     key_lengths, window = check_inputs(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    check_key_lengths_range(key_lengths, Nk)
+    check_values(key_lengths, window, Nk)
     cd = compute_dtype(q.dtype)
     qn = F.normalize(q.to(cd), dim=-1, eps=NORM_EPS)
     kn = F.normalize(k.to(cd), dim=-1, eps=NORM_EPS)
