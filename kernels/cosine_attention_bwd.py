@@ -16,7 +16,9 @@ plain dot products and p = exp2(logit - lse * log2 e) from the forward's lse:
 Every output element has one writer (no atomics): deterministic. Memory slots are the first key
 blocks of the dk/dv grid, written per (b, h) in float32 and summed over the batch by the
 launcher, as in the first backward. Query and key ranges are block-aware as in the second
-forward: masked loops only over edge blocks.
+forward: masked loops only over edge blocks. Windows and key lengths may differ per head
+(kernels/cosine_attention._head_mask: WINDOW == -2 reads WINS[h], HAS_LENS == 2 reads
+LENS[b * H + h]): scalar loads once per program, the loops are those of the shared forms.
 
 It computes the same gradients as kernels/cosine_attention.cosine_attention_backward, with the
 normalised rows rounded to the input dtype (as the composite and the second forward do).
@@ -27,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dtl_fast.kernels.cosine_attention import (_acc, _acc_dtype, _dot_precision, _dummy_lengths,
-                                               _exp2, _fits_i32, _mm, _mma, _normalize_bwd,
-                                               _rowdot, _slice32, _TRITON_DTYPE, _window_arg)
+from dtl_fast.kernels.cosine_attention import (_acc, _acc_dtype, _dot_precision, _exp2,
+                                               _fits_i32, _head_mask, _mask_args, _mm, _mma,
+                                               _normalize_bwd, _rowdot, _slice32, _TRITON_DTYPE)
 from dtl_fast.kernels.cosine_attention_fwd import _cls, _prep, block_d
 
 _RUNTIME = ["H", "NQ", "NK", "M", "WINDOW", "HAS_LENS"]
@@ -76,7 +78,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, qb, dob, stride_don, lseb, deltab, lo, hi, 
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _cos_attn_bwd2_dkdv_kernel(QS, KN, K, V, MKN, MK, MV, DO, NRM_K, NRM_M, LENS, LSE, DELTA,
+def _cos_attn_bwd2_dkdv_kernel(QS, KN, K, V, MKN, MK, MV, DO, NRM_K, NRM_M, LENS, WINS, LSE,
+                               DELTA,
                                DK, DV_OUT, DMK, DMV,
                                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                stride_mkh, stride_mkn, stride_mvh, stride_mvn,
@@ -115,10 +118,7 @@ def _cos_attn_bwd2_dkdv_kernel(QS, KN, K, V, MKN, MK, MV, DO, NRM_K, NRM_M, LENS
         skn = (pid * 0 + stride_kn).to(tl.int32)
         svn = (pid * 0 + stride_vn).to(tl.int32)
         nb = NRM_K + bh.to(tl.int64) * NK
-        kend = NK
-        if HAS_LENS != 0:
-            kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
-        win = tl.where(WINDOW >= 0, WINDOW, big)
+        kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)
     nrows = tl.where(is_mem, M, NK)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -153,32 +153,37 @@ def _cos_attn_bwd2_dkdv_kernel(QS, KN, K, V, MKN, MK, MV, DO, NRM_K, NRM_M, LENS
                                 hi, NQ, offs_n, win, DV, BLOCK_M, BLOCK_D, True, EVEN_DV,
                                 IS_F64, DOT_PREC)
 
+    # dv is stored first, so that the float32 reload of the raw k rows below is live with one
+    # [BLOCK_N, BLOCK_D] float32 accumulator, not two (the epilogue's register peak; stores are
+    # not moved across loads by the compiler, which cannot tell the pointers apart).
+    dv_acc = tl.where(nmask[:, None], dv_acc, 0.0)
+    smask = offs_n < nrows
+    mb = bh.to(tl.int64) * M
+    if is_mem:
+        tl.store(DMV + (mb + offs_n[:, None]) * DV + offs_d[None, :], dv_acc,
+                 mask=smask[:, None] & (offs_d[None, :] < DV))
+    else:
+        tl.store(DV_OUT + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
+                 + offs_d[None, :], dv_acc.to(DV_OUT.dtype.element_ty),
+                 mask=smask[:, None] & (offs_d[None, :] < DV))
     # d k_hat = ln 2 * sum_i dS_ij (q_hat_i S); then the normalisation's Jacobian on the raw
     # rows (reloaded here, in float32) and their norms from the pre-pass.
     kf = _acc(tl.load(kb + offs_n[:, None] * skn + offs_d[None, :],
                       mask=nmask[:, None] & (offs_d[None, :] < D), other=0.0), IS_F64)
     nrm_k = tl.load(nb + offs_n, mask=nmask, other=1.0)
     dk = tl.where(nmask[:, None], _normalize_bwd(kf, dk_acc * 0.6931471805599453, nrm_k), 0.0)
-    dv_acc = tl.where(nmask[:, None], dv_acc, 0.0)
-    smask = offs_n < nrows
     if is_mem:
-        mb = bh.to(tl.int64) * M
         tl.store(DMK + (mb + offs_n[:, None]) * D + offs_d[None, :], dk,
                  mask=smask[:, None] & (offs_d[None, :] < D))
-        tl.store(DMV + (mb + offs_n[:, None]) * DV + offs_d[None, :], dv_acc,
-                 mask=smask[:, None] & (offs_d[None, :] < DV))
     else:
         tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty),
                  mask=smask[:, None] & (offs_d[None, :] < D))
-        tl.store(DV_OUT + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
-                 + offs_d[None, :], dv_acc.to(DV_OUT.dtype.element_ty),
-                 mask=smask[:, None] & (offs_d[None, :] < DV))
 
 
 @triton.jit
 def _dq_loop(dq_acc, dsc_acc, z_acc, c_acc, qs, do, lse2, delta, kb, vb, stride_vn, lo, hi,
-             kend, offs_m, win, rS, DV, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             kend, offs_m, win, DV, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              MASK: tl.constexpr, EVEN_DV: tl.constexpr, IS_F64: tl.constexpr,
              DOT_PREC: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,16 +212,16 @@ def _dq_loop(dq_acc, dsc_acc, z_acc, c_acc, qs, do, lse2, delta, kb, vb, stride_
         dp = _mm(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq_acc = _mma(ds.to(k.dtype), k, dq_acc, DOT_PREC)
-        cos = s * rS
-        dsc_acc += tl.sum(ds * cos, axis=1)
+        # cos = s / S: the 1 / S is applied once to the row sums in the epilogue
+        dsc_acc += tl.sum(ds * s, axis=1)
         z_acc += tl.sum(ds, axis=1)
-        c_acc += tl.sum(p * cos, axis=1)
+        c_acc += tl.sum(p * s, axis=1)
     return dq_acc, dsc_acc, z_acc, c_acc
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, LSE, DELTA, DQ,
-                             DSCALE_PART, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh,
+def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, WINS, LSE, DELTA,
+                             DQ, DSCALE_PART, stride_qb, stride_qh, stride_qn, stride_vb, stride_vh,
                              stride_vn, stride_mvh, stride_mvn, stride_dob, stride_doh,
                              stride_don, stride_dqb, stride_dqh, stride_dqn,
                              H, NQ, NK, M, D, DV, WINDOW, HAS_LENS,
@@ -248,10 +253,7 @@ def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, LSE,
     c_acc = _acc(tl.zeros([BLOCK_M], tl.float32), IS_F64)
 
     big = NQ + NK + M + BLOCK_M + BLOCK_N
-    kend = NK
-    if HAS_LENS != 0:
-        kend = tl.minimum(kend, tl.load(LENS + b).to(tl.int32))
-    win = tl.where(WINDOW >= 0, WINDOW, big)
+    kend, win = _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big)
     lo = tl.maximum(m0 - win, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(kend, m0 + BLOCK_M + win)
     int_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 - win, 0), BLOCK_N) * BLOCK_N
@@ -264,16 +266,16 @@ def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, LSE,
     mvb = MV + h.to(tl.int64) * stride_mvh
     dq_acc, dsc_acc, z_acc, c_acc = _dq_loop(
         dq_acc, dsc_acc, z_acc, c_acc, qs, do, lse2, delta, mkb, mvb, stride_mvn, 0, M, M,
-        offs_m, big, rS, DV, BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
+        offs_m, big, DV, BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
     dq_acc, dsc_acc, z_acc, c_acc = _dq_loop(
         dq_acc, dsc_acc, z_acc, c_acc, qs, do, lse2, delta, kb, vb, stride_vn, lo, int_lo, kend,
-        offs_m, win, rS, DV, BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
+        offs_m, win, DV, BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
     dq_acc, dsc_acc, z_acc, c_acc = _dq_loop(
         dq_acc, dsc_acc, z_acc, c_acc, qs, do, lse2, delta, kb, vb, stride_vn, int_lo, int_hi,
-        kend, offs_m, win, rS, DV, BLOCK_N, BLOCK_D, False, EVEN_DV, IS_F64, DOT_PREC)
+        kend, offs_m, win, DV, BLOCK_N, BLOCK_D, False, EVEN_DV, IS_F64, DOT_PREC)
     dq_acc, dsc_acc, z_acc, c_acc = _dq_loop(
         dq_acc, dsc_acc, z_acc, c_acc, qs, do, lse2, delta, kb, vb, stride_vn, int_hi, hi, kend,
-        offs_m, win, rS, DV, BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
+        offs_m, win, DV, BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
 
     # d q_hat = scale * sum_j dS_ij k_hat_j; the Jacobian on the raw rows (float32)
     qf = _acc(tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn
@@ -285,8 +287,8 @@ def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, LSE,
              + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mmask[:, None] & (offs_d[None, :] < D))
     # as the first backward: the rounding constant of delta along a row cancels out of
-    # sum_j dS_ij cos_ij by subtracting (sum_j dS_ij) * (mean cos under p)
-    dsc = dsc_acc - z_acc * c_acc
+    # sum_j dS_ij cos_ij by subtracting (sum_j dS_ij) * (mean cos under p); cos = logit / S
+    dsc = (dsc_acc - z_acc * c_acc) * rS
     tl.store(DSCALE_PART + pid, tl.sum(tl.where(mmask, dsc, 0.0), axis=0))
 
 
@@ -296,19 +298,42 @@ def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, LSE,
 KERNELS = ("_cos_attn_bwd2_dkdv_kernel", "_cos_attn_bwd2_dq_kernel")
 
 # (kernel, dtype class, BLOCK_D) -> candidates (resident rows, streamed rows, warps, stages),
-# the default first. The tutorial's backward: K / V blocks of 128 resident with 32-row Q / dO
-# chunks (dk, dv); 128-row Q blocks against 32-row K / V chunks (dq); 4 warps. d 128 and
-# float32 halve the resident block to fit registers. Not yet timed on a GPU.
+# the default first; the sweep (bench/sweep_cosine_attention.py) runs candidate i of both
+# kernels together, so both kernels have as many per (dtype class, BLOCK_D). Not yet timed on a
+# GPU. Every half candidate compiles for sm_80 and sm_90 without spills (stack 0, local 0:
+# tests/test_cosine_attention_compile.py; registers sm_80 / sm_90 in the comments, triton 3.8).
+#
+# Why these tiles. The resident operands and float32 accumulators live in registers for the
+# whole program: dk / dv keeps k, v (input dtype) and dk, dv (float32) of BLOCK_N x BLOCK_D,
+# i.e. 12 * BLOCK_N * BLOCK_D bytes; dq keeps q, dO and dq: the same for BLOCK_M. Spread over
+# 32 * warps threads, the tutorial's 128 x 64 at 4 warps is 192 of the 255 registers a thread
+# may have before the loop's [128, 32] float32 tiles (logits, p, dp, ds): it spilled 80-150 B.
+# So a 128-row resident tile gets 8 warps (96 registers of resident state); at d 128 the
+# resident tile is 64 rows (8 warps: 96; a 128-row one spilled even at 8 warps). Halving
+# the resident rows doubles the re-reads of the streamed side (Q, dO for dk / dv; K, V for
+# dq): at N 4k, d 128 that is 136 MB instead of 68 MB per (b, h) against 17 GFLOP, which
+# stays compute-bound if those re-reads hit L2 (bench/NOTES.md: predicted, unmeasured).
+# Stages: 2 at 8 warps (each stage is a streamed Q / dO or K / V tile in shared memory; 3 is
+# the alternative where it still fits without spills); 3 at 4 warps.
+_HALF_32 = [(128, 32, 4, 3),  # dkdv 228 / 235, dq 221 / 248: 96 resident regs at 4 warps
+            (64, 32, 4, 3)]   # dkdv 168 / 114, dq 151 / 127: twice the programs (short N)
+_HALF_64 = [(128, 32, 8, 2),  # dkdv 180 / 197, dq 211 / 168 (d 40: 254 / 214, 255 / 185)
+            (128, 32, 8, 3),  # dkdv 207 / 197, dq 227 / 172: one more stage in flight
+            (64, 32, 4, 3)]   # dkdv 221 / 162, dq 238 / 164: the tutorial's 4 warps, 64 rows
 BWD2_CANDIDATES = {
-    ("_cos_attn_bwd2_dkdv_kernel", "half", 32): [(128, 32, 4, 3), (64, 32, 4, 3)],
-    ("_cos_attn_bwd2_dkdv_kernel", "half", 64): [(128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
-    ("_cos_attn_bwd2_dkdv_kernel", "half", 128): [(64, 32, 4, 3), (128, 32, 8, 2)],
+    ("_cos_attn_bwd2_dkdv_kernel", "half", 32): _HALF_32,
+    ("_cos_attn_bwd2_dkdv_kernel", "half", 64): _HALF_64,
+    # 218 / 222; 222 / 226
+    ("_cos_attn_bwd2_dkdv_kernel", "half", 128): [(64, 32, 8, 2), (64, 32, 8, 3)],
+    # float32 / float64: the interpreter's tiles (on a GPU the op runs float32 on the first
+    # version, ops.V2_DTYPES; the compile test does not build these)
     ("_cos_attn_bwd2_dkdv_kernel", "f32", 32): [(32, 16, 4, 2)],
     ("_cos_attn_bwd2_dkdv_kernel", "f32", 64): [(32, 16, 4, 2)],
     ("_cos_attn_bwd2_dkdv_kernel", "f32", 128): [(32, 16, 8, 2)],
-    ("_cos_attn_bwd2_dq_kernel", "half", 32): [(128, 32, 4, 3), (64, 32, 4, 3)],
-    ("_cos_attn_bwd2_dq_kernel", "half", 64): [(128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
-    ("_cos_attn_bwd2_dq_kernel", "half", 128): [(64, 32, 4, 3), (128, 32, 8, 2)],
+    ("_cos_attn_bwd2_dq_kernel", "half", 32): _HALF_32,
+    ("_cos_attn_bwd2_dq_kernel", "half", 64): _HALF_64,
+    # 246 / 173; 246 / 192 (4 warps, 16-row K / V chunks; (64, 32, 8, 3) reached 255 on sm_80)
+    ("_cos_attn_bwd2_dq_kernel", "half", 128): [(64, 32, 8, 2), (64, 16, 4, 3)],
     ("_cos_attn_bwd2_dq_kernel", "f32", 32): [(32, 32, 4, 2)],
     ("_cos_attn_bwd2_dq_kernel", "f32", 64): [(16, 16, 8, 2)],
     ("_cos_attn_bwd2_dq_kernel", "f32", 128): [(16, 16, 8, 2)],
@@ -335,7 +360,7 @@ _INT_ARGS = {"H", "NQ", "NK", "M", "D", "DV", "WINDOW", "HAS_LENS"}
 def _signature(kernel: str, dtype: torch.dtype, consts: dict) -> dict:
     t = _TRITON_DTYPE[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    ptr = {"LENS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "DELTA": f"*{acc}",
+    ptr = {"LENS": "*i32", "WINS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "DELTA": f"*{acc}",
            "DSCALE_PART": f"*{acc}", "NRM_Q": f"*{acc}", "NRM_K": f"*{acc}", "NRM_M": f"*{acc}",
            "DMK": f"*{acc}", "DMV": f"*{acc}"}
     fn = globals()[kernel]
@@ -393,15 +418,22 @@ def launch_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16),
 # ---------------------------------------------------------------------------------------------
 # Host launcher
 
+# The launcher takes per-head windows ([H] tensor) and per-head key lengths ([B, H]): the op
+# (dtl_fast.ops.cosine_attention) routes per-head calls here only when this is True.
+SUPPORTS_PER_HEAD = True
+
 
 def cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window, memory_k, memory_v,
                                out, lse, *, config: int = 0):
     """As kernels/cosine_attention.cosine_attention_backward (same arguments and results:
     (dq, dk, dv, dscale [H], dmemory_k, dmemory_v), memory gradients empty [0] without memory),
-    on normalised inputs. config: candidate index of BWD2_CANDIDATES for both kernels."""
+    on normalised inputs; window None, an int or an int32 tensor [H] (per head, -1: none),
+    key_lengths None, int32 [B] or [B, H] (per head). config: candidate index of
+    BWD2_CANDIDATES for both kernels."""
     B, H, Nq, d = q.shape
     Nk, dv = k.shape[2], v.shape[3]
     M = 0 if memory_k is None else memory_k.shape[1]
+    lens, wins, win, has_lens = _mask_args(key_lengths, window, q.device)
     acc_dt = _acc_dtype(q.dtype)
     is_f64 = q.dtype == torch.float64
     prec = _dot_precision(q.dtype, q.device)
@@ -417,8 +449,6 @@ def cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window, me
         return dq, dk, dvv, torch.zeros_like(scale), dmk, dmv
     q, k, v, memory_k, memory_v, grad_out, out = (
         _slice32(t) for t in (q, k, v, memory_k, memory_v, grad_out, out))
-    lens = key_lengths if key_lengths is not None else _dummy_lengths(q.device)
-    win, has_lens = _window_arg(window), int(key_lengths is not None)
     BD = block_d(d, dv)
 
     delta = _rowdot(out, grad_out, False)
@@ -438,7 +468,7 @@ def cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window, me
         bn = cfg["constexprs"]["BLOCK_N"]
         grid = ((triton.cdiv(Nk, bn) + triton.cdiv(M, bn)) * B * H,)
         _cos_attn_bwd2_dkdv_kernel[grid](
-            qs, kn, k, v, mkn, mk, mv, grad_out, nrm_k, nrm_m, lens, lse, delta,
+            qs, kn, k, v, mkn, mk, mv, grad_out, nrm_k, nrm_m, lens, wins, lse, delta,
             dk, dvv, dmk_b, dmv_b,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             mk.stride(-3), mk.stride(-2), mv.stride(-3), mv.stride(-2),
@@ -455,7 +485,7 @@ def cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window, me
     n_mb = triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"])
     dscale_part = torch.empty((B, H, n_mb), dtype=acc_dt, device=q.device)
     _cos_attn_bwd2_dq_kernel[(n_mb * B * H,)](
-        qs, q, kn, v, mkn, mv, grad_out, nrm_q, scale, lens, lse, delta, dq, dscale_part,
+        qs, q, kn, v, mkn, mv, grad_out, nrm_q, scale, lens, wins, lse, delta, dq, dscale_part,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mv.stride(-3), mv.stride(-2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, Nk, M, d, dv, win, has_lens,
