@@ -1,11 +1,14 @@
 """The grouped form of the attention modules (projections of the same tokens as one GEMM,
-memory-only branches in one op call, a DAM layer's out-projections as one batched GEMM, the two
-feature-exchange directions as one call when their shapes allow) against the simple form with
-the same parameters and the same op backend: outputs and every gradient (inputs and each
-parameter), within float32 rounding. Also: fewer op calls, checkpoints of the simple form load
-unchanged (state_dict names and shapes as before the grouped form existed)."""
+memory-only branches in one op call, a DAM layer's intra_v and short-term branches as one call
+over stacked heads with a window per head, a DAM layer's out-projections as one batched GEMM,
+the two feature-exchange directions as one call when Na == Nb, with per-head key lengths when
+theirs differ) against the simple form with the same parameters and the same op backend:
+outputs and every gradient (inputs and each parameter), within float32 rounding. Also: fewer op
+calls, checkpoints of the simple form load unchanged (state_dict names and shapes as before the
+grouped form existed)."""
 import copy
 import hashlib
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -42,8 +45,15 @@ def forms(module, backend="reference"):
     return simple, grouped
 
 
-def assert_forms_agree(module, inputs, backend="reference", tol=TOL64, **kwargs):
+def assert_forms_agree(module, inputs, backend="reference", tol=TOL64, zero_grads=(), **kwargs):
     simple, grouped = forms(module, backend)
+    assert_forms_agree_on(simple, grouped, inputs, tol, zero_grads, **kwargs)
+
+
+def assert_forms_agree_on(simple, grouped, inputs, tol=TOL64, zero_grads=(), **kwargs):
+    """grouped's outputs, input grads and every parameter grad equal simple's within tol.
+    zero_grads: names (substrings) of parameters whose gradient is zero in the function (only
+    rounding in either form): those are measured against the norm of all parameter grads."""
     grads = output_grads(simple, inputs, **kwargs)
     want = run(simple, inputs, grads, **kwargs)
     got = run(grouped, inputs, grads, **kwargs)
@@ -53,22 +63,36 @@ def assert_forms_agree(module, inputs, backend="reference", tol=TOL64, **kwargs)
     for i, (g, w) in enumerate(zip(got[1], want[1])):
         assert rel(g, w) <= tol, f"input grad {i}: rel err {rel(g, w):.2e}"
     assert got[2].keys() == want[2].keys()
+    scale = torch.cat([w.double().flatten() for w in want[2].values()]).norm()
     for name, w in want[2].items():
         g = got[2][name]
         assert w is not None and g is not None, f"{name}: no gradient"
+        if any(z in name for z in zero_grads):
+            assert w.double().norm() <= 1e-12 * scale, f"{name}: not zero in the simple form"
+            err = float((g.double() - w.double()).norm() / scale)
+            assert err <= tol, f"grad {name}: error {err:.2e} relative to all parameter grads"
+            continue
         # (a softmax over one level has zero gradient by construction)
         if not (name.endswith("level_logits") and w.numel() == 1):
             assert w.abs().sum() > 0, f"{name}: zero gradient in the simple form (test too weak)"
         assert rel(g, w) <= tol, f"grad {name}: rel err {rel(g, w):.2e}"
 
 
+class _Call(NamedTuple):
+    q_shape: tuple
+    key_lengths: torch.Tensor | None
+    window: object
+
+
 def _count_calls(monkeypatch):
+    """Every call of the attention op from the modules: [_Call] (q's shape, the key lengths and
+    the window it got)."""
     calls = []
     real = attn_mod.cosine_attention
 
-    def spy(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, *args, **kwargs)
+    def spy(q, k, v, logit_scale, key_lengths=None, window=None, *args, **kwargs):
+        calls.append(_Call(tuple(q.shape), key_lengths, window))
+        return real(q, k, v, logit_scale, key_lengths, window, *args, **kwargs)
 
     monkeypatch.setattr(attn_mod, "cosine_attention", spy)
     return calls
@@ -79,18 +103,24 @@ DAM_CASES = [  # (Ni, Nv, window, num_memory, lengths)
     (4, 4, None, 0, False),
     (6, 3, 1, 0, True),
     (3, 6, None, 2, True),
+    (5, 5, 0, 2, True),
+    (4, 6, 9, 0, False),
 ]
 
 
 @pytest.mark.parametrize("Ni, Nv, window, M, with_lengths", DAM_CASES,
-                         ids=["all-branches", "no-st-no-mem", "st-only", "mem-only"])
+                         ids=["all-branches", "no-st-no-mem", "st-only", "mem-only", "equal-N-window-0",
+                              "window-past-N-no-lengths"])
 def test_dam_grouped_equals_simple(Ni, Nv, window, M, with_lengths):
     dam = randomize_(DualModalAttention(16, 2, num_layers=2, window=window, num_memory=M, dtype=F64))
     x_i, x_v = torch.randn(3, Ni, 16, dtype=F64), torch.randn(3, Nv, 16, dtype=F64)
     kw = {}
     if with_lengths:
         kw = dict(image_lengths=torch.tensor([Ni, 1, Ni - 1]), video_lengths=[Nv, 2, 0])
-    assert_forms_agree(dam, [x_i, x_v], **kw)
+    # window 0: each frame sees only itself in the short-term branch (softmax over one key), so
+    # its scores, and the gradients of what makes them, are zero in the function
+    zero = ("short_term.q_proj", "short_term.k_proj", "short_term.logit_scale") if window == 0 else ()
+    assert_forms_agree(dam, [x_i, x_v], zero_grads=zero, **kw)
 
 
 def test_dam_layer_grouped_equals_simple_with_checked_tensor_lengths():
@@ -102,8 +132,8 @@ def test_dam_layer_grouped_equals_simple_with_checked_tensor_lengths():
 
 def test_dam_grouped_with_the_fused_op():
     """The grouped form with the Triton op (interpreter) against the simple form with the same
-    op: the op sees strided views of the grouped projections and the side-by-side memory
-    queries."""
+    op: the op sees strided views of the grouped projections, the side-by-side memory queries
+    and the intra_v + short-term call over stacked heads with a window per head."""
     dam = randomize_(DualModalAttention(16, 2, num_layers=1, window=1, num_memory=2, dtype=F64))
     x_i, x_v = torch.randn(2, 3, 16, dtype=F64), torch.randn(2, 5, 16, dtype=F64)
     assert_forms_agree(dam, [x_i, x_v], backend="fused", image_lengths=[3, 1], video_lengths=[2, 5])
@@ -115,37 +145,99 @@ def test_dam_grouped_equals_simple_float32():
     assert_forms_agree(dam, [x_i, x_v], tol=TOL32, image_lengths=None, video_lengths=[8, 5, 1, 3])
 
 
-def test_dam_grouped_makes_fewer_op_calls(monkeypatch):
+@pytest.mark.parametrize("window, M, n_simple, n_grouped", [
+    (1, 2, 7, 5), (None, 2, 6, 5), (1, 0, 5, 4), (None, 0, 4, 4),
+], ids=["st-mem", "mem", "st", "neither"])
+def test_dam_grouped_makes_fewer_op_calls(monkeypatch, window, M, n_simple, n_grouped):
+    """Per DAM layer: inter x2, intra_i, intra_v (+ short-term: the same call over 2H heads,
+    window per head [None]*H + [w]*H), and ONE long-term call over Ni + Nv queries."""
     calls = _count_calls(monkeypatch)
-    dam = DualModalAttention(16, 2, num_layers=1, window=1, num_memory=2)
+    dam = DualModalAttention(16, 2, num_layers=1, window=window, num_memory=M)
     x_i, x_v = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     simple, grouped = forms(dam)
-    simple(x_i, x_v)
-    assert len(calls) == 7
+    simple(x_i, x_v, video_lengths=[4, 2])
+    assert len(calls) == n_simple
     calls.clear()
-    grouped(x_i, x_v)
-    # inter x2, intra x2, short-term, and ONE long-term call over 3 + 5 queries
-    assert len(calls) == 6 and (2, 2, 8, 8) in calls
+    grouped(x_i, x_v, video_lengths=[4, 2])
+    assert len(calls) == n_grouped
+    shapes = [c.q_shape for c in calls]
+    assert ((2, 2, 8, 8) in shapes) == (M > 0)  # long-term: 3 + 5 queries side by side
+    video_self = [c for c in calls if c.q_shape[1:3] == ((4 if window is not None else 2), 5)
+                  and c.key_lengths is not None]
+    assert len(video_self) == 1
+    want_window = None if window is None else [None, None, window, window]
+    assert video_self[0].window == want_window
+    assert video_self[0].key_lengths.tolist() == [4, 2]
+
+
+def test_dam_branches_on_other_backends_stay_separate_calls(monkeypatch):
+    """intra_v and short-term on different backends cannot share a call: one call each, with
+    each module's own backend, and the same function."""
+    dam = randomize_(DualModalAttention(16, 2, num_layers=1, window=1, num_memory=0, dtype=F64))
+    x_i, x_v = torch.randn(2, 3, 16, dtype=F64), torch.randn(2, 5, 16, dtype=F64)
+    simple, grouped = forms(dam)
+    for m in (simple, grouped):
+        m.layers[0].short_term.backend = "auto"  # the composite on CPU; the rest: reference
+    kw = dict(video_lengths=[5, 2])
+    assert_forms_agree_on(simple, grouped, [x_i, x_v], **kw)
+    calls = _count_calls(monkeypatch)
+    grouped(x_i, x_v, **kw)
+    assert sorted(c.q_shape[1] for c in calls) == [2, 2, 2, 2, 2]
+
+
+def _fe_lengths(kind, Na, Nb):
+    if kind == "same":
+        L = torch.tensor([Na, 2, 0])
+        return dict(a_lengths=L, b_lengths=L)
+    if kind == "both":
+        return dict(a_lengths=torch.tensor([Na, 1, 3]), b_lengths=torch.tensor([2, Nb, 0]))
+    if kind == "b-only":  # as in DTL: image tokens all valid, frames padded
+        return dict(b_lengths=[1, Nb, 0])
+    if kind == "a-only":
+        return dict(a_lengths=[0, 2, Na])
+    return {}
+
+
+def _fe_expected_lengths(kind, Na, Nb, H):
+    """The key lengths of the one stacked call: [B] for both directions, or per head [B, 2H]
+    (the a->b heads attend b's keys: b_lengths, then the b->a heads: a_lengths)."""
+    kw = _fe_lengths(kind, Na, Nb)
+    if kind in ("same", None):
+        return None if not kw else kw["a_lengths"]
+    lb = torch.as_tensor(kw.get("b_lengths", [Nb] * 3))
+    la = torch.as_tensor(kw.get("a_lengths", [Na] * 3))
+    return torch.cat([lb[:, None].expand(3, H), la[:, None].expand(3, H)], 1)
 
 
 @pytest.mark.parametrize("Na, Nb, dims, lengths", [
     (5, 5, (16, 16), "same"), (5, 5, (8, 12), None), (4, 6, (16, 8), "both"), (5, 5, (16, 16), "both"),
-], ids=["stacked-same-lengths", "stacked-no-lengths", "unequal", "equal-N-other-lengths"])
+    (5, 5, (12, 16), "b-only"), (4, 4, (16, 16), "a-only"), (6, 4, (16, 16), "b-only"),
+], ids=["stacked-same-lengths", "stacked-no-lengths", "unequal", "equal-N-other-lengths",
+        "equal-N-b-lengths-only", "equal-N-a-lengths-only", "unequal-b-lengths-only"])
 def test_feature_exchange_grouped_equals_simple(monkeypatch, Na, Nb, dims, lengths):
     fe = randomize_(FeatureExchange(dims[0], dims[1], 16, 2, dtype=F64))
     a, b = torch.randn(3, Na, dims[0], dtype=F64), torch.randn(3, Nb, dims[1], dtype=F64)
-    kw = {}
-    if lengths == "same":
-        L = torch.tensor([Na, 2, 0])
-        kw = dict(a_lengths=L, b_lengths=L)
-    elif lengths == "both":
-        kw = dict(a_lengths=torch.tensor([Na, 1, 3]), b_lengths=torch.tensor([2, Nb, 0]))
+    kw = _fe_lengths(lengths, Na, Nb)
     assert_forms_agree(fe, [a, b], **kw)
     calls = _count_calls(monkeypatch)
     forms(fe)[1](a, b, **kw)
-    stacked = Na == Nb and lengths in ("same", None)
-    # one call over 2H heads when the directions have the same shapes and key lengths
-    assert [c[1] for c in calls] == ([4] if stacked else [2, 2])
+    # one call over 2H heads when the directions have the same shapes (per-head key lengths
+    # [B, 2H] when theirs differ), else one call per direction
+    assert [c.q_shape[1] for c in calls] == ([4] if Na == Nb else [2, 2])
+    if Na == Nb:
+        want = _fe_expected_lengths(lengths, Na, Nb, 2)
+        got = calls[0].key_lengths
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.equal(got.cpu().long(), want.long()), (got, want)
+
+
+def test_feature_exchange_grouped_per_head_lengths_with_the_fused_op():
+    """The stacked exchange call with per-head key lengths [B, 2H] through the Triton op
+    (interpreter) against the simple form with the same op (two calls, lengths [B] each)."""
+    fe = randomize_(FeatureExchange(8, 12, 16, 2, dtype=F64))
+    a, b = torch.randn(3, 4, 8, dtype=F64), torch.randn(3, 4, 12, dtype=F64)
+    assert_forms_agree(fe, [a, b], backend="fused", a_lengths=[4, 1, 0], b_lengths=[2, 4, 3])
 
 
 @pytest.mark.parametrize("kind", ["self", "shared-kv", "cross"])

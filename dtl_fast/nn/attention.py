@@ -30,10 +30,13 @@ Conventions shared by the modules:
   projections): with backend "auto" or "fused", the projections that read the same tokens run
   as one GEMM over their weights concatenated at call time (the parameters and the state_dict
   stay those of the separate nn.Linear modules, so every checkpoint loads as before), memory-only
-  attention of both modalities runs as one op call over their queries side by side, and a DAM
-  layer's per-branch output projections run as one batched GEMM. Same function as the simple
-  form, which backend="reference" keeps (one module call per branch, the readable ground
-  truth); `module.grouped = True / False` forces either form (None: by backend).
+  attention of both modalities runs as one op call over their queries side by side, attention
+  branches with queries and keys of the same shapes run as one op call over their stacked heads
+  with a window and key lengths per head (a DAM layer's intra_v and short-term branches; the two
+  feature-exchange directions when Na == Nb), and a DAM layer's per-branch output projections
+  run as one batched GEMM. Same function as the simple form, which backend="reference" keeps
+  (one module call per branch, the readable ground truth); `module.grouped = True / False`
+  forces either form (None: by backend).
 """
 from __future__ import annotations
 
@@ -187,15 +190,60 @@ def _linear_group(x: torch.Tensor, linears) -> torch.Tensor:
     return F.linear(x, w, b)
 
 
+def _head_groups(y: torch.Tensor, sizes, H: int, d: int) -> tuple[torch.Tensor, ...]:
+    """[B, N, sum(sizes)*H*d] (the outputs of sum(sizes) projections side by side) -> one view
+    [B, s*H, N, d] per entry s of sizes: s consecutive projections' heads stacked along the head
+    axis, as an op call over stacked heads takes them (the op takes any strides: no copy)."""
+    heads = y.unflatten(-1, (-1, d)).transpose(1, 2)  # [B, sum(sizes)*H, N, d]
+    return heads.split([s * H for s in sizes], dim=1)
+
+
 def _split_heads(y: torch.Tensor, K: int, H: int, d: int) -> tuple[torch.Tensor, ...]:
     """[B, N, K*H*d] -> K views [B, H, N, d] (the op takes any strides: no copy)."""
-    return y.unflatten(-1, (K, H, d)).permute(2, 0, 3, 1, 4).unbind(0)
+    return _head_groups(y, [1] * K, H, d)
 
 
 def _attn_op(mod, q, k, v, lengths: _Lengths | None) -> torch.Tensor:
     """The op call of CosineAttention `mod` on projected heads: o [B, H, Nq, d]."""
     return cosine_attention(q, k, v, mod.logit_scale, _op_lengths(lengths), mod.window,
                             mod.memory_k, mod.memory_v, backend=mod.backend)
+
+
+def _stacked_attn_op(mods, q, k, v, lengths: _Lengths | None) -> list[torch.Tensor]:
+    """The op calls of CosineAttention modules `mods` (H heads each, no memory slots) whose
+    projected heads are stacked in q [B, K*H, Nq, d], k, v [B, K*H, Nk, d] (module k's heads
+    at k*H..(k+1)*H-1) and that share the key lengths: ONE call over the K*H heads, each head
+    with its module's window and learned scale (a window per head), when the modules share a
+    backend; else one call each. Returns each module's o [B, H, Nq, d] (views)."""
+    H = mods[0].num_heads
+    if len(mods) == 1 or any(m.backend != mods[0].backend for m in mods[1:]):
+        return [_attn_op(m, q[:, i * H:(i + 1) * H], k[:, i * H:(i + 1) * H],
+                         v[:, i * H:(i + 1) * H], lengths) for i, m in enumerate(mods)]
+    # (the op takes K*H equal entries as the one-window form, the kernels' specialised path)
+    window = [m.window for m in mods for _ in range(H)]
+    o = cosine_attention(q, k, v, torch.cat([m.logit_scale for m in mods]), _op_lengths(lengths),
+                         window, None, None, backend=mods[0].backend)
+    return list(o.split(H, dim=1))
+
+
+def _same_lengths(a: _Lengths | None, b: _Lengths | None) -> bool:
+    """Whether a and b are known to be the same lengths (one object, or neither given)."""
+    return a is b or (a is not None and b is not None and a.op is b.op)
+
+
+def _per_head_lengths(groups, H: int, N: int) -> torch.Tensor | None:
+    """Key lengths [B, G*H] for G groups of H heads stacked group by group: the heads of group
+    g get groups[g] (_Lengths, or None: all N keys valid). Built from the op forms (CPU lengths
+    stay on the CPU, where the op checks them and copies them without a sync) when they share
+    a device, else from the device forms. None when no group has lengths."""
+    given = [g for g in groups if g is not None]
+    if not given:
+        return None
+    form = "op" if all(g.op.device == given[0].op.device for g in given) else "dev"
+    ref = getattr(given[0], form)
+    full = torch.full_like(ref, N)
+    cols = torch.stack([full if g is None else getattr(g, form).to(ref.dtype) for g in groups], 1)
+    return cols[:, :, None].expand(-1, -1, H).reshape(cols.shape[0], len(groups) * H)
 
 
 def _out_group(outs, mods) -> torch.Tensor:
@@ -532,20 +580,25 @@ class FeatureExchange(_BackendMixin, nn.Module):
     def _cross_grouped(self, a, b, a_lengths, b_lengths):
         """Both cross attentions with the projections of each sequence as one GEMM (a: q of
         a->b, k and v of b->a; b: k and v of a->b, q of b->a). When the two directions have the
-        same shapes and key lengths (Na == Nb, one lengths object or none) they also run as one
-        op call over 2H stacked heads (each head keeps its own learned scale). Otherwise two
-        calls: the op has one key-lengths vector [B] for all heads, and the directions' keys
-        have different lengths (a per-head key_lengths [B, H] would let them stack)."""
+        same shapes (Na == Nb) they also run as one op call over 2H stacked heads, each head
+        with its own learned scale and its own key lengths: the a->b heads attend b's keys
+        (b_lengths), the b->a heads a's (a_lengths); with one lengths object (or none) for both
+        that is the lengths [B] for all heads, else per-head key lengths [B, 2H]. With
+        Na != Nb, two calls (other query and key counts)."""
         ab, ba = self.attn_ab, self.attn_ba
         H, d = self.num_heads, self.dim // self.num_heads
         B, Na, Nb = a.shape[0], a.shape[1], b.shape[1]
         q_ab, k_ba, v_ba = _split_heads(_linear_group(a, [ab.q_proj, ba.k_proj, ba.v_proj]), 3, H, d)
         k_ab, v_ab, q_ba = _split_heads(_linear_group(b, [ab.k_proj, ab.v_proj, ba.q_proj]), 3, H, d)
-        if Na == Nb and a_lengths is b_lengths and ab.backend == ba.backend:
+        if Na == Nb and ab.backend == ba.backend:
+            if _same_lengths(a_lengths, b_lengths):
+                lengths = _op_lengths(a_lengths)
+            else:
+                lengths = _per_head_lengths([b_lengths, a_lengths], H, Na)
             o = cosine_attention(torch.cat([q_ab, q_ba], 1), torch.cat([k_ab, k_ba], 1),
                                  torch.cat([v_ab, v_ba], 1),
                                  torch.cat([ab.logit_scale, ba.logit_scale]),
-                                 _op_lengths(a_lengths), None, None, None, backend=ab.backend)
+                                 lengths, None, None, None, backend=ab.backend)
             o_ab, o_ba = o[:, :H], o[:, H:]
         else:
             o_ab = _attn_op(ab, q_ab, k_ab, v_ab, b_lengths)
@@ -611,13 +664,20 @@ class DAMLayer(_BackendMixin, nn.Module):
 
     Grouped form (backend "auto" / "fused", or `grouped = True`): the nine projections of h_v
     (inter_vi q; intra_v q, k, v; short-term q, k, v; long-term q; inter_iv k, v) are one GEMM,
-    the seven of h_i another; the long-term branch attends the image and video queries in one
-    op call; the out-projections of each modality's branches are one batched GEMM. Branches
-    that read the same tokens but differ in window (intra_v, short-term) or in keys stay
-    separate op calls: the op has one window and one key-lengths vector for all heads (a
-    window per head would let intra_v and short-term run as one call over stacked heads).
-    With dropout > 0 in training the grouped form draws its masks over the stacked branches
-    (same distribution, other random numbers than the simple form).
+    the seven of h_i another; intra_v and short-term (same queries, keys and lengths: h_v, h_v,
+    L_v) run as ONE op call over their 2H stacked heads with a window per head (None for the
+    intra heads, window for the short-term ones), their q, k, v plain views of the GEMM; the
+    long-term branch attends the image and video queries in one op call; the out-projections
+    of each modality's branches are one batched GEMM. Op calls per layer: 4, plus 1 with the
+    long-term branch (simple form: 4, plus 1 with the short-term, plus 2 with the long-term
+    branch). The other branches stay separate calls: inter_iv, intra_i (queries h_i) and
+    inter_vi (keys h_i) read other queries or other keys (inter_vi could join intra_v only when
+    Ni == Nv, at the cost of copying its keys next to theirs: not done), and the long-term
+    branch attends the memory slots only, which for its heads alone would take per-head memory
+    slots and "no keys" (key lengths 0) that the op does not have (its memory slots are shared
+    by all heads of a call). With dropout > 0 in training the
+    grouped form draws its masks over the stacked branches (same distribution, other random
+    numbers than the simple form).
     """
 
     def __init__(self, dim: int, num_heads: int, window: int | None = None, num_memory: int = 0,
@@ -685,21 +745,23 @@ class DAMLayer(_BackendMixin, nn.Module):
         Ni = x_i.shape[1]
         H = self.inter_iv.num_heads
         d = self.inter_iv.head_dim
-        st, lt = self.short_term, self.long_term
-        lin_v = [self.inter_vi.q_proj, self.intra_v.q_proj, self.intra_v.k_proj, self.intra_v.v_proj]
-        if st is not None:
-            lin_v += [st.q_proj, st.k_proj, st.v_proj]
-        if lt is not None:
-            lin_v.append(lt.q_proj)
-        lin_v += [self.inter_iv.k_proj, self.inter_iv.v_proj]
+        lt = self.long_term
+        # intra_v and short-term: same queries, keys and key lengths (h_v, h_v, L_v), other
+        # windows: their q, k, v projections are laid out [q_vv q_st | k_vv k_st | v_vv v_st]
+        # in the GEMM of h_v, so each of q, k, v is a view over the 2H stacked heads.
+        same_kv = [self.intra_v] + ([self.short_term] if self.short_term is not None else [])
+        n = len(same_kv)
+        lin_v = [self.inter_vi.q_proj] + [m.q_proj for m in same_kv] + [m.k_proj for m in same_kv] \
+            + [m.v_proj for m in same_kv] + ([lt.q_proj] if lt is not None else []) \
+            + [self.inter_iv.k_proj, self.inter_iv.v_proj]
+        sizes_v = [1, n, n, n] + ([1] if lt is not None else []) + [1, 1]
         lin_i = [self.inter_iv.q_proj, self.intra_i.q_proj, self.intra_i.k_proj, self.intra_i.v_proj]
         if lt is not None:
             lin_i.append(lt.q_proj)
         lin_i += [self.inter_vi.k_proj, self.inter_vi.v_proj]
-        pv = iter(_split_heads(_linear_group(h_v, lin_v), len(lin_v), H, d))
+        pv = iter(_head_groups(_linear_group(h_v, lin_v), sizes_v, H, d))
         pi = iter(_split_heads(_linear_group(h_i, lin_i), len(lin_i), H, d))
         q_vi, q_vv, k_vv, v_vv = next(pv), next(pv), next(pv), next(pv)
-        qkv_st = (next(pv), next(pv), next(pv)) if st is not None else None
         q_lv = next(pv) if lt is not None else None
         k_iv, v_iv = next(pv), next(pv)
         q_iv, q_ii, k_ii, v_ii = next(pi), next(pi), next(pi), next(pi)
@@ -707,11 +769,9 @@ class DAMLayer(_BackendMixin, nn.Module):
         k_vi, v_vi = next(pi), next(pi)
         outs_i = [_attn_op(self.inter_iv, q_iv, k_iv, v_iv, L_v), _attn_op(self.intra_i, q_ii, k_ii, v_ii, L_i)]
         mods_i = [self.inter_iv, self.intra_i]
-        outs_v = [_attn_op(self.inter_vi, q_vi, k_vi, v_vi, L_i), _attn_op(self.intra_v, q_vv, k_vv, v_vv, L_v)]
-        mods_v = [self.inter_vi, self.intra_v]
-        if st is not None:
-            outs_v.append(_attn_op(st, *qkv_st, L_v))
-            mods_v.append(st)
+        outs_v = [_attn_op(self.inter_vi, q_vi, k_vi, v_vi, L_i)]
+        outs_v += _stacked_attn_op(same_kv, q_vv, k_vv, v_vv, L_v)  # one call over 2H heads
+        mods_v = [self.inter_vi] + same_kv
         if lt is not None:
             o = lt.attend_heads(torch.cat([q_li, q_lv], dim=2))  # memory only: one call
             outs_i.append(o[:, :, :Ni])
