@@ -16,7 +16,7 @@ DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dtl_fast-built
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install test test-cpu-capabilities wheel-check demo bench gpu-check info clean
+.PHONY: install test test-cpu-capabilities wheel-check demo bench gpu-check aot-gpu-triton info clean
 
 install: $(BUILD_STAMP)
 
@@ -54,6 +54,19 @@ bench: install
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+# The ahead-of-time compile tests (every launch configuration for sm_80 / sm_90: registers,
+# spills, shared memory, MMA in the SASS) once more under the Triton of the GPU machines
+# (TRITON_GPU, 3.6 today), installed beside the venv's own: a kernel that compiles cleanly
+# under the newer Triton here may not under that one. Not part of `make test` (~15 min, and it
+# needs that Triton wheel from an index).
+TRITON_GPU ?= 3.6.0
+TRITON_GPU_DIR := $(VENV)/triton-$(TRITON_GPU)
+aot-gpu-triton: install
+	test -d $(TRITON_GPU_DIR) || $(PY) -m pip install --quiet --no-deps --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU)"
+	PYTHONPATH=$(abspath $(TRITON_GPU_DIR)) $(PY) -c "import triton; assert triton.__version__ == '$(TRITON_GPU)', triton.__version__"
+	PYTHONPATH=$(abspath $(TRITON_GPU_DIR)) $(PY) -m pytest -q -p no:cacheprovider -m slow \
+		tests/test_rnn_compile.py tests/test_cosine_attention_compile.py $(PYTEST_ARGS)
 
 info: install
 	$(VENV)/bin/dtl-fast info

@@ -49,7 +49,14 @@ for cfg in configs:
         try:
             c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            # a CompilationError's text is the source around the failing call; the reason is
+            # in its cause chain (e.g. an API this Triton lacks), so keep both
+            why, c = [], e.__cause__ or e.__context__
+            while c is not None and len(why) < 4:
+                why.append(f"{type(c).__name__}: {str(c)[-600:]}")
+                c = c.__cause__ or c.__context__
+            row["error"] = f"{type(e).__name__}: {str(e)[:2000]}" + "".join(
+                f"\n  caused by {w}" for w in why)
             results.append(row)
             continue
         row["shared"] = int(c.metadata.shared)
