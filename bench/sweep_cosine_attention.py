@@ -4,10 +4,13 @@
    kernel and the first forward (kernels/cosine_attention.py) at real sizes against a float64
    ground truth, next to the normalise + SDPA composite's own error (a kernel passes within
    max(TOL, 2x the composite's error)).
-2. Sweep: every FWD2_CANDIDATES tile configuration, fixed maximum and online maximum, on the
-   headline shapes (B 4, H 16, bf16, d 64 / 128, N 2k / 8k, plain and key padding, and a window
-   of 256), forward only, median of triton.testing.do_bench; the composite and the first
-   forward timed in the same run. TFLOP/s = 4 d per attended (query, key) pair / median.
+2. Sweep: every FWD2_CANDIDATES tile configuration, fixed maximum and online maximum, and on
+   an sm_90 card each candidate with the fixed maximum once more with tensor descriptors (TMA,
+   forced whatever $DTL_FAST_ATTN_TMA says), on the headline shapes (B 4, H 16, bf16, d 64 /
+   128, N 2k / 8k, plain and key padding, and a window of 256), forward only, median of
+   triton.testing.do_bench; the composite and the first forward timed in the same run.
+   TFLOP/s = 4 d per attended (query, key) pair / median. A table per shape: the best
+   candidate with TMA against the best without (the number that decides the env default).
 3. The backward: every BWD2_CANDIDATES configuration of the second backward
    (kernels/cosine_attention_bwd.py) against the first backward and the composite's
    forward+backward (autograd), on the same shapes; backward FLOPs counted as 2.5x the forward's.
@@ -84,11 +87,31 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+def tma_modes(dev: str) -> tuple:
+    """(False,) or (False, True): TMA is swept where the variant runs: an sm_90 GPU (or the
+    interpreter, --tiny) with a Triton that has tensor descriptors."""
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    if not F2.tma_api() or (dev == "cuda" and torch.cuda.get_device_capability()[0] != 9):
+        return (False,)
+    return (False, True)
+
+
+def _variants(modes) -> list:
+    # (fixed_max, tma) per candidate: both softmax forms by pointer, the fixed one with TMA
+    return [("auto", False), ("never", False)] + [("auto", True)] * (True in modes)
+
+
+def _label(fm: str, tma: bool) -> str:
+    return ("" if fm == "auto" else " online") + (" tma" if tma else "")
+
+
 def plan() -> str:
     from dtl_fast.kernels import cosine_attention_fwd as F2
     n = sum(len(c) for (cls, _), c in F2.FWD2_CANDIDATES.items() if cls == "half")
-    return (f"checks: {len(CHECKS)} shapes x (every fwd2 candidate, short, first forward); "
-            f"sweep: {len(SWEEP)} shapes x {n} half candidates (of their head dim) x fixed/online")
+    return (f"checks: {len(CHECKS)} shapes x (every fwd2 candidate, fixed/online and TMA on "
+            f"sm_90, short, first forward); sweep: {len(SWEEP)} shapes x {n} half candidates "
+            f"(of their head dim) x (fixed, online, fixed+TMA on sm_90; this triton "
+            f"{'has' if F2.tma_api() else 'lacks'} tensor descriptors)")
 
 
 def main(argv=None) -> int:
@@ -116,8 +139,9 @@ def main(argv=None) -> int:
     from dtl_fast.ops.cosine_attention import cosine_attention_composite, head_scale
 
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (interpreter)"
+    modes = tma_modes(dev)
     print(f"[sweep_cosine_attention] {name}  torch {torch.__version__}  "
-          f"triton {triton.__version__}")
+          f"triton {triton.__version__}  TMA swept: {True in modes}")
     failures = []
 
     # 1. checks at real sizes
@@ -136,10 +160,10 @@ def main(argv=None) -> int:
             runs["short"] = lambda: F2.cosine_attention_forward2(q, k, v, scale, L, w, mk, mv, short=True)[0]
         n_cand = len(F2.FWD2_CANDIDATES[(F2._cls(dtype), F2.block_d(d, d))])
         for i in range(n_cand):
-            for fm in ("auto", "never"):
-                runs[f"fwd2[{i}]{'' if fm == 'auto' else ' online'}"] = (
-                    lambda i=i, fm=fm: F2.cosine_attention_forward2(q, k, v, scale, L, w, mk, mv, config=i,
-                                                                    fixed_max=fm, short=False)[0])
+            for fm, tma in _variants(modes if dtype in F2.TMA_DTYPES or dev == "cpu" else ()):
+                runs[f"fwd2[{i}]{_label(fm, tma)}"] = (
+                    lambda i=i, fm=fm, tma=tma: F2.cosine_attention_forward2(
+                        q, k, v, scale, L, w, mk, mv, config=i, fixed_max=fm, short=False, tma=tma)[0])
         for name, fn in runs.items():
             try:
                 e = _rel(fn(), want)
@@ -158,7 +182,7 @@ def main(argv=None) -> int:
     # 2. the sweep
     print("\n== sweep: forward median ms, TFLOP/s ==")
     deadline = time.time() + args.time_budget
-    best = []
+    best, tma_best = [], []
     shapes = SWEEP[:2] if args.quick else SWEEP
     for B, H, N, d, variant in shapes:
         if time.time() > deadline:
@@ -183,24 +207,30 @@ def main(argv=None) -> int:
         v1 = t(lambda: K1.cosine_attention_forward(q, k, v, scale, L, w, mk, mv))
         rows = []
         for i, cand in enumerate(F2.FWD2_CANDIDATES[(F2._cls(dtype), F2.block_d(d, d))]):
-            for fm in ("auto", "never"):
+            for fm, tma in _variants(modes):
                 if time.time() > deadline:
                     break
                 try:
-                    ms = t(lambda i=i, fm=fm: F2.cosine_attention_forward2(
-                        q, k, v, scale, L, w, mk, mv, config=i, fixed_max=fm, short=False))
+                    ms = t(lambda i=i, fm=fm, tma=tma: F2.cosine_attention_forward2(
+                        q, k, v, scale, L, w, mk, mv, config=i, fixed_max=fm, short=False, tma=tma))
                 except Exception as exc:  # noqa: BLE001
-                    print(f"  {cand} {fm}: {type(exc).__name__}: {str(exc)[:200]}")
+                    print(f"  {cand} {fm}{' tma' if tma else ''}: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
-                rows.append((ms, i, cand, fm))
-                print(f"  {variant:<7} {B}x{H}x{N}x{d} {str(cand):<20} {fm:<6} {ms:8.3f} ms "
-                      f"{flop / ms / 1e9:7.1f} TFLOP/s  x{base / ms:.2f} composite  x{v1 / ms:.2f} v1")
+                rows.append((ms, i, cand, fm, tma))
+                print(f"  {variant:<7} {B}x{H}x{N}x{d} {str(cand):<20} {fm:<6} {'tma' if tma else '   '} "
+                      f"{ms:8.3f} ms {flop / ms / 1e9:7.1f} TFLOP/s  x{base / ms:.2f} composite  "
+                      f"x{v1 / ms:.2f} v1")
         print(f"  {variant:<7} {B}x{H}x{N}x{d} composite {base:.3f} ms {flop / base / 1e9:.1f} TFLOP/s; "
               f"v1 {v1:.3f} ms {flop / v1 / 1e9:.1f} TFLOP/s")
         if rows:
-            ms, i, cand, fm = min(rows)
-            best.append((f"{variant} {B}x{H}x{N}x{d}", f"[{i}] {cand} {fm}", flop / ms / 1e9,
-                         base / ms, v1 / ms))
+            ms, i, cand, fm, tma = min(rows)
+            best.append((f"{variant} {B}x{H}x{N}x{d}", f"[{i}] {cand} {fm}{' tma' if tma else ''}",
+                         flop / ms / 1e9, base / ms, v1 / ms))
+            on = [r for r in rows if r[4]]
+            off = [r for r in rows if not r[4] and r[3] == "auto"]
+            if on and off:
+                tma_best.append((f"{variant} {B}x{H}x{N}x{d}", min(off), min(on),
+                                 {r[1]: r[0] for r in off}, {r[1]: r[0] for r in on}))
         del q, k, v
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -263,6 +293,14 @@ def main(argv=None) -> int:
     print(f"{'shape':<22} {'config':<34} {'TFLOP/s':>8} {'x comp':>7} {'x v1':>6}")
     for shape, cfg, tf, xc, xv in best_bwd:
         print(f"{shape:<22} {cfg:<34} {tf:8.1f} {xc:7.2f} {xv:6.2f}")
+
+    if tma_best:
+        print("\n== TMA on / off (fixed maximum): best of each, and per candidate off/on ms ==")
+        print(f"{'shape':<22} {'best off (ms)':<30} {'best on (ms)':<30} {'x on':>6}  per candidate")
+        for shape, off, on, per_off, per_on in tma_best:
+            per = " ".join(f"[{i}] {per_off[i] / per_on[i]:.2f}" for i in per_on if i in per_off)
+            print(f"{shape:<22} {f'[{off[1]}] {off[2]} {off[0]:.3f}':<30} "
+                  f"{f'[{on[1]}] {on[2]} {on[0]:.3f}':<30} {off[0] / on[0]:6.2f}  {per}")
 
     print("\n== best forward configuration per shape (bf16) ==")
     print(f"{'shape':<22} {'config (BM, BN, warps, stages)':<34} {'TFLOP/s':>8} {'x comp':>7} {'x v1':>6}")

@@ -18,6 +18,10 @@ forward that knows nothing of cosines, with a fixed softmax maximum where that i
    kernels/cosine_attention._head_mask) and runs masked loops only over the edge blocks; the
    interior loop loads and computes without masks. The memory slots are one masked prologue
    loop.
+4. On sm_90, opt-in ($DTL_FAST_ATTN_TMA=1, use_tma): the same kernel with USE_TMA loads the q
+   block and the key blocks through TMA tensor descriptors, and with TMA_V the value blocks
+   too where v's strides allow (tma_descriptors); the masks stay on the logits (and zero the
+   values of masked edge rows), so the results are those of the pointer loads.
 
 The outputs are those of kernels/cosine_attention.cosine_attention_forward: out in q's dtype
 and lse, the natural log-sum-exp of each row's scores (+inf for a row with nothing to attend
@@ -31,6 +35,7 @@ as the pre-pass does) and takes the exact row maximum: one launch in all, no pre
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -121,23 +126,31 @@ def _cos_attn_prep_kernel(X, Y, SCALE, NRM, stride_xb, stride_xh, stride_xn, H, 
 
 
 @triton.jit
-def _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, lo, hi, kend, offs_m, win, S, DV,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+def _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, kidx, vidx0, vidx1, lo, hi, kend, offs_m,
+               win, S, DV, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
                FIXED: tl.constexpr, EVEN_DV: tl.constexpr, IS_F64: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, TMA_V: tl.constexpr):
     # Key blocks starting at lo, lo + BLOCK_N, ... < hi. MASK: element masks (key length,
     # window); without it every (row, key) of every block is valid and nothing is masked.
     # FIXED: weights exp2(logit - S) (S: the logit bound); else the online maximum m_i.
+    # USE_TMA: kb is a tensor descriptor [rows, N, BLOCK_D] read at [kidx, start, 0]; TMA_V: vb
+    # is one [*, *, N, DV] read at [vidx0, vidx1, start, 0]. Rows past N (and columns past DV)
+    # come back as zeros, as the masked pointer loads give them.
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        kp = kb + offs_n[:, None] * BLOCK_D + offs_d[None, :]
-        vp = vb + offs_n[:, None] * stride_vn + offs_d[None, :]
         if MASK:
             nmask = offs_n < kend
-            k = tl.load(kp, mask=nmask[:, None], other=0.0)
+        if USE_TMA:
+            # rows in [kend, N) are real keys past this head's length: their logits are
+            # masked to -inf below, and their values zeroed (0 * NaN garbage would be NaN)
+            k = kb.load([kidx, start, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
-            k = tl.load(kp)
+            kp = kb + offs_n[:, None] * BLOCK_D + offs_d[None, :]
+            if MASK:
+                k = tl.load(kp, mask=nmask[:, None], other=0.0)
+            else:
+                k = tl.load(kp)
         s = _mm(q, tl.trans(k), DOT_PREC)
         if MASK:
             valid = nmask[None, :] & (tl.abs(offs_m[:, None] - offs_n[None, :]) <= win)
@@ -153,37 +166,47 @@ def _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, lo, hi, kend, offs_m, win, S
             acc = acc * alpha[:, None]
             m_i = m_new
         l_i += tl.sum(p, axis=1)
-        if MASK:
-            if EVEN_DV:
-                v = tl.load(vp, mask=nmask[:, None], other=0.0)
-            else:
-                v = tl.load(vp, mask=nmask[:, None] & (offs_d[None, :] < DV), other=0.0)
+        if TMA_V:
+            v = vb.load([vidx0, vidx1, start, 0]).reshape(BLOCK_N, BLOCK_D)
+            if MASK:
+                v = tl.where(nmask[:, None], v, 0.0)
         else:
-            if EVEN_DV:
-                v = tl.load(vp)
+            vp = vb + offs_n[:, None] * stride_vn + offs_d[None, :]
+            if MASK:
+                if EVEN_DV:
+                    v = tl.load(vp, mask=nmask[:, None], other=0.0)
+                else:
+                    v = tl.load(vp, mask=nmask[:, None] & (offs_d[None, :] < DV), other=0.0)
             else:
-                v = tl.load(vp, mask=offs_d[None, :] < DV, other=0.0)
+                if EVEN_DV:
+                    v = tl.load(vp)
+                else:
+                    v = tl.load(vp, mask=offs_d[None, :] < DV, other=0.0)
         acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M, lo, int_lo, int_hi,
-              hi, kend, offs_m, win, big, S, DV,
+def _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, bh, b, h, M, lo, int_lo,
+              int_hi, hi, kend, offs_m, win, big, S, DV,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FIXED: tl.constexpr,
-              EVEN_DV: tl.constexpr, IS_F64: tl.constexpr, DOT_PREC: tl.constexpr):
-    # memory slots (masked: M need not fill a block), lower edge, interior, upper edge
-    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, mkb, mvb, stride_mvn, 0, M, M, offs_m, big, S,
-                               DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64, DOT_PREC)
-    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, lo, int_lo, kend, offs_m,
-                               win, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
-                               DOT_PREC)
-    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, int_lo, int_hi, kend,
-                               offs_m, win, S, DV, BLOCK_N, BLOCK_D, False, FIXED, EVEN_DV,
-                               IS_F64, DOT_PREC)
-    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, int_hi, hi, kend, offs_m,
-                               win, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
-                               DOT_PREC)
+              EVEN_DV: tl.constexpr, IS_F64: tl.constexpr, DOT_PREC: tl.constexpr,
+              USE_TMA: tl.constexpr, TMA_V: tl.constexpr):
+    # memory slots (masked: M need not fill a block), lower edge, interior, upper edge.
+    # Descriptor coordinates (int32, as TMA takes them): keys [B*H, NK, .] at bh, values
+    # [B, H, NK, .] at (b, h); memory keys [H, M, .] at h, memory values [1, H, M, .] at (0, h).
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, mkb, mvb, stride_mvn, h, 0, h, 0, M, M, offs_m,
+                               big, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
+                               DOT_PREC, USE_TMA, TMA_V)
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, bh, b, h, lo, int_lo, kend,
+                               offs_m, win, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
+                               DOT_PREC, USE_TMA, TMA_V)
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, bh, b, h, int_lo, int_hi,
+                               kend, offs_m, win, S, DV, BLOCK_N, BLOCK_D, False, FIXED, EVEN_DV,
+                               IS_F64, DOT_PREC, USE_TMA, TMA_V)
+    acc, m_i, l_i = _fwd2_loop(acc, m_i, l_i, q, kb, vb, stride_vn, bh, b, h, int_hi, hi, kend,
+                               offs_m, win, S, DV, BLOCK_N, BLOCK_D, True, FIXED, EVEN_DV, IS_F64,
+                               DOT_PREC, USE_TMA, TMA_V)
     return acc, m_i, l_i
 
 
@@ -193,9 +216,13 @@ def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, WINS, O, LSE,
                           stride_ob, stride_oh, stride_on,
                           H, NQ, NK, M, DV, WINDOW, HAS_LENS, FIXED_S_MAX,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          EVEN_DV: tl.constexpr, IS_F64: tl.constexpr, DOT_PREC: tl.constexpr):
+                          EVEN_DV: tl.constexpr, IS_F64: tl.constexpr, DOT_PREC: tl.constexpr,
+                          USE_TMA: tl.constexpr = False, TMA_V: tl.constexpr = False):
     # One query block of one (b, h). QS [B*H, NQ, BLOCK_D]: normalised q times S; KN
     # [B*H, NK, BLOCK_D], MKN [H, M, BLOCK_D]: normalised keys (zero padding columns).
+    # USE_TMA (sm_90): QS, KN, MKN are host tensor descriptors of those tensors (blocks
+    # [1, BLOCK_M or BLOCK_N, BLOCK_D]); TMA_V (needs USE_TMA): V, MV too, as [B, H, NK, DV] and
+    # [1, H, M, DV] (blocks [1, 1, BLOCK_N, BLOCK_D]). See tma_descriptors.
     pid = tl.program_id(0)
     n_mb = tl.cdiv(NQ, BLOCK_M)
     pid_m = pid % n_mb
@@ -206,8 +233,11 @@ def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, WINS, O, LSE,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < NQ
-    q = tl.load(QS + (bh.to(tl.int64) * NQ + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
-                mask=mmask[:, None], other=0.0)
+    if USE_TMA:
+        q = QS.load([bh, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(QS + (bh.to(tl.int64) * NQ + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
+                    mask=mmask[:, None], other=0.0)
     S = _acc(tl.load(SCALE + h), IS_F64) * 1.4426950408889634
     l_i = _acc(tl.zeros([BLOCK_M], tl.float32), IS_F64)
     m_i = l_i - (S + 1.0)
@@ -226,19 +256,29 @@ def _cos_attn_fwd2_kernel(QS, KN, V, MKN, MV, SCALE, LENS, WINS, O, LSE,
     int_lo = tl.minimum(tl.maximum(int_lo, lo), tl.maximum(hi, lo))
     int_hi = tl.minimum(kend, m0 + win + 1) // BLOCK_N * BLOCK_N
     int_hi = tl.maximum(int_hi, int_lo)
-    kb = KN + bh.to(tl.int64) * NK * BLOCK_D
-    vb = V + b * stride_vb + h.to(tl.int64) * stride_vh
-    mkb = MKN + h.to(tl.int64) * M * BLOCK_D
-    mvb = MV + h.to(tl.int64) * stride_mvh
+    if USE_TMA:
+        kb = KN
+        mkb = MKN
+    else:
+        kb = KN + bh.to(tl.int64) * NK * BLOCK_D
+        mkb = MKN + h.to(tl.int64) * M * BLOCK_D
+    if TMA_V:
+        vb = V
+        mvb = MV
+    else:
+        vb = V + b * stride_vb + h.to(tl.int64) * stride_vh
+        mvb = MV + h.to(tl.int64) * stride_mvh
     if S <= FIXED_S_MAX:
-        acc, m_i, l_i = _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M,
-                                  lo, int_lo, int_hi, hi, kend, offs_m, win, big, S, DV,
-                                  BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC)
+        acc, m_i, l_i = _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, bh,
+                                  bh // H, h, M, lo, int_lo, int_hi, hi, kend, offs_m, win, big, S, DV,
+                                  BLOCK_N, BLOCK_D, True, EVEN_DV, IS_F64, DOT_PREC, USE_TMA,
+                                  TMA_V)
         m_i = l_i * 0.0 + S
     else:
-        acc, m_i, l_i = _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, M,
-                                  lo, int_lo, int_hi, hi, kend, offs_m, win, big, S, DV,
-                                  BLOCK_N, BLOCK_D, False, EVEN_DV, IS_F64, DOT_PREC)
+        acc, m_i, l_i = _fwd2_all(acc, m_i, l_i, q, kb, vb, stride_vn, mkb, mvb, stride_mvn, bh,
+                                  bh // H, h, M, lo, int_lo, int_hi, hi, kend, offs_m, win, big, S, DV,
+                                  BLOCK_N, BLOCK_D, False, EVEN_DV, IS_F64, DOT_PREC, USE_TMA,
+                                  TMA_V)
 
     nonempty = l_i > 0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -393,13 +433,97 @@ def use_short(nq: int, nk: int, m: int, bd: int = 32, dtype: torch.dtype = torch
     return max(nq, nk, m) <= SHORT_MAX_N and dtype != torch.float32 and bd <= 64
 
 
+# ---------------------------------------------------------------------------------------------
+# Tensor descriptors (TMA) in _cos_attn_fwd2_kernel, sm_90.
+#
+# Host-side descriptors (triton.tools.tensor_descriptor.TensorDescriptor as kernel arguments;
+# triton 3.6 and 3.8 both have them, the interpreter too): the launcher builds them and the
+# kernel's USE_TMA / TMA_V branches call desc.load. Not the device-side tl.make_tensor_descriptor:
+# that one writes a 128-byte descriptor per program into global scratch that the launch takes
+# from triton.set_allocator, a ContextVar (process-global state a library should not set, and
+# unset in the autograd engine's backward threads), and it adds the descriptor writes and a
+# fence to every program. The host form needs neither: the descriptor travels as a
+# __grid_constant__ kernel parameter. Opt-in (DTL_FAST_ATTN_TMA=1) until a GPU has timed it.
+TMA_ENV = "DTL_FAST_ATTN_TMA"
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def tma_api() -> bool:
+    """Whether this Triton has host tensor descriptors (triton >= 3.3 or so; 3.6 and 3.8 do)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(tl, "tensor_descriptor")
+
+
+def tma_requested() -> bool:
+    """$DTL_FAST_ATTN_TMA: "1" asks for the TMA variant, "0" or unset (the default) does not;
+    any other value is an error (read at each call, so a typo never passes silently)."""
+    val = os.environ.get(TMA_ENV, "0") or "0"
+    if val not in ("0", "1"):
+        raise ValueError(f"${TMA_ENV} must be '0' or '1', got {val!r}")
+    return val == "1"
+
+
+def use_tma(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether _cos_attn_fwd2_kernel runs with tensor descriptors for inputs on `device` of
+    `dtype`: only when asked ($DTL_FAST_ATTN_TMA=1), on a CUDA device of compute capability 9.x
+    (TMA is Hopper's; sm_100 has it too but nothing here was compiled or timed for it), for
+    float16 / bfloat16, with a Triton that has the API. Raises ValueError on a bad env value."""
+    if not tma_requested():
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in TMA_DTYPES or not tma_api():
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    # TMA's rules for a global tensor: 16-byte aligned base, unit last stride, every other
+    # stride a multiple of 16 bytes, no empty dimension
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and min(t.shape) > 0
+            and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]))
+
+
+def tma_descriptors(qs, kn, mkn, v, mv, M: int, consts: dict):
+    """The kernel's (QS, KN, MKN, V, MV, TMA_V) for USE_TMA: descriptors of the pre-pass
+    outputs qs, kn [B*H, N, BD] and mkn [H, M, BD] (always TMA-able: fresh, contiguous, BD >= 32),
+    and of v [B, H, NK, dv], mv [H, M, dv] (as [1, H, M, dv]) when both meet TMA's stride and
+    alignment rules (TMA_V True), else v, mv themselves (loaded with pointers)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    bm, bn, bd = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_D"]
+    QS = TensorDescriptor.from_tensor(qs, [1, bm, bd])
+    KN = TensorDescriptor.from_tensor(kn, [1, bn, bd])
+    MKN = TensorDescriptor.from_tensor(mkn, [1, bn, bd]) if M > 0 else KN
+    mv4 = mv.unsqueeze(0) if M > 0 else v
+    if not (_tma_ok(v) and _tma_ok(mv4)):
+        return QS, KN, MKN, v, mv, False
+    V = TensorDescriptor.from_tensor(v, [1, 1, bn, bd])
+    MV = TensorDescriptor.from_tensor(mv4, [1, 1, bn, bd]) if M > 0 else V
+    return QS, KN, MKN, V, MV, True
+
+
 _INT_ARGS = {"H", "N", "NQ", "NK", "M", "D", "DV", "WINDOW", "HAS_LENS", "NBH"}
+
+
+def _desc_args(consts: dict) -> dict:
+    # the AOT signature of the descriptor arguments (the JIT's own spelling of a host
+    # TensorDescriptor argument: tensordesc<element type[block shape]>)
+    out = {}
+    if consts.get("USE_TMA"):
+        bm, bn, bd = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_D"]
+        out = {"QS": f"[1, {bm}, {bd}]", "KN": f"[1, {bn}, {bd}]", "MKN": f"[1, {bn}, {bd}]"}
+        if consts.get("TMA_V"):
+            out.update(V=f"[1, 1, {bn}, {bd}]", MV=f"[1, 1, {bn}, {bd}]")
+    return out
 
 
 def _signature(kernel: str, dtype: torch.dtype, consts: dict) -> dict:
     t = _TRITON_DTYPE[dtype]
     acc = "fp64" if dtype == torch.float64 else "fp32"
     ptr = {"LENS": "*i32", "WINS": "*i32", "SCALE": f"*{acc}", "LSE": f"*{acc}", "NRM": f"*{acc}"}
+    ptr.update({name: f"tensordesc<{t}{shape}>" for name, shape in _desc_args(consts).items()})
     fn = globals()[kernel]
     while not hasattr(fn, "arg_names"):
         fn = fn.fn
@@ -423,9 +547,10 @@ def _aligned_args(kernel: str, consts: dict, d: int | None) -> list[str]:
     while not hasattr(fn, "arg_names"):
         fn = fn.fn
     out = []
+    descs = _desc_args(consts)  # no divisibility attribute on a descriptor
     for name in fn.arg_names:
-        if name in consts or name in ("H", "N", "NQ", "NK", "M", "WINDOW", "HAS_LENS", "NBH",
-                                      "FIXED_S_MAX"):
+        if name in consts or name in descs or name in ("H", "N", "NQ", "NK", "M", "WINDOW",
+                                                       "HAS_LENS", "NBH", "FIXED_S_MAX"):
             continue
         if name in ("D", "DV") or name.startswith("stride_") and name.endswith("n"):
             if d is not None and d % 16 == 0:
@@ -443,11 +568,12 @@ def _short_shapes():
 
 def launch_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16),
                    head_dims=((32, 32), (40, 40), (64, 64), (128, 128)),
-                   precisions=("ieee", "tf32"), kernels=KERNELS, candidates: bool = True
-                   ) -> list[dict]:
+                   precisions=("ieee", "tf32"), kernels=KERNELS, candidates: bool = True,
+                   tma=((False, False),)) -> list[dict]:
     """Every launch configuration of this module's kernels for the given dtypes and head dims
     (all FWD2_CANDIDATES when `candidates`, else the defaults), deduplicated, in the form
-    tests/_triton_aot.compile_configs takes."""
+    tests/_triton_aot.compile_configs takes. `tma`: the (USE_TMA, TMA_V) variants of
+    _cos_attn_fwd2_kernel to list (sm_90 only when USE_TMA; half types: TMA_DTYPES)."""
     seen, out = set(), []
 
     def add(kernel, dtype, consts, warps, stages, d):
@@ -478,9 +604,13 @@ def launch_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16),
                         n = len(FWD2_CANDIDATES[(_cls(dtype), block_d(d, dv))]) if candidates else 1
                         for i in range(n):
                             cfg = fwd2_config(dtype, d, dv, i)
-                            consts = dict(cfg["constexprs"], IS_F64=dtype == torch.float64,
-                                          DOT_PREC=prec)
-                            add(kernel, dtype, consts, cfg["num_warps"], cfg["num_stages"], dd)
+                            for use, tma_v in tma:
+                                if use and dtype not in TMA_DTYPES:
+                                    continue
+                                consts = dict(cfg["constexprs"], IS_F64=dtype == torch.float64,
+                                              DOT_PREC=prec, USE_TMA=bool(use),
+                                              TMA_V=bool(use and tma_v))
+                                add(kernel, dtype, consts, cfg["num_warps"], cfg["num_stages"], dd)
                     else:
                         for nq, nk, m in _short_shapes():
                             if not use_short(nq, nk, m, block_d(d, dv), dtype):
@@ -520,7 +650,8 @@ def _prep(x: torch.Tensor, BD: int, scale: torch.Tensor | None, batched: bool = 
 
 
 def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, memory_v, *,
-                              fixed_max: str = "auto", config: int = 0, short: bool | None = None):
+                              fixed_max: str = "auto", config: int = 0, short: bool | None = None,
+                              tma: bool | None = None):
     """As kernels/cosine_attention.cosine_attention_forward (same arguments, per-head key_lengths
     [B, H] and window tensor [H] included, and results: out [B, H, Nq, dv] in q's dtype, lse
     [B, H, Nq] float32 / float64, +inf for empty rows), with the pre-pass + fixed-maximum
@@ -528,7 +659,10 @@ def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, mem
 
     fixed_max: "auto" (the derived limit, fixed_max_limit), "always", "never" (tests, sweep).
     config: index into FWD2_CANDIDATES (the sweep). short: None picks the short kernel when
-    use_short(Nq, Nk, M, BLOCK_D); True / False force it (True needs use_short)."""
+    use_short(Nq, Nk, M, BLOCK_D); True / False force it (True needs use_short). tma: None
+    loads through tensor descriptors when use_tma(q.device, q.dtype) (opt-in by
+    $DTL_FAST_ATTN_TMA=1, sm_90); True / False force it (tests, sweep; True needs tma_api()).
+    Nk == 0 (memory slots only) never uses them: a descriptor cannot describe an empty tensor."""
     B, H, Nq, d = q.shape
     Nk, dv = k.shape[2], v.shape[3]
     M = 0 if memory_k is None else memory_k.shape[1]
@@ -565,11 +699,21 @@ def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, mem
     kn = _prep(k, BD, None)
     mkn = _prep(memory_k, BD, None, batched=False) if M > 0 else kn
     grid = (triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"]) * B * H,)
+    if tma is None:
+        tma = use_tma(q.device, q.dtype)
+    if tma and Nk > 0:
+        if not tma_api():
+            raise RuntimeError(f"cosine_attention: tma=True needs tensor descriptors, which "
+                               f"triton {triton.__version__} lacks")
+        QS, KN, MKN, V, MV, tma_v = tma_descriptors(qs, kn, mkn, v, mv, M, cfg["constexprs"])
+        tma_args = {"USE_TMA": True, "TMA_V": tma_v}
+    else:
+        QS, KN, MKN, V, MV, tma_args = qs, kn, mkn, v, mv, {}
     _cos_attn_fwd2_kernel[grid](
-        qs, kn, v, mkn, mv, scale, lens, wins, out, lse,
+        QS, KN, V, MKN, MV, scale, lens, wins, out, lse,
         v.stride(0), v.stride(1), v.stride(2), mv.stride(-3), mv.stride(-2),
         out.stride(0), out.stride(1), out.stride(2),
         H, Nq, Nk, M, dv, win, has_lens, fixed,
-        **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec,
+        **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec, **tma_args,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse

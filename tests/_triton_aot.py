@@ -72,6 +72,8 @@ for cfg in configs:
         row.update(reg=usage["REG"], stack=usage["STACK"], local=usage["LOCAL"],
                    static_shared=usage["SHARED"])
         row["mma"] = bool(re.search(r"\bHMMA\b|\bHGMMA\b|\bDMMA\b", sass))
+        # TMA loads (tensor / bulk async copies, sm_90 SASS)
+        row["tma"] = bool(re.search(r"\bUTMALDG\b|\bUBLKCP\b", sass))
         results.append(row)
 print("@@RESULTS@@" + json.dumps(results))
 """

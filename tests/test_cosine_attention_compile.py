@@ -110,6 +110,26 @@ def _fwd_configs():
                           kernels=("_cos_attn_fwd_short_kernel",)))
 
 
+# The TMA variant of the second forward (USE_TMA: q and K through tensor descriptors; TMA_V: V
+# too), sm_90 only (TMA is Hopper's): every bfloat16 tile candidate at d 64 / 128 with V by
+# descriptor, the defaults at every head dim (d 40: v rows of 80 bytes, TMA-able, unaligned
+# specialisation), and the default at d 64 with V by pointer (v strides TMA cannot take).
+TMA_ARCHS = (90,)
+
+
+def _fwd_tma_configs():
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    fwd2 = ("_cos_attn_fwd2_kernel",)
+    qkv = ((True, True),)
+    c = F2.launch_configs(dtypes=(torch.bfloat16,), head_dims=((64, 64), (128, 128)), kernels=fwd2,
+                          candidates=True, tma=qkv)
+    c += F2.launch_configs(dtypes=(torch.bfloat16,), head_dims=HEAD_DIMS, kernels=fwd2,
+                           candidates=False, tma=qkv)
+    c += F2.launch_configs(dtypes=(torch.bfloat16,), head_dims=((64, 64),), kernels=fwd2,
+                           candidates=False, tma=((True, False),))
+    return _dedup(c)
+
+
 def _bwd_configs():
     from dtl_fast.kernels import cosine_attention_bwd as B2
     c = B2.launch_configs(dtypes=(torch.bfloat16,), head_dims=HEAD_DIMS, candidates=True)
@@ -142,6 +162,17 @@ def test_v2_launch_configs_cover_every_candidate():
                     for rows, cols, w, st in B2.BWD2_CANDIDATES[(kernel, "half", bd)]}
             assert got == want, (kernel, d)
     assert len(fwd) + len(bwd) <= 60
+    # the TMA variant: every half candidate at d 64 / 128, both V forms, only half types
+    tma = _fwd_tma_configs()
+    assert all(c["constexprs"]["USE_TMA"] for c in tma)
+    assert {c["dtype"] for c in tma} == {str(torch.bfloat16)}
+    got = {(c["constexprs"]["BLOCK_M"], c["constexprs"]["BLOCK_N"], c["num_warps"], c["num_stages"])
+           for c in tma if c["constexprs"]["BLOCK_D"] in (64, 128) and c["constexprs"]["TMA_V"]}
+    assert got == {t for (cls, bd), cands in F2.FWD2_CANDIDATES.items()
+                   if cls == "half" and bd in (64, 128) for t in cands}
+    assert {c["constexprs"]["TMA_V"] for c in tma} == {True, False}
+    assert not any(c["constexprs"]["USE_TMA"] for c in fwd if "USE_TMA" in c["constexprs"])
+    assert len(tma) <= 10
 
 
 def _check_rows(rows, half_mma_exempt=("_cos_attn_prep_kernel",)):
@@ -163,12 +194,24 @@ def _check_rows(rows, half_mma_exempt=("_cos_attn_prep_kernel",)):
 
 @pytest.mark.slow
 def test_v2_forward_compiles_fits_without_spills_and_uses_mma():
-    configs = _fwd_configs()
+    """Every forward configuration for sm_80 / sm_90, and the TMA variant's for sm_90: compiles,
+    fits in shared memory, no spills, HMMA / HGMMA; TMA loads (UTMALDG / UBLKCP) in the SASS
+    of exactly the TMA configurations."""
+    configs, tma = _fwd_configs(), _fwd_tma_configs()
     t0 = time.time()
     rows = compile_configs(FWD_MODULE, configs)
-    print(f"{len(configs)} configs, {len(rows)} compiles: {time.time() - t0:.1f} s wall")
-    assert len(rows) == 2 * len(configs)
-    _check_rows(rows)
+    tma_rows = compile_configs(FWD_MODULE, tma, archs=TMA_ARCHS)
+    print(f"{len(configs)} configs, {len(rows)} compiles; {len(tma)} TMA configs, "
+          f"{len(tma_rows)} compiles: {time.time() - t0:.1f} s wall")
+    assert len(rows) == 2 * len(configs) and len(tma_rows) == len(tma)
+    _check_rows(rows + tma_rows)
+    print("TMA in the SASS: " + ", ".join(
+        f"{r['kernel']} {r['config']['constexprs'].get('USE_TMA')} sm_{r['arch']}: {r.get('tma')}"
+        for r in rows + tma_rows if r["kernel"] == "_cos_attn_fwd2_kernel"))
+    for r in rows + tma_rows:
+        want = bool(r["config"]["constexprs"].get("USE_TMA"))
+        assert r["tma"] == want, f"{r['kernel']} sm_{r['arch']} {r['config']['constexprs']}: " \
+                                 f"TMA loads in the SASS {r['tma']}, want {want}"
 
 
 @pytest.mark.slow
