@@ -77,6 +77,20 @@ def _pairs(N, lens, window, B, M):
     return total
 
 
+def _sweep_case(B, H, N, d, variant, dev):
+    """One headline case as the kernels take it: (q, k, v, logit_scale, lens, window, mk, mv)
+    of _inputs (bf16 on CUDA, float32 on the CPU dry run), then scale [H] float32, lengths
+    int32 or None, window int (-1 none) and the forward's FLOPs (4 d per attended pair)."""
+    from dtl_fast.ops.cosine_attention import head_scale
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    q, k, v, ls, lens, window, mk, mv = _inputs(B, H, N, d, variant, dtype, dev)
+    scale = head_scale(ls, torch.float32)
+    L = None if lens is None else lens.to(torch.int32)
+    w = -1 if window is None else window
+    flop = 4 * d * H * _pairs(N, lens.cpu() if lens is not None else None, window, B, 0)
+    return q, k, v, ls, lens, window, mk, mv, scale, L, w, flop
+
+
 def _truth(q, k, v, ls, lens, window, mk, mv):
     import bench_cosine_attention as BA
     inp = dict(q=q, k=k, v=v, logit_scale=ls, key_lengths=lens, window=window, memory_k=mk, memory_v=mv)
@@ -188,12 +202,7 @@ def main(argv=None) -> int:
         if time.time() > deadline:
             print(f"  time budget spent: {variant} {B}x{H}x{N}x{d} not swept")
             continue
-        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-        q, k, v, ls, lens, window, mk, mv = _inputs(B, H, N, d, variant, dtype, dev)
-        scale = head_scale(ls, torch.float32)
-        L = None if lens is None else lens.to(torch.int32)
-        w = -1 if window is None else window
-        flop = 4 * d * H * _pairs(N, lens.cpu() if lens is not None else None, window, B, 0)
+        q, k, v, ls, lens, window, mk, mv, scale, L, w, flop = _sweep_case(B, H, N, d, variant, dev)
 
         def t(fn):
             with torch.no_grad():
@@ -243,12 +252,8 @@ def main(argv=None) -> int:
         if time.time() > deadline:
             print(f"  time budget spent: backward {variant} {B}x{H}x{N}x{d} not swept")
             continue
-        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-        q, k, v, ls, lens, window, mk, mv = _inputs(B, H, N, d, variant, dtype, dev)
-        scale = head_scale(ls, torch.float32)
-        L = None if lens is None else lens.to(torch.int32)
-        w = -1 if window is None else window
-        flop = 2.5 * 4 * d * H * _pairs(N, lens.cpu() if lens is not None else None, window, B, 0)
+        q, k, v, ls, lens, window, mk, mv, scale, L, w, flop = _sweep_case(B, H, N, d, variant, dev)
+        flop *= 2.5  # the backward: 2.5x the forward's FLOPs
         out, lse = F2.cosine_attention_forward2(q, k, v, scale, L, w, mk, mv)
         g = torch.randn_like(out)
 

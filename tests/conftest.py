@@ -85,3 +85,13 @@ def poisoned_outputs():
 def poison():
     """`with poison(): out = fused_op(...)`: see poisoned_outputs."""
     return poisoned_outputs
+
+
+@pytest.fixture
+def second_version_all_dtypes(monkeypatch):
+    """The cosine-attention op runs the second-version kernels for every dtype (by default they
+    are opt-in: $DTL_FAST_ATTN_IMPL=v2, and float32 stays on the first version even then), so
+    float32 checks them tightly and the half types check them as a GPU would run them."""
+    import importlib
+    ops = importlib.import_module("dtl_fast.ops.cosine_attention")
+    monkeypatch.setattr(ops, "V2_DTYPES", ops.V2_CANDIDATE_DTYPES + (torch.float32,))

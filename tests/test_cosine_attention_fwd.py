@@ -20,12 +20,8 @@ from test_cosine_attention import (NAMES, forward_backward, leaves, make_inputs,
 ops = importlib.import_module("dtl_fast.ops.cosine_attention")
 
 
-@pytest.fixture(autouse=True)
-def _second_version_for_float32(monkeypatch):
-    """The op runs the second-version kernels in these tests for every dtype (by default it is
-    opt-in: $DTL_FAST_ATTN_IMPL=v2, and float32 stays on the first version even then), so
-    float32 checks them tightly and the half types check them as a GPU would run them."""
-    monkeypatch.setattr(ops, "V2_DTYPES", ops.V2_CANDIDATE_DTYPES + (torch.float32,))
+# The op runs the second-version kernels here for every dtype (conftest.py).
+pytestmark = pytest.mark.usefixtures("second_version_all_dtypes")
 LN100 = math.log(100.0)
 
 
