@@ -39,14 +39,15 @@
 # Environment: PYTHON (else the first of python3, python on PATH that can `import torch`),
 # TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_BUDGET (450), GPU_CHECK_BUILD_CAP (200),
 # GPU_CHECK_TEST_CAP (160, all test groups together), GPU_CHECK_TEST_TIMEOUT (per test, 45 s,
-# needs pytest-timeout), GPU_CHECK_QUICK=0 (full grids instead of --quick, cut by the budget),
+# needs pytest-timeout), GPU_CHECK_TEST_WORKERS (1: pytest-xdist workers per group, when installed), GPU_CHECK_QUICK=0 (full grids instead of --quick, cut by the budget),
 # GPU_CHECK_SKIP_BUILD=1 (package already installed), DTL_FAST_GIT_REV (the git revision to stamp
 # on every row where the checkout has no .git; printed when set), GPU_CHECK_STEPS (comma-separated
 # step names to run, e.g. "test-dtl,bench-dtl"; default all: test-pool, test-rnn, test-attn,
 # test-dtl, bench-pool, bench-rnn, bench-attn, bench-dtl; the build always runs unless skipped;
 # sweep-pool, the frame_pool launch-constant sweep, runs only when listed: issue 13's one call is
 # GPU_CHECK_STEPS=test-pool,sweep-pool,bench-pool; GPU_CHECK_SWEEP_CAP, default 150 s; likewise
-# opt-in: sweep-rnn, sweep-attn, profile-dtl, train-graphs, see step 3).
+# opt-in: sweep-rnn, sweep-attn, profile-dtl (GPU_CHECK_PROFILE_CAP, 90 s each), train-graphs,
+# see step 3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -58,6 +59,7 @@ BUILD_CAP=${GPU_CHECK_BUILD_CAP:-200}
 CPU_BUILD_CAP=90
 TEST_CAP=${GPU_CHECK_TEST_CAP:-160}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-45}
+TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-1}
 SUMMARY_RESERVE=30   # kept for the copy to $OUT and the summary at the end
 
 # the interpreter: the first of $PYTHON, python3, python that can import torch
@@ -175,12 +177,14 @@ if has:
     print("@SLUG=" + (re.sub(r"[^a-z0-9]+", "-", p.name.lower()).strip("-")[:60] or "gpu"))
 print(f"@HAS_CUDA={has}")
 print(f"@PYTEST_TIMEOUT={int(importlib.util.find_spec('pytest_timeout') is not None)}")
+print(f"@PYTEST_XDIST={int(importlib.util.find_spec('xdist') is not None)}")
 EOF
 )
 echo "$PROBE" | grep -v '^@' | tee -a "$LOG" || true
 probe() { echo "$PROBE" | sed -n "s/^@$1=//p" | tail -n 1; }
 HAS_CUDA=$(probe HAS_CUDA); HAS_CUDA=${HAS_CUDA:-0}
 HAS_PYTEST_TIMEOUT=$(probe PYTEST_TIMEOUT); HAS_PYTEST_TIMEOUT=${HAS_PYTEST_TIMEOUT:-0}
+HAS_PYTEST_XDIST=$(probe PYTEST_XDIST); HAS_PYTEST_XDIST=${HAS_PYTEST_XDIST:-0}
 SLUG=$(probe SLUG); SLUG=${SLUG:-gpu}
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
     TORCH_CUDA_ARCH_LIST=$(probe ARCH)
@@ -228,6 +232,10 @@ test_group() {
     if ((HAS_PYTEST_TIMEOUT)); then
         args+=(--timeout="$TEST_TIMEOUT" --timeout-method=thread)  # one hung kernel: not the step
     fi
+    # a fresh machine spends most of a group's time compiling (nvcc-free, but Triton's JIT and
+    # the CUDA module loads are per process): workers in parallel on the one GPU; correctness
+    # only, nothing here is timed
+    if ((HAS_PYTEST_XDIST && TEST_WORKERS > 1)); then args+=(-n "$TEST_WORKERS"); fi
     local t0=$SECONDS
     step "$name" "$cap" "$PY" -m pytest "${args[@]}" "${files[@]}"
     TEST_USED=$((TEST_USED + SECONDS - t0))
@@ -296,9 +304,9 @@ else
             --time-budget $(( ${GPU_CHECK_SWEEP_CAP:-150} - 40 ))
     fi
     if [[ ",${GPU_CHECK_STEPS:-}," == *",profile-dtl,"* ]]; then
-        step profile-dtl-fused 90 "$PY" bench/profile_dtl.py --device cuda --preset bench \
+        step profile-dtl-fused "${GPU_CHECK_PROFILE_CAP:-90}" "$PY" bench/profile_dtl.py --device cuda --preset bench \
             --backend fused --tf32 --optimizer
-        step profile-dtl-graphs 90 "$PY" bench/profile_dtl.py --device cuda --preset bench \
+        step profile-dtl-graphs "${GPU_CHECK_PROFILE_CAP:-90}" "$PY" bench/profile_dtl.py --device cuda --preset bench \
             --backend fused --tf32 --graphs
     fi
     if [[ ",${GPU_CHECK_STEPS:-}," == *",train-graphs,"* ]]; then
