@@ -221,8 +221,9 @@ def make_step(model, opt, loss_fn, inputs, device, amp) -> Callable[[], None]:
 
 def make_graphed_step(model, opt, loss_fn, inputs, device, amp) -> Callable[[], None]:
     """The whole training step (forward, loss, backward, opt.step()) captured in one
-    torch.cuda.CUDAGraph; returns replay. `inputs` are the static buffers (lengths on the
-    device: refill them with .copy_() between replays); `opt` must be built with
+    torch.cuda.CUDAGraph; returns a replay callable that keeps the graph and `inputs` alive.
+    `inputs` are the static buffers (lengths on the device: refill them with .copy_() between
+    replays); `opt` must be built with
     capturable=True. GRAPH_WARMUP eager steps run first on a side stream (they step the
     model, as any training step would). The model is put in static-shape mode."""
     if device != "cuda":
@@ -250,7 +251,14 @@ def make_graphed_step(model, opt, loss_fn, inputs, device, amp) -> Callable[[], 
     opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in its pool
     with torch.cuda.graph(graph):
         body()
-    return graph.replay
+
+    def replay(graph=graph, inputs=inputs):
+        # The graph reads the input buffers by address: the step owns them, so the caller
+        # dropping its tuple cannot free them for the allocator to reuse (replays would read
+        # whatever lands there: seen on an H100, a device-side lengths assert).
+        graph.replay()
+
+    return replay
 
 
 def gpu_kernel_ms(step: Callable[[], None], steps: int = 3) -> float | None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -82,6 +83,45 @@ def test_gpu_grid_is_the_issue_grid():
 def test_make_graphed_step_refuses_a_cpu_device():
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         BD.make_graphed_step(None, None, None, (None,) * 4, "cpu", None)
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_step_owns_its_input_buffers():
+    """The replay reads the input buffers by address: a caller that drops its tuple (as the
+    bench's provider loop did, once per compile case) must not free them. Two graphed twins
+    from the same weights: one keeps its inputs, the other's tuple is dropped and the allocator
+    is handed blocks of the same sizes filled with zeros (lengths 0 would trip the model's
+    device-side range assert; zero frames would change the loss). Same parameters after the
+    replays, or the step lost its buffers."""
+    import copy
+
+    from dtl_fast.models import DTL, dtl_loss
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = "cuda"
+    case = BD.Case("lstm", 4, 4, 16, "float32")
+    torch.manual_seed(0)
+    base = DTL(BD.NUM_CLASSES, width=8, hidden_size=8, dim=16, num_heads=2, num_layers=1,
+               backend="fused").to(dev)
+    images, videos, lengths, labels = BD.make_inputs(case, 0, dev)
+    twins = [copy.deepcopy(base) for _ in range(2)]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3, capturable=True) for m in twins]
+    kept = (images.clone(), videos.clone(), lengths.to(dev), labels.clone())
+    step_kept = BD.make_graphed_step(twins[0], opts[0], dtl_loss, kept, dev, None)
+    step_dropped = BD.make_graphed_step(twins[1], opts[1], dtl_loss,
+                                        tuple(t.clone() for t in kept), dev, None)
+    torch.cuda.synchronize()
+    junk = [torch.zeros_like(t) for t in kept for _ in range(4)]  # reuse any freed block
+    for _ in range(3):
+        step_kept()
+        step_dropped()
+    torch.cuda.synchronize()
+    del junk
+    # cuDNN's convolution backward may differ in rounding between the twins; lost buffers
+    # change the updates by the Adam step size (1e-3), far above this
+    for a, b in zip(twins[0].parameters(), twins[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
