@@ -52,6 +52,8 @@ reference, with the ratio reported as information.
     python bench/bench_dtl.py --device cpu [--quick]
     python bench/bench_dtl.py --device cuda --quick --time-budget 300
     python bench/bench_dtl.py --device cuda --time-budget 540      (the issue's whole grid)
+    python bench/bench_dtl.py --device cuda --quick --compile-only --time-budget 400
+                                                               (the compile case alone)
 """
 
 from __future__ import annotations
@@ -142,9 +144,10 @@ def compile_estimate_s(case: Case, tokens: int) -> float:
     return COMPILE_S_FIXED + COMPILE_S_PER_STEP * 2 * (tokens + case.T)
 
 
-def select_cases(device: str, quick: bool, tiny: bool) -> list[Case]:
-    return H.select_grid(device, quick, tiny, tiny_grid=CPU_TINY, cpu_quick=CPU_QUICK,
-                         cpu_full=CPU_FULL, gpu_quick=GPU_QUICK, gpu_full=GPU_FULL)
+def select_cases(device: str, quick: bool, tiny: bool, compile_only: bool = False) -> list[Case]:
+    cases = H.select_grid(device, quick, tiny, tiny_grid=CPU_TINY, cpu_quick=CPU_QUICK,
+                          cpu_full=CPU_FULL, gpu_quick=GPU_QUICK, gpu_full=GPU_FULL)
+    return [c for c in cases if c.compile] if compile_only else cases
 
 
 def timing_kwargs(device: str, quick: bool, tiny: bool) -> dict[str, Any]:
@@ -298,7 +301,8 @@ def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
           "whole step in one CUDA graph), compiled-fused (torch.compile of the fused model), "
           "compiled (torch.compile of the reference model); one step = forward, dtl_loss, "
           "backward, Adam step, zero_grad")
-    cases = getattr(args, "cases", None) or select_cases(device, args.quick, tiny)
+    cases = getattr(args, "cases", None) or select_cases(
+        device, args.quick, tiny, compile_only=getattr(args, "compile_only", False))
     timing_kw = timing_kwargs(device, args.quick, tiny)
     if device == "cpu":
         timing_kw["flush_cache"] = getattr(args, "cold_cache", False)
@@ -599,8 +603,15 @@ def _peak_figure(rows) -> dict[str, Any]:
                 value=f"max {worst:.2f}x over {len(ratios)} case(s), worst {where}")
 
 
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-only", action="store_true",
+                   help="only the cases marked for torch.compile (its ~4-minute compile of the "
+                        "reference, on an H200, needs a call of its own within a short lease)")
+
+
 def main(argv=None) -> int:
-    return H.bench_main(argv, doc=__doc__, kernel=KERNEL, run=run, acceptance=acceptance)
+    return H.bench_main(argv, doc=__doc__, kernel=KERNEL, run=run, acceptance=acceptance,
+                        add_args=_add_args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@
 # sweep-pool, the frame_pool launch-constant sweep, runs only when listed: issue 13's one call is
 # GPU_CHECK_STEPS=test-pool,sweep-pool,bench-pool; GPU_CHECK_SWEEP_CAP, default 150 s; likewise
 # opt-in: sweep-rnn, sweep-attn, profile-dtl (GPU_CHECK_PROFILE_CAP, 90 s each), train-graphs,
-# see step 3).
+# bench-dtl-compile (GPU_CHECK_COMPILE_CAP, 420 s), see step 3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -312,6 +312,13 @@ else
             --backend fused --tf32 --optimizer
         step profile-dtl-graphs "${GPU_CHECK_PROFILE_CAP:-90}" "$PY" bench/profile_dtl.py --device cuda --preset bench \
             --backend fused --tf32 --graphs
+    fi
+    #   bench-dtl-compile  issue 12: bench_dtl's compile case alone (the compiled reference took
+    #                239 s to compile on an H200), for a call of its own; GPU_CHECK_COMPILE_CAP
+    if [[ ",${GPU_CHECK_STEPS:-}," == *",bench-dtl-compile,"* ]]; then
+        step bench-dtl-compile "${GPU_CHECK_COMPILE_CAP:-420}" "$PY" bench/bench_dtl.py \
+            --device cuda --quick --compile-only --no-plot --run-id "$RUN_ID" \
+            --time-budget $(( ${GPU_CHECK_COMPILE_CAP:-420} - 20 ))
     fi
     if [[ ",${GPU_CHECK_STEPS:-}," == *",train-graphs,"* ]]; then
         step train-graphs 120 "$PY" -m dtl_fast.train --device cuda --backend fused --epochs 2 \

@@ -1041,13 +1041,17 @@ def min_figure(name: str, rows: Sequence[dict[str, Any]],
 
 
 def bench_main(argv, *, doc: str, kernel: str, run: Callable, acceptance: Callable,
-               standin_help: str | None = None) -> int:
-    """A bench module's command line: the common flags plus --standin, run, print the acceptance
-    figures (not for a stand-in run); exit status 1 when a row is gate-failed or an error."""
+               standin_help: str | None = None,
+               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """A bench module's command line: the common flags plus --standin (and the module's own,
+    from add_args), run, print the acceptance figures (not for a stand-in run); exit status 1
+    when a row is gate-failed or an error."""
     p = add_common_args(argparse.ArgumentParser(description=doc.splitlines()[0]))
     p.add_argument("--standin", action="store_true",
                    help=standin_help or "harness self-test with stand-in functions; rows go to "
                                         f"{kernel}_standin.csv")
+    if add_args is not None:
+        add_args(p)
     args = p.parse_args(argv)
     rows = run(args)
     figs = acceptance(rows, resolve_device(args.device)) if not args.standin else []

@@ -80,6 +80,15 @@ def test_gpu_grid_is_the_issue_grid():
     assert any(c.compile for c in BD.GPU_QUICK) and any(c.compile for c in BD.GPU_FULL)
 
 
+def test_compile_only_keeps_the_cases_marked_for_compile():
+    quick = BD.select_cases("cuda", True, False, compile_only=True)
+    assert quick and all(c.compile for c in quick)
+    assert len(quick) == sum(c.compile for c in BD.GPU_QUICK)
+    assert BD.select_cases("cuda", False, False, compile_only=True) == [
+        c for c in BD.GPU_FULL if c.compile]
+    assert BD.select_cases("cpu", True, False, compile_only=True) == []  # none compiled on CPU
+
+
 def test_make_graphed_step_refuses_a_cpu_device():
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         BD.make_graphed_step(None, None, None, (None,) * 4, "cpu", None)
