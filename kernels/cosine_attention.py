@@ -1,11 +1,13 @@
 """Scaled cosine attention (Swin Transformer V2) in Triton, first version: flash-style forward
 with the L2 normalisation of q and k fused in, and a deterministic backward (no float atomics).
 
-The op (dtl_fast.ops.cosine_attention) now runs the second version: kernels/cosine_attention_fwd.py
-(normalise-once pre-pass, fixed softmax maximum, block-aware masking, a short-sequence kernel)
-and kernels/cosine_attention_bwd.py. These kernels stay as the comparison the GPU sweep
-(bench/sweep_cosine_attention.py) times against, and for their helpers (_rowdot, _mm, ...),
-which the second version imports; their outputs (out, lse) are interchangeable with it.
+The op (dtl_fast.ops.cosine_attention.attn_version) runs the second version
+(kernels/cosine_attention_fwd.py: normalise-once pre-pass, fixed softmax maximum, block-aware
+masking, a short-sequence kernel; kernels/cosine_attention_bwd.py) where a GPU timed it faster
+(sm_90, half types, N >= 2048) and these kernels everywhere else (DTL's short sequences,
+float32, float64, other cards). They are also the comparison the GPU sweep
+(bench/sweep_cosine_attention.py) times against, and hold the helpers (_rowdot, _mm, _mma, ...)
+the second version imports; their outputs (out, lse) are interchangeable with it.
 
     score(i, j) = scale_h * cos(q_i, k_j),  cos = (q_i . k_j) / (max(|q_i|, eps) max(|k_j|, eps))
 
@@ -84,10 +86,15 @@ def _mm(a, b, DOT_PREC: tl.constexpr):
 @triton.jit
 def _mma(a, b, acc, DOT_PREC: tl.constexpr):
     # acc + a @ b, the accumulator handed to the MMA (no separate add of a fresh tile).
+    # out_dtype is the accumulator's type: triton 3.6's tl.dot defaults it to float32 and
+    # asserts the accumulator matches, so a float64 accumulator failed the GPU compile (the
+    # interpreter and triton 3.8, which defaults it to acc's type, accept it). For a float32
+    # accumulator it is the default, the same code (tests/test_cosine_attention_compile.py
+    # compiles every float64 kernel for sm_80 / sm_90).
     if DOT_PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+        return tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import triton.language as tl
 from dtl_fast.kernels.cosine_attention import (_acc, _acc_dtype, _dot_precision, _exp2,
                                                _fits_i32, _head_mask, _mask_args, _mm, _mma,
                                                _normalize_bwd, _rowdot, _slice32, _TRITON_DTYPE)
-from dtl_fast.kernels.cosine_attention_fwd import _cls, _prep, block_d
+from dtl_fast.kernels.cosine_attention_fwd import _cls, _prep, block_d, sm90_measured
 
 _RUNTIME = ["H", "NQ", "NK", "M", "WINDOW", "HAS_LENS"]
 
@@ -298,10 +298,11 @@ def _cos_attn_bwd2_dq_kernel(QS, Q, KN, V, MKN, MV, DO, NRM_Q, SCALE, LENS, WINS
 KERNELS = ("_cos_attn_bwd2_dkdv_kernel", "_cos_attn_bwd2_dq_kernel")
 
 # (kernel, dtype class, BLOCK_D) -> candidates (resident rows, streamed rows, warps, stages),
-# the default first; the sweep (bench/sweep_cosine_attention.py) runs candidate i of both
-# kernels together, so both kernels have as many per (dtype class, BLOCK_D). Not yet timed on a
-# GPU. Every half candidate compiles for sm_80 and sm_90 without spills (stack 0, local 0:
-# tests/test_cosine_attention_compile.py; registers sm_80 / sm_90 in the comments, triton 3.8).
+# the default first (bwd2_index picks another where the H100 sweep timed one faster); the sweep
+# (bench/sweep_cosine_attention.py) runs candidate i of both kernels together, so both kernels
+# have as many per (dtype class, BLOCK_D). Every half candidate compiles for sm_80 and sm_90
+# without spills (stack 0, local 0: tests/test_cosine_attention_compile.py; registers sm_80 /
+# sm_90 in the comments, triton 3.8).
 #
 # Why these tiles. The resident operands and float32 accumulators live in registers for the
 # whole program: dk / dv keeps k, v (input dtype) and dk, dv (float32) of BLOCK_N x BLOCK_D,
@@ -326,7 +327,8 @@ BWD2_CANDIDATES = {
     # 218 / 222; 222 / 226
     ("_cos_attn_bwd2_dkdv_kernel", "half", 128): [(64, 32, 8, 2), (64, 32, 8, 3)],
     # float32 / float64: the interpreter's tiles (on a GPU the op runs float32 on the first
-    # version, ops.V2_DTYPES; the compile test does not build these)
+    # version, ops.attn_version; the compile test builds the float64 ones, spills allowed:
+    # test_f64_every_kernel_compiles_for_sm80_sm90)
     ("_cos_attn_bwd2_dkdv_kernel", "f32", 32): [(32, 16, 4, 2)],
     ("_cos_attn_bwd2_dkdv_kernel", "f32", 64): [(32, 16, 4, 2)],
     ("_cos_attn_bwd2_dkdv_kernel", "f32", 128): [(32, 16, 8, 2)],
@@ -338,6 +340,33 @@ BWD2_CANDIDATES = {
     ("_cos_attn_bwd2_dq_kernel", "f32", 64): [(16, 16, 8, 2)],
     ("_cos_attn_bwd2_dq_kernel", "f32", 128): [(16, 16, 8, 2)],
 }
+
+
+# Timed on an NVIDIA H100 (sm_90; run gpucheck-20261127T173701-4905,
+# bench/results/gpu_check_nvidia-h100_3-attn-sweep.log, bf16, B 4, H 16, no memory slots):
+# backward median ms per candidate index (both kernels):
+#
+#   shape              [0]      [1]      [2]
+#   plain  N2048 d64   1.317    0.932    0.806
+#   plain  N8192 d64   15.534   12.452   11.166
+#   pad    N8192 d64   11.646   8.729    7.634
+#   win256 N8192 d64   1.723    1.535    1.193
+#   plain  N4096 d128  13.016   9.491    -
+#
+# Candidate 2 (64-row resident tiles, 4 warps, 3 stages) wins every d 64 row by 1.39-1.64x over
+# the default, candidate 1 (3 stages) the d 128 row by 1.37x. So in the class these rows cover
+# (kernels/cosine_attention_fwd.sm90_measured: sm_90, half types, d = dv in {64, 128}, max(Nq,
+# Nk) from the smallest N timed at that head dim, no memory slots) those are the defaults; the
+# default stays candidate 0 everywhere else (untimed).
+SM90_BWD2_INDEX = {64: 2, 128: 1}
+
+
+def bwd2_index(device, dtype: torch.dtype, d: int, dv: int, nq: int, nk: int, m: int) -> int:
+    """The BWD2_CANDIDATES index a call runs by default: SM90_BWD2_INDEX[d] in the H100 rows'
+    class (sm90_measured), else 0."""
+    if sm90_measured(device, dtype, d, dv, nq, nk, m):
+        return SM90_BWD2_INDEX[int(d)]
+    return 0
 
 
 def bwd2_config(kernel: str, dtype: torch.dtype, d: int, dv: int, index: int = 0) -> dict:
@@ -424,12 +453,12 @@ SUPPORTS_PER_HEAD = True
 
 
 def cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window, memory_k, memory_v,
-                               out, lse, *, config: int = 0):
+                               out, lse, *, config: int | None = None):
     """As kernels/cosine_attention.cosine_attention_backward (same arguments and results:
     (dq, dk, dv, dscale [H], dmemory_k, dmemory_v), memory gradients empty [0] without memory),
     on normalised inputs; window None, an int or an int32 tensor [H] (per head, -1: none),
     key_lengths None, int32 [B] or [B, H] (per head). config: candidate index of
-    BWD2_CANDIDATES for both kernels."""
+    BWD2_CANDIDATES for both kernels; None: bwd2_index's default."""
     B, H, Nq, d = q.shape
     Nk, dv = k.shape[2], v.shape[3]
     M = 0 if memory_k is None else memory_k.shape[1]
@@ -437,6 +466,8 @@ def cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, window, me
     acc_dt = _acc_dtype(q.dtype)
     is_f64 = q.dtype == torch.float64
     prec = _dot_precision(q.dtype, q.device)
+    if config is None:
+        config = bwd2_index(q.device, q.dtype, d, dv, Nq, Nk, M)
     dq, dk, dvv = (t if _fits_i32(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device)
                    for t in (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
     if memory_k is None:

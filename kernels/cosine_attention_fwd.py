@@ -18,7 +18,8 @@ forward that knows nothing of cosines, with a fixed softmax maximum where that i
    kernels/cosine_attention._head_mask) and runs masked loops only over the edge blocks; the
    interior loop loads and computes without masks. The memory slots are one masked prologue
    loop.
-4. On sm_90, opt-in ($DTL_FAST_ATTN_TMA=1, use_tma): the same kernel with USE_TMA loads the q
+4. On sm_90 (use_tma: by default where the H100 sweep timed it faster, see SM90_MEASURED_MIN_N;
+   $DTL_FAST_ATTN_TMA=1 / 0 forces it on / off): the same kernel with USE_TMA loads the q
    block and the key blocks through TMA tensor descriptors, and with TMA_V the value blocks
    too where v's strides allow (tma_descriptors); the masks stay on the logits (and zero the
    values of masked edge rows), so the results are those of the pointer loads.
@@ -370,10 +371,11 @@ KERNELS = ("_cos_attn_prep_kernel", "_cos_attn_fwd2_kernel", "_cos_attn_fwd_shor
 _PREP = dict(BLOCK_R=32, num_warps=4, num_stages=1)
 
 # _cos_attn_fwd2_kernel: (dtype class, BLOCK_D) -> candidate (BLOCK_M, BLOCK_N, warps, stages),
-# the default first. Half types as the Triton tutorial / FlexAttention on Hopper (BLOCK_M 128,
-# BLOCK_N 64-128, 4-8 warps, 2-4 stages; Flex's H100 default for bf16 d64 is 128 x 128, 4 warps,
-# 3 stages); float32 smaller (no half tensor cores; IEEE or TF32 dots). Not yet timed on a GPU:
-# bench/sweep_cosine_attention.py times every candidate and prints the winner per shape.
+# the default first (fwd2_index picks another where the H100 sweep timed one faster). Half types
+# as the Triton tutorial / FlexAttention on Hopper (BLOCK_M 128, BLOCK_N 64-128, 4-8 warps, 2-4
+# stages; Flex's H100 default for bf16 d64 is 128 x 128, 4 warps, 3 stages); float32 smaller (no
+# half tensor cores; IEEE or TF32 dots). bench/sweep_cosine_attention.py times every candidate
+# and prints the winner per shape.
 #
 # Dropped after the sm_80 / sm_90 compile (tests/test_cosine_attention_compile.py) showed
 # register spills (stack bytes): 4 warps with 128 x 128 tiles (d 32, 64), 128 x 64 with 4 warps
@@ -443,9 +445,52 @@ def use_short(nq: int, nk: int, m: int, bd: int = 32, dtype: torch.dtype = torch
 # from triton.set_allocator, a ContextVar (process-global state a library should not set, and
 # unset in the autograd engine's backward threads), and it adds the descriptor writes and a
 # fence to every program. The host form needs neither: the descriptor travels as a
-# __grid_constant__ kernel parameter. Opt-in (DTL_FAST_ATTN_TMA=1) until a GPU has timed it.
+# __grid_constant__ kernel parameter.
 TMA_ENV = "DTL_FAST_ATTN_TMA"
 TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------------------------
+# Defaults from the first GPU rows of this module: NVIDIA H100 80GB HBM3 (sm_90), torch 2.11,
+# triton 3.6, run gpucheck-20261127T173701-4905, bench/results/gpu_check_nvidia-h100_3-attn-sweep.log
+# (bench/sweep_cosine_attention.py; bf16, B 4, H 16, no memory slots, fixed maximum). Forward
+# median ms per FWD2_CANDIDATES entry, pointer loads / TMA:
+#
+#   shape              [0] (128,64,8,4)  [1] (128,128,8,3)  [2] (64,64,4,3)
+#   plain  N2048 d64   0.235 / 0.180     0.237 / 0.230      0.187 / 0.196
+#   plain  N8192 d64   2.873 / 2.162     2.953 / 2.787      2.346 / 2.404
+#   pad    N8192 d64   2.043 / 1.512     2.148 / 2.033      1.743 / 1.682
+#   win256 N8192 d64   0.457 / 0.390     0.476 / 0.489      0.341 / 0.350
+#   plain  N4096 d128  1.042 / 1.055     (the only d 128 candidate)
+#
+# So, on sm_90 for half types at d = dv = 64, max(Nq, Nk) >= 2048, no memory slots (the class
+# these rows cover): without a window, TMA with candidate 0, the fastest row of every such shape
+# (1.04x the best pointer form at N 2048, within the sweep's ~5 % noise; 1.08x at N 8192, 1.15x
+# padded); with a window, pointer loads with candidate 2 (TMA 0.97x; candidate 2 1.34x
+# candidate 0). With TMA forced off ($DTL_FAST_ATTN_TMA=0) candidate 2, 1.17-1.34x candidate 0 at
+# every row. d 128: TMA off (0.99x). Everything the rows do not cover (other head dims, shorter
+# sequences, memory slots, other cards, float32) keeps pointer loads and candidate 0, as before
+# them. The backward's tiles: kernels/cosine_attention_bwd.bwd2_index, from the same run.
+#
+# SM90_MEASURED_MIN_N: head dim (d = dv) -> the shortest max(Nq, Nk) the run timed at it.
+SM90_MEASURED_MIN_N = {64: 2048, 128: 4096}
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def sm90_measured(device, dtype: torch.dtype, d: int, dv: int, nq: int, nk: int, m: int) -> bool:
+    """Whether the H100 sweep timed this class of call: a CUDA device of compute capability 9.x,
+    float16 / bfloat16, d == dv with a SM90_MEASURED_MIN_N entry, max(nq, nk) at least that,
+    no memory slots (m == 0)."""
+    if dtype not in TMA_DTYPES or d != dv or m != 0:
+        return False
+    min_n = SM90_MEASURED_MIN_N.get(int(d))
+    if min_n is None or max(nq, nk) < min_n:
+        return False
+    cap = _capability(device)
+    return cap is not None and cap[0] == 9
 
 
 def tma_api() -> bool:
@@ -457,26 +502,47 @@ def tma_api() -> bool:
     return hasattr(tl, "tensor_descriptor")
 
 
-def tma_requested() -> bool:
-    """$DTL_FAST_ATTN_TMA: "1" asks for the TMA variant, "0" or unset (the default) does not;
-    any other value is an error (read at each call, so a typo never passes silently)."""
-    val = os.environ.get(TMA_ENV, "0") or "0"
-    if val not in ("0", "1"):
-        raise ValueError(f"${TMA_ENV} must be '0' or '1', got {val!r}")
-    return val == "1"
+def tma_requested() -> bool | None:
+    """$DTL_FAST_ATTN_TMA: "1" forces the TMA variant on (where it can run), "0" forces it off,
+    unset or "" leaves it to the measured default (None); any other value is an error (read
+    at each call, so a typo never passes silently)."""
+    val = os.environ.get(TMA_ENV, "")
+    if val not in ("", "0", "1"):
+        raise ValueError(f"${TMA_ENV} must be '0' or '1' (or unset), got {val!r}")
+    return None if val == "" else val == "1"
 
 
-def use_tma(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether _cos_attn_fwd2_kernel runs with tensor descriptors for inputs on `device` of
-    `dtype`: only when asked ($DTL_FAST_ATTN_TMA=1), on a CUDA device of compute capability 9.x
-    (TMA is Hopper's; sm_100 has it too but nothing here was compiled or timed for it), for
-    float16 / bfloat16, with a Triton that has the API. Raises ValueError on a bad env value."""
-    if not tma_requested():
+def use_tma(device: torch.device, dtype: torch.dtype, d: int | None = None, dv: int | None = None,
+            nq: int = 0, nk: int = 0, m: int = 0, windowed: bool = False) -> bool:
+    """Whether _cos_attn_fwd2_kernel runs with tensor descriptors for a call on `device` of
+    `dtype` with head dims d / dv, nq queries, nk keys, m memory slots, a window or not. Never
+    off a CUDA device of compute capability 9.x (TMA is Hopper's; sm_100 has it too but nothing
+    here was compiled or timed for it), for other dtypes than float16 / bfloat16, or with a
+    Triton without the API. There: $DTL_FAST_ATTN_TMA=1 on, =0 off, unset the H100 rows' rule
+    (on where sm90_measured and no window; d, dv None: unknown, off). Raises ValueError on a
+    bad env value."""
+    asked = tma_requested()
+    if asked is False:
         return False
     device = torch.device(device)
     if device.type != "cuda" or dtype not in TMA_DTYPES or not tma_api():
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9
+    if _capability(device)[0] != 9:
+        return False
+    if asked:
+        return True
+    return (d is not None and dv is not None and int(d) == 64 and not windowed
+            and sm90_measured(device, dtype, d, dv, nq, nk, m))
+
+
+def fwd2_index(device, dtype: torch.dtype, d: int, dv: int, nq: int, nk: int, m: int,
+               tma: bool) -> int:
+    """The FWD2_CANDIDATES entry a call runs by default: at d = dv = 64 in the H100 rows' class
+    (sm90_measured), candidate 0 with TMA and candidate 2 with pointer loads (the fastest of
+    each form in those rows); 0 everywhere else."""
+    if int(d) == 64 and sm90_measured(device, dtype, d, dv, nq, nk, m):
+        return 0 if tma else 2
+    return 0
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -650,18 +716,19 @@ def _prep(x: torch.Tensor, BD: int, scale: torch.Tensor | None, batched: bool = 
 
 
 def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, memory_v, *,
-                              fixed_max: str = "auto", config: int = 0, short: bool | None = None,
-                              tma: bool | None = None):
+                              fixed_max: str = "auto", config: int | None = None,
+                              short: bool | None = None, tma: bool | None = None):
     """As kernels/cosine_attention.cosine_attention_forward (same arguments, per-head key_lengths
     [B, H] and window tensor [H] included, and results: out [B, H, Nq, dv] in q's dtype, lse
     [B, H, Nq] float32 / float64, +inf for empty rows), with the pre-pass + fixed-maximum
     kernel, or the short-sequence kernel.
 
     fixed_max: "auto" (the derived limit, fixed_max_limit), "always", "never" (tests, sweep).
-    config: index into FWD2_CANDIDATES (the sweep). short: None picks the short kernel when
-    use_short(Nq, Nk, M, BLOCK_D); True / False force it (True needs use_short). tma: None
-    loads through tensor descriptors when use_tma(q.device, q.dtype) (opt-in by
-    $DTL_FAST_ATTN_TMA=1, sm_90); True / False force it (tests, sweep; True needs tma_api()).
+    config: index into FWD2_CANDIDATES (the sweep); None: fwd2_index's default. short: None
+    picks the short kernel when use_short(Nq, Nk, M, BLOCK_D); True / False force it (True
+    needs use_short). tma: None loads through tensor descriptors when use_tma says so (sm_90:
+    the H100 rows' default, $DTL_FAST_ATTN_TMA overrides); True / False force it (tests,
+    sweep; True needs tma_api()).
     Nk == 0 (memory slots only) never uses them: a descriptor cannot describe an empty tensor."""
     B, H, Nq, d = q.shape
     Nk, dv = k.shape[2], v.shape[3]
@@ -693,14 +760,17 @@ def cosine_attention_forward2(q, k, v, scale, key_lengths, window, memory_k, mem
             **cfg["constexprs"], IS_F64=is_f64, DOT_PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return out, lse
+    if tma is None:
+        windowed = isinstance(window, torch.Tensor) or (window is not None and window >= 0)
+        tma = use_tma(q.device, q.dtype, d, dv, Nq, Nk, M, windowed)
+    if config is None:
+        config = fwd2_index(q.device, q.dtype, d, dv, Nq, Nk, M, bool(tma and Nk > 0))
     cfg = fwd2_config(q.dtype, d, dv, config)
     BD = cfg["constexprs"]["BLOCK_D"]
     qs = _prep(q, BD, scale)
     kn = _prep(k, BD, None)
     mkn = _prep(memory_k, BD, None, batched=False) if M > 0 else kn
     grid = (triton.cdiv(Nq, cfg["constexprs"]["BLOCK_M"]) * B * H,)
-    if tma is None:
-        tma = use_tma(q.device, q.dtype)
     if tma and Nk > 0:
         if not tma_api():
             raise RuntimeError(f"cosine_attention: tma=True needs tensor descriptors, which "

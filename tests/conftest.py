@@ -89,9 +89,10 @@ def poison():
 
 @pytest.fixture
 def second_version_all_dtypes(monkeypatch):
-    """The cosine-attention op runs the second-version kernels for every dtype (by default they
-    are opt-in: $DTL_FAST_ATTN_IMPL=v2, and float32 stays on the first version even then), so
-    float32 checks them tightly and the half types check them as a GPU would run them."""
+    """The cosine-attention op runs the second-version kernels for every dtype and size (by
+    default only bf16 / fp16 on sm_90 at N >= 2048 do, ops.cosine_attention.attn_version; float32
+    never, even under $DTL_FAST_ATTN_IMPL=v2), so float32 checks them tightly and the half types
+    check them as a GPU would run them."""
     import importlib
     ops = importlib.import_module("dtl_fast.ops.cosine_attention")
     monkeypatch.setattr(ops, "V2_DTYPES", ops.V2_CANDIDATE_DTYPES + (torch.float32,))

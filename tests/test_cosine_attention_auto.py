@@ -32,14 +32,28 @@ def _measured_rows():
     return out
 
 
-def test_rule_agrees_with_every_measured_row():
-    """Fused exactly where the committed rows measured it faster; the composite elsewhere."""
+H200 = (9, 0)  # the first run's card (an NVIDIA H200) is sm_90
+
+
+@pytest.mark.parametrize("impl", ["v1", "auto"])
+def test_rule_agrees_with_every_measured_row(monkeypatch, impl):
+    """The first run's rows timed the first kernels: fused exactly where they measured it
+    faster, the composite elsewhere, for every row when the first version is forced
+    ($DTL_FAST_ATTN_IMPL=v1), and by default for every row the first version still runs (the
+    rest is the second version's, tests/test_attention_dispatch.py)."""
+    monkeypatch.setattr(ops, "ATTN_IMPL", impl)
+    monkeypatch.setattr(ops, "V2_DTYPES", ())
     rows = _measured_rows()
     assert len(rows) >= 14, f"the rule's run has only {len(rows)} rows in {CSV}"
+    checked = 0
     for variant, B, H, N, d, dtype, mode, ratio in rows:
-        path = auto_path("cuda", DT[dtype], variant != "plain", mode != "forward", N, N)
+        if ops.attn_version(DT[dtype], N, N, H200) != "v1":
+            continue
+        checked += 1
+        path = auto_path("cuda", DT[dtype], variant != "plain", mode != "forward", N, N, d, d, H200)
         want = "fused" if ratio > 1.0 else "composite"
         assert path == want, f"{variant} {B}x{H}x{N}x{d} {dtype} {mode}: ratio {ratio} -> {path}"
+    assert checked == len(rows) if impl == "v1" else checked >= 8
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
@@ -47,14 +61,17 @@ def test_rule_agrees_with_every_measured_row():
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("n", [8, 16, 17, 64, 1024, 16384])
 def test_rule_table(dtype, needs_grad, masked, n):
-    path = auto_path("cuda", dtype, masked, needs_grad, n, n)
+    """Without the head dims (d None: what a caller that does not know them gets) or on a card
+    that is not sm_90, the first run's rule alone; the second run's classes:
+    tests/test_attention_dispatch.py."""
     half = dtype in (torch.bfloat16, torch.float16)
     want = "fused" if half and masked and (not needs_grad or n <= 16) else "composite"
-    assert path == want
+    assert auto_path("cuda", dtype, masked, needs_grad, n, n, capability=H200) == want
+    assert auto_path("cuda", dtype, masked, needs_grad, n, n, 64, 64, (8, 0)) == want
     # max(Nq, Nk) decides: a long key side with 16 queries is not "short"
     if half and masked and needs_grad:
-        assert auto_path("cuda", dtype, masked, True, 16, 17) == "composite"
-        assert auto_path("cuda", dtype, masked, True, 16, 16) == "fused"
+        assert auto_path("cuda", dtype, masked, True, 16, 17, capability=H200) == "composite"
+        assert auto_path("cuda", dtype, masked, True, 16, 16, capability=H200) == "fused"
 
 
 def test_rule_on_cpu_is_the_cpu_path():
@@ -65,7 +82,7 @@ def test_rule_on_cpu_is_the_cpu_path():
 
 def test_auto_rule_text():
     text = auto_rule()
-    assert 1 <= len(text.splitlines()) <= 2
+    assert 1 <= len(text.splitlines()) <= 3
     assert ops.AUTO_RULE_CARD in text and ops.AUTO_RULE_RUN in text and "SDPA" in text
 
 
@@ -82,16 +99,16 @@ def test_auto_rule_text():
 def test_op_feeds_the_rule(monkeypatch, grad_mode, requires, lens, window, want_grad, want_masked):
     seen = []
 
-    def spy(device_type, dtype, masked, needs_grad, nq, nk):
-        seen.append((device_type, dtype, masked, needs_grad, nq, nk))
+    def spy(device_type, dtype, masked, needs_grad, nq, nk, d, dv, capability):
+        seen.append((device_type, dtype, masked, needs_grad, nq, nk, d, dv, capability))
         return "composite"
 
     monkeypatch.setattr(ops, "auto_path", spy)
-    q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 6)
     ls = torch.zeros(2, requires_grad=requires)
     with torch.set_grad_enabled(grad_mode):
         out = cosine_attention(q, k, v, ls, lens, window, backend="auto")
-    assert seen == [("cpu", torch.float32, want_masked, want_grad, 4, 5)]
+    assert seen == [("cpu", torch.float32, want_masked, want_grad, 4, 5, 8, 6, None)]
     assert torch.equal(out, cosine_attention_composite(q, k, v, ls.detach(), lens, window))
     # "fused" and "reference" never ask the rule
     seen.clear()
@@ -121,21 +138,64 @@ def test_gpu_auto_dispatch():
     cases = [(lens, None, False, "fused"), (None, 64, False, "fused"), (lens, None, True, "composite"),
              (None, None, False, "composite"), (None, None, True, "composite")]
     for lens_, window, grad, want in cases:
-        assert auto_path("cuda", q.dtype, lens_ is not None or window is not None, grad, N, N) == want
+        assert auto_path("cuda", q.dtype, lens_ is not None or window is not None, grad, N, N,
+                         d, d) == want
         got = run("auto", lens_, window, grad)
         other = "composite" if want == "fused" else "fused"
         assert torch.equal(got, run(want, lens_, window, grad)), (lens_ is not None, window, grad, want)
         assert not torch.equal(got, run(other, lens_, window, grad)), "the two paths agree bit for bit"
 
 
-def test_second_version_is_opt_in_until_measured(monkeypatch):
-    """The auto rule's rows timed the first kernels, so the second version runs only when asked
-    for ($DTL_FAST_ATTN_IMPL=v2); anything else is an error naming the variable."""
-    mod = ops
-    monkeypatch.delenv("DTL_FAST_ATTN_IMPL", raising=False)
-    assert mod._v2_dtypes() == ()
-    monkeypatch.setenv("DTL_FAST_ATTN_IMPL", "v2")
-    assert set(mod._v2_dtypes()) == {torch.float16, torch.bfloat16, torch.float64}
-    monkeypatch.setenv("DTL_FAST_ATTN_IMPL", "v3")
-    with pytest.raises(ValueError, match="DTL_FAST_ATTN_IMPL"):
-        mod._v2_dtypes()
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 256], ids=["plain", "win256"])
+def test_gpu_second_version_defaults_on_sm90(monkeypatch, window, poison):
+    """On an sm_90 card, a bf16 call at N 2048, d 64 runs the second version with the H100
+    rows' defaults (tests/test_attention_dispatch.py): the forward with TMA and candidate 0
+    without a window, pointer loads and candidate 2 with one; the backward candidate 2; within
+    the GPU tolerance of the float64 reference. And `auto` picks what the rule says, bit for
+    bit the path it names."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the second version's defaults: sm_90 only")
+    from dtl_fast.kernels import cosine_attention_bwd as B2
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    from test_cosine_attention import NAMES, forward_backward, fused, gpu_tol, leaves, make_inputs, ref64
+
+    from _helpers import assert_rel_close
+    monkeypatch.delenv(F2.TMA_ENV, raising=False)
+    assert ops.ATTN_IMPL == "auto", "run without $DTL_FAST_ATTN_IMPL"
+    seen = []
+    for mod, name in ((F2, "fwd2_index"), (B2, "bwd2_index"), (F2, "tma_descriptors")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name: seen.append(
+            (_n, _r(*a) if _n != "tma_descriptors" else None)) or _r(*a))
+    B, H, N, d = 2, 8, 2048, 64
+    inputs = make_inputs(B, H, N, N, d, d, None, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([N, 1500], device="cuda")
+    grad = torch.randn(B, H, N, d, device="cuda").to(torch.bfloat16)
+    with poison():
+        got = forward_backward(fused, leaves(inputs), lens, window, grad)
+    names = [n for n, _ in seen]
+    want_fwd = 2 if window else 0
+    assert ("fwd2_index", want_fwd) in seen and ("bwd2_index", 2) in seen, seen
+    assert ("tma_descriptors" in names) == (window is None), seen
+    want = ref64(inputs, lens, window, grad)
+    from dtl_fast.ops.cosine_attention import cosine_attention_composite as comp_fn
+    comp = forward_backward(comp_fn, leaves(inputs), lens, window, grad)
+    for name, a, c, w in zip(NAMES, got, comp, want):
+        assert_rel_close(name, a, w, gpu_tol(torch.bfloat16, c, w, N, N))
+    # auto at d 64 N 2048: fused with a mask (grad or not) and without one when no gradient is
+    # needed; the composite without a mask with a gradient
+    q, k, v, ls = inputs[:4]
+    for lens_, grad_on, want_path in ((lens, True, "fused"), (None, False, "fused"),
+                                      (None, True, "fused" if window else "composite")):
+        masked = lens_ is not None or window is not None
+        path = auto_path("cuda", q.dtype, masked, grad_on, N, N, d, d)
+        assert path == want_path, (lens_ is not None, window, grad_on)
+        lv = [t.detach().requires_grad_(grad_on) for t in (q, k, v, ls)]
+        with torch.set_grad_enabled(grad_on):
+            out = cosine_attention(*lv, lens_, window, backend="auto").detach()
+            ref = (cosine_attention(*lv, lens_, window, backend="fused") if want_path == "fused"
+                   else cosine_attention_composite(*lv, lens_, window)).detach()
+        assert torch.equal(out, ref), (lens_ is not None, window, grad_on)
+    torch.cuda.synchronize()

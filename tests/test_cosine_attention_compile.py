@@ -69,7 +69,7 @@ def test_every_launch_config_compiles_fits_without_spills_and_uses_mma():
 # ------------------------------------------------------------------------------------------
 # The second forward (kernels/cosine_attention_fwd.py: pre-pass, fixed-maximum kernel, short-
 # sequence kernel) and the second backward (kernels/cosine_attention_bwd.py), in the dtypes the
-# op runs them in on a GPU (ops.V2_DTYPES: bfloat16 / float16; float32 takes the first version:
+# op runs them in on a GPU (ops.attn_version: bfloat16 / float16; float32 takes the first version:
 # its second-version tiles spilled). Forward: every tile candidate in bfloat16 at the aligned
 # head dims 64 / 128 (float16 compiles to the same code but for the element type), the defaults
 # at every head dim (d 40: unaligned) and float16 at d 64, the pre-pass at d 40 / 64, the short
@@ -224,3 +224,58 @@ def test_v2_backward_compiles_fits_without_spills_and_uses_mma():
     print(f"{len(configs)} configs, {len(rows)} compiles: {time.time() - t0:.1f} s wall")
     assert len(rows) == 2 * len(configs)
     _check_rows(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# float64 (the gpu tests' gradient reference: test_cosine_attention.py::test_gpu_float64_and_opcheck,
+# and DTL_FAST_ATTN_IMPL=v2 runs float64 on the second version). The interpreter accepts a
+# float64 tl.dot into a float64 accumulator whatever out_dtype says; the GPU compile of triton
+# 3.6 does not (its tl.dot defaults out_dtype to float32 and asserts the accumulator has that
+# type: the H100 run's compile error, bench/results/gpu_check_nvidia-h100_2-tests.log). Every
+# kernel of both versions, forward and backward, at the default tiles for head dims 40 / 24
+# (the gpu test's: BLOCK_D 64, unaligned), 64 and 128, for sm_80 and sm_90: it must compile and
+# fit in shared memory. Spills are allowed (a test dtype; the figures are printed).
+F64_HEAD_DIMS = ((40, 24), (64, 64), (128, 128))
+
+
+def _f64_configs():
+    from dtl_fast.kernels import cosine_attention as V1
+    from dtl_fast.kernels import cosine_attention_bwd as B2
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    f64 = (torch.float64,)
+    return [(MODULE, V1.launch_configs(dtypes=f64, head_dims=F64_HEAD_DIMS)),
+            (FWD_MODULE, F2.launch_configs(dtypes=f64, head_dims=F64_HEAD_DIMS, candidates=False)),
+            (BWD_MODULE, B2.launch_configs(dtypes=f64, head_dims=F64_HEAD_DIMS, candidates=False))]
+
+
+def test_f64_launch_configs_cover_every_kernel():
+    from dtl_fast.kernels import cosine_attention_bwd as B2
+    from dtl_fast.kernels import cosine_attention_fwd as F2
+    groups = dict(_f64_configs())
+    assert {c["kernel"] for c in groups[MODULE]} == set(KERNELS)
+    assert {c["kernel"] for c in groups[FWD_MODULE]} == set(F2.KERNELS)
+    assert {c["kernel"] for c in groups[BWD_MODULE]} == set(B2.KERNELS)
+    for configs in groups.values():
+        assert all(c["dtype"] == str(torch.float64) and c["constexprs"]["IS_F64"] for c in configs)
+
+
+@pytest.mark.slow
+def test_f64_every_kernel_compiles_for_sm80_sm90():
+    failures, n = [], 0
+    t0 = time.time()
+    for module, configs in _f64_configs():
+        rows = compile_configs(module, configs)
+        assert len(rows) == 2 * len(configs)
+        n += len(rows)
+        for row in rows:
+            cfg = row["config"]
+            print(f"{row['kernel']} | {cfg['constexprs']} | {cfg['num_warps']} | "
+                  f"{cfg['num_stages']} | sm_{row['arch']} | {row.get('shared')} | "
+                  f"{row.get('reg')} | {row.get('local')} | {row.get('stack')} | {row.get('mma')} | "
+                  f"{(row['error'] or '')[:300]}")
+            try:
+                check_fits(row, allow_spills=True)
+            except AssertionError as e:
+                failures.append(str(e))
+    print(f"float64: {n} compiles, {time.time() - t0:.1f} s wall")
+    assert not failures, "\n".join(failures)

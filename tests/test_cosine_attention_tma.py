@@ -1,9 +1,10 @@
 """The TMA variant of the second cosine-attention forward (kernels/cosine_attention_fwd.py:
 USE_TMA / TMA_V of _cos_attn_fwd2_kernel, host tensor descriptors).
 
-- The switch: on only when $DTL_FAST_ATTN_TMA=1, on a CUDA device of compute capability 9.x,
-  for float16 / bfloat16, with a Triton that has tensor descriptors; a bad value of the env
-  var is an error naming it.
+- The switch: only on a CUDA device of compute capability 9.x, for float16 / bfloat16, with a
+  Triton that has tensor descriptors; there on where the H100 rows timed it faster (d 64, no
+  window: tests/test_attention_dispatch.py checks that rule against the log), forced on by
+  $DTL_FAST_ATTN_TMA=1 and off by =0; a bad value of the env var is an error naming it.
 - The interpreter (TRITON_INTERPRET=1) runs host tensor descriptors in triton 3.6 and 3.8, so
   the TMA code itself runs here on CPU tensors: bit-identical to the pointer path (the same
   values reach the same arithmetic: a descriptor's out-of-range rows and columns read as
@@ -42,12 +43,22 @@ def hopper(monkeypatch):
 # The switch
 
 
-def test_tma_off_unless_asked(monkeypatch, hopper):
-    monkeypatch.delenv(F2.TMA_ENV, raising=False)
-    assert not F2.use_tma(CUDA0, torch.bfloat16)
-    for off in ("0", ""):
-        monkeypatch.setenv(F2.TMA_ENV, off)
+MEASURED = (64, 64, 2048, 2048, 0, False)  # d, dv, Nq, Nk, M, window: the H100 rows' class
+
+
+def test_tma_default_and_env(monkeypatch, hopper):
+    """Unset (or ""): on in the measured class only (sizes unknown: off); "0" off; "1" on."""
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv(F2.TMA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(F2.TMA_ENV, unset)
+        assert F2.use_tma(CUDA0, torch.bfloat16, *MEASURED)
+        assert F2.use_tma(CUDA0, torch.float16, *MEASURED)
         assert not F2.use_tma(CUDA0, torch.bfloat16)
+        assert not F2.use_tma(CUDA0, torch.bfloat16, 64, 64, 2048, 2048, 0, True)  # a window
+    monkeypatch.setenv(F2.TMA_ENV, "0")
+    assert not F2.use_tma(CUDA0, torch.bfloat16, *MEASURED)
     monkeypatch.setenv(F2.TMA_ENV, "1")
     assert F2.use_tma(CUDA0, torch.bfloat16) and F2.use_tma(CUDA0, torch.float16)
 
@@ -57,7 +68,11 @@ def test_tma_only_on_sm90(monkeypatch, hopper, cap):
     monkeypatch.setenv(F2.TMA_ENV, "1")
     hopper(cap)
     assert not F2.use_tma(CUDA0, torch.bfloat16)
+    monkeypatch.delenv(F2.TMA_ENV)
+    assert not F2.use_tma(CUDA0, torch.bfloat16, *MEASURED)
     hopper((9, 0))
+    assert F2.use_tma(CUDA0, torch.bfloat16, *MEASURED)
+    monkeypatch.setenv(F2.TMA_ENV, "1")
     assert F2.use_tma(CUDA0, torch.bfloat16)
 
 
@@ -96,7 +111,7 @@ def test_launcher_asks_the_switch(monkeypatch):
     monkeypatch.setenv(F2.TMA_ENV, "1")
     fwd2(inputs, None, None, short=False)  # CPU: off although asked
     assert built == []
-    monkeypatch.setattr(F2, "use_tma", lambda device, dtype: True)
+    monkeypatch.setattr(F2, "use_tma", lambda device, dtype, *sizes: True)
     fwd2(inputs, None, None, short=False)
     assert built == [1]
 

@@ -44,29 +44,42 @@ def _kernels():
     return kernels
 
 
-# Which kernels the fused path runs, by dtype. The second version (kernels/cosine_attention_fwd.py,
-# _bwd.py: normalise-once pre-pass, fixed maximum, block-aware masking, short-sequence kernel) for
-# the half types (and float64, tests); the first (kernels/cosine_attention.py) for float32, whose
-# second-version tiles spill registers in the sm_80 / sm_90 compile. A forward and its backward
-# always come from the same version: the second rounds the normalised rows to the input dtype,
-# and its backward recomputes the logits the forward's lse was taken over.
+# Which kernels the fused path runs. The second version (kernels/cosine_attention_fwd.py, _bwd.py:
+# normalise-once pre-pass, fixed maximum, block-aware masking, short-sequence kernel) can run the
+# half types and float64 (V2_CANDIDATE_DTYPES); the first (kernels/cosine_attention.py) runs
+# everything, float32 always (its second-version tiles spill registers in the sm_80 / sm_90
+# compile). A forward and its backward always come from the same version: the second rounds the
+# normalised rows to the input dtype, and its backward recomputes the logits the forward's lse
+# was taken over.
 #
-# The second version is opt-in (DTL_FAST_ATTN_IMPL=v2, read at import) until a GPU has timed it:
-# the auto rule below was measured on the first version, so `auto`'s fused choices and the
-# `fused` default stay on the kernels those rows timed (as the RNN's persistent kernel waits for
-# its rows). The tests and bench/sweep_cosine_attention.py run the second version explicitly.
+# By default (attn_version) the second version runs where a GPU timed it: the H100 sweep
+# (NVIDIA H100 80GB HBM3, run gpucheck-20261127T173701-4905,
+# bench/results/gpu_check_nvidia-h100_3-attn-sweep.log; bf16, B 4, H 16, d 64 at N 2048 / 8192
+# plain, padded and with a window of 256, d 128 at N 4096) measured its forward 1.7-3.5x and its
+# backward 1.3-3.5x the first version's at every row. So: bfloat16 / float16 (the same code but
+# for the element type) on a CUDA device of compute capability 9.x with max(Nq, Nk) >= V2_MIN_N,
+# the shortest N those rows timed; the first version elsewhere: DTL's own calls (N <= 64, where
+# the second's short kernel was not timed), other cards, float32, float64.
+#
+# $DTL_FAST_ATTN_IMPL (read at import): unset or "" the rule above, "v1" the first version
+# everywhere, "v2" the second everywhere it can run (V2_CANDIDATE_DTYPES at every size and card).
+# V2_DTYPES: the dtypes forced onto the second version at every size (the tests set it too).
 V2_CANDIDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+V2_DEFAULT_DTYPES = (torch.float16, torch.bfloat16)
+V2_MIN_N = 2048
 ATTN_IMPL_ENV = "DTL_FAST_ATTN_IMPL"
 
 
-def _v2_dtypes() -> tuple:
-    impl = os.environ.get(ATTN_IMPL_ENV, "v1") or "v1"
-    if impl not in ("v1", "v2"):
-        raise ValueError(f"${ATTN_IMPL_ENV} must be 'v1' or 'v2', got {impl!r}")
-    return V2_CANDIDATE_DTYPES if impl == "v2" else ()
+def _attn_impl_env() -> str:
+    """$DTL_FAST_ATTN_IMPL as "auto" (unset or ""), "v1" or "v2"; anything else is an error."""
+    impl = os.environ.get(ATTN_IMPL_ENV, "")
+    if impl not in ("", "v1", "v2"):
+        raise ValueError(f"${ATTN_IMPL_ENV} must be 'v1' or 'v2' (or unset), got {impl!r}")
+    return impl or "auto"
 
 
-V2_DTYPES = _v2_dtypes()
+ATTN_IMPL = _attn_impl_env()
+V2_DTYPES = V2_CANDIDATE_DTYPES if ATTN_IMPL == "v2" else ()
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,16 +91,37 @@ def _bwd2_supports_per_head() -> bool:
     return bool(getattr(bwd, "SUPPORTS_PER_HEAD", False))
 
 
-def _use_v2(q: torch.Tensor, key_lengths: torch.Tensor | None, window_heads: torch.Tensor | None
-            ) -> bool:
-    """Whether this call runs the second-version kernels. A call with per-head key lengths or
-    windows does so only once the second backward supports them (its SUPPORTS_PER_HEAD): a
-    forward and its backward must come from the same version. The answer depends on the
-    arguments alone, so the forward and the backward op of one call agree."""
-    if q.dtype not in V2_DTYPES:
-        return False
+def _capability(device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device (None for any other device)."""
+    device = torch.device(device)
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
+def attn_version(dtype: torch.dtype, nq: int, nk: int, capability: tuple[int, int] | None,
+                 per_head: bool = False) -> str:
+    """Which kernels a fused call runs, "v1" or "v2", for q's dtype, nq queries, nk keys (memory
+    slots not counted) and the compute capability of q's CUDA device (None: not CUDA). per_head:
+    the call has per-head key lengths or windows, which run the second version only once its
+    backward supports them (SUPPORTS_PER_HEAD). The rule and its rows: the comment above."""
+    if per_head and not _bwd2_supports_per_head():
+        return "v1"
+    if dtype in V2_DTYPES:
+        return "v2"
+    if ATTN_IMPL == "v1":
+        return "v1"
+    if (dtype in V2_DEFAULT_DTYPES and capability is not None and capability[0] == 9
+            and max(nq, nk) >= V2_MIN_N):
+        return "v2"
+    return "v1"
+
+
+def _use_v2(q: torch.Tensor, k: torch.Tensor, key_lengths: torch.Tensor | None,
+            window_heads: torch.Tensor | None) -> bool:
+    """Whether this call runs the second-version kernels (attn_version). The answer depends on
+    the arguments alone (dtype, sizes, device), so the forward and the backward op of one call
+    agree."""
     per_head = window_heads is not None or (key_lengths is not None and key_lengths.dim() == 2)
-    return not per_head or _bwd2_supports_per_head()
+    return attn_version(q.dtype, q.shape[2], k.shape[2], _capability(q.device), per_head) == "v2"
 
 
 def _launch_window(window: int, window_heads: torch.Tensor | None):
@@ -116,7 +150,7 @@ def _cosine_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     window_heads (int32 [H] on q's device, -1: none for that head; None unless window is -2)."""
     _check_window_args(window, window_heads)
     win = _launch_window(window, window_heads)
-    if not _use_v2(q, key_lengths, window_heads):
+    if not _use_v2(q, k, key_lengths, window_heads):
         return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, win, memory_k,
                                                    memory_v)
     from dtl_fast.kernels import cosine_attention_fwd as fwd  # lazily, as _kernels
@@ -152,7 +186,7 @@ def _cosine_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     Arguments as the forward's (window_heads last), plus grad_out and the forward's out, lse."""
     _check_window_args(window, window_heads)
     win = _launch_window(window, window_heads)
-    if not _use_v2(q, key_lengths, window_heads):
+    if not _use_v2(q, k, key_lengths, window_heads):
         return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, win,
                                                     memory_k, memory_v, out, lse)
     from dtl_fast.kernels import cosine_attention_bwd as bwd  # lazily, as _kernels
@@ -298,11 +332,12 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# backend="auto" on CUDA: the fused kernel only where it measured faster than the composite.
+# backend="auto" on CUDA: the fused kernels only where a GPU row measured them faster than the
+# composite (ratio = composite median / fused median, same run). Two runs:
 #
-# Card NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0; run
-# gpucheck-20261127T013134-437, bench/results/cosine_attention.csv (provider dtl_fast =
-# backend="fused", ratio = composite median / fused median, same run):
+# 1. The first version (kernels/cosine_attention.py): NVIDIA H200, torch 2.11.0+cu130, triton
+#    3.6.0, run gpucheck-20261127T013134-437, bench/results/cosine_attention.csv (provider
+#    dtl_fast = backend="fused"):
 #
 #   variant  shape (BxHxNxd)  dtype     forward (no grad)  forward+backward
 #   pad      64x4x16x32       bfloat16  1.38               1.11
@@ -313,44 +348,94 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 #   plain    4x16x2048x64     bfloat16  0.58, 0.67         0.49, 0.58
 #   plain    4x16x8192x64     bfloat16  0.36               0.22
 #
-# So: without a mask the composite runs SDPA's flash / cuDNN kernels and wins everywhere; with
-# key_lengths SDPA gets a dense boolean attn_mask (no flash) and the fused forward wins at every
-# measured N (16, 1k, 4k; d 32-128; bf16 and fp16), its backward only at N = 16. A window gives
-# the composite the same dense-mask path as key_lengths while the kernel visits fewer key blocks
-# than with padding, so it counts as masked (the window variant itself was not in these rows).
-# float32 / float64 take the composite (the only float32 row lost; float64 was not measured).
-# These rows timed the first kernels (kernels/cosine_attention.py); bf16 / fp16 now run the
-# second version (V2_DTYPES), not yet timed on a GPU: rederive this table from its rows
-# (bench/sweep_cosine_attention.py, the bench's dtl_fast and dtl_fast:auto providers).
+# 2. The second version (kernels/cosine_attention_fwd.py, _bwd.py) at its defaults (TMA and tiles:
+#    kernels/cosine_attention_fwd.fwd2_index / use_tma, _bwd.bwd2_index): NVIDIA H100 80GB HBM3,
+#    torch 2.11.0+cu130, triton 3.6.0, run gpucheck-20261127T173701-4905,
+#    bench/results/gpu_check_nvidia-h100_3-attn-sweep.log (bench/sweep_cosine_attention.py,
+#    bfloat16; forward+backward = the fused forward's median + the fused backward's median
+#    against the composite's autograd forward+backward):
+#
+#   variant  shape (BxHxNxd)  forward (no grad)         forward+backward
+#   plain    4x16x2048x64     1.71 (0.180 vs 0.306 ms)  1.32 (0.180 + 0.806 vs 1.300 ms)
+#   plain    4x16x8192x64     1.29 (2.162 vs 2.787)     0.82 (2.162 + 11.166 vs 10.987)
+#   pad      4x16x8192x64     4.73 (1.512 vs 7.148)     2.14 (1.512 + 7.634 vs 19.528)
+#   win256   4x16x8192x64     23.1 (0.341 vs 7.886)     12.9 (0.341 + 1.193 vs 19.818)
+#   plain    4x16x4096x128    1.19 (1.042 vs 1.243)     0.53 (1.042 + 9.491 vs 5.555)
+#
+# The rule (bf16 / fp16; float32 and float64 take the composite: the one float32 row lost,
+# float64 was not measured):
+# - key_lengths or a window ("masked"), no grad: fused at every N. With a mask SDPA gets a
+#   dense boolean attn_mask (no flash kernel); the kernels visit only the visible key blocks.
+#   Every masked forward row of both runs wins (1.30-1.38 first version, 4.7-23 second). A
+#   window counts as masked (the composite takes the same dense-mask path as for key lengths).
+# - masked, with grad: fused at max(Nq, Nk) <= AUTO_FUSED_GRAD_MAX_N (run 1: 1.11 at N 16; 0.94 at
+#   1k, 0.61 at 4k); and where the second version runs on sm_90 (attn_version) at d = dv = 64
+#   from N AUTO_V2_MIN_N[masked, grad][64] = 2048 (run 2: 2.14 padded, 12.9 windowed at N 8192;
+#   the lower bound is the shortest N of run 2: there even the unmasked call wins, 1.32, and a
+#   mask only slows the composite and spares the kernels work, as the N 8192 rows show).
+# - no mask, no grad: fused where the second version runs on sm_90 at d = dv = 64 from N 2048
+#   (1.71, 1.29) and d = dv = 128 from N 4096 (1.19): the shortest N timed at each head dim. No
+#   upper bound: at the longest N timed both sides already run at compute-bound rates (508 vs
+#   395 TFLOP/s at d 64, 528 vs 442 at d 128), so longer sequences keep the inner loops' ratio.
+#   The first version lost every unmasked row (0.36-0.67), so nothing below those N.
+# - no mask, with grad: the composite. The second version loses at d 64 N 8192 (0.82) and
+#   d 128 N 4096 (0.53) on its backward (SDPA's flash backward); it wins at d 64 N 2048 (1.32),
+#   but the crossover between 2048 and 8192 is untimed, and one N is no range: composite, as
+#   before (a row at N 4096 would place it).
+# Unmeasured classes (other head dims, other cards than sm_90 for the second version's rows)
+# keep what they had before run 2.
 AUTO_RULE_CARD = "NVIDIA H200"
 AUTO_RULE_RUN = "gpucheck-20261127T013134-437"
+AUTO_V2_RULE_CARD = "NVIDIA H100 80GB HBM3"
+AUTO_V2_RULE_RUN = "gpucheck-20261127T173701-4905"
+AUTO_V2_RULE_LOG = "bench/results/gpu_check_nvidia-h100_3-attn-sweep.log"
 AUTO_FUSED_DTYPES = (torch.bfloat16, torch.float16)
-AUTO_FUSED_GRAD_MAX_N = 16  # masked forward+backward: fused only up to this max(Nq, Nk)
+AUTO_FUSED_GRAD_MAX_N = 16  # masked forward+backward: fused up to this max(Nq, Nk) (run 1)
+# Run 2: (masked, needs_grad) -> {head dim (d = dv): the smallest max(Nq, Nk) fused from}, where
+# the second version runs (attn_version "v2": sm_90, half types, N >= V2_MIN_N).
+AUTO_V2_MIN_N = {(True, True): {64: 2048}, (False, False): {64: 2048, 128: 4096}}
 
 
 def auto_path(device_type: str, dtype: torch.dtype, masked: bool, needs_grad: bool,
-              nq: int, nk: int) -> str:
+              nq: int, nk: int, d: int | None = None, dv: int | None = None,
+              capability: tuple[int, int] | None = None) -> str:
     """What backend="auto" runs on a `device_type` tensor: "fused" (the Triton kernels),
     "composite" (normalise + SDPA) or "reference" (CPU only, CPU_AUTO_PATH).
 
     masked: key_lengths or a window was given; needs_grad: autograd will record the call
     (grad mode on and an input requires grad); nq, nk: query and key counts (memory slots not
-    counted). The CUDA rule is the table above (measured on AUTO_RULE_CARD)."""
+    counted); d, dv: the q / k and v head dims (None: unknown, only the first run's rule
+    applies); capability: the CUDA device's compute capability (None: the current device's).
+    The CUDA rule is the table above (AUTO_RULE_CARD's and AUTO_V2_RULE_CARD's rows)."""
     if device_type != "cuda":
         return CPU_AUTO_PATH
-    if dtype not in AUTO_FUSED_DTYPES or not masked:
+    if dtype not in AUTO_FUSED_DTYPES:
         return "composite"
-    if not needs_grad or max(nq, nk) <= AUTO_FUSED_GRAD_MAX_N:
+    n = max(nq, nk)
+    if masked and (not needs_grad or n <= AUTO_FUSED_GRAD_MAX_N):
         return "fused"
-    return "composite"
+    min_n = AUTO_V2_MIN_N.get((masked, needs_grad), {})
+    if d is None or d != dv or int(d) not in min_n or n < min_n[int(d)]:
+        return "composite"
+    if capability is None and torch.cuda.is_available():
+        capability = tuple(torch.cuda.get_device_capability())
+    return "fused" if attn_version(dtype, nq, nk, capability) == "v2" else "composite"
 
 
 def auto_rule() -> str:
-    """backend="auto" in two lines, for `dtl-fast info`."""
-    return (f"CUDA: fused Triton kernel for bf16/fp16 with key_lengths or a window, without grad "
-            f"(with grad only at N <= {AUTO_FUSED_GRAD_MAX_N}); normalise + SDPA composite "
-            f"otherwise (measured on {AUTO_RULE_CARD}, run {AUTO_RULE_RUN}).\n"
-            f"CPU: the {CPU_AUTO_PATH}.")
+    """backend="auto" in three lines, for `dtl-fast info` (the second run's classes from
+    AUTO_V2_MIN_N; left out under $DTL_FAST_ATTN_IMPL=v1, where they do not apply)."""
+    def classes(masked, grad):
+        return ", ".join(f"d={d} N>={n}" for d, n in sorted(AUTO_V2_MIN_N[(masked, grad)].items()))
+
+    v2 = "" if ATTN_IMPL == "v1" else (
+        f"\n  on sm_90 also (second version, {AUTO_V2_RULE_CARD}, run {AUTO_V2_RULE_RUN}): "
+        f"masked with grad at {classes(True, True)}; unmasked without grad at "
+        f"{classes(False, False)}")
+    return (f"CUDA, bf16/fp16: fused Triton kernels with key_lengths or a window without grad, "
+            f"with grad at N <= {AUTO_FUSED_GRAD_MAX_N} (first version, {AUTO_RULE_CARD}, run "
+            f"{AUTO_RULE_RUN}){v2}; normalise + SDPA composite otherwise (float32 / float64 "
+            f"always).\nCPU: the {CPU_AUTO_PATH}.")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -365,7 +450,8 @@ def _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend
         require_triton(q.device, "cosine_attention(backend='fused')")
         return "fused"
     return auto_path(q.device.type, q.dtype, key_lengths is not None or window is not None,
-                     _needs_grad(q, k, v, logit_scale, memory_k, memory_v), q.shape[2], k.shape[2])
+                     _needs_grad(q, k, v, logit_scale, memory_k, memory_v), q.shape[2], k.shape[2],
+                     q.shape[3], v.shape[3], _capability(q.device))
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor,
@@ -399,9 +485,13 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
             "auto": on CUDA tensors the Triton kernels where they measured faster than the
             normalise + SDPA composite (auto_path, auto_rule: bf16 / fp16 with key_lengths or
-            a window and no gradient needed, or N <= 16), the composite elsewhere; on CPU
-            tensors the faster of the eager reference and the composite (CPU_AUTO_PATH).
-            "fused": the Triton kernels (CPU tensors only under TRITON_INTERPRET=1).
+            a window and no gradient needed, or N <= 16; on sm_90 also d 64 masked with grad
+            and unmasked without grad from N 2048, d 128 unmasked without grad from N 4096),
+            the composite elsewhere; on CPU tensors the faster of the eager reference and the
+            composite (CPU_AUTO_PATH).
+            "fused": the Triton kernels (CPU tensors only under TRITON_INTERPRET=1): the
+            second version on sm_90 for bf16 / fp16 at max(Nq, Nk) >= 2048, the first
+            elsewhere (attn_version; $DTL_FAST_ATTN_IMPL=v1 / v2 forces either).
 
     Returns:
         [B, H, Nq, dv] in q's dtype, accumulated in float32 (float64 for float64). A query with
