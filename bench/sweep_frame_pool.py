@@ -3,8 +3,11 @@
 What it measures, on the headline shapes (>= 256 MiB inputs, fp32 and bf16, a long-T one and a
 small-B one) and the pooling modes mean, max and meanmax:
   forward   every forward configuration in FWD_GRID (threads per block, feature vectors per
-            block, time-split waves / phi), as % of the copy bandwidth measured in the same run
-            over the bytes the op must move (valid frames read once + output written once);
+            block, frames in flight per thread `fwd_unroll`), as % of the copy bandwidth
+            measured in the same run over the bytes the op must move (valid frames read once +
+            output written once);
+  series    the forward (mean, float32) at T = 128 / 256 / 512 for each fwd_unroll in
+            SERIES_GRID, and per unroll the fit t = t0 + bytes / BW (fixed cost vs streaming rate);
   backward  the backward op alone (torch.ops.dtl_fast.frame_pool_backward) for every
             configuration in BWD_GRID (threads, feature vectors, frames per thread, waves), over
             grad_out read once + grad_x written once;
@@ -49,24 +52,43 @@ HEADLINE = [((256, 256, 1024), f32), ((256, 512, 1024), bf16), ((64, 1024, 1024)
 SMALL = [((64, 64, 1024), f32), ((16, 32, 256), f32), ((8, 128, 128), bf16)]  # auto-rule inputs
 POOL_MODES = ("mean", "max", "meanmax")
 
-# (threads, max_tx, split_waves, split_phi_pct); the backward fields stay at their defaults.
-FWD_GRID = [(t, tx, w, phi) for t in (128, 256) for tx in (16, 32, 64)
-            for (w, phi) in ((4, 25), (2, 50), (8, 10))]
+# (threads, max_tx, fwd_unroll); the time split and the backward fields stay at their defaults.
+# Only block shapes with the default's 8 time lanes (256 x 32, 128 x 16): another lane count
+# sums the frames in another order, so mean / meanmax differ from the default in the last bit
+# and the run of 2026-11-27 (H100) timed nothing there; the split constants (sw / phi) moved
+# the forward by under 1 point in that run. fwd_unroll (frames in flight per thread) is the
+# variable this grid exists for; it never changes the result.
+FWD_GRID = [(t, tx, u) for (t, tx) in ((256, 32), (128, 16)) for u in (2, 4, 8, 16)]
+# A size series for the forward (mean, float32, B x D = 256 x 1024 as the first headline case,
+# T = 128 / 256 / 512, ~68 / 136 / 270 MB of valid frames) at each fwd_unroll of the default
+# block shape: the fit t = t0 + bytes / BW per unroll says whether U moves the fixed cost t0
+# (launch, first loads, tail) or the streaming rate BW (bytes in flight) -- bench/NOTES.md.
+SIZE_SERIES = [((256, 128, 1024), f32), ((256, 512, 1024), f32)]
+SERIES_GRID = [(256, 32, u) for u in (2, 4, 8, 16)]
 # (threads, max_tx, bwd_frames, bwd_waves); the forward fields stay at their defaults.
 BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in (4, 8, 16, 32)]
 
+# The fields of dtl_fast._C.cuda_launch_config(), in order.
+FIELDS = ("threads", "max_tx", "split_waves", "split_phi_pct", "bwd_frames", "bwd_waves",
+          "fwd_unroll")
+
 
 def config_name(cfg: tuple[int, ...]) -> str:
-    t, tx, w, phi, fr, bw = cfg
-    return f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}"
+    t, tx, w, phi, fr, bw, u = cfg
+    return f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}-u{u}"
 
 
-def fwd_config(default: tuple[int, ...], c: tuple[int, int, int, int]) -> tuple[int, ...]:
-    return (c[0], c[1], c[2], c[3], default[4], default[5])
+def with_fields(default: tuple[int, ...], **fields: int) -> tuple[int, ...]:
+    """The default configuration with the named fields replaced."""
+    return tuple(fields.get(name, v) for name, v in zip(FIELDS, default))
+
+
+def fwd_config(default: tuple[int, ...], c: tuple[int, int, int]) -> tuple[int, ...]:
+    return with_fields(default, threads=c[0], max_tx=c[1], fwd_unroll=c[2])
 
 
 def bwd_config(default: tuple[int, ...], c: tuple[int, int, int, int]) -> tuple[int, ...]:
-    return (c[0], c[1], default[2], default[3], c[2], c[3])
+    return with_fields(default, threads=c[0], max_tx=c[1], bwd_frames=c[2], bwd_waves=c[3])
 
 
 def out_width(D: int, mode: str) -> int:
@@ -100,6 +122,9 @@ class Sweep:
         if self.C is None:
             raise SystemExit(f"dtl_fast._C is not built: {_extension.LOAD_ERROR}")
         self.default = tuple(self.C.cuda_launch_config())
+        if len(self.default) != len(FIELDS):
+            raise SystemExit(f"dtl_fast._C.cuda_launch_config() has {len(self.default)} fields, "
+                             f"this sweep knows {len(FIELDS)} ({', '.join(FIELDS)}): rebuild dtl_fast")
         self.deadline = H.Deadline(args.budget_s)
         self.rows: list[dict[str, Any]] = []
         self.not_run: list[str] = []
@@ -147,7 +172,9 @@ class Sweep:
         lengths = torch.randint(1, T + 1, (B,), generator=H.gen("cpu", 1000 + seed)).to(self.device)
         return x, lengths
 
-    def sweep_case(self, shape, dtype, mode: str, seed: int) -> None:
+    def sweep_case(self, shape, dtype, mode: str, seed: int, forward_only: list | None = None) -> None:
+        """Every configuration of FWD_GRID and BWD_GRID on one case; with forward_only, only
+        the forward over that grid."""
         x, lengths = self.inputs(shape, dtype, seed)
         B, T, D = x.shape
         es = x.element_size()
@@ -159,12 +186,13 @@ class Sweep:
         op, op_bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
         key = (H.shape_str(shape), H.dtype_str(dtype), mode)
 
-        for pas, grid, make, nbytes in (("forward", FWD_GRID, fwd_config, fwd_bytes),
-                                        ("backward", BWD_GRID, bwd_config, bwd_bytes)):
+        passes = [("forward", FWD_GRID if forward_only is None else forward_only, fwd_config, fwd_bytes),
+                  ("backward", BWD_GRID, bwd_config, bwd_bytes)][:1 if forward_only is not None else 2]
+        for pas, grid, make, nbytes in passes:
             self.C.set_cuda_launch_config(*self.default)
             ref_out, argmax = op(x, lengths, mode)
             ref_gx = op_bwd(g, lengths, argmax, T, mode)
-            summary = self.results.setdefault(key + (pas,), {"configs": {}})
+            summary = self.results.setdefault(key + (pas,), {"configs": {}, "bytes": nbytes})
             base_ms = None
             for c in [None] + grid:
                 cfg = self.default if c is None else make(self.default, c)
@@ -246,6 +274,28 @@ class Sweep:
                           timing=t, nbytes=nbytes, baseline_ms=times.get("fused"))
             self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
 
+    def size_series_fit(self) -> list[str]:
+        """Least-squares t = t0 + bytes / BW over the size series (and the first headline case)
+        for each configuration of SERIES_GRID: the fixed cost and the streaming rate per U."""
+        shapes = [H.shape_str(s) for s, _ in SIZE_SERIES + HEADLINE[:1]]
+        lines = []
+        for c in SERIES_GRID:
+            cfg = fwd_config(self.default, c)
+            pts = [(res["bytes"], res["configs"][cfg]) for key, res in self.results.items()
+                   if key[0] in shapes and key[1:] == ("float32", "mean", "forward")
+                   and cfg in res.get("configs", {})]
+            if len(pts) < 3:
+                continue
+            n = len(pts)
+            mb = sum(b for b, _ in pts) / n
+            mt = sum(t for _, t in pts) / n
+            slope = (sum((b - mb) * (t - mt) for b, t in pts) / sum((b - mb) ** 2 for b, _ in pts))
+            t0_us = (mt - slope * mb) * 1e3
+            bw = 1e-9 / (slope * 1e-3) if slope > 0 else float("inf")  # GB/s
+            lines.append(f"size series fit (float32 mean, {n} sizes) {config_name(cfg)}: t0 {t0_us:.1f} us, "
+                         f"BW {bw:.0f} GB/s ({100 * bw / self.copy['copy_gbps']:.1f}% of copy)")
+        return lines
+
     # -- the table ------------------------------------------------------------------------------
     def table(self) -> str:
         lines = []
@@ -282,6 +332,10 @@ class Sweep:
                 lines.append(f"best {pas} config over the {n} headline cases (geometric mean "
                              f"{geo[c]:.1f}% vs default {geo.get(self.default, float('nan')):.1f}%): "
                              f"{config_name(c)}")
+                if pas == "forward":  # the fwd_unroll trend (bench/NOTES.md predicts it)
+                    lines.append("forward geometric mean by config: " + ", ".join(
+                        f"{config_name(k)} {v:.1f}%" for k, v in sorted(geo.items())))
+        lines += self.size_series_fit()
         for key, res in self.results.items():
             if "stock" in res and res["stock"]:
                 shape, dtype, mode, pas = key
@@ -320,6 +374,8 @@ def main(argv=None) -> int:
     for i, (shape, dtype) in enumerate(HEADLINE):
         for mode in POOL_MODES:
             sweep.sweep_case(shape, dtype, mode, i)
+    for i, (shape, dtype) in enumerate(SIZE_SERIES):
+        sweep.sweep_case(shape, dtype, "mean", 10 + i, forward_only=SERIES_GRID)
     if not args.no_stock:
         for i, (shape, dtype) in enumerate(SMALL + HEADLINE):
             for mode in POOL_MODES:

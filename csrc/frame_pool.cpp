@@ -133,6 +133,7 @@ std::atomic<int> g_split_waves{CudaLaunchConfig{}.split_waves};
 std::atomic<int> g_split_phi_pct{CudaLaunchConfig{}.split_phi_pct};
 std::atomic<int> g_bwd_frames{CudaLaunchConfig{}.bwd_frames};
 std::atomic<int> g_bwd_waves{CudaLaunchConfig{}.bwd_waves};
+std::atomic<int> g_fwd_unroll{CudaLaunchConfig{}.fwd_unroll};
 
 bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 }  // namespace
@@ -145,6 +146,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.split_phi_pct = g_split_phi_pct.load(std::memory_order_relaxed);
   c.bwd_frames = g_bwd_frames.load(std::memory_order_relaxed);
   c.bwd_waves = g_bwd_waves.load(std::memory_order_relaxed);
+  c.fwd_unroll = g_fwd_unroll.load(std::memory_order_relaxed);
   return c;
 }
 
@@ -164,12 +166,17 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
                     "cuda launch config: bwd_frames must lie in [1, 1024], got ", c.bwd_frames);
   TORCH_CHECK_VALUE(c.bwd_waves >= 1 && c.bwd_waves <= 64,
                     "cuda launch config: bwd_waves must lie in [1, 64], got ", c.bwd_waves);
+  // One forward kernel is compiled per value (csrc/cuda/frame_pool.cu, launch_forward).
+  TORCH_CHECK_VALUE(c.fwd_unroll == 2 || c.fwd_unroll == 4 || c.fwd_unroll == 8 ||
+                        c.fwd_unroll == 16,
+                    "cuda launch config: fwd_unroll must be 2, 4, 8 or 16, got ", c.fwd_unroll);
   g_threads.store(c.threads);
   g_max_tx.store(c.max_tx);
   g_split_waves.store(c.split_waves);
   g_split_phi_pct.store(c.split_phi_pct);
   g_bwd_frames.store(c.bwd_frames);
   g_bwd_waves.store(c.bwd_waves);
+  g_fwd_unroll.store(c.fwd_unroll);
 }
 
 #ifndef DTL_FAST_WITH_CUDA

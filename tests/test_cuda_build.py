@@ -86,12 +86,14 @@ def test_every_target_architecture_is_built():
 
 
 def _register_cap(name: str) -> int:
-    """Registers per thread the kernel's __launch_bounds__(256, min blocks) leave: 64 for 4 blocks
-    per SM; the meanmax forward on 2-byte types (VEC 8) asks for 3 blocks, i.e. 80 (65536 /
-    768 = 85, allocated in steps of 8)."""
+    """Registers per thread the kernel's __launch_bounds__ leave: 64 (4 blocks per SM) for the
+    backward and combine kernels; the forward's depend on VEC, U and KIND (fwd_unroll 8 / 16
+    ask for fewer blocks): tests/test_frame_pool_sass.py mirrors kFwdMinBlocks."""
+    from test_frame_pool_sass import _register_cap as forward_cap
+
     m = _FWD.search(name)
-    if m and m.group(3) == "2" and int(m.group(1)) >= 8:
-        return 80
+    if m:
+        return forward_cap(int(m.group(1)), int(m.group(2)), int(m.group(3)))
     return 64
 
 

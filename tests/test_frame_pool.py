@@ -479,17 +479,26 @@ def test_check_errors_without_a_gpu_error_is_silent():
 def test_cuda_launch_config_validates_and_round_trips():
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
-    assert len(default) == 6 and all(isinstance(v, int) for v in default)
+    # (threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll)
+    assert len(default) == 7 and all(isinstance(v, int) for v in default)
+    assert default[6] == 4  # today's forward: 4 frames in flight per thread
     try:
-        assert C.set_cuda_launch_config(128, 16, 2, 50, 8, 2) == default
-        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2)
+        assert C.set_cuda_launch_config(128, 16, 2, 50, 8, 2, 16) == default
+        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2, 16)
         for bad, name in [((96, 16, 2, 50, 8, 2), "threads"), ((128, 12, 2, 50, 8, 2), "max_tx"),
                           ((128, 256, 2, 50, 8, 2), "max_tx"), ((128, 16, -1, 50, 8, 2), "split_waves"),
                           ((128, 16, 2, 0, 8, 2), "split_phi_pct"), ((128, 16, 2, 50, 0, 2), "bwd_frames"),
-                          ((128, 16, 2, 50, 8, 0), "bwd_waves")]:
+                          ((128, 16, 2, 50, 8, 0), "bwd_waves"), ((128, 16, 2, 50, 8, 2, 3), "fwd_unroll"),
+                          ((128, 16, 2, 50, 8, 2, 32), "fwd_unroll"), ((128, 16, 2, 50, 8, 2, 0), "fwd_unroll")]:
             with pytest.raises(ValueError, match=name):
                 C.set_cuda_launch_config(*bad)
-        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2)  # a rejected call changes nothing
+        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2, 16)  # a rejected call changes nothing
+        # The six-field form (callers older than fwd_unroll) sets fwd_unroll back to its default.
+        assert C.set_cuda_launch_config(128, 16, 2, 50, 8, 2) == (128, 16, 2, 50, 8, 2, 16)
+        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2, 4)
+        for u in (2, 4, 8, 16):
+            C.set_cuda_launch_config(*default[:6], u)
+            assert C.cuda_launch_config() == default[:6] + (u,)
     finally:
         C.set_cuda_launch_config(*default)
 
@@ -543,8 +552,8 @@ def test_no_host_synchronisation_per_call(where):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(256, 32, 4, 25, 16, 4), (128, 16, 2, 50, 8, 2), (64, 8, 8, 10, 4, 8),
-                                    (256, 64, 0, 100, 1, 1), (128, 128, 64, 1, 64, 16)])
+@pytest.mark.parametrize("config", [(256, 32, 4, 25, 16, 4, 4), (128, 16, 2, 50, 8, 2, 8), (64, 8, 8, 10, 4, 8, 2),
+                                    (256, 64, 0, 100, 1, 1, 16), (128, 128, 64, 1, 64, 16, 4)])
 @pytest.mark.parametrize("mode", MODES)
 def test_every_launch_config_computes_the_same(config, mode, poison):
     # The sweep varies these constants; each must stay correct (shapes that split time or not,
@@ -565,3 +574,42 @@ def test_every_launch_config_computes_the_same(config, mode, poison):
             assert_rel_close(f"{shape} grad", gx, gref, REL_TOL[dtype])
     finally:
         C.set_cuda_launch_config(*old)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
+    # fwd_unroll only regroups the loads of the forward's vector loop (each lane still folds its
+    # frames in increasing order, and the time split is planned with the default unroll), so
+    # every value must give exactly the default's output and argmax: frame counts that no U
+    # divides, lengths 0 / 1 / T, a time-split shape (B = 2, T = 3001) and a plain one, -inf
+    # and NaN where max must pick the first maximum / propagate NaN.
+    C = dtl_fast._extension._C
+    default = C.cuda_launch_config()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    cases = []
+    for B, T, D in [(2, 3001, 64), (37, 77, 128), (5, 1, 24), (9, 19, 16)]:
+        x = torch.randn(B, T, D, device="cuda", generator=gen).to(dtype)
+        x[:, ::5, 1] = float("-inf")  # -inf frames: the first of several equal maxima wins
+        x[:, :, 2] = 0.5  # every frame equal
+        x[-1, T // 2, 3] = float("nan")
+        lengths = torch.randint(0, T + 1, (B,), device="cuda", generator=gen)
+        lengths[0], lengths[1 % B] = T, min(1, T)
+        if B > 2:
+            lengths[2] = 0
+        cases.append((x, lengths))
+    try:
+        for x, lengths in cases:
+            C.set_cuda_launch_config(*default[:6], 4)
+            ref, ref_am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+            for u in (2, 8, 16):
+                C.set_cuda_launch_config(*default[:6], u)
+                with poison():
+                    out, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                what = f"fwd_unroll={u} {tuple(x.shape)} {dtype}"
+                assert torch.equal(out.isnan(), ref.isnan()), what
+                assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
+                assert torch.equal(am, ref_am), what
+    finally:
+        C.set_cuda_launch_config(*default)

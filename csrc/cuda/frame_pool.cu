@@ -3,7 +3,8 @@
 //
 // The forward pass is a pure streaming read of x, so the design goal is DRAM bandwidth:
 //   - each thread owns VEC adjacent features (one 16-byte load per frame) and keeps U frames
-//     in flight, so a block of TX feature vectors x TY time lanes reads TY * U rows at once;
+//     in flight, so a block of TX feature vectors x TY time lanes reads TY * U rows at once
+//     (U = CudaLaunchConfig::fwd_unroll; one kernel is compiled per value);
 //   - the TY lanes of a block are folded through shared memory;
 //   - when B x (feature blocks) cannot fill the GPU, time is also split across blocks; each
 //     split writes float/double partials (and int32 argmax) to a workspace that a small second
@@ -48,6 +49,9 @@ namespace {
 constexpr int kMaxThreads = 256;
 // Frames in flight per thread in the forward loop: 4 x 16 B per thread is enough
 // memory-level parallelism to saturate HBM at full occupancy without costing registers.
+// CudaLaunchConfig::fwd_unroll picks another U for the vector path, but the launch (occupancy,
+// split quantum, time split) is always planned with this one, so every U computes the same
+// partials in the same order.
 constexpr int kUnrollVec = 4;
 // The scalar path moves 2-8 B per load, so it needs more loads in flight for the same bytes.
 constexpr int kUnrollScalar = 8;
@@ -114,6 +118,23 @@ DTL_PIN_8(short, "+h")
 DTL_PIN_8(int, "+r")
 DTL_PIN_8(long long, "+l")
 #undef DTL_PIN_8
+// The other unrolls of the vector path (CudaLaunchConfig::fwd_unroll), one asm statement per
+// array as above. The asm orders the PTX only: in the max / meanmax kernels at U >= 8 ptxas
+// still sinks some loads next to their use (tests/test_frame_pool_sass.py, bench/NOTES.md).
+#define DTL_W4(i) "+r"(w[i].x), "+r"(w[i].y), "+r"(w[i].z), "+r"(w[i].w)
+__device__ __forceinline__ void pin_loads(int4 (&w)[2]) {
+  asm volatile("" : DTL_W4(0), DTL_W4(1));
+}
+__device__ __forceinline__ void pin_loads(int4 (&w)[8]) {
+  asm volatile("" : DTL_W4(0), DTL_W4(1), DTL_W4(2), DTL_W4(3), DTL_W4(4), DTL_W4(5), DTL_W4(6),
+               DTL_W4(7));
+}
+__device__ __forceinline__ void pin_loads(int4 (&w)[16]) {
+  asm volatile("" : DTL_W4(0), DTL_W4(1), DTL_W4(2), DTL_W4(3), DTL_W4(4), DTL_W4(5), DTL_W4(6),
+               DTL_W4(7), DTL_W4(8), DTL_W4(9), DTL_W4(10), DTL_W4(11), DTL_W4(12), DTL_W4(13),
+               DTL_W4(14), DTL_W4(15));
+}
+#undef DTL_W4
 
 template <typename acc_t>
 __device__ __forceinline__ bool is_nan(acc_t v) {
@@ -204,12 +225,17 @@ __device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
 // Blocks per SM the forward's launch bounds promise: 4 (64 registers per thread), except the
 // meanmax kernel on 2-byte types (VEC 8), whose 3 x 8 accumulators next to 4 x 16 B loads in
 // flight spilled 16 bytes at 64 registers on sm_80: 3 blocks (80 registers) still keep
-// 768 threads x 64 B = 48 KB of loads in flight per SM.
-template <int KIND, int VEC>
-constexpr int kFwdMinBlocks = KIND == kMeanMax && VEC >= 8 ? 3 : 4;
+// 768 threads x 64 B = 48 KB of loads in flight per SM. The longer unrolls of the vector path
+// hold U x 4 registers of loaded words: U = 8 gets 3 blocks (80 registers; meanmax on 2-byte
+// types 2), U = 16 gets 2 (128 registers), i.e. 64-128 KB of loads per SM if all U are issued
+// before the first wait (none spills; what ptxas issues is in bench/NOTES.md).
+template <int KIND, int VEC, int U>
+constexpr int kFwdMinBlocks = VEC == 1 || U <= 4 ? (KIND == kMeanMax && VEC >= 8 ? 3 : 4)
+                              : U <= 8          ? (KIND == kMeanMax && VEC >= 8 ? 2 : 3)
+                                                : 2;
 
 template <typename scalar_t, typename acc_t, int VEC, int U, int KIND>
-__global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC>))
+__global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
     frame_pool_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
                           int* err, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
                           acc_t* __restrict__ ws_sum, acc_t* __restrict__ ws_max,
@@ -233,8 +259,9 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC>))
 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t L = clamped_length(lens, b, T, err, tid == 0);
-    // Frame counters in int32 (T <= 2^31 - 4097, checked on the host, so t + U * TY cannot
-    // overflow): as int64 the meanmax bf16 kernel spilled 16 bytes on sm_80 at 64 registers.
+    // Frame counters in int32 (T <= 2^31 - 4097, checked on the host, so t + U * TY, at most
+    // t + 16 x 256, cannot overflow): as int64 the meanmax bf16 kernel spilled 16 bytes on
+    // sm_80 at 64 registers.
     const int32_t t_lo = static_cast<int32_t>(s * chunk);
     const int32_t t_hi = static_cast<int32_t>(std::min<int64_t>(s * chunk + chunk, L));
     const int32_t t_first = t_lo + ty;
@@ -609,12 +636,36 @@ int* error_flag_for_current_device() {
   return dev_ptr;
 }
 
+// The forward kernel with U = cfg.fwd_unroll frames in flight per thread (the vector path;
+// the scalar path has one U). Only the loop's grouping of loads differs between them: each
+// lane still folds frames t_first, t_first + TY, ... in increasing order.
+template <typename scalar_t, typename acc_t, int VEC, int KIND>
+auto forward_kernel_for(int fwd_unroll) {
+  if constexpr (VEC == 1) {
+    return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollScalar, KIND>;
+  } else {
+    switch (fwd_unroll) {
+      case 2:
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 2, KIND>;
+      case 8:
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND>;
+      case 16:
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND>;
+      default:
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND>;
+    }
+  }
+}
+
 template <typename scalar_t, int VEC, int KIND>
 void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
                     at::Tensor& argmax, bool mean, int* err) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool HAS_SUM = KIND != kMax;
   constexpr bool HAS_MAX = KIND != kSum;
+  // The launch is planned with the default unroll's kernel whatever cfg.fwd_unroll says:
+  // its occupancy and quantum fix the time split, so the split (and the result) is the same
+  // for every unroll.
   constexpr int U = VEC == 1 ? kUnrollScalar : kUnrollVec;
   const CudaLaunchConfig cfg = cuda_launch_config();
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
@@ -624,8 +675,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const int64_t X = ceil_div(DV, bs.tx);
   const int64_t base = B * X;
 
-  constexpr auto kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, KIND>;
-  const int64_t slots = resident_blocks<kernel>(threads);
+  constexpr auto plan_kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, KIND>;
+  const int64_t slots = resident_blocks<plan_kernel>(threads);
   // Every lane gets at least two unrolled iterations per split.
   const int64_t min_frames = 2 * static_cast<int64_t>(bs.ty) * U;
   const int64_t max_splits = std::min<int64_t>(T / min_frames, 4096);
@@ -646,6 +697,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const int64_t* lens = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
   int32_t* am_p = HAS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+  const auto kernel = forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll);
 
   if (S == 1) {
     kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, err, out_p, am_p,
