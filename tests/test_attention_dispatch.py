@@ -13,6 +13,7 @@ derived from (bench/results/gpu_check_nvidia-h100_3-attn-sweep.log, bench/sweep_
 Nothing here needs a GPU: the compute capability is patched, the kernels are spied on."""
 import importlib
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,10 @@ def sm(monkeypatch):
     """Every CUDA device reports capability `cap` (default 9.0, an H100); the descriptor API is
     there; $DTL_FAST_ATTN_TMA unset; the version rule unforced."""
     def set_cap(cap=H100):
+        # the kernels read get_device_capability, the op get_device_properties (compile-safe)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(major=cap[0], minor=cap[1]))
     monkeypatch.setattr(F2, "tma_api", lambda: True)
     monkeypatch.delenv(F2.TMA_ENV, raising=False)
     monkeypatch.setattr(ops, "ATTN_IMPL", "auto")

@@ -92,9 +92,14 @@ def _bwd2_supports_per_head() -> bool:
 
 
 def _capability(device) -> tuple[int, int] | None:
-    """The compute capability of a CUDA device (None for any other device)."""
+    """The compute capability of a CUDA device (None for any other device). Read through
+    get_device_properties, which torch.compile folds to a constant (get_device_capability is
+    not on dynamo's constant-fold list): the wrapper stays one graph under fullgraph=True."""
     device = torch.device(device)
-    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor)
 
 
 def attn_version(dtype: torch.dtype, nq: int, nk: int, capability: tuple[int, int] | None,
@@ -418,7 +423,7 @@ def auto_path(device_type: str, dtype: torch.dtype, masked: bool, needs_grad: bo
     if d is None or d != dv or int(d) not in min_n or n < min_n[int(d)]:
         return "composite"
     if capability is None and torch.cuda.is_available():
-        capability = tuple(torch.cuda.get_device_capability())
+        capability = _capability(torch.device("cuda", torch.cuda.current_device()))
     return "fused" if attn_version(dtype, nq, nk, capability) == "v2" else "composite"
 
 
