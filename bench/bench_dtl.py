@@ -255,12 +255,13 @@ def make_graphed_step(model, opt, loss_fn, inputs, device, amp) -> Callable[[], 
     with torch.cuda.graph(graph):
         body()
 
-    def replay(graph=graph, inputs=inputs):
-        # The graph reads the input buffers by address: the step owns them, so the caller
-        # dropping its tuple cannot free them for the allocator to reuse (replays would read
-        # whatever lands there: seen on an H100, a device-side lengths assert).
+    def replay():
         graph.replay()
 
+    # The graph reads the input buffers by address: the step owns them, so the caller dropping
+    # its tuple cannot free them for the allocator to reuse (replays would read whatever lands
+    # there: seen on an H100, a device-side lengths assert).
+    replay.static_inputs = inputs
     return replay
 
 

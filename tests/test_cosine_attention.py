@@ -475,14 +475,21 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference", "auto", "composite"])
+BAD_INPUT_BACKENDS = ["fused", "reference", "auto", "composite"]
+
+
+def call_backend(kwargs: dict, backend: str):
+    """cosine_attention(**kwargs, backend=backend), or the composite for "composite"."""
+    if backend == "composite":
+        return cosine_attention_composite(**kwargs)
+    return cosine_attention(**kwargs, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
 @pytest.mark.parametrize("what,kwargs,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
 def test_bad_input_raises_value_error(what, kwargs, match, backend):
     with pytest.raises(ValueError, match=match):
-        if backend == "composite":
-            cosine_attention_composite(**kwargs)
-        else:
-            cosine_attention(**kwargs, backend=backend)
+        call_backend(kwargs, backend)
 
 
 def test_bad_backend():

@@ -21,7 +21,8 @@ from dtl_fast.ops.cosine_attention import cosine_attention, cosine_attention_com
 from dtl_fast.reference.cosine_attention import cosine_attention as reference
 
 from _helpers import assert_rel_close
-from test_cosine_attention import NAMES, leaves, make_inputs, scale_grad_tol
+from test_cosine_attention import (BAD_INPUT_BACKENDS, NAMES, call_backend, leaves, make_inputs,
+                                   scale_grad_tol)
 
 ops = importlib.import_module("dtl_fast.ops.cosine_attention")
 LN100 = math.log(100.0)
@@ -457,14 +458,11 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference", "auto", "composite"])
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
 @pytest.mark.parametrize("what,kwargs,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
 def test_bad_per_head_input_raises_value_error(what, kwargs, match, backend):
     with pytest.raises(ValueError, match=match):
-        if backend == "composite":
-            cosine_attention_composite(**kwargs)
-        else:
-            cosine_attention(**kwargs, backend=backend)
+        call_backend(kwargs, backend)
 
 
 def test_window_forms_agree():
