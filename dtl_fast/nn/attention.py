@@ -631,12 +631,17 @@ class _Composition(nn.Module):
         out = (torch.stack(branches, dim=-1) * alpha.unsqueeze(-2)).sum(-1)
         return (out, alpha) if return_weights else out
 
-    def forward_stacked(self, stacked: torch.Tensor) -> torch.Tensor:
+    def forward_stacked(self, stacked: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """The same from the branches stacked [K, B, N, dim] (what the grouped DAM layer
-        computes): one copy to [B, N, K*dim] (= torch.cat(branches, -1)) serves both the
-        scores and the weighted sum."""
+        computes), and optionally one more branch `last` [B, N, dim] (any strides) after them:
+        one copy to [B, N, K*dim] (= torch.cat(branches, -1)) serves both the scores and the
+        weighted sum."""
         K, B, N, D = stacked.shape
-        flat = stacked.permute(1, 2, 0, 3).reshape(B, N, K * D)
+        if last is None:
+            flat = stacked.permute(1, 2, 0, 3).reshape(B, N, K * D)
+        else:
+            flat = torch.cat([*stacked.unbind(0), last], dim=-1)
+            K += 1
         alpha = torch.softmax(self.score(flat), dim=-1)
         return (flat.view(B, N, K, D) * alpha.unsqueeze(-1)).sum(2)
 
@@ -738,8 +743,9 @@ class DAMLayer(_BackendMixin, nn.Module):
         return b_i, b_v
 
     def branches_stacked(self, x_i, x_v, L_i, L_v):
-        """The branch outputs of the grouped form, stacked: ([K_i, B, Ni, dim], [K_v, B, Nv,
-        dim]) in the order of branches()."""
+        """The branch outputs of the grouped form: ([K_i, B, Ni, dim], [K_v, B, Nv, dim]) the
+        stacked branches in the order of branches() but the long-term one, and that one's
+        outputs m_i [B, Ni, dim], m_v [B, Nv, dim] (None without long-term memory)."""
         L_i, L_v = _as_checked(L_i), _as_checked(L_v)
         h_i, h_v = self.norm_i(x_i), self.norm_v(x_v)
         Ni = x_i.shape[1]
@@ -751,39 +757,41 @@ class DAMLayer(_BackendMixin, nn.Module):
         # in the GEMM of h_v, so each of q, k, v is a view over the 2H stacked heads.
         same_kv = [self.intra_v] + ([self.short_term] if self.short_term is not None else [])
         n = len(same_kv)
+        # The long-term memory module serves both modalities: its q_proj is in neither grouped
+        # GEMM nor its out_proj in the stacked output GEMMs; it runs once over both token sets
+        # side by side (below). In both groups each of its weight gradients came as two slices
+        # of grouped gradients, summed into a new tensor, while AccumulateGrad kept the other
+        # slices as the other parameters' .grad (views): the dead slices stayed allocated until
+        # zero_grad, through the encoder's backward where the step peaks (2 x 64 KiB per layer
+        # at dim 128, and the out_proj biases; bench/memory_dtl.py).
         lin_v = [self.inter_vi.q_proj] + [m.q_proj for m in same_kv] + [m.k_proj for m in same_kv] \
-            + [m.v_proj for m in same_kv] + ([lt.q_proj] if lt is not None else []) \
-            + [self.inter_iv.k_proj, self.inter_iv.v_proj]
-        sizes_v = [1, n, n, n] + ([1] if lt is not None else []) + [1, 1]
-        lin_i = [self.inter_iv.q_proj, self.intra_i.q_proj, self.intra_i.k_proj, self.intra_i.v_proj]
-        if lt is not None:
-            lin_i.append(lt.q_proj)
-        lin_i += [self.inter_vi.k_proj, self.inter_vi.v_proj]
+            + [m.v_proj for m in same_kv] + [self.inter_iv.k_proj, self.inter_iv.v_proj]
+        sizes_v = [1, n, n, n, 1, 1]
+        lin_i = [self.inter_iv.q_proj, self.intra_i.q_proj, self.intra_i.k_proj, self.intra_i.v_proj,
+                 self.inter_vi.k_proj, self.inter_vi.v_proj]
         pv = iter(_head_groups(_linear_group(h_v, lin_v), sizes_v, H, d))
         pi = iter(_split_heads(_linear_group(h_i, lin_i), len(lin_i), H, d))
         q_vi, q_vv, k_vv, v_vv = next(pv), next(pv), next(pv), next(pv)
-        q_lv = next(pv) if lt is not None else None
         k_iv, v_iv = next(pv), next(pv)
         q_iv, q_ii, k_ii, v_ii = next(pi), next(pi), next(pi), next(pi)
-        q_li = next(pi) if lt is not None else None
         k_vi, v_vi = next(pi), next(pi)
         outs_i = [_attn_op(self.inter_iv, q_iv, k_iv, v_iv, L_v), _attn_op(self.intra_i, q_ii, k_ii, v_ii, L_i)]
         mods_i = [self.inter_iv, self.intra_i]
         outs_v = [_attn_op(self.inter_vi, q_vi, k_vi, v_vi, L_i)]
         outs_v += _stacked_attn_op(same_kv, q_vv, k_vv, v_vv, L_v)  # one call over 2H heads
         mods_v = [self.inter_vi] + same_kv
+        m_i = m_v = None
         if lt is not None:
-            o = lt.attend_heads(torch.cat([q_li, q_lv], dim=2))  # memory only: one call
-            outs_i.append(o[:, :, :Ni])
-            outs_v.append(o[:, :, Ni:])
-            mods_i.append(lt)
-            mods_v.append(lt)
-        return _out_group(outs_i, mods_i), _out_group(outs_v, mods_v)
+            # memory only: the module once over both token sets side by side (its q_proj and
+            # out_proj are one GEMM each, outside the grouped GEMMs: see lin_v above)
+            m = lt(torch.cat([h_i, h_v], dim=1))
+            m_i, m_v = m[:, :Ni], m[:, Ni:]
+        return _out_group(outs_i, mods_i), _out_group(outs_v, mods_v), m_i, m_v
 
     def forward(self, x_i, x_v, L_i=None, L_v=None):
         if use_grouped(self):
-            s_i, s_v = self.branches_stacked(x_i, x_v, L_i, L_v)
-            c_i, c_v = self.compose_i.forward_stacked(s_i), self.compose_v.forward_stacked(s_v)
+            s_i, s_v, m_i, m_v = self.branches_stacked(x_i, x_v, L_i, L_v)
+            c_i, c_v = self.compose_i.forward_stacked(s_i, m_i), self.compose_v.forward_stacked(s_v, m_v)
         else:
             b_i, b_v = self.branches(x_i, x_v, L_i, L_v)
             c_i, c_v = self.compose_i(b_i), self.compose_v(b_v)
