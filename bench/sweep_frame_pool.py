@@ -3,11 +3,13 @@
 What it measures, on the headline shapes (>= 256 MiB inputs, fp32 and bf16, a long-T one and a
 small-B one) and the pooling modes mean, max and meanmax:
   forward   every forward configuration in FWD_GRID (threads per block, feature vectors per
-            block, frames in flight per thread `fwd_unroll`), as % of the copy bandwidth
+            block, frames in flight per thread `fwd_unroll`, the software-pipelined loop
+            `fwd_pipeline`), as % of the copy bandwidth
             measured in the same run over the bytes the op must move (valid frames read once +
             output written once);
-  series    the forward (mean, float32) at T = 128 / 256 / 512 for each fwd_unroll in
-            SERIES_GRID, and per unroll the fit t = t0 + bytes / BW (fixed cost vs streaming rate);
+  series    the forward (mean, float32) at T = 128 / 256 / 512 for each (fwd_unroll,
+            fwd_pipeline) in SERIES_GRID, and per configuration the fit t = t0 + bytes / BW
+            (fixed cost vs streaming rate);
   backward  the backward op alone (torch.ops.dtl_fast.frame_pool_backward) for every
             configuration in BWD_GRID (threads, feature vectors, frames per thread, waves), over
             grad_out read once + grad_x written once;
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,30 +55,47 @@ HEADLINE = [((256, 256, 1024), f32), ((256, 512, 1024), bf16), ((64, 1024, 1024)
 SMALL = [((64, 64, 1024), f32), ((16, 32, 256), f32), ((8, 128, 128), bf16)]  # auto-rule inputs
 POOL_MODES = ("mean", "max", "meanmax")
 
-# (threads, max_tx, fwd_unroll); the time split and the backward fields stay at their defaults.
+# (threads, max_tx, fwd_unroll[, fwd_pipeline]); the time split and the backward fields stay at
+# their defaults.
 # Only block shapes with the default's 8 time lanes (256 x 32, 128 x 16): another lane count
 # sums the frames in another order, so mean / meanmax differ from the default in the last bit
 # and the run of 2026-11-27 (H100) timed nothing there; the split constants (sw / phi) moved
 # the forward by under 1 point in that run. fwd_unroll (frames in flight per thread) is the
-# variable this grid exists for; it never changes the result.
-FWD_GRID = [(t, tx, u) for (t, tx) in ((256, 32), (128, 16)) for u in (2, 4, 8, 16)]
+# variable this grid exists for; it never changes the result. fwd_pipeline = 1 (U = 8 / 16 held
+# as two software-pipelined rounds of 4 / 8, round k + 1 issued before round k is folded) is
+# timed beside the plain U = 8 / 16, which hold as many registers at the same occupancy: the
+# pair isolates the load schedule. 12 forward configurations x 12 headline cases.
+FWD_GRID = ([(t, tx, u) for (t, tx) in ((256, 32), (128, 16)) for u in (2, 4, 8, 16)]
+            + [(t, tx, u, 1) for (t, tx) in ((256, 32), (128, 16)) for u in (8, 16)])
 # A size series for the forward (mean, float32, B x D = 256 x 1024 as the first headline case,
 # T = 128 / 256 / 512, ~68 / 136 / 270 MB of valid frames) at each fwd_unroll of the default
 # block shape: the fit t = t0 + bytes / BW per unroll says whether U moves the fixed cost t0
 # (launch, first loads, tail) or the streaming rate BW (bytes in flight) -- bench/NOTES.md.
 SIZE_SERIES = [((256, 128, 1024), f32), ((256, 512, 1024), f32)]
-SERIES_GRID = [(256, 32, u) for u in (2, 4, 8, 16)]
+SERIES_GRID = [(256, 32, u) for u in (2, 4, 8, 16)] + [(256, 32, u, 1) for u in (8, 16)]
 # (threads, max_tx, bwd_frames, bwd_waves); the forward fields stay at their defaults.
 BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in (4, 8, 16, 32)]
 
 # The fields of dtl_fast._C.cuda_launch_config(), in order.
 FIELDS = ("threads", "max_tx", "split_waves", "split_phi_pct", "bwd_frames", "bwd_waves",
-          "fwd_unroll")
+          "fwd_unroll", "fwd_pipeline")
+# Provider names: `-p1` only for the pipelined forward, so the names of every other
+# configuration (and of the default) are those of the rows already in frame_pool_sweep.csv.
+_NAME = re.compile(r"t(\d+)-tx(\d+)-sw(\d+)-phi(\d+)-bf(\d+)-bw(\d+)-u(\d+)(?:-p(\d+))?")
 
 
 def config_name(cfg: tuple[int, ...]) -> str:
-    t, tx, w, phi, fr, bw, u = cfg
-    return f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}-u{u}"
+    t, tx, w, phi, fr, bw, u, p = cfg
+    return f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}-u{u}" + (f"-p{p}" if p else "")
+
+
+def parse_config_name(name: str) -> tuple[int, ...]:
+    """The configuration tuple (FIELDS order) of a provider name config_name wrote; rows of
+    runs before fwd_pipeline (no `-p` part) read as fwd_pipeline 0."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        raise ValueError(f"not a sweep configuration name: {name!r}")
+    return tuple(int(g) if g is not None else 0 for g in m.groups())
 
 
 def with_fields(default: tuple[int, ...], **fields: int) -> tuple[int, ...]:
@@ -83,8 +103,10 @@ def with_fields(default: tuple[int, ...], **fields: int) -> tuple[int, ...]:
     return tuple(fields.get(name, v) for name, v in zip(FIELDS, default))
 
 
-def fwd_config(default: tuple[int, ...], c: tuple[int, int, int]) -> tuple[int, ...]:
-    return with_fields(default, threads=c[0], max_tx=c[1], fwd_unroll=c[2])
+def fwd_config(default: tuple[int, ...], c: tuple[int, ...]) -> tuple[int, ...]:
+    """c = (threads, max_tx, fwd_unroll[, fwd_pipeline = 0])."""
+    return with_fields(default, threads=c[0], max_tx=c[1], fwd_unroll=c[2],
+                       fwd_pipeline=c[3] if len(c) > 3 else 0)
 
 
 def bwd_config(default: tuple[int, ...], c: tuple[int, int, int, int]) -> tuple[int, ...]:
@@ -332,7 +354,7 @@ class Sweep:
                 lines.append(f"best {pas} config over the {n} headline cases (geometric mean "
                              f"{geo[c]:.1f}% vs default {geo.get(self.default, float('nan')):.1f}%): "
                              f"{config_name(c)}")
-                if pas == "forward":  # the fwd_unroll trend (bench/NOTES.md predicts it)
+                if pas == "forward":  # fwd_unroll / fwd_pipeline (bench/NOTES.md predicts them)
                     lines.append("forward geometric mean by config: " + ", ".join(
                         f"{config_name(k)} {v:.1f}%" for k, v in sorted(geo.items())))
         lines += self.size_series_fit()

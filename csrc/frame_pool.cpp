@@ -134,6 +134,7 @@ std::atomic<int> g_split_phi_pct{CudaLaunchConfig{}.split_phi_pct};
 std::atomic<int> g_bwd_frames{CudaLaunchConfig{}.bwd_frames};
 std::atomic<int> g_bwd_waves{CudaLaunchConfig{}.bwd_waves};
 std::atomic<int> g_fwd_unroll{CudaLaunchConfig{}.fwd_unroll};
+std::atomic<int> g_fwd_pipeline{CudaLaunchConfig{}.fwd_pipeline};
 
 bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 }  // namespace
@@ -147,6 +148,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.bwd_frames = g_bwd_frames.load(std::memory_order_relaxed);
   c.bwd_waves = g_bwd_waves.load(std::memory_order_relaxed);
   c.fwd_unroll = g_fwd_unroll.load(std::memory_order_relaxed);
+  c.fwd_pipeline = g_fwd_pipeline.load(std::memory_order_relaxed);
   return c;
 }
 
@@ -170,6 +172,13 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
   TORCH_CHECK_VALUE(c.fwd_unroll == 2 || c.fwd_unroll == 4 || c.fwd_unroll == 8 ||
                         c.fwd_unroll == 16,
                     "cuda launch config: fwd_unroll must be 2, 4, 8 or 16, got ", c.fwd_unroll);
+  // Pipelined kernels are compiled for U = 8 and 16 only (two rounds of 4 or 8 loads), which
+  // keeps the growth of _C modest.
+  TORCH_CHECK_VALUE(c.fwd_pipeline == 0 || c.fwd_pipeline == 1,
+                    "cuda launch config: fwd_pipeline must be 0 or 1, got ", c.fwd_pipeline);
+  TORCH_CHECK_VALUE(c.fwd_pipeline == 0 || c.fwd_unroll == 8 || c.fwd_unroll == 16,
+                    "cuda launch config: fwd_pipeline=1 needs fwd_unroll 8 or 16 (two rounds of "
+                    "4 or 8 loads), got fwd_unroll=", c.fwd_unroll);
   g_threads.store(c.threads);
   g_max_tx.store(c.max_tx);
   g_split_waves.store(c.split_waves);
@@ -177,6 +186,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
   g_bwd_frames.store(c.bwd_frames);
   g_bwd_waves.store(c.bwd_waves);
   g_fwd_unroll.store(c.fwd_unroll);
+  g_fwd_pipeline.store(c.fwd_pipeline);
 }
 
 #ifndef DTL_FAST_WITH_CUDA

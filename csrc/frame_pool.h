@@ -73,6 +73,11 @@ struct CudaLaunchConfig {
                             // 2, 4, 8 or 16 (the scalar path for unaligned inputs keeps 8).
                             // Only the loads in flight change: the block shape and the time
                             // split are the same for every value, so results are bit-identical
+  int fwd_pipeline = 0;     // 1: the same U words as two software-pipelined rounds of U / 2
+                            // (round k + 1 issued before round k is folded), so loads stay in
+                            // flight during the fold; needs fwd_unroll 8 or 16 (float64 and the
+                            // scalar path run the plain loop). 0: issue U, wait, fold.
+                            // Bit-identical too (same frames, same order per lane)
 };
 CudaLaunchConfig cuda_launch_config();
 // Validates every field (ValueError naming it) before replacing the configuration.

@@ -39,8 +39,8 @@ PyObject* check_errors(PyObject*, PyObject* args) {
 }
 
 PyObject* config_tuple(const dtl_fast::CudaLaunchConfig& c) {
-  return Py_BuildValue("(iiiiiii)", c.threads, c.max_tx, c.split_waves, c.split_phi_pct,
-                       c.bwd_frames, c.bwd_waves, c.fwd_unroll);
+  return Py_BuildValue("(iiiiiiii)", c.threads, c.max_tx, c.split_waves, c.split_phi_pct,
+                       c.bwd_frames, c.bwd_waves, c.fwd_unroll, c.fwd_pipeline);
 }
 
 PyObject* cuda_launch_config(PyObject*, PyObject*) {
@@ -48,11 +48,12 @@ PyObject* cuda_launch_config(PyObject*, PyObject*) {
 }
 
 PyObject* set_cuda_launch_config(PyObject*, PyObject* args) {
-  // fwd_unroll is optional (its default when left out): callers written for the six-field
-  // tuple keep working.
+  // fwd_unroll and fwd_pipeline are optional (their defaults when left out): callers written
+  // for the six- or seven-field tuple keep working.
   dtl_fast::CudaLaunchConfig c;
-  if (!PyArg_ParseTuple(args, "iiiiii|i", &c.threads, &c.max_tx, &c.split_waves,
-                        &c.split_phi_pct, &c.bwd_frames, &c.bwd_waves, &c.fwd_unroll))
+  if (!PyArg_ParseTuple(args, "iiiiii|ii", &c.threads, &c.max_tx, &c.split_waves,
+                        &c.split_phi_pct, &c.bwd_frames, &c.bwd_waves, &c.fwd_unroll,
+                        &c.fwd_pipeline))
     return nullptr;
   return translate([&]() -> PyObject* {
     const dtl_fast::CudaLaunchConfig old = dtl_fast::cuda_launch_config();
@@ -68,11 +69,12 @@ PyMethodDef dtl_fast_c_methods[] = {
      "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},
     {"cuda_launch_config", cuda_launch_config, METH_NOARGS,
-     "(threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll) of the "
-     "CUDA kernels."},
+     "(threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, "
+     "fwd_pipeline) of the CUDA kernels."},
     {"set_cuda_launch_config", set_cuda_launch_config, METH_VARARGS,
      "set_cuda_launch_config(threads, max_tx, split_waves, split_phi_pct, bwd_frames, "
-     "bwd_waves[, fwd_unroll=4]) -> the previous tuple; ValueError names a bad field."},
+     "bwd_waves[, fwd_unroll=4[, fwd_pipeline=0]]) -> the previous tuple; ValueError names a "
+     "bad field."},
     {nullptr, nullptr, 0, nullptr},
 };
 

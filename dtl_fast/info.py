@@ -108,7 +108,8 @@ def info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_kernel_isa": _extension._C.cpu_isa() if _extension.cpp_available() else None,
         # frame_pool's CUDA launch constants (threads, max_tx, split_waves, split_phi_pct,
-        # bwd_frames, bwd_waves, fwd_unroll): bench/sweep_frame_pool.py measures them on a GPU
+        # bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline): bench/sweep_frame_pool.py measures
+        # them on a GPU
         "frame_pool_cuda_launch": (_extension._C.cuda_launch_config()
                                    if _extension.cuda_kernels_built() else None),
         "backend_default": os.environ.get(ENV_VAR) or "auto",

@@ -479,28 +479,71 @@ def test_check_errors_without_a_gpu_error_is_silent():
 def test_cuda_launch_config_validates_and_round_trips():
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
-    # (threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll)
-    assert len(default) == 7 and all(isinstance(v, int) for v in default)
-    assert default[6] == 4  # today's forward: 4 frames in flight per thread
+    # (threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline)
+    assert len(default) == 8 and all(isinstance(v, int) for v in default)
+    assert default[6:] == (4, 0)  # today's forward: 4 frames in flight per thread, not pipelined
+    base = (128, 16, 2, 50, 8, 2)
     try:
-        assert C.set_cuda_launch_config(128, 16, 2, 50, 8, 2, 16) == default
-        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2, 16)
+        assert C.set_cuda_launch_config(*base, 16, 1) == default
+        assert C.cuda_launch_config() == base + (16, 1)
         for bad, name in [((96, 16, 2, 50, 8, 2), "threads"), ((128, 12, 2, 50, 8, 2), "max_tx"),
                           ((128, 256, 2, 50, 8, 2), "max_tx"), ((128, 16, -1, 50, 8, 2), "split_waves"),
                           ((128, 16, 2, 0, 8, 2), "split_phi_pct"), ((128, 16, 2, 50, 0, 2), "bwd_frames"),
-                          ((128, 16, 2, 50, 8, 0), "bwd_waves"), ((128, 16, 2, 50, 8, 2, 3), "fwd_unroll"),
-                          ((128, 16, 2, 50, 8, 2, 32), "fwd_unroll"), ((128, 16, 2, 50, 8, 2, 0), "fwd_unroll")]:
+                          ((128, 16, 2, 50, 8, 0), "bwd_waves"), (base + (3,), "fwd_unroll"),
+                          (base + (32,), "fwd_unroll"), (base + (0,), "fwd_unroll"),
+                          (base + (8, 2), "fwd_pipeline"), (base + (8, -1), "fwd_pipeline"),
+                          # pipelined kernels exist for U = 8 and 16 only (two rounds of 4 / 8)
+                          (base + (4, 1), "fwd_pipeline"), (base + (2, 1), "fwd_pipeline")]:
             with pytest.raises(ValueError, match=name):
                 C.set_cuda_launch_config(*bad)
-        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2, 16)  # a rejected call changes nothing
-        # The six-field form (callers older than fwd_unroll) sets fwd_unroll back to its default.
-        assert C.set_cuda_launch_config(128, 16, 2, 50, 8, 2) == (128, 16, 2, 50, 8, 2, 16)
-        assert C.cuda_launch_config() == (128, 16, 2, 50, 8, 2, 4)
-        for u in (2, 4, 8, 16):
-            C.set_cuda_launch_config(*default[:6], u)
-            assert C.cuda_launch_config() == default[:6] + (u,)
+        assert C.cuda_launch_config() == base + (16, 1)  # a rejected call changes nothing
+        # The shorter forms (callers older than fwd_unroll / fwd_pipeline) set the fields they
+        # leave out back to their defaults.
+        assert C.set_cuda_launch_config(*base, 8) == base + (16, 1)
+        assert C.cuda_launch_config() == base + (8, 0)
+        C.set_cuda_launch_config(*base, 8, 1)
+        assert C.set_cuda_launch_config(*base) == base + (8, 1)
+        assert C.cuda_launch_config() == base + (4, 0)
+        for u, p in ((2, 0), (4, 0), (8, 0), (16, 0), (8, 1), (16, 1)):
+            C.set_cuda_launch_config(*default[:6], u, p)
+            assert C.cuda_launch_config() == default[:6] + (u, p)
     finally:
         C.set_cuda_launch_config(*default)
+
+
+def test_sweep_provider_names_parse_back():
+    # bench/sweep_frame_pool.py names each timed row's provider after its launch configuration.
+    # Every configuration it can time has its own name, which parses back to it; the plain ones
+    # keep the names of earlier runs' rows (ending in -u<U>), the pipelined ones end in -u<U>-p1,
+    # and set_cuda_launch_config accepts every one of them.
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import sweep_frame_pool as S
+
+    C = dtl_fast._extension._C
+    default = C.cuda_launch_config()
+    assert len(S.FIELDS) == len(default)
+    assert S.config_name(default) == "t256-tx32-sw4-phi25-bf16-bw4-u4"  # the default's rows so far
+    cfgs = {S.fwd_config(default, c) for c in S.FWD_GRID + S.SERIES_GRID}
+    cfgs |= {S.bwd_config(default, c) for c in S.BWD_GRID}
+    names = {S.config_name(c) for c in cfgs}
+    assert len(names) == len(cfgs)
+    assert {c[6] for c in cfgs if c[7]} == {8, 16}  # pipelined: fwd_unroll 8 and 16
+    try:
+        for cfg in cfgs:
+            name = S.config_name(cfg)
+            assert S.parse_config_name(name) == cfg, name
+            assert re.search(r"-u(\d+)-p1$" if cfg[7] else r"-u(\d+)$", name), name
+            C.set_cuda_launch_config(*cfg)
+    finally:
+        C.set_cuda_launch_config(*default)
+    # a row written before fwd_pipeline existed reads as the plain loop
+    assert S.parse_config_name("t128-tx16-sw4-phi25-bf16-bw4-u8") == (128, 16, 4, 25, 16, 4, 8, 0)
+    with pytest.raises(ValueError, match="default"):
+        S.parse_config_name("default")
 
 
 @pytest.mark.gpu
@@ -553,7 +596,8 @@ def test_no_host_synchronisation_per_call(where):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(256, 32, 4, 25, 16, 4, 4), (128, 16, 2, 50, 8, 2, 8), (64, 8, 8, 10, 4, 8, 2),
-                                    (256, 64, 0, 100, 1, 1, 16), (128, 128, 64, 1, 64, 16, 4)])
+                                    (256, 64, 0, 100, 1, 1, 16), (128, 128, 64, 1, 64, 16, 4),
+                                    (64, 8, 8, 10, 4, 8, 8, 1), (256, 32, 4, 25, 16, 4, 16, 1)])
 @pytest.mark.parametrize("mode", MODES)
 def test_every_launch_config_computes_the_same(config, mode, poison):
     # The sweep varies these constants; each must stay correct (shapes that split time or not,
@@ -580,34 +624,39 @@ def test_every_launch_config_computes_the_same(config, mode, poison):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
-    # fwd_unroll only regroups the loads of the forward's vector loop (each lane still folds its
-    # frames in increasing order, and the time split is planned with the default unroll), so
-    # every value must give exactly the default's output and argmax: frame counts that no U
-    # divides, lengths 0 / 1 / T, a time-split shape (B = 2, T = 3001) and a plain one, -inf
-    # and NaN where max must pick the first maximum / propagate NaN.
+    # fwd_unroll only regroups the loads of the forward's vector loop, and fwd_pipeline only
+    # reorders them (round k + 1 issued before round k is folded); each lane still folds its
+    # frames in increasing order, and the time split is planned with the default unroll, so
+    # every (fwd_unroll, fwd_pipeline) must give exactly the default's output and argmax: frame
+    # counts that no U divides, lengths 0 / 1 / T and a spread of lengths in between (a lane's
+    # last full round, or its first, followed by a partial one, an odd or even number of full
+    # rounds: both exits of the pipelined loop), time-split shapes (B = 2, T = 3001; B = 6,
+    # T = 700) and plain ones, -inf and NaN where max must pick the first maximum / propagate NaN.
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
     gen = torch.Generator(device="cuda").manual_seed(7)
     cases = []
-    for B, T, D in [(2, 3001, 64), (37, 77, 128), (5, 1, 24), (9, 19, 16)]:
+    for B, T, D in [(2, 3001, 64), (37, 77, 128), (5, 1, 24), (9, 19, 16), (6, 700, 64)]:
         x = torch.randn(B, T, D, device="cuda", generator=gen).to(dtype)
         x[:, ::5, 1] = float("-inf")  # -inf frames: the first of several equal maxima wins
         x[:, :, 2] = 0.5  # every frame equal
         x[-1, T // 2, 3] = float("nan")
         lengths = torch.randint(0, T + 1, (B,), device="cuda", generator=gen)
+        if B > 4:
+            lengths[3:] = torch.arange(B - 3, device="cuda") * T // (B - 4)  # 0 ... T
         lengths[0], lengths[1 % B] = T, min(1, T)
         if B > 2:
             lengths[2] = 0
         cases.append((x, lengths))
     try:
         for x, lengths in cases:
-            C.set_cuda_launch_config(*default[:6], 4)
+            C.set_cuda_launch_config(*default[:6], 4, 0)
             ref, ref_am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-            for u in (2, 8, 16):
-                C.set_cuda_launch_config(*default[:6], u)
+            for u, p in ((2, 0), (8, 0), (16, 0), (8, 1), (16, 1)):
+                C.set_cuda_launch_config(*default[:6], u, p)
                 with poison():
                     out, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-                what = f"fwd_unroll={u} {tuple(x.shape)} {dtype}"
+                what = f"fwd_unroll={u} fwd_pipeline={p} {tuple(x.shape)} {dtype}"
                 assert torch.equal(out.isnan(), ref.isnan()), what
                 assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
                 assert torch.equal(am, ref_am), what

@@ -1,8 +1,11 @@
 """The forward kernel's fwd_unroll variants (CudaLaunchConfig::fwd_unroll: 2, 4, 8 or 16 frames in
-flight per thread in the 16-byte-vector loop) as built into dtl_fast._C, read without a GPU:
-each is there for every architecture, dtype and pooling kind, fits its launch bounds without a
-spill, and the sum kernels issue all U 16-byte loads of a round before the first instruction
-that waits for one of them (the memory-level parallelism the knob exists for).
+flight per thread in the 16-byte-vector loop) and its software-pipelined ones (fwd_pipeline = 1,
+U = 8 or 16 as two rounds of U / 2, round k + 1 issued before round k is folded) as built into
+dtl_fast._C, read without a GPU: each is there for every architecture, dtype and pooling kind,
+fits its launch bounds without a spill; the plain sum kernels issue all U 16-byte loads of a
+round before the first instruction that waits for one of them (the memory-level parallelism the
+knob exists for), and the pipelined kernels keep the next round's loads in flight through the
+fold of the current one, where the plain loop has none left.
 
 What the SASS showed when this was written (sm_90, loads issued before the first wait, per
 round of the unguarded loop / the predicated last round): mean / sum kernels U of U in both;
@@ -20,15 +23,22 @@ pytestmark = pytest.mark.skipif(not _extension.cuda_kernels_built(),
 
 UNROLLS = (2, 4, 8, 16)
 DTYPES = {"ff": "float32", "dd": "float64", "N3c104HalfEf": "float16", "N3c108BFloat16Ef": "bfloat16"}
+PIPELINED = (8, 16)  # the fwd_unroll values with a pipelined kernel (fwd_pipeline = 1)
+# float64 has none (it runs the plain kernel): its meanmax U = 8 pipelined kernel spilled on sm_80.
+PIPELINED_DTYPES = ("float32", "float16", "bfloat16")
 _SCALARS = re.compile(r"frame_pool_fwd_kernelI(ff|dd|N3c104HalfEf|N3c108BFloat16Ef)Li")
+# The last template argument of the forward kernel: bool PIPE (fwd_pipeline).
+_PIPE = re.compile(r"frame_pool_fwd_kernelI.*?Li\d+ELi\d+ELi\dELb([01])E")
 
 
-def _vector_forward_kernels(kernels):
-    """{(dtype, VEC, U, KIND): name} of the 16-byte-vector forward kernels (VEC > 1)."""
+def _vector_forward_kernels(kernels, pipelined=False):
+    """{(dtype, VEC, U, KIND): name} of the 16-byte-vector forward kernels (VEC > 1), the plain
+    ones or (pipelined=True) the software-pipelined ones."""
     out = {}
     for name in kernels:
-        m, s = _FWD.search(name), _SCALARS.search(name)
-        if m and s and int(m.group(1)) > 1:
+        m, s, p = _FWD.search(name), _SCALARS.search(name), _PIPE.search(name)
+        assert m is None or p is not None, f"no PIPE template argument in {name}"
+        if m and s and int(m.group(1)) > 1 and p.group(1) == ("1" if pipelined else "0"):
             out[(DTYPES[s.group(1)], int(m.group(1)), int(m.group(2)), int(m.group(3)))] = name
     return out
 
@@ -47,20 +57,26 @@ def _register_cap(vec: int, unroll: int, kind: int) -> int:
     return 65536 // (256 * blocks) // 8 * 8
 
 
-def test_every_unroll_is_built_and_fits_without_spills():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_every_unroll_is_built_and_fits_without_spills(pipelined):
+    # The pipelined kernel <U> holds the same U loaded words as the plain one, under the same
+    # launch bounds (kFwdMinBlocks<KIND, VEC, U>), so the same register cap applies.
     usage = _resource_usage()
     assert _expected_archs() <= set(usage), sorted(usage)
     for arch in _expected_archs():
-        found = _vector_forward_kernels(usage[arch])
+        found = _vector_forward_kernels(usage[arch], pipelined)
         want = {(dt, 16 // size, u, k) for dt, size in
                 (("float32", 4), ("float64", 8), ("float16", 2), ("bfloat16", 2))
-                for u in UNROLLS for k in (0, 1, 2)}
-        assert want <= set(found), f"{arch}: missing {sorted(want - set(found))[:4]}"
+                if not pipelined or dt in PIPELINED_DTYPES
+                for u in (PIPELINED if pipelined else UNROLLS) for k in (0, 1, 2)}
+        assert want == set(found), (f"{arch}: missing {sorted(want - set(found))[:4]}, "
+                                    f"extra {sorted(set(found) - want)[:4]}")
         for (dt, vec, u, kind), name in found.items():
             res = usage[arch][name]
-            assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{arch} {dt} U={u} kind {kind} spills: {res}"
+            what = f"{arch} {dt} U={u} kind {kind}{' pipelined' if pipelined else ''}"
+            assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{what} spills: {res}"
             cap = _register_cap(vec, u, kind)
-            assert res["REG"] <= cap, f"{arch} {dt} U={u} kind {kind}: {res['REG']} registers > {cap}"
+            assert res["REG"] <= cap, f"{what}: {res['REG']} registers > {cap}"
 
 
 def _loads_before_first_wait(sass_text: str) -> list:
@@ -109,3 +125,91 @@ def test_sum_kernels_issue_every_load_of_a_round_before_the_first_wait(unroll):
                 assert runs and runs[0] >= min(unroll, 4), f"{arch} {dt} U={u} kind {kind}: {runs}"
             checked += 1
     assert checked >= 12 * len(_expected_archs()), checked
+
+
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;")
+# Opcodes whose first register operand is read, not written.
+_NO_DEST = ("ISETP", "FSETP", "DSETP", "HSETP2", "ST", "BRA", "BSSY", "BSYNC", "EXIT", "RET")
+
+
+def _in_flight_through_the_fold(sass_text: str):
+    """(16-byte loads per trip of the hot loop, fewest, mean and most loads in flight at a fold
+    instruction), or None without such a loop. The hot loop is the shortest backward branch
+    whose body holds LDG.E.128 (the unguarded / pipelined loop, not the loop over rows). Its
+    body is walked twice in program order, so loads issued at the end of one trip and folded in
+    the next count; in the second walk, at each instruction that reads a loaded register (the
+    warp waits for that load there), the loads issued and not yet read are counted. The plain
+    loop issues its U loads and folds them, so at its last fold instruction nothing is in
+    flight (fewest 0); the pipelined loop folds round k with round k + 1's loads outstanding."""
+    ins = []
+    for line in sass_text.splitlines():
+        if m := _INSTRUCTION.match(line):
+            op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).partition(" ")
+            ins.append((int(m.group(1), 16), op, operands))
+    loops = []
+    for addr, op, operands in ins:
+        target = re.search(r"0x([0-9a-f]+)", operands) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [i for i in ins if int(target.group(1), 16) <= i[0] <= addr]
+            if any(op.startswith("LDG.E.128") for _, op, _ in body):
+                loops.append(body)
+    if not loops:
+        return None
+    body = min(loops, key=len)
+    pending, counts = {}, []  # load -> its destination registers not yet read or overwritten
+    for trip in range(2):
+        for n, (_, op, operands) in enumerate(body):
+            regs = [int(r) for r in re.findall(r"\bR(\d+)\b", operands)]
+            if op.startswith("LDG.E.128"):
+                dest = set(range(regs[0], regs[0] + 4))
+                for k in [k for k, v in pending.items() if v & dest]:
+                    del pending[k]
+                pending[(trip, n)] = dest
+                continue
+            writes = not op.startswith(_NO_DEST)
+            reads = set(regs[1:] if writes else regs)
+            waited = [k for k, v in pending.items() if v & reads]
+            for k in waited:
+                del pending[k]
+            if waited and trip == 1:
+                counts.append(len(pending))
+            if regs and writes:
+                for k in [k for k, v in pending.items() if regs[0] in v]:
+                    pending[k].discard(regs[0])
+                    if not pending[k]:
+                        del pending[k]
+    loads = sum(op.startswith("LDG.E.128") for _, op, _ in body)
+    return loads, min(counts, default=0), sum(counts) / max(len(counts), 1), max(counts, default=0)
+
+
+@pytest.mark.parametrize("unroll", PIPELINED)
+def test_pipelined_kernels_keep_loads_in_flight_through_the_fold(unroll):
+    # fwd_pipeline = 1: the next round's loads are issued before the current round is folded,
+    # so in the hot loop fold instructions run with loads in flight, where the plain kernel of
+    # the same U (same registers, same launch bounds) has none left at its last fold. What the
+    # SASS showed when this was written (bench/NOTES.md has the table):
+    #   - mean / sum, every dtype, and float32 max / meanmax: all U / 2 loads of the next round
+    #     are outstanding at every fold instruction of the current one;
+    #   - 2-byte max / meanmax: ptxas sinks some of the next round's loads into the fold, but
+    #     at least one stays in flight throughout (3 of 4 at U = 8), more on average than in
+    #     the plain kernel.
+    checked = 0
+    for arch, kernels in _sass().items():
+        plain = _vector_forward_kernels(kernels)
+        for key, name in _vector_forward_kernels(kernels, pipelined=True).items():
+            dt, vec, u, kind = key
+            if u != unroll:
+                continue
+            got = _in_flight_through_the_fold(kernels[name])
+            base = _in_flight_through_the_fold(kernels[plain[key]])
+            what = (f"{arch} {dt} U={u} kind {kind}: (loads per trip, fewest, mean, most in "
+                    f"flight at a fold instruction) pipelined {got}, plain {base}")
+            assert got is not None and base is not None, what
+            assert got[0] == base[0] == u, what  # one trip: two rounds of U / 2, or one of U
+            assert base[1] == 0, what  # the plain loop: nothing in flight at its last fold
+            if kind == 0 or dt == "float32":
+                assert got[1] == u // 2, what
+            else:
+                assert got[1] >= 1 and got[2] > base[2], what
+            checked += 1
+    assert checked == 9 * len(_sass()), checked  # 3 dtypes x 3 kinds per architecture

@@ -4,7 +4,9 @@
 // The forward pass is a pure streaming read of x, so the design goal is DRAM bandwidth:
 //   - each thread owns VEC adjacent features (one 16-byte load per frame) and keeps U frames
 //     in flight, so a block of TX feature vectors x TY time lanes reads TY * U rows at once
-//     (U = CudaLaunchConfig::fwd_unroll; one kernel is compiled per value);
+//     (U = CudaLaunchConfig::fwd_unroll; one kernel is compiled per value); with
+//     CudaLaunchConfig::fwd_pipeline the U are two software-pipelined rounds of U / 2, so loads
+//     stay in flight while a round is folded;
 //   - the TY lanes of a block are folded through shared memory;
 //   - when B x (feature blocks) cannot fill the GPU, time is also split across blocks; each
 //     split writes float/double partials (and int32 argmax) to a workspace that a small second
@@ -40,6 +42,7 @@
 #include <limits>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 namespace dtl_fast {
 namespace {
@@ -186,6 +189,115 @@ __device__ __forceinline__ void accumulate(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
   }
 }
 
+// One round of the vector loop: R loads, frames t, t + TY, ..., t + (R - 1) TY at q + k * step,
+// into w[OFF, OFF + R). GUARD: a frame at or past t_hi is not read (its word stays 0), the
+// predicate of the last round, so no out-of-range frame is ever touched.
+template <int R, int OFF, bool GUARD, typename scalar_t, int VEC, typename W, int N>
+__device__ __forceinline__ void load_round(W (&w)[N], const scalar_t* q, int64_t step, int32_t t,
+                                           int32_t t_hi, int TY) {
+  static_assert(OFF + R <= N, "round outside the buffer");
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if constexpr (GUARD) {
+      w[OFF + k] = {};
+      if (t + k * TY < t_hi) w[OFF + k] = load_raw<scalar_t, VEC>(q + k * step);
+    } else {
+      w[OFF + k] = load_raw<scalar_t, VEC>(q + k * step);
+    }
+  }
+}
+
+// Folds the round in w[OFF, OFF + R) (frames t, t + TY, ...) in increasing frame order;
+// GUARD stops at t_hi.
+template <int KIND, int R, int OFF, bool GUARD, typename scalar_t, typename acc_t, int VEC,
+          typename W, int N>
+__device__ __forceinline__ void fold_round(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                           int32_t (&idx)[VEC], const W (&w)[N], int32_t t,
+                                           int32_t t_hi, int TY) {
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (GUARD && t + k * TY >= t_hi) break;
+    accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[OFF + k]),
+                                           t + k * TY);
+  }
+}
+
+// The end of a pipelined lane: w[CUR, CUR + R) holds the issued, unfolded full round at t, and
+// fewer than R frames follow it; they are prefetched into the other half with the predicate of
+// the plain loop's last round before w[CUR, CUR + R) is folded.
+template <int KIND, int R, int CUR, typename scalar_t, typename acc_t, int VEC, typename W, int N>
+__device__ __forceinline__ void fold_pipelined_tail(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                                    int32_t (&idx)[VEC], W (&w)[N],
+                                                    const scalar_t* q, int64_t step, int32_t t,
+                                                    int32_t t_hi, int TY) {
+  constexpr int NEXT = R - CUR;
+  const int32_t tn = t + R * TY;
+  if (tn < t_hi) {
+    load_round<R, NEXT, true, scalar_t, VEC>(w, q + R * step, step, tn, t_hi, TY);
+    pin_loads(w);
+  }
+  fold_round<KIND, R, CUR, false, scalar_t, acc_t, VEC>(sum, mx, idx, w, t, t_hi, TY);
+  if (tn < t_hi) {
+    fold_round<KIND, R, NEXT, true, scalar_t, acc_t, VEC>(sum, mx, idx, w, tn, t_hi, TY);
+  }
+}
+
+// The vector loop of one lane, software-pipelined (CudaLaunchConfig::fwd_pipeline = 1): U
+// words held as two rounds of R = U / 2, and round k + 1 is issued before round k is folded,
+// so R loads stay in flight through every fold (the plain loop issues U, waits, folds, and has
+// nothing in flight while it folds). pin_loads over both halves after each issue makes the
+// fold of one half depend, in the PTX, on the loads of the other. The lane folds frames
+// t, t + TY, ... < t_hi in increasing order, exactly as the plain loop does: only the load
+// schedule differs, so the result is bit-identical. Rounds alternate between the halves
+// w[0, R) and w[R, 2R) with the roles fixed in the code (two rounds per trip, and a tail for
+// each half): a register array indexed at run time would live in local memory, and a copy of
+// one half into the other at the loop's exit was hoisted by the compiler into every trip,
+// where it waited for the loads just issued (seen in the sm_90 SASS).
+template <int KIND, int U, typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void fold_lane_pipelined(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                                    int32_t (&idx)[VEC], const scalar_t* q,
+                                                    int64_t step, int32_t t, int32_t t_hi,
+                                                    int TY) {
+  constexpr int R = U / 2;
+  static_assert(U % 2 == 0, "two rounds of U / 2");
+  using W = typename RawWord<sizeof(scalar_t) * VEC>::type;
+  const int32_t round = R * TY;
+  const int64_t qstep = R * step;
+  if (t + (R - 1) * TY >= t_hi) {  // less than one full round: the predicated round alone
+    if (t < t_hi) {
+      W a[R];
+      load_round<R, 0, true, scalar_t, VEC>(a, q, step, t, t_hi, TY);
+      pin_loads(a);
+      fold_round<KIND, R, 0, true, scalar_t, acc_t, VEC>(sum, mx, idx, a, t, t_hi, TY);
+    }
+    return;
+  }
+  W w[U];
+  load_round<R, 0, false, scalar_t, VEC>(w, q, step, t, t_hi, TY);
+  // At the top of each trip w[0, R) holds the issued, unfolded full round at t; a trip folds
+  // two rounds while the one after each is in flight.
+  for (;;) {
+    if (t + (2 * R - 1) * TY >= t_hi) {  // the next round is not full
+      fold_pipelined_tail<KIND, R, 0>(sum, mx, idx, w, q, step, t, t_hi, TY);
+      return;
+    }
+    load_round<R, R, false, scalar_t, VEC>(w, q + qstep, step, t + round, t_hi, TY);
+    pin_loads(w);
+    fold_round<KIND, R, 0, false, scalar_t, acc_t, VEC>(sum, mx, idx, w, t, t_hi, TY);
+    t += round;
+    q += qstep;
+    if (t + (2 * R - 1) * TY >= t_hi) {
+      fold_pipelined_tail<KIND, R, R>(sum, mx, idx, w, q, step, t, t_hi, TY);
+      return;
+    }
+    load_round<R, 0, false, scalar_t, VEC>(w, q + qstep, step, t + round, t_hi, TY);
+    pin_loads(w);
+    fold_round<KIND, R, R, false, scalar_t, acc_t, VEC>(sum, mx, idx, w, t, t_hi, TY);
+    t += round;
+    q += qstep;
+  }
+}
+
 // The clip's length clamped into [0, T]. A length outside is recorded in *err (one thread per
 // block reports, so a bad batch costs a few host-memory stores, and a good one none).
 __device__ __forceinline__ int64_t clamped_length(const int64_t* __restrict__ lens, int64_t b,
@@ -234,7 +346,9 @@ constexpr int kFwdMinBlocks = VEC == 1 || U <= 4 ? (KIND == kMeanMax && VEC >= 8
                               : U <= 8          ? (KIND == kMeanMax && VEC >= 8 ? 2 : 3)
                                                 : 2;
 
-template <typename scalar_t, typename acc_t, int VEC, int U, int KIND>
+// PIPE (CudaLaunchConfig::fwd_pipeline, vector path, U = 8 or 16): the same U words per thread,
+// as two software-pipelined rounds of U / 2 (fold_lane_pipelined), under the same launch bounds.
+template <typename scalar_t, typename acc_t, int VEC, int U, int KIND, bool PIPE>
 __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
     frame_pool_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
                           int* err, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
@@ -277,7 +391,14 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
       idx[j] = active && t_first < t_hi ? t_first : int32_t(-1);
     }
 
-    if (active) {
+    if constexpr (PIPE) {
+      if (active) {
+        const scalar_t* q = x + b * sB + v * VEC + static_cast<int64_t>(t_first) * sT;
+        fold_lane_pipelined<KIND, U, scalar_t, acc_t, VEC>(sum, mx, idx, q,
+                                                           static_cast<int64_t>(TY) * sT,
+                                                           t_first, t_hi, TY);
+      }
+    } else if (active) {
       const int64_t step = static_cast<int64_t>(TY) * sT;
       int32_t t = t_first;
       const scalar_t* q = x + b * sB + v * VEC + static_cast<int64_t>(t) * sT;
@@ -636,23 +757,33 @@ int* error_flag_for_current_device() {
   return dev_ptr;
 }
 
-// The forward kernel with U = cfg.fwd_unroll frames in flight per thread (the vector path;
-// the scalar path has one U). Only the loop's grouping of loads differs between them: each
-// lane still folds frames t_first, t_first + TY, ... in increasing order.
+// The forward kernel with U = cfg.fwd_unroll frames in flight per thread, software-pipelined
+// when cfg.fwd_pipeline is 1 (U = 8 or 16, validated in set_cuda_launch_config); the scalar path
+// has one kernel. Only the loop's grouping and schedule of loads differ between them: each lane
+// still folds frames t_first, t_first + TY, ... in increasing order. float64 has no pipelined
+// kernels and runs the plain one of the same U: its meanmax U = 8 pipelined kernel spilled 16
+// bytes at its 80 registers on sm_80, ptxas scheduled it like the plain loop on sm_90, and
+// float64 is not a bandwidth target.
 template <typename scalar_t, typename acc_t, int VEC, int KIND>
-auto forward_kernel_for(int fwd_unroll) {
+auto forward_kernel_for(int fwd_unroll, int fwd_pipeline) {
   if constexpr (VEC == 1) {
-    return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollScalar, KIND>;
+    return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollScalar, KIND, false>;
   } else {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (fwd_pipeline != 0) {
+        return fwd_unroll == 16 ? frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, true>
+                                : frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND, true>;
+      }
+    }
     switch (fwd_unroll) {
       case 2:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 2, KIND>;
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 2, KIND, false>;
       case 8:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND>;
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND, false>;
       case 16:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND>;
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, false>;
       default:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND>;
+        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND, false>;
     }
   }
 }
@@ -663,7 +794,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool HAS_SUM = KIND != kMax;
   constexpr bool HAS_MAX = KIND != kSum;
-  // The launch is planned with the default unroll's kernel whatever cfg.fwd_unroll says:
+  // The launch is planned with the default unroll's kernel whatever cfg.fwd_unroll and
+  // cfg.fwd_pipeline say:
   // its occupancy and quantum fix the time split, so the split (and the result) is the same
   // for every unroll.
   constexpr int U = VEC == 1 ? kUnrollScalar : kUnrollVec;
@@ -675,7 +807,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const int64_t X = ceil_div(DV, bs.tx);
   const int64_t base = B * X;
 
-  constexpr auto plan_kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, KIND>;
+  constexpr auto plan_kernel = frame_pool_fwd_kernel<scalar_t, acc_t, VEC, U, KIND, false>;
   const int64_t slots = resident_blocks<plan_kernel>(threads);
   // Every lane gets at least two unrolled iterations per split.
   const int64_t min_frames = 2 * static_cast<int64_t>(bs.ty) * U;
@@ -697,7 +829,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const int64_t* lens = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
   int32_t* am_p = HAS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
-  const auto kernel = forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll);
+  const auto kernel =
+      forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline);
 
   if (S == 1) {
     kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, err, out_p, am_p,
