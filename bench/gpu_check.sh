@@ -47,7 +47,7 @@
 # sweep-pool, the frame_pool launch-constant sweep, runs only when listed: issue 13's one call is
 # GPU_CHECK_STEPS=test-pool,sweep-pool,bench-pool; GPU_CHECK_SWEEP_CAP, default 150 s; likewise
 # opt-in: sweep-rnn, sweep-attn, profile-dtl (GPU_CHECK_PROFILE_CAP, 90 s each), train-graphs,
-# bench-dtl-compile (GPU_CHECK_COMPILE_CAP, 420 s), see step 3).
+# host-overhead, bench-dtl-compile (GPU_CHECK_COMPILE_CAP, 420 s), see step 3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -319,6 +319,12 @@ else
         step bench-dtl-compile "${GPU_CHECK_COMPILE_CAP:-420}" "$PY" bench/bench_dtl.py \
             --device cuda --quick --compile-only --no-plot --run-id "$RUN_ID" \
             --time-budget $(( ${GPU_CHECK_COMPILE_CAP:-420} - 20 ))
+    fi
+    #   host-overhead issue 12: host time per op call, the eager entry points against the
+    #                registered ops, and one Triton launch through the JIT vs a compiled handle
+    #                (bench/host_overhead.py; ~30 s)
+    if [[ ",${GPU_CHECK_STEPS:-}," == *",host-overhead,"* ]]; then
+        step host-overhead 90 "$PY" bench/host_overhead.py --device cuda --run-id "$RUN_ID"
     fi
     if [[ ",${GPU_CHECK_STEPS:-}," == *",train-graphs,"* ]]; then
         step train-graphs 120 "$PY" -m dtl_fast.train --device cuda --backend fused --epochs 2 \

@@ -239,3 +239,18 @@ def test_dtl_bench_runs_and_its_gate_stops_a_wrong_model(tmp_path):
     st = _statuses(rows, "fused")
     assert st and all(s.startswith("gate-failed") for s in st), st
     assert all(s == "ok" for s in _statuses(rows, "reference"))
+
+
+def test_host_overhead_bench_runs_and_restores_the_kernels(tmp_path, monkeypatch):
+    import host_overhead as HO
+    from dtl_fast.kernels import cosine_attention as ka
+    real = ka.cosine_attention_forward
+    monkeypatch.setattr(HO, "ROUNDS", 1)
+    assert HO.main(["--device", "cpu", "--out", str(tmp_path), "--calls", "2", "--threads", "1"]) == 0
+    assert ka.cosine_attention_forward is real  # the stubs are gone again
+    rows = H.read_rows(tmp_path / "host_overhead.csv")
+    got = {(r["variant"], r["mode"], r["provider"]) for r in rows}
+    assert got == {(op, mode, path) for op in ("attention", "lstm", "gru")
+                   for mode in ("forward", "forward+backward") for path in ("eager", "op")}
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
+    assert all(float(r["ratio"]) == 1.0 for r in rows if r["provider"] == "op")

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from dtl_fast._backend import resolve_backend
+from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
+from dtl_fast.ops._eager import eager_op
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
                                                  head_scale, key_mask, window_tensor)
 from dtl_fast.reference.cosine_attention import cosine_attention as _reference
@@ -142,6 +144,31 @@ def _check_window_args(window: int, window_heads: torch.Tensor | None) -> None:
                          f"{'None' if window_heads is None else 'given'}")
 
 
+def _fwd_impl(q, k, v, scale, key_lengths, window, memory_k, memory_v, window_heads=None):
+    # The body of the forward op: the registered op and its eager entry point (_fwd_call) both
+    # run it.
+    _check_window_args(window, window_heads)
+    win = _launch_window(window, window_heads)
+    if not _use_v2(q, k, key_lengths, window_heads):
+        return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, win, memory_k,
+                                                   memory_v)
+    from dtl_fast.kernels import cosine_attention_fwd as fwd  # lazily, as _kernels
+    return fwd.cosine_attention_forward2(q, k, v, scale, key_lengths, win, memory_k, memory_v)
+
+
+def _bwd_impl(grad_out, q, k, v, scale, key_lengths, window, memory_k, memory_v, out, lse,
+              window_heads=None):
+    # The body of the backward op (see _fwd_impl).
+    _check_window_args(window, window_heads)
+    win = _launch_window(window, window_heads)
+    if not _use_v2(q, k, key_lengths, window_heads):
+        return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, win,
+                                                    memory_k, memory_v, out, lse)
+    from dtl_fast.kernels import cosine_attention_bwd as bwd  # lazily, as _kernels
+    return bwd.cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, win,
+                                          memory_k, memory_v, out, lse)
+
+
 @torch.library.custom_op(_FWD, mutates_args=())
 def _cosine_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                           key_lengths: torch.Tensor | None, window: int,
@@ -153,13 +180,7 @@ def _cosine_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     scale [H] float32 (float64); key_lengths None or int32 [B] or [B, H] (per head, contiguous)
     on q's device; window -1: none, >= 0: one window for all heads, -2: per head, from
     window_heads (int32 [H] on q's device, -1: none for that head; None unless window is -2)."""
-    _check_window_args(window, window_heads)
-    win = _launch_window(window, window_heads)
-    if not _use_v2(q, k, key_lengths, window_heads):
-        return _kernels().cosine_attention_forward(q, k, v, scale, key_lengths, win, memory_k,
-                                                   memory_v)
-    from dtl_fast.kernels import cosine_attention_fwd as fwd  # lazily, as _kernels
-    return fwd.cosine_attention_forward2(q, k, v, scale, key_lengths, win, memory_k, memory_v)
+    return _fwd_impl(q, k, v, scale, key_lengths, window, memory_k, memory_v, window_heads)
 
 
 @_cosine_attention_fwd.register_fake
@@ -189,14 +210,8 @@ def _cosine_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                                      torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dscale, dmemory_k, dmemory_v); dmemory_* are empty [0] without memory.
     Arguments as the forward's (window_heads last), plus grad_out and the forward's out, lse."""
-    _check_window_args(window, window_heads)
-    win = _launch_window(window, window_heads)
-    if not _use_v2(q, k, key_lengths, window_heads):
-        return _kernels().cosine_attention_backward(grad_out, q, k, v, scale, key_lengths, win,
-                                                    memory_k, memory_v, out, lse)
-    from dtl_fast.kernels import cosine_attention_bwd as bwd  # lazily, as _kernels
-    return bwd.cosine_attention_backward2(grad_out, q, k, v, scale, key_lengths, win,
-                                          memory_k, memory_v, out, lse)
+    return _bwd_impl(grad_out, q, k, v, scale, key_lengths, window, memory_k, memory_v, out, lse,
+                     window_heads)
 
 
 @_cosine_attention_bwd.register_fake
@@ -232,9 +247,9 @@ def _backward(ctx, grad_out, _grad_lse):
     key_lengths = rest.pop(0) if ctx.has_lengths else None
     window_heads = rest.pop(0) if ctx.has_window_heads else None
     memory_k, memory_v = (rest[0], rest[1]) if ctx.has_memory else (None, None)
-    if not any(ctx.needs_input_grad):
+    if grad_out is None or not any(ctx.needs_input_grad):  # None: only lse had a gradient path
         return None, None, None, None, None, None, None, None, None
-    dq, dk, dv, dscale, dmk, dmv = torch.ops.dtl_fast.cosine_attention_bwd(
+    dq, dk, dv, dscale, dmk, dmv = _bwd_call(
         grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
         q, k, v, scale, key_lengths, ctx.window, memory_k, memory_v, out, lse, window_heads)
     if not ctx.has_memory:
@@ -243,6 +258,14 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+# The eager entry points (dtl_fast.ops._eager): the same bodies and autograd formula without the
+# dispatcher, wherever that is safe; the registered ops everywhere else (torch.compile, export,
+# dispatch modes, subclasses).
+_bwd_call = eager_op(torch.ops.dtl_fast.cosine_attention_bwd, _bwd_impl)
+_fwd_call = eager_op(torch.ops.dtl_fast.cosine_attention_fwd, _fwd_impl, _setup_context, _backward,
+                     name="FusedCosineAttention")
 
 
 @functools.lru_cache(maxsize=256)
@@ -521,13 +544,16 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
     if key_lengths is not None:
-        key_lengths = key_lengths.to(device=q.device, dtype=torch.int32, non_blocking=True)
+        # CPU lengths: one copy per value (a model passes the same lengths to several calls)
+        key_lengths = to_device_cached(key_lengths, q.device, torch.int32)
         if key_lengths.dim() == 2:
             key_lengths = key_lengths.contiguous()  # the kernels read LENS[b * H + h]
     win, window_heads = _fused_window_args(window, q.device)
-    with torch.autocast(q.device.type, enabled=False):
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            scale = head_scale(logit_scale, _lse_dtype(q.dtype))
+    else:  # (entering the context costs more host time than the scale itself)
         scale = head_scale(logit_scale, _lse_dtype(q.dtype))
     q, k, v, memory_k, memory_v = (_last_dim_contiguous(t) for t in (q, k, v, memory_k, memory_v))
-    out, _ = torch.ops.dtl_fast.cosine_attention_fwd(
-        q, k, v, scale, key_lengths, win, memory_k, memory_v, window_heads)
+    out, _ = _fwd_call(q, k, v, scale, key_lengths, win, memory_k, memory_v, window_heads)
     return out

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
 from dtl_fast._triton import require_triton
+from dtl_fast.ops._eager import eager_op
 from dtl_fast.reference import rnn as _ref
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -154,6 +155,11 @@ def lstm_recurrence(gates_x: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
     float32 (float64 for float64 input). impl: one of IMPLS ("loop", "persistent", "step"); every
     implementation returns the same tensors.
     """
+    return _lstm_impl(gates_x, w_hh, h0, c0, lengths, impl)
+
+
+def _lstm_impl(gates_x, w_hh, h0, c0, lengths, impl="loop"):
+    # The bodies of the registered ops (the ops and their eager entry points run them).
     _check_impl(impl)
     if impl == "loop":
         return _kernels().lstm_forward(gates_x, w_hh, h0, c0, lengths)
@@ -178,6 +184,10 @@ def lstm_recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, grad
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reverse-time dh/dc recurrence of lstm_recurrence: returns dgates [T, B, D, 4H] (the
     gradient of gates_x, in w_hh's dtype) and dh0, dc0 [D, B, H] (float32 / float64)."""
+    return _lstm_bwd_impl(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths, impl)
+
+
+def _lstm_bwd_impl(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths, impl="loop"):
     _check_impl(impl)
     if impl == "loop":
         return _kernels().lstm_backward(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths)
@@ -205,6 +215,10 @@ def gru_recurrence(gates_x: torch.Tensor, w_hh: torch.Tensor, b_hn: torch.Tensor
     Returns out [T, B, D*H], h_n [D, B, H] and, for the backward, act [T, B, D, 4H]
     (r, z, n, W_hn h + b_hn) in float32 (float64 for float64 input). impl as lstm_recurrence.
     """
+    return _gru_impl(gates_x, w_hh, b_hn, h0, lengths, impl)
+
+
+def _gru_impl(gates_x, w_hh, b_hn, h0, lengths, impl="loop"):
     _check_impl(impl)
     if impl == "loop":
         return _kernels().gru_forward(gates_x, w_hh, b_hn, h0, lengths)
@@ -229,6 +243,10 @@ def gru_recurrence_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor, w_hh:
     """Reverse-time dh recurrence of gru_recurrence: returns dgates_x [T, B, D, 3H] (gradient of
     gates_x), dgates_h [T, B, D, 3H] (gradient of W_hh h + [b_hr, b_hz, b_hn]), both in w_hh's
     dtype, and dh0 [D, B, H] (float32 / float64)."""
+    return _gru_bwd_impl(grad_out, grad_hn, w_hh, h0, out, act, lengths, impl)
+
+
+def _gru_bwd_impl(grad_out, grad_hn, w_hh, h0, out, act, lengths, impl="loop"):
     _check_impl(impl)
     if impl == "loop":
         return _kernels().gru_backward(grad_out, grad_hn, w_hh, h0, out, act, lengths)
@@ -288,8 +306,8 @@ def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _g_act, _g_call):
     grad_out = _zeros_if_none(grad_out, out).contiguous()
     grad_hn = _zeros_if_none(grad_hn, h0).contiguous()
     grad_cn = _zeros_if_none(grad_cn, c0).contiguous()
-    dgates, dh0, dc0 = torch.ops.dtl_fast.lstm_recurrence_backward(
-        grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths, ctx.impl)
+    dgates, dh0, dc0 = _lstm_bwd_call(grad_out, grad_hn, grad_cn, w_hh, c0, act, c_all, lengths,
+                                      ctx.impl)
     g_w = _grad_w_hh(dgates, _h_prev(out, h0, lengths)) if ctx.needs_input_grad[1] else None
     return (dgates if ctx.needs_input_grad[0] else None, g_w,
             dh0.to(h0.dtype) if ctx.needs_input_grad[2] else None,
@@ -310,8 +328,7 @@ def _gru_backward(ctx, grad_out, grad_hn, _g_act):
     w_hh, h0, out, act, lengths = ctx.saved_tensors
     grad_out = _zeros_if_none(grad_out, out).contiguous()
     grad_hn = _zeros_if_none(grad_hn, h0).contiguous()
-    dgx, dgh, dh0 = torch.ops.dtl_fast.gru_recurrence_backward(
-        grad_out, grad_hn, w_hh, h0, out, act, lengths, ctx.impl)
+    dgx, dgh, dh0 = _gru_bwd_call(grad_out, grad_hn, w_hh, h0, out, act, lengths, ctx.impl)
     H = w_hh.shape[-1]
     g_w = _grad_w_hh(dgh, _h_prev(out, h0, lengths)) if ctx.needs_input_grad[1] else None
     g_bhn = None
@@ -322,6 +339,16 @@ def _gru_backward(ctx, grad_out, grad_hn, _g_act):
 
 
 torch.library.register_autograd("dtl_fast::gru_recurrence", _gru_backward, setup_context=_gru_setup)
+
+# The eager entry points (dtl_fast.ops._eager): the same bodies and autograd formulas without the
+# dispatcher, wherever that is safe; the registered ops everywhere else (torch.compile, export,
+# dispatch modes, subclasses).
+_lstm_bwd_call = eager_op(torch.ops.dtl_fast.lstm_recurrence_backward, _lstm_bwd_impl)
+_gru_bwd_call = eager_op(torch.ops.dtl_fast.gru_recurrence_backward, _gru_bwd_impl)
+_lstm_call = eager_op(torch.ops.dtl_fast.lstm_recurrence, _lstm_impl, _lstm_setup, _lstm_backward,
+                      name="FusedLSTMRecurrence")
+_gru_call = eager_op(torch.ops.dtl_fast.gru_recurrence, _gru_impl, _gru_setup, _gru_backward,
+                     name="FusedGRURecurrence")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,14 +424,14 @@ def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first
             h0 = hs[0][sl].to(dt)
             c0 = hs[1][sl].to(dt) if mode == "LSTM" else None
         if mode == "LSTM":
-            out, hn, cn, _, _ = torch.ops.dtl_fast.lstm_recurrence(gates_x, w_hh, h0, c0, lengths, impl)
+            out, hn, cn, _, _ = _lstm_call(gates_x, w_hh, h0, c0, lengths, impl)
             c_n.append(cn)
         else:
             if has_bias:
                 b_hn = torch.stack([w[3][2 * H:] for w in ws]).to(dt)
             else:
                 b_hn = gates_x.new_zeros(D, H)
-            out, hn, _ = torch.ops.dtl_fast.gru_recurrence(gates_x, w_hh, b_hn, h0, lengths, impl)
+            out, hn, _ = _gru_call(gates_x, w_hh, b_hn, h0, lengths, impl)
         h_n.append(hn)
         if dropout > 0 and training and layer < num_layers - 1:
             out = F.dropout(out, float(dropout), training=True)

@@ -1,0 +1,111 @@
+"""Eager calls of the registered Triton ops without the dispatcher round trip.
+
+Each fused op is registered with torch.library.custom_op (plus a fake kernel and
+register_autograd), which is what torch.compile, torch.export and opcheck need. In eager mode
+that registration costs host time on every call: the dispatcher, the schema's defaults, and the
+autograd wrapper torch.library generates. Measured on the 2-core CPU VM with the kernels
+replaced by stubs that only allocate the outputs (bench/host_overhead.py, bench/NOTES.md "Issue
+12: the ops' host path"): one attention forward + backward through the custom op cost about
+2.4x as much host time as the same two kernel calls through a plain autograd.Function. On a GPU
+the step is host-bound (a DTL training step runs ~12 attention and 2 RNN op pairs), so that
+difference is most of what an eager step spends outside the kernels.
+
+`eager_op` gives an op a second entry point that calls the op's implementation and its
+autograd formula (the same setup_context / backward functions register_autograd takes)
+directly, whenever that is safe:
+- not while torch.compile traces (dynamo must see the registered op and its fake kernel),
+- not under a TorchDispatchMode (make_fx / non-strict export / FakeTensorMode would not see a
+  Triton launch), nor under torch.jit tracing or a functorch transform,
+- only for plain torch.Tensor arguments (no FakeTensor or other subclass).
+Anywhere else the call goes to the registered op, as before. Both entry points run the same
+Python implementation, so they launch the same kernels on the same arguments and give bitwise
+the same outputs and gradients (tests/test_ops_eager.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch._C import _functions as _autograd_functions  # DelayedError, as once_differentiable uses it
+
+
+def eager_ok(args) -> bool:
+    """True when a call with `args` may bypass the registered op (see the module docstring)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._get_tracing_state() is not None:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
+            return False
+    return True
+
+
+def _needs_grad(args) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def eager_op(op, impl: Callable, setup_context: Callable | None = None,
+             backward: Callable | None = None, name: str = "FusedOp") -> Callable:
+    """A callable with the signature of the registered op `op` (all arguments positional,
+    defaults included) that runs `impl` (the op's Python body) directly when eager_ok, through
+    an autograd.Function built from the op's own `setup_context(ctx, inputs, output)` and
+    `backward(ctx, *grads)` when a gradient is needed; `op` itself otherwise.
+
+    Gradients of outputs that took no part in the loss reach `backward` as None (not
+    materialised zeros: the backward formulas handle None). Under create_graph=True the
+    gradients carry a node that raises when they are differentiated, as the registered op's
+    do (its backward op has no autograd formula). `call.eager(*args)` skips the eager_ok check (for a caller that
+    made it, and whose `impl` need not have the op's signature)."""
+    fn = None
+    if backward is not None:
+        def forward(ctx, *args):
+            ctx.set_materialize_grads(False)
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        message = (f"{name}: the fused backward has no derivative of its own (no second-order "
+                   "gradients); use backend='reference' for those").encode()
+
+        def backward_once(ctx, *grads):
+            with torch.no_grad():
+                result = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return result
+            # create_graph=True: the gradients get a node that raises when they are
+            # differentiated, as the registered op's do (its backward op has no autograd
+            # formula). once_differentiable does this only when a grad_output requires grad,
+            # which would let a gradient penalty silently miss its second-order term.
+            result = result if isinstance(result, tuple) else (result,)
+            marked = [g.detach().requires_grad_() if isinstance(g, torch.Tensor)
+                      and g.is_floating_point() else g for g in result]
+            return _autograd_functions.DelayedError(message, len(marked))(*marked)
+
+        fn = type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward_once),
+        })
+
+    label = getattr(op, "_qualified_op_name", str(op))  # e.g. dtl_fast::cosine_attention_fwd
+
+    def eager(*args):
+        if torch.autograd._profiler_enabled():
+            # under torch.profiler the call still shows as the op it stands for (the
+            # record_function costs ~30 us, so only then)
+            with torch.autograd.profiler.record_function(label):
+                return fn.apply(*args) if fn is not None and _needs_grad(args) else impl(*args)
+        if fn is not None and _needs_grad(args):
+            return fn.apply(*args)
+        return impl(*args)
+
+    def call(*args):
+        return eager(*args) if eager_ok(args) else op(*args)
+
+    call.__doc__ = f"{op}, called without the dispatcher in eager mode (dtl_fast.ops._eager)."
+    call.eager = eager  # for a caller that checked eager_ok itself
+    return call

@@ -1,0 +1,261 @@
+"""The ops' eager entry points (dtl_fast.ops._eager): when a call may bypass the registered
+custom op, that both entry points give bitwise the same outputs and gradients (Triton
+interpreter on CPU), the autograd details (unused outputs, double backward), and the host-side
+caches next to them: check_inputs once per shape, lengths checked on the host, lengths copied
+to the GPU once per value."""
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtl_fast import _device
+from dtl_fast._checks import check_lengths_range
+from dtl_fast.ops import _eager
+from dtl_fast.ops import rnn as rnn_ops
+
+from _helpers import HAS_CUDA
+
+# the modules, not the functions of the same name that dtl_fast.ops / .reference export
+attn_ops = importlib.import_module("dtl_fast.ops.cosine_attention")
+ref_attn = importlib.import_module("dtl_fast.reference.cosine_attention")
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# eager_ok: where the bypass is allowed
+
+def test_eager_ok_for_plain_tensors_and_none():
+    assert _eager.eager_ok((torch.ones(2), None, 3, "loop"))
+
+
+def test_eager_ok_false_under_a_dispatch_mode():
+    with _Passthrough():
+        assert not _eager.eager_ok((torch.ones(2),))
+
+
+def test_eager_ok_false_for_a_tensor_subclass():
+    assert not _eager.eager_ok((torch.ones(2).as_subclass(_Sub),))
+
+
+def test_eager_ok_false_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        t = mode.from_tensor(torch.ones(2))
+        assert not _eager.eager_ok((t,))
+
+
+@pytest.mark.parametrize("trace", [
+    lambda f: torch.func.grad(lambda x: f(x).sum())(torch.ones(3)),
+    lambda f: torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3)),
+    lambda f: torch.jit.trace(f, torch.ones(3), check_trace=False),
+], ids=["functorch", "torch.compile", "jit.trace"])
+def test_eager_ok_false_inside_a_transform_or_trace(trace):
+    seen = []
+
+    def f(x):
+        seen.append(_eager.eager_ok((x,)))
+        return x * x
+
+    trace(f)
+    assert seen == [False]
+
+
+# ---------------------------------------------------------------------------------------------
+# The two entry points give bitwise the same results
+
+@pytest.fixture
+def through_op(monkeypatch):
+    """Forces every call through the registered op (what torch.compile and export see)."""
+    def force():
+        monkeypatch.setattr(_eager, "eager_ok", lambda args: False)
+    return force
+
+
+def _attn_case(per_head: bool):
+    B, H, N, M, d = 3, 2, 7, 2, 8
+    g = torch.Generator().manual_seed(1)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    inputs = dict(q=leaf(B, H, N, d), k=leaf(B, H, N, d), v=leaf(B, H, N, d),
+                  logit_scale=torch.tensor([0.5, 5.0]).requires_grad_(),  # the second is clamped
+                  memory_k=leaf(H, M, d), memory_v=leaf(H, M, d))
+    if per_head:
+        return inputs, torch.tensor([[7, 2], [3, 0], [5, 5]]), (1, None)
+    return inputs, [7, 2, 4], 2
+
+
+def _attn_run(inputs, key_lengths, window):
+    out = attn_ops.cosine_attention(**inputs, key_lengths=key_lengths, window=window,
+                                    backend="fused")
+    grad = torch.linspace(-1, 1, out.numel()).view_as(out)
+    leaves = list(inputs.values())
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad)), out.grad_fn.name()
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_attention_eager_and_op_paths_are_bitwise_equal(per_head, through_op):
+    inputs, lens, window = _attn_case(per_head)
+    eager, eager_node = _attn_run(inputs, lens, window)
+    through_op()
+    op, op_node = _attn_run(inputs, lens, window)
+    assert eager_node != op_node  # the two paths really differ ...
+    assert "cosine_attention_fwd" in op_node
+    for a, b in zip(eager, op):  # ... and agree bit for bit (output, q, k, v, scale, memory)
+        assert torch.equal(a, b)
+    assert eager[4][1] == 0  # the clamped head's scale gets no gradient
+
+
+def _rnn_run(mode, lengths, use_state_only):
+    torch.manual_seed(3)
+    m = (rnn_ops.lstm if mode == "LSTM" else rnn_ops.gru)
+    T, B, I, H = 5, 3, 4, 6
+    x = torch.randn(T, B, I, requires_grad=True)
+    G = 4 if mode == "LSTM" else 3
+    weights = [torch.randn(G * H, I, requires_grad=True), torch.randn(G * H, H, requires_grad=True),
+               torch.randn(G * H, requires_grad=True), torch.randn(G * H, requires_grad=True)] * 2
+    weights = [w.detach().clone().requires_grad_() for w in weights]
+    out, state = m(x, None, weights, lengths=lengths, bidirectional=True, backend="fused")
+    h_n = state[0] if mode == "LSTM" else state
+    loss = h_n.square().sum() if use_state_only else out.square().sum() + h_n.sum()
+    grads = torch.autograd.grad(loss, [x, *weights])
+    return (out.detach(), h_n.detach(), *grads)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("use_state_only", [False, True])
+def test_rnn_eager_and_op_paths_are_bitwise_equal(mode, use_state_only, through_op):
+    lengths = torch.tensor([5, 2, 4])
+    eager = _rnn_run(mode, lengths, use_state_only)
+    through_op()
+    op = _rnn_run(mode, lengths, use_state_only)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_is_taken_in_eager_mode(monkeypatch):
+    # The registered op is not called at all on the eager path (forward and backward).
+    called = []
+    real = _eager.eager_ok
+    monkeypatch.setattr(_eager, "eager_ok", lambda args: called.append(1) or real(args))
+    inputs, lens, window = _attn_case(False)
+    (_, *grads), node = _attn_run(inputs, lens, window)
+    assert node == "FusedCosineAttentionBackward"
+    assert len(called) == 2  # the forward's and the backward's entry point, each once
+
+
+def test_eager_backward_is_not_differentiable_twice():
+    # A gradient penalty through the fused op must fail loudly, not lose its second-order term
+    # (the grad_output here does not require grad: once_differentiable alone would return
+    # gradients without a node, and the penalty would silently be a constant).
+    inputs, lens, window = _attn_case(False)
+    out = attn_ops.cosine_attention(**inputs, key_lengths=lens, window=window, backend="fused")
+    (gq,) = torch.autograd.grad(out.sum(), [inputs["q"]], create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(RuntimeError, match="FusedCosineAttention: .*no second-order"):
+        gq.square().sum().backward()
+
+
+def test_eager_path_without_grad_returns_plain_tensors():
+    inputs, lens, window = _attn_case(False)
+    with torch.no_grad():
+        out = attn_ops.cosine_attention(**inputs, key_lengths=lens, window=window, backend="fused")
+    assert out.grad_fn is None and not out.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# check_inputs once per shape
+
+def _qkv(B=2, H=2, N=4, d=8):
+    return torch.randn(B, H, N, d), torch.randn(B, H, N, d), torch.randn(B, H, N, d), torch.zeros(H)
+
+
+def test_check_inputs_cache_keeps_every_verdict():
+    q, k, v, ls = _qkv()
+    ref_attn._CHECKED.clear()
+    assert ref_attn.check_inputs(q, k, v, ls, None, (3, 3)) == (None, 3)  # all equal: one window
+    assert len(ref_attn._CHECKED) == 1
+    assert ref_attn.check_inputs(q, k, v, ls, None, (3, 3)) == (None, 3)  # from the cache
+    assert ref_attn.check_inputs(q, k, v, ls, None, [3, None]) == (None, (3, None))
+    lens = torch.tensor([4, 1])
+    assert ref_attn.check_inputs(q, k, v, ls, lens, None)[0] is lens
+    # each bad argument still fails after good calls of the same shapes
+    with pytest.raises(ValueError, match="key_lengths must have shape"):
+        ref_attn.check_inputs(q, k, v, ls, torch.tensor([4, 1, 2]), None)
+    with pytest.raises(ValueError, match="k must have q's dtype"):
+        ref_attn.check_inputs(q, k.double(), v, ls, lens, None)
+    with pytest.raises(ValueError, match="window"):
+        ref_attn.check_inputs(q, k, v, ls, None, -3)
+    with pytest.raises(ValueError, match="window per head"):
+        ref_attn.check_inputs(q, k, v, ls, None, (3, 3, 3))
+    with pytest.raises(ValueError, match="logit_scale"):
+        ref_attn.check_inputs(q, k, v, torch.zeros(3), None, None)
+    # a bad call is never cached
+    with pytest.raises(ValueError, match="window"):
+        ref_attn.check_inputs(q, k, v, ls, None, -3)
+
+
+def test_check_inputs_uncached_forms_are_checked_in_full():
+    q, k, v, ls = _qkv()
+    ref_attn._CHECKED.clear()
+    ref_attn.check_inputs(q, k, v, ls, [4, 1], torch.tensor([1, -1]))  # a list, a window tensor
+    assert len(ref_attn._CHECKED) == 0
+    with pytest.raises(ValueError, match="key_lengths must hold integers"):
+        ref_attn.check_inputs(q, k, v, ls, [4.0, 1], None)
+
+
+# ---------------------------------------------------------------------------------------------
+# lengths: checked on the host, copied once per value
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3)])
+def test_cpu_lengths_range_check(shape):
+    lengths = torch.arange(4 if len(shape) == 1 else 6).view(shape)
+    check_lengths_range(lengths, 0, 5, owner="op")
+    with pytest.raises(ValueError, match=r"op: every lengths\[b\] must lie in \[1, 5\], got values in \[0, "):
+        check_lengths_range(lengths, 1, 5, owner="op")
+    with pytest.raises(ValueError, match=r"got values in \[0, 5\]" if len(shape) == 2 else r"\[0, 3\]"):
+        check_lengths_range(lengths, 0, 2, owner="op")
+
+
+def test_device_cache_leaves_cpu_targets_alone():
+    t = torch.tensor([3, 1])
+    out = _device.to_device_cached(t, "cpu", torch.int32)
+    assert out.dtype == torch.int32 and torch.equal(out, t.int())
+    assert len(_device._CACHE) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_device_lengths_copied_once_per_value():
+    _device._CACHE.clear()
+    t = torch.tensor([3, 1, 2])
+    a = _device.to_device_cached(t, "cuda", torch.int32)
+    b = _device.to_device_cached(t.clone(), "cuda", torch.int32)
+    assert a is b and a.is_cuda and a.dtype == torch.int32 and a.tolist() == [3, 1, 2]
+    t[0] = 2  # new values: a new copy, the old one unchanged
+    c = _device.to_device_cached(t, "cuda", torch.int32)
+    assert c is not a and c.tolist() == [2, 1, 2] and a.tolist() == [3, 1, 2]
+    assert _device.to_device_cached(t, "cuda", torch.int64) is not c  # the dtype is in the key
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # another stream: its own copy
+        d = _device.to_device_cached(t, "cuda", torch.int32)
+    assert d is not c
+
+
+def test_eager_calls_keep_their_op_names_in_the_profiler():
+    inputs, lens, window = _attn_case(False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = attn_ops.cosine_attention(**inputs, key_lengths=lens, window=window, backend="fused")
+        out.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"dtl_fast::cosine_attention_fwd", "dtl_fast::cosine_attention_bwd"} <= names
