@@ -258,7 +258,8 @@ test_group test-rnn 55 tests/test_rnn_ops.py tests/test_rnn_modules.py tests/tes
 test_group test-attn 70 tests/test_cosine_attention.py tests/test_cosine_attention_*.py \
     tests/test_attention_modules.py
 test_group test-dtl 100 tests/test_models.py tests/test_models_capture.py tests/test_models_grouped.py \
-    tests/test_train.py tests/test_train_graphs.py
+    tests/test_train.py tests/test_train_graphs.py tests/test_ops_eager.py tests/test_triton_launch.py \
+    tests/test_memory_dtl.py
 
 # ---- 3. benchmarks: one step per module, each with a share of what is left --------------------
 QUICK=(--quick)

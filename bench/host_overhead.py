@@ -9,6 +9,8 @@ path:
   eager  the default: dtl_fast.ops._eager calls the op body and its autograd formula directly
   op     every call forced through the registered torch.library op (what torch.compile and
          torch.export see; the only path before the eager entry points existed)
+  eager+handles  (CUDA) the eager path with the Triton kernels launched through cached
+         compiled handles (dtl_fast.kernels._launch, $DTL_FAST_TRITON_HANDLES=1)
 
 Cases (--size dtl, the default on CUDA: DTL's own sizes at B 64, bench_dtl's model; --size
 tiny, the default on the CPU, where the GEMMs and sums around the stubbed kernels would
@@ -221,8 +223,12 @@ def _run(args, device: str) -> int:
     stamp = H.env_stamp(device)
     run_id = args.run_id or H.new_run_id()
     print(H.format_stamp(stamp))
-    eager_ok = _eager.eager_ok
-    paths = {"eager": eager_ok, "op": lambda a: False}
+    from dtl_fast.kernels import _launch
+    eager_ok, mode = _eager.eager_ok, _launch.MODE
+    # path -> (eager_ok, Triton launch mode); the cached handles only where kernels compile
+    paths = {"eager": (eager_ok, "0"), "op": (lambda a: False, "0")}
+    if device == "cuda":
+        paths["eager+handles"] = (eager_ok, "1")
     writer = H.ResultWriter(args.out, KERNEL)
     rows = []
     size = args.size or ("dtl" if device == "cuda" else "tiny")
@@ -238,12 +244,12 @@ def _run(args, device: str) -> int:
         for mode, fn in (("forward", forward), ("forward+backward", forward_backward)):
             samples = {path: [] for path in paths}
             for r in range(ROUNDS + 1):  # round 0 warms up (compiles on a GPU)
-                for path, ok in paths.items():
-                    _eager.eager_ok = ok
+                for path, (ok, launch_mode) in paths.items():
+                    _eager.eager_ok, _launch.MODE = ok, launch_mode
                     try:
                         us = _per_call_us(fn, device, args.calls if r else 3)
                     finally:
-                        _eager.eager_ok = eager_ok
+                        _eager.eager_ok, _launch.MODE = eager_ok, mode
                     if r:
                         samples[path].append(us)
             base = statistics.median(samples["op"]) / 1e3

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dtl_fast.kernels._launch import launch
+
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default; the kernels spell it out
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
@@ -648,8 +650,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _launch(kernel, grid, args, cfg, **consts):
-    kernel[grid](*args, **cfg["constexprs"], **consts, num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"])
+    launch(kernel, grid, args, {**cfg["constexprs"], **consts}, cfg["num_warps"], cfg["num_stages"])
 
 
 def _rowdot(x, y, sqrt: bool, batched: bool = True) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dtl_fast.kernels._launch import launch
 from dtl_fast.kernels.rnn_cell import gru_bwd_cell, gru_fwd_cell, lstm_bwd_cell, lstm_fwd_cell
 
 # T, B, D are not specialised on their values (== 1), so the batch / length / direction count
@@ -432,7 +433,7 @@ def _launch(kernel_name: str, args: list, T: int, B: int, H: int, D: int, dtype,
     c = cfg["constexprs"]
     grid = (D, triton.cdiv(B, c["BLOCK_B"]))
     with torch.cuda.device(ref.device) if ref.is_cuda else _nullcontext():
-        kernel[grid](*args, T, B, H, D, **c, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        launch(kernel, grid, [*args, T, B, H, D], c, cfg["num_warps"], cfg["num_stages"])
 
 
 class _nullcontext:
