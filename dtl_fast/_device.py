@@ -43,6 +43,8 @@ def to_device_cached(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tenso
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         # pinned + non-blocking: no stream sync; the copy is ordered before every later use,
-        # which runs on the same stream (the stream is part of the key)
-        hit = _CACHE[key] = to_device_async(t.to(dtype), device)
+        # which runs on the same stream (the stream is part of the key). Made outside inference
+        # mode: a later training call may save it for backward.
+        with torch.inference_mode(False):
+            hit = _CACHE[key] = to_device_async(t.to(dtype), device)
     return hit

@@ -50,7 +50,7 @@ def _spec(a):
     if isinstance(a, bool):
         return ("b", a)
     if isinstance(a, int):
-        return ("i", a % 16 == 0, a == 1, -2 ** 31 <= a < 2 ** 31, 0 <= a < 2 ** 64)
+        return ("i", a % 16 == 0, a == 1, -2 ** 31 <= a < 2 ** 31, a >= 2 ** 63)  # i32/i64/u64
     if isinstance(a, float):
         return ("f",)
     return ("v", a)  # None, strings: their value (hashable)
@@ -75,12 +75,21 @@ def _tail_names(kernel, n_args: int, constexprs: dict):
     return tail if set(tail) == set(constexprs) else None
 
 
+def _jit_only(kernel) -> bool:
+    # What the JIT does around a launch that a handle would skip: pre-run hooks (profiling
+    # tools), and the debug / instrumentation knobs, which change the compiled kernel while
+    # the key here does not see them.
+    from triton import knobs
+    return bool(getattr(kernel, "pre_run_hooks", None) or knobs.runtime.debug
+                or knobs.compilation.instrumentation_mode)
+
+
 def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int) -> None:
     """kernel[grid](*args, **constexprs, num_warps=..., num_stages=...), through a cached
     compiled handle when MODE asks for it and the arguments are CUDA tensors (see the module
     docstring)."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if MODE == "0" or first is None or not first.is_cuda:
+    if MODE == "0" or first is None or not first.is_cuda or _jit_only(kernel):
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
     key = launch_key(kernel, torch.cuda.current_device(), args, constexprs, num_warps, num_stages)
@@ -100,6 +109,8 @@ def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int
     if MODE == "check":
         want = kernel.warmup(*args, grid=grid, **constexprs, num_warps=num_warps,
                              num_stages=num_stages)
+        if hasattr(want, "result"):  # Triton's asynchronous compile mode
+            want = want.result()
         if want is not compiled:
             raise RuntimeError(f"dtl_fast: the cached Triton handle of {kernel} is not the kernel "
                                "the JIT chooses for these arguments (launch_key misses a "

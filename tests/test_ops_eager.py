@@ -154,6 +154,30 @@ def test_eager_path_is_taken_in_eager_mode(monkeypatch):
     assert len(called) == 2  # the forward's and the backward's entry point, each once
 
 
+def test_eager_path_takes_parameters():
+    # memory slots are nn.Parameters in the modules: they must not push a call onto the op
+    inputs, lens, window = _attn_case(False)
+    inputs["memory_k"] = torch.nn.Parameter(inputs["memory_k"].detach())
+    inputs["memory_v"] = torch.nn.Parameter(inputs["memory_v"].detach())
+    (_, *grads), node = _attn_run(inputs, lens, window)
+    assert node == "FusedCosineAttentionBackward"
+    assert all(g is not None for g in grads)
+
+
+def test_op_forward_then_eager_backward_still_refuses_double_backward():
+    # The forward ran through the registered op (here under a dispatch mode), the backward
+    # outside it: the backward op is then called with create_graph on, and its gradients must
+    # raise when differentiated, not silently carry no second-order term.
+    inputs, lens, window = _attn_case(False)
+    with _Passthrough():
+        out = attn_ops.cosine_attention(**inputs, key_lengths=lens, window=window,
+                                        backend="fused")
+    (gq,) = torch.autograd.grad(out.sum(), [inputs["q"]], create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gq.square().sum().backward()
+
+
 def test_eager_backward_is_not_differentiable_twice():
     # A gradient penalty through the fused op must fail loudly, not lose its second-order term
     # (the grad_output here does not require grad: once_differentiable alone would return
@@ -205,6 +229,20 @@ def test_check_inputs_cache_keeps_every_verdict():
         ref_attn.check_inputs(q, k, v, ls, None, -3)
 
 
+def test_check_inputs_cache_costs_torch_compile_no_recompile():
+    # the memo is skipped while dynamo traces: a write to a global dict would fail the guards
+    # of the first graph and recompile on the second call
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda *a: attn_ops.cosine_attention(*a, backend="reference"),
+                      backend="eager", fullgraph=True)
+    q, k, v, ls = _qkv()
+    f(q, k, v, ls)
+    f(q, k, v, ls)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_check_inputs_uncached_forms_are_checked_in_full():
     q, k, v, ls = _qkv()
     ref_attn._CHECKED.clear()
@@ -236,6 +274,24 @@ def test_device_cache_leaves_cpu_targets_alone():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("cached", ["lengths", "window"])
+def test_gpu_cached_device_tensors_made_in_inference_mode_serve_training(cached):
+    # an evaluation step under inference_mode fills the caches; the next training step with
+    # the same lengths / per-head window saves those tensors for backward
+    _device._CACHE.clear()
+    attn_ops._cached_window_heads.cache_clear()
+    q, k, v, ls = (t.cuda() for t in _qkv(B=2, H=2, N=6))
+    lens, window = (torch.tensor([6, 3]), None) if cached == "lengths" else (None, (1, 3))
+    with torch.inference_mode():
+        attn_ops.cosine_attention(q, k, v, ls, lens, window, backend="fused")
+    q.requires_grad_()
+    out = attn_ops.cosine_attention(q, k, v, ls, lens, window, backend="fused")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_device_lengths_copied_once_per_value():
     _device._CACHE.clear()
     t = torch.tensor([3, 1, 2])
@@ -259,3 +315,19 @@ def test_eager_calls_keep_their_op_names_in_the_profiler():
         out.sum().backward()
     names = {e.key for e in prof.key_averages()}
     assert {"dtl_fast::cosine_attention_fwd", "dtl_fast::cosine_attention_bwd"} <= names
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    import torch.autograd.forward_ad as fwAD
+    q, k, v, ls = _qkv()
+    with fwAD.dual_level():
+        dq = fwAD.make_dual(q, torch.ones_like(q))
+        with pytest.raises(NotImplementedError, match="cosine_attention.*forward-mode AD"):
+            attn_ops.cosine_attention(dq, k, v, ls, backend="fused")
+        x = fwAD.make_dual(torch.randn(3, 2, 4), torch.ones(3, 2, 4))
+        ws = [torch.randn(16, 4), torch.randn(16, 4), torch.randn(16), torch.randn(16)]
+        with pytest.raises(NotImplementedError, match="lstm.*forward-mode AD"):
+            rnn_ops.lstm(x, None, ws, backend="fused")
+        # outside dual tensors, a dual level alone changes nothing
+        attn_ops.cosine_attention(q, k, v, ls, backend="fused")
+

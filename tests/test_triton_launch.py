@@ -37,6 +37,7 @@ def test_launch_key_separates_every_specialisation():
     assert _key([32]) != _key([33])
     assert _key([1]) != _key([3])
     assert _key([2 ** 31 - 2]) != _key([2 ** 31 + 2])
+    assert _key([2 ** 62 + 16]) != _key([2 ** 63 + 16])  # i64 / u64
     assert _key([True]) != _key([1])
     # constexprs and launch options
     assert _key([32], BLOCK=32) != _key([32], BLOCK=64)

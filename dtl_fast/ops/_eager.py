@@ -38,9 +38,27 @@ def eager_ok(args) -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     for a in args:
-        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
+        # plain tensors and nn.Parameter (its __torch_function__ is disabled: the same ops)
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
             return False
     return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def refuse_forward_ad(what: str, tensors) -> None:
+    """Raises NotImplementedError when a tensor carries a forward-mode AD tangent: the fused
+    ops have no forward-mode formula, and without this check the tangent would silently be
+    dropped (the result a plain tensor). A module global read when no dual level is open."""
+    from torch.autograd import forward_ad
+    if forward_ad._current_level < 0:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{what}: forward-mode AD (torch.autograd.forward_ad, "
+                                      "torch.func.jvp) is not supported by the fused kernels; "
+                                      "use backend='reference'")
 
 
 def _needs_grad(args) -> bool:
@@ -104,6 +122,12 @@ def eager_op(op, impl: Callable, setup_context: Callable | None = None,
         return impl(*args)
 
     def call(*args):
+        if fn is None and _needs_grad(args):
+            # an op without an autograd formula called where autograd records (a backward op
+            # under create_graph=True, after a forward that ran through the registered op): the
+            # registered op, whose outputs raise when differentiated, not a silently
+            # graph-less result
+            return op(*args)
         return eager(*args) if eager_ok(args) else op(*args)
 
     call.__doc__ = f"{op}, called without the dispatcher in eager mode (dtl_fast.ops._eager)."

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dtl_fast._backend import resolve_backend
 from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op
+from dtl_fast.ops._eager import eager_op, refuse_forward_ad
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
                                                  head_scale, key_mask, window_tensor)
 from dtl_fast.reference.cosine_attention import cosine_attention as _reference
@@ -271,8 +271,10 @@ _fwd_call = eager_op(torch.ops.dtl_fast.cosine_attention_fwd, _fwd_impl, _setup_
 @functools.lru_cache(maxsize=256)
 def _cached_window_heads(entries: tuple, device: torch.device) -> torch.Tensor:
     # A per-head window given as Python ints: made on the device once per (entries, device), so
-    # that later calls (a CUDA graph capture too) copy nothing from the host.
-    return window_tensor(entries, device, torch.int32)
+    # that later calls (a CUDA graph capture too) copy nothing from the host; outside inference
+    # mode, since a later training call saves it for backward.
+    with torch.inference_mode(False):
+        return window_tensor(entries, device, torch.int32)
 
 
 def _fused_window_args(window, device: torch.device) -> tuple[int, torch.Tensor | None]:
@@ -541,6 +543,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             if path == "reference":
                 return _reference(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
             return cosine_attention_composite(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
+    refuse_forward_ad("cosine_attention(backend='fused')", (q, k, v, logit_scale, memory_k, memory_v))
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
     if key_lengths is not None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op
+from dtl_fast.ops._eager import eager_op, refuse_forward_ad
 from dtl_fast.reference import rnn as _ref
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -389,6 +389,7 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
 def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
            training, has_bias, H, D, impl):
     require_triton(x.device, f"{mode.lower()}(backend='fused') on {x.device.type} tensors")
+    refuse_forward_ad(f"{mode.lower()}(backend='fused')", (x, *(hs or ()), *weights))
     G = 4 if mode == "LSTM" else 3
     per_dir = 4 if has_bias else 2
     xt = x.transpose(0, 1) if batch_first else x  # [T, B, I]

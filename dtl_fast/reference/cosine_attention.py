@@ -170,9 +170,12 @@ def _check_key(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v):
     """The part of check_inputs' arguments its verdict depends on, as a hashable key, or None
     where the arguments are not of the common forms (then check_inputs checks in full): plain
     tensors (shape, dtype, device), None, and a window that is None, an int or a sequence of
-    ints / None (its values, which the normalised window depends on)."""
+    ints / None (its values, which the normalised window depends on). None too while
+    torch.compile traces (the checks are traced once per graph anyway)."""
     args = (q, k, v, logit_scale, key_lengths, memory_k, memory_v)
-    if not all(a is None or type(a) is torch.Tensor for a in args) or q is None:
+    if q is None or not all(a is None or type(a) in _PLAIN for a in args):
+        return None
+    if torch.compiler.is_compiling():  # a write to a global dict would cost dynamo a recompile
         return None
     if window is None or type(window) is int:
         wkey = window
@@ -183,6 +186,7 @@ def _check_key(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v):
     return tuple(_meta(a) for a in args) + (wkey,)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # nn.Parameter: the same checks as its tensor
 _CHECKED: dict = {}  # _check_key -> the normalised window of arguments that passed check_inputs
 _CHECKED_MAX = 4096
 
