@@ -3,6 +3,7 @@ custom op, that both entry points give bitwise the same outputs and gradients (T
 interpreter on CPU), the autograd details (unused outputs, double backward), and the host-side
 caches next to them: check_inputs once per shape, lengths checked on the host, lengths copied
 to the GPU once per value."""
+import contextlib
 import importlib
 
 import pytest
@@ -164,29 +165,23 @@ def test_eager_path_takes_parameters():
     assert all(g is not None for g in grads)
 
 
-def test_op_forward_then_eager_backward_still_refuses_double_backward():
-    # The forward ran through the registered op (here under a dispatch mode), the backward
-    # outside it: the backward op is then called with create_graph on, and its gradients must
-    # raise when differentiated, not silently carry no second-order term.
+@pytest.mark.parametrize("forward_mode,error", [
+    # the eager path: once_differentiable alone would return gradients without a node (the
+    # grad_output here does not require grad), and a penalty would silently be a constant
+    (contextlib.nullcontext, "FusedCosineAttention: .*no second-order"),
+    # the forward through the registered op (under a dispatch mode), the backward outside it:
+    # the backward op is called with create_graph on and must keep the op's own error
+    (_Passthrough, "no autograd formula"),
+], ids=["eager", "op-forward"])
+def test_double_backward_fails_loudly(forward_mode, error):
+    # A gradient penalty through the fused op must fail loudly, not lose its second-order term.
     inputs, lens, window = _attn_case(False)
-    with _Passthrough():
+    with forward_mode():
         out = attn_ops.cosine_attention(**inputs, key_lengths=lens, window=window,
                                         backend="fused")
     (gq,) = torch.autograd.grad(out.sum(), [inputs["q"]], create_graph=True)
     assert gq.requires_grad
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        gq.square().sum().backward()
-
-
-def test_eager_backward_is_not_differentiable_twice():
-    # A gradient penalty through the fused op must fail loudly, not lose its second-order term
-    # (the grad_output here does not require grad: once_differentiable alone would return
-    # gradients without a node, and the penalty would silently be a constant).
-    inputs, lens, window = _attn_case(False)
-    out = attn_ops.cosine_attention(**inputs, key_lengths=lens, window=window, backend="fused")
-    (gq,) = torch.autograd.grad(out.sum(), [inputs["q"]], create_graph=True)
-    assert gq.requires_grad
-    with pytest.raises(RuntimeError, match="FusedCosineAttention: .*no second-order"):
+    with pytest.raises(RuntimeError, match=error):
         gq.square().sum().backward()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 from torch._C import _functions as _autograd_functions  # DelayedError, as once_differentiable uses it
 
 
