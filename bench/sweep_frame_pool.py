@@ -13,6 +13,9 @@ small-B one) and the pooling modes mean, max and meanmax:
   backward  the backward op alone (torch.ops.dtl_fast.frame_pool_backward) for every
             configuration in BWD_GRID (threads, feature vectors, frames per thread, waves), over
             grad_out read once + grad_x written once;
+  roofline  torch's x.sum(1) / x.amax(1) and the fused forward with every frame valid, on the
+            two 256 MiB headline inputs: the same bytes read the same way, as % of copy (is the
+            forward's gap to 85 % ours, or the device's for a read-and-reduce stream?);
   stock     the eager masked reduction (dtl_fast.reference) and torch.segment_reduce beside the
             fused op with its default configuration, forward and forward+backward (gradient of an
             intermediate by torch.autograd.grad), on the headline and small shapes: the inputs of
@@ -150,7 +153,7 @@ class Sweep:
         self.deadline = H.Deadline(args.budget_s)
         self.rows: list[dict[str, Any]] = []
         self.not_run: list[str] = []
-        self.planned = {"forward": 0, "backward": 0, "stock": 0}
+        self.planned = {"forward": 0, "backward": 0, "stock": 0, "roofline": 0}
         self.results: dict[tuple, dict[str, Any]] = {}  # (shape, dtype, mode, pass) -> summary
         self.run_id = args.run_id or H.new_run_id()
         self.stamp = H.env_stamp(device)
@@ -296,6 +299,34 @@ class Sweep:
                           timing=t, nbytes=nbytes, baseline_ms=times.get("fused"))
             self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
 
+    def roofline_case(self, shape, dtype, seed: int) -> None:
+        """The read roofline of the headline case: torch's own reductions over all T frames
+        (x.sum(1), x.amax(1)) beside the fused forward with every frame valid (lengths None),
+        i.e. the same bytes read the same way, as % of copy. Says whether the forward's gap to
+        85 % is ours (torch reads faster) or the device's for a read-and-reduce stream."""
+        from dtl_fast import ops
+
+        x, _ = self.inputs(shape, dtype, seed)
+        B, T, D = x.shape
+        es = x.element_size()
+        nbytes = B * T * D * es + B * D * es
+        key = (H.shape_str(shape), H.dtype_str(dtype), "all frames", "roofline")
+        provs = {"torch.sum": lambda: x.sum(1), "torch.amax": lambda: x.amax(1),
+                 "fused mean": lambda: ops.frame_pool(x, None, "mean", backend="fused"),
+                 "fused max": lambda: ops.frame_pool(x, None, "max", backend="fused")}
+        summary = self.results.setdefault(key, {"roofline": {}})
+        for name, fn in provs.items():
+            self.planned["roofline"] += 1
+            if not self.budget_left(f"roofline {name} {key[0]} {key[1]}"):
+                continue
+            with torch.no_grad():
+                t = self.time(fn)
+            if t is None:
+                continue
+            self.emit(mode="roofline forward", variant="all frames", shape=shape, dtype=dtype,
+                      provider=name, timing=t, nbytes=nbytes, baseline_ms=None)
+            summary["roofline"][name] = 100 * nbytes / (t[0] * 1e-3) / 1e9 / self.copy["copy_gbps"]
+
     def size_series_fit(self) -> list[str]:
         """Least-squares t = t0 + bytes / BW over the size series (and the first headline case)
         for each configuration of SERIES_GRID: the fixed cost and the streaming rate per U."""
@@ -324,7 +355,8 @@ class Sweep:
         if not self.measure:
             lines.append("no CUDA: nothing measured (every GPU figure stays unmeasured)")
             lines.append(f"plan: {self.planned['forward']} forward and {self.planned['backward']} "
-                         f"backward configuration timings, {self.planned['stock']} stock timings; "
+                         f"backward configuration timings, {self.planned['stock']} stock timings, "
+                         f"{self.planned['roofline']} read-roofline timings; "
                          f"every configuration accepted by set_cuda_launch_config, every call ran "
                          f"on small CPU tensors")
             return "\n".join(lines)
@@ -358,6 +390,10 @@ class Sweep:
                     lines.append("forward geometric mean by config: " + ", ".join(
                         f"{config_name(k)} {v:.1f}%" for k, v in sorted(geo.items())))
         lines += self.size_series_fit()
+        for key, res in self.results.items():
+            if res.get("roofline"):
+                lines.append(f"read roofline {key[0]} {key[1]} (all frames, % of copy): " + ", ".join(
+                    f"{k} {v:.1f}%" for k, v in res["roofline"].items()))
         for key, res in self.results.items():
             if "stock" in res and res["stock"]:
                 shape, dtype, mode, pas = key
@@ -398,6 +434,8 @@ def main(argv=None) -> int:
             sweep.sweep_case(shape, dtype, mode, i)
     for i, (shape, dtype) in enumerate(SIZE_SERIES):
         sweep.sweep_case(shape, dtype, "mean", 10 + i, forward_only=SERIES_GRID)
+    for i, (shape, dtype) in enumerate(HEADLINE[:2]):
+        sweep.roofline_case(shape, dtype, 20 + i)
     if not args.no_stock:
         for i, (shape, dtype) in enumerate(SMALL + HEADLINE):
             for mode in POOL_MODES:

@@ -1,6 +1,8 @@
 """Masked temporal frame pooling: the C++ / CUDA op against the eager reference, the reference
 against a plain loop, gradients (autograd registered in C++), torch.library / torch.compile
 integration, bad input, the GPU length-error flag and the CUDA launch constants."""
+import re
+
 import pytest
 import torch
 
@@ -546,6 +548,27 @@ def test_sweep_provider_names_parse_back():
         S.parse_config_name("default")
 
 
+def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path):
+    # The GPU sweep (gpu_check's sweep-pool step) is only ever run on a lent GPU: its dry run
+    # calls every configuration, stock form and read-roofline form on small CPU tensors, so a
+    # broken plan fails here and not in the lease.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import sweep_frame_pool as S
+
+    assert S.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    plan = re.search(r"plan: (\d+) forward and (\d+) backward configuration timings, (\d+) stock "
+                     r"timings, (\d+) read-roofline timings", out)
+    assert plan, out
+    n_fwd, n_bwd, n_stock, n_roof = map(int, plan.groups())
+    assert n_fwd >= len(S.FWD_GRID) and n_bwd >= len(S.BWD_GRID) and n_stock > 0
+    assert n_roof == 4 * 2  # torch.sum / torch.amax / fused mean / fused max, two inputs
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_lengths_are_checked_on_the_gpu(mode):
@@ -662,3 +685,53 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
                 assert torch.equal(am, ref_am), what
     finally:
         C.set_cuda_launch_config(*default)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_mode_ad_runs_the_reference(mode):
+    # The compiled op's C++ autograd has no forward-mode formula: "auto" pools a dual tensor
+    # with the eager reference, so the tangent is carried, not dropped or refused.
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    t = torch.randn_like(x)
+    lengths = torch.tensor([6, 0, 4])
+    out, tangent = torch.func.jvp(lambda a: ops.frame_pool(a, lengths, mode), (x,), (t,))
+    ref_out, ref_tangent = torch.func.jvp(lambda a: reference.frame_pool(a, lengths, mode),
+                                          (x,), (t,))
+    assert torch.equal(out, ref_out) and torch.equal(tangent, ref_tangent)
+    if mode in ("mean", "sum"):  # linear in x: the tangent is the pooled tangent
+        assert_rel_close("jvp tangent", tangent, loop_pool(t, lengths, mode), 1e-12)
+    else:  # max: the tangent of the first maximal frame, row 1 (length 0) zero
+        first = torch.stack([x[b, :L].argmax(0) if L else torch.zeros(5, dtype=torch.long)
+                             for b, L in enumerate(lengths.tolist())])
+        picked = t.gather(1, first.unsqueeze(1)).squeeze(1)
+        picked[1] = 0
+        assert torch.equal(tangent[:, -5:], picked)
+    with fwAD.dual_level():
+        dual = ops.frame_pool(fwAD.make_dual(x, t), lengths, mode)
+        assert torch.equal(fwAD.unpack_dual(dual).tangent, ref_tangent)
+        with pytest.raises(NotImplementedError, match="frame_pool.*forward-mode AD"):
+            ops.frame_pool(fwAD.make_dual(x, t), lengths, mode, backend="fused")
+        # a plain (non-dual) tensor inside a dual level still takes the compiled op
+        assert ops.frame_pool(x, lengths, mode, backend="fused").grad_fn is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_func_vmap_and_grad(mode):
+    # functorch refuses C++ autograd Functions: under torch.func transforms "auto" (and the
+    # FramePool module) run the reference, and give what the compiled op gives per sample.
+    xs = torch.randn(4, 3, 6, 5, dtype=torch.float64)
+    lengths = torch.tensor([6, 1, 4])
+    per_sample = torch.stack([ops.frame_pool(x, lengths, mode, backend="fused") for x in xs])
+    batched = torch.func.vmap(lambda a: ops.frame_pool(a, lengths, mode))(xs)
+    assert_rel_close("vmap", batched, per_sample, 1e-12)
+    module = FramePool(mode)
+    assert_rel_close("vmap module", torch.func.vmap(lambda a: module(a, lengths))(xs),
+                     per_sample, 1e-12)
+    g = torch.randn(3, width(5, mode), dtype=torch.float64)
+    gx = torch.func.grad(lambda a: (ops.frame_pool(a, lengths, mode) * g).sum())(xs[0])
+    x0 = xs[0].clone().requires_grad_()
+    (want,) = torch.autograd.grad(ops.frame_pool(x0, lengths, mode, backend="fused"), x0, g)
+    assert_rel_close("func.grad", gx, want, 1e-12)
+    with pytest.raises(NotImplementedError, match="frame_pool.*torch.func transform"):
+        torch.func.vmap(lambda a: ops.frame_pool(a, lengths, mode, backend="fused"))(xs)

@@ -4,6 +4,7 @@ its fake (meta) kernels, and the backend choice. Its autograd lives in C++
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from dtl_fast import _extension, reference
 from dtl_fast._backend import resolve_backend
@@ -84,6 +85,18 @@ def _use_compiled(x: torch.Tensor, backend: str, mode: str) -> bool:
     return False
 
 
+def _under_transform(x: torch.Tensor) -> str | None:
+    """Names the transform the compiled op cannot run under, or None. The op's autograd is a
+    C++ torch::autograd::Function, which has no forward-mode formula and which functorch
+    (torch.func.vmap / grad / jvp / vjp) refuses; the eager reference is plain torch ops and
+    supports all of them."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (vmap, grad, jvp, vjp)"
+    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None:
+        return "forward-mode AD (torch.autograd.forward_ad)"
+    return None
+
+
 def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: str | None = None
                ) -> torch.Tensor:
     """Pools each sequence of frames over its valid frames only.
@@ -98,7 +111,9 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
             at each call (under torch.compile: when the graph is traced).
             "auto" runs the C++ kernel on CPU tensors and the CUDA kernel on GPU tensors (unless
             the measured rule _CUDA_STOCK_WINS names the case), and the eager reference where a
-            kernel was not built.
+            kernel was not built, under torch.func transforms (vmap, grad, jvp, vjp) and
+            with forward-mode AD tangents (which the compiled op cannot carry); "fused" raises
+            NotImplementedError there.
 
     Returns:
         [B, D] ([B, 2D] for "meanmax") in x's dtype; half types accumulate in float32. A row
@@ -117,5 +132,15 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
     lengths = normalize_lengths(lengths, x)
     if not _use_compiled(x, backend, mode):
         return reference.frame_pool(x, lengths, mode)
+    if not torch.compiler.is_compiling():
+        transform = _under_transform(x)
+        if transform is not None:
+            if backend == "fused":
+                raise NotImplementedError(
+                    f"frame_pool(backend='fused') cannot run under {transform}: the compiled "
+                    "op's autograd has no forward-mode formula and functorch cannot see "
+                    "through it; use backend='auto' or 'reference' (the eager reference, which "
+                    "supports them)")
+            return reference.frame_pool(x, lengths, mode)
     out, _ = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     return out
