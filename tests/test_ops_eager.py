@@ -326,3 +326,87 @@ def test_forward_mode_ad_is_refused_not_dropped():
         # outside dual tensors, a dual level alone changes nothing
         attn_ops.cosine_attention(q, k, v, ls, backend="fused")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func transforms and forward-mode AD: the fused ops' autograd (torch.library
+# register_autograd) is opaque to functorch's grad / jvp, where torch raised an error about
+# autograd.Function internals; `auto` takes a stock path there, `fused` refuses by name.
+
+def test_transforms_in_use_names_them():
+    seen = []
+    probe = lambda x: seen.append(_eager.transforms_in_use((x,))) or x  # noqa: E731
+    assert _eager.transforms_in_use((torch.ones(2),)) == ()
+    torch.func.vmap(torch.func.grad(lambda x: probe(x).sum()))(torch.ones(2, 3))
+    torch.func.jvp(probe, (torch.ones(2),), (torch.ones(2),))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.ones(2), torch.ones(2))
+        probe(dual)
+        probe(torch.ones(2))  # a plain tensor inside a dual level: nothing
+    # (torch.func.jvp carries its tangent as a forward-mode dual inside the transform)
+    assert seen == [("vmap", "grad"), ("jvp", "forward_ad"), ("forward_ad",), ()]
+
+
+def _lstm_weights():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g),
+            torch.randn(16, generator=g), torch.randn(16, generator=g)]
+
+
+def test_fused_ops_refuse_grad_transforms_by_name_and_serve_vmap():
+    q, k, v, ls = _qkv()
+    with pytest.raises(NotImplementedError, match=r"cosine_attention\(backend='fused'\).*grad"):
+        torch.func.grad(lambda a: attn_ops.cosine_attention(a, k, v, ls, backend="fused").sum())(q)
+    ws = _lstm_weights()
+    x = torch.randn(3, 5, 4)
+    with pytest.raises(NotImplementedError, match=r"lstm\(backend='fused'\).*grad"):
+        torch.func.grad(lambda a: rnn_ops.lstm(a, None, ws, backend="fused")[0].sum())(x)
+    # vmap alone runs the registered ops' per-sample fallback: the same as a loop
+    qs, ks, vs = (torch.stack([t, t.flip(0)]) for t in (q, k, v))
+    got = torch.func.vmap(lambda a, b, c: attn_ops.cosine_attention(a, b, c, ls, backend="fused"))(
+        qs, ks, vs)
+    want = torch.stack([attn_ops.cosine_attention(a, b, c, ls, backend="fused")
+                        for a, b, c in zip(qs, ks, vs)])
+    torch.testing.assert_close(got, want)
+    xs = torch.stack([x, x.flip(0)])
+    got = torch.func.vmap(lambda a: rnn_ops.lstm(a, None, ws, backend="fused")[0])(xs)
+    want = torch.stack([rnn_ops.lstm(a, None, ws, backend="fused")[0] for a in xs])
+    torch.testing.assert_close(got, want)
+
+
+def test_auto_takes_a_stock_path_under_transforms(monkeypatch):
+    # As on a GPU where the measured rule picks the fused kernels (forced here): under grad the
+    # composite / native path, under jvp and vmap the reference, each matching the fused
+    # op's values outside the transform.
+    monkeypatch.setattr(attn_ops, "auto_path", lambda *a, **k: "fused")
+    monkeypatch.setattr(rnn_ops, "auto_path", lambda *a, **k: "fused:" + rnn_ops.fused_impl())
+    q, k, v, ls = (t.double() for t in _qkv())
+    qq = q.clone().requires_grad_()
+    attn_ops.cosine_attention(qq, k, v, ls, backend="fused").pow(2).sum().backward()
+    gq = torch.func.grad(lambda a: attn_ops.cosine_attention(a, k, v, ls).pow(2).sum())(q)
+    torch.testing.assert_close(gq, qq.grad)
+    t = torch.randn_like(q)
+    _, tangent = torch.func.jvp(lambda a: attn_ops.cosine_attention(a, k, v, ls), (q,), (t,))
+    _, want = torch.func.jvp(lambda a: ref_attn.cosine_attention(a, k, v, ls), (q,), (t,))
+    torch.testing.assert_close(tangent, want)
+    eps = 1e-6  # and the tangent is the derivative: a central difference
+    fd = (attn_ops.cosine_attention(q + eps * t, k, v, ls, backend="fused")
+          - attn_ops.cosine_attention(q - eps * t, k, v, ls, backend="fused")) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
+
+    ws = [w.double() for w in _lstm_weights()]
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    xx = x.clone().requires_grad_()
+    rnn_ops.lstm(xx, None, ws, backend="fused")[0].pow(2).sum().backward()
+    gx = torch.func.grad(lambda a: rnn_ops.lstm(a, None, ws)[0].pow(2).sum())(x)
+    torch.testing.assert_close(gx, xx.grad)
+    xs = torch.stack([x, x.flip(0)])
+    got = torch.func.vmap(lambda a: rnn_ops.lstm(a, None, ws)[0])(xs)
+    want = torch.stack([rnn_ops.lstm(a, None, ws, backend="fused")[0] for a in xs])
+    torch.testing.assert_close(got, want)
+    t = torch.randn_like(x)
+    _, tangent = torch.func.jvp(lambda a: rnn_ops.lstm(a, None, ws)[0], (x,), (t,))
+    fd = (rnn_ops.lstm(x + eps * t, None, ws, backend="fused")[0]
+          - rnn_ops.lstm(x - eps * t, None, ws, backend="fused")[0]) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)

@@ -48,18 +48,43 @@ def eager_ok(args) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def refuse_forward_ad(what: str, tensors) -> None:
-    """Raises NotImplementedError when a tensor carries a forward-mode AD tangent: the fused
-    ops have no forward-mode formula, and without this check the tangent would silently be
-    dropped (the result a plain tensor). A module global read when no dual level is open."""
-    from torch.autograd import forward_ad
-    if forward_ad._current_level < 0:
+def transforms_in_use(tensors=()) -> tuple[str, ...]:
+    """The autograd transforms around a call that the fused ops' autograd cannot serve: the
+    active torch.func transforms ("vmap", "grad", "jvp", "functionalize"; outermost first)
+    and "forward_ad" when one of `tensors` carries a forward-mode tangent. () in the common
+    case, for the cost of one interpreter-stack peek and one module global. Not consulted
+    while torch.compile traces (the registered ops and their fake kernels serve there)."""
+    names: tuple[str, ...] = ()
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        try:
+            names = tuple(str(i.key()).rsplit(".", 1)[-1].lower()
+                          for i in torch._C._functorch.get_interpreter_stack())
+        except Exception:  # noqa: BLE001  (a private API: if it moves, assume the worst)
+            names = ("unknown",)
+    if forward_ad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+            for t in tensors):
+        names += ("forward_ad",)
+    return names
+
+
+def refuse_transforms(what: str, tensors, *, vmap_ok: bool = True) -> None:
+    """Raises NotImplementedError naming `what` when the call runs under a transform the fused
+    kernels cannot serve (transforms_in_use), instead of torch's error about autograd.Function
+    internals or, for forward-mode AD, a silently dropped tangent. torch.func.vmap alone is
+    served by the registered ops' loop fallback when vmap_ok."""
+    if torch.compiler.is_compiling():
         return
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(f"{what}: forward-mode AD (torch.autograd.forward_ad, "
-                                      "torch.func.jvp) is not supported by the fused kernels; "
-                                      "use backend='reference'")
+    names = [n for n in transforms_in_use(tensors) if not (vmap_ok and n == "vmap")]
+    if not names:
+        return
+    if "forward_ad" in names or "jvp" in names:
+        raise NotImplementedError(f"{what}: forward-mode AD (torch.autograd.forward_ad, "
+                                  "torch.func.jvp) is not supported by the fused kernels; "
+                                  "use backend='auto' or 'reference'")
+    raise NotImplementedError(f"{what}: the torch.func transform(s) {', '.join(names)} cannot see "
+                              "through the fused kernels' autograd; use backend='auto' or "
+                              "'reference'")
 
 
 def _needs_grad(args) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dtl_fast._backend import resolve_backend
 from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op, refuse_forward_ad
+from dtl_fast.ops._eager import eager_op, refuse_transforms, transforms_in_use
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
                                                  head_scale, key_mask, window_tensor)
 from dtl_fast.reference.cosine_attention import cosine_attention as _reference
@@ -479,9 +479,16 @@ def _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend
     if backend == "fused":
         require_triton(q.device, "cosine_attention(backend='fused')")
         return "fused"
-    return auto_path(q.device.type, q.dtype, key_lengths is not None or window is not None,
+    path = auto_path(q.device.type, q.dtype, key_lengths is not None or window is not None,
                      _needs_grad(q, k, v, logit_scale, memory_k, memory_v), q.shape[2], k.shape[2],
                      q.shape[3], v.shape[3], _capability(q.device))
+    if not torch.compiler.is_compiling():
+        used = transforms_in_use((q, k, v, logit_scale, memory_k, memory_v))
+        if "forward_ad" in used or "jvp" in used:
+            return "reference"  # plain torch ops: SDPA has no forward-mode formula on every device
+        if used and path == "fused":
+            return "composite"  # the registered ops' autograd is opaque to torch.func
+    return path
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor,
@@ -533,6 +540,9 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             outside [1, 128], key_lengths not [B] or [B, H] integers in [0, Nk], window < 0
             (per-head entries < -1), a per-head window without H entries.
         RuntimeError: backend="fused" where the Triton kernels cannot run.
+        NotImplementedError: backend="fused" under torch.func.grad / vjp / jvp or forward-mode
+            AD, which cannot see through the kernels' autograd ("auto" takes the composite or,
+            for forward mode, the reference there; vmap runs the kernels per sample).
     """
     backend = resolve_backend(backend)
     q, k, v, memory_k, memory_v = _autocast_inputs(q, k, v, memory_k, memory_v)
@@ -543,7 +553,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             if path == "reference":
                 return _reference(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
             return cosine_attention_composite(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
-    refuse_forward_ad("cosine_attention(backend='fused')", (q, k, v, logit_scale, memory_k, memory_v))
+    refuse_transforms("cosine_attention(backend='fused')", (q, k, v, logit_scale, memory_k, memory_v))
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
     if key_lengths is not None:

@@ -4,11 +4,11 @@ its fake (meta) kernels, and the backend choice. Its autograd lives in C++
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad
 
 from dtl_fast import _extension, reference
 from dtl_fast._backend import resolve_backend
 from dtl_fast._checks import POOL_MODES, check_pool_input, normalize_lengths
+from dtl_fast.ops._eager import refuse_transforms, transforms_in_use
 
 _FWD = "dtl_fast::frame_pool"
 _BWD = "dtl_fast::frame_pool_backward"
@@ -85,18 +85,6 @@ def _use_compiled(x: torch.Tensor, backend: str, mode: str) -> bool:
     return False
 
 
-def _under_transform(x: torch.Tensor) -> str | None:
-    """Names the transform the compiled op cannot run under, or None. The op's autograd is a
-    C++ torch::autograd::Function, which has no forward-mode formula and which functorch
-    (torch.func.vmap / grad / jvp / vjp) refuses; the eager reference is plain torch ops and
-    supports all of them."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return "a torch.func transform (vmap, grad, jvp, vjp)"
-    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None:
-        return "forward-mode AD (torch.autograd.forward_ad)"
-    return None
-
-
 def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: str | None = None
                ) -> torch.Tensor:
     """Pools each sequence of frames over its valid frames only.
@@ -132,15 +120,11 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
     lengths = normalize_lengths(lengths, x)
     if not _use_compiled(x, backend, mode):
         return reference.frame_pool(x, lengths, mode)
-    if not torch.compiler.is_compiling():
-        transform = _under_transform(x)
-        if transform is not None:
-            if backend == "fused":
-                raise NotImplementedError(
-                    f"frame_pool(backend='fused') cannot run under {transform}: the compiled "
-                    "op's autograd has no forward-mode formula and functorch cannot see "
-                    "through it; use backend='auto' or 'reference' (the eager reference, which "
-                    "supports them)")
-            return reference.frame_pool(x, lengths, mode)
+    if not torch.compiler.is_compiling() and transforms_in_use((x,)):
+        # The op's autograd is a C++ torch::autograd::Function: no forward-mode formula, and
+        # functorch (vmap included) refuses C++ Functions. The reference is plain torch ops.
+        if backend == "fused":
+            refuse_transforms("frame_pool(backend='fused')", (x,), vmap_ok=False)
+        return reference.frame_pool(x, lengths, mode)
     out, _ = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     return out

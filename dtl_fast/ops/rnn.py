@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op, refuse_forward_ad
+from dtl_fast.ops._eager import eager_op, refuse_transforms, transforms_in_use
 from dtl_fast.reference import rnn as _ref
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -389,7 +389,7 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
 def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
            training, has_bias, H, D, impl):
     require_triton(x.device, f"{mode.lower()}(backend='fused') on {x.device.type} tensors")
-    refuse_forward_ad(f"{mode.lower()}(backend='fused')", (x, *(hs or ()), *weights))
+    refuse_transforms(f"{mode.lower()}(backend='fused')", (x, *(hs or ()), *weights))
     G = 4 if mode == "LSTM" else 3
     per_dir = 4 if has_bias else 2
     xt = x.transpose(0, 1) if batch_first else x  # [T, B, I]
@@ -459,7 +459,13 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
     if backend == "auto":
         path = auto_path(mode, _run_dtype(input), input.shape[0 if batch_first else 1], H,
                          input.shape[1 if batch_first else 0], D, lengths, input.device)
-        if path == "native":
+        used = () if torch.compiler.is_compiling() else transforms_in_use(
+            (input, *(hs or ()), *weights))
+        if {"forward_ad", "jvp", "vmap"} & set(used):
+            # neither the fused ops nor torch.lstm / gru (no batching rule, no forward-mode
+            # formula in cuDNN / oneDNN) serve these; the reference is plain torch ops
+            return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
+        if path == "native" or used:
             return _native(*args)
         return _fused(*args, path.split(":", 1)[1])
     return _fused(*args, fused_impl())
@@ -492,7 +498,8 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
             "auto": the path auto_path picks: on CUDA PyTorch's cuDNN path (torch.lstm) except
             where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule());
-            PyTorch's native kernels on the CPU and for float64.
+            PyTorch's native kernels on the CPU and for float64. Under torch.func.grad / vjp
+            PyTorch's path, under vmap / jvp / forward-mode AD the eager reference.
             "fused": the Triton kernels (FUSED_DEFAULT_IMPL; $DTL_FAST_RNN_IMPL = "loop" |
             "persistent" | "step" picks another implementation).
 
@@ -505,6 +512,8 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         RuntimeError: input feature size != weight_ih_l0 columns, hx of the wrong shape, lengths
             outside [1, T], backend="fused" where Triton cannot run.
         ValueError: wrong rank or dtype, wrong weight count or shapes, devices that differ.
+        NotImplementedError: backend="fused" under torch.func.grad / vjp / jvp or forward-mode
+            AD, which cannot see through the fused kernels' autograd.
     """
     return _dispatch("LSTM", input, hx, weights, lengths, num_layers, bidirectional, batch_first,
                      dropout, training, has_bias, backend)
