@@ -319,8 +319,16 @@ class Sweep:
             self.planned["roofline"] += 1
             if not self.budget_left(f"roofline {name} {key[0]} {key[1]}"):
                 continue
-            with torch.no_grad():
-                t = self.time(fn)
+            try:
+                with torch.no_grad():
+                    t = self.time(fn)
+            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the stock rows follow)
+                self.emit(mode="roofline forward", variant="all frames", shape=shape, dtype=dtype,
+                          provider=name, timing=None, nbytes=0, baseline_ms=None,
+                          status=f"error: {H.exc_text(exc)}")
+                if not self.measure:
+                    raise  # the dry run exists to catch exactly this
+                continue
             if t is None:
                 continue
             self.emit(mode="roofline forward", variant="all frames", shape=shape, dtype=dtype,

@@ -74,6 +74,17 @@ def device_capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def unwrap_functorch(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func wrappers (vmap's batched tensors, grad's tracking
+    tensors), for reading values on the host: under vmap it holds every sample's values (the
+    batch dimension included), which is what a range check needs. `t` itself when unwrapped.
+    Not for torch.compile'd code (dynamo cannot trace the query; checks there are asynchronous
+    asserts)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def check_lengths_range(lengths: torch.Tensor | None, lo: int, hi: int, *, owner: str,
                         name: str = "lengths", error: type = ValueError, span: str | None = None) -> None:
     """Checks lo <= lengths[b] <= hi (`span` names the range in the message, default
@@ -86,6 +97,7 @@ def check_lengths_range(lengths: torch.Tensor | None, lo: int, hi: int, *, owner
         torch._assert_async(((lengths >= lo) & (lengths <= hi)).all(),
                             f"{owner}: every {name}[b] must lie in [{lo}, {hi}]")
         return
+    lengths = unwrap_functorch(lengths)  # per-sample lengths under torch.func.vmap
     if lengths.device.type == "cpu":
         # min / max of the host values in Python: 6 us where aminmax + stack + tolist, three
         # dispatched ops, take 15 us (2-core VM, B 64; this runs on every call of the ops that

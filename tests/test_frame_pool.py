@@ -548,14 +548,13 @@ def test_sweep_provider_names_parse_back():
         S.parse_config_name("default")
 
 
-def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path):
+def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path, monkeypatch):
     # The GPU sweep (gpu_check's sweep-pool step) is only ever run on a lent GPU: its dry run
     # calls every configuration, stock form and read-roofline form on small CPU tensors, so a
     # broken plan fails here and not in the lease.
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import sweep_frame_pool as S
 
     assert S.main(["--dry-run", "--out", str(tmp_path)]) == 0
@@ -702,6 +701,9 @@ def test_forward_mode_ad_runs_the_reference(mode):
     if mode in ("mean", "sum"):  # linear in x: the tangent is the pooled tangent
         assert_rel_close("jvp tangent", tangent, loop_pool(t, lengths, mode), 1e-12)
     else:  # max: the tangent of the first maximal frame, row 1 (length 0) zero
+        if mode == "meanmax":  # and the mean half, linear
+            assert_rel_close("jvp tangent (mean half)", tangent[:, :5],
+                             loop_pool(t, lengths, "mean"), 1e-12)
         first = torch.stack([x[b, :L].argmax(0) if L else torch.zeros(5, dtype=torch.long)
                              for b, L in enumerate(lengths.tolist())])
         picked = t.gather(1, first.unsqueeze(1)).squeeze(1)
@@ -716,15 +718,19 @@ def test_forward_mode_ad_runs_the_reference(mode):
         assert ops.frame_pool(x, lengths, mode, backend="fused").grad_fn is None
 
 
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_func_vmap_and_grad(mode):
-    # functorch refuses C++ autograd Functions: under torch.func transforms "auto" (and the
-    # FramePool module) run the reference, and give what the compiled op gives per sample.
+    # The op's C++ autograd Function (Autograd key) is served under vmap (the batching
+    # fallback calls the op per sample), not while a grad layer is on the stack: there "auto"
+    # (and the FramePool module) run the reference and "fused" refuses by name.
     xs = torch.randn(4, 3, 6, 5, dtype=torch.float64)
     lengths = torch.tensor([6, 1, 4])
     per_sample = torch.stack([ops.frame_pool(x, lengths, mode, backend="fused") for x in xs])
-    batched = torch.func.vmap(lambda a: ops.frame_pool(a, lengths, mode))(xs)
-    assert_rel_close("vmap", batched, per_sample, 1e-12)
+    for backend in ("auto", "fused"):
+        batched = torch.func.vmap(lambda a: ops.frame_pool(a, lengths, mode, backend=backend))(xs)
+        assert_rel_close(f"vmap {backend}", batched, per_sample, 1e-12)
     module = FramePool(mode)
     assert_rel_close("vmap module", torch.func.vmap(lambda a: module(a, lengths))(xs),
                      per_sample, 1e-12)
@@ -733,5 +739,46 @@ def test_torch_func_vmap_and_grad(mode):
     x0 = xs[0].clone().requires_grad_()
     (want,) = torch.autograd.grad(ops.frame_pool(x0, lengths, mode, backend="fused"), x0, g)
     assert_rel_close("func.grad", gx, want, 1e-12)
-    with pytest.raises(NotImplementedError, match="frame_pool.*torch.func transform"):
-        torch.func.vmap(lambda a: ops.frame_pool(a, lengths, mode, backend="fused"))(xs)
+    with pytest.raises(NotImplementedError, match=r"frame_pool\(backend='fused'\).*grad"):
+        torch.func.grad(lambda a: ops.frame_pool(a, lengths, mode, backend="fused").sum())(xs[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+def test_per_sample_lengths_and_gradients_under_vmap(backend):
+    # Per-sample gradients with per-sample lengths: vmap(grad(loss)) over (x, lengths), each
+    # sample against its own plain call; bad lengths in one sample are still a ValueError.
+    xs = torch.randn(4, 3, 6, 5, dtype=torch.float64)
+    lengths = torch.tensor([[6, 0, 3], [1, 2, 6], [4, 4, 4], [0, 6, 5]])
+    got = torch.func.vmap(lambda x, L: ops.frame_pool(x, L, "meanmax", backend=backend))(xs, lengths)
+    want = torch.stack([loop_pool(x, L, "meanmax") for x, L in zip(xs, lengths)])
+    assert_rel_close("vmap per-sample lengths", got, want, 1e-12)
+
+    def loss(x, L):
+        return ops.frame_pool(x, L, "max", backend=backend).pow(2).sum()
+
+    want = []
+    for x, L in zip(xs, lengths):
+        x = x.clone().requires_grad_()
+        want.append(torch.autograd.grad(loss(x, L), x)[0])
+    if backend == "fused":
+        with pytest.raises(NotImplementedError, match="grad"):
+            torch.func.vmap(torch.func.grad(loss))(xs, lengths)
+    else:
+        assert_rel_close("vmap(grad)", torch.func.vmap(torch.func.grad(loss))(xs, lengths),
+                         torch.stack(want), 1e-12)
+    bad = lengths.clone()
+    bad[2, 1] = 7
+    with pytest.raises(ValueError, match=r"lengths\[b\] must lie in \[0, T\]"):
+        torch.func.vmap(lambda x, L: ops.frame_pool(x, L, "mean", backend=backend))(xs, bad)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_functionalize_keeps_the_registered_op(backend):
+    # torch.func.functionalize involves no autograd: the op passes through it, and a graph
+    # traced through it holds the op, not the reference's pieces.
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x = torch.randn(2, 5, 4)
+    lengths = torch.tensor([5, 2])
+    f = torch.func.functionalize(lambda a: ops.frame_pool(a, lengths, "max", backend=backend))
+    assert torch.equal(f(x), reference.frame_pool(x, lengths, "max"))
+    assert "dtl_fast.frame_pool" in make_fx(f)(x).code

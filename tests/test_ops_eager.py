@@ -344,8 +344,11 @@ def test_transforms_in_use_names_them():
         dual = fwAD.make_dual(torch.ones(2), torch.ones(2))
         probe(dual)
         probe(torch.ones(2))  # a plain tensor inside a dual level: nothing
+    # functionalize involves no autograd: not reported (the registered ops pass through it)
+    torch.func.functionalize(torch.func.vmap(probe))(torch.ones(2, 3))
     # (torch.func.jvp carries its tangent as a forward-mode dual inside the transform)
-    assert seen == [("vmap", "grad"), ("jvp", "forward_ad"), ("forward_ad",), ()]
+    assert seen == [("vmap", "grad"), ("jvp", "forward_ad"), ("forward_ad",), (), ("vmap",)]
+    assert not _eager.needs_stock_path(("vmap",)) and _eager.needs_stock_path(("vmap", "grad"))
 
 
 def _lstm_weights():
@@ -410,3 +413,31 @@ def test_auto_takes_a_stock_path_under_transforms(monkeypatch):
     fd = (rnn_ops.lstm(x + eps * t, None, ws, backend="fused")[0]
           - rnn_ops.lstm(x - eps * t, None, ws, backend="fused")[0]) / (2 * eps)
     torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_per_sample_lengths_under_vmap(backend):
+    # vmap over (inputs, lengths): the lengths' range check reads every sample's values under
+    # the vmap wrapper (it used to fail reading a wrapped tensor's data), and each sample
+    # matches its own call.
+    q, k, v = (torch.randn(3, 2, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    ls = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    key_lengths = torch.tensor([[5, 2], [3, 0], [4, 4]])
+    got = torch.func.vmap(lambda a, b, c, L: attn_ops.cosine_attention(a, b, c, ls, L, backend=backend))(
+        q, k, v, key_lengths)
+    want = torch.stack([ref_attn.cosine_attention(a, b, c, ls, L)
+                        for a, b, c, L in zip(q, k, v, key_lengths)])
+    torch.testing.assert_close(got, want)
+    ws = [w.double() for w in _lstm_weights()]
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    lengths = torch.tensor([[5, 2], [1, 5], [3, 3]])
+    got = torch.func.vmap(lambda a, L: rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True,
+                                                    backend=backend)[0])(x, lengths)
+    want = torch.stack([rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True,
+                                     backend="reference")[0] for a, L in zip(x, lengths)])
+    torch.testing.assert_close(got, want)
+    bad = lengths.clone()
+    bad[1, 0] = 6
+    with pytest.raises((ValueError, RuntimeError), match="lengths"):
+        torch.func.vmap(lambda a, L: rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True,
+                                                  backend=backend)[0])(x, bad)

@@ -49,16 +49,20 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def transforms_in_use(tensors=()) -> tuple[str, ...]:
-    """The autograd transforms around a call that the fused ops' autograd cannot serve: the
-    active torch.func transforms ("vmap", "grad", "jvp", "functionalize"; outermost first)
-    and "forward_ad" when one of `tensors` carries a forward-mode tangent. () in the common
-    case, for the cost of one interpreter-stack peek and one module global. Not consulted
+    """The autograd transforms around a call, as the fused ops' dispatch needs to know them:
+    the active torch.func transforms ("vmap", "grad" -- torch.func.grad / vjp / jacrev --,
+    "jvp"; outermost first) and "forward_ad" when one of `tensors` carries a forward-mode
+    tangent. torch.func.functionalize is left out: it involves no autograd, and the registered
+    ops pass through it. () in the common case, for one interpreter-stack peek and one module
+    global; inside an open forward_ad.dual_level every tensor scanned costs ~10 us (unpack_dual
+    makes a view), so callers scan once per call, likeliest duals first. Not meant for use
     while torch.compile traces (the registered ops and their fake kernels serve there)."""
     names: tuple[str, ...] = ()
     if torch._C._functorch.peek_interpreter_stack() is not None:
         try:
-            names = tuple(str(i.key()).rsplit(".", 1)[-1].lower()
-                          for i in torch._C._functorch.get_interpreter_stack())
+            names = tuple(n for n in (str(i.key()).rsplit(".", 1)[-1].lower()
+                                      for i in torch._C._functorch.get_interpreter_stack())
+                          if n != "functionalize")
         except Exception:  # noqa: BLE001  (a private API: if it moves, assume the worst)
             names = ("unknown",)
     if forward_ad._current_level >= 0 and any(
@@ -68,23 +72,26 @@ def transforms_in_use(tensors=()) -> tuple[str, ...]:
     return names
 
 
-def refuse_transforms(what: str, tensors, *, vmap_ok: bool = True) -> None:
-    """Raises NotImplementedError naming `what` when the call runs under a transform the fused
-    kernels cannot serve (transforms_in_use), instead of torch's error about autograd.Function
-    internals or, for forward-mode AD, a silently dropped tangent. torch.func.vmap alone is
-    served by the registered ops' loop fallback when vmap_ok."""
-    if torch.compiler.is_compiling():
+def needs_stock_path(used: tuple[str, ...]) -> bool:
+    """True when transforms_in_use's `used` holds one the fused kernels cannot serve: any but
+    vmap (their registered ops' batching fallback runs them per sample)."""
+    return any(n != "vmap" for n in used)
+
+
+def refuse_transforms(what: str, used: tuple[str, ...]) -> None:
+    """Raises NotImplementedError naming `what` when `used` (transforms_in_use) holds a
+    transform the fused kernels cannot serve (needs_stock_path): instead of torch's error
+    about autograd.Function internals, or, for forward-mode AD, a silently dropped tangent."""
+    if not needs_stock_path(used):
         return
-    names = [n for n in transforms_in_use(tensors) if not (vmap_ok and n == "vmap")]
-    if not names:
-        return
-    if "forward_ad" in names or "jvp" in names:
+    if "forward_ad" in used or "jvp" in used:
         raise NotImplementedError(f"{what}: forward-mode AD (torch.autograd.forward_ad, "
-                                  "torch.func.jvp) is not supported by the fused kernels; "
-                                  "use backend='auto' or 'reference'")
-    raise NotImplementedError(f"{what}: the torch.func transform(s) {', '.join(names)} cannot see "
-                              "through the fused kernels' autograd; use backend='auto' or "
-                              "'reference'")
+                                  "torch.func.jvp / jacfwd) is not supported by the fused "
+                                  "kernels; use backend='auto' or 'reference'")
+    names = ", ".join("grad (torch.func.grad / vjp / jacrev)" if n == "grad" else n
+                      for n in dict.fromkeys(n for n in used if n != "vmap"))
+    raise NotImplementedError(f"{what}: the torch.func transform {names} cannot see through the "
+                              "fused kernels' autograd; use backend='auto' or 'reference'")
 
 
 def _needs_grad(args) -> bool:

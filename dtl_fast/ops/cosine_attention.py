@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dtl_fast._backend import resolve_backend
 from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op, refuse_transforms, transforms_in_use
+from dtl_fast.ops._eager import eager_op, needs_stock_path, refuse_transforms, transforms_in_use
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
                                                  head_scale, key_mask, window_tensor)
 from dtl_fast.reference.cosine_attention import cosine_attention as _reference
@@ -476,18 +476,23 @@ def _needs_grad(*tensors) -> bool:
 def _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend: str) -> str:
     if backend == "reference":
         return "reference"
+    # torch.func transforms and forward-mode AD (one scan per call: ~10 us a tensor inside an
+    # open dual level, so q first)
+    used = () if torch.compiler.is_compiling() else transforms_in_use(
+        (q, k, v, logit_scale, memory_k, memory_v))
     if backend == "fused":
         require_triton(q.device, "cosine_attention(backend='fused')")
+        refuse_transforms("cosine_attention(backend='fused')", used)
         return "fused"
     path = auto_path(q.device.type, q.dtype, key_lengths is not None or window is not None,
                      _needs_grad(q, k, v, logit_scale, memory_k, memory_v), q.shape[2], k.shape[2],
                      q.shape[3], v.shape[3], _capability(q.device))
-    if not torch.compiler.is_compiling():
-        used = transforms_in_use((q, k, v, logit_scale, memory_k, memory_v))
-        if "forward_ad" in used or "jvp" in used:
-            return "reference"  # plain torch ops: SDPA has no forward-mode formula on every device
-        if used and path == "fused":
-            return "composite"  # the registered ops' autograd is opaque to torch.func
+    if "forward_ad" in used or "jvp" in used or used.count("grad") > 1:
+        # plain torch ops: SDPA has no forward-mode formula on every device, and its backward
+        # no derivative (grad of grad)
+        return "reference"
+    if path == "fused" and needs_stock_path(used):
+        return "composite"  # the registered ops' autograd is opaque to torch.func.grad
     return path
 
 
@@ -553,7 +558,6 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             if path == "reference":
                 return _reference(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
             return cosine_attention_composite(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
-    refuse_transforms("cosine_attention(backend='fused')", (q, k, v, logit_scale, memory_k, memory_v))
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
     if key_lengths is not None:

@@ -8,7 +8,7 @@ import torch
 from dtl_fast import _extension, reference
 from dtl_fast._backend import resolve_backend
 from dtl_fast._checks import POOL_MODES, check_pool_input, normalize_lengths
-from dtl_fast.ops._eager import refuse_transforms, transforms_in_use
+from dtl_fast.ops._eager import needs_stock_path, refuse_transforms, transforms_in_use
 
 _FWD = "dtl_fast::frame_pool"
 _BWD = "dtl_fast::frame_pool_backward"
@@ -99,9 +99,9 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
             at each call (under torch.compile: when the graph is traced).
             "auto" runs the C++ kernel on CPU tensors and the CUDA kernel on GPU tensors (unless
             the measured rule _CUDA_STOCK_WINS names the case), and the eager reference where a
-            kernel was not built, under torch.func transforms (vmap, grad, jvp, vjp) and
-            with forward-mode AD tangents (which the compiled op cannot carry); "fused" raises
-            NotImplementedError there.
+            kernel was not built, and under torch.func.grad / vjp / jvp and forward-mode AD
+            (which the compiled op's autograd cannot serve; "fused" raises NotImplementedError
+            there). torch.func.vmap runs the compiled op per sample.
 
     Returns:
         [B, D] ([B, 2D] for "meanmax") in x's dtype; half types accumulate in float32. A row
@@ -120,11 +120,15 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
     lengths = normalize_lengths(lengths, x)
     if not _use_compiled(x, backend, mode):
         return reference.frame_pool(x, lengths, mode)
-    if not torch.compiler.is_compiling() and transforms_in_use((x,)):
-        # The op's autograd is a C++ torch::autograd::Function: no forward-mode formula, and
-        # functorch (vmap included) refuses C++ Functions. The reference is plain torch ops.
-        if backend == "fused":
-            refuse_transforms("frame_pool(backend='fused')", (x,), vmap_ok=False)
-        return reference.frame_pool(x, lengths, mode)
+    if not torch.compiler.is_compiling():
+        # The op's autograd is a C++ torch::autograd::Function under the Autograd key: it has
+        # no forward-mode formula, and functorch refuses it while a grad / jvp layer is on the
+        # stack. vmap alone is served (its fallback calls the op per sample, below the layer);
+        # the reference is plain torch ops.
+        used = transforms_in_use((x,))
+        if needs_stock_path(used):
+            if backend == "fused":
+                refuse_transforms("frame_pool(backend='fused')", used)
+            return reference.frame_pool(x, lengths, mode)
     out, _ = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     return out

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op, refuse_transforms, transforms_in_use
+from dtl_fast.ops._eager import eager_op, needs_stock_path, refuse_transforms, transforms_in_use
 from dtl_fast.reference import rnn as _ref
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -389,7 +389,6 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
 def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
            training, has_bias, H, D, impl):
     require_triton(x.device, f"{mode.lower()}(backend='fused') on {x.device.type} tensors")
-    refuse_transforms(f"{mode.lower()}(backend='fused')", (x, *(hs or ()), *weights))
     G = 4 if mode == "LSTM" else 3
     per_dir = 4 if has_bias else 2
     xt = x.transpose(0, 1) if batch_first else x  # [T, B, I]
@@ -456,18 +455,21 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
                                        dropout=dropout, has_bias=has_bias)
     args = (mode, input, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
             training, has_bias, H, D)
+    # torch.func transforms and forward-mode AD (one scan per call: ~10 us a tensor inside an
+    # open dual level, so the input first)
+    used = () if torch.compiler.is_compiling() else transforms_in_use(
+        (input, *(hs or ()), *weights))
     if backend == "auto":
+        if {"forward_ad", "jvp", "vmap"} & set(used):
+            # neither torch.lstm / gru (no batching rule, no forward-mode formula in cuDNN /
+            # oneDNN) nor the fused ops under jvp serve these; the reference is plain torch ops
+            return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
         path = auto_path(mode, _run_dtype(input), input.shape[0 if batch_first else 1], H,
                          input.shape[1 if batch_first else 0], D, lengths, input.device)
-        used = () if torch.compiler.is_compiling() else transforms_in_use(
-            (input, *(hs or ()), *weights))
-        if {"forward_ad", "jvp", "vmap"} & set(used):
-            # neither the fused ops nor torch.lstm / gru (no batching rule, no forward-mode
-            # formula in cuDNN / oneDNN) serve these; the reference is plain torch ops
-            return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
-        if path == "native" or used:
+        if path == "native" or needs_stock_path(used):
             return _native(*args)
         return _fused(*args, path.split(":", 1)[1])
+    refuse_transforms(f"{mode.lower()}(backend='fused')", used)
     return _fused(*args, fused_impl())
 
 

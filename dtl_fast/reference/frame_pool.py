@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dtl_fast._checks import POOL_MODES, check_pool_input, device_capturing, normalize_lengths
+from dtl_fast._checks import (POOL_MODES, check_pool_input, device_capturing, normalize_lengths,
+                              unwrap_functorch)
 
 MODES = POOL_MODES + ("meanmax",)
 
@@ -36,7 +37,8 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean") -> torch.Tenso
             torch._assert_async(((lengths >= 0) & (lengths <= T)).all(),
                                 "frame_pool: every lengths[b] must lie in [0, T]")
         elif B > 0:
-            lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync, not two
+            # one host sync, not two; under torch.func.vmap the values of every sample
+            lo, hi = torch.stack(torch.aminmax(unwrap_functorch(lengths))).tolist()
             if lo < 0 or hi > T:
                 raise ValueError(f"frame_pool: every lengths[b] must lie in [0, T] = [0, {T}], "
                                  f"got values in [{lo}, {hi}]")
