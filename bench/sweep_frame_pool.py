@@ -182,6 +182,20 @@ class Sweep:
         if self.writer is not None:
             self.writer.append(row)
 
+    def time_or_error_row(self, fn: Callable, *, mode: str, variant: str, shape, dtype,
+                          provider: str) -> tuple[float, float, float] | None:
+        """self.time(fn); an exception becomes a row with status "error: ..." and None, so one
+        failing form does not end the sweep (in the dry run it is raised: the dry run exists to
+        catch exactly this)."""
+        try:
+            return self.time(fn)
+        except Exception as exc:  # noqa: BLE001
+            self.emit(mode=mode, variant=variant, shape=shape, dtype=dtype, provider=provider,
+                      timing=None, nbytes=0, baseline_ms=None, status=f"error: {H.exc_text(exc)}")
+            if not self.measure:
+                raise
+            return None
+
     def budget_left(self, what: str) -> bool:
         if self.measure and self.deadline.expired():
             self.not_run.append(what)
@@ -281,15 +295,9 @@ class Sweep:
                 else:
                     def call(fn=fn):
                         return torch.autograd.grad(fn(h), h, g)
-                try:
-                    t = self.time(call)
-                except Exception as exc:  # noqa: BLE001  (a stock form may not support a dtype)
-                    self.emit(mode=f"stock {pas}", variant=mode, shape=shape, dtype=dtype,
-                              provider=name, timing=None, nbytes=0, baseline_ms=None,
-                              status=f"error: {H.exc_text(exc)}")
-                    if not self.measure:
-                        raise  # the dry run exists to catch exactly this
-                    continue
+                # (a stock form may not support a dtype)
+                t = self.time_or_error_row(call, mode=f"stock {pas}", variant=mode, shape=shape,
+                                           dtype=dtype, provider=name)
                 if t is None:
                     continue
                 times[name] = t[0]
@@ -319,16 +327,9 @@ class Sweep:
             self.planned["roofline"] += 1
             if not self.budget_left(f"roofline {name} {key[0]} {key[1]}"):
                 continue
-            try:
-                with torch.no_grad():
-                    t = self.time(fn)
-            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the stock rows follow)
-                self.emit(mode="roofline forward", variant="all frames", shape=shape, dtype=dtype,
-                          provider=name, timing=None, nbytes=0, baseline_ms=None,
-                          status=f"error: {H.exc_text(exc)}")
-                if not self.measure:
-                    raise  # the dry run exists to catch exactly this
-                continue
+            with torch.no_grad():  # (e.g. out of memory: the stock rows still follow)
+                t = self.time_or_error_row(fn, mode="roofline forward", variant="all frames",
+                                           shape=shape, dtype=dtype, provider=name)
             if t is None:
                 continue
             self.emit(mode="roofline forward", variant="all frames", shape=shape, dtype=dtype,

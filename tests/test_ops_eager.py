@@ -436,6 +436,25 @@ def test_per_sample_lengths_under_vmap(backend):
     want = torch.stack([rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True,
                                      backend="reference")[0] for a, L in zip(x, lengths)])
     torch.testing.assert_close(got, want)
+    if backend == "auto":  # per-sample gradients with per-sample lengths
+        def attn_loss(a, b, c, L):
+            return attn_ops.cosine_attention(a, b, c, ls, L).pow(2).sum()
+
+        def rnn_loss(a, L):
+            return rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True)[0].pow(2).sum()
+
+        got = torch.func.vmap(torch.func.grad(attn_loss, argnums=(0, 1, 2)))(q, k, v, key_lengths)
+        for i, (a, b, c, L) in enumerate(zip(q, k, v, key_lengths)):
+            a, b, c = (t.clone().requires_grad_() for t in (a, b, c))
+            want = torch.autograd.grad(
+                ref_attn.cosine_attention(a, b, c, ls, L).pow(2).sum(), (a, b, c))
+            for g_got, g_want in zip(got, want):
+                torch.testing.assert_close(g_got[i], g_want)
+        got = torch.func.vmap(torch.func.grad(rnn_loss))(x, lengths)
+        for i, (a, L) in enumerate(zip(x, lengths)):
+            a = a.clone().requires_grad_()
+            out = rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True, backend="reference")[0]
+            torch.testing.assert_close(got[i], torch.autograd.grad(out.pow(2).sum(), a)[0])
     bad = lengths.clone()
     bad[1, 0] = 6
     with pytest.raises((ValueError, RuntimeError), match="lengths"):
