@@ -1,7 +1,9 @@
 """Masked temporal frame pooling: the C++ / CUDA op against the eager reference, the reference
 against a plain loop, gradients (autograd registered in C++), torch.library / torch.compile
 integration, bad input, the GPU length-error flag and the CUDA launch constants."""
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -782,3 +784,115 @@ def test_functionalize_keeps_the_registered_op(backend):
     f = torch.func.functionalize(lambda a: ops.frame_pool(a, lengths, "max", backend=backend))
     assert torch.equal(f(x), reference.frame_pool(x, lengths, "max"))
     assert "dtl_fast.frame_pool" in make_fx(f)(x).code
+
+
+# --- CPU gradients of >= 32 MiB on zero pages (csrc/frame_pool.cpp, ZeroPagesAllocator) -------
+ZERO_PAGES_MIN_BYTES = 32 << 20  # kZeroPagesMinBytes
+HUGE_PAGE = 2 << 20
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux mappings")
+
+
+def big_case(dtype, T=64, B=8):
+    """x of exactly 32 MiB (the smallest gradient that takes the zero-page path), lengths that
+    mix an empty clip, full ones and short ones, and clip 6 built so that frame 3 is the
+    argmax of only 100 features (the backward's scattered-store branch for max)."""
+    D = ZERO_PAGES_MIN_BYTES // (B * T * torch.empty((), dtype=dtype).element_size())
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(B, T, D, generator=gen).to(dtype)
+    x[6, :40] = -5.0
+    x[6, 3, :100] = 5.0
+    x[6, 7, 100:] = 5.0
+    lengths = torch.tensor([T, 0, 1, 5, T, 33, 40, 2])
+    return x, lengths
+
+
+@linux_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype):
+    # The backward skips the writes that zero pages make unnecessary (padding frames; for max,
+    # the features of other frames): every element must still come out right.
+    x, lengths = big_case(dtype)
+    B, T, D = x.shape
+    g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(5)).to(dtype)
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+    gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    assert gx.data_ptr() % HUGE_PAGE == 0  # the op's own 2 MiB-aligned mapping
+    x64 = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.frame_pool(x64, lengths, mode), x64, g.double())
+    padding = torch.arange(T)[None, :] >= lengths[:, None]
+    assert torch.count_nonzero(gx[padding]) == 0
+    assert_rel_close("zero-page grad", gx, want, REL_TOL[dtype])
+    if mode == "max":  # exactly one frame per feature of a non-empty clip carries g
+        nz = (gx != 0).sum(1)
+        assert torch.equal(nz[lengths > 0], (g[lengths > 0] != 0).long())
+
+
+@linux_only
+def test_zero_page_gradient_is_an_ordinary_tensor_and_is_freed():
+    x, lengths = big_case(torch.float32)
+    B, T, D = x.shape
+    _, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), None, am, T, "mean")
+    assert torch.equal(gx, torch.full_like(gx, 1.0 / T))
+    before = rss()
+    del gx  # every page was written (no padding): freeing it must hand them back at once
+    assert before - rss() >= 0.9 * ZERO_PAGES_MIN_BYTES
+    gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
+    c = gx.clone()
+    gx.add_(1.0)  # in place (what gradient accumulation does)
+    assert torch.equal(gx, c + 1.0)
+    gx.resize_(B + 1, T, D)  # grows through the same allocator, old values kept
+    assert torch.equal(gx[:B], c + 1.0)
+    assert gx.numpy().shape == (B + 1, T, D)
+
+
+@linux_only
+def test_zero_page_gradient_is_seen_by_the_memory_profiler():
+    x, lengths = big_case(torch.float32)
+    B, T, D = x.shape
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "max")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "max")
+    used = sum(e.cpu_memory_usage for e in prof.key_averages() if "frame_pool_backward" in e.key)
+    assert used >= gx.nbytes
+
+
+@linux_only
+def test_zero_pages_can_be_turned_off():
+    # DTL_FAST_DISABLE_ZERO_PAGES=1 (read once per process) keeps the gradient on torch's
+    # allocator (glibc places it off any 2 MiB boundary) with the same values.
+    import subprocess
+
+    code = """
+import sys, torch, dtl_fast
+sys.path.insert(0, %r)
+from test_frame_pool import big_case
+x, lengths = big_case(torch.float32)
+T = x.shape[1]
+out = []
+for mode in ("mean", "max", "meanmax"):
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+    g = torch.randn(8, x.shape[2] * (2 if mode == "meanmax" else 1),
+                    generator=torch.Generator().manual_seed(1))
+    gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    out.append((gx.data_ptr() %% (2 << 20) != 0, float(gx.double().sum()),
+                float(gx.double().abs().sum())))
+print(repr(out))
+""" % os.path.dirname(__file__)
+    runs = {}
+    for off in ("0", "1"):
+        env = {**os.environ, "DTL_FAST_DISABLE_ZERO_PAGES": off}
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        runs[off] = eval(res.stdout)
+    assert [r[0] for r in runs["0"]] == [False] * 3
+    assert [r[0] for r in runs["1"]] == [True] * 3
+    assert [r[1:] for r in runs["0"]] == [r[1:] for r in runs["1"]]
