@@ -485,7 +485,8 @@ void free_zero_pages(void* ctx) {
 // backward skip the rows that are zero (padding frames; for max, every feature but the
 // argmax). Aligned, the block needs no 4 KiB pages at its ends: torch's 64-byte-aligned
 // blocks cost up to 2 x 512 small-page faults there (~0.8 ms per 64 MiB measured here).
-// A tensor made on it is an ordinary resizable CPU tensor: resize_ and clone allocate here too.
+// A tensor made on it is an ordinary resizable CPU tensor (resize_ grows it through this
+// allocator; clone and share_memory_ copy it to memory of their own).
 struct ZeroPagesAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const c10::Device cpu(c10::kCPU);
