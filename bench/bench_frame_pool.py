@@ -118,6 +118,18 @@ def _standin_fused(x, lengths=None, mode="mean", *, backend=None):
 _AUTO_IMPL: dict[str, str] = {}  # device type -> what backend="auto" runs (dtl_fast.info())
 
 
+def grad_on_zero_pages(x: torch.Tensor) -> bool | None:
+    """Whether the CPU backward puts x's gradient on the op's own zero pages in this process
+    (csrc/frame_pool.cpp: >= 32 MiB, glibc, DTL_FAST_DISABLE_ZERO_PAGES unset); None where the
+    extension cannot say."""
+    try:
+        from dtl_fast._extension import _C
+
+        return bool(_C.cpu_grad_on_zero_pages(x.numel() * x.element_size()))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def load_api(standin: bool):
     """Returns (reference_fn, fused_fn_or_None, note)."""
     if standin:
@@ -436,6 +448,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         extra["noisy"] = True
                     if name.startswith("dtl_fast") and _AUTO_IMPL:
                         extra["impl"] = str(_AUTO_IMPL.get(device, "?"))[:60]
+                    if name.startswith("dtl_fast") and device == "cpu" and mode != "forward":
+                        on = grad_on_zero_pages(x)
+                        if on is not None:
+                            extra["grad_on_zero_pages"] = on
                     emit(H.make_row(**base, provider=name, timing=t, baseline_ms=baseline_ms,
                                     extra=extra))
                 del calls, grads

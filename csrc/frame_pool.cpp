@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -26,6 +28,7 @@
 #endif
 
 #ifdef __linux__
+#include <dlfcn.h>
 #include <sys/mman.h>
 #endif
 
@@ -448,10 +451,12 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 // A fresh gradient of at least this many bytes gets pages the op knows to be zero (below).
-// 32 MiB is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): a block this
-// large comes from a new mapping on every call whichever allocator maps it, so allocating it
-// here gives up no reuse of warm memory. Smaller blocks are often served warm from glibc's
-// free lists, and stay with torch's allocator.
+// 32 MiB is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): with glibc's
+// malloc behind torch's default CPU allocator, a block this large comes from a new mapping on
+// every call, so allocating it here gives up no reuse of warm memory. Smaller blocks are often
+// served warm from glibc's free lists, and stay with torch's allocator. So does every block
+// when another malloc (tcmalloc, jemalloc: they cache large blocks) or another CPU allocator
+// (c10::SetCPUAllocator) is in use.
 constexpr size_t kZeroPagesMinBytes = size_t(32) << 20;
 
 #if defined(__linux__)
@@ -462,19 +467,11 @@ struct ZeroPages {
   size_t bytes;
 };
 
-std::atomic<size_t> zero_pages_in_use{0};
-
-// The memory profiler sees these blocks as it sees torch's CPU allocations (a positive size on
-// allocation, a negative one on release), so torch.profiler(profile_memory=True) counts them.
-void report_zero_pages(void* ptr, int64_t delta, size_t in_use) {
-  if (c10::memoryProfilingEnabled())
-    c10::reportMemoryUsageToProfiler(ptr, delta, in_use, in_use, c10::Device(c10::kCPU));
-}
-
 void free_zero_pages(void* ctx) {
   auto* block = static_cast<ZeroPages*>(ctx);
-  const size_t in_use = zero_pages_in_use.fetch_sub(block->bytes) - block->bytes;
-  report_zero_pages(block->ptr, -static_cast<int64_t>(block->bytes), in_use);
+  // torch's own CPU allocator reports through this reporter: one running total, and a free of
+  // a block allocated before profiling began is dropped, not counted as a negative allocation.
+  c10::profiledCPUMemoryReporter().Delete(block->ptr);
   munmap(block->ptr, block->bytes);
   delete block;
 }
@@ -482,26 +479,33 @@ void free_zero_pages(void* ctx) {
 // An allocator of anonymous mappings, aligned to 2 MiB and advised for transparent huge pages,
 // each unmapped when its tensor is freed: the memory goes back to the system at once, as with
 // glibc's own mappings at this size. Its pages read as zero until written, which lets the
-// backward skip the rows that are zero (padding frames; for max, every feature but the
-// argmax). Aligned, the block needs no 4 KiB pages at its ends: torch's 64-byte-aligned
+// backward skip the rows that are zero (padding frames; for max, the features of other
+// frames). Aligned, the block needs no 4 KiB pages at its ends: torch's 64-byte-aligned
 // blocks cost up to 2 x 512 small-page faults there (~0.8 ms per 64 MiB measured here).
-// A tensor made on it is an ordinary resizable CPU tensor (resize_ grows it through this
+// A tensor made on it is a regular resizable CPU tensor (resize_ grows it through this
 // allocator; clone and share_memory_ copy it to memory of their own).
 struct ZeroPagesAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const c10::Device cpu(c10::kCPU);
     if (n == 0) return {nullptr, nullptr, &free_zero_pages, cpu};
     constexpr size_t kHuge = size_t(2) << 20;
-    TORCH_CHECK_WITH(OutOfMemoryError, n <= std::numeric_limits<size_t>::max() - 2 * kHuge,
-                     "frame_pool: cannot allocate ", n, " bytes");
+    if (n > std::numeric_limits<size_t>::max() - 2 * kHuge) {
+      c10::profiledCPUMemoryReporter().OutOfMemory(n);
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "frame_pool: cannot allocate ", n, " bytes");
+    }
     const size_t bytes = (n + kHuge - 1) & ~(kHuge - 1);
+    auto block = std::make_unique<ZeroPages>();  // before mmap: nothing to unmap if it throws
     // Map one huge page more than needed and cut the slack away on both sides, so the block
     // starts on a 2 MiB boundary.
     void* raw = mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                      -1, 0);
-    TORCH_CHECK_WITH(OutOfMemoryError, raw != MAP_FAILED,
-                     "frame_pool: not enough memory: you tried to allocate ", n, " bytes (",
-                     std::strerror(errno), ")");
+    if (raw == MAP_FAILED) {
+      const int err = errno;
+      c10::profiledCPUMemoryReporter().OutOfMemory(n);
+      TORCH_CHECK_WITH(OutOfMemoryError, false,
+                       "frame_pool: not enough memory: you tried to allocate ", n, " bytes (",
+                       std::strerror(err), ")");
+    }
     const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
     const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
     if (begin > start) munmap(raw, begin - start);
@@ -511,10 +515,9 @@ struct ZeroPagesAllocator final : c10::Allocator {
 #if defined(MADV_HUGEPAGE)
     madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint; results do not depend on it
 #endif
-    auto* block = new ZeroPages{ptr, bytes};
-    const size_t in_use = zero_pages_in_use.fetch_add(bytes) + bytes;
-    report_zero_pages(ptr, static_cast<int64_t>(bytes), in_use);
-    return {ptr, block, &free_zero_pages, cpu};
+    *block = ZeroPages{ptr, bytes};
+    c10::profiledCPUMemoryReporter().New(ptr, bytes);
+    return {ptr, block.release(), &free_zero_pages, cpu};
   }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context is not ptr
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -522,13 +525,26 @@ struct ZeroPagesAllocator final : c10::Allocator {
   }
 };
 
+// Whether malloc is glibc's (not a preloaded tcmalloc / jemalloc): the symbol this library
+// links against is looked up once.
+bool malloc_is_glibc() {
+  static const bool glibc = [] {
+    Dl_info info;
+    void* (*m)(size_t) = &std::malloc;
+    if (dladdr(reinterpret_cast<void*>(m), &info) == 0 || info.dli_fname == nullptr)
+      return false;
+    return std::strstr(info.dli_fname, "libc.so") != nullptr;
+  }();
+  return glibc;
+}
+
 // DTL_FAST_DISABLE_ZERO_PAGES=1 keeps every gradient on torch's allocator (for A/B timing).
 bool zero_pages_enabled() {
   static const bool on = [] {
     const char* off = std::getenv("DTL_FAST_DISABLE_ZERO_PAGES");
     return off == nullptr || off[0] == '\0' || off[0] == '0';
   }();
-  return on;
+  return on && malloc_is_glibc() && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator();
 }
 #endif
 
@@ -540,7 +556,7 @@ at::Tensor new_grad_x(const at::Tensor& g, int64_t T, int64_t D, bool& zeroed) {
 #ifdef DTL_FAST_HAVE_ZERO_PAGES
   const size_t nbytes = static_cast<size_t>(B) * static_cast<size_t>(T) *
                         static_cast<size_t>(D) * g.element_size();
-  if (nbytes >= kZeroPagesMinBytes && zero_pages_enabled()) {
+  if (cpu_grad_on_zero_pages(nbytes)) {
     static ZeroPagesAllocator allocator;
     zeroed = true;
     return at::detail::empty_generic({B, T, D}, &allocator,
@@ -695,6 +711,15 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
 }
 
 }  // namespace
+
+bool cpu_grad_on_zero_pages(size_t nbytes) {
+#ifdef DTL_FAST_HAVE_ZERO_PAGES
+  return nbytes >= kZeroPagesMinBytes && zero_pages_enabled();
+#else
+  (void)nbytes;
+  return false;
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x_in,
                                                   const c10::optional<at::Tensor>& lengths,

@@ -55,6 +55,11 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
 // another architecture). DTL_FAST_DISABLE_AVX2=1 forces "baseline".
 const char* cpu_forward_isa();
 
+// Whether the CPU backward would put a gradient of `nbytes` on the op's own zero pages now:
+// nbytes >= 32 MiB, on Linux, with glibc's malloc behind torch's default CPU allocator, and
+// DTL_FAST_DISABLE_ZERO_PAGES unset or "0" (frame_pool.cpp explains the rule).
+bool cpu_grad_on_zero_pages(size_t nbytes);
+
 // Width of `out` for a [B, T, D] input: D, or 2D for meanmax.
 inline int64_t out_width(int64_t D, PoolMode m) { return m == PoolMode::MeanMax ? 2 * D : D; }
 

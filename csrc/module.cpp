@@ -29,6 +29,12 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(dtl_fast::cpu_forward_isa());
 }
 
+PyObject* cpu_grad_on_zero_pages(PyObject*, PyObject* arg) {
+  const unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  return PyBool_FromLong(dtl_fast::cpu_grad_on_zero_pages(static_cast<size_t>(n)));
+}
+
 PyObject* check_errors(PyObject*, PyObject* args) {
   int sync = 1;
   if (!PyArg_ParseTuple(args, "|p", &sync)) return nullptr;
@@ -65,6 +71,10 @@ PyObject* set_cuda_launch_config(PyObject*, PyObject* args) {
 PyMethodDef dtl_fast_c_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The instruction set of the CPU pooling kernel: 'avx2' or 'baseline'."},
+    {"cpu_grad_on_zero_pages", cpu_grad_on_zero_pages, METH_O,
+     "cpu_grad_on_zero_pages(nbytes) -> whether the CPU backward would put a gradient of "
+     "nbytes on the op's own zero pages now (>= 32 MiB, Linux, glibc malloc, torch's default "
+     "CPU allocator, DTL_FAST_DISABLE_ZERO_PAGES unset)."},
     {"check_errors", check_errors, METH_VARARGS,
      "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},

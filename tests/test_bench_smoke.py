@@ -254,3 +254,22 @@ def test_host_overhead_bench_runs_and_restores_the_kernels(tmp_path, monkeypatch
                    for mode in ("forward", "forward+backward") for path in ("eager", "op")}
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     assert all(float(r["ratio"]) == 1.0 for r in rows if r["provider"] == "op")
+
+
+def test_zero_pages_ab_script_runs_both_sides(tmp_path, capsys):
+    # bench/ab_frame_pool_zero_pages.py: one pair at the smallest shape that takes the path;
+    # each side's child must report the switch as it was set (the script stops otherwise).
+    from dtl_fast._extension import _C
+
+    if not _C.cpu_grad_on_zero_pages(32 << 20):
+        pytest.skip("zero pages are off in this process")
+    import ab_frame_pool_zero_pages as AB
+
+    out = tmp_path / "ab.csv"
+    assert AB.main(["--shape", "8x64x16384", "--threads", "1", "--pairs", "1", "--calls", "1",
+                    "--csv", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + 4  # header, (mean, max) x (torch allocator, zero pages)
+    assert "zero pages" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        AB.main(["--shape", "8x64", "--pairs", "1"])

@@ -789,14 +789,24 @@ def test_functionalize_keeps_the_registered_op(backend):
 # --- CPU gradients of >= 32 MiB on zero pages (csrc/frame_pool.cpp, ZeroPagesAllocator) -------
 ZERO_PAGES_MIN_BYTES = 32 << 20  # kZeroPagesMinBytes
 HUGE_PAGE = 2 << 20
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux mappings")
 
 
-def big_case(dtype, T=64, B=8):
-    """x of exactly 32 MiB (the smallest gradient that takes the zero-page path), lengths that
-    mix an empty clip, full ones and short ones, and clip 6 built so that frame 3 is the
-    argmax of only 100 features (the backward's scattered-store branch for max)."""
-    D = ZERO_PAGES_MIN_BYTES // (B * T * torch.empty((), dtype=dtype).element_size())
+def zero_pages_on():
+    return dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+
+
+needs_zero_pages = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not zero_pages_on(),
+    reason="zero pages are off here (not Linux, another malloc or CPU allocator, or "
+           "DTL_FAST_DISABLE_ZERO_PAGES set)")
+
+
+def big_case(dtype, T=64, B=8, less=0):
+    """x of exactly 32 MiB (the smallest gradient that takes the zero-page path; `less` feature
+    columns fewer to stay below it), lengths that mix an empty clip, full ones and short ones,
+    and clip 6 built so that frame 3 is the argmax of only 100 features (the backward's
+    scattered-store branch for max)."""
+    D = ZERO_PAGES_MIN_BYTES // (B * T * torch.empty((), dtype=dtype).element_size()) - less
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(B, T, D, generator=gen).to(dtype)
     x[6, :40] = -5.0
@@ -806,18 +816,36 @@ def big_case(dtype, T=64, B=8):
     return x, lengths
 
 
-@linux_only
+def test_zero_pages_rule():
+    # The rule the op applies, as the extension reports it: at and above 32 MiB only, and only
+    # where it was not turned off (here the default: Linux, glibc, torch's own CPU allocator).
+    c = dtl_fast._extension._C
+    assert not c.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES - 1)
+    assert not c.cpu_grad_on_zero_pages(0)
+    default_setup = (sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD")
+                     and os.environ.get("DTL_FAST_DISABLE_ZERO_PAGES", "") in ("", "0"))
+    if default_setup:
+        assert c.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+    with pytest.raises((OverflowError, TypeError)):
+        c.cpu_grad_on_zero_pages(-1)
+
+
+@needs_zero_pages
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype):
+@pytest.mark.parametrize("less", [0, 1], ids=["32MiB", "just-below"])
+def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype, less):
     # The backward skips the writes that zero pages make unnecessary (padding frames; for max,
-    # the features of other frames): every element must still come out right.
-    x, lengths = big_case(dtype)
+    # the features of other frames): every element must still come out right, at the threshold
+    # and one feature column below it (torch's allocator, every row written).
+    x, lengths = big_case(dtype, less=less)
     B, T, D = x.shape
     g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(5)).to(dtype)
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
-    assert gx.data_ptr() % HUGE_PAGE == 0  # the op's own 2 MiB-aligned mapping
+    # the op's own 2 MiB-aligned mapping at 32 MiB; below, glibc's block (a chunk header
+    # before the data: never on a 2 MiB boundary)
+    assert (gx.data_ptr() % HUGE_PAGE == 0) == (less == 0)
     x64 = x.double().requires_grad_()
     (want,) = torch.autograd.grad(reference.frame_pool(x64, lengths, mode), x64, g.double())
     padding = torch.arange(T)[None, :] >= lengths[:, None]
@@ -828,8 +856,8 @@ def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype):
         assert torch.equal(nz[lengths > 0], (g[lengths > 0] != 0).long())
 
 
-@linux_only
-def test_zero_page_gradient_is_an_ordinary_tensor_and_is_freed():
+@needs_zero_pages
+def test_zero_page_gradient_is_a_regular_tensor_and_is_freed():
     x, lengths = big_case(torch.float32)
     B, T, D = x.shape
     _, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
@@ -840,6 +868,7 @@ def test_zero_page_gradient_is_an_ordinary_tensor_and_is_freed():
             return int(f.read().split()[1]) * page
 
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), None, am, T, "mean")
+    assert gx.data_ptr() % HUGE_PAGE == 0
     assert torch.equal(gx, torch.full_like(gx, 1.0 / T))
     before = rss()
     del gx  # every page was written (no padding): freeing it must hand them back at once
@@ -848,51 +877,66 @@ def test_zero_page_gradient_is_an_ordinary_tensor_and_is_freed():
     c = gx.clone()
     gx.add_(1.0)  # in place (what gradient accumulation does)
     assert torch.equal(gx, c + 1.0)
-    gx.resize_(B + 1, T, D)  # grows through the same allocator, old values kept
+    gx.resize_(B + 1, T, D)  # grows through the same allocator (a new aligned mapping)
+    assert gx.data_ptr() % HUGE_PAGE == 0
     assert torch.equal(gx[:B], c + 1.0)
     assert gx.numpy().shape == (B + 1, T, D)
 
 
-@linux_only
+@needs_zero_pages
 def test_zero_page_gradient_is_seen_by_the_memory_profiler():
+    # Reported through torch's own CPU reporter: the allocation and its free inside the window
+    # count, and the free of a block allocated before the window is dropped (as torch drops
+    # its own), not shown as a negative allocation.
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     x, lengths = big_case(torch.float32)
     B, T, D = x.shape
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "max")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    old = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "max")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "max")
-    used = sum(e.cpu_memory_usage for e in prof.key_averages() if "frame_pool_backward" in e.key)
-    assert used >= gx.nbytes
+        nbytes = gx.nbytes
+        with record_function("free_new"):
+            del gx
+        with record_function("free_old"):
+            del old
+    usage = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
+    assert sum(v for k, v in usage.items() if "frame_pool_backward" in k) >= nbytes
+    assert usage["free_new"] <= -nbytes
+    assert usage["free_old"] == 0
 
 
-@linux_only
-def test_zero_pages_can_be_turned_off():
+def switch_case_grads():
+    """{mode: grad_x} of the 32 MiB case for mean, max and meanmax (the switch test runs this
+    in a child process and in its own)."""
+    x, lengths = big_case(torch.float32)
+    out = {}
+    for mode in ("mean", "max", "meanmax"):
+        _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+        g = torch.randn(8, width(x.shape[2], mode), generator=torch.Generator().manual_seed(1))
+        out[mode] = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, x.shape[1], mode)
+    return out
+
+
+@needs_zero_pages
+def test_zero_pages_can_be_turned_off(tmp_path):
     # DTL_FAST_DISABLE_ZERO_PAGES=1 (read once per process) keeps the gradient on torch's
-    # allocator (glibc places it off any 2 MiB boundary) with the same values.
+    # allocator with bit-identical values.
     import subprocess
 
+    saved = tmp_path / "off.pt"
     code = """
 import sys, torch, dtl_fast
 sys.path.insert(0, %r)
-from test_frame_pool import big_case
-x, lengths = big_case(torch.float32)
-T = x.shape[1]
-out = []
-for mode in ("mean", "max", "meanmax"):
-    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-    g = torch.randn(8, x.shape[2] * (2 if mode == "meanmax" else 1),
-                    generator=torch.Generator().manual_seed(1))
-    gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
-    out.append((gx.data_ptr() %% (2 << 20) != 0, float(gx.double().sum()),
-                float(gx.double().abs().sum())))
-print(repr(out))
-""" % os.path.dirname(__file__)
-    runs = {}
-    for off in ("0", "1"):
-        env = {**os.environ, "DTL_FAST_DISABLE_ZERO_PAGES": off}
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        assert res.returncode == 0, res.stderr
-        runs[off] = eval(res.stdout)
-    assert [r[0] for r in runs["0"]] == [False] * 3
-    assert [r[0] for r in runs["1"]] == [True] * 3
-    assert [r[1:] for r in runs["0"]] == [r[1:] for r in runs["1"]]
+from test_frame_pool import ZERO_PAGES_MIN_BYTES, switch_case_grads
+assert not dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+torch.save(switch_case_grads(), %r)
+""" % (os.path.dirname(__file__), str(saved))
+    env = {**os.environ, "DTL_FAST_DISABLE_ZERO_PAGES": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    off = torch.load(saved)
+    for mode, gx in switch_case_grads().items():
+        assert gx.data_ptr() % HUGE_PAGE == 0
+        assert torch.equal(gx, off[mode]), mode
