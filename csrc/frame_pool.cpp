@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -613,6 +614,43 @@ inline void stream_fence(bool stream) {
 #endif
 }
 
+// hit ? a : b as a bit select. Written as a C++ conditional, GCC does not vectorise the loops
+// below ("control flow in loop": with -ftrapping-math it will not if-convert a float select);
+// as masks on the bits it does, for every element size.
+template <typename T>
+inline T pick(bool hit, T a, T b) {
+  using U = std::conditional_t<sizeof(T) == 8, uint64_t,
+                               std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(T) == sizeof(U), "pick: 2-, 4- or 8-byte element types");
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U mask = static_cast<U>(-static_cast<U>(hit));
+  const U r = (ua & mask) | (ub & static_cast<U>(~mask));
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+// A dense row of the max gradient: g on the features whose argmax is frame t, zero elsewhere.
+// Branch-free, so at -O3 it is an int compare and a blend per vector, in L1.
+template <typename scalar_t>
+void select_max_row(scalar_t* __restrict o, const int32_t* __restrict am,
+                    const scalar_t* __restrict g, int32_t t, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) o[i] = pick(am[i] == t, g[i], scalar_t(0));
+}
+
+// meanmax: the clip's mean gradient (rounded) everywhere, and mean + max gradient (added in
+// acc_t, rounded once) on the features whose argmax is frame t.
+template <typename scalar_t, typename acc_t>
+void select_meanmax_row(scalar_t* __restrict o, const int32_t* __restrict am,
+                        const scalar_t* __restrict g, const acc_t* __restrict mean,
+                        const scalar_t* __restrict mean_rounded, int32_t t, int64_t D) {
+  for (int64_t i = 0; i < D; ++i)
+    o[i] = pick(am[i] == t, static_cast<scalar_t>(mean[i] + static_cast<acc_t>(g[i])),
+                mean_rounded[i]);
+}
+
 template <typename scalar_t>
 void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
                        PoolMode mode, at::Tensor& gx, bool zeroed) {
@@ -632,10 +670,11 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
   // One task per (b, t) row of grad_x: every element is written exactly once. A row is built
   // in a small buffer and then stored in one pass. For mean / sum the buffer holds the clip's
   // gradient row, the same for all its valid frames. For max it is zero but for the features
-  // whose argmax is this frame: the features are bucketed by argmax once per clip, so a row
-  // costs its store plus its own few features, not a compare per feature. meanmax is both:
-  // the mean row, plus the max gradient on the bucketed features (added in acc_t and rounded
-  // once), restored after the store.
+  // whose argmax is this frame, selected by a vectorised compare of the argmax row (meanmax:
+  // the mean row, plus the max gradient there). Only max on zero pages with long clips, where
+  // a frame holds few argmax features, buckets the features by argmax once per clip and
+  // scatters them (bench/NOTES.md, s21: the buckets' read-modify-write chains cost ~3 ns per
+  // feature, more than the compare, wherever the row is stored whole anyway).
   at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> row(D, scalar_t(0));
     std::vector<acc_t> mean_row;  // meanmax: the unrounded mean gradient of the clip
@@ -647,7 +686,9 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
       feature.resize(D);
     }
     if (mode == PoolMode::MeanMax) mean_row.resize(D);
+    std::vector<scalar_t> selected(with_max ? D : 0);  // the max / meanmax row being stored
     int64_t row_of = -1;  // the clip `row` / the buckets were built for
+    bool buckets = false;  // this clip's frames are scattered from buckets
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, t = r % T;
       const int64_t L = clamped_length(lp, b, T);
@@ -659,7 +700,10 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         continue;
       }
       if (row_of != b) {
-        if (with_max) {
+        // A frame of an L-frame clip holds D / L argmax features on average: scatter them
+        // where that is below one per 4 cache lines (the rule below, per frame).
+        buckets = zeroed && !with_mean && D <= L * static_cast<int64_t>(row_bytes / 256);
+        if (buckets) {
           const int32_t* am = ap + b * D;
           std::fill(first.begin(), first.end(), int64_t(0));
           for (int64_t i = 0; i < D; ++i)
@@ -685,26 +729,28 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
         continue;
       }
+      if (!buckets) {
+        const int32_t* am = ap + b * D;
+        if (with_mean)
+          select_meanmax_row<scalar_t, acc_t>(selected.data(), am, src_max, mean_row.data(),
+                                              row.data(), static_cast<int32_t>(t), D);
+        else
+          select_max_row<scalar_t>(selected.data(), am, src_max, static_cast<int32_t>(t), D);
+        copy_row(dst, reinterpret_cast<const char*>(selected.data()), row_bytes, stream);
+        continue;
+      }
       // max on zero pages: a frame that is the argmax of few features gets only those stores.
       // Each scattered store costs its cache line twice (read for ownership, write back) where
       // the streamed row costs every line once, so scattering pays below ~1 feature in 4 lines
       // (measured at 256x32x2048, ~128 features per 8 KiB row: scattering was slower).
-      if (zeroed && !with_mean &&
-          static_cast<size_t>(first[t + 1] - first[t]) * 256 <= row_bytes) {
+      if (static_cast<size_t>(first[t + 1] - first[t]) * 256 <= row_bytes) {
         scalar_t* out_row = out + r * D;
         for (int64_t k = first[t]; k < first[t + 1]; ++k) out_row[feature[k]] = src_max[feature[k]];
         continue;
       }
-      for (int64_t k = first[t]; k < first[t + 1]; ++k) {
-        const int64_t f = feature[k];
-        row[f] = with_mean ? static_cast<scalar_t>(mean_row[f] + static_cast<acc_t>(src_max[f]))
-                           : src_max[f];
-      }
+      for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = src_max[feature[k]];
       copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
-      for (int64_t k = first[t]; k < first[t + 1]; ++k) {
-        const int64_t f = feature[k];
-        row[f] = with_mean ? static_cast<scalar_t>(mean_row[f]) : scalar_t(0);
-      }
+      for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = scalar_t(0);
     }
     stream_fence(stream);
   });
