@@ -130,6 +130,18 @@ def grad_on_zero_pages(x: torch.Tensor) -> bool | None:
         return None
 
 
+def grad_from_cache(x: torch.Tensor) -> bool | None:
+    """Whether the CPU backward takes x's gradient from the op's cache of warm blocks in this
+    process (csrc/frame_pool.cpp: 4 MiB up to 32 MiB, within DTL_FAST_CPU_GRAD_CACHE_MB, glibc);
+    None where the extension cannot say."""
+    try:
+        from dtl_fast._extension import _C
+
+        return bool(_C.cpu_grad_from_cache(x.numel() * x.element_size()))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def load_api(standin: bool):
     """Returns (reference_fn, fused_fn_or_None, note)."""
     if standin:
@@ -452,6 +464,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         on = grad_on_zero_pages(x)
                         if on is not None:
                             extra["grad_on_zero_pages"] = on
+                        cached = grad_from_cache(x)
+                        if cached is not None:
+                            extra["grad_from_cache"] = cached
                     emit(H.make_row(**base, provider=name, timing=t, baseline_ms=baseline_ms,
                                     extra=extra))
                 del calls, grads

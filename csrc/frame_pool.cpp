@@ -21,6 +21,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -454,71 +457,251 @@ void advise_huge_pages(const at::Tensor& t) {
 // A fresh gradient of at least this many bytes gets pages the op knows to be zero (below).
 // 32 MiB is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): with glibc's
 // malloc behind torch's default CPU allocator, a block this large comes from a new mapping on
-// every call, so allocating it here gives up no reuse of warm memory. Smaller blocks are often
-// served warm from glibc's free lists, and stay with torch's allocator. So does every block
-// when another malloc (tcmalloc, jemalloc: they cache large blocks) or another CPU allocator
-// (c10::SetCPUAllocator) is in use.
+// every call, so allocating it here gives up no reuse of warm memory. Every block stays with
+// torch's allocator when another malloc (tcmalloc, jemalloc: they cache large blocks) or
+// another CPU allocator (c10::SetCPUAllocator) is in use.
 constexpr size_t kZeroPagesMinBytes = size_t(32) << 20;
+// A gradient of at least this many bytes and below kZeroPagesMinBytes comes from a bounded
+// cache of the op's own warm blocks. glibc serves such a block from its heap, but from chunks
+// it rotates and pages it trims back to the system: measured at 16 MiB, ~1 huge-page and
+// 50-120 small-page faults per call (bench/NOTES.md, s21), ~20 % of the op's forward+backward.
+constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
+// The cache's default bound: glibc's largest dynamic trim threshold (2 x
+// DEFAULT_MMAP_THRESHOLD_MAX), as much freed memory as glibc's heap may keep on its own; the
+// cache keeps it in addition to whatever glibc keeps.
+constexpr size_t kGradCacheDefaultMiB = 64;
+constexpr size_t kHugePage = size_t(2) << 20;
+
+inline size_t round_to_huge(size_t n) { return (n + kHugePage - 1) & ~(kHugePage - 1); }
+
+// The cache's bound, from DTL_FAST_CPU_GRAD_CACHE_MB (whole MiB, 0 turns the cache off;
+// default kGradCacheDefaultMiB), read once per process.
+struct GradCacheSetting {
+  size_t bytes = kGradCacheDefaultMiB << 20;
+  std::string bad;  // the raw value when it is not a whole number in [0, 1048576]
+};
+
+const GradCacheSetting& grad_cache_setting() {
+  static const GradCacheSetting setting = [] {
+    GradCacheSetting s;
+    const char* raw = std::getenv("DTL_FAST_CPU_GRAD_CACHE_MB");
+    if (raw == nullptr || raw[0] == '\0') return s;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long mib = std::strtoull(raw, &end, 10);
+    if (raw[0] < '0' || raw[0] > '9' || *end != '\0' || errno != 0 || mib > (1ull << 20)) {
+      s.bad = raw;
+      return s;
+    }
+    s.bytes = static_cast<size_t>(mib) << 20;
+    return s;
+  }();
+  return setting;
+}
+
+// The bound in bytes; a bad setting is a ValueError naming the variable, raised by every CPU
+// backward (new_grad_x asks first).
+size_t grad_cache_cap() {
+  const GradCacheSetting& s = grad_cache_setting();
+  TORCH_CHECK_VALUE(s.bad.empty(),
+                    "DTL_FAST_CPU_GRAD_CACHE_MB must be a whole number of MiB in [0, 1048576] "
+                    "(0 turns the CPU gradient cache off), got '", s.bad, "'");
+  return s.bytes;
+}
 
 #if defined(__linux__)
 #define DTL_FAST_HAVE_ZERO_PAGES 1
 
-struct ZeroPages {
+// One mapping of the op's own: `bytes` is a multiple of 2 MiB, `ptr` is 2 MiB-aligned.
+struct GradBlock {
   void* ptr;
   size_t bytes;
+  bool fresh;      // mapped by this allocation: every page still reads as zero
+  bool cacheable;  // asked for as a cacheable size (cacheable() below): goes back to the cache
+  GradBlock* older = nullptr;  // links while in the cache (no allocation in a deleter)
+  GradBlock* newer = nullptr;
 };
 
-void free_zero_pages(void* ctx) {
-  auto* block = static_cast<ZeroPages*>(ctx);
-  // torch's own CPU allocator reports through this reporter: one running total, and a free of
-  // a block allocated before profiling began is dropped, not counted as a negative allocation.
-  c10::profiledCPUMemoryReporter().Delete(block->ptr);
+// A block of round_to_huge(n) bytes on a 2 MiB boundary, advised for transparent huge pages:
+// torch's 64-byte-aligned blocks cost up to 2 x 512 small-page faults at their ends (~0.8 ms
+// per 64 MiB measured here). Throws OutOfMemoryError.
+GradBlock* map_block(size_t n) {
+  if (n > std::numeric_limits<size_t>::max() - 2 * kHugePage) {
+    c10::profiledCPUMemoryReporter().OutOfMemory(n);
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "frame_pool: cannot allocate ", n, " bytes");
+  }
+  const size_t bytes = round_to_huge(n);
+  auto block = std::make_unique<GradBlock>();  // before mmap: nothing to unmap if it throws
+  // Map one huge page more than needed and cut the slack away on both sides, so the block
+  // starts on a 2 MiB boundary.
+  void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) {
+    const int err = errno;
+    c10::profiledCPUMemoryReporter().OutOfMemory(n);
+    TORCH_CHECK_WITH(OutOfMemoryError, false,
+                     "frame_pool: not enough memory: you tried to allocate ", n, " bytes (",
+                     std::strerror(err), ")");
+  }
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+  if (begin > start) munmap(raw, begin - start);
+  const uintptr_t end = start + bytes + kHugePage;
+  if (end > begin + bytes) munmap(reinterpret_cast<void*>(begin + bytes), end - begin - bytes);
+  void* ptr = reinterpret_cast<void*>(begin);
+#if defined(MADV_HUGEPAGE)
+  madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint; results do not depend on it
+#endif
+  block->ptr = ptr;
+  block->bytes = bytes;
+  block->fresh = true;
+  block->cacheable = false;
+  return block.release();
+}
+
+void unmap_block(GradBlock* block) {
   munmap(block->ptr, block->bytes);
   delete block;
 }
 
-// An allocator of anonymous mappings, aligned to 2 MiB and advised for transparent huge pages,
-// each unmapped when its tensor is freed: the memory goes back to the system at once, as with
-// glibc's own mappings at this size. Its pages read as zero until written, which lets the
-// backward skip the rows that are zero (padding frames; for max, the features of other
-// frames). Aligned, the block needs no 4 KiB pages at its ends: torch's 64-byte-aligned
-// blocks cost up to 2 x 512 small-page faults there (~0.8 ms per 64 MiB measured here).
-// A tensor made on it is a regular resizable CPU tensor (resize_ grows it through this
-// allocator; clone and share_memory_ copy it to memory of their own).
-struct ZeroPagesAllocator final : c10::Allocator {
+// Freed gradient blocks asked for at [kGradCacheMinBytes, kZeroPagesMinBytes), kept mapped for
+// the next gradient of the same rounded size, at most grad_cache_cap() bytes in all (the oldest
+// go back to the system first). The most recently freed block is handed out first, so a loop
+// that frees a gradient before it asks for the next keeps reusing one block per size and the
+// others age out. An intrusive list: put() runs in a tensor's deleter, which must not throw,
+// so it allocates nothing. Blocks are unmapped outside the lock. Never destroyed (see
+// grad_cache()), so a tensor freed during interpreter teardown still finds it.
+// Fork: a child inherits the cached blocks (copy-on-write) and the lock's state; a fork while
+// another thread is inside a CPU backward's allocation or free would leave the child's lock
+// held, the same hazard as forking during any other multithreaded torch work.
+class GradBlockCache {
+ public:
+  GradBlock* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (GradBlock* b = newest_; b != nullptr; b = b->older) {
+      if (b->bytes != bytes) continue;
+      unlink(b);
+      b->fresh = false;
+      return b;
+    }
+    return nullptr;
+  }
+  void put(GradBlock* block, size_t cap) noexcept {
+    GradBlock* evicted = nullptr;  // a chain through `newer`
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (block->bytes > cap) {
+        block->newer = nullptr;
+        evicted = block;
+      } else {
+        while (cached_ + block->bytes > cap) {
+          GradBlock* old = oldest_;
+          unlink(old);
+          old->newer = evicted;
+          evicted = old;
+        }
+        block->older = newest_;
+        block->newer = nullptr;
+        if (newest_ != nullptr) newest_->newer = block;
+        newest_ = block;
+        if (oldest_ == nullptr) oldest_ = block;
+        cached_ += block->bytes;
+        ++blocks_;
+      }
+    }
+    while (evicted != nullptr) {
+      GradBlock* next = evicted->newer;
+      unmap_block(evicted);
+      evicted = next;
+    }
+  }
+  // Unmaps every cached block; returns the bytes handed back.
+  size_t empty() {
+    GradBlock* all = nullptr;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      all = newest_;
+      bytes = cached_;
+      newest_ = oldest_ = nullptr;
+      cached_ = 0;
+      blocks_ = 0;
+    }
+    while (all != nullptr) {
+      GradBlock* next = all->older;
+      unmap_block(all);
+      all = next;
+    }
+    return bytes;
+  }
+  std::pair<size_t, size_t> stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {cached_, blocks_};
+  }
+
+ private:
+  void unlink(GradBlock* b) {  // with mu_ held
+    if (b->older != nullptr) b->older->newer = b->newer; else oldest_ = b->newer;
+    if (b->newer != nullptr) b->newer->older = b->older; else newest_ = b->older;
+    b->older = b->newer = nullptr;
+    cached_ -= b->bytes;
+    --blocks_;
+  }
+
+  std::mutex mu_;
+  GradBlock* newest_ = nullptr;
+  GradBlock* oldest_ = nullptr;
+  size_t cached_ = 0;
+  size_t blocks_ = 0;
+};
+
+GradBlockCache& grad_cache() {
+  static auto* cache = new GradBlockCache();  // leaked on purpose: outlives every tensor
+  return *cache;
+}
+
+bool cacheable(size_t n, size_t cap) {
+  return n >= kGradCacheMinBytes && n < kZeroPagesMinBytes && round_to_huge(n) <= cap;
+}
+
+void free_grad_block(void* ctx) {
+  auto* block = static_cast<GradBlock*>(ctx);
+  // torch's own CPU allocator reports through this reporter: one running total, and a free of
+  // a block allocated before profiling began is dropped, not counted as a negative allocation.
+  // A block kept in the cache is reported freed: it holds no tensor (as torch's CUDA caching
+  // allocator reports "allocated", not "reserved", memory).
+  c10::profiledCPUMemoryReporter().Delete(block->ptr);
+  // A deleter must not throw: a bad setting (raised by every backward) caches nothing.
+  const GradCacheSetting& setting = grad_cache_setting();
+  const size_t cap = setting.bad.empty() ? setting.bytes : 0;
+  if (block->cacheable && block->bytes <= cap) {
+    grad_cache().put(block, cap);
+  } else {
+    unmap_block(block);
+  }
+}
+
+// The allocator of the op's gradients: blocks from the cache when their size is cacheable and
+// one of that rounded size is free, else fresh mappings. A fresh block's pages read as zero
+// until written, which lets the backward skip the rows that are zero (padding frames; for max,
+// the features of other frames). Freed blocks go back to the cache when cacheable, else to
+// the system at once (as glibc's own mappings do at >= 32 MiB). A tensor made on it is a
+// regular resizable CPU tensor (resize_ grows it through this allocator; clone and
+// share_memory_ copy it to memory of their own).
+struct GradPagesAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const c10::Device cpu(c10::kCPU);
-    if (n == 0) return {nullptr, nullptr, &free_zero_pages, cpu};
-    constexpr size_t kHuge = size_t(2) << 20;
-    if (n > std::numeric_limits<size_t>::max() - 2 * kHuge) {
-      c10::profiledCPUMemoryReporter().OutOfMemory(n);
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "frame_pool: cannot allocate ", n, " bytes");
+    if (n == 0) return {nullptr, nullptr, &free_grad_block, cpu};
+    GradBlock* block = nullptr;
+    const bool to_cache = cacheable(n, grad_cache_cap());
+    if (to_cache) block = grad_cache().take(round_to_huge(n));
+    if (block == nullptr) {
+      block = map_block(n);
+      block->cacheable = to_cache;
     }
-    const size_t bytes = (n + kHuge - 1) & ~(kHuge - 1);
-    auto block = std::make_unique<ZeroPages>();  // before mmap: nothing to unmap if it throws
-    // Map one huge page more than needed and cut the slack away on both sides, so the block
-    // starts on a 2 MiB boundary.
-    void* raw = mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                     -1, 0);
-    if (raw == MAP_FAILED) {
-      const int err = errno;
-      c10::profiledCPUMemoryReporter().OutOfMemory(n);
-      TORCH_CHECK_WITH(OutOfMemoryError, false,
-                       "frame_pool: not enough memory: you tried to allocate ", n, " bytes (",
-                       std::strerror(err), ")");
-    }
-    const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
-    const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-    if (begin > start) munmap(raw, begin - start);
-    const uintptr_t end = start + bytes + kHuge;
-    if (end > begin + bytes) munmap(reinterpret_cast<void*>(begin + bytes), end - begin - bytes);
-    void* ptr = reinterpret_cast<void*>(begin);
-#if defined(MADV_HUGEPAGE)
-    madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint; results do not depend on it
-#endif
-    *block = ZeroPages{ptr, bytes};
-    c10::profiledCPUMemoryReporter().New(ptr, bytes);
-    return {ptr, block.release(), &free_zero_pages, cpu};
+    // The reporter gets the block's size (rounded up to 2 MiB): what the mapping holds.
+    c10::profiledCPUMemoryReporter().New(block->ptr, block->bytes);
+    return {block->ptr, block, &free_grad_block, cpu};
   }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context is not ptr
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -539,32 +722,40 @@ bool malloc_is_glibc() {
   return glibc;
 }
 
-// DTL_FAST_DISABLE_ZERO_PAGES=1 keeps every gradient on torch's allocator (for A/B timing).
+bool own_pages_allowed() {
+  return malloc_is_glibc() && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator();
+}
+
+// DTL_FAST_DISABLE_ZERO_PAGES=1 keeps every gradient of >= 32 MiB on torch's allocator (for
+// A/B timing).
 bool zero_pages_enabled() {
   static const bool on = [] {
     const char* off = std::getenv("DTL_FAST_DISABLE_ZERO_PAGES");
     return off == nullptr || off[0] == '\0' || off[0] == '0';
   }();
-  return on && malloc_is_glibc() && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator();
+  return on && own_pages_allowed();
 }
 #endif
 
-// grad_x of shape [B, T, D]: on zero pages when it is large enough (see above), else from
-// torch's allocator. `zeroed` says which, so the kernel knows whether it must write the zeros.
+// grad_x of shape [B, T, D]: from the op's own allocator when it is large enough (above), else
+// from torch's. `zeroed` says whether its pages are known to be zero, so the kernel knows
+// whether it must write the zeros.
 at::Tensor new_grad_x(const at::Tensor& g, int64_t T, int64_t D, bool& zeroed) {
   const int64_t B = g.size(0);
   zeroed = false;
-#ifdef DTL_FAST_HAVE_ZERO_PAGES
   const size_t nbytes = static_cast<size_t>(B) * static_cast<size_t>(T) *
                         static_cast<size_t>(D) * g.element_size();
-  if (cpu_grad_on_zero_pages(nbytes)) {
-    static ZeroPagesAllocator allocator;
-    zeroed = true;
-    return at::detail::empty_generic({B, T, D}, &allocator,
-                                     c10::DispatchKeySet(c10::DispatchKey::CPU), g.scalar_type(),
-                                     c10::nullopt);
-  }
+  const bool from_cache = cpu_grad_from_cache(nbytes);  // first: raises on a bad setting
+  if (from_cache || cpu_grad_on_zero_pages(nbytes)) {
+#ifdef DTL_FAST_HAVE_ZERO_PAGES
+    static auto* allocator = new GradPagesAllocator();  // leaked: outlives every tensor
+    at::Tensor gx = at::detail::empty_generic({B, T, D}, allocator,
+                                              c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                              g.scalar_type(), c10::nullopt);
+    zeroed = static_cast<const GradBlock*>(gx.storage().data_ptr().get_context())->fresh;
+    return gx;
 #endif
+  }
   at::Tensor gx = at::empty({B, T, D}, g.options());
   if (gx.numel() > 0) advise_huge_pages(gx);
   return gx;
@@ -764,6 +955,36 @@ bool cpu_grad_on_zero_pages(size_t nbytes) {
 #else
   (void)nbytes;
   return false;
+#endif
+}
+
+bool cpu_grad_from_cache(size_t nbytes) {
+  const size_t cap = grad_cache_cap();  // a bad setting raises on every platform
+#ifdef DTL_FAST_HAVE_ZERO_PAGES
+  return cacheable(nbytes, cap) && own_pages_allowed();
+#else
+  (void)nbytes;
+  (void)cap;
+  return false;
+#endif
+}
+
+CpuGradCacheStats cpu_grad_cache_stats() {
+  CpuGradCacheStats st;
+  st.cap_bytes = grad_cache_cap();
+#ifdef DTL_FAST_HAVE_ZERO_PAGES
+  const auto cached = grad_cache().stats();
+  st.cached_bytes = cached.first;
+  st.blocks = cached.second;
+#endif
+  return st;
+}
+
+size_t cpu_grad_cache_empty() {
+#ifdef DTL_FAST_HAVE_ZERO_PAGES
+  return grad_cache().empty();
+#else
+  return 0;
 #endif
 }
 

@@ -60,6 +60,22 @@ const char* cpu_forward_isa();
 // DTL_FAST_DISABLE_ZERO_PAGES unset or "0" (frame_pool.cpp explains the rule).
 bool cpu_grad_on_zero_pages(size_t nbytes);
 
+// Whether the CPU backward would take a gradient of `nbytes` from the op's cache of warm
+// blocks now: 4 MiB <= nbytes < 32 MiB, its size rounded up to 2 MiB within the cache's bound
+// (DTL_FAST_CPU_GRAD_CACHE_MB, default 64; 0 turns the cache off), on Linux, with glibc's
+// malloc behind torch's default CPU allocator. A bad DTL_FAST_CPU_GRAD_CACHE_MB is a
+// ValueError naming it (here and in every CPU backward).
+bool cpu_grad_from_cache(size_t nbytes);
+
+struct CpuGradCacheStats {
+  size_t cached_bytes = 0;  // freed gradient blocks kept mapped for reuse
+  size_t blocks = 0;
+  size_t cap_bytes = 0;     // the bound
+};
+CpuGradCacheStats cpu_grad_cache_stats();
+// Hands every cached block back to the system; returns the bytes released.
+size_t cpu_grad_cache_empty();
+
 // Width of `out` for a [B, T, D] input: D, or 2D for meanmax.
 inline int64_t out_width(int64_t D, PoolMode m) { return m == PoolMode::MeanMax ? 2 * D : D; }
 

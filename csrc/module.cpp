@@ -35,6 +35,29 @@ PyObject* cpu_grad_on_zero_pages(PyObject*, PyObject* arg) {
   return PyBool_FromLong(dtl_fast::cpu_grad_on_zero_pages(static_cast<size_t>(n)));
 }
 
+PyObject* cpu_grad_from_cache(PyObject*, PyObject* arg) {
+  const unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  return translate([&]() -> PyObject* {
+    return PyBool_FromLong(dtl_fast::cpu_grad_from_cache(static_cast<size_t>(n)));
+  });
+}
+
+PyObject* cpu_grad_cache_info(PyObject*, PyObject*) {
+  return translate([&]() -> PyObject* {
+    const dtl_fast::CpuGradCacheStats st = dtl_fast::cpu_grad_cache_stats();
+    return Py_BuildValue("(KKK)", static_cast<unsigned long long>(st.cached_bytes),
+                         static_cast<unsigned long long>(st.blocks),
+                         static_cast<unsigned long long>(st.cap_bytes));
+  });
+}
+
+PyObject* cpu_grad_cache_empty(PyObject*, PyObject*) {
+  return translate([&]() -> PyObject* {
+    return PyLong_FromUnsignedLongLong(dtl_fast::cpu_grad_cache_empty());
+  });
+}
+
 PyObject* check_errors(PyObject*, PyObject* args) {
   int sync = 1;
   if (!PyArg_ParseTuple(args, "|p", &sync)) return nullptr;
@@ -75,6 +98,14 @@ PyMethodDef dtl_fast_c_methods[] = {
      "cpu_grad_on_zero_pages(nbytes) -> whether the CPU backward would put a gradient of "
      "nbytes on the op's own zero pages now (>= 32 MiB, Linux, glibc malloc, torch's default "
      "CPU allocator, DTL_FAST_DISABLE_ZERO_PAGES unset)."},
+    {"cpu_grad_from_cache", cpu_grad_from_cache, METH_O,
+     "cpu_grad_from_cache(nbytes) -> whether the CPU backward would take a gradient of nbytes "
+     "from the op's cache of warm blocks now (4 MiB <= nbytes < 32 MiB, within "
+     "DTL_FAST_CPU_GRAD_CACHE_MB, Linux, glibc malloc, torch's default CPU allocator)."},
+    {"cpu_grad_cache_info", cpu_grad_cache_info, METH_NOARGS,
+     "cpu_grad_cache_info() -> (cached_bytes, blocks, cap_bytes) of the CPU gradient cache."},
+    {"cpu_grad_cache_empty", cpu_grad_cache_empty, METH_NOARGS,
+     "cpu_grad_cache_empty() -> bytes handed back to the system (every cached block)."},
     {"check_errors", check_errors, METH_VARARGS,
      "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},

@@ -8,12 +8,13 @@ drop-in torch.nn modules with autograd.
     pool = dtl_fast.nn.FramePool("mean")      # masked temporal pooling, C++ / CUDA
     dtl_fast.info()                            # versions, build, which backend runs where
     dtl_fast.check_errors()                    # raise a bad GPU length a CUDA kernel recorded
+    dtl_fast.empty_cpu_grad_cache()            # free frame_pool's cached CPU gradient blocks
 """
 __version__ = "0.1.0"
 
 from dtl_fast import _extension, nn, ops, reference  # noqa: E402, F401  (_extension loads _C first)
-from dtl_fast._extension import check_errors  # noqa: E402
+from dtl_fast._extension import check_errors, cpu_grad_cache_info, empty_cpu_grad_cache  # noqa: E402
 from dtl_fast.info import info  # noqa: E402
 from dtl_fast.nn.swap import swap_modules  # noqa: E402
 
-__all__ = ["check_errors", "info", "nn", "ops", "reference", "swap_modules", "__version__"]
+__all__ = ["check_errors", "cpu_grad_cache_info", "empty_cpu_grad_cache", "info", "nn", "ops", "reference", "swap_modules", "__version__"]

@@ -85,6 +85,15 @@ def _auto_rules() -> dict:
     return rules
 
 
+def _cpu_grad_cache() -> dict | None:
+    if not _extension.cpp_available():
+        return None
+    try:
+        return _extension.cpu_grad_cache_info()
+    except ValueError as e:  # a bad DTL_FAST_CPU_GRAD_CACHE_MB: said, not raised, here
+        return {"error": str(e)}
+
+
 def info() -> dict:
     """Returns a dict describing this installation:
 
@@ -107,6 +116,9 @@ def info() -> dict:
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_kernel_isa": _extension._C.cpu_isa() if _extension.cpp_available() else None,
+        # frame_pool's CPU backward: its cache of warm gradient blocks (4-32 MiB;
+        # DTL_FAST_CPU_GRAD_CACHE_MB)
+        "frame_pool_cpu_grad_cache": _cpu_grad_cache(),
         # frame_pool's CUDA launch constants (threads, max_tx, split_waves, split_phi_pct,
         # bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline): bench/sweep_frame_pool.py measures
         # them on a GPU

@@ -257,13 +257,13 @@ def test_host_overhead_bench_runs_and_restores_the_kernels(tmp_path, monkeypatch
 
 
 def test_zero_pages_ab_script_runs_both_sides(tmp_path, capsys):
-    # bench/ab_frame_pool_zero_pages.py: one pair at the smallest shape that takes the path;
+    # bench/ab_frame_pool_grad_alloc.py: one pair at the smallest shape that takes the path;
     # each side's child must report the switch as it was set (the script stops otherwise).
     from dtl_fast._extension import _C
 
     if not _C.cpu_grad_on_zero_pages(32 << 20):
         pytest.skip("zero pages are off in this process")
-    import ab_frame_pool_zero_pages as AB
+    import ab_frame_pool_grad_alloc as AB
 
     out = tmp_path / "ab.csv"
     assert AB.main(["--shape", "8x64x16384", "--threads", "1", "--pairs", "1", "--calls", "1",
@@ -273,3 +273,26 @@ def test_zero_pages_ab_script_runs_both_sides(tmp_path, capsys):
     assert "zero pages" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         AB.main(["--shape", "8x64", "--pairs", "1"])
+
+
+def test_grad_cache_ab_script_runs_both_sides(tmp_path, capsys):
+    # the same script on the cache switch, through autograd.grad; a CSV with another header
+    # (the zero-page rows' older one) is refused, not mixed.
+    from dtl_fast._extension import _C
+
+    if not _C.cpu_grad_from_cache(4 << 20):
+        pytest.skip("the CPU gradient cache is off in this process")
+    import ab_frame_pool_grad_alloc as AB
+
+    out = tmp_path / "ab.csv"
+    argv = ["--switch", "cache", "--through", "autograd", "--shape", "8x64x2048", "--threads",
+            "1", "--pairs", "1", "--calls", "2", "--csv", str(out)]
+    assert AB.main(argv) == 0
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].endswith("switch,through,faults_per_call")
+    assert "grad cache" in capsys.readouterr().out
+    old = tmp_path / "old.csv"
+    old.write_text("timestamp,pair,side,mode,shape,dtype,threads,calls,median_ms,min_ms\n")
+    with pytest.raises(SystemExit, match="header"):
+        AB.main(argv[:-1] + [str(old)])
+    assert old.read_text().count("\n") == 1

@@ -786,8 +786,10 @@ def test_functionalize_keeps_the_registered_op(backend):
     assert "dtl_fast.frame_pool" in make_fx(f)(x).code
 
 
-# --- CPU gradients of >= 32 MiB on zero pages (csrc/frame_pool.cpp, ZeroPagesAllocator) -------
+# --- CPU gradients of >= 32 MiB on zero pages, of 4-32 MiB from a cache of warm blocks ---------
+# (csrc/frame_pool.cpp, GradPagesAllocator)
 ZERO_PAGES_MIN_BYTES = 32 << 20  # kZeroPagesMinBytes
+CACHE_MIN_BYTES = 4 << 20  # kGradCacheMinBytes
 HUGE_PAGE = 2 << 20
 
 
@@ -801,13 +803,13 @@ needs_zero_pages = pytest.mark.skipif(
            "DTL_FAST_DISABLE_ZERO_PAGES set)")
 
 
-def big_case(dtype, T=64, B=8, less=0):
+def big_case(dtype, T=64, B=8, less=0, nbytes=ZERO_PAGES_MIN_BYTES):
     """x of exactly 32 MiB (the smallest gradient that takes the zero-page path; `less` feature
     columns fewer to stay below it), lengths that mix an empty clip, full ones and short ones.
     For max in float32 the full clips take the backward's buckets (D <= L x row bytes / 256),
     the others its vectorised select; full clip 6 is built so that frame 3 is the argmax of
     only 100 features (scattered stores) and frame 7 of all the others (a bucketed row)."""
-    D = ZERO_PAGES_MIN_BYTES // (B * T * torch.empty((), dtype=dtype).element_size()) - less
+    D = nbytes // (B * T * torch.empty((), dtype=dtype).element_size()) - less
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(B, T, D, generator=gen).to(dtype)
     x[6] = -5.0
@@ -817,18 +819,42 @@ def big_case(dtype, T=64, B=8, less=0):
     return x, lengths
 
 
+def assert_big_grad(what, gx, x, lengths, g, mode):
+    """gx, the op's grad_x of a big_case, against the float64 reference: padding frames exactly
+    zero, the rest within the dtype's tolerance, and for max exactly one frame per feature of
+    a non-empty clip carrying g."""
+    x64 = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.frame_pool(x64, lengths, mode), x64, g.double())
+    padding = torch.arange(x.shape[1])[None, :] >= lengths[:, None]
+    assert torch.count_nonzero(gx[padding]) == 0, what  # NaN counts as nonzero
+    assert_rel_close(what, gx, want, REL_TOL[x.dtype])
+    if mode == "max":
+        nz = (gx != 0).sum(1)
+        assert torch.equal(nz[lengths > 0], (g[lengths > 0] != 0).long()), what
+
+
 def test_zero_pages_rule():
     # The rule the op applies, as the extension reports it: at and above 32 MiB only, and only
     # where it was not turned off (here the default: Linux, glibc, torch's own CPU allocator).
     c = dtl_fast._extension._C
     assert not c.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES - 1)
     assert not c.cpu_grad_on_zero_pages(0)
+    # below it, from the cache of warm blocks: 4 MiB up to 32 MiB, within the cache's bound
+    assert not c.cpu_grad_from_cache(CACHE_MIN_BYTES - 1)
+    assert not c.cpu_grad_from_cache(ZERO_PAGES_MIN_BYTES)
+    assert not c.cpu_grad_from_cache(0)
     default_setup = (sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD")
                      and os.environ.get("DTL_FAST_DISABLE_ZERO_PAGES", "") in ("", "0"))
     if default_setup:
         assert c.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+    if default_setup and os.environ.get("DTL_FAST_CPU_GRAD_CACHE_MB") is None:
+        assert c.cpu_grad_cache_info()[2] == 64 << 20
+        assert c.cpu_grad_from_cache(CACHE_MIN_BYTES)
+        assert c.cpu_grad_from_cache(ZERO_PAGES_MIN_BYTES - 1)
     with pytest.raises((OverflowError, TypeError)):
         c.cpu_grad_on_zero_pages(-1)
+    with pytest.raises((OverflowError, TypeError)):
+        c.cpu_grad_from_cache(-1)
 
 
 @needs_zero_pages
@@ -838,23 +864,17 @@ def test_zero_pages_rule():
 def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype, less):
     # The backward skips the writes that zero pages make unnecessary (padding frames; for max,
     # the features of other frames): every element must still come out right, at the threshold
-    # and one feature column below it (torch's allocator, every row written).
+    # and one feature column below it (the cache of warm blocks, or torch's allocator).
     x, lengths = big_case(dtype, less=less)
     B, T, D = x.shape
     g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(5)).to(dtype)
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
-    # the op's own 2 MiB-aligned mapping at 32 MiB; below, glibc's block (a chunk header
-    # before the data: never on a 2 MiB boundary)
-    assert (gx.data_ptr() % HUGE_PAGE == 0) == (less == 0)
-    x64 = x.double().requires_grad_()
-    (want,) = torch.autograd.grad(reference.frame_pool(x64, lengths, mode), x64, g.double())
-    padding = torch.arange(T)[None, :] >= lengths[:, None]
-    assert torch.count_nonzero(gx[padding]) == 0
-    assert_rel_close("zero-page grad", gx, want, REL_TOL[dtype])
-    if mode == "max":  # exactly one frame per feature of a non-empty clip carries g
-        nz = (gx != 0).sum(1)
-        assert torch.equal(nz[lengths > 0], (g[lengths > 0] != 0).long())
+    # the op's own 2 MiB-aligned mapping at 32 MiB; below, a block of the op's cache (also
+    # aligned) or, with the cache off, glibc's (a chunk header before the data: never aligned)
+    below_on_own = dtl_fast._extension._C.cpu_grad_from_cache(gx.nbytes)
+    assert (gx.data_ptr() % HUGE_PAGE == 0) == (less == 0 or below_on_own)
+    assert_big_grad("zero-page grad", gx, x, lengths, g, mode)
 
 
 @needs_zero_pages
@@ -908,36 +928,272 @@ def test_zero_page_gradient_is_seen_by_the_memory_profiler():
     assert usage["free_old"] == 0
 
 
-def switch_case_grads():
-    """{mode: grad_x} of the 32 MiB case for mean, max and meanmax (the switch test runs this
-    in a child process and in its own)."""
-    x, lengths = big_case(torch.float32)
+def case_grads(nbytes=ZERO_PAGES_MIN_BYTES, reuse=False):
+    """{mode: grad_x} of big_case(nbytes) for mean, max and meanmax; with reuse, {mode: (the
+    first grad_x, the next one)}, the first overwritten with -1 and freed in between, so that
+    the second lands on a reused block where one is cached. The switch tests run this in a
+    child process and in their own."""
+    x, lengths = big_case(torch.float32, nbytes=nbytes)
+    T = x.shape[1]
     out = {}
     for mode in ("mean", "max", "meanmax"):
         _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
         g = torch.randn(8, width(x.shape[2], mode), generator=torch.Generator().manual_seed(1))
-        out[mode] = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, x.shape[1], mode)
+        first = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+        if not reuse:
+            out[mode] = first
+            continue
+        keep = first.clone()
+        first.fill_(-1.0)
+        del first
+        out[mode] = (keep, torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode))
     return out
+
+
+def run_child(tmp_path, body: str, env: dict):
+    """Runs `body` in a child Python with `env` added, this module importable and `saved` the
+    path of a file to torch.save into; returns what it saved (None if nothing)."""
+    import subprocess
+
+    saved = tmp_path / f"child{len(list(tmp_path.iterdir()))}.pt"
+    code = "import sys, torch, dtl_fast\nsys.path.insert(0, %r)\nsaved = %r\n" % (
+        os.path.dirname(__file__), str(saved)) + body
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr
+    return torch.load(saved) if saved.exists() else None
 
 
 @needs_zero_pages
 def test_zero_pages_can_be_turned_off(tmp_path):
     # DTL_FAST_DISABLE_ZERO_PAGES=1 (read once per process) keeps the gradient on torch's
     # allocator with bit-identical values.
-    import subprocess
-
-    saved = tmp_path / "off.pt"
-    code = """
-import sys, torch, dtl_fast
-sys.path.insert(0, %r)
-from test_frame_pool import ZERO_PAGES_MIN_BYTES, switch_case_grads
+    off = run_child(tmp_path, """
+from test_frame_pool import ZERO_PAGES_MIN_BYTES, case_grads
 assert not dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
-torch.save(switch_case_grads(), %r)
-""" % (os.path.dirname(__file__), str(saved))
-    env = {**os.environ, "DTL_FAST_DISABLE_ZERO_PAGES": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr
-    off = torch.load(saved)
-    for mode, gx in switch_case_grads().items():
+torch.save(case_grads(), saved)
+""", {"DTL_FAST_DISABLE_ZERO_PAGES": "1"})
+    for mode, gx in case_grads().items():
         assert gx.data_ptr() % HUGE_PAGE == 0
         assert torch.equal(gx, off[mode]), mode
+
+
+# --- the cache of warm gradient blocks (4 MiB up to 32 MiB) ---------------------------------------
+CACHE_CASE_BYTES = 16 << 20  # the size of issue 13's 64x64x1024 float32 gradient
+
+
+def cache_on(nbytes=CACHE_CASE_BYTES):
+    try:
+        return dtl_fast._extension._C.cpu_grad_from_cache(nbytes)
+    except ValueError:  # a bad DTL_FAST_CPU_GRAD_CACHE_MB in this process: nothing cached
+        return False
+
+
+needs_grad_cache = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not cache_on(),
+    reason="the CPU gradient cache is off here (not Linux, another malloc or CPU allocator, or "
+           "DTL_FAST_CPU_GRAD_CACHE_MB=0)")
+
+
+@needs_grad_cache
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_gradient_block_is_reused_and_fully_rewritten(mode, dtype):
+    # A block back from the cache holds whatever its last tensor held: the backward must write
+    # every element of it (padding zeros included), where a fresh block may skip the padding.
+    x, lengths = big_case(dtype, nbytes=CACHE_CASE_BYTES)
+    B, T, D = x.shape
+    g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(7)).to(dtype)
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+    dtl_fast.empty_cpu_grad_cache()
+    fresh = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    assert fresh.data_ptr() % HUGE_PAGE == 0  # the op's own block
+    assert_big_grad("fresh block", fresh, x, lengths, g, mode)
+    ptr = fresh.data_ptr()
+    fresh.fill_(float("nan"))  # what the user did with it
+    del fresh
+    assert dtl_fast._extension._C.cpu_grad_cache_info()[:2] == (CACHE_CASE_BYTES, 1)
+    reused = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    assert reused.data_ptr() == ptr  # the same block, back from the cache
+    assert dtl_fast._extension._C.cpu_grad_cache_info()[:2] == (0, 0)
+    assert not torch.isnan(reused).any()
+    assert_big_grad("reused block", reused, x, lengths, g, mode)
+
+
+@needs_grad_cache
+def test_grad_cache_is_bounded_and_emptied():
+    # At most the bound (64 MiB by default) is kept; the oldest blocks go first; a different
+    # size is not handed out for another; empty_cpu_grad_cache() gives the pages back to the system.
+    c = dtl_fast._extension._C
+    cap = c.cpu_grad_cache_info()[2]
+    if cap < 2 * CACHE_CASE_BYTES or cap % CACHE_CASE_BYTES:
+        pytest.skip("the expectations below are written for a bound of 32, 48, 64, ... MiB")
+    k = cap // CACHE_CASE_BYTES  # blocks of 16 MiB the cache can keep
+    x, _ = big_case(torch.float32, nbytes=CACHE_CASE_BYTES)
+    B, T, D = x.shape
+    lengths = None  # every frame valid: every page of every block is written, fresh or reused
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    g = torch.ones(B, D)
+    dtl_fast.empty_cpu_grad_cache()
+    n = k + 2
+    grads = [torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, "mean") for _ in range(n)]
+    ptrs = [t.data_ptr() for t in grads]
+    assert len(set(ptrs)) == n and c.cpu_grad_cache_info()[:2] == (0, 0)
+    while grads:  # freed oldest first: the first two are evicted as the last ones come back
+        grads.pop(0)
+    assert c.cpu_grad_cache_info()[:2] == (cap, k)
+    # the k kept are the k freed last; the most recently freed is handed out first
+    again = [torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, "mean") for _ in range(k)]
+    assert [t.data_ptr() for t in again] == ptrs[::-1][:k]
+    assert c.cpu_grad_cache_info()[:2] == (0, 0)
+    while again:
+        again.pop(0)
+    # another size (8 MiB) does not take a 16 MiB block; cached, it evicts the oldest one
+    small = torch.ops.dtl_fast.frame_pool_backward(g[:, : D // 2], lengths, am, T, "mean")
+    assert small.data_ptr() not in ptrs[2:]
+    del small
+    assert c.cpu_grad_cache_info()[:2] == (cap - CACHE_CASE_BYTES // 2, k)
+    # freed in the order taken, ptrs[-1] was the oldest (evicted) and ptrs[2] the newest
+    again = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, "mean")
+    assert again.data_ptr() == ptrs[2]
+    del again
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    held = c.cpu_grad_cache_info()[0]
+    assert held == cap - CACHE_CASE_BYTES // 2
+    before = rss()
+    assert dtl_fast.empty_cpu_grad_cache() == held
+    assert c.cpu_grad_cache_info()[:2] == (0, 0)
+    assert before - rss() >= 0.9 * held
+    assert dtl_fast.empty_cpu_grad_cache() == 0
+
+
+@needs_grad_cache
+def test_grad_cache_keeps_a_gradient_just_below_32mib():
+    # Asked for below 32 MiB, the block is 32 MiB once rounded to 2 MiB: it must still go back
+    # to the cache and be reused, as cpu_grad_from_cache says.
+    c = dtl_fast._extension._C
+    x, lengths = big_case(torch.float32, less=1)
+    B, T, D = x.shape
+    nbytes = x.numel() * x.element_size()
+    if not c.cpu_grad_from_cache(nbytes):
+        pytest.skip("the bound is below 32 MiB here")
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    dtl_fast.empty_cpu_grad_cache()
+    gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
+    ptr = gx.data_ptr()
+    del gx
+    assert c.cpu_grad_cache_info()[:2] == (ZERO_PAGES_MIN_BYTES, 1)
+    gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
+    assert gx.data_ptr() == ptr
+    del gx
+    assert dtl_fast.empty_cpu_grad_cache() == ZERO_PAGES_MIN_BYTES
+    # at 32 MiB itself: fresh zero pages, never cached
+    x, lengths = big_case(torch.float32)
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, x.shape[2]), lengths, am, T, "mean")
+    del gx
+    assert c.cpu_grad_cache_info()[:2] == (0, 0)
+
+
+@needs_grad_cache
+def test_grad_cache_blocks_are_seen_by_the_memory_profiler():
+    # A block from the cache is reported as an allocation, and its return to the cache as a
+    # free (as torch's CUDA caching allocator reports allocated, not reserved, memory).
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x, lengths = big_case(torch.float32, nbytes=CACHE_CASE_BYTES)
+    B, T, D = x.shape
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    warm = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
+    del warm  # a block in the cache before the window opens
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
+        nbytes = gx.nbytes
+        with record_function("back_to_cache"):
+            del gx
+    usage = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
+    assert sum(v for k, v in usage.items() if "frame_pool_backward" in k) >= nbytes
+    assert usage["back_to_cache"] <= -nbytes
+
+
+@needs_grad_cache
+def test_grad_cache_under_threads():
+    # Backward calls from several threads take and return blocks at once: every gradient
+    # comes out right and no block is handed to two tensors.
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, lengths = big_case(torch.float32, nbytes=CACHE_MIN_BYTES)
+    B, T, D = x.shape
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "max")
+    gs = [torch.randn(B, D, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, "max").clone() for g in gs]
+    dtl_fast.empty_cpu_grad_cache()
+
+    import threading
+
+    lock = threading.Lock()
+    in_use: set[int] = set()  # data pointers of the gradients alive in any thread
+
+    def work(i):
+        live = []
+        for k in range(6):
+            gx = torch.ops.dtl_fast.frame_pool_backward(gs[i], lengths, am, T, "max")
+            with lock:
+                if gx.data_ptr() in in_use:  # one block handed to two live tensors
+                    return False
+                in_use.add(gx.data_ptr())
+            live.append(gx)
+            if len(live) > 2:
+                old = live.pop(0)
+                with lock:
+                    in_use.discard(old.data_ptr())
+                del old
+            if not torch.equal(gx, want[i]):
+                return False
+        ok = all(t.data_ptr() % HUGE_PAGE == 0 for t in live)
+        with lock:
+            for t in live:
+                in_use.discard(t.data_ptr())
+        return ok
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+
+
+@needs_grad_cache
+def test_grad_cache_can_be_turned_off_and_rejects_a_bad_setting(tmp_path):
+    # DTL_FAST_CPU_GRAD_CACHE_MB=0 (read once per process) keeps these gradients on torch's
+    # allocator, bit for bit the same; a setting that is not a whole number of MiB is a
+    # ValueError naming it, from the backward (dtl_fast.info() says it instead of raising).
+    off = run_child(tmp_path, """
+from test_frame_pool import CACHE_CASE_BYTES, case_grads
+assert not dtl_fast._extension._C.cpu_grad_from_cache(CACHE_CASE_BYTES)
+assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
+torch.save(case_grads(CACHE_CASE_BYTES, reuse=True), saved)
+assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
+""", {"DTL_FAST_CPU_GRAD_CACHE_MB": "0"})
+    for mode, (first, reused) in case_grads(CACHE_CASE_BYTES, reuse=True).items():
+        assert reused.data_ptr() % HUGE_PAGE == 0
+        assert torch.equal(first, off[mode][0]), mode
+        assert torch.equal(reused, off[mode][1]), mode
+        assert torch.equal(first, reused), mode
+
+    bad = """
+import pytest
+x = torch.randn(2, 3, 4)
+_, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
+with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB.*'64MB'"):
+    torch.ops.dtl_fast.frame_pool_backward(torch.ones(2, 4), None, am, 3, "mean")
+x.requires_grad_()
+with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB"):
+    dtl_fast.nn.FramePool("mean")(x).sum().backward()
+assert "DTL_FAST_CPU_GRAD_CACHE_MB" in dtl_fast.info()["frame_pool_cpu_grad_cache"]["error"]
+with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB"):
+    dtl_fast.cpu_grad_cache_info()
+"""
+    assert run_child(tmp_path, bad, {"DTL_FAST_CPU_GRAD_CACHE_MB": "64MB"}) is None
