@@ -9,7 +9,8 @@ Each child times, for mean and max at [B, T, D] float32 (median and min of `--ca
 the gradient freed after each, as in a training step), either the raw
 `torch.ops.dtl_fast.frame_pool_backward` (`--through raw`) or forward + backward through
 `torch.autograd.grad` of an intermediate input (`--through autograd`: what bench_frame_pool's
-forward+backward rows time), and counts the page faults per call. Lengths are uniform in
+forward+backward rows time, less the Python wrapper `dtl_fast.ops.frame_pool`), and counts
+the page faults per call. Lengths are uniform in
 [1, T], as bench_frame_pool draws them.
 
     .venv/bin/python bench/ab_frame_pool_grad_alloc.py --threads 2     # zero pages, raw

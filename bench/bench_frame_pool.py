@@ -118,28 +118,19 @@ def _standin_fused(x, lengths=None, mode="mean", *, backend=None):
 _AUTO_IMPL: dict[str, str] = {}  # device type -> what backend="auto" runs (dtl_fast.info())
 
 
-def grad_on_zero_pages(x: torch.Tensor) -> bool | None:
-    """Whether the CPU backward puts x's gradient on the op's own zero pages in this process
-    (csrc/frame_pool.cpp: >= 32 MiB, glibc, DTL_FAST_DISABLE_ZERO_PAGES unset); None where the
-    extension cannot say."""
+def grad_memory(x: torch.Tensor) -> dict[str, bool]:
+    """Where the CPU backward puts x's gradient in this process (csrc/frame_pool.cpp):
+    {"grad_on_zero_pages": >= 32 MiB on fresh zero pages (glibc, DTL_FAST_DISABLE_ZERO_PAGES
+    unset), "grad_from_cache": 4 MiB up to 32 MiB from the op's cache of warm blocks (within
+    DTL_FAST_CPU_GRAD_CACHE_MB)}; {} where the extension cannot say."""
     try:
         from dtl_fast._extension import _C
 
-        return bool(_C.cpu_grad_on_zero_pages(x.numel() * x.element_size()))
+        nbytes = x.numel() * x.element_size()
+        return {"grad_on_zero_pages": bool(_C.cpu_grad_on_zero_pages(nbytes)),
+                "grad_from_cache": bool(_C.cpu_grad_from_cache(nbytes))}
     except Exception:  # noqa: BLE001
-        return None
-
-
-def grad_from_cache(x: torch.Tensor) -> bool | None:
-    """Whether the CPU backward takes x's gradient from the op's cache of warm blocks in this
-    process (csrc/frame_pool.cpp: 4 MiB up to 32 MiB, within DTL_FAST_CPU_GRAD_CACHE_MB, glibc);
-    None where the extension cannot say."""
-    try:
-        from dtl_fast._extension import _C
-
-        return bool(_C.cpu_grad_from_cache(x.numel() * x.element_size()))
-    except Exception:  # noqa: BLE001
-        return None
+        return {}
 
 
 def load_api(standin: bool):
@@ -461,12 +452,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if name.startswith("dtl_fast") and _AUTO_IMPL:
                         extra["impl"] = str(_AUTO_IMPL.get(device, "?"))[:60]
                     if name.startswith("dtl_fast") and device == "cpu" and mode != "forward":
-                        on = grad_on_zero_pages(x)
-                        if on is not None:
-                            extra["grad_on_zero_pages"] = on
-                        cached = grad_from_cache(x)
-                        if cached is not None:
-                            extra["grad_from_cache"] = cached
+                        extra.update(grad_memory(x))
                     emit(H.make_row(**base, provider=name, timing=t, baseline_ms=baseline_ms,
                                     extra=extra))
                 del calls, grads

@@ -463,8 +463,9 @@ void advise_huge_pages(const at::Tensor& t) {
 constexpr size_t kZeroPagesMinBytes = size_t(32) << 20;
 // A gradient of at least this many bytes and below kZeroPagesMinBytes comes from a bounded
 // cache of the op's own warm blocks. glibc serves such a block from its heap, but from chunks
-// it rotates and pages it trims back to the system: measured at 16 MiB, ~1 huge-page and
-// 50-120 small-page faults per call (bench/NOTES.md, s21), ~20 % of the op's forward+backward.
+// it rotates and pages it trims back to the system: measured at 16 MiB, 24-136 page faults
+// per call, and forward+backward through autograd 7-14 % slower at 1 thread than from the
+// cache (bench/NOTES.md, s21 and s22; at 2 threads within the VM's spread).
 constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
 // The cache's default bound: glibc's largest dynamic trim threshold (2 x
 // DEFAULT_MMAP_THRESHOLD_MAX), as much freed memory as glibc's heap may keep on its own; the
