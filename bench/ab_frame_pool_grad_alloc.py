@@ -1,10 +1,15 @@
-"""A/B of the CPU frame pooling backward's own gradient memory, with and without it.
+"""A/B of the CPU frame pooling backward's gradient memory (where it lives, how it is written),
+with and without each of its choices.
 
-Two switches, each read once per process, so the two sides run in alternating child
+Three switches, each read once per process, so the two sides run in alternating child
 processes, `--pairs` times:
   --switch zero-pages  gradients of >= 32 MiB on fresh zero pages (off: DTL_FAST_DISABLE_ZERO_PAGES=1)
   --switch cache       gradients of 4 MiB up to 32 MiB from the op's cache of warm blocks
                        (off: DTL_FAST_CPU_GRAD_CACHE_MB=0)
+  --switch nt-stores   non-temporal stores only from half (rows stored one by one) / the whole
+                       (rows written in bulk) last-level cache, the rest into the cache with
+                       memcpy / memset / vector stores (off: DTL_FAST_CPU_NT_STORE_MIN_MB=0,
+                       every row streamed, as before s23)
 Each child times, for mean and max at [B, T, D] float32 (median and min of `--calls` calls,
 the gradient freed after each, as in a training step), either the raw
 `torch.ops.dtl_fast.frame_pool_backward` (`--through raw`) or forward + backward through
@@ -44,7 +49,13 @@ lengths = torch.randint(1, T + 1, (B,), generator=gen)
 op = torch.ops.dtl_fast
 C = dtl_fast._extension._C
 nbytes = x.numel() * x.element_size()
-out = {"on": C.cpu_grad_on_zero_pages(nbytes) if switch == "zero-pages" else C.cpu_grad_from_cache(nbytes)}
+if switch == "zero-pages":
+    on = C.cpu_grad_on_zero_pages(nbytes)
+elif switch == "cache":
+    on = C.cpu_grad_from_cache(nbytes)
+else:  # nt-stores: the bulk rows (mean, padding) go into the cache
+    on = nbytes < 2 * C.cpu_nt_store_rule()[0]
+out = {"on": on}
 h = x.detach().requires_grad_(True) * 1
 for mode in ("mean", "max"):
     _, am = op.frame_pool(x, lengths, mode)
@@ -69,6 +80,7 @@ print(json.dumps(out))
 SWITCHES = {
     "zero-pages": ("DTL_FAST_DISABLE_ZERO_PAGES", "1", "0", ("torch allocator", "zero pages")),
     "cache": ("DTL_FAST_CPU_GRAD_CACHE_MB", "0", "", ("torch allocator", "grad cache")),
+    "nt-stores": ("DTL_FAST_CPU_NT_STORE_MIN_MB", "0", "", ("all streamed", "cache rule")),
 }
 
 
@@ -110,7 +122,7 @@ def main(argv=None) -> int:
             if got["on"] == off:
                 raise SystemExit(f"the {side} child reported its path {'on' if got['on'] else 'off'}"
                                  f" (is the {args.switch} path available here, at this size? see "
-                                 "dtl_fast._C cpu_grad_on_zero_pages / cpu_grad_from_cache)")
+                                 "dtl_fast._C cpu_grad_on_zero_pages / cpu_grad_from_cache / cpu_nt_store_rule)")
             for mode in ("mean", "max"):
                 m, lo, faults = got[mode]
                 med.setdefault((mode, side), []).append(m)

@@ -118,19 +118,34 @@ def _standin_fused(x, lengths=None, mode="mean", *, backend=None):
 _AUTO_IMPL: dict[str, str] = {}  # device type -> what backend="auto" runs (dtl_fast.info())
 
 
-def grad_memory(x: torch.Tensor) -> dict[str, bool]:
+def grad_memory(x: torch.Tensor) -> dict[str, Any]:
     """Where the CPU backward puts x's gradient in this process (csrc/frame_pool.cpp):
     {"grad_on_zero_pages": >= 32 MiB on fresh zero pages (glibc, DTL_FAST_DISABLE_ZERO_PAGES
     unset), "grad_from_cache": 4 MiB up to 32 MiB from the op's cache of warm blocks (within
-    DTL_FAST_CPU_GRAD_CACHE_MB)}; {} where the extension cannot say."""
+    DTL_FAST_CPU_GRAD_CACHE_MB), "nt_rows" / "nt_bulk": whether the rows stored one by one
+    (max, meanmax) / written in bulk (mean, sum, padding) go out with non-temporal stores, and
+    "llc_mb": the last-level cache that rule read (0: unknown)}; a key the extension cannot say
+    (an older build) is left out."""
+    out: dict[str, Any] = {}
     try:
         from dtl_fast._extension import _C
-
-        nbytes = x.numel() * x.element_size()
-        return {"grad_on_zero_pages": bool(_C.cpu_grad_on_zero_pages(nbytes)),
-                "grad_from_cache": bool(_C.cpu_grad_from_cache(nbytes))}
     except Exception:  # noqa: BLE001
-        return {}
+        return out
+    nbytes = x.numel() * x.element_size()
+    for key, ask in (("grad_on_zero_pages", lambda: bool(_C.cpu_grad_on_zero_pages(nbytes))),
+                     ("grad_from_cache", lambda: bool(_C.cpu_grad_from_cache(nbytes)))):
+        try:
+            out[key] = ask()
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        min_bytes, llc, _ = _C.cpu_nt_store_rule()
+        out["nt_rows"] = nbytes >= min_bytes  # max / meanmax rows, non-temporal
+        out["nt_bulk"] = nbytes >= 2 * min_bytes  # mean / sum rows and padding, non-temporal
+        out["llc_mb"] = round(llc / MIB, 1)
+    except Exception:  # noqa: BLE001
+        pass
+    return out
 
 
 def load_api(standin: bool):

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -34,6 +35,9 @@
 #ifdef __linux__
 #include <dlfcn.h>
 #include <sys/mman.h>
+#endif
+#if defined(__unix__)
+#include <unistd.h>
 #endif
 
 namespace dtl_fast {
@@ -475,26 +479,37 @@ constexpr size_t kHugePage = size_t(2) << 20;
 
 inline size_t round_to_huge(size_t n) { return (n + kHugePage - 1) & ~(kHugePage - 1); }
 
-// The cache's bound, from DTL_FAST_CPU_GRAD_CACHE_MB (whole MiB, 0 turns the cache off;
-// default kGradCacheDefaultMiB), read once per process.
-struct GradCacheSetting {
-  size_t bytes = kGradCacheDefaultMiB << 20;
-  std::string bad;  // the raw value when it is not a whole number in [0, 1048576]
+// A size setting read from the environment once per process: a whole number of MiB in
+// [0, 1048576]. `set` is false when the variable is unset or empty; `bad` holds the raw value
+// when it is not a whole number in range (each user raises a ValueError naming the variable).
+struct MibSetting {
+  bool set = false;
+  size_t bytes = 0;
+  std::string bad;
 };
 
-const GradCacheSetting& grad_cache_setting() {
-  static const GradCacheSetting setting = [] {
-    GradCacheSetting s;
-    const char* raw = std::getenv("DTL_FAST_CPU_GRAD_CACHE_MB");
-    if (raw == nullptr || raw[0] == '\0') return s;
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long long mib = std::strtoull(raw, &end, 10);
-    if (raw[0] < '0' || raw[0] > '9' || *end != '\0' || errno != 0 || mib > (1ull << 20)) {
-      s.bad = raw;
-      return s;
-    }
-    s.bytes = static_cast<size_t>(mib) << 20;
+MibSetting read_mib_setting(const char* name) {
+  MibSetting s;
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || raw[0] == '\0') return s;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long mib = std::strtoull(raw, &end, 10);
+  if (raw[0] < '0' || raw[0] > '9' || *end != '\0' || errno != 0 || mib > (1ull << 20)) {
+    s.bad = raw;
+    return s;
+  }
+  s.set = true;
+  s.bytes = static_cast<size_t>(mib) << 20;
+  return s;
+}
+
+// The cache's bound, from DTL_FAST_CPU_GRAD_CACHE_MB (whole MiB, 0 turns the cache off;
+// default kGradCacheDefaultMiB), read once per process.
+const MibSetting& grad_cache_setting() {
+  static const MibSetting setting = [] {
+    MibSetting s = read_mib_setting("DTL_FAST_CPU_GRAD_CACHE_MB");
+    if (!s.set && s.bad.empty()) s.bytes = kGradCacheDefaultMiB << 20;
     return s;
   }();
   return setting;
@@ -503,7 +518,7 @@ const GradCacheSetting& grad_cache_setting() {
 // The bound in bytes; a bad setting is a ValueError naming the variable, raised by every CPU
 // backward (new_grad_x asks first).
 size_t grad_cache_cap() {
-  const GradCacheSetting& s = grad_cache_setting();
+  const MibSetting& s = grad_cache_setting();
   TORCH_CHECK_VALUE(s.bad.empty(),
                     "DTL_FAST_CPU_GRAD_CACHE_MB must be a whole number of MiB in [0, 1048576] "
                     "(0 turns the CPU gradient cache off), got '", s.bad, "'");
@@ -673,7 +688,7 @@ void free_grad_block(void* ctx) {
   // allocator reports "allocated", not "reserved", memory).
   c10::profiledCPUMemoryReporter().Delete(block->ptr);
   // A deleter must not throw: a bad setting (raised by every backward) caches nothing.
-  const GradCacheSetting& setting = grad_cache_setting();
+  const MibSetting& setting = grad_cache_setting();
   const size_t cap = setting.bad.empty() ? setting.bytes : 0;
   if (block->cacheable && block->bytes <= cap) {
     grad_cache().put(block, cap);
@@ -762,30 +777,112 @@ at::Tensor new_grad_x(const at::Tensor& g, int64_t T, int64_t D, bool& zeroed) {
   return gx;
 }
 
-// Row writers of the backward pass. grad_x is often larger than the caches and is not read
-// again until much later, so big outputs use non-temporal stores: they skip the
-// read-for-ownership of every destination line, which halves the memory traffic of a pure
-// write stream.
-constexpr size_t kStreamingMinBytes = size_t(4) << 20;
+// How the backward writes grad_x. Non-temporal stores skip the read-for-ownership of every
+// line and leave the cached input alone, but send every line to memory; a gradient that fits in
+// the last-level cache beside the input the forward read is better written into the cache,
+// where the next call's gradient (the same warm block, from the cache above) overwrites lines
+// that never went to memory and the next layer's backward reads it. Measured on a 32 MiB L3
+// (bench/NOTES.md, s23; forward + backward, 50 % valid frames), by how the rows are written:
+// - row by row from a small buffer (max / meanmax frames, which differ per frame): ordinary
+//   stores pay a read-for-ownership per line; non-temporal stores are 14 % faster at 16 MiB,
+//   so rows stream from half the last-level cache (`min_bytes`);
+// - in bulk through glibc (mean / sum frames: the clip's row, copied by doubling memcpy;
+//   padding frames: one memset per run). glibc picks the CPU's way for large blocks (`rep
+//   movsb` / `rep stosb` here, whole lines written without reading them): 7 % / 25 % faster
+//   than non-temporal rows at 16 MiB (1 / 2 threads), even at 24 MiB, 8 % slower at 64 MiB;
+//   so bulk writes stream from the whole last-level cache (2 x min_bytes).
+constexpr size_t kStreamingFallbackBytes = size_t(4) << 20;  // where no cache size is known
 
-inline void copy_row(char* dst, const char* src, size_t n, bool stream) {
-#if defined(__SSE2__)
-  if (stream) {
-    const size_t head = std::min(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
-    std::memcpy(dst, src, head);
-    size_t i = head;
-    for (; i + 16 <= n; i += 16) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
-                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+// The size in bytes of the largest data cache CPU 0 reports (the last level), 0 when unknown.
+// sysfs first: it gives what a VM's vCPUs share (32 MiB where cpuid, and so sysconf and glibc,
+// report the host's 384 MiB); sysconf where sysfs says nothing.
+size_t last_level_cache_bytes() {
+  static const size_t bytes = [] {
+    size_t best = 0;
+    int best_level = 0;
+#ifdef __linux__
+    for (int i = 0; i < 16; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::ifstream level_f(dir + "level"), type_f(dir + "type"), size_f(dir + "size");
+      if (!level_f || !type_f || !size_f) continue;
+      int level = 0;
+      std::string type, size;
+      if (!(level_f >> level) || !(type_f >> type) || !(size_f >> size)) continue;
+      if (type == "Instruction" || size.empty()) continue;
+      char* end = nullptr;
+      errno = 0;
+      unsigned long long v = std::strtoull(size.c_str(), &end, 10);
+      if (errno != 0 || end == size.c_str()) continue;
+      if (*end == 'K') v <<= 10;
+      else if (*end == 'M') v <<= 20;
+      else if (*end == 'G') v <<= 30;
+      if (level > best_level || (level == best_level && v > best)) {
+        best_level = level;
+        best = static_cast<size_t>(v);
+      }
     }
-    std::memcpy(dst + i, src + i, n - i);
-    return;
-  }
 #endif
-  std::memcpy(dst, src, n);
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    if (best == 0) {
+      const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+      const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+      best = l3 > 0 ? static_cast<size_t>(l3) : (l2 > 0 ? static_cast<size_t>(l2) : 0);
+    }
+#endif
+    return best;
+  }();
+  return bytes;
 }
 
-inline void zero_row(char* dst, size_t n, bool stream) {
+// DTL_FAST_CPU_NT_STORE_MIN_MB (whole MiB; 0 streams every gradient), read once per process.
+const MibSetting& nt_store_setting() {
+  static const MibSetting setting = read_mib_setting("DTL_FAST_CPU_NT_STORE_MIN_MB");
+  return setting;
+}
+
+// One row of grad_x from a small buffer (in L1). Streamed: non-temporal stores. Otherwise
+// ordinary vector stores, not memcpy: glibc's memcpy takes `rep movsb` for rows above 2 KiB,
+// measured 1.5x slower than vector stores for single 4 KiB rows here (bench/NOTES.md, s23).
+inline void copy_row(char* dst, const char* src, size_t n, bool stream) {
+#if defined(__SSE2__)
+  const size_t head = std::min(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
+  std::memcpy(dst, src, head);
+  size_t i = head;
+  if (stream) {
+    for (; i + 16 <= n; i += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  } else {
+    for (; i + 16 <= n; i += 16)
+      _mm_store_si128(reinterpret_cast<__m128i*>(dst + i),
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  }
+  std::memcpy(dst + i, src + i, n - i);
+#else
+  (void)stream;
+  std::memcpy(dst, src, n);
+#endif
+}
+
+// `n_rows` rows at dst, each a copy of the row at dst (already written). In bulk: doubling
+// memcpy of what is written so far. Streamed: row by row with non-temporal stores.
+inline void replicate_row(char* dst, size_t row_bytes, int64_t n_rows, bool stream) {
+  if (stream) {
+    for (int64_t k = 1; k < n_rows; ++k)
+      copy_row(dst + static_cast<size_t>(k) * row_bytes, dst, row_bytes, true);
+    return;
+  }
+  int64_t have = 1;
+  while (have < n_rows) {
+    const int64_t n = std::min(have, n_rows - have);
+    std::memcpy(dst + static_cast<size_t>(have) * row_bytes, dst,
+                static_cast<size_t>(n) * row_bytes);
+    have += n;
+  }
+}
+
+// Zeros of padding frames, `n` bytes in one run. In bulk: one memset. Streamed: non-temporal.
+inline void zero_rows(char* dst, size_t n, bool stream) {
 #if defined(__SSE2__)
   if (stream) {
     const size_t head = std::min(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
@@ -797,6 +894,7 @@ inline void zero_row(char* dst, size_t n, bool stream) {
     return;
   }
 #endif
+  (void)stream;
   std::memset(dst, 0, n);
 }
 
@@ -845,7 +943,8 @@ void select_meanmax_row(scalar_t* __restrict o, const int32_t* __restrict am,
 
 template <typename scalar_t>
 void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Tensor& argmax,
-                       PoolMode mode, at::Tensor& gx, bool zeroed) {
+                       PoolMode mode, at::Tensor& gx, bool zeroed, bool stream_rows,
+                       bool stream_bulk) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = gx.size(0), T = gx.size(1), D = gx.size(2);
   const int64_t gw = g.size(1);  // D, or 2D for meanmax: [mean part | max part]
@@ -856,7 +955,6 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
   const int32_t* ap = with_max ? argmax.const_data_ptr<int32_t>() : nullptr;
   scalar_t* out = gx.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D));
-  const bool stream = gx.nbytes() >= kStreamingMinBytes;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
 
   // One task per (b, t) row of grad_x: every element is written exactly once. A row is built
@@ -888,7 +986,10 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
       const scalar_t* src = gp + b * gw;
       const scalar_t* src_max = mode == PoolMode::MeanMax ? src + D : src;
       if (t >= L) {
-        if (!zeroed) zero_row(dst, row_bytes, stream);
+        // the clip's padding frames from t on, up to the end of this task
+        const int64_t last = std::min(end, b * T + T);
+        if (!zeroed) zero_rows(dst, static_cast<size_t>(last - r) * row_bytes, stream_bulk);
+        r = last - 1;
         continue;
       }
       if (row_of != b) {
@@ -918,7 +1019,12 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         row_of = b;
       }
       if (!with_max) {
-        copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
+        // mean / sum: the clip's valid frames from t on, up to the end of this task, all
+        // hold this row
+        const int64_t last = std::min(end, b * T + L);
+        copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream_bulk);
+        replicate_row(dst, row_bytes, last - r, stream_bulk);
+        r = last - 1;
         continue;
       }
       if (!buckets) {
@@ -928,7 +1034,7 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
                                               row.data(), static_cast<int32_t>(t), D);
         else
           select_max_row<scalar_t>(selected.data(), am, src_max, static_cast<int32_t>(t), D);
-        copy_row(dst, reinterpret_cast<const char*>(selected.data()), row_bytes, stream);
+        copy_row(dst, reinterpret_cast<const char*>(selected.data()), row_bytes, stream_rows);
         continue;
       }
       // max on zero pages: a frame that is the argmax of few features gets only those stores.
@@ -941,10 +1047,10 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         continue;
       }
       for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = src_max[feature[k]];
-      copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream);
+      copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream_rows);
       for (int64_t k = first[t]; k < first[t + 1]; ++k) row[feature[k]] = scalar_t(0);
     }
-    stream_fence(stream);
+    stream_fence(stream_rows || stream_bulk);
   });
 }
 
@@ -989,6 +1095,26 @@ size_t cpu_grad_cache_empty() {
 #endif
 }
 
+CpuNtStoreRule cpu_nt_store_rule() {
+  CpuNtStoreRule r;
+  r.llc_bytes = last_level_cache_bytes();
+  const MibSetting& s = nt_store_setting();
+  TORCH_CHECK_VALUE(s.bad.empty(),
+                    "DTL_FAST_CPU_NT_STORE_MIN_MB must be a whole number of MiB in [0, 1048576] "
+                    "(0 streams every gradient), got '", s.bad, "'");
+  if (s.set) {
+    r.min_bytes = s.bytes;
+    r.source = "DTL_FAST_CPU_NT_STORE_MIN_MB";
+  } else if (r.llc_bytes > 0) {
+    r.min_bytes = r.llc_bytes / 2;
+    r.source = "half the last-level cache";
+  } else {
+    r.min_bytes = kStreamingFallbackBytes;
+    r.source = "default (cache size unknown)";
+  }
+  return r;
+}
+
 std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x_in,
                                                   const c10::optional<at::Tensor>& lengths,
                                                   c10::string_view mode_str) {
@@ -1019,13 +1145,19 @@ at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out,
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor am = has_argmax(mode) ? argmax.contiguous() : argmax;
   const int64_t D = mode == PoolMode::MeanMax ? g.size(1) / 2 : g.size(1);
+  const size_t nbytes = static_cast<size_t>(g.size(0)) * static_cast<size_t>(T) *
+                        static_cast<size_t>(D) * g.element_size();
+  const size_t nt_min = cpu_nt_store_rule().min_bytes;  // first: raises on a bad setting
+  const bool stream_rows = nbytes >= nt_min;
+  const bool stream_bulk = nbytes / 2 >= nt_min;  // from the whole last-level cache
   bool zeroed = false;
   at::Tensor gx = new_grad_x(g, T, D, zeroed);
   if (gx.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "frame_pool_backward_cpu",
                                   [&] {
-                                    backward_cpu_impl<scalar_t>(g, len, am, mode, gx, zeroed);
+                                    backward_cpu_impl<scalar_t>(g, len, am, mode, gx, zeroed, stream_rows,
+                                                                stream_bulk);
                                   });
   return gx;
 }

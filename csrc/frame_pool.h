@@ -76,6 +76,19 @@ CpuGradCacheStats cpu_grad_cache_stats();
 // Hands every cached block back to the system; returns the bytes released.
 size_t cpu_grad_cache_empty();
 
+// Which gradients the CPU backward writes with non-temporal stores: rows it stores one by one
+// (max, meanmax) from min_bytes, rows it writes in bulk with memcpy / memset (mean and sum
+// frames, padding) from 2 x min_bytes. min_bytes is DTL_FAST_CPU_NT_STORE_MIN_MB when set (0
+// streams every gradient), else half the last-level cache CPU 0 reports (llc_bytes: sysfs,
+// else sysconf), else 4 MiB. A bad DTL_FAST_CPU_NT_STORE_MIN_MB is a ValueError naming it
+// (here and in every CPU backward).
+struct CpuNtStoreRule {
+  size_t min_bytes = 0;
+  size_t llc_bytes = 0;  // 0: unknown
+  const char* source = "";
+};
+CpuNtStoreRule cpu_nt_store_rule();
+
 // Width of `out` for a [B, T, D] input: D, or 2D for meanmax.
 inline int64_t out_width(int64_t D, PoolMode m) { return m == PoolMode::MeanMax ? 2 * D : D; }
 

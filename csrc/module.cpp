@@ -52,6 +52,14 @@ PyObject* cpu_grad_cache_info(PyObject*, PyObject*) {
   });
 }
 
+PyObject* cpu_nt_store_rule(PyObject*, PyObject*) {
+  return translate([&]() -> PyObject* {
+    const dtl_fast::CpuNtStoreRule r = dtl_fast::cpu_nt_store_rule();
+    return Py_BuildValue("(KKs)", static_cast<unsigned long long>(r.min_bytes),
+                         static_cast<unsigned long long>(r.llc_bytes), r.source);
+  });
+}
+
 PyObject* cpu_grad_cache_empty(PyObject*, PyObject*) {
   return translate([&]() -> PyObject* {
     return PyLong_FromUnsignedLongLong(dtl_fast::cpu_grad_cache_empty());
@@ -104,6 +112,12 @@ PyMethodDef dtl_fast_c_methods[] = {
      "DTL_FAST_CPU_GRAD_CACHE_MB, Linux, glibc malloc, torch's default CPU allocator)."},
     {"cpu_grad_cache_info", cpu_grad_cache_info, METH_NOARGS,
      "cpu_grad_cache_info() -> (cached_bytes, blocks, cap_bytes) of the CPU gradient cache."},
+    {"cpu_nt_store_rule", cpu_nt_store_rule, METH_NOARGS,
+     "cpu_nt_store_rule() -> (min_bytes, llc_bytes, source): the CPU backward writes with "
+     "non-temporal stores the rows it stores one by one (max, meanmax) of a gradient of at "
+     "least min_bytes, and the rows it writes in bulk (mean, sum, padding) of one of at least "
+     "2 x min_bytes; min_bytes is DTL_FAST_CPU_NT_STORE_MIN_MB when set, else half the "
+     "last-level cache (llc_bytes, 0 when unknown), else 4 MiB."},
     {"cpu_grad_cache_empty", cpu_grad_cache_empty, METH_NOARGS,
      "cpu_grad_cache_empty() -> bytes handed back to the system (every cached block)."},
     {"check_errors", check_errors, METH_VARARGS,

@@ -85,6 +85,28 @@ def cpu_grad_cache_info() -> dict:
     return {"cached_bytes": int(cached), "blocks": int(blocks), "cap_bytes": int(cap)}
 
 
+def cpu_nt_store_rule() -> dict | None:
+    """Which gradients frame_pool's CPU backward writes with non-temporal stores (past the
+    caches, straight to memory); a smaller one is written into the cache, where the next
+    reader finds it.
+
+    Returns {"min_bytes": the rows stored one by one (max, meanmax) stream from this size,
+    "bulk_min_bytes": the rows written in bulk with memcpy / memset (mean and sum frames,
+    padding) stream from this size (2 x min_bytes), "llc_bytes": the last-level cache CPU 0
+    reports (sysfs, else sysconf; 0 when unknown), "source": what set min_bytes}. min_bytes is
+    DTL_FAST_CPU_NT_STORE_MIN_MB MiB when set (0 streams every gradient; read once per
+    process), else half of llc_bytes, else 4 MiB. None without the compiled extension.
+
+    Raises:
+        ValueError: DTL_FAST_CPU_NT_STORE_MIN_MB is not a whole number of MiB in [0, 1048576].
+    """
+    if _C is None:
+        return None
+    min_bytes, llc, source = _C.cpu_nt_store_rule()
+    return {"min_bytes": int(min_bytes), "bulk_min_bytes": 2 * int(min_bytes),
+            "llc_bytes": int(llc), "source": source}
+
+
 def missing_build_message(what: str) -> str:
     reason = LOAD_ERROR or "dtl_fast._C was built without CUDA kernels"
     return (

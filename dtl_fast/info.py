@@ -85,12 +85,14 @@ def _auto_rules() -> dict:
     return rules
 
 
-def _cpu_grad_cache() -> dict | None:
+def _cpu_setting(read) -> dict | None:
+    """What read() (a frame_pool CPU setting's report) says; a bad setting in the environment
+    (DTL_FAST_CPU_GRAD_CACHE_MB, DTL_FAST_CPU_NT_STORE_MIN_MB) is said, not raised, here."""
     if not _extension.cpp_available():
         return None
     try:
-        return _extension.cpu_grad_cache_info()
-    except ValueError as e:  # a bad DTL_FAST_CPU_GRAD_CACHE_MB: said, not raised, here
+        return read()
+    except ValueError as e:
         return {"error": str(e)}
 
 
@@ -118,7 +120,10 @@ def info() -> dict:
         "cpu_kernel_isa": _extension._C.cpu_isa() if _extension.cpp_available() else None,
         # frame_pool's CPU backward: its cache of warm gradient blocks (4-32 MiB;
         # DTL_FAST_CPU_GRAD_CACHE_MB)
-        "frame_pool_cpu_grad_cache": _cpu_grad_cache(),
+        "frame_pool_cpu_grad_cache": _cpu_setting(_extension.cpu_grad_cache_info),
+        # ... and which of its gradients it writes past the caches (non-temporal stores;
+        # DTL_FAST_CPU_NT_STORE_MIN_MB)
+        "frame_pool_cpu_nt_stores": _cpu_setting(_extension.cpu_nt_store_rule),
         # frame_pool's CUDA launch constants (threads, max_tx, split_waves, split_phi_pct,
         # bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline): bench/sweep_frame_pool.py measures
         # them on a GPU

@@ -296,3 +296,24 @@ def test_grad_cache_ab_script_runs_both_sides(tmp_path, capsys):
     with pytest.raises(SystemExit, match="header"):
         AB.main(argv[:-1] + [str(old)])
     assert old.read_text().count("\n") == 1
+
+
+def test_nt_store_ab_script_runs_both_sides(tmp_path, capsys):
+    # the same script on the non-temporal store switch: every row streamed (the old writers)
+    # against the cache rule, at a size whose bulk rows the rule keeps in the cache here
+    import os
+
+    from dtl_fast._extension import _C
+
+    if os.environ.get("DTL_FAST_CPU_NT_STORE_MIN_MB") or 4 << 20 >= 2 * _C.cpu_nt_store_rule()[0]:
+        pytest.skip("4 MiB gradients are streamed in this process")
+    import ab_frame_pool_grad_alloc as AB
+
+    out = tmp_path / "ab.csv"
+    argv = ["--switch", "nt-stores", "--through", "autograd", "--shape", "8x64x2048",
+            "--threads", "1", "--pairs", "1", "--calls", "2", "--csv", str(out)]
+    assert AB.main(argv) == 0
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + 4 and sum("nt-stores" in r for r in rows) == 4
+    text = capsys.readouterr().out
+    assert "all streamed" in text and "cache rule" in text

@@ -1197,3 +1197,119 @@ with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB"):
     dtl_fast.cpu_grad_cache_info()
 """
     assert run_child(tmp_path, bad, {"DTL_FAST_CPU_GRAD_CACHE_MB": "64MB"}) is None
+
+
+# --- which CPU gradients are written past the caches (non-temporal stores) ----------------------
+NT_STORE_FALLBACK_BYTES = 4 << 20  # kStreamingFallbackBytes: where no cache size is known
+
+
+def sysfs_llc_bytes():
+    """The largest data or unified cache that CPU 0 reports in sysfs (0 if none), parsed here
+    on its own to check the extension's reading of it."""
+    import glob
+
+    best = (0, 0)
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(d + "/level") as f:
+                level = int(f.read())
+            with open(d + "/type") as f:
+                kind = f.read().strip()
+            with open(d + "/size") as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        m = re.fullmatch(r"(\d+)([KMG]?)", size)
+        if kind == "Instruction" or m is None:
+            continue
+        best = max(best, (level, int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[m[2]]))
+    return best[1]
+
+
+@pytest.mark.skipif(bool(os.environ.get("DTL_FAST_CPU_NT_STORE_MIN_MB")),
+                    reason="DTL_FAST_CPU_NT_STORE_MIN_MB is set in this process")
+def test_nt_store_rule_is_half_the_last_level_cache():
+    rule = dtl_fast._extension.cpu_nt_store_rule()
+    llc = sysfs_llc_bytes()
+    assert rule["bulk_min_bytes"] == 2 * rule["min_bytes"]
+    if llc:
+        assert rule == {"min_bytes": llc // 2, "bulk_min_bytes": llc // 2 * 2, "llc_bytes": llc,
+                        "source": "half the last-level cache"}
+    elif rule["llc_bytes"] == 0:  # no sysfs and no sysconf answer
+        assert rule["min_bytes"] == NT_STORE_FALLBACK_BYTES
+    else:  # sysconf's answer
+        assert rule["min_bytes"] == rule["llc_bytes"] // 2
+    assert dtl_fast.info()["frame_pool_cpu_nt_stores"] == rule
+
+
+def small_grads():
+    """{(shape, dtype, mode): grad_x} of the CPU backward over shapes whose rows are not a
+    multiple of 16 bytes (the streaming writers' unaligned head and tail), with an empty clip,
+    a full one, padding, and valid runs of 1, 2, 33 and 40 frames (the doubling copies). The switch test runs this in child processes and in its own."""
+    out = {}
+    # (5, 40, 1000): 200 rows in tasks of >= 32 (grain 32768 / D), so with 2 threads a task
+    # starts inside a clip's valid frames
+    for shape in [(3, 9, 37), (2, 5, 1000), (4, 3, 5), (5, 40, 1000)]:
+        B, T, D = shape
+        lengths = torch.tensor([T, 0, 2, 1, T - 7][:B])
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(D)).to(dtype)
+            for mode in MODES:
+                _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(3))
+                out[(shape, str(dtype), mode)] = torch.ops.dtl_fast.frame_pool_backward(
+                    g.to(dtype), lengths, am, T, mode)
+    return out
+
+
+def test_nt_stores_on_or_off_give_the_same_gradients(tmp_path):
+    # DTL_FAST_CPU_NT_STORE_MIN_MB (read once per process) sets the size from which the
+    # backward streams: 0 streams every gradient, 1048576 none. Either way the gradients are
+    # bit for bit those of this process, small and unaligned rows, the cache's reused blocks
+    # and the zero pages alike, and the small ones match the float64 reference.
+    body = """
+from test_frame_pool import small_grads, case_grads, CACHE_CASE_BYTES, ZERO_PAGES_MIN_BYTES
+rule = dtl_fast._extension.cpu_nt_store_rule()
+assert rule["source"] == "DTL_FAST_CPU_NT_STORE_MIN_MB", rule
+assert rule["min_bytes"] == %d, rule
+torch.save({"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse=True),
+            "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES)}, saved)
+"""
+    every = run_child(tmp_path, body % 0, {"DTL_FAST_CPU_NT_STORE_MIN_MB": "0"})
+    never = run_child(tmp_path, body % (1 << 40), {"DTL_FAST_CPU_NT_STORE_MIN_MB": "1048576"})
+    here = {"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse=True),
+            "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES)}
+    for part in here:
+        for key, want in here[part].items():
+            for other in (every, never):
+                got = other[part][key]
+                if isinstance(want, tuple):
+                    assert all(torch.equal(a, b) for a, b in zip(want, got)), (part, key)
+                else:
+                    assert torch.equal(want, got), (part, key)
+    for (shape, dtype, mode), gx in here["small"].items():
+        B, T, D = shape
+        lengths = torch.tensor([T, 0, 2, 1, T - 7][:B])
+        # x and g rounded to the case's dtype first (exact in float64: the same argmax)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(D)).to(gx.dtype)
+        g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(3))
+        x, g = x.double().requires_grad_(), g.to(gx.dtype).double()
+        (want,) = torch.autograd.grad(reference.frame_pool(x, lengths, mode), x, g)
+        assert_rel_close(f"{shape} {dtype} {mode}", gx, want, REL_TOL[gx.dtype])
+
+
+def test_nt_store_setting_rejects_a_bad_value(tmp_path):
+    bad = """
+import pytest
+x = torch.randn(2, 3, 4)
+_, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
+with pytest.raises(ValueError, match="DTL_FAST_CPU_NT_STORE_MIN_MB.*'-1'"):
+    torch.ops.dtl_fast.frame_pool_backward(torch.ones(2, 4), None, am, 3, "mean")
+x.requires_grad_()
+with pytest.raises(ValueError, match="DTL_FAST_CPU_NT_STORE_MIN_MB"):
+    dtl_fast.nn.FramePool("mean")(x).sum().backward()
+assert "DTL_FAST_CPU_NT_STORE_MIN_MB" in dtl_fast.info()["frame_pool_cpu_nt_stores"]["error"]
+with pytest.raises(ValueError, match="DTL_FAST_CPU_NT_STORE_MIN_MB"):
+    dtl_fast._extension.cpu_nt_store_rule()
+"""
+    assert run_child(tmp_path, bad, {"DTL_FAST_CPU_NT_STORE_MIN_MB": "-1"}) is None
