@@ -9,7 +9,9 @@ processes, `--pairs` times:
   --switch nt-stores   non-temporal stores only from half (rows stored one by one) / the whole
                        (rows written in bulk) last-level cache, the rest into the cache with
                        memcpy / memset / vector stores (off: DTL_FAST_CPU_NT_STORE_MIN_MB=0,
-                       every row streamed, as before s23)
+                       every row streamed, as before s23). The children check the bulk rule
+                       only: where max rows stream on both sides (16 MiB on a 32 MiB L3), the
+                       max column compares the padding writes alone
 Each child times, for mean and max at [B, T, D] float32 (median and min of `--calls` calls,
 the gradient freed after each, as in a training step), either the raw
 `torch.ops.dtl_fast.frame_pool_backward` (`--through raw`) or forward + backward through

@@ -793,9 +793,11 @@ at::Tensor new_grad_x(const at::Tensor& g, int64_t T, int64_t D, bool& zeroed) {
 //   so bulk writes stream from the whole last-level cache (2 x min_bytes).
 constexpr size_t kStreamingFallbackBytes = size_t(4) << 20;  // where no cache size is known
 
-// The size in bytes of the largest data cache CPU 0 reports (the last level), 0 when unknown.
-// sysfs first: it gives what a VM's vCPUs share (32 MiB where cpuid, and so sysconf and glibc,
-// report the host's 384 MiB); sysconf where sysfs says nothing.
+// The size in bytes of the level-3 (or higher) data cache CPU 0 reports, 0 when unknown (a
+// report of L1 / L2 only, as some hypervisors give, counts as unknown: it would put the
+// threshold below the old 4 MiB). sysfs first: it gives what a VM's vCPUs share (32 MiB where
+// cpuid, and so sysconf and glibc, report the host's 384 MiB); sysconf where sysfs says
+// nothing. It is one cache: threads spread over several CCXs or sockets have more.
 size_t last_level_cache_bytes() {
   static const size_t bytes = [] {
     size_t best = 0;
@@ -808,25 +810,25 @@ size_t last_level_cache_bytes() {
       int level = 0;
       std::string type, size;
       if (!(level_f >> level) || !(type_f >> type) || !(size_f >> size)) continue;
-      if (type == "Instruction" || size.empty()) continue;
+      if (level < 3 || type == "Instruction" || size.empty()) continue;
       char* end = nullptr;
       errno = 0;
       unsigned long long v = std::strtoull(size.c_str(), &end, 10);
-      if (errno != 0 || end == size.c_str()) continue;
+      if (errno != 0 || end == size.c_str() || v > (1ull << 30)) continue;
       if (*end == 'K') v <<= 10;
       else if (*end == 'M') v <<= 20;
       else if (*end == 'G') v <<= 30;
+      else if (*end != '\0') continue;  // a suffix this does not know: not a size
       if (level > best_level || (level == best_level && v > best)) {
         best_level = level;
         best = static_cast<size_t>(v);
       }
     }
 #endif
-#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+#if defined(_SC_LEVEL3_CACHE_SIZE)
     if (best == 0) {
       const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-      const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-      best = l3 > 0 ? static_cast<size_t>(l3) : (l2 > 0 ? static_cast<size_t>(l2) : 0);
+      best = l3 > 0 ? static_cast<size_t>(l3) : 0;
     }
 #endif
     return best;
@@ -841,8 +843,9 @@ const MibSetting& nt_store_setting() {
 }
 
 // One row of grad_x from a small buffer (in L1). Streamed: non-temporal stores. Otherwise
-// ordinary vector stores, not memcpy: glibc's memcpy takes `rep movsb` for rows above 2 KiB,
-// measured 1.5x slower than vector stores for single 4 KiB rows here (bench/NOTES.md, s23).
+// ordinary 16-byte (SSE2) stores, not memcpy: glibc's memcpy takes `rep movsb` for rows above
+// 2 KiB, measured 1.5x slower than vector stores for single 4 KiB rows here (bench/NOTES.md,
+// s23).
 inline void copy_row(char* dst, const char* src, size_t n, bool stream) {
 #if defined(__SSE2__)
   const size_t head = std::min(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
@@ -864,12 +867,14 @@ inline void copy_row(char* dst, const char* src, size_t n, bool stream) {
 #endif
 }
 
-// `n_rows` rows at dst, each a copy of the row at dst (already written). In bulk: doubling
-// memcpy of what is written so far. Streamed: row by row with non-temporal stores.
-inline void replicate_row(char* dst, size_t row_bytes, int64_t n_rows, bool stream) {
+// `n_rows` rows at dst, each a copy of `src_row` (dst's first row, already written from it).
+// In bulk: doubling memcpy of what is written so far, which is in the cache. Streamed: row by
+// row from src_row (in L1), never from dst, whose lines the non-temporal stores sent to memory.
+inline void replicate_row(char* dst, const char* src_row, size_t row_bytes, int64_t n_rows,
+                          bool stream) {
   if (stream) {
     for (int64_t k = 1; k < n_rows; ++k)
-      copy_row(dst + static_cast<size_t>(k) * row_bytes, dst, row_bytes, true);
+      copy_row(dst + static_cast<size_t>(k) * row_bytes, src_row, row_bytes, true);
     return;
   }
   int64_t have = 1;
@@ -1022,8 +1027,9 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         // mean / sum: the clip's valid frames from t on, up to the end of this task, all
         // hold this row
         const int64_t last = std::min(end, b * T + L);
-        copy_row(dst, reinterpret_cast<const char*>(row.data()), row_bytes, stream_bulk);
-        replicate_row(dst, row_bytes, last - r, stream_bulk);
+        const char* src_row = reinterpret_cast<const char*>(row.data());
+        copy_row(dst, src_row, row_bytes, stream_bulk);
+        replicate_row(dst, src_row, row_bytes, last - r, stream_bulk);
         r = last - 1;
         continue;
       }
@@ -1102,6 +1108,11 @@ CpuNtStoreRule cpu_nt_store_rule() {
   TORCH_CHECK_VALUE(s.bad.empty(),
                     "DTL_FAST_CPU_NT_STORE_MIN_MB must be a whole number of MiB in [0, 1048576] "
                     "(0 streams every gradient), got '", s.bad, "'");
+#if !defined(__SSE2__)
+  // no non-temporal stores in this build: nothing streams (the bulk rows keep their memcpy)
+  r.min_bytes = std::numeric_limits<size_t>::max();
+  r.source = "never (no non-temporal stores in this build)";
+#else
   if (s.set) {
     r.min_bytes = s.bytes;
     r.source = "DTL_FAST_CPU_NT_STORE_MIN_MB";
@@ -1112,6 +1123,7 @@ CpuNtStoreRule cpu_nt_store_rule() {
     r.min_bytes = kStreamingFallbackBytes;
     r.source = "default (cache size unknown)";
   }
+#endif
   return r;
 }
 
@@ -1156,8 +1168,8 @@ at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "frame_pool_backward_cpu",
                                   [&] {
-                                    backward_cpu_impl<scalar_t>(g, len, am, mode, gx, zeroed, stream_rows,
-                                                                stream_bulk);
+                                    backward_cpu_impl<scalar_t>(g, len, am, mode, gx, zeroed,
+                                                                stream_rows, stream_bulk);
                                   });
   return gx;
 }

@@ -94,13 +94,15 @@ def cpu_nt_store_rule() -> dict | None:
     "bulk_min_bytes": the rows written in bulk with memcpy / memset (mean and sum frames,
     padding) stream from this size (2 x min_bytes), "llc_bytes": the last-level cache CPU 0
     reports (sysfs, else sysconf; 0 when unknown), "source": what set min_bytes}. min_bytes is
-    DTL_FAST_CPU_NT_STORE_MIN_MB MiB when set (0 streams every gradient; read once per
-    process), else half of llc_bytes, else 4 MiB. None without the compiled extension.
+    DTL_FAST_CPU_NT_STORE_MIN_MB MiB when set (0 streams every gradient, 1048576 none; read
+    once per process), else half of llc_bytes (the level-3 cache; an L1 / L2-only report counts
+    as unknown), else 4 MiB; without SSE2, no non-temporal stores at all (min_bytes 2**64 - 1).
+    None without the compiled extension (or one built before it had this rule).
 
     Raises:
         ValueError: DTL_FAST_CPU_NT_STORE_MIN_MB is not a whole number of MiB in [0, 1048576].
     """
-    if _C is None:
+    if _C is None or not hasattr(_C, "cpu_nt_store_rule"):  # not built, or built before s23
         return None
     min_bytes, llc, source = _C.cpu_nt_store_rule()
     return {"min_bytes": int(min_bytes), "bulk_min_bytes": 2 * int(min_bytes),

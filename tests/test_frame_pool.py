@@ -1204,8 +1204,8 @@ NT_STORE_FALLBACK_BYTES = 4 << 20  # kStreamingFallbackBytes: where no cache siz
 
 
 def sysfs_llc_bytes():
-    """The largest data or unified cache that CPU 0 reports in sysfs (0 if none), parsed here
-    on its own to check the extension's reading of it."""
+    """The largest level-3 (or higher) data or unified cache that CPU 0 reports in sysfs (0 if
+    none), parsed here on its own to check the extension's reading of it."""
     import glob
 
     best = (0, 0)
@@ -1220,7 +1220,7 @@ def sysfs_llc_bytes():
         except (OSError, ValueError):
             continue
         m = re.fullmatch(r"(\d+)([KMG]?)", size)
-        if kind == "Instruction" or m is None:
+        if level < 3 or kind == "Instruction" or m is None:  # an L1 / L2-only report: unknown
             continue
         best = max(best, (level, int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[m[2]]))
     return best[1]
@@ -1242,23 +1242,41 @@ def test_nt_store_rule_is_half_the_last_level_cache():
     assert dtl_fast.info()["frame_pool_cpu_nt_stores"] == rule
 
 
+SMALL_SHAPES = [(3, 9, 37), (2, 5, 1000), (4, 3, 5), (5, 40, 1000)]
+SMALL_THREADS = (1, 2, 3, 6)
+
+
+def small_lengths(B, T):
+    return torch.tensor([T, 0, 33, 1, T - 7][:B]).clamp(max=T)
+
+
 def small_grads():
-    """{(shape, dtype, mode): grad_x} of the CPU backward over shapes whose rows are not a
-    multiple of 16 bytes (the streaming writers' unaligned head and tail), with an empty clip,
-    a full one, padding, and valid runs of 1, 2, 33 and 40 frames (the doubling copies). The switch test runs this in child processes and in its own."""
+    """{(threads, shape, dtype, mode): grad_x} of the CPU backward over shapes whose rows are
+    not a multiple of 16 bytes (the streaming writers' unaligned head and tail), with an empty
+    clip, a full one, padding, and valid runs of 1, T - 7 and up to 33 frames (the doubling
+    copies), at 1, 2, 3 and 6 threads. (5, 40, 1000) has 200 rows in tasks of >= 32 (grain
+    32768 / D): 2 threads split it at row 100 (clip 2, frame 20 of 33 valid) and 6 threads at
+    34, 68, 102, 136 and 170, so tasks start and end inside valid runs and padding runs. The
+    switch test runs this in child processes and in its own."""
     out = {}
-    # (5, 40, 1000): 200 rows in tasks of >= 32 (grain 32768 / D), so with 2 threads a task
-    # starts inside a clip's valid frames
-    for shape in [(3, 9, 37), (2, 5, 1000), (4, 3, 5), (5, 40, 1000)]:
-        B, T, D = shape
-        lengths = torch.tensor([T, 0, 2, 1, T - 7][:B])
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(D)).to(dtype)
-            for mode in MODES:
-                _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-                g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(3))
-                out[(shape, str(dtype), mode)] = torch.ops.dtl_fast.frame_pool_backward(
-                    g.to(dtype), lengths, am, T, mode)
+    before = torch.get_num_threads()
+    try:
+        for threads in SMALL_THREADS:
+            torch.set_num_threads(threads)
+            for shape in SMALL_SHAPES:
+                B, T, D = shape
+                lengths = small_lengths(B, T)
+                for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(D)).to(dtype)
+                    for mode in MODES:
+                        _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                        g = torch.randn(B, width(D, mode),
+                                        generator=torch.Generator().manual_seed(3))
+                        out[(threads, shape, str(dtype), mode)] = (
+                            torch.ops.dtl_fast.frame_pool_backward(g.to(dtype), lengths, am, T,
+                                                                   mode))
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -1287,9 +1305,13 @@ torch.save({"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse
                     assert all(torch.equal(a, b) for a, b in zip(want, got)), (part, key)
                 else:
                     assert torch.equal(want, got), (part, key)
-    for (shape, dtype, mode), gx in here["small"].items():
+    for (threads, shape, dtype, mode), gx in here["small"].items():
+        # every thread count writes the same bits
+        assert torch.equal(gx, here["small"][(1, shape, dtype, mode)]), (threads, shape, mode)
+        if threads != 1:
+            continue
         B, T, D = shape
-        lengths = torch.tensor([T, 0, 2, 1, T - 7][:B])
+        lengths = small_lengths(B, T)
         # x and g rounded to the case's dtype first (exact in float64: the same argmax)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(D)).to(gx.dtype)
         g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(3))
