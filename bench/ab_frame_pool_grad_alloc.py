@@ -124,7 +124,8 @@ def main(argv=None) -> int:
             if got["on"] == off:
                 raise SystemExit(f"the {side} child reported its path {'on' if got['on'] else 'off'}"
                                  f" (is the {args.switch} path available here, at this size? see "
-                                 "dtl_fast._C cpu_grad_on_zero_pages / cpu_grad_from_cache / cpu_nt_store_rule)")
+                                 "dtl_fast._C cpu_grad_on_zero_pages / cpu_grad_from_cache / "
+                                 "cpu_nt_store_rule)")
             for mode in ("mean", "max"):
                 m, lo, faults = got[mode]
                 med.setdefault((mode, side), []).append(m)

@@ -81,8 +81,8 @@ size_t cpu_grad_cache_empty();
 // frames, padding) from 2 x min_bytes. min_bytes is DTL_FAST_CPU_NT_STORE_MIN_MB when set (0
 // streams every gradient, 1048576 none), else half the level-3 cache CPU 0 reports (llc_bytes:
 // sysfs, else sysconf; an L1 / L2-only report counts as unknown), else 4 MiB. A build without
-// SSE2 has no non-temporal stores: min_bytes is SIZE_MAX there. A bad DTL_FAST_CPU_NT_STORE_MIN_MB is a ValueError naming it
-// (here and in every CPU backward).
+// SSE2 has no non-temporal stores: min_bytes is SIZE_MAX there. A bad
+// DTL_FAST_CPU_NT_STORE_MIN_MB is a ValueError naming it (here and in every CPU backward).
 struct CpuNtStoreRule {
   size_t min_bytes = 0;
   size_t llc_bytes = 0;  // 0: unknown

@@ -117,7 +117,8 @@ PyMethodDef dtl_fast_c_methods[] = {
      "non-temporal stores the rows it stores one by one (max, meanmax) of a gradient of at "
      "least min_bytes, and the rows it writes in bulk (mean, sum, padding) of one of at least "
      "2 x min_bytes; min_bytes is DTL_FAST_CPU_NT_STORE_MIN_MB when set, else half the "
-     "last-level cache (llc_bytes, 0 when unknown), else 4 MiB."},
+     "level-3 cache (llc_bytes, 0 when unknown), else 4 MiB; SIZE_MAX in a build without "
+     "SSE2."},
     {"cpu_grad_cache_empty", cpu_grad_cache_empty, METH_NOARGS,
      "cpu_grad_cache_empty() -> bytes handed back to the system (every cached block)."},
     {"check_errors", check_errors, METH_VARARGS,

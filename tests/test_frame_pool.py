@@ -964,6 +964,26 @@ def run_child(tmp_path, body: str, env: dict):
     return torch.load(saved) if saved.exists() else None
 
 
+def assert_bad_setting_rejected(tmp_path, var, value, info_key, reader):
+    """In a child with `var`=`value` (read once per process): the raw backward op, a module's
+    backward and the Python reader `reader` raise a ValueError naming `var` (the op's with the
+    bad value), and dtl_fast.info()[info_key] says it instead of raising."""
+    body = f"""
+import pytest
+x = torch.randn(2, 3, 4)
+_, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
+with pytest.raises(ValueError, match="{var}.*'{value}'"):
+    torch.ops.dtl_fast.frame_pool_backward(torch.ones(2, 4), None, am, 3, "mean")
+x.requires_grad_()
+with pytest.raises(ValueError, match="{var}"):
+    dtl_fast.nn.FramePool("mean")(x).sum().backward()
+assert "{var}" in dtl_fast.info()["{info_key}"]["error"]
+with pytest.raises(ValueError, match="{var}"):
+    {reader}()
+"""
+    assert run_child(tmp_path, body, {var: value}) is None
+
+
 @needs_zero_pages
 def test_zero_pages_can_be_turned_off(tmp_path):
     # DTL_FAST_DISABLE_ZERO_PAGES=1 (read once per process) keeps the gradient on torch's
@@ -1183,20 +1203,8 @@ assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
         assert torch.equal(reused, off[mode][1]), mode
         assert torch.equal(first, reused), mode
 
-    bad = """
-import pytest
-x = torch.randn(2, 3, 4)
-_, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
-with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB.*'64MB'"):
-    torch.ops.dtl_fast.frame_pool_backward(torch.ones(2, 4), None, am, 3, "mean")
-x.requires_grad_()
-with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB"):
-    dtl_fast.nn.FramePool("mean")(x).sum().backward()
-assert "DTL_FAST_CPU_GRAD_CACHE_MB" in dtl_fast.info()["frame_pool_cpu_grad_cache"]["error"]
-with pytest.raises(ValueError, match="DTL_FAST_CPU_GRAD_CACHE_MB"):
-    dtl_fast.cpu_grad_cache_info()
-"""
-    assert run_child(tmp_path, bad, {"DTL_FAST_CPU_GRAD_CACHE_MB": "64MB"}) is None
+    assert_bad_setting_rejected(tmp_path, "DTL_FAST_CPU_GRAD_CACHE_MB", "64MB",
+                                "frame_pool_cpu_grad_cache", "dtl_fast.cpu_grad_cache_info")
 
 
 # --- which CPU gradients are written past the caches (non-temporal stores) ----------------------
@@ -1321,17 +1329,5 @@ torch.save({"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse
 
 
 def test_nt_store_setting_rejects_a_bad_value(tmp_path):
-    bad = """
-import pytest
-x = torch.randn(2, 3, 4)
-_, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
-with pytest.raises(ValueError, match="DTL_FAST_CPU_NT_STORE_MIN_MB.*'-1'"):
-    torch.ops.dtl_fast.frame_pool_backward(torch.ones(2, 4), None, am, 3, "mean")
-x.requires_grad_()
-with pytest.raises(ValueError, match="DTL_FAST_CPU_NT_STORE_MIN_MB"):
-    dtl_fast.nn.FramePool("mean")(x).sum().backward()
-assert "DTL_FAST_CPU_NT_STORE_MIN_MB" in dtl_fast.info()["frame_pool_cpu_nt_stores"]["error"]
-with pytest.raises(ValueError, match="DTL_FAST_CPU_NT_STORE_MIN_MB"):
-    dtl_fast._extension.cpu_nt_store_rule()
-"""
-    assert run_child(tmp_path, bad, {"DTL_FAST_CPU_NT_STORE_MIN_MB": "-1"}) is None
+    assert_bad_setting_rejected(tmp_path, "DTL_FAST_CPU_NT_STORE_MIN_MB", "-1",
+                                "frame_pool_cpu_nt_stores", "dtl_fast._extension.cpu_nt_store_rule")
