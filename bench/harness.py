@@ -276,15 +276,25 @@ def _time_cuda_events(
     grad_to_none: Sequence[torch.Tensor] | None,
     warmup_ms: float,
     rep_ms: float,
+    flush: str = "zero",
 ) -> tuple[float, float, float]:
-    """Fallback when triton is not installed: CUDA events around each call, L2 flushed."""
-    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    """CUDA events around each call with the L2 flushed before it (outside the timed region):
+    flush="zero" writes a 256 MiB buffer, as do_bench does (this is the fallback when triton is
+    not installed); flush="read" reads one instead (``time_read_flushed``)."""
+    if flush == "zero":
+        cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        clear = cache.zero_
+    elif flush == "read":
+        cache = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
+        clear = cache.sum
+    else:
+        raise ValueError(f"flush must be 'zero' or 'read', got {flush!r}")
     fn()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(5):
-        cache.zero_()
+        clear()
         fn()
     e.record()
     torch.cuda.synchronize()
@@ -296,12 +306,77 @@ def _time_cuda_events(
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     for i in range(n_rep):
         _clear_grads(grad_to_none)
-        cache.zero_()
+        clear()
         starts[i].record()
         fn()
         ends[i].record()
     torch.cuda.synchronize()
     return _quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
+
+
+def time_read_flushed(fn: Callable[[], Any], *, device: str, warmup: float = 25,
+                      rep: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``fn()`` with the L2 flushed before each call by *reading* a
+    256 MiB buffer: the inputs start cold as with do_bench, but the L2 holds no dirty lines, so
+    the call pays for no write-back that is not its own. It is not neutral either: what the call
+    itself leaves dirty in L2 is written back after its time (a credit to writers). On a CPU
+    device it is ``time_ms``. bench/NOTES.md (issue 13, s24) has why this matters."""
+    if not device.startswith("cuda"):
+        return time_ms(fn, device=device, warmup=warmup, rep=rep)
+    return _time_cuda_events(fn, None, warmup, rep, flush="read")
+
+
+def time_steady(fns: Sequence[Callable[[], Any]], *, device: str, target_ms: float = 20.0,
+                repeats: int = 7) -> tuple[float, float, float]:
+    """Per-call (median, p20, p80) ms of a stream of back-to-back calls, ``fns[i % len(fns)]``
+    in turn, with nothing between them: each stream of >= ``target_ms`` is timed as a whole
+    (CUDA events; a CPU device uses the wall clock), ``repeats`` streams after a warm-up stream.
+
+    Why (issue 13): do_bench zeroes a 256 MiB buffer before each call, and the L2 it leaves
+    full of dirty lines is written back inside the next call's time. That charges a read-only
+    op for traffic that is not its own, while an op that writes more than the L2 holds leaves
+    as much of its own for later. In a stream, every call's write-back lands inside the stream,
+    so every op (and the copy reference) pays exactly for its own bytes. Give ``fns`` calls on
+    different inputs whose total exceeds the L2 (several hundred MB) so that no call re-reads
+    the previous one's input from cache."""
+    if not fns:
+        raise ValueError("time_steady needs at least one call")
+    cuda = device.startswith("cuda")
+
+    def stream(n: int) -> float:
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for i in range(n):
+                fns[i % len(fns)]()
+            e.record()
+            torch.cuda.synchronize()
+            return s.elapsed_time(e)
+        t0 = time.perf_counter()
+        for i in range(n):
+            fns[i % len(fns)]()
+        return (time.perf_counter() - t0) * 1e3
+
+    stream(len(fns))  # warm-up: allocator, caches, lazy initialisation
+    sync(device)
+    est = max(stream(len(fns)) / len(fns), 1e-4)
+    n = max(len(fns), math.ceil(target_ms / est / len(fns)) * len(fns))
+    return _quantiles([stream(n) / n for _ in range(repeats)])
+
+
+def copy_bandwidth_steady(device: str, nbytes: int = 256 << 20,
+                          copies: int = 3) -> dict[str, float]:
+    """``copy_bandwidth`` timed as ``time_steady``: back-to-back ``dst.copy_(src_i)`` over
+    ``copies`` sources of ``nbytes`` each (bytes moved per call = 2 * nbytes), so each copy pays
+    for writing back the previous one's dirty lines, as an op timed the same way does."""
+    n = nbytes // 4
+    srcs = [torch.empty(n, dtype=torch.float32, device=device).uniform_() for _ in range(copies)]
+    dst = torch.empty_like(srcs[0])
+    med, _, _ = time_steady([lambda s=s: dst.copy_(s) for s in srcs], device=device)
+    del srcs, dst
+    free(device)
+    moved = 2 * n * 4
+    return {"copy_gbps": moved / (med * 1e-3) / 1e9, "copy_bytes": moved, "copy_ms": med}
 
 
 def time_ms(

@@ -4,7 +4,8 @@ What it measures, on the headline shapes (>= 256 MiB inputs, fp32 and bf16, a lo
 small-B one) and the pooling modes mean, max and meanmax:
   forward   every forward configuration in FWD_GRID (threads per block, feature vectors per
             block, frames in flight per thread `fwd_unroll`, the software-pipelined loop
-            `fwd_pipeline`), as % of the copy bandwidth
+            `fwd_pipeline` 1 and the shared-memory ring `fwd_pipeline` 2), as % of the copy
+            bandwidth
             measured in the same run over the bytes the op must move (valid frames read once +
             output written once);
   series    the forward (mean, float32) at T = 128 / 256 / 512 for each (fwd_unroll,
@@ -13,6 +14,13 @@ small-B one) and the pooling modes mean, max and meanmax:
   backward  the backward op alone (torch.ops.dtl_fast.frame_pool_backward) for every
             configuration in BWD_GRID (threads, feature vectors, frames per thread, waves), over
             grad_out read once + grad_x written once;
+  method    (first) the forward with the default configuration and the ring (u4-p2), and the
+            backward op with the default, each timed three ways: do_bench (L2 zeroed before each
+            call: its dirty lines are written back inside the next call), a read flush (L2
+            filled by reading: no dirty lines) and steady state (back-to-back calls over 3
+            copies of the input), each against the copy bandwidth timed the same way, on the
+            two 256 MiB headline inputs and 4x4096x512: does the harness's own flush hold the
+            forward below 85 % (bench/NOTES.md, issue 13, s24)?
   roofline  torch's x.sum(1) / x.amax(1) and the fused forward with every frame valid, on the
             two 256 MiB headline inputs: the same bytes read the same way, as % of copy (is the
             forward's gap to 85 % ours, or the device's for a read-and-reduce stream?);
@@ -67,22 +75,32 @@ POOL_MODES = ("mean", "max", "meanmax")
 # variable this grid exists for; it never changes the result. fwd_pipeline = 1 (U = 8 / 16 held
 # as two software-pipelined rounds of 4 / 8, round k + 1 issued before round k is folded) is
 # timed beside the plain U = 8 / 16, which hold as many registers at the same occupancy: the
-# pair isolates the load schedule. 12 forward configurations x 12 headline cases.
+# pair isolates the load schedule. fwd_pipeline = 2 (U = 4) copies each round with cp.async into
+# a per-thread ring of 4 stages in shared memory, 3 stages ahead of the fold: the bytes in flight
+# then cost shared memory, not registers (bench/NOTES.md, s24). 14 forward configurations x 12
+# headline cases.
 FWD_GRID = ([(t, tx, u) for (t, tx) in ((256, 32), (128, 16)) for u in (2, 4, 8, 16)]
-            + [(t, tx, u, 1) for (t, tx) in ((256, 32), (128, 16)) for u in (8, 16)])
+            + [(t, tx, u, 1) for (t, tx) in ((256, 32), (128, 16)) for u in (8, 16)]
+            + [(t, tx, 4, 2) for (t, tx) in ((256, 32), (128, 16))])
 # A size series for the forward (mean, float32, B x D = 256 x 1024 as the first headline case,
 # T = 128 / 256 / 512, ~68 / 136 / 270 MB of valid frames) at each fwd_unroll of the default
 # block shape: the fit t = t0 + bytes / BW per unroll says whether U moves the fixed cost t0
 # (launch, first loads, tail) or the streaming rate BW (bytes in flight) -- bench/NOTES.md.
 SIZE_SERIES = [((256, 128, 1024), f32), ((256, 512, 1024), f32)]
-SERIES_GRID = [(256, 32, u) for u in (2, 4, 8, 16)] + [(256, 32, u, 1) for u in (8, 16)]
+SERIES_GRID = ([(256, 32, u) for u in (2, 4, 8, 16)] + [(256, 32, u, 1) for u in (8, 16)]
+               + [(256, 32, 4, 2)])
 # (threads, max_tx, bwd_frames, bwd_waves); the forward fields stay at their defaults.
 BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in (4, 8, 16, 32)]
+
+# The method step: cases, configurations (None = the default) and timing methods.
+METHOD_CASES = [HEADLINE[0], HEADLINE[1], HEADLINE[3]]
+METHOD_CONFIGS = [None, (256, 32, 4, 2)]
+METHODS = ("do_bench", "read-flush", "steady")
 
 # The fields of dtl_fast._C.cuda_launch_config(), in order.
 FIELDS = ("threads", "max_tx", "split_waves", "split_phi_pct", "bwd_frames", "bwd_waves",
           "fwd_unroll", "fwd_pipeline")
-# Provider names: `-p1` only for the pipelined forward, so the names of every other
+# Provider names: `-p1` / `-p2` only for the pipelined / ring forward, so the names of every other
 # configuration (and of the default) are those of the rows already in frame_pool_sweep.csv.
 _NAME = re.compile(r"t(\d+)-tx(\d+)-sw(\d+)-phi(\d+)-bf(\d+)-bw(\d+)-u(\d+)(?:-p(\d+))?")
 
@@ -153,12 +171,13 @@ class Sweep:
         self.deadline = H.Deadline(args.budget_s)
         self.rows: list[dict[str, Any]] = []
         self.not_run: list[str] = []
-        self.planned = {"forward": 0, "backward": 0, "stock": 0, "roofline": 0}
+        self.planned = {"forward": 0, "backward": 0, "stock": 0, "roofline": 0, "method": 0}
         self.results: dict[tuple, dict[str, Any]] = {}  # (shape, dtype, mode, pass) -> summary
         self.run_id = args.run_id or H.new_run_id()
         self.stamp = H.env_stamp(device)
         self.writer = H.ResultWriter(args.out, KERNEL) if measure else None
         self.copy = H.copy_bandwidth(device) if measure else None
+        self.copy_by_method: dict[str, float] = {}  # the method step's copy references, GB/s
 
     # -- timing ---------------------------------------------------------------------------------
     def time(self, fn: Callable) -> tuple[float, float, float] | None:
@@ -245,15 +264,15 @@ class Sweep:
                 try:
                     if pas == "forward":
                         call = lambda: op(x, lengths, mode)  # noqa: E731
-                        got = call()[0]
-                        same = torch.equal(got, ref_out)
+                        same = all(map(torch.equal, call(), (ref_out, argmax)))
                     else:
                         call = lambda: op_bwd(g, lengths, argmax, T, mode)  # noqa: E731
                         same = torch.equal(call(), ref_gx)
                     if not same:
                         self.emit(mode=pas, variant=mode, shape=shape, dtype=dtype, provider=name,
                                   timing=None, nbytes=nbytes, baseline_ms=None,
-                                  status="mismatch: output differs from the default config's")
+                                  status="mismatch: output or argmax differs from the default "
+                                         "config's")
                         continue
                     t = self.time(call)
                 finally:
@@ -306,6 +325,89 @@ class Sweep:
                 self.emit(mode=f"stock {pas}", variant=mode, shape=shape, dtype=dtype, provider=name,
                           timing=t, nbytes=nbytes, baseline_ms=times.get("fused"))
             self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
+
+    def method_copy(self, method: str) -> float | None:
+        """Copy bandwidth (GB/s) timed by `method`, measured once per sweep."""
+        if not self.measure:
+            return None
+        if method not in self.copy_by_method:
+            if method == "do_bench":
+                gbps = self.copy["copy_gbps"]
+            elif method == "steady":
+                gbps = H.copy_bandwidth_steady(self.device)["copy_gbps"]
+            else:
+                n = (1 << 30) // 4
+                src = torch.empty(n, device=self.device).uniform_()
+                dst = torch.empty_like(src)
+                med = H.time_read_flushed(lambda: dst.copy_(src), device=self.device)[0]
+                gbps = 2 * n * 4 / (med * 1e-3) / 1e9
+                del src, dst
+                H.free(self.device)
+            self.copy_by_method[method] = gbps
+        return self.copy_by_method[method]
+
+    def time_method(self, method: str, calls: list) -> tuple[float, float, float] | None:
+        """calls[0] timed by do_bench or with a read flush; all of them by steady state (the
+        dry run makes one call)."""
+        if not self.measure:
+            calls[0]()
+            return None
+        if method == "do_bench":
+            return self.time(calls[0])
+        if method == "read-flush":
+            return H.time_read_flushed(calls[0], device=self.device)
+        return H.time_steady(calls, device=self.device)
+
+    def method_case(self, shape, dtype, seed: int) -> None:
+        """The same op timed by each of METHODS (bench/NOTES.md, issue 13, s24)."""
+        x, lengths = self.inputs(shape, dtype, seed)
+        xs = [x] + [x.clone() for _ in range(2)]  # steady state: no call re-reads its input
+        B, T, D = x.shape
+        es = x.element_size()
+        op, op_bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
+        for mode in POOL_MODES:
+            W = out_width(D, mode)
+            g = torch.randn(B, W, device=self.device).to(dtype)
+            ref_out, argmax = op(x, lengths, mode)
+            passes = [("forward", c, int(lengths.sum()) * D * es + B * W * es + 8 * B)
+                      for c in METHOD_CONFIGS] + [("backward", None, B * W * es + B * T * D * es)]
+            for pas, c, nbytes in passes:
+                cfg = self.default if c is None else fwd_config(self.default, c)
+                name = "default" if c is None else config_name(cfg)
+                key = (H.shape_str(shape), H.dtype_str(dtype), mode, name, pas)
+                if pas == "forward":
+                    calls = [lambda xx=xx: op(xx, lengths, mode) for xx in xs]
+                else:
+                    calls = [lambda: op_bwd(g, lengths, argmax, T, mode)]
+                self.C.set_cuda_launch_config(*cfg)
+                try:
+                    same = pas != "forward" or all(map(torch.equal, calls[0](), (ref_out, argmax)))
+                    if not same:
+                        self.emit(mode="method forward", variant=mode, shape=shape, dtype=dtype,
+                                  provider=name, timing=None, nbytes=nbytes, baseline_ms=None,
+                                  status="mismatch: output or argmax differs from the default "
+                                         "config's")
+                        continue
+                    for method in METHODS:
+                        self.planned["method"] += 1
+                        if not self.budget_left(f"method {pas} {name} {method} {mode} {key[0]}"):
+                            continue
+                        t = self.time_method(method, calls)
+                        if t is None:
+                            continue
+                        copy = self.method_copy(method)
+                        pct = 100 * nbytes / (t[0] * 1e-3) / 1e9 / copy
+                        self.emit(mode=f"method {pas}", variant=mode, shape=shape, dtype=dtype,
+                                  provider=f"{name} {method}", timing=t, nbytes=nbytes,
+                                  baseline_ms=None,
+                                  extra={"config": list(cfg), "method": method,
+                                         "copy_gbps_method": round(copy, 1),
+                                         "pct_copy_method": round(pct, 2)})
+                        self.results.setdefault(key, {"method": {}})["method"][method] = (t[0], pct)
+                finally:
+                    self.C.set_cuda_launch_config(*self.default)
+        del xs
+        H.free(self.device)
 
     def roofline_case(self, shape, dtype, seed: int) -> None:
         """The read roofline of the headline case: torch's own reductions over all T frames
@@ -363,7 +465,8 @@ class Sweep:
         lines = []
         if not self.measure:
             lines.append("no CUDA: nothing measured (every GPU figure stays unmeasured)")
-            lines.append(f"plan: {self.planned['forward']} forward and {self.planned['backward']} "
+            lines.append(f"plan: {self.planned['method']} timing-method timings, "
+                         f"{self.planned['forward']} forward and {self.planned['backward']} "
                          f"backward configuration timings, {self.planned['stock']} stock timings, "
                          f"{self.planned['roofline']} read-roofline timings; "
                          f"every configuration accepted by set_cuda_launch_config, every call ran "
@@ -398,6 +501,18 @@ class Sweep:
                 if pas == "forward":  # fwd_unroll / fwd_pipeline (bench/NOTES.md predicts them)
                     lines.append("forward geometric mean by config: " + ", ".join(
                         f"{config_name(k)} {v:.1f}%" for k, v in sorted(geo.items())))
+        if self.copy_by_method:
+            lines.append("copy bandwidth by timing method: " + ", ".join(
+                f"{m} {v:.0f} GB/s" for m, v in self.copy_by_method.items()))
+        for key, res in self.results.items():
+            if res.get("method"):
+                m = res["method"]
+                shape, dtype, mode, name, pas = key
+                gap = ""
+                if "read-flush" in m and "do_bench" in m:
+                    gap = f"; read-flush - do_bench {1e3 * (m['read-flush'][0] - m['do_bench'][0]):+.1f} us"
+                lines.append(f"method {pas} {shape} {dtype} {mode} {name}: " + ", ".join(
+                    f"{k} {v[1]:.1f}%" for k, v in m.items()) + f" (of that method's copy){gap}")
         lines += self.size_series_fit()
         for key, res in self.results.items():
             if res.get("roofline"):
@@ -438,6 +553,8 @@ def main(argv=None) -> int:
         return 1
     print(f"[sweep] {H.format_stamp(sweep.stamp)}")
     print(f"[sweep] default config {config_name(sweep.default)}; {'measuring' if measure else 'DRY RUN (no CUDA): nothing is measured'}")
+    for i, (shape, dtype) in enumerate(METHOD_CASES):  # first: it decides how to read the rest
+        sweep.method_case(shape, dtype, 30 + i)
     for i, (shape, dtype) in enumerate(HEADLINE):
         for mode in POOL_MODES:
             sweep.sweep_case(shape, dtype, mode, i)

@@ -187,13 +187,16 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
   TORCH_CHECK_VALUE(c.fwd_unroll == 2 || c.fwd_unroll == 4 || c.fwd_unroll == 8 ||
                         c.fwd_unroll == 16,
                     "cuda launch config: fwd_unroll must be 2, 4, 8 or 16, got ", c.fwd_unroll);
-  // Pipelined kernels are compiled for U = 8 and 16 only (two rounds of 4 or 8 loads), which
-  // keeps the growth of _C modest.
-  TORCH_CHECK_VALUE(c.fwd_pipeline == 0 || c.fwd_pipeline == 1,
-                    "cuda launch config: fwd_pipeline must be 0 or 1, got ", c.fwd_pipeline);
-  TORCH_CHECK_VALUE(c.fwd_pipeline == 0 || c.fwd_unroll == 8 || c.fwd_unroll == 16,
+  // Pipelined kernels are compiled for U = 8 and 16 only (two rounds of 4 or 8 loads), the ring
+  // kernel for U = 4 only (stages of 4 frames), which keeps the growth of _C modest.
+  TORCH_CHECK_VALUE(c.fwd_pipeline >= 0 && c.fwd_pipeline <= 2,
+                    "cuda launch config: fwd_pipeline must be 0, 1 or 2, got ", c.fwd_pipeline);
+  TORCH_CHECK_VALUE(c.fwd_pipeline != 1 || c.fwd_unroll == 8 || c.fwd_unroll == 16,
                     "cuda launch config: fwd_pipeline=1 needs fwd_unroll 8 or 16 (two rounds of "
                     "4 or 8 loads), got fwd_unroll=", c.fwd_unroll);
+  TORCH_CHECK_VALUE(c.fwd_pipeline != 2 || c.fwd_unroll == 4,
+                    "cuda launch config: fwd_pipeline=2 needs fwd_unroll 4 (a ring of stages of "
+                    "4 frames), got fwd_unroll=", c.fwd_unroll);
   g_threads.store(c.threads);
   g_max_tx.store(c.max_tx);
   g_split_waves.store(c.split_waves);

@@ -110,8 +110,11 @@ struct CudaLaunchConfig {
                             // split are the same for every value, so results are bit-identical
   int fwd_pipeline = 0;     // 1: the same U words as two software-pipelined rounds of U / 2
                             // (round k + 1 issued before round k is folded), so loads stay in
-                            // flight during the fold; needs fwd_unroll 8 or 16 (float64 and the
-                            // scalar path run the plain loop). 0: issue U, wait, fold.
+                            // flight during the fold; needs fwd_unroll 8 or 16. 2: cp.async
+                            // copies into a per-thread ring of 4 stages of U frames in shared
+                            // memory, 3 stages ahead of the fold; needs fwd_unroll 4 and compute
+                            // capability 8.0 (else the plain loop). float64 and the scalar path
+                            // run the plain loop. 0: issue U, wait, fold.
                             // Bit-identical too (same frames, same order per lane)
 };
 CudaLaunchConfig cuda_launch_config();

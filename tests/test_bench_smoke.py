@@ -2,6 +2,7 @@
 acceptance), and their correctness gate stops a provider that computes the wrong thing."""
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,73 @@ def test_nt_store_ab_script_runs_both_sides(tmp_path, capsys):
     assert len(rows) == 1 + 4 and sum("nt-stores" in r for r in rows) == 4
     text = capsys.readouterr().out
     assert "all streamed" in text and "cache rule" in text
+
+
+def test_time_steady_rotates_calls_and_times_streams():
+    # harness.time_steady (issue 13, s24): a stream of back-to-back calls, fns[i % len(fns)] in
+    # turn, timed as a whole; the per-call time is stream time / calls.
+    counts = [0, 0, 0]
+
+    def call(i):
+        counts[i] += 1
+        time.sleep(0.002)
+
+    med, p20, p80 = H.time_steady([lambda i=i: call(i) for i in range(3)], device="cpu",
+                                  target_ms=10.0, repeats=3)
+    assert 2.0 <= p20 <= med <= p80 < 50.0  # ms per call: each sleeps 2 ms
+    assert counts[0] == counts[1] == counts[2] > 3
+    with pytest.raises(ValueError, match="at least one"):
+        H.time_steady([], device="cpu")
+    copy = H.copy_bandwidth_steady("cpu", nbytes=1 << 20)
+    assert copy["copy_gbps"] > 0 and copy["copy_bytes"] == 2 << 20
+
+
+def test_frame_pool_gpu_figures_read_the_steady_state_fraction():
+    # The GPU acceptance figures compare the op and the copy both timed in steady state
+    # (pct_copy_steady), not do_bench's pct_copy, whose flush charges a read-only op for the
+    # L2's dirty lines (bench/NOTES.md, issue 13, s24).
+    import bench_frame_pool as BP
+
+    def row(mode, variant, **extra):
+        return H.make_row(kernel=BP.KERNEL, provider="dtl_fast", mode=mode, variant=variant,
+                          shape="256x256x1024", dtype="float32", stamp=_FAKE_GPU,
+                          timing=(0.06, 0.06, 0.06), baseline=BP.BASELINE, baseline_ms=0.5,
+                          run_id="g", extra=extra)
+
+    ref = H.make_row(kernel=BP.KERNEL, provider=BP.BASELINE, mode="forward", variant="mean",
+                     shape="256x256x1024", dtype="float32", stamp=_FAKE_GPU,
+                     timing=(0.5, 0.5, 0.5), baseline=BP.BASELINE, baseline_ms=0.5, run_id="g")
+    rows = [ref]
+    for variant in ("mean", "max", "meanmax"):
+        rows.append(row("forward", variant, pct_copy=74.0, pct_copy_steady=90.0))
+        rows.append(row("forward+backward", variant, pct_copy=88.0, pct_copy_steady=79.0))
+    figs = BP.acceptance(rows, "cuda")
+    fwd = [f for f in figs if f["name"].startswith("gpu forward ")]
+    both = [f for f in figs if f["name"].startswith("gpu forward+backward")]
+    assert len(fwd) == len(both) == 3
+    assert all(f["passed"] and f["number"] == 90.0 and "steady" in f["name"] for f in fwd), fwd
+    assert not any(f["passed"] for f in both), both  # 79 % steady, whatever do_bench said
+    # a row without the steady-state figure (a run before it existed) does not pass
+    old = [ref, row("forward", "mean", pct_copy=95.0)]
+    f = [f for f in BP.acceptance(old, "cuda") if f["name"].startswith("gpu forward ")][0]
+    assert not f["passed"] and f["value"] == "n/a", f
+
+
+def test_frame_pool_steady_ms_runs_both_modes():
+    # bench_frame_pool.steady_ms is only called on a GPU; its two forms (forward, and
+    # forward+backward of an intermediate) run here on small CPU tensors.
+    import bench_frame_pool as BP
+
+    seen = []
+
+    def fn(xx, variant):
+        seen.append((xx.data_ptr(), xx.requires_grad, variant))
+        return xx.sum(1)
+
+    x, g = torch.randn(2, 5, 3), torch.randn(2, 3)
+    for mode in ("forward", "forward+backward"):
+        seen.clear()
+        med, p20, p80 = BP.steady_ms(fn, x, "mean", mode, g, "cpu")
+        assert 0 < p20 <= med <= p80
+        assert len({p for p, _, _ in seen}) == BP.STEADY_COPIES  # rotates over the copies
+        assert all(rg == (mode != "forward") and v == "mean" for _, rg, v in seen)

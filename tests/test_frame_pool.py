@@ -1,6 +1,7 @@
 """Masked temporal frame pooling: the C++ / CUDA op against the eager reference, the reference
 against a plain loop, gradients (autograd registered in C++), torch.library / torch.compile
 integration, bad input, the GPU length-error flag and the CUDA launch constants."""
+import itertools
 import os
 import re
 import sys
@@ -495,9 +496,11 @@ def test_cuda_launch_config_validates_and_round_trips():
                           ((128, 16, 2, 0, 8, 2), "split_phi_pct"), ((128, 16, 2, 50, 0, 2), "bwd_frames"),
                           ((128, 16, 2, 50, 8, 0), "bwd_waves"), (base + (3,), "fwd_unroll"),
                           (base + (32,), "fwd_unroll"), (base + (0,), "fwd_unroll"),
-                          (base + (8, 2), "fwd_pipeline"), (base + (8, -1), "fwd_pipeline"),
-                          # pipelined kernels exist for U = 8 and 16 only (two rounds of 4 / 8)
-                          (base + (4, 1), "fwd_pipeline"), (base + (2, 1), "fwd_pipeline")]:
+                          (base + (4, 3), "fwd_pipeline"), (base + (8, -1), "fwd_pipeline"),
+                          # pipelined kernels exist for U = 8 and 16 only (two rounds of 4 / 8),
+                          # the ring kernel for U = 4 only (stages of 4 frames)
+                          (base + (4, 1), "fwd_pipeline"), (base + (2, 1), "fwd_pipeline"),
+                          (base + (8, 2), "fwd_pipeline"), (base + (2, 2), "fwd_pipeline")]:
             with pytest.raises(ValueError, match=name):
                 C.set_cuda_launch_config(*bad)
         assert C.cuda_launch_config() == base + (16, 1)  # a rejected call changes nothing
@@ -508,7 +511,7 @@ def test_cuda_launch_config_validates_and_round_trips():
         C.set_cuda_launch_config(*base, 8, 1)
         assert C.set_cuda_launch_config(*base) == base + (8, 1)
         assert C.cuda_launch_config() == base + (4, 0)
-        for u, p in ((2, 0), (4, 0), (8, 0), (16, 0), (8, 1), (16, 1)):
+        for u, p in ((2, 0), (4, 0), (8, 0), (16, 0), (8, 1), (16, 1), (4, 2)):
             C.set_cuda_launch_config(*default[:6], u, p)
             assert C.cuda_launch_config() == default[:6] + (u, p)
     finally:
@@ -519,7 +522,7 @@ def test_sweep_provider_names_parse_back():
     # bench/sweep_frame_pool.py names each timed row's provider after its launch configuration.
     # Every configuration it can time has its own name, which parses back to it; the plain ones
     # keep the names of earlier runs' rows (ending in -u<U>), the pipelined ones end in -u<U>-p1,
-    # and set_cuda_launch_config accepts every one of them.
+    # the ring ones in -u4-p2, and set_cuda_launch_config accepts every one of them.
     import re
     import sys
     from pathlib import Path
@@ -535,12 +538,13 @@ def test_sweep_provider_names_parse_back():
     cfgs |= {S.bwd_config(default, c) for c in S.BWD_GRID}
     names = {S.config_name(c) for c in cfgs}
     assert len(names) == len(cfgs)
-    assert {c[6] for c in cfgs if c[7]} == {8, 16}  # pipelined: fwd_unroll 8 and 16
+    assert {c[6] for c in cfgs if c[7] == 1} == {8, 16}  # pipelined: fwd_unroll 8 and 16
+    assert {c[6] for c in cfgs if c[7] == 2} == {4}  # the ring: stages of 4 frames
     try:
         for cfg in cfgs:
             name = S.config_name(cfg)
             assert S.parse_config_name(name) == cfg, name
-            assert re.search(r"-u(\d+)-p1$" if cfg[7] else r"-u(\d+)$", name), name
+            assert re.search(rf"-u(\d+)-p{cfg[7]}$" if cfg[7] else r"-u(\d+)$", name), name
             C.set_cuda_launch_config(*cfg)
     finally:
         C.set_cuda_launch_config(*default)
@@ -552,8 +556,8 @@ def test_sweep_provider_names_parse_back():
 
 def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path, monkeypatch):
     # The GPU sweep (gpu_check's sweep-pool step) is only ever run on a lent GPU: its dry run
-    # calls every configuration, stock form and read-roofline form on small CPU tensors, so a
-    # broken plan fails here and not in the lease.
+    # calls every timing method, configuration, stock form and read-roofline form on small CPU
+    # tensors, so a broken plan fails here and not in the lease.
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
@@ -561,12 +565,15 @@ def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path, monkeypatch):
 
     assert S.main(["--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    plan = re.search(r"plan: (\d+) forward and (\d+) backward configuration timings, (\d+) stock "
-                     r"timings, (\d+) read-roofline timings", out)
+    plan = re.search(r"plan: (\d+) timing-method timings, (\d+) forward and (\d+) backward "
+                     r"configuration timings, (\d+) stock timings, (\d+) read-roofline timings", out)
     assert plan, out
-    n_fwd, n_bwd, n_stock, n_roof = map(int, plan.groups())
+    n_method, n_fwd, n_bwd, n_stock, n_roof = map(int, plan.groups())
     assert n_fwd >= len(S.FWD_GRID) and n_bwd >= len(S.BWD_GRID) and n_stock > 0
     assert n_roof == 4 * 2  # torch.sum / torch.amax / fused mean / fused max, two inputs
+    # every case x mode x (forward per configuration + the backward) x timing method
+    assert n_method == (len(S.METHOD_CASES) * len(S.POOL_MODES) * (len(S.METHOD_CONFIGS) + 1)
+                        * len(S.METHODS))
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
@@ -621,7 +628,9 @@ def test_no_host_synchronisation_per_call(where):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(256, 32, 4, 25, 16, 4, 4), (128, 16, 2, 50, 8, 2, 8), (64, 8, 8, 10, 4, 8, 2),
                                     (256, 64, 0, 100, 1, 1, 16), (128, 128, 64, 1, 64, 16, 4),
-                                    (64, 8, 8, 10, 4, 8, 8, 1), (256, 32, 4, 25, 16, 4, 16, 1)])
+                                    (64, 8, 8, 10, 4, 8, 8, 1), (256, 32, 4, 25, 16, 4, 16, 1),
+                                    (256, 32, 4, 25, 16, 4, 4, 2), (64, 8, 8, 10, 4, 8, 4, 2),
+                                    (256, 32, 0, 25, 16, 4, 4, 2)])
 @pytest.mark.parametrize("mode", MODES)
 def test_every_launch_config_computes_the_same(config, mode, poison):
     # The sweep varies these constants; each must stay correct (shapes that split time or not,
@@ -649,18 +658,24 @@ def test_every_launch_config_computes_the_same(config, mode, poison):
 @pytest.mark.parametrize("mode", MODES)
 def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
     # fwd_unroll only regroups the loads of the forward's vector loop, and fwd_pipeline only
-    # reorders them (round k + 1 issued before round k is folded); each lane still folds its
+    # reorders them (1: round k + 1 issued before round k is folded; 2: rounds copied through a
+    # ring of shared memory three stages ahead of the fold); each lane still folds its
     # frames in increasing order, and the time split is planned with the default unroll, so
     # every (fwd_unroll, fwd_pipeline) must give exactly the default's output and argmax: frame
     # counts that no U divides, lengths 0 / 1 / T and a spread of lengths in between (a lane's
     # last full round, or its first, followed by a partial one, an odd or even number of full
     # rounds: both exits of the pipelined loop), time-split shapes (B = 2, T = 3001; B = 6,
-    # T = 700) and plain ones, -inf and NaN where max must pick the first maximum / propagate NaN.
+    # T = 700) and plain ones, -inf and NaN where max must pick the first maximum / propagate NaN,
+    # and more rows than a grid's y extent (B = 65537: a block pools two rows, so the ring kernel
+    # reuses its ring, and the fold buffers laid over it, for the second). Every case runs
+    # twice: with the default time split, and with none (split_waves 0), where a lane of
+    # (2, 3001, 64) folds 24-47 stages, so the ring wraps around many times.
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
     gen = torch.Generator(device="cuda").manual_seed(7)
     cases = []
-    for B, T, D in [(2, 3001, 64), (37, 77, 128), (5, 1, 24), (9, 19, 16), (6, 700, 64)]:
+    for B, T, D in [(2, 3001, 64), (37, 77, 128), (5, 1, 24), (9, 19, 16), (6, 700, 64),
+                    (65537, 21, 16)]:
         x = torch.randn(B, T, D, device="cuda", generator=gen).to(dtype)
         x[:, ::5, 1] = float("-inf")  # -inf frames: the first of several equal maxima wins
         x[:, :, 2] = 0.5  # every frame equal
@@ -672,15 +687,16 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
         if B > 2:
             lengths[2] = 0
         cases.append((x, lengths))
+    no_split = default[:2] + (0,) + default[3:6]
     try:
-        for x, lengths in cases:
-            C.set_cuda_launch_config(*default[:6], 4, 0)
+        for (x, lengths), base in itertools.product(cases, (default[:6], no_split)):
+            C.set_cuda_launch_config(*base, 4, 0)
             ref, ref_am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-            for u, p in ((2, 0), (8, 0), (16, 0), (8, 1), (16, 1)):
-                C.set_cuda_launch_config(*default[:6], u, p)
+            for u, p in ((2, 0), (8, 0), (16, 0), (8, 1), (16, 1), (4, 2)):
+                C.set_cuda_launch_config(*base, u, p)
                 with poison():
                     out, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-                what = f"fwd_unroll={u} fwd_pipeline={p} {tuple(x.shape)} {dtype}"
+                what = f"fwd_unroll={u} fwd_pipeline={p} {base} {tuple(x.shape)} {dtype}"
                 assert torch.equal(out.isnan(), ref.isnan()), what
                 assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
                 assert torch.equal(am, ref_am), what

@@ -132,15 +132,10 @@ _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;")
 _NO_DEST = ("ISETP", "FSETP", "DSETP", "HSETP2", "ST", "BRA", "BSSY", "BSYNC", "EXIT", "RET")
 
 
-def _in_flight_through_the_fold(sass_text: str):
-    """(16-byte loads per trip of the hot loop, fewest, mean and most loads in flight at a fold
-    instruction), or None without such a loop. The hot loop is the shortest backward branch
-    whose body holds LDG.E.128 (the unguarded / pipelined loop, not the loop over rows). Its
-    body is walked twice in program order, so loads issued at the end of one trip and folded in
-    the next count; in the second walk, at each instruction that reads a loaded register (the
-    warp waits for that load there), the loads issued and not yet read are counted. The plain
-    loop issues its U loads and folds them, so at its last fold instruction nothing is in
-    flight (fewest 0); the pipelined loop folds round k with round k + 1's loads outstanding."""
+def _hot_loop(sass_text: str, opcode: str):
+    """The shortest backward branch whose body holds an instruction starting with `opcode` (the
+    loop over frames, not the loop over rows): its instructions (address, opcode, operands) in
+    program order, guard predicates dropped; None without such a loop."""
     ins = []
     for line in sass_text.splitlines():
         if m := _INSTRUCTION.match(line):
@@ -151,11 +146,23 @@ def _in_flight_through_the_fold(sass_text: str):
         target = re.search(r"0x([0-9a-f]+)", operands) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
             body = [i for i in ins if int(target.group(1), 16) <= i[0] <= addr]
-            if any(op.startswith("LDG.E.128") for _, op, _ in body):
+            if any(o.startswith(opcode) for _, o, _ in body):
                 loops.append(body)
-    if not loops:
+    return min(loops, key=len) if loops else None
+
+
+def _in_flight_through_the_fold(sass_text: str):
+    """(16-byte loads per trip of the hot loop, fewest, mean and most loads in flight at a fold
+    instruction), or None without such a loop. The hot loop is the shortest backward branch
+    whose body holds LDG.E.128 (the unguarded / pipelined loop, not the loop over rows). Its
+    body is walked twice in program order, so loads issued at the end of one trip and folded in
+    the next count; in the second walk, at each instruction that reads a loaded register (the
+    warp waits for that load there), the loads issued and not yet read are counted. The plain
+    loop issues its U loads and folds them, so at its last fold instruction nothing is in
+    flight (fewest 0); the pipelined loop folds round k with round k + 1's loads outstanding."""
+    body = _hot_loop(sass_text, "LDG.E.128")
+    if body is None:
         return None
-    body = min(loops, key=len)
     pending, counts = {}, []  # load -> its destination registers not yet read or overwritten
     for trip in range(2):
         for n, (_, op, operands) in enumerate(body):
@@ -213,3 +220,61 @@ def test_pipelined_kernels_keep_loads_in_flight_through_the_fold(unroll):
                 assert got[1] >= 1 and got[2] > base[2], what
             checked += 1
     assert checked == 9 * len(_sass()), checked  # 3 dtypes x 3 kinds per architecture
+
+
+# The ring forward (fwd_pipeline = 2): frame_pool_fwd_ring_kernel<scalar, acc, VEC, KIND>.
+_RING = re.compile(r"frame_pool_fwd_ring_kernelI(ff|N3c104HalfEf|N3c108BFloat16Ef)Li(\d+)ELi(\d)E")
+RING_STAGES = 4  # kRingStages in csrc/cuda/frame_pool.cu
+
+
+def _ring_kernels(kernels):
+    """{(dtype, VEC, KIND): name} of the ring forward kernels."""
+    return {(DTYPES[m.group(1)], int(m.group(2)), int(m.group(3))): name
+            for name in kernels if (m := _RING.search(name))}
+
+
+def test_ring_kernels_are_built_and_fit_without_spills():
+    # One per 2- / 4-byte dtype and pooling kind, under the launch bounds of the default U = 4
+    # kernel; the ring itself is dynamic shared memory, so the static figure is at most the
+    # 1 KB sm_90 reports for every kernel using shared memory.
+    usage = _resource_usage()
+    for arch in _expected_archs():
+        found = _ring_kernels(usage[arch])
+        want = {(dt, 16 // size, k) for k in (0, 1, 2)
+                for dt, size in (("float32", 4), ("float16", 2), ("bfloat16", 2))}
+        assert set(found) == want, (arch, sorted(found))
+        for (dt, vec, kind), name in found.items():
+            res = usage[arch][name]
+            what = f"{arch} {dt} kind {kind} ring"
+            assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{what} spills: {res}"
+            assert res["REG"] <= _register_cap(vec, 4, kind), f"{what}: {res}"
+            assert res["SHARED"] <= 1024, f"{what}: static shared memory {res}"
+
+
+def test_ring_kernels_copy_through_shared_memory_three_stages_ahead():
+    # Each trip of the hot loop copies one stage (U = 4 16-byte cp.async copies that bypass L1,
+    # LDGSTS.E.BYPASS.128), commits it (LDGDEPBAR), waits until at most 3 stages are in flight
+    # (DEPBAR.LE SB0, 0x3) and only then reads the ring (LDS.128); x is never loaded into
+    # registers (no LDG.E.128 in the kernel: the only global loads are lengths[b]).
+    checked = 0
+    for arch, kernels in _sass().items():
+        for (dt, vec, kind), name in _ring_kernels(kernels).items():
+            text = kernels[name]
+            what = f"{arch} {dt} kind {kind} ring"
+            assert not re.search(r"LDG\.E\.128", text), f"{what}: loads x into registers"
+            body = _hot_loop(text, "LDGSTS")
+            assert body is not None, f"{what}: no loop with LDGSTS"
+            body = [(o, a) for _, o, a in body]
+            ops = [o for o, _ in body]
+            copies = [i for i, o in enumerate(ops) if o.startswith("LDGSTS")]
+            kinds = {ops[i] for i in copies}
+            assert kinds == {"LDGSTS.E.BYPASS.128"}, f"{what}: {kinds}"
+            assert len(copies) == 4, f"{what}: {len(copies)} copies per trip"
+            commits = [i for i, o in enumerate(ops) if o == "LDGDEPBAR"]
+            waits = [i for i, (o, a) in enumerate(body)
+                     if o == "DEPBAR.LE" and a.replace(" ", "") == f"SB0,{hex(RING_STAGES - 1)}"]
+            reads = [i for i, o in enumerate(ops) if o.startswith("LDS.128")]
+            assert len(commits) == 1 and len(waits) == 1 and reads, (what, ops)
+            assert max(copies) < commits[0] < waits[0] < min(reads), (what, ops)
+            checked += 1
+    assert checked == 9 * len(_sass()), checked

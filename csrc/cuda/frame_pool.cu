@@ -5,8 +5,10 @@
 //   - each thread owns VEC adjacent features (one 16-byte load per frame) and keeps U frames
 //     in flight, so a block of TX feature vectors x TY time lanes reads TY * U rows at once
 //     (U = CudaLaunchConfig::fwd_unroll; one kernel is compiled per value); with
-//     CudaLaunchConfig::fwd_pipeline the U are two software-pipelined rounds of U / 2, so loads
-//     stay in flight while a round is folded;
+//     CudaLaunchConfig::fwd_pipeline = 1 the U are two software-pipelined rounds of U / 2, so
+//     loads stay in flight while a round is folded; with fwd_pipeline = 2 the loads are cp.async
+//     copies into a per-thread ring of shared memory (frame_pool_fwd_ring_kernel), so what is in
+//     flight costs shared memory instead of registers;
 //   - the TY lanes of a block are folded through shared memory;
 //   - when B x (feature blocks) cannot fill the GPU, time is also split across blocks; each
 //     split writes float/double partials (and int32 argmax) to a workspace that a small second
@@ -298,6 +300,48 @@ __device__ __forceinline__ void fold_lane_pipelined(acc_t (&sum)[VEC], acc_t (&m
   }
 }
 
+// ---- cp.async: 16-byte copies from global into shared memory (the ring forward) ----------------
+// sm_80 and later; an older target (TORCH_CUDA_ARCH_LIST) gets a synchronous copy with the same
+// meaning, and the host never picks the ring on such a device anyway. .cg caches in L2 only: the
+// frames are read once.
+// The destination is a shared-space address (__cvta_generic_to_shared of the generic one,
+// computed once by the caller: on sm_90 each conversion re-reads the CTA id).
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src)
+               : "memory");
+#else
+  const int4 w = __ldg(static_cast<const int4*>(gmem_src));
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_dst), "r"(w.x), "r"(w.y),
+               "r"(w.z), "r"(w.w)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Returns once at most N of this thread's committed groups are still in flight; the copies of
+// the others are then visible to this thread (and only to it).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// A 16-byte read of shared memory at a shared-space address. volatile with a memory clobber,
+// so it stays after the cp_async_wait that makes the bytes visible.
+__device__ __forceinline__ int4 ld_shared_16(uint32_t addr) {
+  int4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
 // The clip's length clamped into [0, T]. A length outside is recorded in *err (one thread per
 // block reports, so a bad batch costs a few host-memory stores, and a good one none).
 __device__ __forceinline__ int64_t clamped_length(const int64_t* __restrict__ lens, int64_t b,
@@ -325,6 +369,90 @@ __device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
     out[b * 2 * D + d] = static_cast<scalar_t>(L > 0 ? sum / static_cast<acc_t>(L) : sum);
     out[b * 2 * D + D + d] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : mx);
     argmax[b * D + d] = idx;
+  }
+}
+
+// A lane's accumulators before its first frame: sum 0, max -inf, and the max's frame seeded with
+// the lane's first frame (-1 when the lane has none), which lets the hot loop use the plain
+// sequential rule: a first frame of -inf is never "taken" yet is still the first max.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void start_lane(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                           int32_t (&idx)[VEC], int32_t first) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    sum[j] = acc_t(0);
+    mx[j] = -std::numeric_limits<acc_t>::infinity();
+    idx[j] = first;
+  }
+}
+
+// The end of one row (or one time split of it): the TY lanes of the block folded through shared
+// memory, a tree with [j][tid] so consecutive threads use consecutive banks, then lane 0 writes
+// the result (S == 1) or the split's partial (workspace slot s). Every thread of the block calls
+// it (it synchronises the block when TY > 1).
+template <int KIND, typename scalar_t, typename acc_t, int VEC, typename SumBuf, typename MaxBuf,
+          typename IdxBuf>
+__device__ __forceinline__ void finish_row(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                           int32_t (&idx)[VEC], SumBuf& s_sum, MaxBuf& s_max,
+                                           IdxBuf& s_idx, int tid, int TX, int TY, int ty,
+                                           bool active, int64_t v, int64_t b, int64_t s,
+                                           int64_t S, int64_t B, int64_t D, int64_t L, bool mean,
+                                           scalar_t* __restrict__ out,
+                                           int32_t* __restrict__ argmax,
+                                           acc_t* __restrict__ ws_sum, acc_t* __restrict__ ws_max,
+                                           int32_t* __restrict__ ws_idx) {
+  constexpr bool HAS_SUM = KIND != kMax;
+  constexpr bool HAS_MAX = KIND != kSum;
+  if (TY > 1) {
+    // Tree fold of the TY lanes; [j][tid] keeps consecutive threads on consecutive banks.
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if constexpr (HAS_SUM) s_sum[j][tid] = sum[j];
+      if constexpr (HAS_MAX) {
+        s_max[j][tid] = mx[j];
+        s_idx[j][tid] = idx[j];
+      }
+    }
+    __syncthreads();
+    for (int h = TY / 2; h > 0; h >>= 1) {
+      if (ty < h) {
+        const int other = tid + h * TX;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if constexpr (HAS_SUM) {
+            sum[j] += s_sum[j][other];
+            s_sum[j][tid] = sum[j];
+          }
+          if constexpr (HAS_MAX) {
+            fold_max(mx[j], idx[j], s_max[j][other], s_idx[j][other]);
+            s_max[j][tid] = mx[j];
+            s_idx[j][tid] = idx[j];
+          }
+        }
+      }
+      // Also separates this row's last reads from the next row's first writes.
+      __syncthreads();
+    }
+  }
+
+  if (ty == 0 && active) {
+    const int64_t d0 = v * VEC;
+    if (S == 1) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        write_result<KIND, scalar_t, acc_t>(out, argmax, b, d0 + j, D, sum[j], mx[j], idx[j],
+                                            L, mean);
+    } else {
+      const int64_t o = (s * B + b) * D + d0;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if constexpr (HAS_SUM) ws_sum[o + j] = sum[j];
+        if constexpr (HAS_MAX) {
+          ws_max[o + j] = mx[j];
+          ws_idx[o + j] = idx[j];
+        }
+      }
+    }
   }
 }
 
@@ -382,14 +510,7 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
 
     acc_t sum[VEC], mx[VEC];
     int32_t idx[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      sum[j] = acc_t(0);
-      mx[j] = -std::numeric_limits<acc_t>::infinity();
-      // Seeding the index with the lane's first frame lets the hot loop use the plain
-      // sequential rule: a first frame of -inf is never "taken" yet is still the first max.
-      idx[j] = active && t_first < t_hi ? t_first : int32_t(-1);
-    }
+    start_lane(sum, mx, idx, active && t_first < t_hi ? t_first : int32_t(-1));
 
     if constexpr (PIPE) {
       if (active) {
@@ -433,57 +554,149 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
       }
     }
 
-    if (TY > 1) {
-      // Tree fold of the TY lanes; [j][tid] keeps consecutive threads on consecutive banks.
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if constexpr (HAS_SUM) s_sum[j][tid] = sum[j];
-        if constexpr (HAS_MAX) {
-          s_max[j][tid] = mx[j];
-          s_idx[j][tid] = idx[j];
-        }
-      }
-      __syncthreads();
-      for (int h = TY / 2; h > 0; h >>= 1) {
-        if (ty < h) {
-          const int other = tid + h * TX;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            if constexpr (HAS_SUM) {
-              sum[j] += s_sum[j][other];
-              s_sum[j][tid] = sum[j];
-            }
-            if constexpr (HAS_MAX) {
-              fold_max(mx[j], idx[j], s_max[j][other], s_idx[j][other]);
-              s_max[j][tid] = mx[j];
-              s_idx[j][tid] = idx[j];
-            }
-          }
-        }
-        // Also separates this row's last reads from the next row's first writes.
-        __syncthreads();
-      }
-    }
+    finish_row<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, s_sum, s_max, s_idx, tid, TX, TY, ty,
+                                           active, v, b, s, S, B, D, L, mean, out, argmax, ws_sum,
+                                           ws_max, ws_idx);
+  }
+}
 
-    if (ty == 0 && active) {
-      const int64_t d0 = v * VEC;
-      if (S == 1) {
+// ---- the ring forward (CudaLaunchConfig::fwd_pipeline = 2) ----------------------------------
+// Stages in each thread's ring; a stage is the U = kUnrollVec frames the plain loop loads in one
+// round, so 3 stages (12 frames, 192 B per thread) stay in flight while one is folded.
+constexpr int kRingStages = 4;
+// The ring's frame counters run up to t_hi + kRingStages x U x TY (exclusive); the host's
+// T <= 2^31 - 4097 keeps that in int32.
+static_assert(kRingStages * kUnrollVec * kMaxThreads <= 4096, "ring frame counters overflow");
+
+// The fold buffers of finish_row, laid over the start of the ring once every lane is done with it.
+template <int KIND, typename acc_t, int VEC>
+struct RingFoldBuffers {
+  static constexpr bool HAS_SUM = KIND != kMax;
+  static constexpr bool HAS_MAX = KIND != kSum;
+  using Sum = acc_t[HAS_SUM ? VEC : 1][HAS_SUM ? kMaxThreads : 1];
+  using Max = acc_t[HAS_MAX ? VEC : 1][HAS_MAX ? kMaxThreads : 1];
+  using Idx = int32_t[HAS_MAX ? VEC : 1][HAS_MAX ? kMaxThreads : 1];
+  static constexpr size_t kBytes = sizeof(Sum) + sizeof(Max) + sizeof(Idx);
+};
+
+// Dynamic shared memory of the ring kernel for a block of `threads`: the ring, or the fold
+// buffers if they are larger (small blocks of the 2-byte meanmax kernel).
+template <int KIND, typename acc_t, int VEC>
+constexpr size_t ring_smem_bytes(int threads) {
+  const size_t ring = static_cast<size_t>(kRingStages) * kUnrollVec * threads * 16;
+  return std::max(ring, RingFoldBuffers<KIND, acc_t, VEC>::kBytes);
+}
+
+// The forward with loads through shared memory: the same block, frames and fold order as
+// frame_pool_fwd_kernel<..., kUnrollVec, KIND, false> (so the same bits), but each round of U
+// frames is a stage of cp.async copies into the thread's own ring of kRingStages stages in
+// dynamic shared memory, issued kRingStages - 1 stages ahead of the fold. A copy in flight holds
+// shared memory, not registers. Slot (g, k) of thread tid is ring[(g * U + k) * threads + tid]:
+// a warp's 32 copies and 32 reads of one slot are 512 contiguous bytes. A thread only reads
+// slots it copied itself, after cp.async.wait_group, so the loop has no block barrier; one
+// barrier before finish_row lets the fold buffers reuse the ring. 2- and 4-byte types, 16-byte
+// words (VEC = 16 / sizeof(scalar_t)).
+template <typename scalar_t, typename acc_t, int VEC, int KIND>
+__global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, kUnrollVec>))
+    frame_pool_fwd_ring_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
+                               int* err, scalar_t* __restrict__ out,
+                               int32_t* __restrict__ argmax, acc_t* __restrict__ ws_sum,
+                               acc_t* __restrict__ ws_max, int32_t* __restrict__ ws_idx,
+                               int64_t B, int64_t T, int64_t D, int64_t sB, int64_t sT,
+                               int64_t chunk, int64_t S, uint32_t X, bool mean) {
+  constexpr int U = kUnrollVec;
+  constexpr int NS = kRingStages;
+  using W = typename RawWord<sizeof(scalar_t) * VEC>::type;
+  static_assert(sizeof(W) == 16, "the ring moves 16-byte words");
+  using Fold = RingFoldBuffers<KIND, acc_t, VEC>;
+  extern __shared__ int4 ring[];
+  auto& s_sum = *reinterpret_cast<typename Fold::Sum*>(ring);
+  auto& s_max = *reinterpret_cast<typename Fold::Max*>(reinterpret_cast<char*>(ring) +
+                                                       sizeof(typename Fold::Sum));
+  auto& s_idx = *reinterpret_cast<typename Fold::Idx*>(
+      reinterpret_cast<char*>(ring) + sizeof(typename Fold::Sum) + sizeof(typename Fold::Max));
+
+  // Block and thread placement as in frame_pool_fwd_kernel.
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int ty = threadIdx.y;
+  const int tid = ty * TX + threadIdx.x;
+  const int threads = TX * TY;
+  const int64_t s = blockIdx.x / X;
+  const int64_t v = static_cast<int64_t>(blockIdx.x % X) * TX + threadIdx.x;
+  const bool active = v < D / VEC;
+  // This thread's slots as shared-space addresses (converted once: on sm_90 each conversion
+  // of a generic pointer re-reads the CTA id): frame k of a stage is `stride` bytes after
+  // frame k - 1, stage g + 1 `stage_bytes` after stage g, and the last stage wraps to `first`.
+  const uint32_t first = static_cast<uint32_t>(__cvta_generic_to_shared(ring + tid));
+  const uint32_t stride = static_cast<uint32_t>(threads) * 16;
+  const uint32_t stage_bytes = U * stride;
+  const uint32_t end = first + NS * stage_bytes;
+
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t L = clamped_length(lens, b, T, err, tid == 0);
+    // int32 frame counters as in frame_pool_fwd_kernel (see kRingStages for their range).
+    const int32_t t_hi = static_cast<int32_t>(std::min<int64_t>(s * chunk + chunk, L));
+    const int32_t t_first = static_cast<int32_t>(s * chunk) + ty;
+
+    acc_t sum[VEC], mx[VEC];
+    int32_t idx[VEC];
+    start_lane(sum, mx, idx, active && t_first < t_hi ? t_first : int32_t(-1));
+
+    if (active) {
+      const int64_t step = static_cast<int64_t>(TY) * sT;
+      const int32_t stage_frames = U * TY;
+      // The next stage to copy: its first frame, address and slot. A frame at or past t_hi is
+      // never copied (its slot keeps stale bytes that the fold never reads), and every stage
+      // commits a group, empty or not, so "at most NS - 1 groups in flight" always means "the
+      // stage about to be folded is done".
+      int32_t t_copy = t_first;
+      const scalar_t* q = x + b * sB + v * VEC + static_cast<int64_t>(t_first) * sT;
+      uint32_t copy_at = first;  // the slot of the next stage to copy
+      const auto copy_stage = [&]() {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          write_result<KIND, scalar_t, acc_t>(out, argmax, b, d0 + j, D, sum[j], mx[j], idx[j],
-                                              L, mean);
-      } else {
-        const int64_t o = (s * B + b) * D + d0;
+        for (int k = 0; k < U; ++k) {
+          if (t_copy + k * TY < t_hi) cp_async_16(copy_at + k * stride, q + k * step);
+        }
+        cp_async_commit();
+        t_copy += stage_frames;
+        q += U * step;
+        copy_at = copy_at + stage_bytes == end ? first : copy_at + stage_bytes;
+      };
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          if constexpr (HAS_SUM) ws_sum[o + j] = sum[j];
-          if constexpr (HAS_MAX) {
-            ws_max[o + j] = mx[j];
-            ws_idx[o + j] = idx[j];
+      for (int g = 0; g < NS - 1; ++g) copy_stage();
+      uint32_t fold_at = first;  // the slot of the next stage to fold
+      for (int32_t t = t_first; t < t_hi; t += stage_frames) {
+        // Into the slot folded in the previous trip: its reads were consumed by that fold.
+        copy_stage();
+        cp_async_wait<NS - 1>();
+        if (t + (U - 1) * TY < t_hi) {
+          // A full stage: its U reads issue back to back, then fold in frame order.
+          W w[U];
+#pragma unroll
+          for (int k = 0; k < U; ++k) w[k] = ld_shared_16(fold_at + k * stride);
+#pragma unroll
+          for (int k = 0; k < U; ++k)
+            accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
+                                                   t + k * TY);
+        } else {
+#pragma unroll
+          for (int k = 0; k < U; ++k) {
+            if (t + k * TY >= t_hi) break;
+            const W w = ld_shared_16(fold_at + k * stride);
+            accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w),
+                                                   t + k * TY);
           }
         }
+        fold_at = fold_at + stage_bytes == end ? first : fold_at + stage_bytes;
       }
+      // The stages copied past t_hi were empty, so nothing is in flight; said for the reader.
+      cp_async_wait<0>();
     }
+    // Every lane is done with its ring before finish_row's buffers overwrite it.
+    if (TY > 1) __syncthreads();
+    finish_row<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, s_sum, s_max, s_idx, tid, TX, TY, ty,
+                                           active, v, b, s, S, B, D, L, mean, out, argmax, ws_sum,
+                                           ws_max, ws_idx);
   }
 }
 
@@ -757,33 +970,65 @@ int* error_flag_for_current_device() {
   return dev_ptr;
 }
 
+// Raises the kernel's dynamic shared memory limit to `bytes` (needed above 48 KB), once per
+// device.
+template <auto Kernel>
+void allow_dynamic_smem(size_t bytes) {
+  static std::atomic<uint64_t> done{0};
+  const int dev = c10::cuda::current_device();
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  if (bit != 0) done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardLaunch {
+  void (*kernel)(const scalar_t*, const int64_t*, int*, scalar_t*, int32_t*, acc_t*, acc_t*,
+                 int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                 uint32_t, bool);
+  size_t smem;  // dynamic shared memory per block
+};
+
 // The forward kernel with U = cfg.fwd_unroll frames in flight per thread, software-pipelined
-// when cfg.fwd_pipeline is 1 (U = 8 or 16, validated in set_cuda_launch_config); the scalar path
-// has one kernel. Only the loop's grouping and schedule of loads differ between them: each lane
-// still folds frames t_first, t_first + TY, ... in increasing order. float64 has no pipelined
-// kernels and runs the plain one of the same U: its meanmax U = 8 pipelined kernel spilled 16
-// bytes at its 80 registers on sm_80, ptxas scheduled it like the plain loop on sm_90, and
-// float64 is not a bandwidth target.
+// when cfg.fwd_pipeline is 1 (U = 8 or 16, validated in set_cuda_launch_config), through a ring
+// of shared memory when it is 2 (U = 4; on devices of compute capability 8.0 or later, else the
+// plain U = 4 kernel); the scalar path has one kernel. Only the loop's grouping and schedule of
+// loads differ between them: each lane still folds frames t_first, t_first + TY, ... in
+// increasing order. float64 has no pipelined or ring kernels and runs the plain one of the same
+// U: its meanmax U = 8 pipelined kernel spilled 16 bytes at its 80 registers on sm_80, ptxas
+// scheduled it like the plain loop on sm_90, and float64 is not a bandwidth target.
 template <typename scalar_t, typename acc_t, int VEC, int KIND>
-auto forward_kernel_for(int fwd_unroll, int fwd_pipeline) {
+ForwardLaunch<scalar_t, acc_t> forward_kernel_for(int fwd_unroll, int fwd_pipeline,
+                                                  int threads) {
   if constexpr (VEC == 1) {
-    return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollScalar, KIND, false>;
+    return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollScalar, KIND, false>, 0};
   } else {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (fwd_pipeline != 0) {
-        return fwd_unroll == 16 ? frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, true>
-                                : frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND, true>;
+      if (fwd_pipeline == 2) {
+        constexpr auto ring = frame_pool_fwd_ring_kernel<scalar_t, acc_t, VEC, KIND>;
+        const size_t most = ring_smem_bytes<KIND, acc_t, VEC>(kMaxThreads);
+        const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+        if (prop->major >= 8 && prop->sharedMemPerBlockOptin >= most) {
+          allow_dynamic_smem<ring>(most);
+          return {ring, ring_smem_bytes<KIND, acc_t, VEC>(threads)};
+        }
+      } else if (fwd_pipeline == 1) {
+        return {fwd_unroll == 16 ? frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, true>
+                                 : frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND, true>,
+                0};
       }
     }
     switch (fwd_unroll) {
       case 2:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 2, KIND, false>;
+        return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 2, KIND, false>, 0};
       case 8:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND, false>;
+        return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 8, KIND, false>, 0};
       case 16:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, false>;
+        return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, false>, 0};
       default:
-        return frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND, false>;
+        return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND, false>, 0};
     }
   }
 }
@@ -795,9 +1040,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   constexpr bool HAS_SUM = KIND != kMax;
   constexpr bool HAS_MAX = KIND != kSum;
   // The launch is planned with the default unroll's kernel whatever cfg.fwd_unroll and
-  // cfg.fwd_pipeline say:
-  // its occupancy and quantum fix the time split, so the split (and the result) is the same
-  // for every unroll.
+  // cfg.fwd_pipeline say: its occupancy and quantum fix the time split, so the split (and the
+  // result) is the same for every unroll, the pipelined loop and the ring.
   constexpr int U = VEC == 1 ? kUnrollScalar : kUnrollVec;
   const CudaLaunchConfig cfg = cuda_launch_config();
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
@@ -829,13 +1073,13 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const int64_t* lens = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
   int32_t* am_p = HAS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
-  const auto kernel =
-      forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline);
+  const ForwardLaunch<scalar_t, acc_t> fwd =
+      forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline, threads);
 
   if (S == 1) {
-    kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, err, out_p, am_p,
-                                       nullptr, nullptr, nullptr, B, T, D, x.stride(0),
-                                       x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
+    fwd.kernel<<<grid, block, fwd.smem, stream>>>(
+        x.const_data_ptr<scalar_t>(), lens, err, out_p, am_p, nullptr, nullptr, nullptr, B, T, D,
+        x.stride(0), x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -847,9 +1091,9 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   acc_t* ws_sum_p = HAS_SUM ? ws_sum.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* ws_max_p = HAS_MAX ? ws_max.mutable_data_ptr<acc_t>() : nullptr;
   int32_t* ws_idx_p = HAS_MAX ? ws_idx.mutable_data_ptr<int32_t>() : nullptr;
-  kernel<<<grid, block, 0, stream>>>(x.const_data_ptr<scalar_t>(), lens, err, nullptr, nullptr,
-                                     ws_sum_p, ws_max_p, ws_idx_p, B, T, D, x.stride(0),
-                                     x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
+  fwd.kernel<<<grid, block, fwd.smem, stream>>>(
+      x.const_data_ptr<scalar_t>(), lens, err, nullptr, nullptr, ws_sum_p, ws_max_p, ws_idx_p, B,
+      T, D, x.stride(0), x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int cty = pow2_at_least(S, 32);
