@@ -327,7 +327,7 @@ def time_read_flushed(fn: Callable[[], Any], *, device: str, warmup: float = 25,
 
 
 def time_steady(fns: Sequence[Callable[[], Any]], *, device: str, target_ms: float = 20.0,
-                repeats: int = 7) -> tuple[float, float, float]:
+                repeats: int = 7, info: dict[str, Any] | None = None) -> tuple[float, float, float]:
     """Per-call (median, p20, p80) ms of a stream of back-to-back calls, ``fns[i % len(fns)]``
     in turn, with nothing between them: each stream of >= ``target_ms`` is timed as a whole
     (CUDA events; a CPU device uses the wall clock), ``repeats`` streams after a warm-up stream.
@@ -337,31 +337,44 @@ def time_steady(fns: Sequence[Callable[[], Any]], *, device: str, target_ms: flo
     op for traffic that is not its own, while an op that writes more than the L2 holds leaves
     as much of its own for later. In a stream, every call's write-back lands inside the stream,
     so every op (and the copy reference) pays exactly for its own bytes. Give ``fns`` calls on
-    different inputs whose total exceeds the L2 (several hundred MB) so that no call re-reads
-    the previous one's input from cache."""
+    different inputs, and writing different outputs, whose total is several times the L2 (a few
+    hundred MB on an H100) so that no call finds the previous ones' bytes in cache.
+
+    The host must enqueue faster than the device runs, or the stream times the host: ``info``
+    (a dict) receives ``host_ms``, the median wall time per call of the launch loop alone, and
+    ``host_bound``, True when that is at least 0.9 of the per-call time."""
     if not fns:
         raise ValueError("time_steady needs at least one call")
     cuda = device.startswith("cuda")
+    host: list[float] = []
 
     def stream(n: int) -> float:
         if cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
+            t0 = time.perf_counter()
             for i in range(n):
                 fns[i % len(fns)]()
+            host.append((time.perf_counter() - t0) * 1e3 / n)
             e.record()
             torch.cuda.synchronize()
             return s.elapsed_time(e)
         t0 = time.perf_counter()
         for i in range(n):
             fns[i % len(fns)]()
-        return (time.perf_counter() - t0) * 1e3
+        host.append((time.perf_counter() - t0) * 1e3 / n)
+        return host[-1] * n
 
     stream(len(fns))  # warm-up: allocator, caches, lazy initialisation
     sync(device)
     est = max(stream(len(fns)) / len(fns), 1e-4)
     n = max(len(fns), math.ceil(target_ms / est / len(fns)) * len(fns))
-    return _quantiles([stream(n) / n for _ in range(repeats)])
+    del host[:]
+    timing = _quantiles([stream(n) / n for _ in range(repeats)])
+    if info is not None:
+        info["host_ms"] = statistics.median(host)
+        info["host_bound"] = info["host_ms"] >= 0.9 * timing[0]
+    return timing
 
 
 def copy_bandwidth_steady(device: str, nbytes: int = 256 << 20,
@@ -372,9 +385,11 @@ def copy_bandwidth_steady(device: str, nbytes: int = 256 << 20,
     n = nbytes // 4
     srcs = [torch.empty(n, dtype=torch.float32, device=device).uniform_() for _ in range(copies)]
     dst = torch.empty_like(srcs[0])
-    med, _, _ = time_steady([lambda s=s: dst.copy_(s) for s in srcs], device=device)
-    del srcs, dst
-    free(device)
+    try:
+        med, _, _ = time_steady([lambda s=s: dst.copy_(s) for s in srcs], device=device)
+    finally:
+        del srcs, dst
+        free(device)
     moved = 2 * n * 4
     return {"copy_gbps": moved / (med * 1e-3) / 1e9, "copy_bytes": moved, "copy_ms": med}
 
@@ -905,13 +920,13 @@ def gen(device: str, seed: int) -> torch.Generator:
 def free(device: str) -> None:
     """Collect garbage and, on CUDA, hand the allocator's cached blocks back (between cases)."""
     gc.collect()
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
 
 def sync(device: str) -> None:
     """Wait for the device (CUDA) so that host timers measure the work, not its launch."""
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 

@@ -96,6 +96,7 @@ BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in 
 METHOD_CASES = [HEADLINE[0], HEADLINE[1], HEADLINE[3]]
 METHOD_CONFIGS = [None, (256, 32, 4, 2)]
 METHODS = ("do_bench", "read-flush", "steady")
+STEADY_FOOTPRINT = 200e6  # bytes a steady stream's inputs span at least: 4 x an H100's L2
 
 # The fields of dtl_fast._C.cuda_launch_config(), in order.
 FIELDS = ("threads", "max_tx", "split_waves", "split_phi_pct", "bwd_frames", "bwd_waves",
@@ -187,13 +188,15 @@ class Sweep:
         return H.time_ms(fn, device=self.device, warmup=self.args.warmup_ms, rep=self.args.rep_ms)
 
     def emit(self, *, mode: str, variant: str, shape, dtype, provider: str, timing, nbytes: int,
-             baseline_ms: float | None, status: str = "ok", extra: dict | None = None) -> None:
+             baseline_ms: float | None, status: str = "ok", extra: dict | None = None,
+             copy_gbps: float | None = None) -> None:
+        """One row; pct_copy against copy_gbps (default: the run's do_bench copy)."""
         ex = dict(extra or {})
         if timing is not None:
+            copy = copy_gbps or self.copy["copy_gbps"]
             gbps = nbytes / (timing[0] * 1e-3) / 1e9
-            ex.update(bytes=nbytes, gbps=round(gbps, 1),
-                      pct_copy=round(100 * gbps / self.copy["copy_gbps"], 2),
-                      copy_gbps=round(self.copy["copy_gbps"], 1))
+            ex.update(bytes=nbytes, gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy, 2),
+                      copy_gbps=round(copy, 1))
         row = H.make_row(kernel=KERNEL, provider=provider, mode=mode, variant=variant, shape=shape,
                          dtype=dtype, stamp=self.stamp, timing=timing, baseline="default",
                          baseline_ms=baseline_ms, extra=ex, status=status, run_id=self.run_id)
@@ -346,22 +349,28 @@ class Sweep:
             self.copy_by_method[method] = gbps
         return self.copy_by_method[method]
 
-    def time_method(self, method: str, calls: list) -> tuple[float, float, float] | None:
-        """calls[0] timed by do_bench or with a read flush; all of them by steady state (the
-        dry run makes one call)."""
+    def time_method(self, method: str, calls: list, info: dict) -> tuple[float, float, float] | None:
+        """calls[0] timed by do_bench or with a read flush; all of them by steady state, which
+        fills `info` (host time per call). The dry run makes one call."""
         if not self.measure:
             calls[0]()
             return None
         if method == "do_bench":
             return self.time(calls[0])
         if method == "read-flush":
-            return H.time_read_flushed(calls[0], device=self.device)
-        return H.time_steady(calls, device=self.device)
+            return H.time_read_flushed(calls[0], device=self.device, warmup=self.args.warmup_ms,
+                                       rep=self.args.rep_ms)
+        return H.time_steady(calls, device=self.device, info=info)
 
     def method_case(self, shape, dtype, seed: int) -> None:
         """The same op timed by each of METHODS (bench/NOTES.md, issue 13, s24)."""
         x, lengths = self.inputs(shape, dtype, seed)
-        xs = [x] + [x.clone() for _ in range(2)]  # steady state: no call re-reads its input
+        # Steady state: the calls rotate over copies of x, and keep their outputs alive, so that
+        # together they read and write several times the L2 (4 x 50 MB) and no call finds the
+        # previous ones' bytes there (4x4096x512's 32 MiB takes 6 copies; counted on the case's
+        # real size, which the dry run shrinks).
+        copies = max(3, math.ceil(STEADY_FOOTPRINT / (math.prod(shape) * x.element_size())))
+        xs = [x] + [x.clone() for _ in range(copies - 1)]
         B, T, D = x.shape
         es = x.element_size()
         op, op_bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
@@ -375,10 +384,13 @@ class Sweep:
                 cfg = self.default if c is None else fwd_config(self.default, c)
                 name = "default" if c is None else config_name(cfg)
                 key = (H.shape_str(shape), H.dtype_str(dtype), mode, name, pas)
+                kept: list = [None] * copies  # each call's output, alive until its turn again
                 if pas == "forward":
-                    calls = [lambda xx=xx: op(xx, lengths, mode) for xx in xs]
+                    calls = [lambda i=i: kept.__setitem__(i, op(xs[i], lengths, mode)) or kept[i]
+                             for i in range(copies)]
                 else:
-                    calls = [lambda: op_bwd(g, lengths, argmax, T, mode)]
+                    calls = [lambda i=i: kept.__setitem__(i, op_bwd(g, lengths, argmax, T, mode))
+                             or kept[i] for i in range(copies)]
                 self.C.set_cuda_launch_config(*cfg)
                 try:
                     same = pas != "forward" or all(map(torch.equal, calls[0](), (ref_out, argmax)))
@@ -392,18 +404,21 @@ class Sweep:
                         self.planned["method"] += 1
                         if not self.budget_left(f"method {pas} {name} {method} {mode} {key[0]}"):
                             continue
-                        t = self.time_method(method, calls)
+                        info: dict = {}
+                        t = self.time_method(method, calls, info)
                         if t is None:
                             continue
                         copy = self.method_copy(method)
                         pct = 100 * nbytes / (t[0] * 1e-3) / 1e9 / copy
+                        extra = {"config": list(cfg), "method": method, "copies": copies}
+                        if info:
+                            extra.update(host_ms=round(info["host_ms"], 5),
+                                         host_bound=info["host_bound"])
                         self.emit(mode=f"method {pas}", variant=mode, shape=shape, dtype=dtype,
                                   provider=f"{name} {method}", timing=t, nbytes=nbytes,
-                                  baseline_ms=None,
-                                  extra={"config": list(cfg), "method": method,
-                                         "copy_gbps_method": round(copy, 1),
-                                         "pct_copy_method": round(pct, 2)})
-                        self.results.setdefault(key, {"method": {}})["method"][method] = (t[0], pct)
+                                  baseline_ms=None, extra=extra, copy_gbps=copy)
+                        self.results.setdefault(key, {"method": {}})["method"][method] = (
+                            t[0], pct, info.get("host_bound", False))
                 finally:
                     self.C.set_cuda_launch_config(*self.default)
         del xs
@@ -508,11 +523,15 @@ class Sweep:
             if res.get("method"):
                 m = res["method"]
                 shape, dtype, mode, name, pas = key
-                gap = ""
-                if "read-flush" in m and "do_bench" in m:
-                    gap = f"; read-flush - do_bench {1e3 * (m['read-flush'][0] - m['do_bench'][0]):+.1f} us"
+                # a time difference as MB at the run's copy rate (the prediction's unit)
+                gaps = "".join(
+                    f"; {a} - {b} {1e3 * (m[a][0] - m[b][0]):+.1f} us"
+                    f" ({(m[a][0] - m[b][0]) * self.copy['copy_gbps']:+.0f} MB)"  # ms x GB/s
+                    for a, b in (("read-flush", "do_bench"), ("steady", "read-flush"))
+                    if a in m and b in m)
                 lines.append(f"method {pas} {shape} {dtype} {mode} {name}: " + ", ".join(
-                    f"{k} {v[1]:.1f}%" for k, v in m.items()) + f" (of that method's copy){gap}")
+                    f"{k} {v[1]:.1f}%" + (" (HOST-BOUND)" if v[2] else "") for k, v in m.items())
+                    + f" (of that method's copy){gaps}")
         lines += self.size_series_fit()
         for key, res in self.results.items():
             if res.get("roofline"):

@@ -363,11 +363,16 @@ def test_frame_pool_gpu_figures_read_the_steady_state_fraction():
     both = [f for f in figs if f["name"].startswith("gpu forward+backward")]
     assert len(fwd) == len(both) == 3
     assert all(f["passed"] and f["number"] == 90.0 and "steady" in f["name"] for f in fwd), fwd
+    assert all("do_bench 74.0%" in f["value"] for f in fwd), fwd  # shown beside it
     assert not any(f["passed"] for f in both), both  # 79 % steady, whatever do_bench said
-    # a row without the steady-state figure (a run before it existed) does not pass
+    # a row without the steady-state figure (a run before it existed) does not pass, and a
+    # steady-state timing that failed says why
     old = [ref, row("forward", "mean", pct_copy=95.0)]
     f = [f for f in BP.acceptance(old, "cuda") if f["name"].startswith("gpu forward ")][0]
-    assert not f["passed"] and f["value"] == "n/a", f
+    assert not f["passed"] and f["value"] == "n/a (do_bench 95.0%)", f
+    failed = [ref, row("forward", "mean", pct_copy=95.0, steady="error: out of memory")]
+    f = [f for f in BP.acceptance(failed, "cuda") if f["name"].startswith("gpu forward ")][0]
+    assert not f["passed"] and f["value"].startswith("steady error: out of memory"), f
 
 
 def test_frame_pool_steady_ms_runs_both_modes():
@@ -384,7 +389,9 @@ def test_frame_pool_steady_ms_runs_both_modes():
     x, g = torch.randn(2, 5, 3), torch.randn(2, 3)
     for mode in ("forward", "forward+backward"):
         seen.clear()
-        med, p20, p80 = BP.steady_ms(fn, x, "mean", mode, g, "cpu")
+        info = {}
+        med, p20, p80 = BP.steady_ms(fn, x, "mean", mode, g, "cpu", info)
         assert 0 < p20 <= med <= p80
+        assert info["host_ms"] > 0 and info["host_bound"]  # on a CPU the host is the device
         assert len({p for p, _, _ in seen}) == BP.STEADY_COPIES  # rotates over the copies
         assert all(rg == (mode != "forward") and v == "mean" for _, rg, v in seen)

@@ -577,6 +577,34 @@ def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
+def test_sweep_method_lines_read_as_predicted(tmp_path, monkeypatch):
+    # The method step's table lines are printed only on a GPU: here a sweep is given made-up
+    # method results, so the lines the lease's reader will look for (bench/NOTES.md, issue 13,
+    # s24) are checked: each method's % of its own copy, the host-bound mark, and the time
+    # differences in us and in MB at the run's copy rate (ms x GB/s = MB).
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import sweep_frame_pool as S
+
+    args = argparse.Namespace(budget_s=10.0, dry_run=True, out=str(tmp_path), run_id="t",
+                              warmup_ms=5.0, rep_ms=20.0, no_stock=True)
+    sweep = S.Sweep(args, "cpu", measure=False)
+    sweep.measure, sweep.copy = True, {"copy_gbps": 3000.0}
+    sweep.copy_by_method = {"do_bench": 3000.0, "steady": 2990.0}
+    key = ("256x256x1024", "float32", "mean", "default", "forward")
+    sweep.results[key] = {"method": {"do_bench": (0.061, 74.3, False),
+                                     "read-flush": (0.046, 97.0, False),
+                                     "steady": (0.0465, 96.5, True)}}
+    lines = [ln for ln in sweep.table().splitlines() if ln.startswith(("method", "copy bandwidth by"))]
+    assert lines[0] == "copy bandwidth by timing method: do_bench 3000 GB/s, steady 2990 GB/s"
+    assert lines[1] == ("method forward 256x256x1024 float32 mean default: do_bench 74.3%, "
+                        "read-flush 97.0%, steady 96.5% (HOST-BOUND) (of that method's copy); "
+                        "read-flush - do_bench -15.0 us (-45 MB); "
+                        "steady - read-flush +0.5 us (+2 MB)")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_lengths_are_checked_on_the_gpu(mode):
