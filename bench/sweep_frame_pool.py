@@ -94,7 +94,7 @@ BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in 
 
 # The method step: cases, configurations (None = the default) and timing methods.
 METHOD_CASES = [HEADLINE[0], HEADLINE[1], HEADLINE[3]]
-METHOD_CONFIGS = [None, (256, 32, 4, 2)]
+METHOD_CONFIGS = [None, (256, 32, 4, 2)]  # the ring's are timed last (see RING_LAST)
 METHODS = ("do_bench", "read-flush", "steady")
 STEADY_FOOTPRINT = 200e6  # bytes a steady stream's inputs span at least: 4 x an H100's L2
 
@@ -104,6 +104,11 @@ FIELDS = ("threads", "max_tx", "split_waves", "split_phi_pct", "bwd_frames", "bw
 # Provider names: `-p1` / `-p2` only for the pipelined / ring forward, so the names of every other
 # configuration (and of the default) are those of the rows already in frame_pool_sweep.csv.
 _NAME = re.compile(r"t(\d+)-tx(\d+)-sw(\d+)-phi(\d+)-bf(\d+)-bw(\d+)-u(\d+)(?:-p(\d+))?")
+
+
+def is_ring(c: tuple[int, ...] | None) -> bool:
+    """A FWD_GRID / SERIES_GRID / METHOD_CONFIGS entry of the ring kernel (fwd_pipeline = 2)."""
+    return c is not None and len(c) > 3 and c[3] == 2
 
 
 def config_name(cfg: tuple[int, ...]) -> str:
@@ -233,9 +238,10 @@ class Sweep:
         lengths = torch.randint(1, T + 1, (B,), generator=H.gen("cpu", 1000 + seed)).to(self.device)
         return x, lengths
 
-    def sweep_case(self, shape, dtype, mode: str, seed: int, forward_only: list | None = None) -> None:
-        """Every configuration of FWD_GRID and BWD_GRID on one case; with forward_only, only
-        the forward over that grid."""
+    def sweep_case(self, shape, dtype, mode: str, seed: int, forward_only: list | None = None,
+                   fwd_grid: list | None = None) -> None:
+        """Every configuration of fwd_grid (default FWD_GRID) and BWD_GRID on one case; with
+        forward_only, only the forward over that grid."""
         x, lengths = self.inputs(shape, dtype, seed)
         B, T, D = x.shape
         es = x.element_size()
@@ -247,7 +253,8 @@ class Sweep:
         op, op_bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
         key = (H.shape_str(shape), H.dtype_str(dtype), mode)
 
-        passes = [("forward", FWD_GRID if forward_only is None else forward_only, fwd_config, fwd_bytes),
+        grid = (FWD_GRID if fwd_grid is None else fwd_grid) if forward_only is None else forward_only
+        passes = [("forward", grid, fwd_config, fwd_bytes),
                   ("backward", BWD_GRID, bwd_config, bwd_bytes)][:1 if forward_only is not None else 2]
         for pas, grid, make, nbytes in passes:
             self.C.set_cuda_launch_config(*self.default)
@@ -362,8 +369,9 @@ class Sweep:
                                        rep=self.args.rep_ms)
         return H.time_steady(calls, device=self.device, info=info)
 
-    def method_case(self, shape, dtype, seed: int) -> None:
-        """The same op timed by each of METHODS (bench/NOTES.md, issue 13, s24)."""
+    def method_case(self, shape, dtype, seed: int, configs: list, backward: bool) -> None:
+        """The same op timed by each of METHODS (bench/NOTES.md, issue 13, s24): the forward
+        with each of `configs` (None: the default), and with `backward` the backward op too."""
         x, lengths = self.inputs(shape, dtype, seed)
         # Steady state: the calls rotate over copies of x, and keep their outputs alive, so that
         # together they read and write several times the L2 (4 x 50 MB) and no call finds the
@@ -379,7 +387,9 @@ class Sweep:
             g = torch.randn(B, W, device=self.device).to(dtype)
             ref_out, argmax = op(x, lengths, mode)
             passes = [("forward", c, int(lengths.sum()) * D * es + B * W * es + 8 * B)
-                      for c in METHOD_CONFIGS] + [("backward", None, B * W * es + B * T * D * es)]
+                      for c in configs]
+            if backward:
+                passes.append(("backward", None, B * W * es + B * T * D * es))
             for pas, c, nbytes in passes:
                 cfg = self.default if c is None else fwd_config(self.default, c)
                 name = "default" if c is None else config_name(cfg)
@@ -572,19 +582,34 @@ def main(argv=None) -> int:
         return 1
     print(f"[sweep] {H.format_stamp(sweep.stamp)}")
     print(f"[sweep] default config {config_name(sweep.default)}; {'measuring' if measure else 'DRY RUN (no CUDA): nothing is measured'}")
+    # The ring kernel (fwd_pipeline = 2) has never run on a GPU: every timing of it comes last,
+    # so that a fault in it (which would leave the process's CUDA context unusable) cannot cost
+    # the rows of anything else.
     for i, (shape, dtype) in enumerate(METHOD_CASES):  # first: it decides how to read the rest
-        sweep.method_case(shape, dtype, 30 + i)
+        sweep.method_case(shape, dtype, 30 + i, [c for c in METHOD_CONFIGS if not is_ring(c)],
+                          backward=True)
     for i, (shape, dtype) in enumerate(HEADLINE):
         for mode in POOL_MODES:
-            sweep.sweep_case(shape, dtype, mode, i)
+            sweep.sweep_case(shape, dtype, mode, i, fwd_grid=[c for c in FWD_GRID if not is_ring(c)])
     for i, (shape, dtype) in enumerate(SIZE_SERIES):
-        sweep.sweep_case(shape, dtype, "mean", 10 + i, forward_only=SERIES_GRID)
+        sweep.sweep_case(shape, dtype, "mean", 10 + i,
+                         forward_only=[c for c in SERIES_GRID if not is_ring(c)])
     for i, (shape, dtype) in enumerate(HEADLINE[:2]):
         sweep.roofline_case(shape, dtype, 20 + i)
     if not args.no_stock:
         for i, (shape, dtype) in enumerate(SMALL + HEADLINE):
             for mode in POOL_MODES:
                 sweep.stock_case(shape, dtype, mode, 100 + i)
+    for i, (shape, dtype) in enumerate(METHOD_CASES):
+        sweep.method_case(shape, dtype, 30 + i, [c for c in METHOD_CONFIGS if is_ring(c)],
+                          backward=False)
+    for i, (shape, dtype) in enumerate(HEADLINE):
+        for mode in POOL_MODES:
+            sweep.sweep_case(shape, dtype, mode, i,
+                             forward_only=[c for c in FWD_GRID if is_ring(c)])
+    for i, (shape, dtype) in enumerate(SIZE_SERIES):
+        sweep.sweep_case(shape, dtype, "mean", 10 + i,
+                         forward_only=[c for c in SERIES_GRID if is_ring(c)])
     print(f"[sweep] {len(sweep.rows)} rows{' written to ' + str(Path(args.out) / (KERNEL + '.csv')) if measure else ''}; "
           f"{time.perf_counter() - t0:.0f} s")
     print("==================== frame_pool sweep ====================")

@@ -563,8 +563,24 @@ def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import sweep_frame_pool as S
 
+    real = dtl_fast._extension._C
+    configs = []  # every configuration the sweep sets, in order
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def set_cuda_launch_config(self, *cfg):
+            configs.append(tuple(cfg))
+            return real.set_cuda_launch_config(*cfg)
+
+    monkeypatch.setattr(dtl_fast._extension, "_C", Recording())
     assert S.main(["--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    # the ring kernel (fwd_pipeline 2, never run on a GPU) is timed only after everything else
+    ring = [i for i, c in enumerate(configs) if c[7] == 2]
+    others = [i for i, c in enumerate(configs) if c[7] != 2 and c != configs[0]]
+    assert ring and others and max(others) < min(ring), (len(configs), ring[:3], others[-3:])
     plan = re.search(r"plan: (\d+) timing-method timings, (\d+) forward and (\d+) backward "
                      r"configuration timings, (\d+) stock timings, (\d+) read-roofline timings", out)
     assert plan, out
