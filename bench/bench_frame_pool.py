@@ -30,12 +30,13 @@ device-to-device copy bandwidth measured at the start of the same run (dst.copy_
 on GPU, 256 MiB on CPU, bytes = 2 * size), next to the ratio against eager.
 
 The fused op on GPU inputs of >= 256 MiB is also timed in steady state (harness.time_steady:
-back-to-back calls over 3 copies of the input, no flush), against the copy bandwidth timed the same way
-(steady_ms, pct_copy_steady, copy_gbps_steady). do_bench zeroes a 256 MiB buffer before each
-call, and the dirty L2 it leaves is written back inside the next call's time: a read-only
-forward pays ~50 MB that are not its own, the copy reference does not (bench/NOTES.md, issue 13,
-s24). The GPU acceptance figures read the steady-state fraction; the do_bench one stays in
-every row.
+back-to-back calls over 3 copies of the input, no flush), against the copy bandwidth timed the
+same way (steady_ms, pct_copy_steady, copy_gbps_steady). do_bench zeroes a 256 MiB buffer before
+each call, and the dirty L2 it leaves may be written back inside the next call's time: a
+read-only forward would pay ~50 MB that are not its own, the copy reference would not (a
+hypothesis: bench/NOTES.md, issue 13, s24). A stream charges every op only for its own bytes
+either way. The GPU acceptance figures read the steady-state fraction; each shows do_bench's
+beside it, and every row keeps it.
 
     python bench/bench_frame_pool.py --quick --device cpu
     python bench/bench_frame_pool.py --device cuda --out bench/results

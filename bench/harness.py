@@ -332,17 +332,19 @@ def time_steady(fns: Sequence[Callable[[], Any]], *, device: str, target_ms: flo
     in turn, with nothing between them: each stream of >= ``target_ms`` is timed as a whole
     (CUDA events; a CPU device uses the wall clock), ``repeats`` streams after a warm-up stream.
 
-    Why (issue 13): do_bench zeroes a 256 MiB buffer before each call, and the L2 it leaves
-    full of dirty lines is written back inside the next call's time. That charges a read-only
+    Why (issue 13): do_bench zeroes a 256 MiB buffer before each call, and the dirty lines it
+    leaves in L2 may be written back inside the next call's time. That would charge a read-only
     op for traffic that is not its own, while an op that writes more than the L2 holds leaves
-    as much of its own for later. In a stream, every call's write-back lands inside the stream,
-    so every op (and the copy reference) pays exactly for its own bytes. Give ``fns`` calls on
+    as much of its own for later (a hypothesis: bench/NOTES.md, s24). In a stream, every call's
+    write-back lands inside the stream, so every op (and the copy reference) pays exactly for
+    its own bytes, whatever the L2 does. Give ``fns`` calls on
     different inputs, and writing different outputs, whose total is several times the L2 (a few
     hundred MB on an H100) so that no call finds the previous ones' bytes in cache.
 
     The host must enqueue faster than the device runs, or the stream times the host: ``info``
-    (a dict) receives ``host_ms``, the median wall time per call of the launch loop alone, and
-    ``host_bound``, True when that is at least 0.9 of the per-call time."""
+    (a dict) receives ``host_ms``, the median wall time per call of the launch loop over the
+    first 64 calls of a stream (CUDA), and ``host_bound``, True when that is at least 0.9 of
+    the per-call time."""
     if not fns:
         raise ValueError("time_steady needs at least one call")
     cuda = device.startswith("cuda")
@@ -350,12 +352,16 @@ def time_steady(fns: Sequence[Callable[[], Any]], *, device: str, target_ms: flo
 
     def stream(n: int) -> float:
         if cuda:
+            # The host is timed over the first calls only: once the launch queue is full, the
+            # loop waits for the device and its time says nothing about the host.
+            k = min(n, 64)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             t0 = time.perf_counter()
             for i in range(n):
                 fns[i % len(fns)]()
-            host.append((time.perf_counter() - t0) * 1e3 / n)
+                if i == k - 1:
+                    host.append((time.perf_counter() - t0) * 1e3 / k)
             e.record()
             torch.cuda.synchronize()
             return s.elapsed_time(e)

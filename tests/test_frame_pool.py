@@ -619,6 +619,10 @@ def test_sweep_method_lines_read_as_predicted(tmp_path, monkeypatch):
                         "read-flush 97.0%, steady 96.5% (HOST-BOUND) (of that method's copy); "
                         "read-flush - do_bench -15.0 us (-45 MB); "
                         "steady - read-flush +0.5 us (+2 MB)")
+    # a fault in the ring phase (timed last) is reported as such, not as a spent budget
+    sweep.not_run = ["the ring phase stopped: CUDA error: an illegal memory access"]
+    table = sweep.table().splitlines()
+    assert table[-1] == sweep.not_run[0] and not any("budget spent" in ln for ln in table)
 
 
 @pytest.mark.gpu
@@ -744,6 +748,39 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
                 assert torch.equal(out.isnan(), ref.isnan()), what
                 assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
                 assert torch.equal(am, ref_am), what
+    finally:
+        C.set_cuda_launch_config(*default)
+
+
+@pytest.mark.gpu
+def test_fwd_pipeline_2_runs_the_ring_kernel():
+    # The bit-identity tests above pass just as well if fwd_pipeline = 2 silently ran the plain
+    # kernel (its fallback for float64, unaligned inputs and older devices): the profiler says
+    # which kernel ran. The sweep's -u4-p2 rows mean nothing unless this holds.
+    C = dtl_fast._extension._C
+    default = C.cuda_launch_config()
+    major = torch.cuda.get_device_capability()[0]
+
+    def kernels(x, lengths):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.ops.dtl_fast.frame_pool(x, lengths, "max")
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "frame_pool_fwd" in e.name]
+
+    lengths = torch.tensor([7, 0, 64], device="cuda")
+    try:
+        C.set_cuda_launch_config(*default[:6], 4, 2)
+        for dtype, ring in ((torch.float32, major >= 8), (torch.bfloat16, major >= 8),
+                            (torch.float64, False)):
+            x = torch.randn(3, 64, 256, device="cuda").to(dtype)
+            names = kernels(x, lengths)
+            assert names and all(("ring" in n) == ring for n in names), (dtype, names)
+        # an input whose rows are not 16-byte aligned takes the scalar path
+        names = kernels(torch.randn(3, 64, 257, device="cuda")[:, :, 1:], lengths)
+        assert names and not any("ring" in n for n in names), names
+        C.set_cuda_launch_config(*default)  # and the default never runs it
+        names = kernels(torch.randn(3, 64, 256, device="cuda"), lengths)
+        assert names and not any("ring" in n for n in names), names
     finally:
         C.set_cuda_launch_config(*default)
 

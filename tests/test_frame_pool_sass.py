@@ -225,6 +225,7 @@ def test_pipelined_kernels_keep_loads_in_flight_through_the_fold(unroll):
 # The ring forward (fwd_pipeline = 2): frame_pool_fwd_ring_kernel<scalar, acc, VEC, KIND>.
 _RING = re.compile(r"frame_pool_fwd_ring_kernelI(ff|N3c104HalfEf|N3c108BFloat16Ef)Li(\d+)ELi(\d)E")
 RING_STAGES = 4  # kRingStages in csrc/cuda/frame_pool.cu
+RING_REGISTER_CAP = 65536 // (256 * 3) // 8 * 8  # __launch_bounds__(256, kRingMinBlocks = 3)
 
 
 def _ring_kernels(kernels):
@@ -234,9 +235,9 @@ def _ring_kernels(kernels):
 
 
 def test_ring_kernels_are_built_and_fit_without_spills():
-    # One per 2- / 4-byte dtype and pooling kind, under the launch bounds of the default U = 4
-    # kernel; the ring itself is dynamic shared memory, so the static figure is at most the
-    # 1 KB sm_90 reports for every kernel using shared memory.
+    # One per 2- / 4-byte dtype and pooling kind, under launch bounds of 3 blocks per SM (what
+    # its shared memory allows on sm_90); the ring itself is dynamic shared memory, so the
+    # static figure is at most the 1 KB sm_90 reports for every kernel using shared memory.
     usage = _resource_usage()
     for arch in _expected_archs():
         found = _ring_kernels(usage[arch])
@@ -247,7 +248,7 @@ def test_ring_kernels_are_built_and_fit_without_spills():
             res = usage[arch][name]
             what = f"{arch} {dt} kind {kind} ring"
             assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{what} spills: {res}"
-            assert res["REG"] <= _register_cap(vec, 4, kind), f"{what}: {res}"
+            assert res["REG"] <= RING_REGISTER_CAP, f"{what}: {res}"
             assert res["SHARED"] <= 1024, f"{what}: static shared memory {res}"
 
 

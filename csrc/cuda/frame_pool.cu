@@ -596,8 +596,12 @@ constexpr size_t ring_smem_bytes(int threads) {
 // slots it copied itself, after cp.async.wait_group, so the loop has no block barrier; one
 // barrier before finish_row lets the fold buffers reuse the ring. 2- and 4-byte types, 16-byte
 // words (VEC = 16 / sizeof(scalar_t)).
+// Blocks per SM the ring kernel's launch bounds promise: its 64 KB ring (256 threads) leaves
+// room for 3 on sm_90 (2 on sm_80), so 3 x 256 threads may hold up to 80 registers each.
+constexpr int kRingMinBlocks = 3;
+
 template <typename scalar_t, typename acc_t, int VEC, int KIND>
-__global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, kUnrollVec>))
+__global__ void __launch_bounds__(kMaxThreads, kRingMinBlocks)
     frame_pool_fwd_ring_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
                                int* err, scalar_t* __restrict__ out,
                                int32_t* __restrict__ argmax, acc_t* __restrict__ ws_sum,
@@ -993,8 +997,9 @@ struct ForwardLaunch {
 
 // The forward kernel with U = cfg.fwd_unroll frames in flight per thread, software-pipelined
 // when cfg.fwd_pipeline is 1 (U = 8 or 16, validated in set_cuda_launch_config), through a ring
-// of shared memory when it is 2 (U = 4; on devices of compute capability 8.0 or later, else the
-// plain U = 4 kernel); the scalar path has one kernel. Only the loop's grouping and schedule of
+// of shared memory when it is 2 (U = 4; on devices of compute capability 8.0 or later that let
+// a block opt in to the ring's shared memory, else the plain U = 4 kernel); the scalar path
+// has one kernel. Only the loop's grouping and schedule of
 // loads differ between them: each lane still folds frames t_first, t_first + TY, ... in
 // increasing order. float64 has no pipelined or ring kernels and runs the plain one of the same
 // U: its meanmax U = 8 pipelined kernel spilled 16 bytes at its 80 registers on sm_80, ptxas
