@@ -175,6 +175,28 @@ def grad_memory(x: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+def cpu_isa_extra(provider: str) -> dict[str, str]:
+    """What a CPU row ran on: {"aten_cpu": the CPU kernels ATen dispatches to in this process
+    (torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT"; ATEN_CPU_CAPABILITY
+    picks a lower one), and for our providers "isa": the instruction set our C++ forward runs
+    ("avx2" or "baseline", dtl_fast.info()["cpu_kernel_isa"])}. The eager forms' speed depends
+    on the first, so a ratio measured under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine
+    says so in its row."""
+    out: dict[str, str] = {}
+    try:
+        out["aten_cpu"] = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # noqa: BLE001 (an older torch)
+        pass
+    if provider.startswith("dtl_fast"):
+        try:
+            import dtl_fast
+
+            out["isa"] = str(dtl_fast.info().get("cpu_kernel_isa"))
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
 def load_api(standin: bool):
     """Returns (reference_fn, fused_fn_or_None, note)."""
     if standin:
@@ -450,6 +472,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         emit(H.status_row(base, name, msg))
                         continue
                     extras[name] = {"rel64": rel64}
+                    if device == "cpu":  # which kernels ran: ATen's (the eager forms) and ours
+                        extras[name].update(cpu_isa_extra(name))
                     if mode == "forward":
                         calls[name] = lambda fn=fn: fn(x, variant)
                     else:
@@ -579,13 +603,17 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
         if v is None:
             figs.append(dict(name=name, value="n/a", passed=False))
             return
-        noisy = json.loads(r.get("extra") or "{}").get("noisy", False)
+        ex = json.loads(r.get("extra") or "{}")
+        noisy = ex.get("noisy", False)
         if key == "ratio":  # the ratio is as noisy as either of its two timings
             b = _find(rows, provider=BASELINE, mode=r["mode"], variant=r["variant"],
                       shape=r["shape"], dtype=r["dtype"], device=r["device"])
             noisy = noisy or (b is not None and json.loads(b.get("extra") or "{}").get("noisy"))
-        figs.append(dict(name=name, value=f"{v:.2f}{unit}" + (", noisy p20-p80" if noisy else ""),
-                         passed=v >= target, number=v, target=target, unit=unit))
+        value = f"{v:.2f}{unit}" + (", noisy p20-p80" if noisy else "")
+        if ex.get("aten_cpu"):  # the eager side's kernels (ATEN_CPU_CAPABILITY may lower them)
+            value += f", eager on ATen {ex['aten_cpu']}"
+        figs.append(dict(name=name, value=value, passed=v >= target, number=v, target=target,
+                         unit=unit))
 
     if device == "cpu":
         for shape in ("64x64x1024", "256x32x2048"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import statistics
 import sys
 import time
@@ -47,6 +48,21 @@ def _rows_of_run(out: Path, kernel: str, run_id: str | None, device: str):
         ids = sorted({r.get("run_id", "") for r in rows if r.get("run_id")})
         run_id = ids[-1] if ids else None
     return [r for r in rows if r.get("run_id") == run_id], run_id
+
+
+def _aten_cpu(rows: list[dict]) -> str:
+    """The ATen CPU capability the rows were measured under ("AVX512", "AVX2", ...: the
+    `aten_cpu` key of their extra, which CPU rows of bench_frame_pool carry); "" if none says,
+    "mixed: ..." if they disagree."""
+    seen = []
+    for r in rows:
+        try:
+            cap = json.loads(r.get("extra") or "{}").get("aten_cpu")
+        except ValueError:
+            continue
+        if cap and cap not in seen:
+            seen.append(cap)
+    return "" if not seen else seen[0] if len(seen) == 1 else "mixed: " + ", ".join(seen)
 
 
 def _median_over_runs(per_run: list[list[dict]]) -> list[dict]:
@@ -93,6 +109,9 @@ def summarize(mods, out: Path, device: str, run_id, module_status: dict) -> tupl
             r0 = rows[0]
             stamp_line = (f"device: {r0['device_name']}  torch {r0['torch']}  triton {r0['triton']}"
                           f"  cuda {r0['cuda']}  git {r0.get('git_rev', '')}  run {rid}")
+            aten = _aten_cpu(rows)
+            if aten:  # the eager side's CPU kernels (ATEN_CPU_CAPABILITY may lower them)
+                stamp_line += f"  ATen CPU {aten}"
         c = Counter(r["status"].split(":")[0] for r in rows)
         counts = ", ".join(f"{v} {k}" for k, v in sorted(c.items())) or "no rows"
         lines.append(f"{name:<24} {st + '; ' if st else ''}rows: {counts}")

@@ -1,6 +1,7 @@
 """The RNN and attention benchmark modules run end to end on tiny CPU shapes (gate, timing, CSV,
 acceptance), and their correctness gate stops a provider that computes the wrong thing."""
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -395,3 +396,36 @@ def test_frame_pool_steady_ms_runs_both_modes():
         assert info["host_ms"] > 0 and info["host_bound"]  # on a CPU the host is the device
         assert len({p for p, _, _ in seen}) == BP.STEADY_COPIES  # rotates over the copies
         assert all(rg == (mode != "forward") and v == "mean" for _, rg, v in seen)
+
+
+def test_frame_pool_bench_runs_on_cpu_and_rows_say_which_kernels(tmp_path, monkeypatch):
+    # bench_frame_pool end to end at one tiny CPU shape: every provider passes its gate and is
+    # timed, and each row says which kernels ran, ATen's (the eager forms' speed depends on
+    # ATEN_CPU_CAPABILITY) and, for ours, the C++ forward's instruction set; the CPU figures
+    # show the first.
+    import bench_frame_pool as BP
+    import dtl_fast
+
+    monkeypatch.setattr(BP, "CPU_SHAPES", [((3, 7, 40), torch.float32)])
+    rows = BP.run(_args(tmp_path))
+    bad = [(r["provider"], r["mode"], r["variant"], r["status"]) for r in rows
+           if not r["status"].startswith("ok")]
+    assert not bad, bad
+    cap = str(torch.backends.cpu.get_cpu_capability())
+    ours = dtl_fast.info()["cpu_kernel_isa"]
+    for r in rows:
+        ex = json.loads(r["extra"])
+        assert ex["aten_cpu"] == cap, (r["provider"], ex)
+        assert ex.get("isa") == (ours if r["provider"].startswith("dtl_fast") else None), ex
+    # the figures read shapes this run did not time: relabel the rows to see their values
+    relabelled = [dict(r, shape=s) for r in rows for s in ("64x64x1024", "256x32x2048")]
+    figs = BP.acceptance(relabelled, "cpu")
+    assert len(figs) == 8 and all(f.get("number") is not None for f in figs), figs
+    assert all(f["value"].endswith(f"eager on ATen {cap}") for f in figs), figs
+    # run.py's summary line says it too, and says when rows of two capabilities are mixed
+    import run as RUN
+
+    assert RUN._aten_cpu(rows) == cap
+    other = "AVX2" if cap != "AVX2" else "DEFAULT"
+    mixed = rows + [dict(rows[0], extra=json.dumps({"aten_cpu": other}))]
+    assert RUN._aten_cpu(mixed) == f"mixed: {cap}, {other}"
