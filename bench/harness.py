@@ -276,19 +276,22 @@ def _time_cuda_events(
     grad_to_none: Sequence[torch.Tensor] | None,
     warmup_ms: float,
     rep_ms: float,
-    flush: str = "zero",
+    flush: str | Callable[[], Any] = "zero",
 ) -> tuple[float, float, float]:
     """CUDA events around each call with the L2 flushed before it (outside the timed region):
     flush="zero" writes a 256 MiB buffer, as do_bench does (this is the fallback when triton is
-    not installed); flush="read" reads one instead (``time_read_flushed``)."""
-    if flush == "zero":
+    not installed); flush="read" reads one instead (``time_read_flushed``); a callable is run
+    instead of a flush (``time_after``)."""
+    if callable(flush):
+        clear = flush
+    elif flush == "zero":
         cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
         clear = cache.zero_
     elif flush == "read":
         cache = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
         clear = cache.sum
     else:
-        raise ValueError(f"flush must be 'zero' or 'read', got {flush!r}")
+        raise ValueError(f"flush must be 'zero', 'read' or a callable, got {flush!r}")
     fn()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -324,6 +327,26 @@ def time_read_flushed(fn: Callable[[], Any], *, device: str, warmup: float = 25,
     if not device.startswith("cuda"):
         return time_ms(fn, device=device, warmup=warmup, rep=rep)
     return _time_cuda_events(fn, None, warmup, rep, flush="read")
+
+
+def time_after(fn: Callable[[], Any], before: Callable[[], Any], *, device: str,
+               warmup: float = 25, rep: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``fn()`` with ``before()`` run (untimed) ahead of each call, in
+    place of a cache flush: e.g. rewriting the call's input, so that it finds the L2 as the
+    layer that produced that input would leave it (the last lines written, dirty). On a CPU
+    device ``before`` runs too, and each call is timed on the wall clock."""
+    if not device.startswith("cuda"):
+        samples = []
+        deadline = time.perf_counter() + (warmup + rep) * 1e-3
+        while True:
+            before()
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline and len(samples) >= 3:
+                break
+        return _quantiles(samples)
+    return _time_cuda_events(fn, None, warmup, rep, flush=before)
 
 
 def time_steady(fns: Sequence[Callable[[], Any]], *, device: str, target_ms: float = 20.0,

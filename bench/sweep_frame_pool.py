@@ -15,13 +15,15 @@ small-B one) and the pooling modes mean, max and meanmax:
             configuration in BWD_GRID (threads, feature vectors, frames per thread, waves), over
             grad_out read once + grad_x written once;
   method    (first; the ring's rows last, as all of the ring's) the forward with the default
-            configuration and the ring (u4-p2), and the backward op with the default, each
-            timed three ways: do_bench (L2 zeroed before each
+            configuration, with evict-first loads (u4-ef) and the ring (u4-p2), and the
+            backward op with the default, each timed three ways: do_bench (L2 zeroed before each
             call: its dirty lines are written back inside the next call), a read flush (L2
             filled by reading: no dirty lines) and steady state (back-to-back calls over 3
             copies of the input), each against the copy bandwidth timed the same way, on the
             two 256 MiB headline inputs and 4x4096x512: does the harness's own flush hold the
-            forward below 85 % (bench/NOTES.md, issue 13, s24)?
+            forward below 85 % (bench/NOTES.md, issue 13, s24)? The forwards also after a
+            producer of x (x.mul_(1)): untimed before each call ("produced"), and timed with
+            it, less the producer alone ("pipeline": the forward's cost in a model; s25).
   roofline  torch's x.sum(1) / x.amax(1) and the fused forward with every frame valid, on the
             two 256 MiB headline inputs: the same bytes read the same way, as % of copy (is the
             forward's gap to 85 % ours, or the device's for a read-and-reduce stream?);
@@ -94,17 +96,27 @@ SERIES_GRID = ([(256, 32, u) for u in (2, 4, 8, 16)] + [(256, 32, u, 1) for u in
 BWD_GRID = [(t, tx, fr, 4) for t in (128, 256) for tx in (16, 32, 64) for fr in (4, 8, 16, 32)]
 
 # The method step: cases, configurations (None = the default) and timing methods.
+# (256, 32, 4, 0, 1): the default with its loads marked evict-first in L2 (fwd_l2_evict_first;
+# bench/NOTES.md, s25). Two methods put a producer of x in front of the forward: x.mul_(1), an
+# SM kernel that rewrites x with the same bits and leaves its last lines dirty in L2, as the
+# layer that wrote x would. "produced" runs it untimed in place of a flush (like do_bench, it
+# leaves the forward's deferred write-backs to the next, untimed, producer); "pipeline" times
+# producer + forward back to back and subtracts the producer alone timed the same way, so every
+# write-back is paid inside the timed stream: the forward's cost in a model. Forward passes only
+# (the backward does not read x).
 METHOD_CASES = [HEADLINE[0], HEADLINE[1], HEADLINE[3]]
-METHOD_CONFIGS = [None, (256, 32, 4, 2)]  # the ring's are timed last (main())
-METHODS = ("do_bench", "read-flush", "steady")
+METHOD_CONFIGS = [None, (256, 32, 4, 0, 1), (256, 32, 4, 2)]  # the ring's are timed last (main())
+METHODS = ("do_bench", "read-flush", "steady", "produced", "pipeline")
+FORWARD_ONLY_METHODS = ("produced", "pipeline")
 STEADY_FOOTPRINT = 200e6  # bytes a steady stream's inputs span at least: 4 x an H100's L2
 
 # The fields of dtl_fast._C.cuda_launch_config(), in order.
 FIELDS = ("threads", "max_tx", "split_waves", "split_phi_pct", "bwd_frames", "bwd_waves",
-          "fwd_unroll", "fwd_pipeline")
-# Provider names: `-p1` / `-p2` only for the pipelined / ring forward, so the names of every other
-# configuration (and of the default) are those of the rows already in frame_pool_sweep.csv.
-_NAME = re.compile(r"t(\d+)-tx(\d+)-sw(\d+)-phi(\d+)-bf(\d+)-bw(\d+)-u(\d+)(?:-p(\d+))?")
+          "fwd_unroll", "fwd_pipeline", "fwd_l2_evict_first")
+# Provider names: `-p1` / `-p2` only for the pipelined / ring forward and `-ef` only for
+# evict-first loads, so the names of every other configuration (and of the default) are those
+# of the rows already in frame_pool_sweep.csv.
+_NAME = re.compile(r"t(\d+)-tx(\d+)-sw(\d+)-phi(\d+)-bf(\d+)-bw(\d+)-u(\d+)(?:-p(\d+))?(-ef)?")
 
 
 def is_ring(c: tuple[int, ...] | None) -> bool:
@@ -113,17 +125,19 @@ def is_ring(c: tuple[int, ...] | None) -> bool:
 
 
 def config_name(cfg: tuple[int, ...]) -> str:
-    t, tx, w, phi, fr, bw, u, p = cfg
-    return f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}-u{u}" + (f"-p{p}" if p else "")
+    t, tx, w, phi, fr, bw, u, p, ef = cfg
+    return (f"t{t}-tx{tx}-sw{w}-phi{phi}-bf{fr}-bw{bw}-u{u}" + (f"-p{p}" if p else "")
+            + ("-ef" if ef else ""))
 
 
 def parse_config_name(name: str) -> tuple[int, ...]:
     """The configuration tuple (FIELDS order) of a provider name config_name wrote; rows of
-    runs before fwd_pipeline (no `-p` part) read as fwd_pipeline 0."""
+    runs before fwd_pipeline / fwd_l2_evict_first (no `-p` / `-ef` part) read as 0."""
     m = _NAME.fullmatch(name)
     if m is None:
         raise ValueError(f"not a sweep configuration name: {name!r}")
-    return tuple(int(g) if g is not None else 0 for g in m.groups())
+    *nums, ef = m.groups()
+    return tuple(int(g) if g is not None else 0 for g in nums) + (1 if ef else 0,)
 
 
 def with_fields(default: tuple[int, ...], **fields: int) -> tuple[int, ...]:
@@ -132,9 +146,10 @@ def with_fields(default: tuple[int, ...], **fields: int) -> tuple[int, ...]:
 
 
 def fwd_config(default: tuple[int, ...], c: tuple[int, ...]) -> tuple[int, ...]:
-    """c = (threads, max_tx, fwd_unroll[, fwd_pipeline = 0])."""
+    """c = (threads, max_tx, fwd_unroll[, fwd_pipeline = 0[, fwd_l2_evict_first = 0]])."""
     return with_fields(default, threads=c[0], max_tx=c[1], fwd_unroll=c[2],
-                       fwd_pipeline=c[3] if len(c) > 3 else 0)
+                       fwd_pipeline=c[3] if len(c) > 3 else 0,
+                       fwd_l2_evict_first=c[4] if len(c) > 4 else 0)
 
 
 def bwd_config(default: tuple[int, ...], c: tuple[int, int, int, int]) -> tuple[int, ...]:
@@ -342,9 +357,9 @@ class Sweep:
         if not self.measure:
             return None
         if method not in self.copy_by_method:
-            if method == "do_bench":
-                gbps = self.copy["copy_gbps"]
-            elif method == "steady":
+            if method in ("do_bench", "produced"):  # both start cold ("produced": x is not
+                gbps = self.copy["copy_gbps"]  # a copy's input, so do_bench's copy stands in)
+            elif method in ("steady", "pipeline"):  # both back-to-back streams
                 gbps = H.copy_bandwidth_steady(self.device)["copy_gbps"]
             else:
                 n = (1 << 30) // 4
@@ -357,14 +372,31 @@ class Sweep:
             self.copy_by_method[method] = gbps
         return self.copy_by_method[method]
 
-    def time_method(self, method: str, calls: list, info: dict) -> tuple[float, float, float] | None:
-        """calls[0] timed by do_bench or with a read flush; all of them by steady state, which
-        fills `info` (host time per call). The dry run makes one call."""
+    def time_method(self, method: str, calls: list, info: dict, produce: Callable | None = None,
+                    produce_alone: dict | None = None) -> tuple[float, float, float] | None:
+        """calls[0] timed by do_bench, with a read flush, or after `produce()` (untimed: it
+        rewrites calls[0]'s input); all of them by steady state, which fills `info` (host time
+        per call); "pipeline": `produce(); calls[0]()` as a steady stream, less `produce()` alone
+        timed the same way (once per case: cached in `produce_alone`), as (median, lower, upper)
+        bounds from the two streams' p20 / p80. The dry run makes one call (after `produce()`
+        for the methods that have one)."""
         if not self.measure:
+            if method in FORWARD_ONLY_METHODS and produce is not None:
+                produce()
             calls[0]()
             return None
         if method == "do_bench":
             return self.time(calls[0])
+        if method == "produced":
+            return H.time_after(calls[0], produce, device=self.device,
+                                warmup=self.args.warmup_ms, rep=self.args.rep_ms)
+        if method == "pipeline":
+            cache = produce_alone if produce_alone is not None else {}
+            if "ms" not in cache:
+                cache["ms"] = H.time_steady([produce], device=self.device)
+            alone = cache["ms"]
+            both = H.time_steady([lambda: (produce(), calls[0]())], device=self.device, info=info)
+            return (both[0] - alone[0], both[1] - alone[2], both[2] - alone[1])
         if method == "read-flush":
             return H.time_read_flushed(calls[0], device=self.device, warmup=self.args.warmup_ms,
                                        rep=self.args.rep_ms)
@@ -383,6 +415,7 @@ class Sweep:
         B, T, D = x.shape
         es = x.element_size()
         op, op_bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
+        produce_alone: dict = {}  # the producer's own steady time, once per case ("pipeline")
         for mode in POOL_MODES:
             W = out_width(D, mode)
             g = torch.randn(B, W, device=self.device).to(dtype)
@@ -412,11 +445,18 @@ class Sweep:
                                          "config's")
                         continue
                     for method in METHODS:
+                        if method in FORWARD_ONLY_METHODS and pas != "forward":
+                            continue
                         self.planned["method"] += 1
                         if not self.budget_left(f"method {pas} {name} {method} {mode} {key[0]}"):
                             continue
                         info: dict = {}
-                        t = self.time_method(method, calls, info)
+                        # "produced" / "pipeline": x rewritten in place with the same bits by
+                        # an SM kernel before each call, as the layer that wrote it would
+                        # leave the L2 (x * 1 is exact, -0.0 included; randn has no NaN)
+                        t = self.time_method(method, calls, info,
+                                             produce=lambda: xs[0].mul_(1),
+                                             produce_alone=produce_alone)
                         if t is None:
                             continue
                         copy = self.method_copy(method)
@@ -538,11 +578,31 @@ class Sweep:
                 gaps = "".join(
                     f"; {a} - {b} {1e3 * (m[a][0] - m[b][0]):+.1f} us"
                     f" ({(m[a][0] - m[b][0]) * self.copy['copy_gbps']:+.0f} MB)"  # ms x GB/s
-                    for a, b in (("read-flush", "do_bench"), ("steady", "read-flush"))
+                    for a, b in (("read-flush", "do_bench"), ("steady", "read-flush"),
+                                 ("produced", "do_bench"), ("pipeline", "steady"))
                     if a in m and b in m)
                 lines.append(f"method {pas} {shape} {dtype} {mode} {name}: " + ", ".join(
                     f"{k} {v[1]:.1f}%" + (" (HOST-BOUND)" if v[2] else "") for k, v in m.items())
                     + f" (of that method's copy){gaps}")
+        # The evict-first forward against the default, method by method (bench/NOTES.md, s25
+        # has the predicted differences; 4x4096x512 is below L2, so its line is a control: ~0).
+        for c in METHOD_CONFIGS:
+            if c is None or len(c) < 5 or not c[4]:
+                continue
+            ef = config_name(fwd_config(self.default, c))
+            base = config_name(fwd_config(self.default, c[:4]))
+            base = "default" if fwd_config(self.default, c[:4]) == self.default else base
+            for key, res in self.results.items():
+                if not res.get("method") or key[3:] != (base, "forward"):
+                    continue
+                other = self.results.get(key[:3] + (ef, "forward"), {}).get("method", {})
+                m = res["method"]
+                diffs = [f"{k} {1e3 * (other[k][0] - m[k][0]):+.1f} us "
+                         f"({(other[k][0] - m[k][0]) * self.copy['copy_gbps']:+.0f} MB)"
+                         for k in METHODS if k in other and k in m]
+                if diffs:
+                    lines.append(f"{ef} - {base}, forward {key[0]} {key[1]} {key[2]}: "
+                                 + ", ".join(diffs))
         lines += self.size_series_fit()
         for key, res in self.results.items():
             if res.get("roofline"):

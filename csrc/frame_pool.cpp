@@ -150,6 +150,7 @@ std::atomic<int> g_bwd_frames{CudaLaunchConfig{}.bwd_frames};
 std::atomic<int> g_bwd_waves{CudaLaunchConfig{}.bwd_waves};
 std::atomic<int> g_fwd_unroll{CudaLaunchConfig{}.fwd_unroll};
 std::atomic<int> g_fwd_pipeline{CudaLaunchConfig{}.fwd_pipeline};
+std::atomic<int> g_fwd_l2_evict_first{CudaLaunchConfig{}.fwd_l2_evict_first};
 
 bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 }  // namespace
@@ -164,6 +165,7 @@ CudaLaunchConfig cuda_launch_config() {
   c.bwd_waves = g_bwd_waves.load(std::memory_order_relaxed);
   c.fwd_unroll = g_fwd_unroll.load(std::memory_order_relaxed);
   c.fwd_pipeline = g_fwd_pipeline.load(std::memory_order_relaxed);
+  c.fwd_l2_evict_first = g_fwd_l2_evict_first.load(std::memory_order_relaxed);
   return c;
 }
 
@@ -197,6 +199,9 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
   TORCH_CHECK_VALUE(c.fwd_pipeline != 2 || c.fwd_unroll == 4,
                     "cuda launch config: fwd_pipeline=2 needs fwd_unroll 4 (a ring of stages of "
                     "4 frames), got fwd_unroll=", c.fwd_unroll);
+  TORCH_CHECK_VALUE(c.fwd_l2_evict_first == 0 || c.fwd_l2_evict_first == 1,
+                    "cuda launch config: fwd_l2_evict_first must be 0 or 1, got ",
+                    c.fwd_l2_evict_first);
   g_threads.store(c.threads);
   g_max_tx.store(c.max_tx);
   g_split_waves.store(c.split_waves);
@@ -205,6 +210,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
   g_bwd_waves.store(c.bwd_waves);
   g_fwd_unroll.store(c.fwd_unroll);
   g_fwd_pipeline.store(c.fwd_pipeline);
+  g_fwd_l2_evict_first.store(c.fwd_l2_evict_first);
 }
 
 #ifndef DTL_FAST_WITH_CUDA

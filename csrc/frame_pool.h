@@ -116,6 +116,11 @@ struct CudaLaunchConfig {
                             // capability 8.0 (else the plain loop). float64 and the scalar path
                             // run the plain loop. 0: issue U, wait, fold.
                             // Bit-identical too (same frames, same order per lane)
+  int fwd_l2_evict_first = 0;  // 1: the forward's loads of an x larger than the device's L2 are
+                               // marked evict-first in L2 (sm_80+), so its read-once frames
+                               // recycle their own lines instead of evicting (and writing back)
+                               // what others left there. 0: an explicit evict-normal policy
+                               // (a plain load's priority; see l2_load_policy). Bit-identical
 };
 CudaLaunchConfig cuda_launch_config();
 // Validates every field (ValueError naming it) before replacing the configuration.

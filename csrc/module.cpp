@@ -76,8 +76,9 @@ PyObject* check_errors(PyObject*, PyObject* args) {
 }
 
 PyObject* config_tuple(const dtl_fast::CudaLaunchConfig& c) {
-  return Py_BuildValue("(iiiiiiii)", c.threads, c.max_tx, c.split_waves, c.split_phi_pct,
-                       c.bwd_frames, c.bwd_waves, c.fwd_unroll, c.fwd_pipeline);
+  return Py_BuildValue("(iiiiiiiii)", c.threads, c.max_tx, c.split_waves, c.split_phi_pct,
+                       c.bwd_frames, c.bwd_waves, c.fwd_unroll, c.fwd_pipeline,
+                       c.fwd_l2_evict_first);
 }
 
 PyObject* cuda_launch_config(PyObject*, PyObject*) {
@@ -85,12 +86,12 @@ PyObject* cuda_launch_config(PyObject*, PyObject*) {
 }
 
 PyObject* set_cuda_launch_config(PyObject*, PyObject* args) {
-  // fwd_unroll and fwd_pipeline are optional (their defaults when left out): callers written
-  // for the six- or seven-field tuple keep working.
+  // fwd_unroll, fwd_pipeline and fwd_l2_evict_first are optional (their defaults when left
+  // out): callers written for the six-, seven- or eight-field tuple keep working.
   dtl_fast::CudaLaunchConfig c;
-  if (!PyArg_ParseTuple(args, "iiiiii|ii", &c.threads, &c.max_tx, &c.split_waves,
+  if (!PyArg_ParseTuple(args, "iiiiii|iii", &c.threads, &c.max_tx, &c.split_waves,
                         &c.split_phi_pct, &c.bwd_frames, &c.bwd_waves, &c.fwd_unroll,
-                        &c.fwd_pipeline))
+                        &c.fwd_pipeline, &c.fwd_l2_evict_first))
     return nullptr;
   return translate([&]() -> PyObject* {
     const dtl_fast::CudaLaunchConfig old = dtl_fast::cuda_launch_config();
@@ -126,11 +127,11 @@ PyMethodDef dtl_fast_c_methods[] = {
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},
     {"cuda_launch_config", cuda_launch_config, METH_NOARGS,
      "(threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, "
-     "fwd_pipeline) of the CUDA kernels."},
+     "fwd_pipeline, fwd_l2_evict_first) of the CUDA kernels."},
     {"set_cuda_launch_config", set_cuda_launch_config, METH_VARARGS,
      "set_cuda_launch_config(threads, max_tx, split_waves, split_phi_pct, bwd_frames, "
-     "bwd_waves[, fwd_unroll=4[, fwd_pipeline=0]]) -> the previous tuple; ValueError names a "
-     "bad field."},
+     "bwd_waves[, fwd_unroll=4[, fwd_pipeline=0[, fwd_l2_evict_first=0]]]) -> the previous "
+     "tuple; ValueError names a bad field."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -125,8 +125,8 @@ def info() -> dict:
         # DTL_FAST_CPU_NT_STORE_MIN_MB)
         "frame_pool_cpu_nt_stores": _cpu_setting(_extension.cpu_nt_store_rule),
         # frame_pool's CUDA launch constants (threads, max_tx, split_waves, split_phi_pct,
-        # bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline): bench/sweep_frame_pool.py measures
-        # them on a GPU
+        # bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline, fwd_l2_evict_first):
+        # bench/sweep_frame_pool.py measures them on a GPU
         "frame_pool_cuda_launch": (_extension._C.cuda_launch_config()
                                    if _extension.cuda_kernels_built() else None),
         "backend_default": os.environ.get(ENV_VAR) or "auto",

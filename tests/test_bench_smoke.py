@@ -429,3 +429,21 @@ def test_frame_pool_bench_runs_on_cpu_and_rows_say_which_kernels(tmp_path, monke
     other = "AVX2" if cap != "AVX2" else "DEFAULT"
     mixed = rows + [dict(rows[0], extra=json.dumps({"aten_cpu": other}))]
     assert RUN._aten_cpu(mixed) == f"mixed: {cap}, {other}"
+
+
+def test_time_after_runs_its_setup_before_every_timed_call():
+    # harness.time_after (the sweep's "produced" method): `before` runs ahead of each call and
+    # outside its time; on a CPU device each call is timed on the wall clock.
+    order = []
+
+    def before():
+        order.append("before")
+        time.sleep(0.002)  # outside the timed region: must not show in the times
+
+    def fn():
+        order.append("call")
+
+    med, p20, p80 = H.time_after(fn, before, device="cpu", warmup=5, rep=10)
+    assert 0 <= p20 <= med <= p80 < 1.0, (p20, med, p80)  # ms: the 2 ms sleep is not in it
+    assert len(order) >= 6 and order[::2] == ["before"] * (len(order) // 2)
+    assert order[1::2] == ["call"] * (len(order) // 2)

@@ -484,13 +484,15 @@ def test_check_errors_without_a_gpu_error_is_silent():
 def test_cuda_launch_config_validates_and_round_trips():
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
-    # (threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline)
-    assert len(default) == 8 and all(isinstance(v, int) for v in default)
-    assert default[6:] == (4, 0)  # today's forward: 4 frames in flight per thread, not pipelined
+    # (threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline,
+    # fwd_l2_evict_first)
+    assert len(default) == 9 and all(isinstance(v, int) for v in default)
+    # today's forward: 4 frames in flight per thread, not pipelined, plain loads
+    assert default[6:] == (4, 0, 0)
     base = (128, 16, 2, 50, 8, 2)
     try:
-        assert C.set_cuda_launch_config(*base, 16, 1) == default
-        assert C.cuda_launch_config() == base + (16, 1)
+        assert C.set_cuda_launch_config(*base, 16, 1, 1) == default
+        assert C.cuda_launch_config() == base + (16, 1, 1)
         for bad, name in [((96, 16, 2, 50, 8, 2), "threads"), ((128, 12, 2, 50, 8, 2), "max_tx"),
                           ((128, 256, 2, 50, 8, 2), "max_tx"), ((128, 16, -1, 50, 8, 2), "split_waves"),
                           ((128, 16, 2, 0, 8, 2), "split_phi_pct"), ((128, 16, 2, 50, 0, 2), "bwd_frames"),
@@ -500,20 +502,25 @@ def test_cuda_launch_config_validates_and_round_trips():
                           # pipelined kernels exist for U = 8 and 16 only (two rounds of 4 / 8),
                           # the ring kernel for U = 4 only (stages of 4 frames)
                           (base + (4, 1), "fwd_pipeline"), (base + (2, 1), "fwd_pipeline"),
-                          (base + (8, 2), "fwd_pipeline"), (base + (2, 2), "fwd_pipeline")]:
+                          (base + (8, 2), "fwd_pipeline"), (base + (2, 2), "fwd_pipeline"),
+                          (base + (4, 0, 2), "fwd_l2_evict_first"),
+                          (base + (4, 0, -1), "fwd_l2_evict_first")]:
             with pytest.raises(ValueError, match=name):
                 C.set_cuda_launch_config(*bad)
-        assert C.cuda_launch_config() == base + (16, 1)  # a rejected call changes nothing
-        # The shorter forms (callers older than fwd_unroll / fwd_pipeline) set the fields they
-        # leave out back to their defaults.
-        assert C.set_cuda_launch_config(*base, 8) == base + (16, 1)
-        assert C.cuda_launch_config() == base + (8, 0)
-        C.set_cuda_launch_config(*base, 8, 1)
-        assert C.set_cuda_launch_config(*base) == base + (8, 1)
-        assert C.cuda_launch_config() == base + (4, 0)
+        assert C.cuda_launch_config() == base + (16, 1, 1)  # a rejected call changes nothing
+        # The shorter forms (callers older than fwd_unroll / fwd_pipeline / fwd_l2_evict_first)
+        # set the fields they leave out back to their defaults.
+        assert C.set_cuda_launch_config(*base, 16, 1) == base + (16, 1, 1)
+        assert C.cuda_launch_config() == base + (16, 1, 0)
+        assert C.set_cuda_launch_config(*base, 8) == base + (16, 1, 0)
+        assert C.cuda_launch_config() == base + (8, 0, 0)
+        C.set_cuda_launch_config(*base, 8, 1, 1)
+        assert C.set_cuda_launch_config(*base) == base + (8, 1, 1)
+        assert C.cuda_launch_config() == base + (4, 0, 0)
         for u, p in ((2, 0), (4, 0), (8, 0), (16, 0), (8, 1), (16, 1), (4, 2)):
-            C.set_cuda_launch_config(*default[:6], u, p)
-            assert C.cuda_launch_config() == default[:6] + (u, p)
+            for e in (0, 1):
+                C.set_cuda_launch_config(*default[:6], u, p, e)
+                assert C.cuda_launch_config() == default[:6] + (u, p, e)
     finally:
         C.set_cuda_launch_config(*default)
 
@@ -522,7 +529,8 @@ def test_sweep_provider_names_parse_back():
     # bench/sweep_frame_pool.py names each timed row's provider after its launch configuration.
     # Every configuration it can time has its own name, which parses back to it; the plain ones
     # keep the names of earlier runs' rows (ending in -u<U>), the pipelined ones end in -u<U>-p1,
-    # the ring ones in -u4-p2, and set_cuda_launch_config accepts every one of them.
+    # the ring ones in -u4-p2, evict-first loads add -ef, and set_cuda_launch_config accepts
+    # every one of them.
     import re
     import sys
     from pathlib import Path
@@ -534,22 +542,27 @@ def test_sweep_provider_names_parse_back():
     default = C.cuda_launch_config()
     assert len(S.FIELDS) == len(default)
     assert S.config_name(default) == "t256-tx32-sw4-phi25-bf16-bw4-u4"  # the default's rows so far
-    cfgs = {S.fwd_config(default, c) for c in S.FWD_GRID + S.SERIES_GRID}
+    cfgs = {S.fwd_config(default, c)
+            for c in S.FWD_GRID + S.SERIES_GRID + [c for c in S.METHOD_CONFIGS if c is not None]}
     cfgs |= {S.bwd_config(default, c) for c in S.BWD_GRID}
     names = {S.config_name(c) for c in cfgs}
     assert len(names) == len(cfgs)
     assert {c[6] for c in cfgs if c[7] == 1} == {8, 16}  # pipelined: fwd_unroll 8 and 16
     assert {c[6] for c in cfgs if c[7] == 2} == {4}  # the ring: stages of 4 frames
+    assert any(c[8] == 1 for c in cfgs)  # the method step times evict-first loads
     try:
         for cfg in cfgs:
             name = S.config_name(cfg)
             assert S.parse_config_name(name) == cfg, name
-            assert re.search(rf"-u(\d+)-p{cfg[7]}$" if cfg[7] else r"-u(\d+)$", name), name
+            tail = (rf"-p{cfg[7]}" if cfg[7] else "") + ("-ef" if cfg[8] else "")
+            assert re.search(rf"-u(\d+){tail}$", name), name
             C.set_cuda_launch_config(*cfg)
     finally:
         C.set_cuda_launch_config(*default)
-    # a row written before fwd_pipeline existed reads as the plain loop
-    assert S.parse_config_name("t128-tx16-sw4-phi25-bf16-bw4-u8") == (128, 16, 4, 25, 16, 4, 8, 0)
+    # a row written before fwd_pipeline / fwd_l2_evict_first existed reads as the plain loop
+    assert S.parse_config_name("t128-tx16-sw4-phi25-bf16-bw4-u8") == (128, 16, 4, 25, 16, 4, 8, 0,
+                                                                      0)
+    assert S.parse_config_name("t256-tx32-sw4-phi25-bf16-bw4-u4-ef") == default[:8] + (1,)
     with pytest.raises(ValueError, match="default"):
         S.parse_config_name("default")
 
@@ -587,9 +600,12 @@ def test_sweep_dry_run_walks_the_whole_plan(capsys, tmp_path, monkeypatch):
     n_method, n_fwd, n_bwd, n_stock, n_roof = map(int, plan.groups())
     assert n_fwd >= len(S.FWD_GRID) and n_bwd >= len(S.BWD_GRID) and n_stock > 0
     assert n_roof == 4 * 2  # torch.sum / torch.amax / fused mean / fused max, two inputs
-    # every case x mode x (forward per configuration + the backward) x timing method
-    assert n_method == (len(S.METHOD_CASES) * len(S.POOL_MODES) * (len(S.METHOD_CONFIGS) + 1)
-                        * len(S.METHODS))
+    # every case x mode x (forward per configuration x timing method + the backward x the
+    # methods that apply to it: not "produced" / "pipeline", which rewrite x)
+    assert set(S.FORWARD_ONLY_METHODS) == {"produced", "pipeline"} <= set(S.METHODS)
+    assert n_method == (len(S.METHOD_CASES) * len(S.POOL_MODES)
+                        * (len(S.METHOD_CONFIGS) * len(S.METHODS)
+                           + len(S.METHODS) - len(S.FORWARD_ONLY_METHODS)))
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
@@ -619,6 +635,23 @@ def test_sweep_method_lines_read_as_predicted(tmp_path, monkeypatch):
                         "read-flush 97.0%, steady 96.5% (HOST-BOUND) (of that method's copy); "
                         "read-flush - do_bench -15.0 us (-45 MB); "
                         "steady - read-flush +0.5 us (+2 MB)")
+    # s25: "produced" (x rewritten before each call) against do_bench, "pipeline" (producer +
+    # forward, less the producer) against steady state, and the evict-first forward against the
+    # default, method by method, in us and MB
+    sweep.results[key]["method"]["produced"] = (0.0700, 64.7, False)
+    sweep.results[key]["method"]["pipeline"] = (0.0535, 84.0, False)
+    ef = S.config_name(S.fwd_config(sweep.default, (256, 32, 4, 0, 1)))
+    assert ef.endswith("-u4-ef")
+    sweep.results[key[:3] + (ef, "forward")] = {"method": {"do_bench": (0.049, 92.5, False),
+                                                           "steady": (0.0465, 96.5, False),
+                                                           "produced": (0.050, 90.6, False),
+                                                           "pipeline": (0.0495, 90.9, False)}}
+    lines = sweep.table().splitlines()
+    assert any(ln.endswith("; produced - do_bench +9.0 us (+27 MB); "
+                           "pipeline - steady +7.0 us (+21 MB)") for ln in lines), lines
+    assert (f"{ef} - default, forward 256x256x1024 float32 mean: do_bench -12.0 us (-36 MB), "
+            "steady +0.0 us (+0 MB), produced -20.0 us (-60 MB), pipeline -4.0 us (-12 MB)"
+            ) in lines, lines
     # a fault in the ring phase (timed last) is reported as such, not as a spent budget
     sweep.not_run = ["the ring phase stopped: CUDA error: an illegal memory access"]
     table = sweep.table().splitlines()
@@ -718,6 +751,9 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
     # reuses its ring, and the fold buffers laid over it, for the second). Every case runs
     # twice: with the default time split, and with none (split_waves 0), where a lane of
     # (2, 3001, 64) folds 24-47 stages, so the ring wraps around many times.
+    # fwd_l2_evict_first = 1 only changes the L2 policy of the loads; it takes effect for an x
+    # larger than the device's L2, so the last cases are (4, T, 1024) and (4, T, 1022), with T
+    # making them ~2 x L2.
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -735,16 +771,24 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
         if B > 2:
             lengths[2] = 0
         cases.append((x, lengths))
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 128 << 20)
+    T = -(-2 * l2 // (4 * 1024 * torch.empty((), dtype=dtype).element_size()))
+    for D in (1024, 1022):  # the vector path, and the scalar one (rows not 16-byte aligned)
+        x = torch.randn(4, T, D, device="cuda", generator=gen).to(dtype)
+        assert x.numel() * x.element_size() > l2
+        cases.append((x, torch.tensor([T, T // 2, 1, T - 7], device="cuda")))
     no_split = default[:2] + (0,) + default[3:6]
     try:
         for (x, lengths), base in itertools.product(cases, (default[:6], no_split)):
-            C.set_cuda_launch_config(*base, 4, 0)
+            C.set_cuda_launch_config(*base, 4, 0, 0)
             ref, ref_am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-            for u, p in ((2, 0), (8, 0), (16, 0), (8, 1), (16, 1), (4, 2)):
-                C.set_cuda_launch_config(*base, u, p)
+            for u, p, e in ((2, 0, 0), (8, 0, 0), (16, 0, 0), (8, 1, 0), (16, 1, 0), (4, 2, 0),
+                            (4, 0, 1), (16, 1, 1), (4, 2, 1)):
+                C.set_cuda_launch_config(*base, u, p, e)
                 with poison():
                     out, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-                what = f"fwd_unroll={u} fwd_pipeline={p} {base} {tuple(x.shape)} {dtype}"
+                what = (f"fwd_unroll={u} fwd_pipeline={p} fwd_l2_evict_first={e} {base} "
+                        f"{tuple(x.shape)} {dtype}")
                 assert torch.equal(out.isnan(), ref.isnan()), what
                 assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
                 assert torch.equal(am, ref_am), what

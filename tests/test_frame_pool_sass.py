@@ -279,3 +279,38 @@ def test_ring_kernels_copy_through_shared_memory_three_stages_ahead():
             assert max(copies) < commits[0] < waits[0] < min(reads), (what, ops)
             checked += 1
     assert checked == 9 * len(_sass()), checked
+
+
+# ---- the L2 policy of the forward's loads (CudaLaunchConfig::fwd_l2_evict_first) ---------------
+_DESC = re.compile(r"desc\[UR(\d+)\]")
+
+
+def test_forward_loads_of_x_carry_the_run_time_l2_policy():
+    # Every load of x (16-byte LDG in the plain and pipelined kernels, 2- to 8-byte ones in the
+    # scalar path, LDGSTS in the ring) names a memory descriptor (desc[URn], the pair URn:URn+1)
+    # that the kernel selects at run time (a USEL writes URn or URn+1): the evict-first or the
+    # normal policy of l2_load_policy, i.e. `.L2::cache_hint` survived to the SASS. Without it
+    # sm_80 loads have no descriptor at all and sm_90 ones read the default from the constant
+    # bank. The one global load without it is lengths[b] (an 8-byte LDG.E.64).
+    checked = 0
+    for arch, kernels in _sass().items():
+        for name, text in kernels.items():
+            if not (_FWD.search(name) or _RING.search(name)):
+                continue
+            selected = {int(r) for r in re.findall(r"USEL UR(\d+),", text)}
+            loads = []
+            for line in text.splitlines():
+                if not (m := _INSTRUCTION.match(line)):
+                    continue
+                op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).partition(" ")
+                if op.startswith(("LDG.E", "LDGSTS")):
+                    loads.append((op, operands))
+            unhinted = [(o, a) for o, a in loads
+                        if not ((d := _DESC.search(a))
+                                and {int(d.group(1)), int(d.group(1)) + 1} & selected)]
+            what = f"{arch} {name[-60:]}"
+            assert len(loads) > 1, f"{what}: no load of x"
+            assert len(unhinted) == 1 and unhinted[0][0].startswith("LDG.E.64"), (
+                what, unhinted[:4], sorted(selected))
+            checked += 1
+    assert checked >= 80 * len(_sass()), checked

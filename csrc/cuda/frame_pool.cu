@@ -14,6 +14,9 @@
 //     split writes float/double partials (and int32 argmax) to a workspace that a small second
 //     kernel folds. Nothing uses float atomics, so results are bitwise reproducible.
 //   - "meanmax" keeps a running sum and a running max side by side: one read of x.
+//   - every load of x carries an L2 policy chosen at run time (l2_load_policy): normal, or with
+//     CudaLaunchConfig::fwd_l2_evict_first and an x larger than L2, evict-first, so frames read
+//     once do not push out what others left in L2.
 // The backward pass writes every element of grad_x exactly once with 16-byte stores; each
 // thread owns a feature vector and walks down a run of frames, so grad_out, argmax and the
 // length are read once per run instead of once per element.
@@ -40,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -89,12 +93,60 @@ struct RawWord<2> {
   using type = short;
 };
 
-// Read-only-cache load of N adjacent elements as one word; __ldg on a plain word type
-// because there is no __ldg overload for c10::Half / c10::BFloat16 or structs of them.
+// The L2 policy of the forward's loads (CudaLaunchConfig::fwd_l2_evict_first): evict-first
+// marks each line the forward brings into L2 as the first to go, so its read-once frames
+// recycle their own lines instead of pushing out (and writing back) what others left there,
+// e.g. the dirty tail of x that the layer before wrote. Otherwise an explicit evict-normal
+// policy: the priority a plain load gets, but carried by the load itself instead of the
+// launch's default memory descriptor, so an access-policy window set on the stream most likely
+// no longer applies to x (not documented either way; PyTorch sets none).
+// ptxas folds both createpolicy into constants: the choice is one uniform select per kernel.
+// An opaque 64-bit operand; unused before sm_80 (no cache hints there).
+__device__ __forceinline__ uint64_t l2_load_policy(bool evict_first) {
+  uint64_t first = 0, normal = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));
+  asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
+#endif
+  return evict_first ? first : normal;
+}
+
+// Read-only-cache load (ld.global.nc, what __ldg emits) of one 2- to 16-byte word under the L2
+// policy `pol`. volatile, so that the compiler neither hoists a guarded load of the tail above
+// its guard nor drops or merges one; ptxas still schedules the loads as it did the __ldg ones
+// (the hot loops' instruction counts moved by at most 2, bench/NOTES.md s25).
+template <typename W>
+__device__ __forceinline__ W ldg_hint(const W* p, uint64_t pol) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  W r;
+  if constexpr (sizeof(W) == 16) {
+    asm volatile("ld.global.nc.L2::cache_hint.v4.s32 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p), "l"(pol));
+  } else if constexpr (sizeof(W) == 8) {
+    asm volatile("ld.global.nc.L2::cache_hint.s64 %0, [%1], %2;\n" : "=l"(r) : "l"(p), "l"(pol));
+  } else if constexpr (sizeof(W) == 4) {
+    asm volatile("ld.global.nc.L2::cache_hint.s32 %0, [%1], %2;\n" : "=r"(r) : "l"(p), "l"(pol));
+  } else {
+    static_assert(sizeof(W) == 2, "a 2-, 4-, 8- or 16-byte word");
+    unsigned short h;
+    asm volatile("ld.global.nc.L2::cache_hint.b16 %0, [%1], %2;\n" : "=h"(h) : "l"(p), "l"(pol));
+    r = static_cast<W>(h);
+  }
+  return r;
+#else
+  (void)pol;
+  return __ldg(p);
+#endif
+}
+
+// Read-only-cache load of N adjacent elements as one word, under the L2 policy `pol`; a plain
+// word type because there is no __ldg overload for c10::Half / c10::BFloat16 or structs of them.
 template <typename T, int N>
-__device__ __forceinline__ typename RawWord<sizeof(T) * N>::type load_raw(const T* p) {
+__device__ __forceinline__ typename RawWord<sizeof(T) * N>::type load_raw(const T* p,
+                                                                           uint64_t pol) {
   using W = typename RawWord<sizeof(T) * N>::type;
-  return __ldg(reinterpret_cast<const W*>(p));
+  return ldg_hint(reinterpret_cast<const W*>(p), pol);
 }
 
 template <typename T, int N, typename W>
@@ -196,15 +248,15 @@ __device__ __forceinline__ void accumulate(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
 // predicate of the last round, so no out-of-range frame is ever touched.
 template <int R, int OFF, bool GUARD, typename scalar_t, int VEC, typename W, int N>
 __device__ __forceinline__ void load_round(W (&w)[N], const scalar_t* q, int64_t step, int32_t t,
-                                           int32_t t_hi, int TY) {
+                                           int32_t t_hi, int TY, uint64_t pol) {
   static_assert(OFF + R <= N, "round outside the buffer");
 #pragma unroll
   for (int k = 0; k < R; ++k) {
     if constexpr (GUARD) {
       w[OFF + k] = {};
-      if (t + k * TY < t_hi) w[OFF + k] = load_raw<scalar_t, VEC>(q + k * step);
+      if (t + k * TY < t_hi) w[OFF + k] = load_raw<scalar_t, VEC>(q + k * step, pol);
     } else {
-      w[OFF + k] = load_raw<scalar_t, VEC>(q + k * step);
+      w[OFF + k] = load_raw<scalar_t, VEC>(q + k * step, pol);
     }
   }
 }
@@ -231,11 +283,11 @@ template <int KIND, int R, int CUR, typename scalar_t, typename acc_t, int VEC, 
 __device__ __forceinline__ void fold_pipelined_tail(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
                                                     int32_t (&idx)[VEC], W (&w)[N],
                                                     const scalar_t* q, int64_t step, int32_t t,
-                                                    int32_t t_hi, int TY) {
+                                                    int32_t t_hi, int TY, uint64_t pol) {
   constexpr int NEXT = R - CUR;
   const int32_t tn = t + R * TY;
   if (tn < t_hi) {
-    load_round<R, NEXT, true, scalar_t, VEC>(w, q + R * step, step, tn, t_hi, TY);
+    load_round<R, NEXT, true, scalar_t, VEC>(w, q + R * step, step, tn, t_hi, TY, pol);
     pin_loads(w);
   }
   fold_round<KIND, R, CUR, false, scalar_t, acc_t, VEC>(sum, mx, idx, w, t, t_hi, TY);
@@ -259,7 +311,7 @@ template <int KIND, int U, typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ void fold_lane_pipelined(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
                                                     int32_t (&idx)[VEC], const scalar_t* q,
                                                     int64_t step, int32_t t, int32_t t_hi,
-                                                    int TY) {
+                                                    int TY, uint64_t pol) {
   constexpr int R = U / 2;
   static_assert(U % 2 == 0, "two rounds of U / 2");
   using W = typename RawWord<sizeof(scalar_t) * VEC>::type;
@@ -268,31 +320,31 @@ __device__ __forceinline__ void fold_lane_pipelined(acc_t (&sum)[VEC], acc_t (&m
   if (t + (R - 1) * TY >= t_hi) {  // less than one full round: the predicated round alone
     if (t < t_hi) {
       W a[R];
-      load_round<R, 0, true, scalar_t, VEC>(a, q, step, t, t_hi, TY);
+      load_round<R, 0, true, scalar_t, VEC>(a, q, step, t, t_hi, TY, pol);
       pin_loads(a);
       fold_round<KIND, R, 0, true, scalar_t, acc_t, VEC>(sum, mx, idx, a, t, t_hi, TY);
     }
     return;
   }
   W w[U];
-  load_round<R, 0, false, scalar_t, VEC>(w, q, step, t, t_hi, TY);
+  load_round<R, 0, false, scalar_t, VEC>(w, q, step, t, t_hi, TY, pol);
   // At the top of each trip w[0, R) holds the issued, unfolded full round at t; a trip folds
   // two rounds while the one after each is in flight.
   for (;;) {
     if (t + (2 * R - 1) * TY >= t_hi) {  // the next round is not full
-      fold_pipelined_tail<KIND, R, 0>(sum, mx, idx, w, q, step, t, t_hi, TY);
+      fold_pipelined_tail<KIND, R, 0>(sum, mx, idx, w, q, step, t, t_hi, TY, pol);
       return;
     }
-    load_round<R, R, false, scalar_t, VEC>(w, q + qstep, step, t + round, t_hi, TY);
+    load_round<R, R, false, scalar_t, VEC>(w, q + qstep, step, t + round, t_hi, TY, pol);
     pin_loads(w);
     fold_round<KIND, R, 0, false, scalar_t, acc_t, VEC>(sum, mx, idx, w, t, t_hi, TY);
     t += round;
     q += qstep;
     if (t + (2 * R - 1) * TY >= t_hi) {
-      fold_pipelined_tail<KIND, R, R>(sum, mx, idx, w, q, step, t, t_hi, TY);
+      fold_pipelined_tail<KIND, R, R>(sum, mx, idx, w, q, step, t, t_hi, TY, pol);
       return;
     }
-    load_round<R, 0, false, scalar_t, VEC>(w, q + qstep, step, t + round, t_hi, TY);
+    load_round<R, 0, false, scalar_t, VEC>(w, q + qstep, step, t + round, t_hi, TY, pol);
     pin_loads(w);
     fold_round<KIND, R, R, false, scalar_t, acc_t, VEC>(sum, mx, idx, w, t, t_hi, TY);
     t += round;
@@ -306,11 +358,14 @@ __device__ __forceinline__ void fold_lane_pipelined(acc_t (&sum)[VEC], acc_t (&m
 // frames are read once.
 // The destination is a shared-space address (__cvta_generic_to_shared of the generic one,
 // computed once by the caller: on sm_90 each conversion re-reads the CTA id).
-__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
+// `pol`: the L2 policy of the copy's global read (l2_load_policy).
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src, uint64_t pol) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src)
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_dst),
+               "l"(gmem_src), "l"(pol)
                : "memory");
 #else
+  (void)pol;
   const int4 w = __ldg(static_cast<const int4*>(gmem_src));
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_dst), "r"(w.x), "r"(w.y),
                "r"(w.z), "r"(w.w)
@@ -483,7 +538,7 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
                           acc_t* __restrict__ ws_sum, acc_t* __restrict__ ws_max,
                           int32_t* __restrict__ ws_idx, int64_t B, int64_t T, int64_t D,
                           int64_t sB, int64_t sT, int64_t chunk, int64_t S, uint32_t X,
-                          bool mean) {
+                          bool mean, bool evict_first) {
   constexpr bool HAS_SUM = KIND != kMax;
   constexpr bool HAS_MAX = KIND != kSum;
   __shared__ acc_t s_sum[HAS_SUM ? VEC : 1][HAS_SUM ? kMaxThreads : 1];
@@ -498,6 +553,7 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
   const int64_t s = blockIdx.x / X;
   const int64_t v = static_cast<int64_t>(xb) * TX + tx;
   const bool active = v < DV;
+  const uint64_t pol = l2_load_policy(evict_first);
 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t L = clamped_length(lens, b, T, err, tid == 0);
@@ -517,7 +573,7 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
         const scalar_t* q = x + b * sB + v * VEC + static_cast<int64_t>(t_first) * sT;
         fold_lane_pipelined<KIND, U, scalar_t, acc_t, VEC>(sum, mx, idx, q,
                                                            static_cast<int64_t>(TY) * sT,
-                                                           t_first, t_hi, TY);
+                                                           t_first, t_hi, TY, pol);
       }
     } else if (active) {
       const int64_t step = static_cast<int64_t>(TY) * sT;
@@ -527,7 +583,7 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
       for (; t + (U - 1) * TY < t_hi; t += U * TY) {
         typename RawWord<sizeof(scalar_t) * VEC>::type w[U];
 #pragma unroll
-        for (int k = 0; k < U; ++k) w[k] = load_raw<scalar_t, VEC>(q + k * step);
+        for (int k = 0; k < U; ++k) w[k] = load_raw<scalar_t, VEC>(q + k * step, pol);
         pin_loads(w);
         q += U * step;
 #pragma unroll
@@ -542,7 +598,7 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           w[k] = {};
-          if (t + k * TY < t_hi) w[k] = load_raw<scalar_t, VEC>(q + k * step);
+          if (t + k * TY < t_hi) w[k] = load_raw<scalar_t, VEC>(q + k * step, pol);
         }
         pin_loads(w);
 #pragma unroll
@@ -607,7 +663,8 @@ __global__ void __launch_bounds__(kMaxThreads, kRingMinBlocks)
                                int32_t* __restrict__ argmax, acc_t* __restrict__ ws_sum,
                                acc_t* __restrict__ ws_max, int32_t* __restrict__ ws_idx,
                                int64_t B, int64_t T, int64_t D, int64_t sB, int64_t sT,
-                               int64_t chunk, int64_t S, uint32_t X, bool mean) {
+                               int64_t chunk, int64_t S, uint32_t X, bool mean,
+                               bool evict_first) {
   constexpr int U = kUnrollVec;
   constexpr int NS = kRingStages;
   using W = typename RawWord<sizeof(scalar_t) * VEC>::type;
@@ -635,6 +692,7 @@ __global__ void __launch_bounds__(kMaxThreads, kRingMinBlocks)
   const uint32_t stride = static_cast<uint32_t>(threads) * 16;
   const uint32_t stage_bytes = U * stride;
   const uint32_t end = first + NS * stage_bytes;
+  const uint64_t pol = l2_load_policy(evict_first);
 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t L = clamped_length(lens, b, T, err, tid == 0);
@@ -659,7 +717,7 @@ __global__ void __launch_bounds__(kMaxThreads, kRingMinBlocks)
       const auto copy_stage = [&]() {
 #pragma unroll
         for (int k = 0; k < U; ++k) {
-          if (t_copy + k * TY < t_hi) cp_async_16(copy_at + k * stride, q + k * step);
+          if (t_copy + k * TY < t_hi) cp_async_16(copy_at + k * stride, q + k * step, pol);
         }
         cp_async_commit();
         t_copy += stage_frames;
@@ -991,7 +1049,7 @@ template <typename scalar_t, typename acc_t>
 struct ForwardLaunch {
   void (*kernel)(const scalar_t*, const int64_t*, int*, scalar_t*, int32_t*, acc_t*, acc_t*,
                  int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                 uint32_t, bool);
+                 uint32_t, bool, bool);
   size_t smem;  // dynamic shared memory per block
 };
 
@@ -1080,11 +1138,23 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   int32_t* am_p = HAS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
   const ForwardLaunch<scalar_t, acc_t> fwd =
       forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline, threads);
+  // Loads marked evict-first only when x cannot stay in L2 anyway: a smaller x may still be
+  // there for whatever reads it next, and evict-first lines would go before anything else.
+  // x's size in memory is the span its strides reach (at most numel): a broadcast x (stride 0)
+  // re-reads the same frames, which should keep hitting in L2.
+  bool evict_first = false;
+  if (cfg.fwd_l2_evict_first != 0) {
+    int64_t span = 1;
+    for (int64_t d = 0; d < x.dim(); ++d) span += (x.size(d) - 1) * std::abs(x.stride(d));
+    const int64_t bytes = std::min<int64_t>(span, x.numel()) * x.element_size();
+    evict_first =
+        bytes > static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->l2CacheSize);
+  }
 
   if (S == 1) {
     fwd.kernel<<<grid, block, fwd.smem, stream>>>(
         x.const_data_ptr<scalar_t>(), lens, err, out_p, am_p, nullptr, nullptr, nullptr, B, T, D,
-        x.stride(0), x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
+        x.stride(0), x.stride(1), chunk, S, static_cast<uint32_t>(X), mean, evict_first);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -1098,7 +1168,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   int32_t* ws_idx_p = HAS_MAX ? ws_idx.mutable_data_ptr<int32_t>() : nullptr;
   fwd.kernel<<<grid, block, fwd.smem, stream>>>(
       x.const_data_ptr<scalar_t>(), lens, err, nullptr, nullptr, ws_sum_p, ws_max_p, ws_idx_p, B,
-      T, D, x.stride(0), x.stride(1), chunk, S, static_cast<uint32_t>(X), mean);
+      T, D, x.stride(0), x.stride(1), chunk, S, static_cast<uint32_t>(X), mean, evict_first);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int cty = pow2_at_least(S, 32);
