@@ -337,13 +337,16 @@ def time_after(fn: Callable[[], Any], before: Callable[[], Any], *, device: str,
     device ``before`` runs too, and each call is timed on the wall clock."""
     if not device.startswith("cuda"):
         samples = []
-        deadline = time.perf_counter() + (warmup + rep) * 1e-3
+        start = time.perf_counter()
+        warm_end, deadline = start + warmup * 1e-3, start + (warmup + rep) * 1e-3
         while True:
             before()
             t0 = time.perf_counter()
             fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-            if time.perf_counter() > deadline and len(samples) >= 3:
+            t1 = time.perf_counter()
+            if t0 >= warm_end:  # calls of the first `warmup` ms are not kept
+                samples.append((t1 - t0) * 1e3)
+            if t1 > deadline and len(samples) >= 3:
                 break
         return _quantiles(samples)
     return _time_cuda_events(fn, None, warmup, rep, flush=before)

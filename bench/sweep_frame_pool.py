@@ -213,7 +213,7 @@ class Sweep:
              copy_gbps: float | None = None) -> None:
         """One row; pct_copy against copy_gbps (default: the run's do_bench copy)."""
         ex = dict(extra or {})
-        if timing is not None:
+        if timing is not None and timing[0] > 0:  # (a "pipeline" difference may be <= 0)
             copy = copy_gbps or self.copy["copy_gbps"]
             gbps = nbytes / (timing[0] * 1e-3) / 1e9
             ex.update(bytes=nbytes, gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy, 2),
@@ -359,8 +359,9 @@ class Sweep:
         if method not in self.copy_by_method:
             if method in ("do_bench", "produced"):  # both start cold ("produced": x is not
                 gbps = self.copy["copy_gbps"]  # a copy's input, so do_bench's copy stands in)
-            elif method in ("steady", "pipeline"):  # both back-to-back streams
-                gbps = H.copy_bandwidth_steady(self.device)["copy_gbps"]
+            elif method in ("steady", "pipeline"):  # both back-to-back streams: one copy figure
+                other = self.copy_by_method.get("pipeline" if method == "steady" else "steady")
+                gbps = other or H.copy_bandwidth_steady(self.device)["copy_gbps"]
             else:
                 n = (1 << 30) // 4
                 src = torch.empty(n, device=self.device).uniform_()
@@ -377,9 +378,11 @@ class Sweep:
         """calls[0] timed by do_bench, with a read flush, or after `produce()` (untimed: it
         rewrites calls[0]'s input); all of them by steady state, which fills `info` (host time
         per call); "pipeline": `produce(); calls[0]()` as a steady stream, less `produce()` alone
-        timed the same way (once per case: cached in `produce_alone`), as (median, lower, upper)
-        bounds from the two streams' p20 / p80. The dry run makes one call (after `produce()`
-        for the methods that have one)."""
+        timed the same way (once per case: cached in `produce_alone`), as (median difference,
+        p20 of the pair - p80 of the producer, p80 of the pair - p20 of the producer): bounds,
+        not quantiles, and any of them may be <= 0 (an L2-resident case); a host-bound producer
+        stream marks `info` host-bound too. The dry run makes one call (after `produce()` for the
+        methods that have one)."""
         if not self.measure:
             if method in FORWARD_ONLY_METHODS and produce is not None:
                 produce()
@@ -393,9 +396,11 @@ class Sweep:
         if method == "pipeline":
             cache = produce_alone if produce_alone is not None else {}
             if "ms" not in cache:
-                cache["ms"] = H.time_steady([produce], device=self.device)
+                cache["info"] = {}
+                cache["ms"] = H.time_steady([produce], device=self.device, info=cache["info"])
             alone = cache["ms"]
             both = H.time_steady([lambda: (produce(), calls[0]())], device=self.device, info=info)
+            info["host_bound"] = info.get("host_bound", False) or cache["info"]["host_bound"]
             return (both[0] - alone[0], both[1] - alone[2], both[2] - alone[1])
         if method == "read-flush":
             return H.time_read_flushed(calls[0], device=self.device, warmup=self.args.warmup_ms,
@@ -460,8 +465,12 @@ class Sweep:
                         if t is None:
                             continue
                         copy = self.method_copy(method)
-                        pct = 100 * nbytes / (t[0] * 1e-3) / 1e9 / copy
+                        # a difference ("pipeline") may come out <= 0: no bandwidth then
+                        pct = 100 * nbytes / (t[0] * 1e-3) / 1e9 / copy if t[0] > 0 else math.nan
                         extra = {"config": list(cfg), "method": method, "copies": copies}
+                        if method == "pipeline":
+                            extra["bounds"] = ("p20 / p80 columns: producer + forward p20 - "
+                                               "producer p80, p80 - p20 (not quantiles)")
                         if info:
                             extra.update(host_ms=round(info["host_ms"], 5),
                                          host_bound=info["host_bound"])

@@ -487,7 +487,7 @@ def test_cuda_launch_config_validates_and_round_trips():
     # (threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, fwd_pipeline,
     # fwd_l2_evict_first)
     assert len(default) == 9 and all(isinstance(v, int) for v in default)
-    # today's forward: 4 frames in flight per thread, not pipelined, plain loads
+    # today's forward: 4 frames in flight per thread, not pipelined, normal L2 priority
     assert default[6:] == (4, 0, 0)
     base = (128, 16, 2, 50, 8, 2)
     try:
@@ -638,24 +638,67 @@ def test_sweep_method_lines_read_as_predicted(tmp_path, monkeypatch):
     # s25: "produced" (x rewritten before each call) against do_bench, "pipeline" (producer +
     # forward, less the producer) against steady state, and the evict-first forward against the
     # default, method by method, in us and MB
-    sweep.results[key]["method"]["produced"] = (0.0700, 64.7, False)
-    sweep.results[key]["method"]["pipeline"] = (0.0535, 84.0, False)
+    sweep.results[key]["method"]["produced"] = (0.0612, 74.1, False)
+    sweep.results[key]["method"]["pipeline"] = (0.0468, 95.9, False)
     ef = S.config_name(S.fwd_config(sweep.default, (256, 32, 4, 0, 1)))
     assert ef.endswith("-u4-ef")
     sweep.results[key[:3] + (ef, "forward")] = {"method": {"do_bench": (0.049, 92.5, False),
                                                            "steady": (0.0465, 96.5, False),
-                                                           "produced": (0.050, 90.6, False),
-                                                           "pipeline": (0.0495, 90.9, False)}}
+                                                           "produced": (0.045, 100.8, False),
+                                                           "pipeline": (0.0430, 104.4, False)}}
     lines = sweep.table().splitlines()
-    assert any(ln.endswith("; produced - do_bench +9.0 us (+27 MB); "
-                           "pipeline - steady +7.0 us (+21 MB)") for ln in lines), lines
+    assert any(ln.endswith("; produced - do_bench +0.2 us (+1 MB); "
+                           "pipeline - steady +0.3 us (+1 MB)") for ln in lines), lines
     assert (f"{ef} - default, forward 256x256x1024 float32 mean: do_bench -12.0 us (-36 MB), "
-            "steady +0.0 us (+0 MB), produced -20.0 us (-60 MB), pipeline -4.0 us (-12 MB)"
+            "steady +0.0 us (+0 MB), produced -16.2 us (-49 MB), pipeline -3.8 us (-11 MB)"
             ) in lines, lines
     # a fault in the ring phase (timed last) is reported as such, not as a spent budget
     sweep.not_run = ["the ring phase stopped: CUDA error: an illegal memory access"]
     table = sweep.table().splitlines()
     assert table[-1] == sweep.not_run[0] and not any("budget spent" in ln for ln in table)
+
+
+def test_sweep_pipeline_method_subtracts_the_producer_timed_once_per_case(tmp_path, monkeypatch):
+    # "pipeline" (s25): producer + forward as one steady stream, less the producer alone, which
+    # is timed once per case and shared by every mode and configuration; the result is (median
+    # difference, lower bound, upper bound), and a host-bound producer stream marks the row.
+    # "produced" hands the producer to harness.time_after. Timers stubbed: the GPU path on a CPU.
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import sweep_frame_pool as S
+
+    args = argparse.Namespace(budget_s=10.0, dry_run=True, out=str(tmp_path), run_id="t",
+                              warmup_ms=5.0, rep_ms=20.0, no_stock=True)
+    sweep = S.Sweep(args, "cpu", measure=False)
+    sweep.measure = True
+    timed = []
+
+    def produce():
+        pass
+
+    def fake_steady(fns, *, device, info=None, **kw):
+        alone = fns[0] is produce
+        timed.append("producer" if alone else "pair")
+        if info is not None:
+            info.update(host_ms=0.001, host_bound=alone)
+        return (1.00, 0.95, 1.10) if alone else (1.20, 1.18, 1.30)
+
+    after = []
+    monkeypatch.setattr(S.H, "time_steady", fake_steady)
+    monkeypatch.setattr(S.H, "time_after", lambda fn, before, **kw: after.append(before) or (
+        0.5, 0.4, 0.6))
+    cache: dict = {}
+    for _ in range(3):
+        info: dict = {}
+        t = sweep.time_method("pipeline", [lambda: None], info, produce=produce,
+                              produce_alone=cache)
+        assert t == pytest.approx((0.20, 0.08, 0.35)) and t[1] <= t[0] <= t[2]
+        assert info["host_bound"]  # the producer's stream was host-bound
+    assert timed == ["producer", "pair", "pair", "pair"]
+    assert sweep.time_method("produced", [lambda: None], {}, produce=produce) == (0.5, 0.4, 0.6)
+    assert after == [produce]
 
 
 @pytest.mark.gpu
@@ -752,7 +795,7 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
     # twice: with the default time split, and with none (split_waves 0), where a lane of
     # (2, 3001, 64) folds 24-47 stages, so the ring wraps around many times.
     # fwd_l2_evict_first = 1 only changes the L2 policy of the loads; it takes effect for an x
-    # larger than the device's L2, so the last cases are (4, T, 1024) and (4, T, 1022), with T
+    # larger than the device's L2, so the last cases are (4, T, 1024) and (4, T, 1021), with T
     # making them ~2 x L2.
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
@@ -773,7 +816,7 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
         cases.append((x, lengths))
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 128 << 20)
     T = -(-2 * l2 // (4 * 1024 * torch.empty((), dtype=dtype).element_size()))
-    for D in (1024, 1022):  # the vector path, and the scalar one (rows not 16-byte aligned)
+    for D in (1024, 1021):  # the vector path, and the scalar one (odd D: every dtype)
         x = torch.randn(4, T, D, device="cuda", generator=gen).to(dtype)
         assert x.numel() * x.element_size() > l2
         cases.append((x, torch.tensor([T, T // 2, 1, T - 7], device="cuda")))
