@@ -155,6 +155,23 @@ std::atomic<int> g_fwd_l2_evict_first{CudaLaunchConfig{}.fwd_l2_evict_first};
 bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 }  // namespace
 
+int64_t span_bytes(c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t element_size) {
+  TORCH_CHECK_VALUE(sizes.size() == strides.size(), "span_bytes: ", sizes.size(),
+                    " sizes but ", strides.size(), " strides");
+  TORCH_CHECK_VALUE(element_size > 0, "span_bytes: element_size must be > 0, got ",
+                    element_size);
+  for (const int64_t s : sizes) {
+    TORCH_CHECK_VALUE(s >= 0, "span_bytes: sizes must be >= 0, got ", sizes);
+    if (s == 0) return 0;
+  }
+  int64_t numel = 1, span = 1;  // span: elements from the lowest address to the highest
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    numel *= sizes[d];
+    span += (sizes[d] - 1) * (strides[d] < 0 ? -strides[d] : strides[d]);
+  }
+  return std::min(numel, span) * element_size;
+}
+
 CudaLaunchConfig cuda_launch_config() {
   CudaLaunchConfig c;
   c.threads = g_threads.load(std::memory_order_relaxed);

@@ -123,6 +123,11 @@ struct CudaLaunchConfig {
                                // (a plain load's priority; see l2_load_policy). Bit-identical
 };
 CudaLaunchConfig cuda_launch_config();
+// Bytes a tensor of these sizes and strides spans in memory: numel x element_size when no two
+// elements share an address, less when a dimension repeats them (stride 0, a broadcast); 0 when
+// empty. The forward compares x's with the device's L2 (fwd_l2_evict_first). ValueError if the
+// lengths differ or a size is negative.
+int64_t span_bytes(c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t element_size);
 // Validates every field (ValueError naming it) before replacing the configuration.
 void set_cuda_launch_config(const CudaLaunchConfig& cfg);
 

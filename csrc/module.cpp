@@ -6,6 +6,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #include "frame_pool.h"
 
 namespace {
@@ -81,6 +83,37 @@ PyObject* config_tuple(const dtl_fast::CudaLaunchConfig& c) {
                        c.fwd_l2_evict_first);
 }
 
+// A Python sequence of ints as int64s (false with a Python error set otherwise).
+bool int64_list(PyObject* seq, const char* what, std::vector<int64_t>& out) {
+  const Py_ssize_t n = PySequence_Check(seq) ? PySequence_Size(seq) : -1;
+  if (n < 0) {
+    PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints", what);
+    return false;
+  }
+  out.clear();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_GetItem(seq, i);
+    if (item == nullptr) return false;
+    const long long v = PyLong_AsLongLong(item);
+    Py_DECREF(item);
+    if (v == -1 && PyErr_Occurred()) return false;
+    out.push_back(static_cast<int64_t>(v));
+  }
+  return true;
+}
+
+PyObject* span_bytes(PyObject*, PyObject* args) {
+  PyObject *sizes_obj, *strides_obj;
+  long long element_size;
+  if (!PyArg_ParseTuple(args, "OOL", &sizes_obj, &strides_obj, &element_size)) return nullptr;
+  std::vector<int64_t> sizes, strides;
+  if (!int64_list(sizes_obj, "sizes", sizes) || !int64_list(strides_obj, "strides", strides))
+    return nullptr;
+  return translate([&]() -> PyObject* {
+    return PyLong_FromLongLong(dtl_fast::span_bytes(sizes, strides, element_size));
+  });
+}
+
 PyObject* cuda_launch_config(PyObject*, PyObject*) {
   return config_tuple(dtl_fast::cuda_launch_config());
 }
@@ -125,6 +158,11 @@ PyMethodDef dtl_fast_c_methods[] = {
     {"check_errors", check_errors, METH_VARARGS,
      "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},
+    {"span_bytes", span_bytes, METH_VARARGS,
+     "span_bytes(sizes, strides, element_size) -> the bytes a tensor of these sizes and strides "
+     "spans in memory (numel x element_size unless a stride repeats elements; 0 if empty): "
+     "what the CUDA forward compares with the L2 for fwd_l2_evict_first. ValueError on "
+     "mismatched lengths or a negative size."},
     {"cuda_launch_config", cuda_launch_config, METH_NOARGS,
      "(threads, max_tx, split_waves, split_phi_pct, bwd_frames, bwd_waves, fwd_unroll, "
      "fwd_pipeline, fwd_l2_evict_first) of the CUDA kernels."},

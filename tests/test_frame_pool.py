@@ -525,6 +525,34 @@ def test_cuda_launch_config_validates_and_round_trips():
         C.set_cuda_launch_config(*default)
 
 
+def test_span_bytes_is_what_the_evict_first_rule_compares_with_l2():
+    # fwd_l2_evict_first applies when x spans more memory than the L2 (csrc/frame_pool.cpp
+    # span_bytes): numel x element size for contiguous, sliced and transposed x, only the
+    # repeated frames' bytes for a broadcast one (stride 0: its re-reads may hit in L2), 0 empty.
+    span = dtl_fast._extension._C.span_bytes
+
+    def of(t):
+        return span(t.shape, t.stride(), t.element_size())
+
+    x = torch.empty(8, 50, 64)
+    assert of(x) == x.numel() * 4
+    assert of(x[:, :, 1:]) == 8 * 50 * 63 * 4  # a slice: its own elements, not the parent's
+    assert of(x.transpose(0, 1)) == x.numel() * 4
+    assert of(x.to(torch.bfloat16)) == x.numel() * 2
+    frames = torch.empty(50, 64)
+    assert of(frames.expand(8, 50, 64)) == 50 * 64 * 4  # one [T, D] block read 8 times
+    # every other frame of a broadcast block: frames 0, 2, ..., 48 and the 64 elements of the last
+    assert of(torch.empty(1, 50, 64).expand(1000, 50, 64)[:, ::2]) == (24 * 128 + 64) * 4
+    assert span((2, 3), (-3, 1), 4) == 6 * 4  # a negative stride counts by its size
+    assert of(torch.empty(8, 0, 64)) == 0
+    for bad, match in [(((2, 3), (3,), 4), "sizes"), (((2, -1), (3, 1), 4), "sizes"),
+                       (((2, 3), (3, 1), 0), "element_size")]:
+        with pytest.raises(ValueError, match=match):
+            span(*bad)
+    with pytest.raises(TypeError, match="sizes"):
+        span(3, (1,), 4)
+
+
 def test_sweep_provider_names_parse_back():
     # bench/sweep_frame_pool.py names each timed row's provider after its launch configuration.
     # Every configuration it can time has its own name, which parses back to it; the plain ones

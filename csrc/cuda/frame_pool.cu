@@ -43,7 +43,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -1142,14 +1141,10 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   // there for whatever reads it next, and evict-first lines would go before anything else.
   // x's size in memory is the span its strides reach (at most numel): a broadcast x (stride 0)
   // re-reads the same frames, which should keep hitting in L2.
-  bool evict_first = false;
-  if (cfg.fwd_l2_evict_first != 0) {
-    int64_t span = 1;
-    for (int64_t d = 0; d < x.dim(); ++d) span += (x.size(d) - 1) * std::abs(x.stride(d));
-    const int64_t bytes = std::min<int64_t>(span, x.numel()) * x.element_size();
-    evict_first =
-        bytes > static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->l2CacheSize);
-  }
+  const bool evict_first =
+      cfg.fwd_l2_evict_first != 0 &&
+      span_bytes(x.sizes(), x.strides(), x.element_size()) >
+          static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->l2CacheSize);
 
   if (S == 1) {
     fwd.kernel<<<grid, block, fwd.smem, stream>>>(
