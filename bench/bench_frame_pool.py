@@ -179,7 +179,7 @@ def cpu_isa_extra(provider: str) -> dict[str, str]:
     """What a CPU row ran on: {"aten_cpu": the CPU kernels ATen dispatches to in this process
     (torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT"; ATEN_CPU_CAPABILITY
     picks a lower one), and for our providers "isa": the instruction set our C++ forward runs
-    ("avx2" or "baseline", dtl_fast.info()["cpu_kernel_isa"])}. The eager forms' speed depends
+    ("avx2" or "baseline", dtl_fast._C.cpu_isa())}. The eager forms' speed depends
     on the first, so a ratio measured under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine
     says so in its row."""
     out: dict[str, str] = {}
@@ -189,10 +189,10 @@ def cpu_isa_extra(provider: str) -> dict[str, str]:
         pass
     if provider.startswith("dtl_fast"):
         try:
-            import dtl_fast
+            from dtl_fast._extension import _C
 
-            out["isa"] = str(dtl_fast.info().get("cpu_kernel_isa"))
-        except Exception:  # noqa: BLE001
+            out["isa"] = str(_C.cpu_isa())
+        except Exception:  # noqa: BLE001 (no C++ kernels built)
             pass
     return out
 

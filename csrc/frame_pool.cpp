@@ -162,6 +162,8 @@ int64_t span_bytes(c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t ele
                     element_size);
   for (const int64_t s : sizes) {
     TORCH_CHECK_VALUE(s >= 0, "span_bytes: sizes must be >= 0, got ", sizes);
+  }
+  for (const int64_t s : sizes) {
     if (s == 0) return 0;
   }
   int64_t numel = 1, span = 1;  // span: elements from the lowest address to the highest

@@ -546,6 +546,7 @@ def test_span_bytes_is_what_the_evict_first_rule_compares_with_l2():
     assert span((2, 3), (-3, 1), 4) == 6 * 4  # a negative stride counts by its size
     assert of(torch.empty(8, 0, 64)) == 0
     for bad, match in [(((2, 3), (3,), 4), "sizes"), (((2, -1), (3, 1), 4), "sizes"),
+                       (((0, -1), (3, 1), 4), "sizes"),  # a negative size after an empty one
                        (((2, 3), (3, 1), 0), "element_size")]:
         with pytest.raises(ValueError, match=match):
             span(*bad)
