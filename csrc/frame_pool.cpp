@@ -79,6 +79,15 @@ at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t
   TORCH_CHECK_VALUE(len.is_cpu() || len.device() == device,
                     "frame_pool: lengths must be on the CPU or on x's device (", device,
                     "), got ", len.device());
+  if (len.is_cpu() && len.scalar_type() == at::kUInt64 && len.numel() > 0) {
+    // int64 is what the kernels count in: a value >= 2^63 would wrap to a negative one, and
+    // the range error would then name a value the caller never passed.
+    const at::Tensor lc = len.contiguous();
+    const uint64_t* p = lc.const_data_ptr<uint64_t>();
+    const uint64_t hi = *std::max_element(p, p + lc.numel());
+    TORCH_CHECK_VALUE(hi <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                      "frame_pool: lengths must fit in int64, got ", hi);
+  }
   at::Tensor len64 = len.to(at::kLong).contiguous();
   if (!len64.is_cpu()) return len64;  // range left to the kernels: clamp + error flag
   check_length_values(len64, T);

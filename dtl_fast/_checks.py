@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 POOL_MODES = ("mean", "max", "sum")
@@ -25,12 +26,27 @@ def check_pool_input(x: torch.Tensor, mode: str, modes: Sequence[str] = POOL_MOD
         raise ValueError(f"frame_pool: mode must be one of {', '.join(map(repr, modes))}, got {mode!r}")
 
 
+def tensor_from_numpy(arr: np.ndarray, *, owner: str, name: str) -> torch.Tensor:
+    """A tensor holding a copy of NumPy array `arr` (native byte order, contiguous).
+
+    A copy, not torch.from_numpy's view: the op may read the values again later (the fused
+    ops' backward keeps its lengths), and a caller refilling a reused array in between would
+    otherwise change them behind autograd's back. B or H integers cost nothing to copy. Arrays
+    of anything but numbers (object, strings) raise ValueError "<owner>: <name> must ..."."""
+    if arr.dtype.kind not in "biufc":
+        raise ValueError(f"{owner}: {name} must be an integer array, got NumPy dtype {arr.dtype}")
+    # newbyteorder("=") keeps the dtype and makes it native; np.array copies (negative strides,
+    # read-only and broadcast arrays included) into a fresh writable C-contiguous array.
+    return torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True))
+
+
 def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name: str = "lengths",
                       device_name: str = "x", overflow_error: type = ValueError) -> torch.Tensor | None:
     """Turns `lengths` (None, a sequence of ints or of 0-d integer tensors, an integer NumPy
     array, or an integer tensor [B] on the CPU or on `device`) into None or an integer tensor
-    (its dtype and device as given), checking type, shape and device; every op that takes
-    per-sequence lengths goes through here, so they all accept and reject the same things.
+    (its dtype and device as given; a NumPy array is copied, see tensor_from_numpy), checking
+    type, shape and device; every op that takes per-sequence lengths goes through here, so
+    they all accept and reject the same things.
 
     Errors are ValueError "<owner>: <name> must ..." (overflow_error for values outside int64).
     The range of the values is the caller's to check: see check_lengths_range.
@@ -38,7 +54,7 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
     if lengths is None:
         return None
     if isinstance(lengths, np.ndarray):
-        lengths = torch.from_numpy(lengths)
+        lengths = tensor_from_numpy(lengths, owner=owner, name=name)
     if not isinstance(lengths, torch.Tensor):
         if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
             raise ValueError(f"{owner}: {name} must be None, a list of ints or an integer "
@@ -59,6 +75,13 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
         lengths = torch.tensor(values, dtype=torch.int64)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"{owner}: {name} must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dtype == torch.uint64 and lengths.device.type == "cpu" and lengths.numel() > 0 \
+            and not torch.compiler.is_compiling():
+        # int64 is what every kernel and reference computes in: a uint64 value >= 2^63 would
+        # wrap to a negative one (and torch has no max() for uint64; NumPy has)
+        values = unwrap_functorch(lengths)
+        if not is_fake(values) and int(values.numpy().max()) >= 2**63:
+            raise overflow_error(f"{owner}: {name} must fit in int64, got {int(values.numpy().max())}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"{owner}: {name} must have shape [B] = [{B}] ({device_name} has batch "
                          f"size {B}), got {tuple(lengths.shape)}")

@@ -32,12 +32,13 @@ _HAS_KERNEL: dict[tuple[str, str], bool] = {}
 # A constant for torch.compile: the registry does not change while a graph runs.
 @torch.compiler.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether the compiled op `dtl_fast::<op>` has a kernel for `device_type` ("cpu", "cuda")."""
+    """Whether the compiled op `dtl_fast::<op>` has a kernel for `device_type` ("cpu", "cuda",
+    or "meta": the op's fake kernel, shapes only)."""
     if _C is None:
         return False
     found = _HAS_KERNEL.get((op, device_type))
     if found is None:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
         found = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
             f"dtl_fast::{op}", key)
         _HAS_KERNEL[(op, device_type)] = found

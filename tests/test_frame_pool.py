@@ -5,6 +5,7 @@ import itertools
 import os
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -291,9 +292,18 @@ BAD_INPUTS = [
     ("x rank 4", lambda x: (x[None], None), "x"),
     ("integer x", lambda x: (x.long(), None), "x"),
     ("float numpy lengths", lambda x: (x, __import__("numpy").array([2.0, 1.0, 1.0])), "lengths"),
+    ("object numpy lengths", lambda x: (x, __import__("numpy").array([2, 1, 1], dtype=object)),
+     "lengths"),
+    # int64 is what the kernels count in: 2^64 - 1 must not wrap into a "-1" in the message
+    ("uint64 lengths >= 2^63", lambda x: (x, torch.tensor([2**64 - 1, 1, 1], dtype=torch.uint64)),
+     "lengths must fit in int64, got 18446744073709551615"),
 ]
 # The cases the registered op itself sees (it takes lengths as a tensor or None).
-TENSOR_BAD_INPUTS = [c for c in BAD_INPUTS if c[0] not in ("float in list", "float numpy lengths")]
+TENSOR_BAD_INPUTS = [c for c in BAD_INPUTS
+                     if c[0] not in ("float in list", "float numpy lengths", "object numpy lengths")]
+# ... and those its fake kernel sees too (no values: shapes and dtypes only).
+FAKE_BAD_INPUTS = [c for c in TENSOR_BAD_INPUTS
+                   if c[0] not in ("lengths > T", "lengths < 0", "uint64 lengths >= 2^63")]
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -318,6 +328,108 @@ def test_registered_op_checks_its_own_arguments(case):
         torch.ops.dtl_fast.frame_pool(torch.randn(3, 4, 5), None, "median")
     with pytest.raises(ValueError, match="argmax"):
         torch.ops.dtl_fast.frame_pool_backward(torch.randn(3, 5), None, torch.zeros(3, 5), 4, "max")
+
+
+@pytest.mark.parametrize("case", FAKE_BAD_INPUTS, ids=[c[0] for c in FAKE_BAD_INPUTS])
+def test_fake_kernels_check_what_the_kernels_check(case):
+    # A direct torch.ops call that the kernel would reject fails while it is traced (meta / fake
+    # tensors), with the kernel's ValueError, not only when the graph first runs.
+    _, make, name = case
+    x, lengths = make(torch.randn(3, 4, 5, device="meta"))
+    with pytest.raises(ValueError, match=name):
+        torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    xm = torch.randn(3, 4, 5, device="meta")
+    with pytest.raises(ValueError, match="mode"):
+        torch.ops.dtl_fast.frame_pool(xm, None, "median")
+    bwd = torch.ops.dtl_fast.frame_pool_backward
+    g = torch.randn(3, 10, device="meta")
+    am = torch.zeros(3, 5, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="argmax"):
+        bwd(g[:, :5], None, am.float(), 4, "max")
+    with pytest.raises(ValueError, match="argmax"):
+        bwd(g, None, am[:, :4], 4, "meanmax")
+    with pytest.raises(ValueError, match=r"\[B, 2D\]"):
+        bwd(g[:, :9], None, am, 4, "meanmax")
+    with pytest.raises(ValueError, match="T must"):
+        bwd(g[:, :5], None, am, -1, "mean")
+    with pytest.raises(ValueError, match="lengths"):
+        bwd(g[:, :5], torch.tensor([1, 2]), am, 4, "mean")
+    assert bwd(g, torch.tensor([1, 2, 3]), am, 4, "meanmax").shape == (3, 4, 5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+def test_meta_tensors_give_shapes(backend):
+    # Shape inference on the meta device (as under `with torch.device("meta")`): every backend
+    # gives the output and gradient shapes; auto and reference still check CPU lengths' values.
+    x = torch.empty(4, 6, 5, device="meta", requires_grad=True)
+    for lengths in (None, [1, 6, 0, 2], torch.tensor([1, 6, 0, 2]),
+                    torch.empty(4, dtype=torch.int64, device="meta")):
+        for mode, w in (("mean", 5), ("meanmax", 10)):
+            out = ops.frame_pool(x, lengths, mode, backend=backend)
+            assert out.shape == (4, w) and out.device.type == "meta"
+            (gx,) = torch.autograd.grad(out.sum(), x)
+            assert gx.shape == x.shape and gx.device.type == "meta"
+    if backend != "fused":  # the fake kernel reads no values
+        with pytest.raises(ValueError, match="lengths"):
+            ops.frame_pool(x, torch.tensor([1, 9, 0, 2]), "mean", backend=backend)
+    with torch.device("meta"):
+        out = FramePool("max", backend=backend)(torch.empty(2, 3, 4), [1, 3])
+    assert out.shape == (2, 4) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_numpy_lengths_are_copied(backend):
+    # A reused NumPy buffer refilled between forward and backward (a data loader's per-batch
+    # array) must not change the gradient: the op owns a copy.
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    lengths = np.array([4, 2])
+    out = ops.frame_pool(x, lengths, "meanmax", backend=backend)
+    lengths[:] = [1, 1]
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    _, gref = pool_with_grads(reference.frame_pool, x.detach(), [4, 2], "meanmax", torch.ones(2, 6))
+    assert torch.equal(gx, gref)
+    # Layouts torch.from_numpy refuses or warns about: reversed, big-endian, read-only.
+    base = np.array([2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for arr in (base[::-1], base.astype(">i8"), np.broadcast_to(np.array([2]), (2,))):
+            expected = reference.frame_pool(x.detach(), [int(v) for v in arr], "mean")
+            assert torch.equal(ops.frame_pool(x.detach(), arr, "mean", backend=backend), expected)
+
+
+def test_saved_lengths_written_in_place_is_autograd_s_error():
+    # The compiled op keeps a lengths tensor for its backward as autograd keeps any saved input:
+    # an in-place write before the backward is the usual version-counter error, not a wrong
+    # gradient (the docstring says so).
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    lengths = torch.tensor([4, 2])
+    out = ops.frame_pool(x, lengths, "mean", backend="fused")
+    lengths.fill_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_framepool_checks_mode_and_backend_when_set():
+    import pickle
+
+    pool = FramePool("max", backend="reference")
+    with pytest.raises(ValueError, match="backend"):
+        pool.backend = "fast"
+    with pytest.raises(ValueError, match="mode"):
+        pool.mode = "min"
+    assert (pool.mode, pool.backend) == ("max", "reference")
+    pool.mode, pool.backend = "meanmax", None
+    assert pool(torch.ones(2, 3, 4), [1, 3]).shape == (2, 8)
+    copy = pickle.loads(pickle.dumps(pool))
+    assert (copy.mode, copy.backend) == ("meanmax", None)
+    # A FramePool pickled before mode / backend were checked properties kept them in __dict__.
+    state = dict(pool.__dict__)
+    state["mode"], state["backend"] = state.pop("_mode"), state.pop("_backend")
+    old = FramePool.__new__(FramePool)
+    old.__setstate__(state)
+    assert (old.mode, old.backend) == ("meanmax", None)
+    assert torch.equal(old(torch.ones(2, 3, 4), [1, 3]), pool(torch.ones(2, 3, 4), [1, 3]))
 
 
 @pytest.mark.gpu
@@ -755,6 +867,14 @@ def test_gpu_lengths_are_checked_on_the_gpu(mode):
     torch.ops.dtl_fast.frame_pool_backward(g, bad, am, 6, mode)
     with pytest.raises(ValueError, match="lengths"):
         dtl_fast.check_errors()
+    # ... and a later backward raises what a forward recorded: a training step learns of its
+    # forward's bad lengths in its own backward.
+    xg = x.detach().requires_grad_(True)
+    out = ops.frame_pool(xg, bad, mode)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="lengths"):
+        out.backward(torch.ones_like(out))
+    dtl_fast.check_errors()  # cleared by the backward that raised it
 
 
 @pytest.mark.gpu

@@ -1339,6 +1339,9 @@ at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
   TORCH_CHECK_VALUE(grad_out.is_cuda(),
                     "frame_pool_backward (CUDA kernel): grad_out must be a CUDA tensor, got ",
                     grad_out.device());
+  // As in the forward: a bad length an earlier kernel has already reported is raised now, so a
+  // training step learns of its forward's bad lengths in its backward, not a step later.
+  check_device_errors(/*sync=*/false);
   at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, m);
   const at::cuda::OptionalCUDAGuard guard(device_of(grad_out));
 

@@ -24,12 +24,42 @@ class FramePool(nn.Module):
 
     def __init__(self, mode: str = "mean", backend: str | None = None):
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"FramePool: mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
-        if backend is not None:
-            resolve_backend(backend)
         self.mode = mode
         self.backend = backend
+
+    # Both checked when set (in __init__ or later), as the RNN and attention modules do: a typo
+    # fails at the assignment, not at the first forward.
+    @property
+    def mode(self) -> str:
+        """"mean" | "max" | "sum" | "meanmax". Settable; a bad value raises ValueError."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in _MODES:
+            raise ValueError(f"FramePool: mode must be one of {', '.join(map(repr, _MODES))}, "
+                             f"got {value!r}")
+        object.__setattr__(self, "_mode", value)
+
+    @property
+    def backend(self) -> str | None:
+        """"auto" | "fused" | "reference", or None for $DTL_FAST_BACKEND (else "auto") read at
+        each call. Settable; a bad value raises ValueError."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value is not None:
+            resolve_backend(value)
+        object.__setattr__(self, "_backend", value)
+
+    def __setstate__(self, state: dict) -> None:
+        # A FramePool pickled before mode / backend were properties keeps them in its __dict__
+        # under their public names, where the properties would never look.
+        for name in ("mode", "backend"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
 
     def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
         return ops.frame_pool(x, lengths, self.mode, backend=self.backend)

@@ -7,31 +7,77 @@ import torch
 
 from dtl_fast import _extension, reference
 from dtl_fast._backend import resolve_backend
-from dtl_fast._checks import POOL_MODES, check_pool_input, normalize_lengths
+from dtl_fast._checks import FLOAT_DTYPES, POOL_MODES, check_pool_input, normalize_lengths
 from dtl_fast.ops._eager import needs_stock_path, refuse_transforms, transforms_in_use
 
 _FWD = "dtl_fast::frame_pool"
 _BWD = "dtl_fast::frame_pool_backward"
 MODES = POOL_MODES + ("meanmax",)
+_MAX_T = 2**31 - 4097  # the kernels' limit (csrc/frame_pool.cpp kMaxT: int32 frame indices)
 
 
 def _register() -> None:
-    # Shapes only, for fake tensors (torch.compile, opcheck). The autograd of both ops is
-    # registered in C++ (csrc/frame_pool_autograd.cpp, under the Autograd dispatch key), which
-    # saves the ~0.18 ms per call the Python register_autograd wrapper cost.
+    # The fake kernels (torch.compile, opcheck, meta tensors) give the output shapes. They check
+    # what the real kernels check without reading data (mode, dtypes, shapes), with the same
+    # ValueError, so that a direct torch.ops call the kernel would reject fails while it is
+    # traced, not when the graph first runs. The autograd of both ops is registered in C++
+    # (csrc/frame_pool_autograd.cpp, under the Autograd dispatch key), which saves the ~0.18 ms
+    # per call the Python register_autograd wrapper cost.
+    def _check_lengths(lengths, B, owner):
+        if lengths is None:
+            return
+        torch._check_value(not lengths.dtype.is_floating_point and not lengths.dtype.is_complex
+                           and lengths.dtype != torch.bool,
+                           lambda: f"{owner}: lengths must be an integer tensor, got dtype "
+                                   f"{lengths.dtype}")
+        torch._check_value(lengths.dim() == 1 and lengths.shape[0] == B,
+                           lambda: f"{owner}: lengths must have shape [B] = [{B}], got "
+                                   f"{tuple(lengths.shape)}")
+
+    def _check_mode(mode, owner):
+        torch._check_value(mode in MODES, lambda: f"{owner}: mode must be one of "
+                                                  f"{', '.join(map(repr, MODES))}, got {mode!r}")
+
     @torch.library.register_fake(_FWD)
     def _frame_pool_fake(x, lengths, mode):
-        torch._check(x.dim() == 3, lambda: f"frame_pool: x must be [B, T, D], got {x.shape}")
-        B, _, D = x.shape
+        _check_mode(mode, "frame_pool")
+        torch._check_value(x.dim() == 3, lambda: f"frame_pool: x must be a 3-D tensor [B, T, D], "
+                                                 f"got shape {tuple(x.shape)}")
+        torch._check_value(x.dtype in FLOAT_DTYPES, lambda: f"frame_pool: x must be float32, "
+                                                            f"float64, float16 or bfloat16, got "
+                                                            f"{x.dtype}")
+        B, T, D = x.shape
+        torch._check_value(T <= _MAX_T, lambda: f"frame_pool: T must be <= 2^31 - 4097 (frame "
+                                                f"indices are int32), got {T}")
+        _check_lengths(lengths, B, "frame_pool")
         width = 2 * D if mode == "meanmax" else D
         argmax_shape = (B, D) if mode in ("max", "meanmax") else (0,)
         return x.new_empty((B, width)), x.new_empty(argmax_shape, dtype=torch.int32)
 
     @torch.library.register_fake(_BWD)
     def _frame_pool_backward_fake(grad_out, lengths, argmax, T, mode):
-        torch._check(grad_out.dim() == 2, lambda: "frame_pool_backward: grad_out must be [B, D]")
+        _check_mode(mode, "frame_pool_backward")
+        torch._check_value(grad_out.dim() == 2, lambda: "frame_pool_backward: grad_out must be "
+                                                        f"[B, D], got {tuple(grad_out.shape)}")
+        torch._check_value(grad_out.dtype in FLOAT_DTYPES,
+                           lambda: f"frame_pool_backward: grad_out must be float32, float64, "
+                                   f"float16 or bfloat16, got {grad_out.dtype}")
         B, width = grad_out.shape
+        torch._check_value(mode != "meanmax" or width % 2 == 0,
+                           lambda: f"frame_pool_backward: grad_out of 'meanmax' must be "
+                                   f"[B, 2D], got width {width}")
+        for ok in (T >= 0, T <= _MAX_T):  # each a SymBool under dynamic shapes: no `and`
+            torch._check_value(ok, lambda: f"frame_pool_backward: T must lie in "
+                                           f"[0, 2^31 - 4097], got {T}")
         D = width // 2 if mode == "meanmax" else width
+        if mode in ("max", "meanmax"):
+            def argmax_msg():
+                return (f"frame_pool_backward: argmax must be an int32 tensor [B, D] = [{B}, {D}], "
+                        f"got {argmax.dtype} {tuple(argmax.shape)}")
+            torch._check_value(argmax.dtype == torch.int32 and argmax.dim() == 2, argmax_msg)
+            torch._check_value(argmax.shape[0] == B, argmax_msg)
+            torch._check_value(argmax.shape[1] == D, argmax_msg)
+        _check_lengths(lengths, B, "frame_pool_backward")
         return grad_out.new_empty((B, T, D))
 
 
@@ -77,9 +123,16 @@ def _use_compiled(x: torch.Tensor, backend: str, mode: str) -> bool:
         return False
     if backend == "auto" and x.is_cuda and _stock_wins_on_cuda(x, mode):
         return False
+    # Meta x (shapes only): `auto` runs the reference, which still checks lengths that live on
+    # the CPU, as a real run would; `fused` runs the op's fake kernel (shapes, no values).
+    if backend == "auto" and x.device.type == "meta":
+        return False
     if _extension.has_kernel("frame_pool", x.device.type):
         return True
     if backend == "fused":
+        if x.device.type not in ("cpu", "cuda", "meta"):
+            raise RuntimeError(f"frame_pool(backend='fused') has kernels for CPU and CUDA tensors "
+                               f"only, got x on {x.device}; pass backend='auto' or 'reference'")
         raise RuntimeError(_extension.missing_build_message(
             f"frame_pool(backend='fused') on {x.device.type} tensors"))
     return False
@@ -91,8 +144,12 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
 
     Args:
         x: [B, T, D] float32 / float64 / float16 / bfloat16, any strides.
-        lengths: None (all T frames valid), a list of B ints, or an integer tensor [B] on the
-            CPU or on x's device; frames t >= lengths[b] are never read.
+        lengths: None (all T frames valid), a list of B ints, an integer NumPy array (copied),
+            or an integer tensor [B] on the CPU or on x's device; frames t >= lengths[b] are
+            never read. The compiled op keeps a lengths tensor for its backward, as autograd
+            keeps any saved input: writing into it in place before the backward raises
+            autograd's "modified by an inplace operation" error (the reference builds its masks
+            at once and does not mind).
         mode: "mean" | "max" | "sum" | "meanmax" (mean and max side by side, [B, 2D], from one
             read of x and, in the backward pass, one write of grad_x).
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto")
@@ -101,7 +158,9 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
             the measured rule _CUDA_STOCK_WINS names the case), and the eager reference where a
             kernel was not built, and under torch.func.grad / vjp / jvp and forward-mode AD
             (which the compiled op's autograd cannot serve; "fused" raises NotImplementedError
-            there). torch.func.vmap runs the compiled op per sample.
+            there). torch.func.vmap runs the compiled op per sample. On meta tensors (shapes
+            only) "auto" runs the reference, which still checks lengths held on the CPU, and
+            "fused" the op's fake kernel.
 
     Returns:
         [B, D] ([B, 2D] for "meanmax") in x's dtype; half types accumulate in float32. A row
@@ -109,11 +168,17 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
         sends the gradient to the first maximal frame.
 
     Raises:
-        ValueError: wrong rank or dtype of x, unknown mode, lengths not integer, not [B], on
-            another device, or (CPU lengths) outside [0, T]. Lengths on the GPU are checked
-            on the GPU without a host synchronisation: the kernel pools over the lengths
-            clamped into [0, T] and records the error, which `dtl_fast.check_errors()` raises
-            (it waits for the GPU), as does any later CUDA call that finds it recorded.
+        ValueError: wrong rank or dtype of x, T above 2^31 - 4097 (the kernels' int32 frame
+            indices), unknown mode, lengths not integer, not [B], on another device, beyond
+            int64, or (CPU lengths) outside [0, T]. Lengths on the GPU are checked on the GPU
+            without a host synchronisation: the kernel pools over the lengths clamped into
+            [0, T] and records the error, which `dtl_fast.check_errors()` raises (it waits for
+            the GPU), as does any later CUDA pooling call, forward or backward, that finds it
+            recorded. The record is one per process: whichever check sees it first raises and
+            clears it, whatever thread, stream or device made the faulty call.
+        RuntimeError: out-of-range lengths with backend="reference" under torch.compile or
+            CUDA graph capture (an asynchronous assert: no host read inside a graph; the
+            compiled op still raises ValueError for CPU lengths there).
     """
     backend = resolve_backend(backend)
     check_pool_input(x, mode, MODES)
