@@ -18,3 +18,19 @@ from dtl_fast.info import info  # noqa: E402
 from dtl_fast.nn.swap import swap_modules  # noqa: E402
 
 __all__ = ["check_errors", "cpu_grad_cache_info", "empty_cpu_grad_cache", "info", "nn", "ops", "reference", "swap_modules", "__version__"]
+
+# The model, the data pipeline and the trainer load on first use (`dtl_fast.models.DTL(...)`
+# works after a plain `import dtl_fast`), so importing the kernels does not import them.
+_LAZY_SUBMODULES = ("data", "models", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"dtl_fast.{name}")
+    raise AttributeError(f"module 'dtl_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -8,7 +8,18 @@ import platform
 import torch
 
 from dtl_fast import _extension
-from dtl_fast._backend import ENV_VAR
+from dtl_fast._backend import BACKENDS, ENV_VAR
+
+
+def _default_backend() -> tuple[str, str | None]:
+    """($DTL_FAST_BACKEND or "auto", None), or (the value, what every call with backend=None
+    then raises) when the variable holds no backend: said here, raised by the ops."""
+    chosen = os.environ.get(ENV_VAR) or "auto"
+    if chosen in BACKENDS:
+        return chosen, None
+    return chosen, (f"error: ${ENV_VAR}={chosen!r} is not one of "
+                    f"{', '.join(map(repr, BACKENDS))}: every call with backend=None raises "
+                    f"ValueError")
 
 
 def _triton_version() -> str | None:
@@ -34,7 +45,9 @@ def _op_backend(op: str, device: str) -> str:
     """What an op with backend=None runs on `device`: $DTL_FAST_BACKEND, else "auto"."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
-    chosen = os.environ.get(ENV_VAR) or "auto"
+    chosen, error = _default_backend()
+    if error is not None:
+        return error
     if chosen == "reference":
         return f"eager reference (${ENV_VAR}=reference)"
     if _extension.has_kernel(op, device):
@@ -56,7 +69,9 @@ def _triton_op_backend(op: str, device: str) -> str:
 
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
-    chosen = os.environ.get(ENV_VAR) or "auto"
+    chosen, error = _default_backend()
+    if error is not None:
+        return error
     if chosen == "reference":
         return f"eager reference (${ENV_VAR}=reference)"
     if chosen == "auto" and device == "cpu":
@@ -106,6 +121,7 @@ def info() -> dict:
     import dtl_fast
 
     cuda = torch.cuda.is_available()
+    default, default_error = _default_backend()
     return {
         "dtl_fast": dtl_fast.__version__,
         "torch": torch.__version__,
@@ -129,7 +145,7 @@ def info() -> dict:
         # bench/sweep_frame_pool.py measures them on a GPU
         "frame_pool_cuda_launch": (_extension._C.cuda_launch_config()
                                    if _extension.cuda_kernels_built() else None),
-        "backend_default": os.environ.get(ENV_VAR) or "auto",
+        "backend_default": default_error or default,
         "cuda_device": torch.cuda.get_device_name() if cuda else None,
         # each op's rule for backend="auto" (a measured table beside the op: DESIGN.md)
         "auto_rules": _auto_rules(),

@@ -57,6 +57,32 @@ def test_info_follows_the_backend_variable(monkeypatch):
     assert dtl_fast.info()["ops"]["gru"]["cpu"].startswith("eager reference")
 
 
+def test_info_says_a_bad_backend_variable(monkeypatch):
+    # Every call with backend=None raises then: info() says so instead of naming a kernel.
+    monkeypatch.setenv("DTL_FAST_BACKEND", "Fused")
+    data = dtl_fast.info()
+    assert data["backend_default"].startswith("error: $DTL_FAST_BACKEND='Fused'")
+    for op in ("frame_pool", "lstm", "cosine_attention"):
+        assert data["ops"][op]["cpu"].startswith("error:"), (op, data["ops"][op])
+    with pytest.raises(ValueError, match="DTL_FAST_BACKEND"):
+        dtl_fast.ops.frame_pool(torch.ones(1, 2, 3))
+
+
+def test_submodules_load_on_first_use():
+    # `import dtl_fast` then dtl_fast.models / .data / .train, as the README writes them; a
+    # fresh interpreter, so that no other test has imported them already.
+    code = ("import sys, dtl_fast\n"
+            "assert 'dtl_fast.models' not in sys.modules and 'dtl_fast.train' not in sys.modules\n"
+            "assert type(dtl_fast.models.DTL(3)).__name__ == 'DTL'\n"
+            "assert callable(dtl_fast.data.open_split) and callable(dtl_fast.data.prepare)\n"
+            "assert dtl_fast.train.__name__ == 'dtl_fast.train'\n"
+            "assert {'models', 'data', 'train'} <= set(dir(dtl_fast))\n"
+            "try:\n    dtl_fast.no_such_name\nexcept AttributeError as e:\n"
+            "    assert 'no_such_name' in str(e)\nelse:\n    raise AssertionError('no error')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
 def test_public_api():
     for name in ("LSTM", "GRU", "CosineAttention", "FeatureExchange", "DualModalAttention",
                  "FramePool", "swap_modules"):
