@@ -12,7 +12,7 @@ from dtl_fast.ops import rnn as ops
 
 from _helpers import HAS_CUDA, assert_rel_close
 from _rnn_cases import (MODES, assert_all_close, assert_all_half_close, check_cuda_real_size, fn_of,
-                        make_case, real_size_id, run)
+                        make_case, names, real_size_id, run)
 
 F32_TOL = 1e-5  # float32 against the float64 reference (issue 3)
 
@@ -208,6 +208,96 @@ def test_fused_autocast(mode):
     base = run(fn_of(mode, "ref"), mode, cast(x), tuple(map(cast, h)) if mode == "LSTM" else cast(h),
                [cast(w) for w in ws], bidirectional=True)
     assert_all_half_close(mode, h, len(ws), got, want, base, bf16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_autocast(mode):
+    """Under torch.autocast the reference rounds input, hx and weights to the autocast dtype and
+    returns its results in it, as the fused path (test_fused_autocast) and cuDNN do: exactly the
+    reference on bfloat16 copies, with float32 gradients for the float32 leaves (it once ignored
+    autocast and returned float32). torch.nn's CPU LSTM on padded input agrees on the dtype."""
+    bf16 = torch.bfloat16
+    module, x, h, ws = make_case(mode, 3, 2, 4, 6, 2, True, dtype=torch.float32)
+    kw = dict(num_layers=2, bidirectional=True, lengths=[3, 2])
+
+    def forward_under_autocast(*args, **kwargs):
+        # Only the forward: a backward under autocast would cast the backward GEMMs as well.
+        with torch.autocast("cpu", dtype=bf16):
+            return fn_of(mode, "ref")(*args, **kwargs)
+    got = run(forward_under_autocast, mode, x, h, ws, **kw)
+    cast = lambda t: t.to(bf16)  # noqa: E731
+    base = run(fn_of(mode, "ref"), mode, cast(x), tuple(map(cast, h)) if mode == "LSTM" else cast(h),
+               [cast(w) for w in ws], **kw)
+    n_out = 3 if mode == "LSTM" else 2
+    for name, a, b in zip(names(mode, h, len(ws)), got, base):
+        assert a.dtype == (bf16 if name in ("output", "h_n", "c_n") else torch.float32), name
+        assert torch.equal(a, b.to(a.dtype)), name
+    if mode == "LSTM":  # PyTorch's CPU kernels apply autocast to the LSTM only (ops.lstm docstring)
+        with torch.autocast("cpu", dtype=bf16):
+            want = module.float()(x, h)
+        assert [t.dtype for t in got[:n_out]] == [want[0].dtype, *(t.dtype for t in want[1])]
+
+
+# ------------------------------------------------------------------------------------------------
+# lengths=: padded steps are not read, in the backward too; the empty batch
+# ------------------------------------------------------------------------------------------------
+
+PAD_CASES = [
+    # T, B, I, H, L, bi, batch_first, lengths, hx
+    (4, 3, 3, 4, 1, True, False, [2, 4, 1], True),
+    (4, 3, 3, 4, 2, True, True, [3, 1, 4], False),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["ref", "fused", "auto"])
+@pytest.mark.parametrize("case", PAD_CASES, ids=lambda c: "L{}{}".format(c[4], "bf" if c[6] else ""))
+def test_nonfinite_padding_is_not_read(mode, backend, case, poison):
+    """NaN, +inf and -inf in the padded steps (t >= lengths[b]) give exactly the outputs and the
+    gradients (input, hx, every weight) of zero padding, and exactly zero input gradient there,
+    as torch.nn's PackedSequence path does. They once gave NaN weight gradients: the fused
+    path's projection GEMM covers all T steps (dW_ih = dgates^T x sees 0 * NaN), and the
+    reference's torch.where on the state still sent 0 * NaN back through x_t @ W_ih into W_hh
+    and the valid steps' x.grad."""
+    T, B, I, H, L, bi, bf, lengths, hx = case
+    _, x, h, ws = make_case(mode, T, B, I, H, L, bi, hx=hx)
+    pad = (torch.arange(T)[:, None] >= torch.tensor(lengths)[None, :])[..., None]  # [T, B, 1]
+    non_finite = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype)
+    junk = non_finite[torch.arange(x.numel()) % 3].view(x.shape)  # every kind at each padded step
+    x_zero, x_junk = x.masked_fill(pad, 0.0), torch.where(pad, junk, x)
+    if bf:
+        x_zero, x_junk = x_zero.transpose(0, 1), x_junk.transpose(0, 1)
+    kw = dict(lengths=lengths, num_layers=L, bidirectional=bi, batch_first=bf)
+    with poison():
+        got = run(fn_of(mode, backend), mode, x_junk, h, ws, **kw)
+        want = run(fn_of(mode, backend), mode, x_zero, h, ws, **kw)
+    for name, a, b in zip(names(mode, h, len(ws)), got, want, strict=True):
+        assert a is not None and torch.isfinite(a).all(), f"{name}: not finite"
+        assert torch.equal(a, b), f"{name}: differs from zero padding by {(a - b).abs().max():.3g}"
+    dx = got[3 if mode == "LSTM" else 2]
+    dx = dx.transpose(0, 1) if bf else dx
+    assert torch.equal(dx[pad.expand_as(dx)], torch.zeros(int(pad.sum()) * I, dtype=dx.dtype))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["ref", "fused", "auto"])
+@pytest.mark.parametrize("bf", [False, True], ids=["", "bf"])
+def test_empty_batch_with_lengths(mode, backend, bf):
+    """B = 0 with lengths=[] (a list or an empty tensor) gives what torch.nn gives for an empty
+    batch: output [T, 0, D*H], h_n (c_n) [L*D, 0, H] in the input's dtype, zero weight
+    gradients. `auto` once raised "Cannot pack empty tensors" (pack_padded_sequence)."""
+    T, I, H, L = 3, 4, 5, 2
+    module, x, _, ws = make_case(mode, T, 0, I, H, L, True, hx=False)
+    if bf:
+        x = x.transpose(0, 1)
+    want = run(torch_module_run(module, mode, x, None, None, bf), mode, x, None, ws)
+    kw = dict(num_layers=L, bidirectional=True, batch_first=bf)
+    for lengths in ([], torch.zeros(0, dtype=torch.int64)):
+        got = run(fn_of(mode, backend), mode, x, None, ws, lengths=lengths, **kw)
+        for name, a, b in zip(names(mode, None, len(ws)), got, want, strict=True):
+            assert a is not None, f"{name}: missing gradient"
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+            assert torch.equal(a, b), name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ class _RNNBase(nn.Module):
         rule, dtl_fast.ops.rnn.auto_path: always on the CPU, on CUDA where no measured row puts
         a fused kernel ahead); then it goes in packed, without the pad / pack round trip."""
         dtype = data.dtype
-        if torch.is_autocast_enabled(data.device.type) and dtype in (torch.float32, torch.float64):
+        if torch.is_autocast_enabled(data.device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(data.device.type)
         B, T = (int(batch_sizes[0]), len(batch_sizes)) if len(batch_sizes) else (0, 0)
         return _ops().auto_path(self.mode, dtype, B, self.hidden_size, T,

@@ -365,7 +365,8 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
         hs = (zeros, zeros) if mode == "LSTM" else (zeros,)
     weights = list(weights)
     p, train = float(dropout), bool(training)
-    if lengths is None:
+    if lengths is None or B == 0:
+        # pack_padded_sequence refuses an empty batch; with no sequence the lengths change nothing.
         hx = hs if mode == "LSTM" else hs[0]
         out, *state = fn(x, hx, weights, has_bias, num_layers, p, train, bidirectional, batch_first)
     else:
@@ -398,6 +399,13 @@ def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first
         lengths = to_device_async(lengths.to(torch.int64), x.device)
     h_n, c_n = [], []
     layer_in = xt
+    if lengths is not None:
+        # Padded steps are never read, but the projection GEMM below covers all T steps, and
+        # its autograd (dW_ih = dgates^T x) would turn a NaN / inf in the padding into a NaN
+        # weight gradient (0 * NaN): zero them. Deeper layers read the previous layer's output,
+        # which is exactly zero there already.
+        valid = torch.arange(T, device=x.device)[:, None] < lengths[None, :]  # [T, B]
+        layer_in = torch.where(valid[..., None], xt, 0)
     for layer in range(num_layers):
         ws = [weights[(layer * D + d) * per_dir:(layer * D + d + 1) * per_dir] for d in range(D)]
         w_ih = torch.cat([w[0] for w in ws]) if D > 1 else ws[0][0]  # [D*G*H, I_l]
@@ -474,8 +482,9 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
 
 
 def _run_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the recurrence runs in: the autocast dtype under autocast, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64):
+    """The dtype the recurrence runs in: the autocast dtype under autocast (which casts every
+    float dtype but float64), else x's."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -507,7 +516,11 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
 
     Returns:
         (output, (h_n, c_n)): output [T, B, D*H] (or [B, T, D*H]), h_n, c_n [num_layers * D, B, H],
-        in input's dtype (under torch.autocast: the autocast dtype). The cell state and every
+        in input's dtype. Under torch.autocast input, hx and weights (unless float64) are rounded
+        to the autocast dtype first and the results are in it, as with cuDNN. Except "auto" on
+        the CPU: it returns exactly what torch.nn.LSTM / GRU return there, and PyTorch's CPU
+        kernels apply autocast only to a non-empty LSTM in bfloat16 without lengths (float32
+        otherwise; a float16 autocast LSTM raises in oneDNN). The cell state and every
         accumulation are float32 whatever the input dtype.
 
     Raises:
@@ -528,8 +541,8 @@ def gru(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional:
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h).
 
     Same arguments as lstm, with hx None or h0 [num_layers * D, B, H] and weights of 3H rows.
-    Returns (output [T, B, D*H] (or [B, T, D*H]), h_n [num_layers * D, B, H]) in input's dtype.
-    Raises as lstm.
+    Returns (output [T, B, D*H] (or [B, T, D*H]), h_n [num_layers * D, B, H]) in input's dtype
+    (under torch.autocast as lstm). Raises as lstm.
     """
     return _dispatch("GRU", input, hx, weights, lengths, num_layers, bidirectional, batch_first,
                      dropout, training, has_bias, backend)

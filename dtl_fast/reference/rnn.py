@@ -187,6 +187,24 @@ def _run(mode, input, hx, weights, *, lengths, num_layers, bidirectional, batch_
     H, D, hs, lengths = check_all(mode, input, hx, weights, lengths=lengths, num_layers=num_layers,
                                   bidirectional=bidirectional, batch_first=batch_first,
                                   dropout=dropout, has_bias=has_bias)
+    kw = dict(lengths=lengths, num_layers=num_layers, bidirectional=bidirectional,
+              batch_first=batch_first, dropout=dropout, training=training, has_bias=has_bias)
+    dev_type = input.device.type
+    if torch.is_autocast_enabled(dev_type) and input.dtype != torch.float64:
+        # What autocast does to torch.lstm / gru (cuDNN's path) and to the fused path: input, hx
+        # and weights (any float but float64, as autocast casts) rounded to the autocast dtype,
+        # the result in it. The loop itself then runs as for a half input, with autocast off so
+        # that its own matmuls are not cast a second time.
+        adt = torch.get_autocast_dtype(dev_type)
+        cast = lambda t: t if t.dtype == torch.float64 else t.to(adt)  # noqa: E731
+        with torch.autocast(dev_type, enabled=False):
+            return _loop(mode, cast(input), None if hs is None else tuple(map(cast, hs)),
+                         [cast(w) for w in weights], H, D, **kw)
+    return _loop(mode, input, hs, weights, H, D, **kw)
+
+
+def _loop(mode, input, hs, weights, H, D, *, lengths, num_layers, bidirectional, batch_first,
+          dropout, training, has_bias):
     dtype = input.dtype
     cdt = _compute_dtype(dtype)
     x = input.transpose(0, 1) if batch_first else input  # [T, B, I]
@@ -203,6 +221,10 @@ def _run(mode, input, hx, weights, *, lengths, num_layers, bidirectional, batch_
         valid = torch.ones(T, B, 1, dtype=torch.bool, device=dev)
     else:
         valid = (torch.arange(T, device=dev)[:, None] < lengths.to(dev)[None, :])[..., None]
+        # Padded steps are never read: without this a NaN / inf there would still flow back as
+        # 0 * NaN through x_t @ W_ih (torch.where only zeroes the gradient of the state) into
+        # the weight gradients and x.grad. Deeper layers read outputs that are zero there.
+        x = torch.where(valid, x, 0)
     per_dir = 4 if has_bias else 2
     h_n, c_n = [], []
     layer_in = x
@@ -259,7 +281,9 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
 
     Returns:
         output [T, B, D*H] (or [B, T, D*H]) and (h_n, c_n), each [num_layers * D, B, H], all in
-        input's dtype; half inputs are computed in float32.
+        input's dtype; half inputs are computed in float32. Under torch.autocast, input, hx and
+        weights (unless float64) are first rounded to the autocast dtype, which the results are
+        then in (what autocast does to torch.lstm's cuDNN path).
     """
     return _run("LSTM", input, hx, weights, lengths=lengths, num_layers=num_layers,
                 bidirectional=bidirectional, batch_first=batch_first, dropout=dropout,
@@ -275,7 +299,7 @@ def gru(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional:
 
     Same arguments as lstm, with hx None or h0 [num_layers * D, B, H] and weights of 3H rows
     (gates r, z, n). Returns output [T, B, D*H] (or [B, T, D*H]) and h_n [num_layers * D, B, H]
-    in input's dtype.
+    in input's dtype (under torch.autocast as lstm).
     """
     return _run("GRU", input, hx, weights, lengths=lengths, num_layers=num_layers,
                 bidirectional=bidirectional, batch_first=batch_first, dropout=dropout,
