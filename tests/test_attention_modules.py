@@ -460,6 +460,37 @@ def test_dam_padding_does_not_leak(backend):
     assert torch.isfinite(x_i.grad).all() and torch.isfinite(x_v.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_non_finite_padding_does_not_reach_outputs(backend):
+    """NaN / inf in padded tokens (the attention op's padded keys) leave every module's output
+    as with finite padding: DAM (grouped under auto: stacked heads, per-head windows), the
+    FeatureExchange (per-head key lengths when the directions stack) and a cross
+    CosineAttention. Forward only: the padding's own weight gradients are NaN in every backend
+    (see the module docstring)."""
+    f64 = torch.float64
+    li, lv = torch.tensor([3, 1]), torch.tensor([6, 2])
+    x_i, x_v = torch.randn(2, 4, 16, dtype=f64), torch.randn(2, 7, 16, dtype=f64)
+    valid_i = torch.arange(4)[None, :, None] < li[:, None, None]
+    valid_v = torch.arange(7)[None, :, None] < lv[:, None, None]
+    y_i = torch.where(valid_i, x_i, math.nan)
+    y_v = torch.where(valid_v, x_v, -math.inf)
+    y_v[0, 6, :3] = math.inf
+    x_i, x_v = torch.where(valid_i, x_i, 0.0), torch.where(valid_v, x_v, 0.0)
+    dam = randomize_(DualModalAttention(16, 2, 2, window=1, num_memory=2, backend=backend, dtype=f64))
+    fe = randomize_(FeatureExchange(16, 16, 16, 2, backend=backend, dtype=f64), seed=2)
+    ca = randomize_(CosineAttention(16, 2, window=2, backend=backend, dtype=f64), seed=3)
+    calls = {
+        "DAM": lambda a, b: dam(a, b, li, lv),
+        "FeatureExchange": lambda a, b: fe(a, b[:, :4], li, torch.tensor([4, 2])),
+        # finite queries: a padded query's own row is computed like any other (docstring)
+        "CosineAttention": lambda a, b: (ca(x_i, b, key_lengths=lv),),
+    }
+    for module, call in calls.items():
+        for i, (got, want) in enumerate(zip(call(y_i, y_v), call(x_i, x_v))):
+            assert torch.isfinite(got).all(), f"{module} output {i} has NaN / inf"
+            assert_rel_close(f"{module} output {i}", got, want, 1e-12)
+
+
 def test_dam_lengths_forms_and_full_lengths():
     dam = randomize_(DualModalAttention(16, 2, 1, window=1, backend="reference", dtype=torch.float64))
     x_i, x_v = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
@@ -520,6 +551,32 @@ def test_dam_under_autocast():
     for i, (o, w, r) in enumerate(zip(got, want, base)):
         assert_half_close(f"autocast output {i}", o.float(), w, r, torch.bfloat16)
     assert all(torch.isfinite(p.grad).all() for p in dam.parameters())
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_inputs_of_another_dtype_run_under_autocast(backend):
+    """Under torch.autocast an input dtype other than the parameters' is what AMP runs (the
+    projections cast both sides): no dtype error there for float32 modules given bfloat16
+    inputs, nor for bfloat16 modules given float32 inputs (not DAM: torch's CPU LayerNorm
+    refuses a float32 input with bfloat16 weights under autocast); outside autocast the same
+    calls raise."""
+    bf16 = torch.bfloat16
+    a, b = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    for module_dtype, input_dtype in ((torch.float32, bf16), (bf16, torch.float32)):
+        ca = CosineAttention(16, 2, window=1, backend=backend, dtype=module_dtype)
+        fe = FeatureExchange(16, 16, 16, 2, backend=backend, dtype=module_dtype)
+        dam = DualModalAttention(16, 2, 1, window=1, num_memory=2, backend=backend, dtype=module_dtype)
+        x, y = a.to(input_dtype), b.to(input_dtype)
+        calls = {"CosineAttention": lambda: (ca(x, y, key_lengths=[5, 2]),),
+                 "FeatureExchange": lambda: fe(x, y, [3, 1], [5, 2])}
+        if module_dtype == torch.float32:
+            calls["DualModalAttention"] = lambda: dam(x, y, [3, 1], [5, 2])
+        for name, call in calls.items():
+            with torch.autocast("cpu", dtype=bf16):
+                outs = call()
+            assert all(torch.isfinite(o).all() for o in outs), name
+            with pytest.raises(ValueError, match="must have the module's dtype"):
+                call()
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,6 +698,8 @@ def test_bad_forward_input():
         (lambda: m(q, torch.randn(3, 5, 8), torch.randn(3, 5, 12)), "same batch size"),
         (lambda: m(torch.randn(3, 16), k, v), "3-D"),
         (lambda: m(q.double(), k, v), "dtype"),
+        (lambda: m(q.double(), k.double(), v.double()),
+         r"query must have the module's dtype \(torch.float32\), got torch.float64"),
         (lambda: m(q.int(), k, v), "float32"),
         (lambda: m(q, k, v, key_lengths=[5, 6]), r"key_lengths\[b\] must lie in \[0, N\] = \[0, 5\]"),
         (lambda: m(q, k, v, key_lengths=[-1, 2]), "key_lengths"),
@@ -655,6 +714,7 @@ def test_bad_forward_input():
         (lambda: fe(a, torch.randn(3, 4, 12)), "same batch size"),
         (lambda: fe(a, b, a_lengths=[4, 0]), r"a_lengths\[b\] must lie in \[0, N\] = \[0, 3\]"),
         (lambda: fe(a, b, b_lengths=[0]), "b_lengths"),
+        (lambda: fe(a.half(), b.half()), r"a must have the module's dtype \(torch.float32\)"),
     ]
     dam = DualModalAttention(16, 2, 1, 1, 2, backend="reference")
     x_i, x_v = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
@@ -664,6 +724,8 @@ def test_bad_forward_input():
         (lambda: dam(x_i, x_v, [4, 0], None), r"image_lengths\[b\] must lie in \[0, N\] = \[0, 3\]"),
         (lambda: dam(x_i, x_v, None, [-1, 0]), "video_lengths"),
         (lambda: dam(x_i, x_v.double()), "dtype"),
+        (lambda: dam(x_i.bfloat16(), x_v.bfloat16()),
+         r"image_tokens must have the module's dtype \(torch.float32\), got torch.bfloat16"),
         (lambda: dam(x_i[0], x_v), "image_tokens must be a 3-D tensor"),
     ]
     for i, (call, match) in enumerate(cases):

@@ -323,6 +323,74 @@ def test_rows_with_nothing_to_attend_to(backend, poison):
         assert_rel_close(name, a, b, 1e-5)
 
 
+# Padded keys: per batch [B], and per head [B, H] (keys j >= lens[b, h] padded in head h).
+PADDED_LENGTHS = {"per_batch": [4, 1], "per_head": [[4, 2], [1, 6]]}
+
+
+@pytest.mark.parametrize("lens", list(PADDED_LENGTHS), ids=list(PADDED_LENGTHS))
+@pytest.mark.parametrize("which, bad", [("k", math.nan), ("k", math.inf), ("v", math.nan),
+                                        ("v", -math.inf)], ids=["k_nan", "k_inf", "v_nan", "v_-inf"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "fused", "fused_v2"])
+# The second version's pre-pass normalises every key row, padded ones too (the main kernel
+# masks them), so an inf row warns in the interpreter's NumPy; the test checks the results.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+def test_non_finite_padded_keys_are_not_read(backend, which, bad, lens, poison, request):
+    """NaN / inf in padded keys or values (j >= key_lengths) changes nothing: output and every
+    gradient equal those of the same call with zero padding, bit for bit, and the padded k / v
+    rows get exactly zero gradient (the kernels mask them out of every product; the reference
+    and the composite zero them before their dense products)."""
+    if backend == "fused_v2":
+        request.getfixturevalue("second_version_all_dtypes")
+    fn = lambda *a: cosine_attention(*a, backend=backend.removesuffix("_v2"))  # noqa: E731
+    B, H, Nq, Nk, d = 2, 2, 5, 6, 8
+    inputs = make_inputs(B, H, Nq, Nk, d, d, 2)
+    valid = key_mask(torch.tensor(PADDED_LENGTHS[lens]), None, B, 1, Nk, "cpu")[:, :, 0, :]
+    valid = valid.expand(B, H, Nk)
+    slot = 1 if which == "k" else 2
+    zero, poisoned = list(inputs), list(inputs)
+    zero[slot] = torch.where(valid[..., None], inputs[slot], 0.0)
+    poisoned[slot] = torch.where(valid[..., None], inputs[slot], bad)
+    grad = torch.randn(B, H, Nq, d)
+    with poison():
+        want = forward_backward(fn, leaves(zero), PADDED_LENGTHS[lens], None, grad)
+        got = forward_backward(fn, leaves(poisoned), PADDED_LENGTHS[lens], None, grad)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.isfinite(a).all(), f"{name} has NaN / inf: {a}"
+        assert torch.equal(a, b), f"{name} differs from zero padding by {(a - b).abs().max():.3g}"
+    for name, g in (("dk", got[2]), ("dv", got[3])):
+        assert (g[~valid] == 0).all(), f"{name} of padded keys: {g[~valid]}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_float16_zero_rows_are_not_nan(backend):
+    """float16 zero-padded keys, a zero query and a zero valid key normalise to zero, not to
+    0 / 0: F.normalize's eps 1e-12 is 0 in float16, which made the composite return NaN for
+    every query of a sample with zero padding. Gradients with zero padding only (the gradient
+    of a zero row's normalisation is grad / eps, too large for float16 in every backend)."""
+    f16 = torch.float16
+    inputs = make_inputs(2, 2, 5, 6, 8, 8, None, dtype=f16)
+    k = inputs[1].clone()
+    k[1, :, 3:] = 0  # zero padding (lens[1] = 3)
+    padded = [inputs[0], k, *inputs[2:]]
+    grad = torch.randn(2, 2, 5, 8)
+    fn = lambda *a: cosine_attention(*a, backend=backend)  # noqa: E731
+    got = forward_backward(fn, leaves(padded), [6, 3], None, grad)
+    want = ref64(padded, [6, 3], None, grad)
+    base = forward_backward(reference, leaves(padded), [6, 3], None, grad.to(f16))
+    for name, a, w, b in zip(NAMES, got, want, base):
+        assert torch.isfinite(a).all(), f"{name} has NaN / inf"
+        if name != "dlogit_scale":
+            assert_half_close(name, a, w, b, f16)
+    q, k = inputs[0].clone(), inputs[1].clone()
+    q[0, :, 1] = 0  # a zero query: zero scores, the mean of its valid values
+    k[0, :, 2] = 0  # a zero valid key: score zero
+    zeros = [q, k, *inputs[2:]]
+    out = fn(*zeros[:4], [6, 3])
+    assert torch.isfinite(out).all(), "out has NaN / inf"
+    want = reference(*[t.double() for t in zeros[:4]], [6, 3])
+    assert_half_close("out", out, want, reference(*zeros[:4], [6, 3]), f16)
+
+
 def test_single_key_rows_have_zero_score_gradients(poison):
     # Softmax over one key is constant: dq, dk and d logit_scale vanish, dv is grad_out.
     inputs = make_inputs(2, 1, 5, 1, 4, 4, None)

@@ -22,10 +22,16 @@ Conventions shared by the modules:
   assert and nothing is read on the host). CPU lengths are handed to the attention op as
   they are (it checks them on the host and copies them without a sync); masks use one copy
   on the inputs' device. Tokens
-  n >= lengths[b] are padding: they never influence valid tokens (no attention weight, left
-  out of every pooled summary), and the outputs of FeatureExchange / DualModalAttention are
-  zero there with zero gradient.
-- Bad arguments raise ValueError naming the argument and what was expected.
+  n >= lengths[b] are padding: they never influence valid tokens' outputs (no attention
+  weight, their keys and values zeroed inside the op, left out of every pooled summary), even
+  when they hold NaN or inf, and the outputs of FeatureExchange / DualModalAttention are zero
+  there with zero gradient. Gradients are another matter: padded tokens still pass through
+  the per-token maps (LayerNorm, the projections, the MLP) and attend as queries, so NaN / inf
+  in padded *inputs* gives NaN gradients (the weights' and, through padded queries' attention
+  backward, valid tokens' too) in every backend, as any nn.Linear over them would: pad with
+  finite values (zeros) to train.
+- Bad arguments raise ValueError naming the argument and what was expected; an input whose
+  dtype is not the module's parameter dtype too, except under torch.autocast.
 - Grouped form (FeatureExchange, DAMLayer, and CosineAttention's self / shared key-value
   projections): with backend "auto" or "fused", the projections that read the same tokens run
   as one GEMM over their weights concatenated at call time (the parameters and the state_dict
@@ -106,6 +112,15 @@ def _check_same(owner: str, name: str, x: torch.Tensor, ref_name: str, ref: torc
         raise ValueError(f"{owner}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
     if x.device != ref.device:
         raise ValueError(f"{owner}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def _check_module_dtype(owner: str, name: str, x: torch.Tensor, param: torch.Tensor) -> None:
+    """x must have the module's parameter dtype, except under torch.autocast on x's device,
+    where an input dtype other than the parameters' is what AMP runs (the projections cast
+    both sides themselves). A check of dtypes alone: nothing on the data path."""
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{owner}: {name} must have the module's dtype ({param.dtype}), got "
+                         f"{x.dtype}; convert the input or the module (module.to({x.dtype}))")
 
 
 class _Lengths(NamedTuple):
@@ -342,8 +357,14 @@ class CosineAttention(_BackendMixin, nn.Module):
         value [B, Nk, vdim] (default: key); key_lengths None or [B] integers in [0, Nk]
         (a list, NumPy array or integer tensor on the CPU or the inputs' device).
         Returns one tensor [B, Nq, embed_dim] in the inputs' dtype (not a tuple: there are no
-        attention weights to return). float32 / float64 / float16 / bfloat16.
+        attention weights to return). float32 / float64 / float16 / bfloat16, the module's
+        parameter dtype (any of them under torch.autocast).
         Rows of padded queries are computed like any other query; mask them downstream.
+        Padded keys (n >= key_lengths[b]) do not reach the output even when NaN / inf, but the
+        k / v projection weights' gradients still see them (sum over all tokens, as for any
+        nn.Linear): NaN there gives NaN weight gradients in every backend. A NaN query (a
+        padded token of self-attention) gives NaN gradients to every key it attends to, even
+        with its output row masked downstream.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
@@ -398,6 +419,7 @@ class CosineAttention(_BackendMixin, nn.Module):
         _check_tokens(owner, "value", value, self.vdim, "vdim")
         _check_same(owner, "key", key, "query", query)
         _check_same(owner, "value", value, "query", query)
+        _check_module_dtype(owner, "query", query, self.q_proj.weight)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
@@ -523,7 +545,8 @@ class FeatureExchange(_BackendMixin, nn.Module):
     forward(a [B, Na, dim_a], b [B, Nb, dim_b], a_lengths=None, b_lengths=None,
             return_gates=False) -> (a_out [B, Na, dim], b_out [B, Nb, dim])
         (+ (g_a [B, Na, dim], g_b [B, Nb, dim]) as a third element when return_gates).
-        a and b: same batch size, dtype and device.
+        a and b: same batch size, dtype and device; the module's parameter dtype (any float
+        dtype under torch.autocast).
     """
 
     def __init__(self, dim_a: int, dim_b: int, dim: int, num_heads: int, dropout: float = 0.0,
@@ -551,6 +574,7 @@ class FeatureExchange(_BackendMixin, nn.Module):
         _check_tokens(owner, "a", a, self.dim_a, "dim_a")
         _check_tokens(owner, "b", b, self.dim_b, "dim_b")
         _check_same(owner, "b", b, "a", a)
+        _check_module_dtype(owner, "a", a, self.gate_a.weight)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"{owner}: a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
         same = a_lengths is b_lengths  # one object: one check, and the directions may stack
@@ -836,7 +860,7 @@ class DualModalAttention(_BackendMixin, nn.Module):
             video_lengths=None) -> (image_out [B, Ni, dim], video_out [B, Nv, dim], summary [B, dim]).
         Lengths: None or [B] integers in [0, Ni] / [0, Nv] (list, NumPy or integer tensor on
         the CPU or the inputs' device). Inputs share dtype and device; float32 / float64 /
-        float16 / bfloat16.
+        float16 / bfloat16, the module's parameter dtype (any of them under torch.autocast).
     """
 
     def __init__(self, dim: int, num_heads: int, num_layers: int = 2, window: int | None = 2,
@@ -871,6 +895,7 @@ class DualModalAttention(_BackendMixin, nn.Module):
         _check_tokens(owner, "image_tokens", x_i, self.dim, "dim")
         _check_tokens(owner, "video_tokens", x_v, self.dim, "dim")
         _check_same(owner, "video_tokens", x_v, "image_tokens", x_i)
+        _check_module_dtype(owner, "image_tokens", x_i, self.level_logits)
         if x_i.shape[0] != x_v.shape[0]:
             raise ValueError(f"{owner}: image_tokens and video_tokens must have the same batch size, "
                              f"got {x_i.shape[0]} and {x_v.shape[0]}")

@@ -25,7 +25,8 @@ from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
 from dtl_fast.ops._eager import eager_op, needs_stock_path, refuse_transforms, transforms_in_use
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
-                                                 head_scale, key_mask, window_tensor)
+                                                 head_scale, key_mask, key_valid, window_tensor,
+                                                 zero_padded_keys)
 from dtl_fast.reference.cosine_attention import cosine_attention as _reference
 
 _FWD = "dtl_fast::cosine_attention_fwd"
@@ -325,7 +326,10 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kernel: F.normalize on q and k, the per-head scale folded into q, and
     torch.nn.functional.scaled_dot_product_attention (scale=1) with a boolean attn_mask for the
     key lengths / window; memory slots are normalised and concatenated in front of each batch's
-    keys. Computes in the inputs' dtype (SDPA accumulates half types in float32).
+    keys; padded keys' k and v rows are zeroed first (as in the reference: SDPA applies its
+    mask after q k^T, so a NaN there would reach every query). Computes in the inputs' dtype
+    (SDPA accumulates half types in float32, but the normalised, scaled q it gets is rounded to
+    the input dtype: about twice the reference's error in float16 / bfloat16).
 
     Shapes, dtypes and errors as cosine_attention. Returns [B, H, Nq, dv] in q's dtype; a query
     with nothing to attend to gives zeros and zero gradient.
@@ -334,11 +338,15 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
-    eps = NORM_EPS
+    # NORM_EPS rounds to 0 in float16, where a zero row (zeroed padding too) would normalise
+    # to 0 / 0 = NaN; 2^-24, float16's smallest subnormal, is no larger than any nonzero row's
+    # norm, so the clamp still acts on zero rows only, as NORM_EPS does in the reference.
+    eps = 2.0**-24 if q.dtype == torch.float16 else NORM_EPS
+    kv_valid = key_valid(key_lengths, Nk, q.device)
     qn = F.normalize(q, dim=-1, eps=eps) * head_scale(logit_scale, q.dtype)[None, :, None, None]
-    kn = F.normalize(k, dim=-1, eps=eps)
-    vv = v
-    mask = key_mask(key_lengths, window, B, Nq, Nk, q.device)
+    kn = F.normalize(zero_padded_keys(k, kv_valid), dim=-1, eps=eps)
+    vv = zero_padded_keys(v, kv_valid)
+    mask = key_mask(key_lengths, window, B, Nq, Nk, q.device, kv_valid)
     if memory_k is not None:
         M = memory_k.shape[1]
         mkn = F.normalize(memory_k, dim=-1, eps=eps)[None].expand(B, -1, -1, -1)
@@ -512,10 +520,12 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         k: [B, H, Nk, d], v: [B, H, Nk, dv] in q's dtype, on q's device; 1 <= d, dv <= 128.
         logit_scale: [H], any float dtype (learnable); the scale is clamped at 100.
         key_lengths: None, a list of B ints or an integer tensor [B] on the CPU or on q's
-            device, in [0, Nk]: keys j >= key_lengths[b] get no weight (and are not read).
-            Per head: an integer tensor (or nested list) [B, H]: keys j >= key_lengths[b, h]
-            get no weight in head h.
-        window: None or an int w >= 0: query i attends only to keys j with |i - j| <= w.
+            device, in [0, Nk]: keys j >= key_lengths[b] get no weight (and are not read: NaN
+            or inf there changes nothing, and their k and v rows get zero gradient, in every
+            backend). Per head: an integer tensor (or nested list) [B, H]: keys
+            j >= key_lengths[b, h] get no weight in head h.
+        window: None or an int w >= 0: query i attends only to keys j with |i - j| <= w
+            (keys outside the window get no weight but may be read: they must be finite).
             Per head: H entries, a sequence of ints >= 0 / None / -1 or an integer tensor [H]
             on the CPU or q's device (-1: no window), window[h] for head h. A sequence whose
             entries are all equal is the one-window form. A Python sequence costs no host
@@ -536,9 +546,12 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             elsewhere (attn_version; $DTL_FAST_ATTN_IMPL=v1 / v2 forces either).
 
     Returns:
-        [B, H, Nq, dv] in q's dtype, accumulated in float32 (float64 for float64). A query with
-        nothing to attend to (no memory, no valid key in its window) gives zeros and zero
-        gradient. Under torch.autocast, q, k, v and the memory are cast to the autocast dtype.
+        [B, H, Nq, dv] in q's dtype. The fused kernels and the reference compute half inputs
+        in float32 (float64 for float64); the composite (auto on CPU, and on CUDA where
+        auto_path picks it) folds the scale into q in the input dtype before SDPA's float32
+        accumulation, about twice their error in float16 / bfloat16. A query with nothing to
+        attend to (no memory, no valid key in its window) gives zeros and zero gradient. Under
+        torch.autocast, q, k, v and the memory are cast to the autocast dtype.
 
     Raises:
         ValueError: wrong ranks / shapes / dtypes / devices (naming the argument), head dims

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dtl_fast._checks import as_lengths_tensor, check_lengths_range, device_capturing
+from dtl_fast._checks import (as_lengths_tensor, check_lengths_range, device_capturing,
+                              tensor_from_numpy)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOG_MAX_SCALE = math.log(100.0)  # Swin V2 clamps the learned log-scale at ln 100
@@ -49,7 +50,7 @@ def _is_int_dtype(dtype: torch.dtype) -> bool:
 def _normalize_key_lengths(key_lengths, B: int, H: int, device: torch.device) -> torch.Tensor | None:
     """None, an integer tensor [B] (every head), or an integer tensor [B, H] (per head)."""
     if isinstance(key_lengths, np.ndarray) and key_lengths.ndim == 2:
-        key_lengths = torch.from_numpy(key_lengths)
+        key_lengths = tensor_from_numpy(key_lengths, owner=_NAME, name="key_lengths")
     if isinstance(key_lengths, Sequence) and not isinstance(key_lengths, (str, bytes)) \
             and len(key_lengths) > 0 and all(isinstance(r, (Sequence, np.ndarray)) and
                                              not isinstance(r, (str, bytes)) for r in key_lengths):
@@ -88,7 +89,7 @@ def _normalize_window(window, H: int, device: torch.device):
     if window is None:
         return None
     if isinstance(window, np.ndarray):
-        window = torch.from_numpy(window)
+        window = tensor_from_numpy(window, owner=_NAME, name="window")
     if isinstance(window, torch.Tensor):
         if not _is_int_dtype(window.dtype):
             _fail(f"window must be None, an int or an integer tensor [H], got dtype {window.dtype}")
@@ -280,18 +281,43 @@ def head_scale(logit_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp(torch.clamp(logit_scale.to(dtype), max=LOG_MAX_SCALE))
 
 
-def key_mask(key_lengths, window, B: int, Nq: int, Nk: int, device) -> torch.Tensor | None:
+def key_valid(key_lengths, Nk: int, device) -> torch.Tensor | None:
+    """Boolean [B, 1, Nk], or [B, H, Nk] for per-head key_lengths (True: key j < the length),
+    or None without key_lengths. key_lengths: None, [B] or [B, H]."""
+    if key_lengths is None:
+        return None
+    lens = torch.as_tensor(key_lengths).to(device=device, dtype=torch.int64)
+    lens = lens[:, None] if lens.dim() == 1 else lens  # [B, 1] or [B, H]
+    return torch.arange(Nk, device=device) < lens[..., None]
+
+
+def zero_padded_keys(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """t [B, H, Nk, d] with the rows of padded keys (valid [B, 1 or H, Nk] False, key_valid)
+    set to zero; t itself when valid is None. Padded keys get no weight, but their rows still
+    enter the dense products (0 * NaN = NaN in p @ v; SDPA applies its mask after q k^T): a
+    NaN / inf there would poison every query of the sample, where the fused kernels never read
+    it. torch.where, not a multiply: zero in the forward, exactly zero gradient into those
+    rows, and the valid rows unchanged bit for bit."""
+    if valid is None:
+        return t
+    return torch.where(valid[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def key_mask(key_lengths, window, B: int, Nq: int, Nk: int, device,
+             valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean [B, 1, Nq, Nk], or [B, H, Nq, Nk] for per-head key_lengths / window (True: the
     query may attend to the key), or None when all can. key_lengths: None, [B] or [B, H];
-    window: None, an int, H entries (int / None) or an integer tensor [H] (-1: none)."""
+    window: None, an int, H entries (int / None) or an integer tensor [H] (-1: none); valid:
+    key_valid(key_lengths, Nk, device) when the caller has it already (one copy of the lengths
+    to the device, not two)."""
     if key_lengths is None and window is None:
         return None
     mask = torch.ones((B, 1, Nq, Nk), dtype=torch.bool, device=device)
     j = torch.arange(Nk, device=device)
     if key_lengths is not None:
-        lens = torch.as_tensor(key_lengths).to(device=device, dtype=torch.int64)
-        lens = lens[:, None] if lens.dim() == 1 else lens  # [B, 1] or [B, H]
-        mask = mask & (j < lens[..., None])[:, :, None, :]
+        if valid is None:
+            valid = key_valid(key_lengths, Nk, device)
+        mask = mask & valid[:, :, None, :]
     if window is not None:
         i = torch.arange(Nq, device=device)
         dist = (i[:, None] - j[None, :]).abs()  # [Nq, Nk]
@@ -316,9 +342,12 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         key_lengths: None, a list of B ints or an integer tensor [B] (CPU or q's device) in
             [0, Nk]: keys j >= key_lengths[b] get no weight; or per head an integer tensor
             (or nested list) [B, H]: keys j >= key_lengths[b, h] get no weight in head h.
+            Padded keys are zeroed before use: whatever they hold (NaN, inf) changes nothing,
+            and their k and v rows get zero gradient.
         window: None or an int w >= 0: query i sees only keys j with |i - j| <= w; or per head
             H entries (a sequence of ints >= 0 / None / -1, or an integer tensor [H], -1: none)
-            for head h's window.
+            for head h's window. Keys outside a query's window get no weight but are read:
+            they must be finite.
         memory_k, memory_v: None or [H, M, d], [H, M, dv] (both or neither, M >= 0): slots
             every query attends to besides its keys (not affected by key_lengths / window).
 
@@ -331,12 +360,13 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
     cd = compute_dtype(q.dtype)
+    kv_valid = key_valid(key_lengths, Nk, q.device)
     qn = F.normalize(q.to(cd), dim=-1, eps=NORM_EPS)
-    kn = F.normalize(k.to(cd), dim=-1, eps=NORM_EPS)
-    vv = v.to(cd)
+    kn = F.normalize(zero_padded_keys(k, kv_valid).to(cd), dim=-1, eps=NORM_EPS)
+    vv = zero_padded_keys(v, kv_valid).to(cd)
     scale = head_scale(logit_scale, cd)[None, :, None, None]
     scores = scale * (qn @ kn.transpose(-1, -2))  # [B, H, Nq, Nk]
-    valid = key_mask(key_lengths, window, B, Nq, Nk, q.device)
+    valid = key_mask(key_lengths, window, B, Nq, Nk, q.device, kv_valid)
     if valid is None:
         valid = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device).expand(B, 1, Nq, Nk)
     valid = valid.expand(B, H, Nq, Nk)
