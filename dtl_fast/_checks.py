@@ -32,8 +32,12 @@ def tensor_from_numpy(arr: np.ndarray, *, owner: str, name: str) -> torch.Tensor
     A copy, not torch.from_numpy's view: the op may read the values again later (the fused
     ops' backward keeps its lengths), and a caller refilling a reused array in between would
     otherwise change them behind autograd's back. B or H integers cost nothing to copy. Arrays
-    of anything but numbers (object, strings) raise ValueError "<owner>: <name> must ..."."""
-    if arr.dtype.kind not in "biufc":
+    of anything but integers raise ValueError "<owner>: <name> must be an integer array"."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace ndarray.dtype, but it turns the array into a tensor of its own
+        # (native order, its dtype checked by the caller): a clone is the copy.
+        return torch.from_numpy(arr).clone()
+    if arr.dtype.kind not in "iu":
         raise ValueError(f"{owner}: {name} must be an integer array, got NumPy dtype {arr.dtype}")
     # newbyteorder("=") keeps the dtype and makes it native; np.array copies (negative strides,
     # read-only and broadcast arrays included) into a fresh writable C-contiguous array.

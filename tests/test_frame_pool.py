@@ -246,6 +246,41 @@ def test_torch_compile_dynamic_shapes():
         assert torch.equal(out, ref) and torch.equal(gx, gref)
 
 
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_torch_compile_fullgraph_numpy_lengths(backend):
+    # NumPy lengths trace in one graph, and the compiled call owns a copy too: a buffer refilled
+    # before the backward does not change the gradient.
+    np = pytest.importorskip("numpy")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, L: ops.frame_pool(t, L, "meanmax", backend=backend),
+                             fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 4)
+    grad = torch.randn(3, 8)
+    eager = lambda t, L, mode: ops.frame_pool(t, L, mode, backend=backend)  # noqa: E731
+    ref, gref = pool_with_grads(eager, x, [5, 2, 0], "meanmax", grad)
+    for _ in range(2):
+        lengths = np.array([5, 2, 0])
+        xg = x.clone().requires_grad_()
+        out = compiled(xg, lengths)
+        lengths[:] = [1, 1, 1]
+        (gx,) = torch.autograd.grad(out, xg, grad)
+        assert torch.equal(out, ref) and torch.equal(gx, gref)
+
+
+def test_torch_export_with_a_dynamic_frame_count():
+    # The fake kernel bounds no symbolic size: an unbounded Dim("T") exports.
+    from torch.export import Dim, export
+
+    class Pool(torch.nn.Module):
+        def forward(self, x, lengths):
+            return FramePool("max", backend="fused")(x, lengths)
+
+    ep = export(Pool(), (torch.randn(2, 5, 3), torch.tensor([5, 2])),
+                dynamic_shapes=({0: Dim("B"), 1: Dim("T"), 2: Dim("D")}, {0: Dim("B")}))
+    x, lengths = torch.randn(3, 9, 4), torch.tensor([9, 0, 4])
+    assert torch.equal(ep.module()(x, lengths), reference.frame_pool(x, lengths, "max"))
+
+
 def test_framepool_module_modes():
     x = torch.randn(3, 5, 4)
     lengths = [5, 2, 0]

@@ -213,7 +213,7 @@ def test_fused_autocast(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_reference_autocast(mode):
     """Under torch.autocast the reference rounds input, hx and weights to the autocast dtype and
-    returns its results in it, as the fused path (test_fused_autocast) and cuDNN do: exactly the
+    returns its results in it, as the fused path does (test_fused_autocast): exactly the
     reference on bfloat16 copies, with float32 gradients for the float32 leaves (it once ignored
     autocast and returned float32). torch.nn's CPU LSTM on padded input agrees on the dtype."""
     bf16 = torch.bfloat16

@@ -32,14 +32,14 @@ class DTLOutput(NamedTuple):
 
 def set_fused_backend(root: nn.Module, backend: str | None) -> None:
     """Sets `backend` on every dtl_fast module inside `root` (LSTM / GRU, FramePool and every
-    attention module, nested ones included): a module with a `backend` property, or a
-    FramePool (a plain attribute). ValueError for a value that is not a backend."""
+    attention module, nested ones included): every module with a `backend` property.
+    ValueError for a value that is not a backend."""
     if backend is not None:
         resolve_backend(backend)
     for m in root.modules():
         if m is root:
             continue
-        if isinstance(m, FramePool) or isinstance(getattr(type(m), "backend", None), property):
+        if isinstance(getattr(type(m), "backend", None), property):
             m.backend = backend
 
 

@@ -31,7 +31,8 @@ Conventions shared by the modules:
   backward, valid tokens' too) in every backend, as any nn.Linear over them would: pad with
   finite values (zeros) to train.
 - Bad arguments raise ValueError naming the argument and what was expected; an input whose
-  dtype is not the module's parameter dtype too, except under torch.autocast.
+  dtype is not the module's parameter dtype too, except under torch.autocast (which casts
+  every float dtype but float64: a float64 input there meets torch's own dtype error).
 - Grouped form (FeatureExchange, DAMLayer, and CosineAttention's self / shared key-value
   projections): with backend "auto" or "fused", the projections that read the same tokens run
   as one GEMM over their weights concatenated at call time (the parameters and the state_dict
@@ -358,7 +359,7 @@ class CosineAttention(_BackendMixin, nn.Module):
         (a list, NumPy array or integer tensor on the CPU or the inputs' device).
         Returns one tensor [B, Nq, embed_dim] in the inputs' dtype (not a tuple: there are no
         attention weights to return). float32 / float64 / float16 / bfloat16, the module's
-        parameter dtype (any of them under torch.autocast).
+        parameter dtype (under torch.autocast any but float64).
         Rows of padded queries are computed like any other query; mask them downstream.
         Padded keys (n >= key_lengths[b]) do not reach the output even when NaN / inf, but the
         k / v projection weights' gradients still see them (sum over all tokens, as for any
@@ -546,7 +547,7 @@ class FeatureExchange(_BackendMixin, nn.Module):
             return_gates=False) -> (a_out [B, Na, dim], b_out [B, Nb, dim])
         (+ (g_a [B, Na, dim], g_b [B, Nb, dim]) as a third element when return_gates).
         a and b: same batch size, dtype and device; the module's parameter dtype (any float
-        dtype under torch.autocast).
+        dtype but float64 under torch.autocast).
     """
 
     def __init__(self, dim_a: int, dim_b: int, dim: int, num_heads: int, dropout: float = 0.0,
@@ -860,7 +861,7 @@ class DualModalAttention(_BackendMixin, nn.Module):
             video_lengths=None) -> (image_out [B, Ni, dim], video_out [B, Nv, dim], summary [B, dim]).
         Lengths: None or [B] integers in [0, Ni] / [0, Nv] (list, NumPy or integer tensor on
         the CPU or the inputs' device). Inputs share dtype and device; float32 / float64 /
-        float16 / bfloat16, the module's parameter dtype (any of them under torch.autocast).
+        float16 / bfloat16, the module's parameter dtype (under torch.autocast any but float64).
     """
 
     def __init__(self, dim: int, num_heads: int, num_layers: int = 2, window: int | None = 2,

@@ -19,8 +19,10 @@ _MAX_T = 2**31 - 4097  # the kernels' limit (csrc/frame_pool.cpp kMaxT: int32 fr
 def _register() -> None:
     # The fake kernels (torch.compile, opcheck, meta tensors) give the output shapes. They check
     # what the real kernels check without reading data (mode, dtypes, shapes), with the same
-    # ValueError, so that a direct torch.ops call the kernel would reject fails while it is
-    # traced, not when the graph first runs. The autograd of both ops is registered in C++
+    # ValueError (under torch.compile wrapped in dynamo's TorchRuntimeError), so that a direct
+    # torch.ops call the kernel would reject fails while it is traced, not when the graph first
+    # runs. T's upper limit is checked only where T is a number: on a symbolic T the check
+    # would bound it, and torch.export would then refuse an unbounded Dim("T"). The autograd of both ops is registered in C++
     # (csrc/frame_pool_autograd.cpp, under the Autograd dispatch key), which saves the ~0.18 ms
     # per call the Python register_autograd wrapper cost.
     def _check_lengths(lengths, B, owner):
@@ -47,8 +49,9 @@ def _register() -> None:
                                                             f"float64, float16 or bfloat16, got "
                                                             f"{x.dtype}")
         B, T, D = x.shape
-        torch._check_value(T <= _MAX_T, lambda: f"frame_pool: T must be <= 2^31 - 4097 (frame "
-                                                f"indices are int32), got {T}")
+        if isinstance(T, int):
+            torch._check_value(T <= _MAX_T, lambda: f"frame_pool: T must be <= 2^31 - 4097 "
+                                                    f"(frame indices are int32), got {T}")
         _check_lengths(lengths, B, "frame_pool")
         width = 2 * D if mode == "meanmax" else D
         argmax_shape = (B, D) if mode in ("max", "meanmax") else (0,)
@@ -66,9 +69,9 @@ def _register() -> None:
         torch._check_value(mode != "meanmax" or width % 2 == 0,
                            lambda: f"frame_pool_backward: grad_out of 'meanmax' must be "
                                    f"[B, 2D], got width {width}")
-        for ok in (T >= 0, T <= _MAX_T):  # each a SymBool under dynamic shapes: no `and`
-            torch._check_value(ok, lambda: f"frame_pool_backward: T must lie in "
-                                           f"[0, 2^31 - 4097], got {T}")
+        if isinstance(T, int):
+            torch._check_value(0 <= T <= _MAX_T, lambda: f"frame_pool_backward: T must lie in "
+                                                         f"[0, 2^31 - 4097], got {T}")
         D = width // 2 if mode == "meanmax" else width
         if mode in ("max", "meanmax"):
             def argmax_msg():
@@ -149,7 +152,8 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
             never read. The compiled op keeps a lengths tensor for its backward, as autograd
             keeps any saved input: writing into it in place before the backward raises
             autograd's "modified by an inplace operation" error (the reference builds its masks
-            at once and does not mind).
+            at once and does not mind); a write autograd cannot see (through a NumPy view,
+            `.data`, DLPack) changes the gradient, as for any saved tensor.
         mode: "mean" | "max" | "sum" | "meanmax" (mean and max side by side, [B, 2D], from one
             read of x and, in the backward pass, one write of grad_x).
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto")

@@ -516,11 +516,13 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
 
     Returns:
         (output, (h_n, c_n)): output [T, B, D*H] (or [B, T, D*H]), h_n, c_n [num_layers * D, B, H],
-        in input's dtype. Under torch.autocast input, hx and weights (unless float64) are rounded
-        to the autocast dtype first and the results are in it, as with cuDNN. Except "auto" on
-        the CPU: it returns exactly what torch.nn.LSTM / GRU return there, and PyTorch's CPU
-        kernels apply autocast only to a non-empty LSTM in bfloat16 without lengths (float32
-        otherwise; a float16 autocast LSTM raises in oneDNN). The cell state and every
+        in input's dtype. Under torch.autocast, "fused" and "reference" round input, hx and
+        weights (unless float64) to the autocast dtype and return results in it. "auto" on
+        PyTorch's kernels returns exactly what torch.nn.LSTM / GRU return, which differs: on
+        CUDA the cuDNN path rounds to float16 whatever the autocast dtype (so bfloat16 autocast
+        gives float16 there, and bfloat16 where the rule picks the fused kernel); on the CPU
+        the kernels apply autocast only to a non-empty LSTM in bfloat16 without lengths
+        (float32 otherwise; a float16 autocast LSTM raises in oneDNN). The cell state and every
         accumulation are float32 whatever the input dtype.
 
     Raises:

@@ -191,9 +191,9 @@ def _run(mode, input, hx, weights, *, lengths, num_layers, bidirectional, batch_
               batch_first=batch_first, dropout=dropout, training=training, has_bias=has_bias)
     dev_type = input.device.type
     if torch.is_autocast_enabled(dev_type) and input.dtype != torch.float64:
-        # What autocast does to torch.lstm / gru (cuDNN's path) and to the fused path: input, hx
-        # and weights (any float but float64, as autocast casts) rounded to the autocast dtype,
-        # the result in it. The loop itself then runs as for a half input, with autocast off so
+        # What autocast does to the fused path: input, hx and weights (any float but float64, as
+        # autocast casts) rounded to the autocast dtype, the result in it. (PyTorch's cuDNN path
+        # rounds to float16 whatever the autocast dtype; the reference follows the fused path.) The loop itself then runs as for a half input, with autocast off so
         # that its own matmuls are not cast a second time.
         adt = torch.get_autocast_dtype(dev_type)
         cast = lambda t: t if t.dtype == torch.float64 else t.to(adt)  # noqa: E731
@@ -283,7 +283,8 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         output [T, B, D*H] (or [B, T, D*H]) and (h_n, c_n), each [num_layers * D, B, H], all in
         input's dtype; half inputs are computed in float32. Under torch.autocast, input, hx and
         weights (unless float64) are first rounded to the autocast dtype, which the results are
-        then in (what autocast does to torch.lstm's cuDNN path).
+        then in (as the fused path; PyTorch's cuDNN path rounds to float16 whatever the autocast
+        dtype).
     """
     return _run("LSTM", input, hx, weights, lengths=lengths, num_layers=num_layers,
                 bidirectional=bidirectional, batch_first=batch_first, dropout=dropout,
