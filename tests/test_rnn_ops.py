@@ -427,3 +427,32 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=real_size_id)
 def test_fused_cuda_real_sizes(mode, dtype, case, poison):
     check_cuda_real_size(mode, dtype, case, poison)
+
+
+def test_rule_dtype_follows_what_pytorch_computes_in():
+    # The dtype auto_path looks a call up with: PyTorch's own path's (CPU autocast: the autocast
+    # dtype; float64 is never cast; outside autocast x's own).
+    x = torch.randn(2, 3, 4)
+    assert ops.rule_dtype(x) == torch.float32 and ops.rule_dtype(x.half()) == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.rule_dtype(x) == torch.bfloat16 and ops.rule_dtype(x.half()) == torch.bfloat16
+        assert ops.rule_dtype(x.double()) == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_auto_under_cuda_bf16_autocast_returns_what_torch_nn_returns():
+    # cuDNN's autocast wrapper computes in float16 whatever the autocast dtype; auto must agree
+    # with torch.nn on the output dtype, even at the shape of its one bfloat16 fused region
+    # (LSTM, bidirectional, B 64, H 256, T 16, no lengths).
+    import dtl_fast
+
+    ref = torch.nn.LSTM(32, 256, bidirectional=True).cuda()
+    fast = dtl_fast.nn.LSTM.from_torch(ref, backend="auto")
+    x = torch.randn(16, 64, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert ops.rule_dtype(x) == torch.float16
+        want, (h_want, _) = ref(x)
+        got, (h_got, _) = fast(x)
+    assert got.dtype == want.dtype == torch.float16 and h_got.dtype == h_want.dtype
+    assert_rel_close("output", got.float(), want.float(), 1e-3)

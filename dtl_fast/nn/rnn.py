@@ -269,11 +269,8 @@ class _RNNBase(nn.Module):
         """Whether backend="auto" runs PyTorch's kernel for this PackedSequence (the op layer's
         rule, dtl_fast.ops.rnn.auto_path: always on the CPU, on CUDA where no measured row puts
         a fused kernel ahead); then it goes in packed, without the pad / pack round trip."""
-        dtype = data.dtype
-        if torch.is_autocast_enabled(data.device.type) and dtype != torch.float64:
-            dtype = torch.get_autocast_dtype(data.device.type)
         B, T = (int(batch_sizes[0]), len(batch_sizes)) if len(batch_sizes) else (0, 0)
-        return _ops().auto_path(self.mode, dtype, B, self.hidden_size, T,
+        return _ops().auto_path(self.mode, _ops().rule_dtype(data), B, self.hidden_size, T,
                                 2 if self.bidirectional else 1, batch_sizes, data.device) == "native"
 
     def _packed_native(self, input: PackedSequence, hx):

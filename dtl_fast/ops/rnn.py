@@ -472,7 +472,7 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
             # neither torch.lstm / gru (no batching rule, no forward-mode formula in cuDNN /
             # oneDNN) nor the fused ops under jvp serve these; the reference is plain torch ops
             return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
-        path = auto_path(mode, _run_dtype(input), input.shape[0 if batch_first else 1], H,
+        path = auto_path(mode, rule_dtype(input), input.shape[0 if batch_first else 1], H,
                          input.shape[1 if batch_first else 0], D, lengths, input.device)
         if path == "native" or needs_stock_path(used):
             return _native(*args)
@@ -481,11 +481,15 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
     return _fused(*args, fused_impl())
 
 
-def _run_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the recurrence runs in: the autocast dtype under autocast (which casts every
-    float dtype but float64), else x's."""
+def rule_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype auto_path looks a call up with: the dtype PyTorch's own path (the one `auto`
+    falls back to, and must agree with on the output dtype) computes in. Under CUDA autocast
+    that is float16 whatever the autocast dtype (cuDNN's autocast wrapper,
+    aten/src/ATen/cudnn/AutocastRNN.cpp, rounds input, states and weights to half), so a
+    bfloat16-autocast call never takes a bfloat16 fused region and returns what torch.nn
+    returns; under CPU autocast the autocast dtype; float64 is never cast; else x's."""
     if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
+        return torch.float16 if x.is_cuda else torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
@@ -517,12 +521,12 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
     Returns:
         (output, (h_n, c_n)): output [T, B, D*H] (or [B, T, D*H]), h_n, c_n [num_layers * D, B, H],
         in input's dtype. Under torch.autocast, "fused" and "reference" round input, hx and
-        weights (unless float64) to the autocast dtype and return results in it. "auto" on
-        PyTorch's kernels returns exactly what torch.nn.LSTM / GRU return, which differs: on
-        CUDA the cuDNN path rounds to float16 whatever the autocast dtype (so bfloat16 autocast
-        gives float16 there, and bfloat16 where the rule picks the fused kernel); on the CPU
-        the kernels apply autocast only to a non-empty LSTM in bfloat16 without lengths
-        (float32 otherwise; a float16 autocast LSTM raises in oneDNN). The cell state and every
+        weights (unless float64) to the autocast dtype and return results in it. "auto" returns
+        exactly what torch.nn.LSTM / GRU return, which differs: on CUDA the cuDNN path rounds
+        to float16 whatever the autocast dtype (and the rule looks such calls up as float16,
+        see rule_dtype, so a bfloat16 fused region never changes that); on the CPU the kernels
+        apply autocast only to a non-empty LSTM in bfloat16 without lengths (float32
+        otherwise; a float16 autocast LSTM raises in oneDNN). The cell state and every
         accumulation are float32 whatever the input dtype.
 
     Raises:
