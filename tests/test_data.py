@@ -438,15 +438,15 @@ def test_demo_marker_makes_a_second_call_a_no_op(tmp_path, monkeypatch):
     assert len(MultiModalFolder(root, "validation")) == 10
 
 
-def test_demo_half_build_is_refused_then_replaced(tmp_path):
+def test_demo_folder_without_marker_is_refused_even_with_overwrite(tmp_path):
+    # builds are atomic, so a folder without the marker is not ours: it is never replaced
     root = tmp_path / "d"
     (root / "train" / "3").mkdir(parents=True)
     (root / "train" / "3" / "0001.png").write_bytes(b"half")
-    with pytest.raises(FileExistsError, match="no complete demo data set"):
-        build_demo_dataset(root, samples_per_class=3)
-    assert (root / "train" / "3" / "0001.png").read_bytes() == b"half"  # nothing lost
-    build_demo_dataset(root, samples_per_class=3, overwrite=True)
-    assert (root / demo_mod.MARKER).is_file() and len(MultiModalFolder(root, "test")) == 10
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"not a demo data set.*holds train/"):
+            build_demo_dataset(root, samples_per_class=3, overwrite=overwrite)
+        assert (root / "train" / "3" / "0001.png").read_bytes() == b"half"  # nothing lost
 
     other = tmp_path / "mine"
     (other / "train").mkdir(parents=True)

@@ -195,6 +195,25 @@ def _read_marker(root: pathlib.Path):
         return None
 
 
+def _is_demo_marker(marker) -> bool:
+    """True for the marker of a complete build of this generator (any version or parameters)."""
+    return isinstance(marker, dict) and marker.get("generator") == GENERATOR
+
+
+def is_demo_build(root) -> bool:
+    """True when `root` holds a complete build of the demo data set (its marker file names this
+    generator), whatever its parameters or version: what overwrite may replace."""
+    root = pathlib.Path(root).expanduser()
+    return root.is_dir() and _is_demo_marker(_read_marker(root))
+
+
+def _describe(root: pathlib.Path, names: list, limit: int = 10) -> str:
+    """'train/, notes.txt and 3 more' for entries of root (folders with a slash)."""
+    shown = [n + ("/" if (root / n).is_dir() else "") for n in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -247,7 +266,8 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
                        image_occluder: int = 15, image_noise: float = 0.25, frame_size: int = 32,
                        video_digit_size: int = 18, video_occluder: int = 9, video_noise: float = 0.3,
                        min_frames: int = 4, max_frames: int = 12, motion: float = 4.0,
-                       split_fractions=(0.7, 0.15, 0.15)) -> pathlib.Path:
+                       split_fractions=(0.7, 0.15, 0.15),
+                       replace_other_build: bool = False) -> pathlib.Path:
     """Builds the bundled demo data set under `root` and returns root as a pathlib.Path.
 
     Every sample of scikit-learn's digits (or `samples_per_class` of each digit) becomes:
@@ -271,9 +291,17 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
     The build goes into a temporary sibling folder that is renamed into place, with the marker
     file (generator version + parameters) written last, so an interrupted build never leaves a
     set that looks complete. If root already holds a complete demo set with the same parameters
-    this returns at once; with other parameters, or a non-empty root without the marker, it
-    raises FileExistsError unless overwrite=True (which only ever deletes a folder that holds
-    nothing but train/, validation/, test/ and the marker).
+    this returns at once; with other parameters (or another generator version) it raises
+    FileExistsError unless overwrite=True or replace_other_build=True.
+
+    What may be replaced: only an earlier demo build (the marker of this generator present, next
+    to nothing but train/, validation/, test/) or an empty folder. Any other non-empty root, a
+    user's own data set included, is refused with FileExistsError naming what it holds, with or
+    without overwrite.
+
+    overwrite=True rebuilds an earlier demo build even when its parameters are the same (a
+    repair); replace_other_build=True rebuilds it only when they differ and otherwise returns at
+    once (what a cache folder of demo builds wants: `dtl-fast train` without --data).
     """
     root = pathlib.Path(root).expanduser()
     params = dict(seed=seed, samples_per_class=samples_per_class, image_size=image_size,
@@ -295,22 +323,23 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
             raise FileExistsError(f"demo data root {root} exists and is not a folder")
         contents = sorted(p.name for p in root.iterdir())
         if contents:
-            if not overwrite:
-                if marker is not None and marker.get("generator") == GENERATOR:
-                    old = marker.get("parameters", {})
-                    diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
-                    raise FileExistsError(
-                        f"{root} holds a demo data set built with other parameters (recorded vs asked: "
-                        f"{diff}, version {marker.get('version')} vs {VERSION}); pass overwrite=True "
-                        f"(--overwrite) to rebuild it, or choose another folder")
+            if not _is_demo_marker(marker):
                 raise FileExistsError(
-                    f"{root} is not empty and holds no complete demo data set (no valid {MARKER}): it may be "
-                    f"another data set or an interrupted copy; refusing to write into it. Remove it, choose "
-                    f"another folder, or pass overwrite=True (--overwrite) to replace it")
+                    f"{root} is not empty and is not a demo data set built by `dtl-fast data demo` (no "
+                    f"valid {MARKER}); it holds {_describe(root, contents)}. It may be your own data set: "
+                    f"nothing was changed. Choose another (new or empty) folder for the demo data")
             foreign = [n for n in contents if n not in SPLITS + (MARKER,)]
             if foreign:
-                raise FileExistsError(f"refusing to overwrite {root}: it holds more than a demo data set "
-                                      f"({foreign[:10]}); remove those or choose another folder")
+                raise FileExistsError(f"refusing to overwrite {root}: besides a demo data set it holds "
+                                      f"{_describe(root, foreign)}; remove those or choose another folder")
+            if not overwrite and not replace_other_build:
+                old = marker.get("parameters")
+                old = old if isinstance(old, dict) else {}
+                diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+                raise FileExistsError(
+                    f"{root} holds a demo data set built with other parameters (recorded vs asked: "
+                    f"{diff}, version {marker.get('version')} vs {VERSION}); pass overwrite=True "
+                    f"(--overwrite) to rebuild it, or choose another folder")
 
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)

@@ -45,13 +45,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ON_BAD_SAMPLE = ("error", "skip")
 
 _MAX_LISTED = 20
+# folders that archivers and operating systems leave behind: never a class (nor are hidden ones)
+_NOT_CLASSES = ("__MACOSX",)
+
+
+def class_folder_names(split_dir: str) -> list[str]:
+    """The class folders of a split, sorted: its sub-folders, except hidden ones (a name that
+    starts with '.') and archiver junk such as __MACOSX/ (what a zip made on macOS holds)."""
+    return sorted(n for n in os.listdir(split_dir)
+                  if not n.startswith(".") and n not in _NOT_CLASSES
+                  and os.path.isdir(os.path.join(split_dir, n)))
 
 
 class BadSampleError(RuntimeError):
     """Samples that cannot be read. `.bad` is the list of (path, reason); the message names
-    every path (the first 20, then how many more) and why."""
+    every path (the first 20, then how many more) and why. `.where` is the split folder (or
+    None).
 
-    def __init__(self, bad: Sequence[tuple[str, str]], where=None):
+    Raised in a DataLoader worker process, it reaches the main process as a BadSampleError too:
+    PyTorch rebuilds the exception there as BadSampleError(text), text being "Caught
+    BadSampleError in DataLoader worker process N. Original Traceback ...". Given such a string,
+    the message is the worker's original one (without the worker's traceback, which is kept in
+    `.worker_traceback`), and `.where` / `.bad` are read back from it (a path that contains
+    ": " may be split at the wrong place there; the message itself is exact).
+    """
+
+    def __init__(self, bad: Sequence[tuple[str, str]] | str, where=None):
+        self.worker_traceback = None
+        if isinstance(bad, str):  # PyTorch's worker re-raise: exc_type(message)
+            message, self.where, self.bad, self.worker_traceback = _parse_bad_sample_message(bad)
+            if where is not None:
+                self.where = str(where)
+            super().__init__(message)
+            return
         self.bad = [(str(p), str(r)) for p, r in bad]
         self.where = None if where is None else str(where)
         n = len(self.bad)
@@ -59,12 +85,45 @@ class BadSampleError(RuntimeError):
         lines = [f"  {p}: {r}" for p, r in self.bad[:_MAX_LISTED]]
         if n > _MAX_LISTED:
             lines.append(f"  ... and {n - _MAX_LISTED} more")
-        hint = ("\n(fix or remove these files, or pass on_bad_sample='skip' / --on-bad-sample skip "
-                "to leave them out)")
-        super().__init__(head + ":\n" + "\n".join(lines) + hint)
+        super().__init__(head + ":\n" + "\n".join(lines) + _BAD_SAMPLE_HINT)
 
     def __reduce__(self):  # keeps the exception picklable across DataLoader worker processes
+        if self.worker_traceback is not None:
+            return (type(self), (self.worker_traceback, self.where))
         return (type(self), (self.bad, self.where))
+
+
+_BAD_SAMPLE_HINT = ("\n(fix or remove these files, or pass on_bad_sample='skip' / --on-bad-sample skip "
+                    "to leave them out)")
+
+
+def _parse_bad_sample_message(text: str):
+    """(message, where, bad, worker traceback or None) from the text PyTorch's ExceptionWrapper
+    builds for a BadSampleError raised in a worker, or from a bare BadSampleError message."""
+    traceback_text = None
+    # the formatted worker traceback ends with "<module>.BadSampleError: <our message>"; a
+    # chained cause (`raise ... from exc`) comes before it, so the last such line is ours
+    marker = f"{__name__}.BadSampleError: "
+    at = text.rfind("\n" + marker)
+    if at >= 0:
+        traceback_text, message = text, text[at + 1 + len(marker):].rstrip("\n")
+    else:
+        message = text
+    head, _, rest = message.partition("\n")
+    where = None
+    if head.endswith(":") and " bad sample" in head and " in " in head:
+        where = head[:-1].split(" in ", 1)[1]
+    bad = []
+    for line in rest.split("\n"):
+        if not line.startswith("  ") or line.startswith("  ... and "):
+            continue
+        body = line[2:]
+        # the path normally lies under `where`: split at the first ": " after that prefix
+        start = len(where) if where and body.startswith(where) else 0
+        cut = body.find(": ", start)
+        if cut > 0:
+            bad.append((body[:cut], body[cut + 2:]))
+    return message, where, bad, traceback_text
 
 
 def check_stats(value, name: str, channels: int, positive: bool) -> torch.Tensor:
@@ -136,6 +195,12 @@ class MultiModalFolder(Dataset):
     (two images, or two clips such as a.mp4 + a.webm or a.avi + a folder a/: the reason names
     both). Other files are ignored, as are hidden files.
 
+    Every sub-folder of a split is a class, except hidden ones (a name starting with '.') and
+    __MACOSX/. With classes=None a class folder with no sample in it is a ValueError naming it
+    (it would be a class no sample teaches; remove it); with classes given it is a class of the
+    list with no sample in this split, as if the folder were absent. A class whose every sample
+    is skipped (on_bad_sample="skip") stays a class, with a warning naming it.
+
     Attributes: classes (list[str]), class_to_idx (dict[str, int]), samples (list of
     (image_path, video_path, label)), skipped (list of (path, reason)), num_frames (list[int],
     each clip's frame count on disk, before subsampling).
@@ -183,8 +248,7 @@ class MultiModalFolder(Dataset):
                            if not n.startswith(".") and os.path.isdir(os.path.join(self.root, n)))
             raise FileNotFoundError(f"split folder {split_dir} does not exist (split={split!r}); folders "
                                     f"under {self.root}: {found or 'none'}")
-        folders = sorted(n for n in os.listdir(split_dir)
-                         if not n.startswith(".") and os.path.isdir(os.path.join(split_dir, n)))
+        folders = class_folder_names(split_dir)
         if not folders:
             raise ValueError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<sample>.png "
                              f"with <sample>.mp4 (or another video file) or a folder <sample>/ of frames "
@@ -199,14 +263,26 @@ class MultiModalFolder(Dataset):
             self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-        candidates, bad = [], []
+        candidates, bad, empty = [], [], []
         for name in folders:
             found, problems = _scan_class_folder(os.path.join(split_dir, name), self.class_to_idx[name])
             candidates += found
             bad += problems
+            if not found and not problems and classes is None:
+                empty.append(name)  # with classes given, it is a known class with no sample here
         if not candidates and not bad:
             raise ValueError(f"no samples in {split_dir}: expected {split_dir}/<class>/<sample>.png with "
                              f"<sample>.mp4 (or another video file) or a folder <sample>/ of frames beside it")
+        if empty:
+            # a class with no samples would still be a class of the model (an output no sample
+            # ever trains or tests): almost always a stray or unfinished folder
+            paths = [os.path.join(split_dir, n) for n in empty]
+            raise ValueError(f"no samples in the class folder{'s' if len(paths) > 1 else ''} "
+                             f"{', '.join(paths[:_MAX_LISTED])}"
+                             + (f" and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else "")
+                             + f": every folder under {split_dir} is a class, so remove "
+                             f"{'these' if len(paths) > 1 else 'it'} (or add samples: <sample>.png with "
+                             "<sample>.mp4, another video file or a folder <sample>/ of frames beside it)")
 
         verdicts = _check_all(split_dir, candidates, workers, progress, manifest)
         self.samples, self.num_frames = [], []
@@ -226,6 +302,13 @@ class MultiModalFolder(Dataset):
                 raise BadSampleError(bad, f"{split_dir} (every sample is bad, nothing left to use)")
             warnings.warn(f"MultiModalFolder: skipped {len(bad)} bad sample(s) in {split_dir} "
                           f"(listed in .skipped), e.g. {bad[0][0]}: {bad[0][1]}", stacklevel=2)
+            kept = {label for _, _, label in self.samples}
+            gone = [name for name in folders if self.class_to_idx[name] not in kept]
+            if gone:
+                warnings.warn(f"MultiModalFolder: every sample of class folder(s) "
+                              f"{', '.join(os.path.join(split_dir, n) for n in gone)} is bad and was "
+                              f"skipped: {'these stay classes' if len(gone) > 1 else 'it stays a class'} "
+                              f"with no {split} sample", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.samples)

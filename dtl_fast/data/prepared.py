@@ -78,6 +78,7 @@ from dtl_fast.data.folder import (
     MultiModalFolder,
     check_decode_options,
     check_stats,
+    class_folder_names,
 )
 from dtl_fast.data.video import (
     ReadError,
@@ -510,8 +511,7 @@ def _prepare_split(ds, tmp: Path, split: str, manifest_classes: list, progress: 
 
     (tmp / split).mkdir()
     # the split's own class folders, listed as MultiModalFolder lists them (classes=None)
-    class_folders = sorted(e.name for e in os.scandir(os.path.join(ds.root, split))
-                           if e.is_dir() and not e.name.startswith("."))
+    class_folders = class_folder_names(os.path.join(ds.root, split))
     n = len(ds.samples)
     lengths = np.array([len(subsample_indices(t, ds.max_frames)) for t in ds.num_frames], dtype=np.int64)
     offsets = np.zeros(n, dtype=np.int64)
@@ -592,11 +592,20 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"OUT {out} already holds a prepared data set; pass overwrite=True "
                               "(--overwrite) to prepare it again, or choose another folder")
+    splits = _manifest_splits(out)
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != MANIFEST and not (p.is_dir() and p.name in _manifest_splits(out)))
+                     if p.name != MANIFEST and not (p.is_dir() and p.name in splits))
+    # inside the split folders too: replacing OUT deletes everything under it
+    written = {f"{name}.npy" for name in ARRAYS}
+    for split in sorted(set(splits) - set(foreign)):
+        if (out / split).is_dir():
+            foreign += sorted(f"{split}/{p.name}" + ("/" if p.is_dir() else "")
+                              for p in (out / split).iterdir()
+                              if p.name not in written or not p.is_file())
     if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
         raise FileExistsError(f"refusing to overwrite OUT {out}: besides a prepared data set it holds "
-                              f"{foreign[:10]}; remove those or choose another folder")
+                              f"{foreign[:10]}{more}; remove those or choose another folder")
 
 
 def _manifest_splits(out: Path) -> list:

@@ -1,0 +1,208 @@
+"""dtl_fast.data: what the data layer must never do (delete a user's files, invent a class) and
+errors that must reach the user whole (a bad sample found in a DataLoader worker)."""
+import pathlib
+import pickle
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from dtl_fast.data import BadSampleError, MultiModalFolder, build_demo_dataset, collate_multimodal
+from dtl_fast.data import demo as demo_mod
+from dtl_fast.data import prepared as P
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def _sample(split_dir, cls, stem, frames=2):
+    folder = pathlib.Path(split_dir) / cls
+    (folder / stem).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (6, 6), (10, 20, 30)).save(folder / f"{stem}.png")
+    for k in range(frames):
+        Image.new("L", (6, 6), 10 * k).save(folder / stem / f"{k}.png")
+    return folder / stem
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """A raw user data set: 2 classes, train / validation / test."""
+    root = tmp_path / "raw"
+    for split in ("train", "validation", "test"):
+        for cls in ("a", "b"):
+            _sample(root / split, cls, f"{split}{cls}1")
+            _sample(root / split, cls, f"{split}{cls}2", frames=3)
+    return root
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in pathlib.Path(root).rglob("*"))
+
+
+# ---------------------------------------------------------------------------- demo overwrite
+
+
+def test_demo_overwrite_never_replaces_a_data_set_that_is_not_a_demo_build(raw):
+    before = _files(raw)
+    for overwrite in (True, False):  # --overwrite first: it used to delete the data set
+        with pytest.raises(FileExistsError) as info:
+            build_demo_dataset(raw, samples_per_class=3, overwrite=overwrite)
+        msg = str(info.value)
+        assert str(raw) in msg and "train/" in msg and "validation/" in msg, msg
+        assert "--overwrite" not in msg and "overwrite=True" not in msg, msg
+        assert _files(raw) == before, "a file of the user's data set was touched"
+    # not a demo build either: a marker file of someone else, or a corrupt one
+    (raw / demo_mod.MARKER).write_text('{"generator": "someone.else"}')
+    with pytest.raises(FileExistsError, match="not a demo data set"):
+        build_demo_dataset(raw, samples_per_class=3, overwrite=True)
+    (raw / demo_mod.MARKER).write_text("{not json")
+    with pytest.raises(FileExistsError, match="not a demo data set"):
+        build_demo_dataset(raw, samples_per_class=3, overwrite=True)
+    assert (raw / "train" / "a" / "traina1.png").is_file()
+    assert not [p for p in raw.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_demo_overwrite_replaces_an_earlier_demo_build_or_an_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_demo_dataset(empty, samples_per_class=3, overwrite=True)
+    assert demo_mod.is_demo_build(empty)
+    build_demo_dataset(empty, samples_per_class=4, overwrite=True)  # other parameters
+    assert len(MultiModalFolder(empty, "validation")) == 10
+    assert not demo_mod.is_demo_build(tmp_path) and not demo_mod.is_demo_build(tmp_path / "nowhere")
+
+
+def test_demo_replace_other_build_rebuilds_only_another_demo_build(tmp_path, monkeypatch):
+    """What `dtl-fast train` without --data asks of its cache folder: a build with other
+    parameters (here: another generator version) is rebuilt, a current one is left alone."""
+    root = build_demo_dataset(tmp_path / "cache", samples_per_class=3)
+    marker = root / demo_mod.MARKER
+    marker.write_text(marker.read_text().replace(f'"version": {demo_mod.VERSION}', '"version": 0'))
+    with pytest.raises(FileExistsError, match="other parameters"):
+        build_demo_dataset(root, samples_per_class=3)
+    build_demo_dataset(root, samples_per_class=3, replace_other_build=True)
+    assert '"version": 0' not in marker.read_text()
+    stamp = marker.stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("rebuilt although the build is current")
+
+    monkeypatch.setattr(demo_mod, "render_demo_samples", boom)
+    assert build_demo_dataset(root, samples_per_class=3, replace_other_build=True) == root
+    assert marker.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    # a folder that is not a demo build stays refused
+    (tmp_path / "mine" / "train").mkdir(parents=True)
+    (tmp_path / "mine" / "train" / "keep.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a demo data set"):
+        build_demo_dataset(tmp_path / "mine", samples_per_class=3, replace_other_build=True)
+    assert (tmp_path / "mine" / "train" / "keep.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------- prepare overwrite
+
+
+def test_prepare_overwrite_refuses_user_files_inside_the_split_folders(raw, tmp_path):
+    out = tmp_path / "prep"
+    P.prepare(raw, out, image_size=8, max_frames=2, progress=False)
+    (out / "train" / "NOTES.txt").write_text("mine")
+    (out / "validation" / "mystuff").mkdir()
+    (out / "validation" / "mystuff" / "x").write_text("keep")
+    with pytest.raises(FileExistsError) as info:
+        P.prepare(raw, out, image_size=8, max_frames=2, overwrite=True, progress=False)
+    msg = str(info.value)
+    assert str(out) in msg and "train/NOTES.txt" in msg and "validation/mystuff/" in msg, msg
+    assert (out / "train" / "NOTES.txt").read_text() == "mine"
+    assert (out / "validation" / "mystuff" / "x").read_text() == "keep"
+    # what a prepare wrote, and only that, is replaced
+    (out / "train" / "NOTES.txt").unlink()
+    (out / "validation" / "mystuff" / "x").unlink()
+    (out / "validation" / "mystuff").rmdir()
+    P.prepare(raw, out, image_size=10, max_frames=2, overwrite=True, progress=False)
+    assert P.read_manifest(out)["image_size"] == [10, 10]
+
+
+# ---------------------------------------------------------------------------- class folders
+
+
+def test_an_empty_class_folder_is_an_error_naming_it(raw):
+    (raw / "train" / "zz").mkdir()
+    with pytest.raises(ValueError, match="no samples in the class folder") as info:
+        MultiModalFolder(raw, "train")
+    assert str(raw / "train" / "zz") in str(info.value) and "remove" in str(info.value)
+    # a visible folder holding only files that are not samples is no class either
+    (raw / "train" / "zz" / "readme.txt").write_text("x")
+    (raw / "train" / "zz" / "._a.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="zz"):
+        MultiModalFolder(raw, "train")
+    (raw / "validation" / "zz").mkdir()
+    with pytest.raises(ValueError, match="zz"):
+        MultiModalFolder(raw, "validation")  # it would define a class
+    with pytest.raises(ValueError, match=r"\['zz'\].*not in classes"):
+        MultiModalFolder(raw, "validation", classes=["a", "b"])
+    # with the class list given (train's), an empty folder of a known class is just no sample of it
+    ds = MultiModalFolder(raw, "validation", classes=["a", "b", "zz"])
+    assert ds.classes == ["a", "b", "zz"] and len(ds) == 4
+
+
+def test_hidden_and_macosx_folders_are_not_classes(raw, tmp_path):
+    for junk in ("__MACOSX", ".Trashes"):
+        (raw / "train" / junk / "a").mkdir(parents=True)
+        (raw / "train" / junk / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = MultiModalFolder(raw, "train")
+    assert ds.classes == ["a", "b"] and len(ds) == 4
+    # and a prepared set lists the same class folders
+    out = tmp_path / "prep"
+    P.prepare(raw, out, image_size=8, max_frames=2, progress=False)
+    assert P.read_manifest(out)["splits"]["train"]["class_folders"] == ["a", "b"]
+
+
+def test_a_class_whose_every_sample_is_skipped_warns_naming_it(raw):
+    for png in (raw / "train" / "b").glob("*.png"):
+        png.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = MultiModalFolder(raw, "train", on_bad_sample="skip")
+    text = "\n".join(str(w.message) for w in record)
+    assert "skipped 2 bad sample" in text and str(raw / "train" / "b") + " is bad" in text, text
+    assert ds.classes == ["a", "b"] and len(ds) == 2 and len(ds.skipped) == 2
+
+
+# ---------------------------------------------------------------------------- worker re-raise
+
+
+def test_bad_sample_error_keeps_bad_and_where_and_pickles():
+    exc = BadSampleError([("/d/train/k/x.png", "corrupt: no IDAT"), (pathlib.Path("/d/y"), "gone")],
+                         "/d/train")
+    assert exc.bad == [("/d/train/k/x.png", "corrupt: no IDAT"), ("/d/y", "gone")]
+    assert exc.where == "/d/train" and isinstance(exc, RuntimeError)
+    again = pickle.loads(pickle.dumps(exc))
+    assert str(again) == str(exc) and again.bad == exc.bad and again.where == exc.where
+    # rebuilt from its own message (what a re-raise that only has the text does)
+    text = BadSampleError(str(exc))
+    assert str(text) == str(exc) and text.bad == exc.bad and text.where == exc.where
+
+
+def test_bad_sample_error_survives_a_dataloader_worker(raw):
+    """A file that goes bad after the check, read in a DataLoader worker process: the main
+    process gets a BadSampleError (the CLI's clean exit 2), not PyTorch's RuntimeError."""
+    ds = MultiModalFolder(raw, "train")
+    gone = pathlib.Path(ds.samples[1][1])
+    for frame in gone.iterdir():
+        frame.unlink()
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1,
+                                         collate_fn=collate_multimodal)
+    with pytest.raises(BadSampleError) as info:
+        list(loader)
+    exc = info.value
+    assert type(exc) is BadSampleError
+    msg = str(exc)
+    assert msg.startswith("1 bad sample in ") and "Traceback" not in msg, msg
+    assert exc.where == str(raw / "train")
+    assert len(exc.bad) == 1 and exc.bad[0][0] == str(gone) and "no frame images" in exc.bad[0][1]
+    assert "DataLoader worker process 0" in exc.worker_traceback
+    again = pickle.loads(pickle.dumps(exc))
+    assert str(again) == msg and again.bad == exc.bad
