@@ -33,7 +33,10 @@ def _cmd_evaluate(args) -> int:
 
     try:
         evaluate(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
-                 workers=args.workers, backend=args.backend)
+                 workers=args.workers, backend=args.backend,
+                 # both default to SUPPRESS (no "(default: None)" in --help): absent = not given
+                 on_bad_sample=getattr(args, "on_bad_sample", None),
+                 progress=getattr(args, "progress", None))
     except (ValueError, BadSampleError, OSError) as exc:
         print(f"dtl-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -53,10 +56,28 @@ def _cmd_data_demo(args) -> int:
     return 0
 
 
+def _check_prepare_flags(args) -> str | None:
+    """The first bad `data prepare` flag as an error message naming the flag, else None (the
+    Python API's own checks name its arguments: image_size=, max_frames=, ...)."""
+    for flag, value, low in (("--image-size", args.image_size, 1), ("--frame-size", args.frame_size, 1),
+                             ("--max-frames", args.max_frames, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < low:
+            return f"{flag} must be an integer >= {low}, got {value}"
+    if args.channels not in (1, 3):
+        return f"--channels must be 1 or 3, got {args.channels}"
+    return None
+
+
 def _cmd_data_prepare(args) -> int:
+    import shlex
+
     from dtl_fast.data import BadSampleError
     from dtl_fast.data.prepared import prepare
 
+    problem = _check_prepare_flags(args)
+    if problem is not None:
+        print(f"dtl-fast data prepare: error: {problem}", file=sys.stderr)
+        return 2
     try:
         m = prepare(args.dir, args.out, image_size=args.image_size, frame_size=args.frame_size,
                     max_frames=args.max_frames, channels=args.channels,
@@ -76,7 +97,7 @@ def _cmd_data_prepare(args) -> int:
         flags += " --on-bad-sample skip"
     print(f"prepared {counts} samples{f' ({skipped} skipped)' if skipped else ''}: "
           f"{size / 2**20:.1f} MiB in {args.out} ({m['seconds']:.1f} s)\n"
-          f"train on it with: dtl-fast train --data {args.out} {flags}")
+          f"train on it with: dtl-fast train --data {shlex.quote(args.out)} {flags}")
     return 0
 
 
@@ -120,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=("fused", "reference", "auto"), default="fused",
                    help="fused: Triton kernels on CUDA ('auto' on a CPU device); reference: eager")
+    p.add_argument("--on-bad-sample", choices=("error", "skip"), default=argparse.SUPPRESS,
+                   help="a missing / unreadable / corrupt file: fail, or leave the sample out "
+                        "(default: the checkpoint's run's --on-bad-sample)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   default=argparse.SUPPRESS, help="no progress bars while the data's files are checked")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("data", help="data sets: `data demo DIR` builds the bundled demo data, "
@@ -134,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", metavar="DIR", help="where to build it")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--overwrite", action="store_true",
-                   help="rebuild even if DIR holds a complete build with other parameters")
+                   help="rebuild DIR when it holds an earlier demo build (with other parameters, or "
+                        "the same ones to repair it); a folder that is not a demo build is never "
+                        "replaced")
     q.add_argument("--samples-per-class", type=int, default=None, metavar="N",
                    help="use N digits of each class instead of all of scikit-learn's 1797 (a "
                         "small set for a quick try)")

@@ -1,6 +1,8 @@
-"""The `dtl-fast` command: help of every subcommand, clear errors for bad flags, `data demo`."""
+"""The `dtl-fast` command: help of every subcommand, clear errors for bad flags, `data demo`,
+`data prepare`."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,9 @@ def test_help_of_each_subcommand(argv, expect, capsys):
             assert name in out
     if argv == ["evaluate"]:
         assert "CHECKPOINT" in out and "--data" in out
+        # evaluate takes what train takes for reading the data (the sizes come from the checkpoint)
+        assert "--on-bad-sample {error,skip}" in out and "--no-progress" in out
+        assert "(default: None)" not in out and "(default: True)" not in out
     if argv == ["data", "demo"]:
         assert "DIR" in out and "--seed" in out and "--overwrite" in out
 
@@ -147,6 +152,68 @@ def test_data_demo_builds_the_set(tmp_path, capsys):
     assert "dtl-fast data demo: error:" in capsys.readouterr().err
     assert cli.main(["data", "demo", str(tmp_path / "x"), "--samples-per-class", "0"]) == 2
     assert "samples_per_class" in capsys.readouterr().err
+
+
+def test_data_demo_overwrite_refuses_a_real_data_set(tmp_path, capsys):
+    """--overwrite replaces an earlier demo build only: a user's data set (train/ validation/
+    test/ without the demo marker) is refused, named, and the error does not suggest --overwrite."""
+    data = tmp_path / "mine"
+    for split in ("train", "validation", "test"):
+        (data / split / "cats").mkdir(parents=True)
+        (data / split / "cats" / "1.png").write_bytes(b"precious")
+    for extra in (["--overwrite"], []):  # --overwrite used to delete it
+        assert cli.main(["data", "demo", str(data), "--samples-per-class", "3", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dtl-fast data demo: error:") and str(data) in err and "train/" in err
+        assert "--overwrite" not in err and "overwrite=True" not in err, err
+    assert sorted(p.name for p in (data / "train").iterdir()) == ["cats"]
+    assert (data / "test" / "cats" / "1.png").read_bytes() == b"precious"
+    # an earlier demo build is what --overwrite is for
+    demo = tmp_path / "demo"
+    assert cli.main(["data", "demo", str(demo), "--samples-per-class", "3"]) == 0
+    assert cli.main(["data", "demo", str(demo), "--samples-per-class", "4"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["data", "demo", str(demo), "--samples-per-class", "4", "--overwrite"]) == 0
+
+
+@pytest.fixture
+def tiny_raw(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "raw"
+    for split in ("train", "validation", "test"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            (folder / "s").mkdir(parents=True)
+            Image.new("RGB", (6, 6), (1, 2, 3)).save(folder / "s.png")
+            Image.new("L", (6, 6), 7).save(folder / "s" / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--max-frames", "0"], "--max-frames"), (["--image-size", "0"], "--image-size"),
+    (["--frame-size", "-1"], "--frame-size"), (["--workers", "-2"], "--workers"),
+    (["--channels", "2"], "--channels"),
+])
+def test_data_prepare_errors_name_the_flag(flags, name, tiny_raw, tmp_path, capsys):
+    assert cli.main(["data", "prepare", str(tiny_raw), str(tmp_path / "out"), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtl-fast data prepare: error:") and name in err, err
+    python_name = name[2:].replace("-", "_")  # the Python API's name, not the flag
+    assert not re.search(rf"(?<![-\w]){python_name}\b", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_hint_quotes_the_path(tiny_raw, tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "prepared ü x"
+    assert cli.main(["data", "prepare", str(tiny_raw), str(out), "--image-size", "8",
+                     "--max-frames", "2", "--no-progress"]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert hint.startswith("train on it with: dtl-fast train --data ")
+    words = shlex.split(hint.split(": ", 1)[1])
+    assert words[:4] == ["dtl-fast", "train", "--data", str(out)], words
 
 
 def test_info_and_demo_still_parse():

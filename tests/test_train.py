@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -30,6 +31,7 @@ from dtl_fast.train import (
     load_checkpoint,
     save_checkpoint,
     train,
+    train_seeds,
 )
 from dtl_fast.train.progress import EpochProgress
 from dtl_fast.train.reports import format_best_table
@@ -218,7 +220,7 @@ def test_bad_sample_error_before_training_or_skipped(tmp_path, monkeypatch, caps
     (dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"),
     (dict(lr=float("nan")), "--lr"), (dict(amp="fp16"), "--amp"), (dict(workers=-1), "--workers"),
     (dict(device="tpu"), "--device"), (dict(on_bad_sample="ignore"), "--on-bad-sample"),
-    (dict(backend="fast"), "--backend"), (dict(dim=9), "--dim"),
+    (dict(backend="fast"), "--backend"), (dict(dim=9), "--dim"), (dict(channels=2), "--channels"),
 ])
 def test_bad_settings_name_the_flag(change, flag, tmp_path):
     with pytest.raises(ValueError, match=flag):
@@ -235,6 +237,8 @@ def test_bad_data_out_device_and_world_size(tmp_path, monkeypatch):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="--out .*not writable"):
         train(TrainConfig(data=str(tmp_path / "flat"), out=str(blocker / "sub")))
+    with pytest.raises(ValueError, match=f"--out {re.escape(str(blocker))} is a file, not a folder"):
+        train(TrainConfig(data=str(tmp_path / "flat"), out=str(blocker)))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
             train(TrainConfig(data=str(tmp_path / "flat"), out=str(tmp_path / "o"), device="cuda"))
@@ -482,9 +486,9 @@ def test_no_data_builds_the_demo_set_once_in_the_cache(tmp_path, monkeypatch, ca
 
     real, calls = data.build_demo_dataset, []
 
-    def small(root, *, seed=0, overwrite=False):
+    def small(root, *, seed=0, **kwargs):
         calls.append((Path(root), seed))
-        return real(root, seed=seed, overwrite=overwrite, samples_per_class=3)
+        return real(root, seed=seed, samples_per_class=3, **kwargs)
 
     monkeypatch.setattr(data, "build_demo_dataset", small)
     monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path / "cache"))
@@ -498,6 +502,18 @@ def test_no_data_builds_the_demo_set_once_in_the_cache(tmp_path, monkeypatch, ca
     stamp = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*.png"))
     train(TrainConfig(out=str(tmp_path / "run"), epochs=1, seed=5, resume=True, **dict(TINY, baselines=False)))
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*.png")) == stamp
+
+
+def test_no_data_with_a_foreign_folder_in_the_cache_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    # The cache folder holds something that is not a demo build: nothing is replaced, and the
+    # command line says so (exit 2), not a FileExistsError traceback.
+    monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path / "cache"))
+    foreign = tmp_path / "cache" / "demo-digits-seed0" / "mine.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("keep")
+    rc = cli.main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
+    assert rc == 2 and "demo-digits-seed0" in capsys.readouterr().err
+    assert foreign.read_text() == "keep"
 
 
 @pytest.mark.gpu
@@ -557,3 +573,109 @@ def test_an_error_of_one_rank_alone_is_printed_by_that_rank(monkeypatch, capsys)
         err = capsys.readouterr().err
         assert ("bad file x.png" in err) == shown, (rank, everywhere, err)
         assert ("[rank 1]" in err) == (rank == 1 and shown)
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals and messages found by the s26 review (each failed before its fix)
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_out_inside_a_split_folder_of_data_is_refused(split, tmp_path, capsys):
+    """--out is made before the data is read: inside DATA/<split>/ it would become a class."""
+    root = make_dataset(tmp_path / "set", counts=(3, 3, 3))
+    before = sorted(p.name for p in (root / split).iterdir())
+    out = root / split / "run1"
+    with pytest.raises(ValueError, match=rf"--out {re.escape(str(out))} lies inside the {split} "
+                                         rf"split folder of --data {re.escape(str(root))}"):
+        train(TrainConfig(data=str(root), out=str(out), epochs=1, **TINY))
+    with pytest.raises(ValueError, match="--out .* lies inside"):  # --seeds: OUT/seed-<s> too
+        train_seeds(TrainConfig(data=str(root), out=str(root / split), epochs=1, **TINY), [0, 1])
+    assert cli.main(["train", "--data", str(root), "--out", str(out / "deeper"), "--epochs", "1",
+                     *TINY_FLAGS]) == 2
+    assert "lies inside" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / split).iterdir()) == before, "a class folder was made"
+
+
+def test_one_class_data_set_names_data_and_the_class_folders(tmp_path):
+    root = make_dataset(tmp_path / "one", counts=(3, 3, 3))
+    for split in ("train", "validation", "test"):
+        for name in ("cross", "square"):
+            shutil.rmtree(root / split / name)
+    with pytest.raises(ValueError, match=rf"--data {re.escape(str(root))}: .*train holds 1 class "
+                                         r"folder\(s\) \['circle'\].*at least 2"):
+        train(TrainConfig(data=str(root), out=str(tmp_path / "o"), epochs=1, **TINY))
+
+
+def test_resume_refuses_fewer_epochs_and_a_weights_only_checkpoint(full_run, data_root, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(full_run[0], out)  # 2 epochs
+    saved = (out / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=r"already holds 2 epochs, more than --epochs 1; pass --epochs 2"):
+        train(TrainConfig(data=str(data_root), out=str(out), epochs=1, resume=True, **TINY))
+    assert (out / "metrics.json").read_text() == saved, "metrics.json was rewritten"
+    # best.pt copied over checkpoint.pt: weights only, no optimizer state (was a KeyError)
+    shutil.copyfile(out / "best.pt", out / "checkpoint.pt")
+    ckpt = out / "checkpoint.pt"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(ckpt))} holds model weights only.*"
+                                         r"resume needs the checkpoint.pt.*dtl-fast evaluate"):
+        train(TrainConfig(data=str(data_root), out=str(out), epochs=3, resume=True, **TINY))
+    assert cli.main(["train", "--data", str(data_root), "--out", str(out), "--epochs", "3",
+                     "--resume", *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtl-fast train: error: --resume:") and "best.pt" in err
+
+
+def test_a_new_run_over_an_earlier_one_says_so(full_run, data_root, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(full_run[0], out)
+    train(TrainConfig(data=str(data_root), out=str(out), epochs=1, **dict(TINY, baselines=False)))
+    printed = capsys.readouterr().out
+    assert f"--out {out} holds an earlier run: replacing it (pass --resume to continue it)" in printed
+    train(TrainConfig(data=str(data_root), out=str(tmp_path / "fresh"), epochs=1,
+                      **dict(TINY, baselines=False)))
+    assert "holds an earlier run" not in capsys.readouterr().out
+
+
+def test_evaluate_uses_the_runs_on_bad_sample_and_takes_the_flag(tmp_path, capsys):
+    """A run trained with --on-bad-sample skip is evaluated with skip (it used to be forced to
+    "error", with no flag to change it); --on-bad-sample error overrides; --no-progress."""
+    from dtl_fast.data import BadSampleError
+
+    root = make_dataset(tmp_path / "set", counts=(6, 3, 3))
+    corrupt = root / "test" / "cross" / "s1.png"
+    corrupt.write_bytes(b"not a png at all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1,
+                                    on_bad_sample="skip", **dict(TINY, baselines=False)))
+        ckpt = tmp_path / "run" / "checkpoint.pt"
+        res = evaluate(ckpt, root, verbose=False)
+        assert res["test_acc"] == metrics["test_acc"]
+        assert [s["path"] for s in res["skipped"]] == [str(corrupt)]
+        with pytest.raises(BadSampleError, match="s1.png"):
+            evaluate(ckpt, root, verbose=False, on_bad_sample="error")
+        capsys.readouterr()
+        assert cli.main(["evaluate", str(ckpt), "--data", str(root), "--no-progress"]) == 0
+        captured = capsys.readouterr()
+        assert "skipped 1 bad sample" in captured.out and "checking" not in captured.err
+        assert cli.main(["evaluate", str(ckpt), "--data", str(root), "--on-bad-sample", "error",
+                         "--no-progress"]) == 2
+        assert "s1.png" in capsys.readouterr().err
+        assert cli.main(["evaluate", str(ckpt), "--data", str(root), "--on-bad-sample", "skip"]) == 0
+        assert "checking" in capsys.readouterr().err  # the bars are on by default
+
+
+def test_evaluate_on_prepared_data_of_other_sizes_names_the_checkpoints_sizes(full_run, data_root,
+                                                                              tmp_path):
+    """evaluate has no --image-size / --max-frames (the sizes are the checkpoint's): its error
+    must not tell the user to pass them."""
+    from dtl_fast.data import prepare
+
+    prep = tmp_path / "prep16"
+    prepare(data_root, prep, image_size=16, max_frames=4, channels=3, workers=0, progress=False)
+    with pytest.raises(ValueError) as exc:
+        evaluate(full_run[0] / "checkpoint.pt", prep, verbose=False)
+    msg = str(exc.value)
+    assert "Pass --" not in msg, msg
+    assert "--image-size 16 prepared, 12 in the checkpoint" in msg, msg
+    assert "--max-frames 4 prepared, 3 in the checkpoint" in msg, msg
+    assert f"dtl-fast data prepare {data_root.resolve()} NEW_OUT --image-size 12 --max-frames 3" in msg, msg

@@ -81,6 +81,8 @@ def load_checkpoint(path) -> dict:
 
 def check_out_writable(out: Path) -> None:
     """Makes --out and raises ValueError naming it unless a file can be created there."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -91,7 +93,12 @@ def check_out_writable(out: Path) -> None:
 
 def check_resume(state: dict, config, path: Path) -> None:
     """Raises ValueError naming each RESUME_MUST_MATCH flag whose value in the checkpoint
-    `state` (read from `path`) differs from the TrainConfig `config`."""
+    `state` (read from `path`) differs from the TrainConfig `config`; also when `state` has no
+    optimizer state (best.pt, weights only) or more epochs than config.epochs."""
+    if state.get("kind") == "best" or not all(k in state for k in ("optimizers", "rng", "global_step")):
+        raise ValueError(f"--resume: {path} holds model weights only, no optimizer state (a best.pt?): "
+                         f"resume needs the {CHECKPOINT_NAME} a run writes after every epoch. To use "
+                         f"these weights, evaluate them: dtl-fast evaluate {path} --data DIR")
     saved = state.get("config", {})
     now = dataclasses.asdict(config)
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now[k]!r}"
@@ -100,6 +107,11 @@ def check_resume(state: dict, config, path: Path) -> None:
         raise ValueError(f"--resume: {path} was written with different settings that change the "
                          "model, the data or the batches: " + "; ".join(diffs)
                          + ". Use the checkpoint's settings, or another --out to start afresh.")
+    done = int(state.get("epoch", 0))
+    if done > config.epochs:
+        raise ValueError(f"--resume: {path} already holds {done} epochs, more than --epochs "
+                         f"{config.epochs}; pass --epochs {done} to re-evaluate the run as it is, or "
+                         "more to continue it")
 
 
 def rng_state(device: torch.device) -> dict:

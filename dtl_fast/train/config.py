@@ -64,6 +64,8 @@ class TrainConfig:
                      "hidden_size", "dim", "num_heads", "num_layers"):
             positive(name, getattr(self, name))
         positive("workers", self.workers, 0)
+        if self.channels not in (1, 3):
+            raise ValueError(f"--channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
         if self.frame_size is not None:
             positive("frame_size", self.frame_size)
         for name in ("mean", "std"):
@@ -99,9 +101,26 @@ class TrainConfig:
         if self.data is not None and not Path(self.data).is_dir():
             raise ValueError(f"--data {self.data}: not a folder (expected root/train, "
                              "root/validation and root/test with one folder per class)")
+        if self.data is not None:
+            check_out_outside_splits(self.out, self.data)
         if self.encoder_weights is not None and not Path(self.encoder_weights).is_file():
             raise ValueError(f"--encoder-weights {self.encoder_weights}: no such file")
         parse_device(self.device)
+
+
+def check_out_outside_splits(out, data) -> None:
+    """Raises ValueError naming --out and --data when --out lies in (or is) a split folder of
+    --data (train/, validation/, test/): --out is made before the data is read, so it would be
+    read as a class folder, or hold samples of one."""
+    from dtl_fast.data import SPLITS
+
+    out_p, data_p = Path(out).resolve(), Path(data).resolve()
+    for split in SPLITS:
+        folder = data_p / split
+        if out_p == folder or folder in out_p.parents:
+            raise ValueError(f"--out {out} lies inside the {split} split folder of --data {data} "
+                             f"({folder}): its files would be read as a class of the data set. "
+                             f"Choose an --out outside {data_p}/{{{','.join(SPLITS)}}}")
 
 
 def add_sample_size_arguments(group) -> None:

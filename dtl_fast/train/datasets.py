@@ -56,6 +56,10 @@ def open_datasets(root: Path, config, dist_info: Dist, classes=None, splits=TRAI
                             progress=bool(config.progress and dist_info.main), **stats)
         if classes is None:
             classes = list(ds.classes)
+            if len(classes) < 2:
+                raise ValueError(f"--data {root}: {root / split} holds {len(classes)} class "
+                                 f"folder(s) {classes}; DTL learns to tell classes apart and needs "
+                                 "at least 2 (one folder per class in each split)")
         if len(ds) == 0:
             raise ValueError(f"--data {root}: the {split} split has no usable samples "
                              f"({len(getattr(ds, 'skipped', []))} skipped)")

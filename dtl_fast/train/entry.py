@@ -24,7 +24,7 @@ def run_config(config: TrainConfig, prog: str, seeds: list | None = None) -> int
             train(config)
         else:
             train_seeds(config, seeds)
-    except (ValueError, BadSampleError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, BadSampleError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         _report(prog, exc)
         return 2
     except RuntimeError as exc:

@@ -170,7 +170,9 @@ def _setup(config: TrainConfig, dist_info: Dist):
         root = demo_root(config.seed)
         if dist_info.local_rank in (None, 0):  # one builder per machine (the cache is local)
             _log(dist_info, f"data: the bundled digits demo data set in {root}")
-            build_demo_dataset(root, seed=config.seed)
+            # our own cache folder: an earlier demo build with other parameters (another
+            # generator version) is rebuilt; anything that is not a demo build is still refused
+            build_demo_dataset(root, seed=config.seed, replace_other_build=True)
     else:
         root = Path(config.data)
     return out, root
@@ -208,6 +210,8 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
     root, datasets, state = on_every_rank(lambda: _open_data(config, dist_info, root, ckpt_path),
                                           dist_info)
     classes = list(datasets["train"].classes)
+    if not config.resume and (ckpt_path.is_file() or (out / "metrics.json").is_file()):
+        _log(dist_info, f"--out {out} holds an earlier run: replacing it (pass --resume to continue it)")
     skipped = [{"split": s, "path": str(p), "reason": str(r)}
                for s, ds in datasets.items() for p, r in getattr(ds, "skipped", [])]
     if skipped:
@@ -436,13 +440,17 @@ def graphs_decision(config: TrainConfig, device: torch.device, backend: str, dis
 # evaluation of a checkpoint
 
 def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, workers: int = 0,
-             backend: str = "fused", verbose: bool = True) -> dict:
+             backend: str = "fused", verbose: bool = True, on_bad_sample: str | None = None,
+             progress: bool | None = None) -> dict:
     """Evaluates the five heads of a `dtl-fast train` checkpoint (OUT/checkpoint.pt: the last
     epoch; OUT/best.pt: each model at its best validation epoch) on DATA's validation and test
     splits (a raw folder or a prepared data set), with the checkpoint's class list. Returns
     {"val_acc": {...}, "test_acc": {...}, "epoch": int, "epochs": {model: epoch} for best.pt
-    else None, "checkpoint": str, "data": str, "table": str}; prints the table if verbose. Raises FileNotFoundError / ValueError naming the
-    checkpoint, the folder or the flag."""
+    else None, "checkpoint": str, "data": str, "table": str, "skipped": [{"split", "path",
+    "reason"}]}; prints the table if verbose. on_bad_sample: "error" / "skip", default the
+    checkpoint's own (the run's --on-bad-sample); progress: bars while the files are checked
+    (default: verbose). The sizes (--image-size ...) are the checkpoint's. Raises
+    FileNotFoundError / ValueError naming the checkpoint, the folder or the flag."""
     from torch.utils.data import DataLoader
 
     from dtl_fast.data import collate_multimodal
@@ -451,6 +459,8 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
+    if on_bad_sample not in (None, "error", "skip"):
+        raise ValueError(f"--on-bad-sample must be 'error' or 'skip', got {on_bad_sample!r}")
     state = load_checkpoint(checkpoint)
     root = Path(data)
     if not root.is_dir():
@@ -462,10 +472,12 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
     used = module_backend(backend, dev)
     saved = state["config"]
     config = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-    config.on_bad_sample = "error"
+    if on_bad_sample is not None:
+        config.on_bad_sample = on_bad_sample
     config.workers = workers
-    config.progress = verbose
+    config.progress = verbose if progress is None else bool(progress)
     classes = list(state["classes"])
+    _check_prepared_sizes(root, config, checkpoint)
     try:
         datasets = open_datasets(root, config, Dist(), classes=classes, splits=("validation", "test"))
     except ValueError as exc:
@@ -479,7 +491,9 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
         models[name] = m.to(dev).eval()
     result = {"checkpoint": str(checkpoint), "data": str(root), "epoch": int(state["epoch"]),
               # best.pt: each model's own best epoch (None for checkpoint.pt: all at "epoch")
-              "epochs": best_state_epochs(state)}
+              "epochs": best_state_epochs(state),
+              "skipped": [{"split": s, "path": str(p), "reason": str(r)}
+                          for s, ds in datasets.items() for p, r in getattr(ds, "skipped", [])]}
     for split, key in (("validation", "val_acc"), ("test", "test_acc")):
         loader = DataLoader(datasets[split], batch_size=batch_size, shuffle=False, num_workers=workers,
                             collate_fn=collate_multimodal)
@@ -492,5 +506,47 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
             which = "best.pt: " + ", ".join(f"{name} at its best epoch {e}"
                                             for name, e in result["epochs"].items())
         print(f"checkpoint {checkpoint} ({which}), data {root}, " + describe_backend(backend, used, dev))
+        if result["skipped"]:
+            print(f"skipped {len(result['skipped'])} bad sample(s) (--on-bad-sample skip)")
         print(result["table"])
     return result
+
+
+def _check_prepared_sizes(root: Path, config: TrainConfig, checkpoint) -> None:
+    """Raises ValueError when `root` is a prepared data set made with other sample sizes than
+    the checkpoint's run used (evaluate takes its sizes from the checkpoint: no flag to pass)."""
+    from dtl_fast.data import is_prepared
+    from dtl_fast.data.prepared import read_manifest
+
+    if not is_prepared(root):
+        return
+    m = read_manifest(root)
+
+    def pair(v):
+        return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+    def show(v):
+        if isinstance(v, list):
+            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+        return str(v)
+
+    image = pair(config.image_size)
+    asked = {"image_size": image,
+             "frame_size": image if config.frame_size is None else pair(config.frame_size),
+             "max_frames": config.max_frames, "channels": config.channels}
+    try:
+        differ = [k for k, v in asked.items() if m[k] != v]
+    except (KeyError, TypeError):
+        return  # a damaged manifest: open_split names what is wrong
+    if "frame_size" in differ and config.frame_size is None and m["frame_size"] == m["image_size"]:
+        differ.remove("frame_size")  # frames follow the image size on both sides
+    if not differ:
+        return
+    flags = " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in asked.items()
+                     if not (k == "frame_size" and v == image))
+    what = ", ".join(f"--{k.replace('_', '-')} {show(m[k])} prepared, {show(asked[k])} in the "
+                     "checkpoint" for k in differ)
+    raise ValueError(f"--data {root} was prepared with other sizes than checkpoint {checkpoint} "
+                     f"was trained with: {what}. evaluate takes the sizes from the checkpoint: "
+                     f"evaluate on the raw data ({m.get('source')}) or on a set prepared to match "
+                     f"(dtl-fast data prepare {m.get('source')} NEW_OUT {flags})")
