@@ -110,7 +110,8 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert cli.main(["train", "--device", "cuda", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert cli.main(["train", "--device", "cuda", "--data", str(tmp_path),
+                     "--out", str(tmp_path / "run")]) == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
 
 

@@ -102,6 +102,41 @@ def test_demo_replace_other_build_rebuilds_only_another_demo_build(tmp_path, mon
     assert (tmp_path / "mine" / "train" / "keep.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize("how", ["overwrite", "replace_other_build"])
+def test_demo_overwrite_never_deletes_what_a_user_added_inside_a_build(tmp_path, how):
+    # The marker says "a demo build"; the split folders must say so too: a user's own sample or
+    # class folder inside a build, or a forged marker next to a user's data set, is refused and
+    # kept (the overwrite would rmtree the whole tree).
+    root = build_demo_dataset(tmp_path / "d", samples_per_class=3)
+    kw = {how: True}
+    stem = sorted(p.stem for p in (root / "train" / "3").glob("*.png"))[0]
+    added = [root / "train" / "7" / "my_own_sample.png", root / "validation" / "mycls" / "a.png",
+             root / "test" / "2" / "9999.png"]  # demo naming, but a sample the build did not write
+    for path in added:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"mine")
+        (path.parent / path.stem).mkdir(exist_ok=True)
+        with pytest.raises(FileExistsError, match="did not write"):
+            build_demo_dataset(root, samples_per_class=4, **kw)
+        assert path.read_bytes() == b"mine"
+        path.unlink()
+        (path.parent / path.stem).rmdir()
+    (root / "validation" / "mycls").rmdir()
+    (root / "train" / "3" / stem / "notes.txt").write_text("mine")  # inside a clip's frames
+    with pytest.raises(FileExistsError, match="did not write"):
+        build_demo_dataset(root, samples_per_class=4, **kw)
+    (root / "train" / "3" / stem / "notes.txt").unlink()
+    build_demo_dataset(root, samples_per_class=4, **kw)  # exactly a build: replaced
+    assert len(MultiModalFolder(root, "validation")) == 10
+    forged = tmp_path / "mine"
+    (forged / "train" / "cat").mkdir(parents=True)
+    (forged / "train" / "cat" / "a.jpg").write_bytes(b"mine")
+    (forged / demo_mod.MARKER).write_text('{"generator": "%s"}' % demo_mod.GENERATOR)
+    with pytest.raises(FileExistsError, match="did not write"):
+        build_demo_dataset(forged, samples_per_class=3, **kw)
+    assert (forged / "train" / "cat" / "a.jpg").read_bytes() == b"mine"
+
+
 # ---------------------------------------------------------------------------- prepare overwrite
 
 

@@ -595,6 +595,19 @@ def test_out_inside_a_split_folder_of_data_is_refused(split, tmp_path, capsys):
     assert sorted(p.name for p in (root / split).iterdir()) == before, "a class folder was made"
 
 
+def test_out_is_not_the_data_nor_inside_the_cached_demo_set(tmp_path, monkeypatch):
+    # --out equal to --data would write results.md / metrics.json among the data set's files;
+    # without --data the cached demo set is the data, and its split folders are off limits too.
+    root = make_dataset(tmp_path / "set", counts=(3, 3, 3))
+    with pytest.raises(ValueError, match=rf"--out {re.escape(str(root))} is --data"):
+        train(TrainConfig(data=str(root), out=str(root), epochs=1, **TINY))
+    monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cache" / "demo-digits-seed3" / "train" / "run"
+    with pytest.raises(ValueError, match="lies inside the train split folder of the demo data in"):
+        train(TrainConfig(out=str(out), epochs=1, seed=3, **TINY))
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 def test_one_class_data_set_names_data_and_the_class_folders(tmp_path):
     root = make_dataset(tmp_path / "one", counts=(3, 3, 3))
     for split in ("train", "validation", "test"):

@@ -214,6 +214,45 @@ def _describe(root: pathlib.Path, names: list, limit: int = 10) -> str:
     return ", ".join(shown) + more
 
 
+def _not_from_the_build(root: pathlib.Path, marker: dict) -> list:
+    """What under root's split folders a demo build did not write (relative paths, folders with
+    a slash): anything but class folders 0-9 holding <stem>.png + <stem>/<NNN>.png frames, as
+    many samples per class as the marker's counts say; symlinks are never the build's. Empty
+    when the tree is exactly a build, the only tree overwrite may delete."""
+    counts = marker.get("counts") if isinstance(marker.get("counts"), dict) else {}
+    classes = {str(c) for c in range(10)}
+    found = []
+    for split in SPLITS:
+        sdir = root / split
+        if not os.path.lexists(sdir):
+            continue
+        if sdir.is_symlink() or not sdir.is_dir():
+            found.append(split)
+            continue
+        for cdir in sorted(sdir.iterdir()):
+            rel = f"{split}/{cdir.name}"
+            if cdir.name not in classes or cdir.is_symlink() or not cdir.is_dir():
+                found.append(rel + ("/" if cdir.is_dir() else ""))
+                continue
+            samples = 0
+            for entry in sorted(cdir.iterdir()):
+                frames = cdir / entry.stem
+                if (entry.suffix == ".png" and entry.is_file() and not entry.is_symlink()
+                        and frames.is_dir() and not frames.is_symlink()):
+                    samples += 1
+                    continue
+                if (entry.is_dir() and not entry.is_symlink()
+                        and (cdir / f"{entry.name}.png").is_file()
+                        and all(f.suffix == ".png" and f.stem.isdigit() and f.is_file()
+                                and not f.is_symlink() for f in entry.iterdir())):
+                    continue  # a clip's frame folder
+                found.append(f"{rel}/{entry.name}" + ("/" if entry.is_dir() else ""))
+            wrote = counts.get(split, {}).get(cdir.name) if isinstance(counts.get(split), dict) else None
+            if wrote is not None and samples != wrote:
+                found.append(f"{rel}/ ({samples} samples; the build wrote {wrote})")
+    return found
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -332,6 +371,12 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
             if foreign:
                 raise FileExistsError(f"refusing to overwrite {root}: besides a demo data set it holds "
                                       f"{_describe(root, foreign)}; remove those or choose another folder")
+            inside = _not_from_the_build(root, marker) if overwrite or replace_other_build else []
+            if inside:
+                shown = ", ".join(inside[:10]) + (f" and {len(inside) - 10} more" if len(inside) > 10 else "")
+                raise FileExistsError(f"refusing to overwrite {root}: its split folders hold what the "
+                                      f"demo build did not write: {shown}. Nothing was changed; "
+                                      f"remove those or choose another folder")
             if not overwrite and not replace_other_build:
                 old = marker.get("parameters")
                 old = old if isinstance(old, dict) else {}

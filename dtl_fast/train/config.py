@@ -103,24 +103,32 @@ class TrainConfig:
                              "root/validation and root/test with one folder per class)")
         if self.data is not None:
             check_out_outside_splits(self.out, self.data)
+        else:  # the bundled demo set, built in the cache: --out stays out of that one too
+            from dtl_fast.train.datasets import demo_root
+
+            check_out_outside_splits(self.out, demo_root(self.seed), data_name="the demo data in")
         if self.encoder_weights is not None and not Path(self.encoder_weights).is_file():
             raise ValueError(f"--encoder-weights {self.encoder_weights}: no such file")
         parse_device(self.device)
 
 
-def check_out_outside_splits(out, data) -> None:
-    """Raises ValueError naming --out and --data when --out lies in (or is) a split folder of
-    --data (train/, validation/, test/): --out is made before the data is read, so it would be
-    read as a class folder, or hold samples of one."""
+def check_out_outside_splits(out, data, data_name: str = "--data") -> None:
+    """Raises ValueError naming --out and the data (`data_name` `data`) when --out is the data
+    folder itself or lies in (or is) one of its split folders (train/, validation/, test/):
+    --out is made before the data is read, so it would be read as a class folder or hold samples
+    of one, and the run's results.md / metrics.json would land among the data set's files."""
     from dtl_fast.data import SPLITS
 
     out_p, data_p = Path(out).resolve(), Path(data).resolve()
+    if out_p == data_p:
+        raise ValueError(f"--out {out} is {data_name} {data} ({data_p}): the run's files would be "
+                         f"written into the data set. Choose an --out outside it")
     for split in SPLITS:
         folder = data_p / split
         if out_p == folder or folder in out_p.parents:
-            raise ValueError(f"--out {out} lies inside the {split} split folder of --data {data} "
-                             f"({folder}): its files would be read as a class of the data set. "
-                             f"Choose an --out outside {data_p}/{{{','.join(SPLITS)}}}")
+            raise ValueError(f"--out {out} lies inside the {split} split folder of {data_name} "
+                             f"{data} ({folder}): its files would be read as a class of the data "
+                             f"set. Choose an --out outside {data_p}/{{{','.join(SPLITS)}}}")
 
 
 def add_sample_size_arguments(group) -> None:
