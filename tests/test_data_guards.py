@@ -135,6 +135,13 @@ def test_demo_overwrite_never_deletes_what_a_user_added_inside_a_build(tmp_path,
     with pytest.raises(FileExistsError, match="did not write"):
         build_demo_dataset(forged, samples_per_class=3, **kw)
     assert (forged / "train" / "cat" / "a.jpg").read_bytes() == b"mine"
+    # ... even when the user's tree looks like a build's (digit classes, <stem>.png + frames)
+    (forged / "train" / "cat").rename(forged / "train" / "0")
+    (forged / "train" / "0" / "a.jpg").rename(forged / "train" / "0" / "0001.png")
+    (forged / "train" / "0" / "0001").mkdir()
+    with pytest.raises(FileExistsError, match="no sample counts"):
+        build_demo_dataset(forged, samples_per_class=3, **kw)
+    assert (forged / "train" / "0" / "0001.png").read_bytes() == b"mine"
 
 
 # ---------------------------------------------------------------------------- prepare overwrite

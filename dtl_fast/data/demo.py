@@ -219,7 +219,9 @@ def _not_from_the_build(root: pathlib.Path, marker: dict) -> list:
     a slash): anything but class folders 0-9 holding <stem>.png + <stem>/<NNN>.png frames, as
     many samples per class as the marker's counts say; symlinks are never the build's. Empty
     when the tree is exactly a build, the only tree overwrite may delete."""
-    counts = marker.get("counts") if isinstance(marker.get("counts"), dict) else {}
+    counts = marker.get("counts")
+    if not isinstance(counts, dict):  # every build records its counts: a marker without is not one
+        return [f"{MARKER} (no sample counts: not written by a build)"]
     classes = {str(c) for c in range(10)}
     found = []
     for split in SPLITS:
