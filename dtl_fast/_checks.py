@@ -84,8 +84,9 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
         # int64 is what every kernel and reference computes in: a uint64 value >= 2^63 would
         # wrap to a negative one (and torch has no max() for uint64; NumPy has)
         values = unwrap_functorch(lengths)
-        if not is_fake(values) and int(values.numpy().max()) >= 2**63:
-            raise overflow_error(f"{owner}: {name} must fit in int64, got {int(values.numpy().max())}")
+        largest = None if is_fake(values) else int(values.numpy().max())
+        if largest is not None and largest >= 2**63:
+            raise overflow_error(f"{owner}: {name} must fit in int64, got {largest}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"{owner}: {name} must have shape [B] = [{B}] ({device_name} has batch "
                          f"size {B}), got {tuple(lengths.shape)}")
