@@ -4,7 +4,8 @@ dtl_fast.kernels) and the C++/CUDA extension dtl_fast._C.
 Environment:
   DTL_FAST_CUDA=0          build the CPU kernels only
   DTL_FAST_REQUIRE_CUDA=1  fail when the CUDA kernels cannot be built (CI sets it)
-  TORCH_CUDA_ARCH_LIST     CUDA targets (default "8.0;9.0": A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST     CUDA targets (default "8.0;9.0+PTX": SASS for A100 and H100/H200,
+                           PTX the driver compiles for newer GPUs)
   DEBUG=1                  -O0 -g
   MAX_JOBS                 parallel compile jobs (ninja)
 """
@@ -98,7 +99,7 @@ def _extensions():
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("DTL_FAST_WITH_CUDA", "1"))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         if debug:
             extra["nvcc"] += ["-G"]

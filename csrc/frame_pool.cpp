@@ -243,6 +243,7 @@ void set_cuda_launch_config(const CudaLaunchConfig& c) {
 
 #ifndef DTL_FAST_WITH_CUDA
 void check_device_errors(bool /*sync*/) {}  // no CUDA kernels, nothing can be recorded
+bool cuda_kernels_run_on(int64_t /*device*/) { return false; }
 #endif
 
 namespace {
@@ -1010,13 +1011,10 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
   at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> row(D, scalar_t(0));
     std::vector<acc_t> mean_row;  // meanmax: the unrounded mean gradient of the clip
-    // max: the features whose argmax is frame t are feature[first[t] : first[t + 1]]
+    // max: the features whose argmax is frame t are feature[first[t] : first[t + 1]]; sized
+    // only for a clip that takes the buckets, by its L (not T: a task of a long-T, small-D
+    // gradient would otherwise zero 16 T bytes it never reads, per thread)
     std::vector<int64_t> first, fill_at, feature;
-    if (with_max) {
-      first.resize(T + 1);
-      fill_at.resize(T);
-      feature.resize(D);
-    }
     if (mode == PoolMode::MeanMax) mean_row.resize(D);
     std::vector<scalar_t> selected(with_max ? D : 0);  // the max / meanmax row being stored
     int64_t row_of = -1;  // the clip `row` / the buckets were built for
@@ -1040,10 +1038,12 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
         buckets = zeroed && !with_mean && D <= L * static_cast<int64_t>(row_bytes / 256);
         if (buckets) {
           const int32_t* am = ap + b * D;
-          std::fill(first.begin(), first.end(), int64_t(0));
+          first.assign(static_cast<size_t>(L) + 1, int64_t(0));
+          fill_at.resize(static_cast<size_t>(L));
+          feature.resize(static_cast<size_t>(D));
           for (int64_t i = 0; i < D; ++i)
             if (am[i] >= 0 && am[i] < L) ++first[am[i] + 1];
-          for (int64_t k = 0; k < T; ++k) first[k + 1] += first[k];
+          for (int64_t k = 0; k < L; ++k) first[k + 1] += first[k];
           std::copy(first.begin(), first.end() - 1, fill_at.begin());
           for (int64_t i = 0; i < D; ++i)
             if (am[i] >= 0 && am[i] < L) feature[fill_at[am[i]]++] = i;

@@ -136,6 +136,10 @@ void set_cuda_launch_config(const CudaLaunchConfig& cfg);
 // queued on every device that ran one; sync=false only reads what has landed so far (no
 // synchronisation). A no-op in a build without CUDA kernels.
 void check_device_errors(bool sync);
+// Whether this build holds CUDA kernels that run on GPU `device` (an index in [0, device count),
+// else ValueError): SASS for its architecture or PTX the driver can compile for it. False in a
+// build without CUDA kernels. The ops raise RuntimeError naming the GPU where it is false.
+bool cuda_kernels_run_on(int64_t device);
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x,
                                                   const c10::optional<at::Tensor>& lengths,

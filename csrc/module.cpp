@@ -68,12 +68,30 @@ PyObject* cpu_grad_cache_empty(PyObject*, PyObject*) {
   });
 }
 
+// Lets other Python threads run while this one waits on the GPU (as torch.cuda.synchronize
+// does); the GIL is taken back before an exception reaches translate().
+struct GilReleased {
+  PyThreadState* state = PyEval_SaveThread();
+  ~GilReleased() { PyEval_RestoreThread(state); }
+};
+
 PyObject* check_errors(PyObject*, PyObject* args) {
   int sync = 1;
   if (!PyArg_ParseTuple(args, "|p", &sync)) return nullptr;
   return translate([&]() -> PyObject* {
-    dtl_fast::check_device_errors(sync != 0);
+    {
+      const GilReleased released;
+      dtl_fast::check_device_errors(sync != 0);
+    }
     Py_RETURN_NONE;
+  });
+}
+
+PyObject* cuda_kernels_run_on(PyObject*, PyObject* arg) {
+  const long long device = PyLong_AsLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  return translate([&]() -> PyObject* {
+    return PyBool_FromLong(dtl_fast::cuda_kernels_run_on(device));
   });
 }
 
@@ -158,6 +176,10 @@ PyMethodDef dtl_fast_c_methods[] = {
     {"check_errors", check_errors, METH_VARARGS,
      "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},
+    {"cuda_kernels_run_on", cuda_kernels_run_on, METH_O,
+     "cuda_kernels_run_on(device_index) -> whether this build holds CUDA kernels GPU "
+     "device_index can run (SASS for its architecture, or PTX the driver compiles); False "
+     "without CUDA kernels. ValueError for an index outside [0, device count)."},
     {"span_bytes", span_bytes, METH_VARARGS,
      "span_bytes(sizes, strides, element_size) -> the bytes a tensor of these sizes and strides "
      "spans in memory (numel x element_size unless a stride repeats elements; 0 if empty): "

@@ -45,13 +45,31 @@ def has_kernel(op: str, device_type: str) -> bool:
     return found
 
 
+_RUNS_ON: dict[int, bool] = {}
+
+
+# A constant for torch.compile, as has_kernel: a GPU's architecture does not change.
+@torch.compiler.assume_constant_result
+def cuda_kernels_run_on(device_index: int) -> bool:
+    """Whether dtl_fast._C holds CUDA kernels that GPU `device_index` can run: SASS for its
+    architecture, or PTX the driver compiles for it (the build's TORCH_CUDA_ARCH_LIST, default
+    "8.0;9.0+PTX", covers compute capability 8.0 and up). False without CUDA kernels. Asked
+    once per GPU."""
+    found = _RUNS_ON.get(device_index)
+    if found is None:
+        found = cuda_kernels_built() and bool(_C.cuda_kernels_run_on(int(device_index)))
+        _RUNS_ON[device_index] = found
+    return found
+
+
 def check_errors(sync: bool = True) -> None:
     """Raises the error a CUDA pooling kernel recorded since the last check, and clears it.
 
     Lengths on the GPU are checked on the GPU (no host synchronisation per call): a kernel that
     meets a length outside [0, T] pools over the length clamped into [0, T] and records the
     error. This raises it as ValueError (naming lengths). sync=True (default) first waits for
-    every GPU that ran a pooling kernel, so an error of any call made before is seen; sync=False
+    every GPU that ran a pooling kernel (letting other Python threads run meanwhile, as
+    torch.cuda.synchronize does), so an error of any call made before is seen; sync=False
     only looks at what has landed so far. A later frame_pool call on CUDA raises it too, once
     the faulty kernel has finished. Without CUDA kernels this does nothing.
     """

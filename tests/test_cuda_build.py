@@ -70,7 +70,7 @@ _RING = re.compile(r"frame_pool_fwd_ring_kernelI")
 
 
 def _expected_archs():
-    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     return {"sm_" + a.split("+")[0].replace(".", "").replace("a", "") for a in re.split(r"[;\s]+", spec) if a}
 
 

@@ -628,6 +628,87 @@ def test_check_errors_without_a_gpu_error_is_silent():
     assert dtl_fast.check_errors() is None
 
 
+def test_cuda_kernels_run_on_names_a_bad_device_index():
+    # Which GPUs the build's kernels run on is asked of the driver per device index; without a
+    # GPU every index is out of range (a ValueError naming it), and a CPU-only build says no.
+    C = dtl_fast._extension._C
+    if not dtl_fast._extension.cuda_kernels_built():
+        assert C.cuda_kernels_run_on(0) is False and not dtl_fast._extension.cuda_kernels_run_on(0)
+        return
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_gpu_kernels_run_on_this_gpu covers it")
+    with pytest.raises(ValueError, match=r"device must be in \[0, 0\), got 3"):
+        C.cuda_kernels_run_on(3)
+
+
+def test_a_gpu_without_a_kernel_image_runs_the_reference_under_auto(monkeypatch):
+    # A GPU older than the build's TORCH_CUDA_ARCH_LIST (a T4 against the default
+    # "8.0;9.0+PTX") has no kernel image: `auto` runs the eager reference there, `fused` goes on
+    # to the op, whose CUDA kernel raises naming the GPU (never reached here: fake CUDA
+    # tensors, no GPU needed).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not dtl_fast._extension.has_kernel("frame_pool", "cuda"):
+        pytest.skip("dtl_fast._C was built without CUDA kernels")
+    calls = []
+    monkeypatch.setattr(reference, "frame_pool",
+                        lambda x, lengths, mode: calls.append(mode) or x.new_empty(()))
+    with FakeTensorMode():
+        x = torch.randn(2, 5, 4, device="cuda")
+        for runs, backend, to_reference in ((False, "auto", True), (False, "fused", False),
+                                            (True, "auto", False)):
+            monkeypatch.setitem(dtl_fast._extension._RUNS_ON, 0, runs)
+            calls.clear()
+            out = ops.frame_pool(x, [1, 2], "max", backend=backend)
+            assert calls == (["max"] if to_reference else []), (runs, backend)
+            assert out.shape == (() if to_reference else (2, 4)), (runs, backend)
+
+
+def test_fake_kernels_check_the_lengths_device():
+    # As the kernels do: lengths on the CPU or on the input's device (a fake CUDA tensor on
+    # another GPU: the check fails while a graph is traced, not when it first runs).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(2, 5, 4, device="cuda:0")
+        other = torch.tensor([1, 2], device="cuda:1")
+        with pytest.raises(ValueError, match=r"lengths must be on the CPU or on the device of "
+                                             r"its input \(cuda:0\), got cuda:1"):
+            torch.ops.dtl_fast.frame_pool(x, other, "mean")
+        g = torch.randn(2, 4, device="cuda:0")
+        am = torch.zeros(0, dtype=torch.int32, device="cuda:0")
+        with pytest.raises(ValueError, match="frame_pool_backward: lengths must be on the CPU"):
+            torch.ops.dtl_fast.frame_pool_backward(g, other, am, 5, "mean")
+        assert torch.ops.dtl_fast.frame_pool(x, torch.tensor([1, 2]), "mean")[0].shape == (2, 4)
+        assert torch.ops.dtl_fast.frame_pool_backward(g, torch.tensor([1, 2], device="cuda:0"),
+                                                      am, 5, "mean").shape == (2, 5, 4)
+
+
+def test_cpu_max_backward_scratch_is_sized_by_the_clip(tmp_path):
+    # The max backward's buckets (argmax features grouped by frame) need scratch only for a clip
+    # that takes them, sized by its length: a long-T, small-D gradient once zeroed 16 T bytes
+    # per thread it never read (T = 2^25, 2 threads: +1 GiB of peak memory for a 128 MiB
+    # gradient). Peak RSS in a child: the max backward after a sum backward of the same size,
+    # whose every page is written (the max one, on fresh zero pages, writes one row per clip).
+    body = """
+import resource
+torch.set_num_threads(2)
+T = 2 ** 25
+g = torch.ones(1, 1)
+am = torch.zeros(1, 1, dtype=torch.int32)
+gx = torch.ops.dtl_fast.frame_pool_backward(g, None, am, T, "sum")
+assert gx.shape == (1, T, 1) and bool((gx == 1).all())
+del gx
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gx = torch.ops.dtl_fast.frame_pool_backward(g, None, am, T, "max")
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+assert float(gx[0, 0, 0]) == 1 and float(gx.sum()) == 1, "max backward: wrong gradient"
+torch.save(grew, saved)
+"""
+    grew_kib = run_child(tmp_path, body, {})
+    assert grew_kib < 64 * 1024, f"max backward grew peak memory by {grew_kib / 1024:.0f} MiB"
+
+
 def test_cuda_launch_config_validates_and_round_trips():
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
@@ -832,6 +913,20 @@ def test_sweep_method_lines_read_as_predicted(tmp_path, monkeypatch):
     sweep.not_run = ["the ring phase stopped: CUDA error: an illegal memory access"]
     table = sweep.table().splitlines()
     assert table[-1] == sweep.not_run[0] and not any("budget spent" in ln for ln in table)
+    # ... as is one in any other phase (each phase stops on its own), beside a spent budget
+    sweep.not_run = ["the method phase stopped: CUDA out of memory", "forward default mean x"]
+    table = sweep.table().splitlines()
+    assert table[-2:] == ["the method phase stopped: CUDA out of memory",
+                          "budget spent: 1 timing(s) not run, first: forward default mean x"]
+    # the ring against the default re-timed beside it; the first phase's default (what every
+    # other configuration is compared with) is kept
+    ring = S.fwd_config(sweep.default, (256, 32, 4, 2))
+    sweep.results[("256x256x1024", "float32", "mean", "forward")] = {
+        "configs": {sweep.default: 0.061, ring: 0.052}, "bytes": 136e6,
+        "pct": {sweep.default: 74.0, ring: 88.0}, "ring_default": 75.0}
+    lines = sweep.table().splitlines()
+    assert (f"ring phase 256x256x1024 float32 mean: default 75.0% (first phase 74.0%), "
+            f"{S.config_name(ring)} 88.0% (+13.0 points)") in lines, lines
 
 
 def test_sweep_pipeline_method_subtracts_the_producer_timed_once_per_case(tmp_path, monkeypatch):
@@ -910,6 +1005,65 @@ def test_gpu_lengths_are_checked_on_the_gpu(mode):
     with pytest.raises(ValueError, match="lengths"):
         out.backward(torch.ones_like(out))
     dtl_fast.check_errors()  # cleared by the backward that raised it
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_run_on_this_gpu():
+    # The build's architectures (default 8.0;9.0+PTX) cover the lent H100 / H200: `auto` runs
+    # the CUDA kernel, asked once per GPU.
+    dev = torch.cuda.current_device()
+    assert dtl_fast._extension.cuda_kernels_run_on(dev) is True
+    x = torch.randn(2, 3, 4, device="cuda", requires_grad=True)
+    assert "FramePoolFunction" in ops.frame_pool(x, [3, 1], "mean").grad_fn.name()
+
+
+@pytest.mark.gpu
+def test_gpu_check_errors_lets_other_threads_run_while_it_waits():
+    # check_errors(sync=True) waits for the GPU without holding the GIL (as
+    # torch.cuda.synchronize): a thread counting beside it keeps counting.
+    import threading
+    import time
+
+    ops.frame_pool(torch.randn(2, 3, 4, device="cuda"), None, "mean", backend="fused")
+    dtl_fast.check_errors()
+    ticks, stop = [], threading.Event()
+
+    def count():
+        while not stop.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    torch.cuda._sleep(int(1e9))  # ~0.5 s at the ~2 GHz of an H100 / H200
+    counter = threading.Thread(target=count)
+    counter.start()
+    t0, n0 = time.perf_counter(), len(ticks)
+    dtl_fast.check_errors(sync=True)
+    waited, n1 = time.perf_counter() - t0, len(ticks)
+    stop.set()
+    counter.join()
+    assert waited > 0.2, f"the GPU was idle ({waited:.3f} s): nothing to wait for"
+    assert n1 - n0 >= 0.2 * waited * 1000, (n1 - n0, waited)
+
+
+@pytest.mark.gpu
+def test_gpu_first_pooling_call_of_a_process_inside_graph_capture(tmp_path):
+    # The length-error flag is allocated by the first CUDA pooling call of a process; when that
+    # call is captured into a CUDA graph, the allocation runs in relaxed capture mode instead of
+    # invalidating the capture (a fresh child process: this one has made its first call).
+    body = """
+x = torch.randn(4, 8, 16, device="cuda")
+lengths = torch.tensor([1, 8, 3, 0], device="cuda")
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out = dtl_fast.ops.frame_pool(x, lengths, "meanmax", backend="fused")
+graph.replay()
+torch.cuda.synchronize()
+ref = dtl_fast.reference.frame_pool(x, lengths, "meanmax")
+assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), (out - ref).abs().max()
+dtl_fast.check_errors()
+torch.save(True, saved)
+"""
+    assert run_child(tmp_path, body, {}) is True
 
 
 @pytest.mark.gpu

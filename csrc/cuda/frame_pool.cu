@@ -35,6 +35,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/library.h>
@@ -1008,15 +1009,19 @@ int64_t pick_time_splits(int64_t base_blocks, int64_t slots, int64_t max_splits,
 // synchronisation. Devices that launched a pooling kernel are remembered so that
 // check_device_errors(sync=true) waits for exactly those.
 std::once_flag g_flag_once;
-int* g_flag_host = nullptr;
+std::atomic<int*> g_flag_host{nullptr};
 std::atomic<uint64_t> g_used_devices{0};
 
 int* error_flag_for_current_device() {
   std::call_once(g_flag_once, [] {
+    // cudaHostAlloc is an "unsafe" call during CUDA graph capture in the default (global)
+    // mode, which would invalidate the capture of a process's very first pooling call;
+    // relaxed mode allows it (nothing of it is captured).
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
     void* p = nullptr;
     C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
     *static_cast<volatile int*>(p) = 0;
-    g_flag_host = static_cast<int*>(p);
+    g_flag_host.store(static_cast<int*>(p), std::memory_order_release);
   });
   const int dev = c10::cuda::current_device();
   if (dev < 64) g_used_devices.fetch_or(uint64_t(1) << dev, std::memory_order_relaxed);
@@ -1025,10 +1030,54 @@ int* error_flag_for_current_device() {
   static std::atomic<int*> dev_ptrs[64];
   int* dev_ptr = dev < 64 ? dev_ptrs[dev].load(std::memory_order_relaxed) : nullptr;
   if (dev_ptr == nullptr) {
-    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_ptr), g_flag_host, 0));
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev_ptr),
+                                            g_flag_host.load(std::memory_order_acquire), 0));
     if (dev < 64) dev_ptrs[dev].store(dev_ptr, std::memory_order_relaxed);
   }
   return dev_ptr;
+}
+
+// An empty kernel: the library's fatbinary holds an image of it for a device exactly when it
+// holds one of every kernel here (all are built for the same TORCH_CUDA_ARCH_LIST).
+__global__ void image_probe_kernel() {}
+
+// Whether this build's kernels run on `device`: SASS for its architecture, or PTX of an
+// older one the driver can compile. Asked once per device (cudaFuncGetAttributes loads the
+// module, no launch).
+bool kernels_run_on(int device) {
+  static std::atomic<int8_t> known[64];  // 0: not asked yet, 1: yes, 2: no
+  int8_t k = device < 64 ? known[device].load(std::memory_order_relaxed) : 0;
+  if (k == 0) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    // the first call may come inside CUDA graph capture, where loading a module is "unsafe"
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, image_probe_kernel);
+    if (e == cudaErrorInvalidDeviceFunction || e == cudaErrorNoKernelImageForDevice) {
+      (void)cudaGetLastError();  // not sticky: clear it, so no later check reports it
+      k = 2;
+    } else {
+      C10_CUDA_CHECK(e);
+      k = 1;
+    }
+    if (device < 64) known[device].store(k, std::memory_order_relaxed);
+  }
+  return k == 1;
+}
+
+// RuntimeError naming the GPU and the fix, for a GPU this build has no kernel for (a
+// "no kernel image is available" from the launch would not say what to do).
+void check_kernels_run_here(const char* op) {
+  const int dev = c10::cuda::current_device();
+  if (kernels_run_on(dev)) return;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(false, op, " (CUDA kernel): dtl_fast._C holds no kernel this GPU can run (cuda:",
+              dev, ", ", prop->name, ", compute capability ", prop->major, ".", prop->minor,
+              "): it was built for the architectures of TORCH_CUDA_ARCH_LIST at build time "
+              "(default \"8.0;9.0+PTX\"). Rebuild for it (TORCH_CUDA_ARCH_LIST=\"", prop->major,
+              ".", prop->minor, "\" pip install --no-build-isolation --force-reinstall "
+              "dtl_fast), or pass backend=\"reference\"; backend=\"auto\" runs the reference there");
 }
 
 // Raises the kernel's dynamic shared memory limit to `bytes` (needed above 48 KB), once per
@@ -1283,7 +1332,8 @@ void backward_for_dtype(const at::Tensor& g, const at::Tensor& len, const at::Te
 }  // namespace
 
 void check_device_errors(bool sync) {
-  if (g_flag_host == nullptr) return;  // no pooling kernel has run: nothing recorded
+  int* flag = g_flag_host.load(std::memory_order_acquire);
+  if (flag == nullptr) return;  // no pooling kernel has run: nothing recorded
   if (sync) {
     const uint64_t used = g_used_devices.load(std::memory_order_relaxed);
     for (int dev = 0; dev < 64; ++dev) {
@@ -1293,14 +1343,21 @@ void check_device_errors(bool sync) {
       }
     }
   }
-  volatile int* flag = g_flag_host;
-  if (*flag != 0) {
-    *flag = 0;
+  // Read and clear in one atomic exchange: a kernel's store landing between a separate read
+  // and clear would be lost (its call pooled over clamped lengths and nobody would be told).
+  if (__atomic_exchange_n(flag, 0, __ATOMIC_ACQ_REL) != 0) {
     TORCH_CHECK_VALUE(false,
                       "frame_pool: lengths on the GPU held a value outside [0, T] in an earlier "
                       "call (that call pooled over the lengths clamped into [0, T]); every "
                       "lengths[b] must lie in [0, T]");
   }
+}
+
+bool cuda_kernels_run_on(int64_t device) {
+  TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(),
+                    "cuda_kernels_run_on: device must be in [0, ", int(c10::cuda::device_count()),
+                    "), got ", device);
+  return kernels_run_on(static_cast<int>(device));
 }
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
@@ -1312,6 +1369,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   // A bad length an earlier kernel has already reported is raised now (no waiting).
   check_device_errors(/*sync=*/false);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  check_kernels_run_here("frame_pool");
   at::Tensor len = checked_lengths(x, lengths);
 
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
@@ -1344,6 +1402,7 @@ at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
   check_device_errors(/*sync=*/false);
   at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, m);
   const at::cuda::OptionalCUDAGuard guard(device_of(grad_out));
+  check_kernels_run_here("frame_pool_backward");
 
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor am = has_argmax(m) ? argmax.contiguous() : argmax;

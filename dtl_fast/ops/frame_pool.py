@@ -25,7 +25,7 @@ def _register() -> None:
     # would bound it, and torch.export would then refuse an unbounded Dim("T"). The autograd of both ops is registered in C++
     # (csrc/frame_pool_autograd.cpp, under the Autograd dispatch key), which saves the ~0.18 ms
     # per call the Python register_autograd wrapper cost.
-    def _check_lengths(lengths, B, owner):
+    def _check_lengths(lengths, B, owner, device):
         if lengths is None:
             return
         torch._check_value(not lengths.dtype.is_floating_point and not lengths.dtype.is_complex
@@ -35,6 +35,9 @@ def _register() -> None:
         torch._check_value(lengths.dim() == 1 and lengths.shape[0] == B,
                            lambda: f"{owner}: lengths must have shape [B] = [{B}], got "
                                    f"{tuple(lengths.shape)}")
+        torch._check_value(lengths.device.type == "cpu" or lengths.device == device,
+                           lambda: f"{owner}: lengths must be on the CPU or on the device of "
+                                   f"its input ({device}), got {lengths.device}")
 
     def _check_mode(mode, owner):
         torch._check_value(mode in MODES, lambda: f"{owner}: mode must be one of "
@@ -52,7 +55,7 @@ def _register() -> None:
         if isinstance(T, int):
             torch._check_value(T <= _MAX_T, lambda: f"frame_pool: T must be <= 2^31 - 4097 "
                                                     f"(frame indices are int32), got {T}")
-        _check_lengths(lengths, B, "frame_pool")
+        _check_lengths(lengths, B, "frame_pool", x.device)
         width = 2 * D if mode == "meanmax" else D
         argmax_shape = (B, D) if mode in ("max", "meanmax") else (0,)
         return x.new_empty((B, width)), x.new_empty(argmax_shape, dtype=torch.int32)
@@ -80,7 +83,7 @@ def _register() -> None:
             torch._check_value(argmax.dtype == torch.int32 and argmax.dim() == 2, argmax_msg)
             torch._check_value(argmax.shape[0] == B, argmax_msg)
             torch._check_value(argmax.shape[1] == D, argmax_msg)
-        _check_lengths(lengths, B, "frame_pool_backward")
+        _check_lengths(lengths, B, "frame_pool_backward", grad_out.device)
         return grad_out.new_empty((B, T, D))
 
 
@@ -131,7 +134,10 @@ def _use_compiled(x: torch.Tensor, backend: str, mode: str) -> bool:
     if backend == "auto" and x.device.type == "meta":
         return False
     if _extension.has_kernel("frame_pool", x.device.type):
-        return True
+        # a GPU the build has no kernel image for (older than its TORCH_CUDA_ARCH_LIST): `auto`
+        # runs the reference; `fused` goes on to the op, whose error names the GPU and the fix
+        return backend == "fused" or not x.is_cuda or _extension.cuda_kernels_run_on(
+            x.device.index if x.device.index is not None else torch.cuda.current_device())
     if backend == "fused":
         if x.device.type not in ("cpu", "cuda", "meta"):
             raise RuntimeError(f"frame_pool(backend='fused') has kernels for CPU and CUDA tensors "
