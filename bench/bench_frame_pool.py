@@ -535,6 +535,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             gbps_st = nbytes / (st[0] * 1e-3) / 1e9
                             copy_st = copy_steady["copy_gbps"]
                             extra.update(steady_ms=round(st[0], 5),
+                                         steady_p20_ms=round(st[1], 5),
+                                         steady_p80_ms=round(st[2], 5),
                                          pct_copy_steady=round(100 * gbps_st / copy_st, 2),
                                          copy_gbps_steady=round(copy_st, 1),
                                          steady_host_ms=round(info["host_ms"], 5),
@@ -605,6 +607,9 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
             return
         ex = json.loads(r.get("extra") or "{}")
         noisy = ex.get("noisy", False)
+        if key == "pct_copy_steady":  # the spread of the steady-state streams, not do_bench's
+            noisy = H.noisy((ex.get("steady_ms"), ex.get("steady_p20_ms"), ex.get("steady_p80_ms"))
+                            if ex.get("steady_p20_ms") is not None else None)
         if key == "ratio":  # the ratio is as noisy as either of its two timings
             b = _find(rows, provider=BASELINE, mode=r["mode"], variant=r["variant"],
                       shape=r["shape"], dtype=r["dtype"], device=r["device"])

@@ -290,8 +290,18 @@ else
             step sweep-pool "${GPU_CHECK_SWEEP_CAP:-150}" "$PY" bench/sweep_frame_pool.py \
                 --budget-s $(( ${GPU_CHECK_SWEEP_CAP:-150} - 40 )) --run-id "$RUN_ID"
         fi
-        bench_step bench-pool bench_frame_pool 22   # ~22 % of what is left
+        # ~22 % of what is left when other steps follow; all of it when none does (issue 13's
+        # call: its acceptance figures must not be cut while time is unused)
+        POOL_PCT=100
+        for later in bench-rnn bench-attn bench-dtl sweep-rnn sweep-attn profile-dtl \
+                     train-graphs host-overhead bench-dtl-compile; do
+            if wanted "$later"; then POOL_PCT=22; break; fi
+        done
+        bench_step bench-pool bench_frame_pool "$POOL_PCT"
     else
+        if [[ ",${GPU_CHECK_STEPS:-}," == *",sweep-pool,"* ]]; then
+            skip sweep-pool "frame_pool CUDA not built"
+        fi
         skip bench-pool "frame_pool CUDA not built"
     fi
     # opt-in sweeps and profiles (only when listed in GPU_CHECK_STEPS; each bounded by its cap):

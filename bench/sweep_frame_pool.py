@@ -255,9 +255,11 @@ class Sweep:
         return x, lengths
 
     def sweep_case(self, shape, dtype, mode: str, seed: int, forward_only: list | None = None,
-                   fwd_grid: list | None = None) -> None:
+                   fwd_grid: list | None = None, ring_phase: bool = False) -> None:
         """Every configuration of fwd_grid (default FWD_GRID) and BWD_GRID on one case; with
-        forward_only, only the forward over that grid."""
+        forward_only, only the forward over that grid. ring_phase: the default re-timed beside
+        the ring is kept apart ("ring_default"), so the first phase's comparisons keep the
+        default timed with them."""
         x, lengths = self.inputs(shape, dtype, seed)
         B, T, D = x.shape
         es = x.element_size()
@@ -308,9 +310,13 @@ class Sweep:
                 base_ms = t[0] if c is None else base_ms
                 self.emit(mode=pas, variant=mode, shape=shape, dtype=dtype, provider=name, timing=t,
                           nbytes=nbytes, baseline_ms=base_ms, extra={"config": list(cfg)})
+                pct = 100 * nbytes / (t[0] * 1e-3) / 1e9 / self.copy["copy_gbps"]
+                if ring_phase and c is None:
+                    summary["ring_default"] = pct
+                    continue
                 summary["configs"][cfg] = t[0]
                 summary["pct"] = summary.get("pct", {})
-                summary["pct"][cfg] = 100 * nbytes / (t[0] * 1e-3) / 1e9 / self.copy["copy_gbps"]
+                summary["pct"][cfg] = pct
 
     def stock_case(self, shape, dtype, mode: str, seed: int) -> None:
         """Fused (default config) against the eager reference and segment_reduce: forward and
@@ -547,8 +553,12 @@ class Sweep:
                          f"every configuration accepted by set_cuda_launch_config, every call ran "
                          f"on small CPU tensors")
             return "\n".join(lines)
-        lines.append(f"copy bandwidth {self.copy['copy_gbps']:.0f} GB/s on {self.stamp['device_name']}, "
-                     f"run {self.run_id}; % = of copy bandwidth over the bytes the op must move")
+        l2 = (torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+              if torch.cuda.is_available() else 0)
+        # the L2's size scales the method lines' MB (bench/NOTES.md's bands assumed 50 MB)
+        lines.append(f"copy bandwidth {self.copy['copy_gbps']:.0f} GB/s on {self.stamp['device_name']} "
+                     f"(L2 {l2 / 1e6:.0f} MB), run {self.run_id}; % = of copy bandwidth over the "
+                     f"bytes the op must move")
         lines.append(f"{'case':<32} {'pass':<9} {'default':>14} {'best':>14}  best config")
         best_overall: dict[str, dict] = {"forward": {}, "backward": {}}
         for key, res in self.results.items():
@@ -576,6 +586,15 @@ class Sweep:
                 if pas == "forward":  # fwd_unroll / fwd_pipeline (bench/NOTES.md predicts them)
                     lines.append("forward geometric mean by config: " + ", ".join(
                         f"{config_name(k)} {v:.1f}%" for k, v in sorted(geo.items())))
+        # the ring against the default re-timed beside it (a same-minute reference)
+        for key, res in self.results.items():
+            if "ring_default" in res:
+                ring = {c: p for c, p in res.get("pct", {}).items() if c[7] == 2}
+                lines.append(f"ring phase {' '.join(key[:3])}: default {res['ring_default']:.1f}% "
+                             f"(first phase {res['pct'].get(self.default, float('nan')):.1f}%)"
+                             + "".join(f", {config_name(c)} {p:.1f}% "
+                                       f"({p - res['ring_default']:+.1f} points)"
+                                       for c, p in ring.items()))
         if self.copy_by_method:
             lines.append("copy bandwidth by timing method: " + ", ".join(
                 f"{m} {v:.0f} GB/s" for m, v in self.copy_by_method.items()))
@@ -627,8 +646,8 @@ class Sweep:
                            else f"STOCK WINS ({best_stock})")
                 lines.append(f"{shape + ' ' + dtype + ' ' + mode:<32} {pas:<24} "
                              + " ".join(f"{k} {v:.4f} ms" for k, v in st.items()) + f"  -> {verdict}")
-        lines += [m for m in self.not_run if m.startswith("the ring phase stopped")]
-        cut = [m for m in self.not_run if not m.startswith("the ring phase stopped")]
+        lines += [m for m in self.not_run if " phase stopped: " in m]
+        cut = [m for m in self.not_run if " phase stopped: " not in m]
         if cut:
             lines.append(f"budget spent: {len(cut)} timing(s) not run, first: {cut[0]}")
         return "\n".join(lines)
@@ -654,43 +673,69 @@ def main(argv=None) -> int:
         return 1
     print(f"[sweep] {H.format_stamp(sweep.stamp)}")
     print(f"[sweep] default config {config_name(sweep.default)}; {'measuring' if measure else 'DRY RUN (no CUDA): nothing is measured'}")
-    # The ring kernel (fwd_pipeline = 2) has never run on a GPU: every timing of it comes last,
-    # so that a fault in it (which would leave the process's CUDA context unusable) cannot cost
-    # the rows of anything else.
-    for i, (shape, dtype) in enumerate(METHOD_CASES):  # first: it decides how to read the rest
-        sweep.method_case(shape, dtype, 30 + i, [c for c in METHOD_CONFIGS if not is_ring(c)],
-                          backward=True)
-    for i, (shape, dtype) in enumerate(HEADLINE):
-        for mode in POOL_MODES:
-            sweep.sweep_case(shape, dtype, mode, i, fwd_grid=[c for c in FWD_GRID if not is_ring(c)])
-    for i, (shape, dtype) in enumerate(SIZE_SERIES):
-        sweep.sweep_case(shape, dtype, "mean", 10 + i,
-                         forward_only=[c for c in SERIES_GRID if not is_ring(c)])
-    for i, (shape, dtype) in enumerate(HEADLINE[:2]):
-        sweep.roofline_case(shape, dtype, 20 + i)
-    if not args.no_stock:
+    # Each phase stops on its own: a fault or an out-of-memory error in one (the evict-first
+    # kernels of the method step have never run on a GPU either) ends that phase, not the run;
+    # the table says which phase stopped (the dry run raises instead: it exists to catch this).
+    def phase(name, body):
+        try:
+            body()
+        except Exception as exc:  # noqa: BLE001
+            if not measure:
+                raise
+            sweep.not_run.append(f"the {name} phase stopped: {H.exc_text(exc)}")
+            print(f"[sweep] the {name} phase stopped: {H.exc_text(exc)}", flush=True)
+
+    def method():  # first: it decides how to read the rest
+        for i, (shape, dtype) in enumerate(METHOD_CASES):
+            sweep.method_case(shape, dtype, 30 + i, [c for c in METHOD_CONFIGS if not is_ring(c)],
+                              backward=True)
+
+    def headline():
+        for i, (shape, dtype) in enumerate(HEADLINE):
+            for mode in POOL_MODES:
+                sweep.sweep_case(shape, dtype, mode, i,
+                                 fwd_grid=[c for c in FWD_GRID if not is_ring(c)])
+
+    def series():
+        for i, (shape, dtype) in enumerate(SIZE_SERIES):
+            sweep.sweep_case(shape, dtype, "mean", 10 + i,
+                             forward_only=[c for c in SERIES_GRID if not is_ring(c)])
+
+    def roofline():
+        for i, (shape, dtype) in enumerate(HEADLINE[:2]):
+            sweep.roofline_case(shape, dtype, 20 + i)
+
+    def stock():
         for i, (shape, dtype) in enumerate(SMALL + HEADLINE):
             for mode in POOL_MODES:
                 sweep.stock_case(shape, dtype, mode, 100 + i)
-    # The ring phase (each forward case re-times the default beside it: a same-minute
-    # reference). A fault here ends the phase, not the run: the table below still prints, and
-    # says that the phase stopped (the dry run raises instead: it exists to catch this).
-    try:
+
+    # The ring kernel (fwd_pipeline = 2) has never run on a GPU: every timing of it comes last,
+    # so that a fault in it (which would leave the process's CUDA context unusable) cannot cost
+    # the rows of anything else; each of its forward cases re-times the default beside it.
+    def ring():
         for i, (shape, dtype) in enumerate(METHOD_CASES):
             sweep.method_case(shape, dtype, 30 + i, [c for c in METHOD_CONFIGS if is_ring(c)],
                               backward=False)
         for i, (shape, dtype) in enumerate(HEADLINE):
             for mode in POOL_MODES:
                 sweep.sweep_case(shape, dtype, mode, i,
-                                 forward_only=[c for c in FWD_GRID if is_ring(c)])
+                                 forward_only=[c for c in FWD_GRID if is_ring(c)], ring_phase=True)
         for i, (shape, dtype) in enumerate(SIZE_SERIES):
             sweep.sweep_case(shape, dtype, "mean", 10 + i,
-                             forward_only=[c for c in SERIES_GRID if is_ring(c)])
-    except Exception as exc:  # noqa: BLE001
-        if not measure:
-            raise
-        sweep.not_run.append(f"the ring phase stopped: {H.exc_text(exc)}")
-        print(f"[sweep] the ring phase stopped: {H.exc_text(exc)}")
+                             forward_only=[c for c in SERIES_GRID if is_ring(c)], ring_phase=True)
+
+    phase("method", method)
+    phase("headline", headline)
+    phase("size-series", series)
+    phase("roofline", roofline)
+    if not args.no_stock:
+        phase("stock", stock)
+    if measure:
+        # the table so far, in case the ring phase hangs and the step's timeout kills the run
+        print("==================== frame_pool sweep (before the ring phase) ====================")
+        print(sweep.table(), flush=True)
+    phase("ring", ring)
     print(f"[sweep] {len(sweep.rows)} rows{' written to ' + str(Path(args.out) / (KERNEL + '.csv')) if measure else ''}; "
           f"{time.perf_counter() - t0:.0f} s")
     print("==================== frame_pool sweep ====================")

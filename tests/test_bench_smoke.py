@@ -374,6 +374,15 @@ def test_frame_pool_gpu_figures_read_the_steady_state_fraction():
     failed = [ref, row("forward", "mean", pct_copy=95.0, steady="error: out of memory")]
     f = [f for f in BP.acceptance(failed, "cuda") if f["name"].startswith("gpu forward ")][0]
     assert not f["passed"] and f["value"].startswith("steady error: out of memory"), f
+    # "noisy" on a steady figure is the steady streams' own p20-p80 spread, not do_bench's
+    quiet = [ref, row("forward", "mean", pct_copy=74.0, noisy=True, pct_copy_steady=90.0,
+                      steady_ms=0.05, steady_p20_ms=0.049, steady_p80_ms=0.051)]
+    f = [f for f in BP.acceptance(quiet, "cuda") if f["name"].startswith("gpu forward ")][0]
+    assert f["passed"] and "noisy" not in f["value"], f
+    spread = [ref, row("forward", "mean", pct_copy=74.0, pct_copy_steady=90.0,
+                       steady_ms=0.05, steady_p20_ms=0.04, steady_p80_ms=0.07)]
+    f = [f for f in BP.acceptance(spread, "cuda") if f["name"].startswith("gpu forward ")][0]
+    assert f["value"].startswith("90.00%, noisy p20-p80"), f
 
 
 def test_frame_pool_steady_ms_runs_both_modes():
