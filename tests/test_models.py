@@ -374,10 +374,56 @@ def test_resnet18_encoder(tmp_path):
         trunk = torch.nn.Sequential(*list(tv.children())[:-2]).eval()
         torch.testing.assert_close(model.encoder(images), trunk(images))
     assert all(o.shape == (2, NUM_CLASSES) for o in out)
+    # the torchvision file had one set of BatchNorm statistics: the images' start as a copy
+    enc = model.encoder
+    assert enc.image_stat_keys and all(
+        torch.equal(getattr(enc, twin), tv.state_dict()[path]) for path, twin in enc._image_stats.items())
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_images(images), trunk(images))
     bad = {k: v for k, v in tv.state_dict().items() if not k.startswith("layer4")}
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="missing keys"):
         ImageBaseline(NUM_CLASSES, encoder="resnet18", encoder_weights=tmp_path / "bad.pt")
+
+
+def test_resnet18_keeps_each_modality_s_batchnorm_statistics():
+    # DTL encodes frames and images in two calls of one shared BatchNorm encoder. Each modality
+    # keeps its own running statistics, so eval() normalises each as its own training batches
+    # were: after the same training-mode calls, the shared encoder in eval() equals an encoder
+    # that only ever saw frames on the frames and one that only saw images on the images (with
+    # one set of statistics both would hold a blend: frames of mean -3, images of mean +3).
+    if not _has_torchvision():
+        pytest.skip("torchvision is not installed")
+    import copy
+
+    from dtl_fast.models.encoders import ResNet18Encoder, _encode_with_images
+
+    torch.manual_seed(0)
+    shared = ResNet18Encoder(3)
+    frames_only, images_only = copy.deepcopy(shared), copy.deepcopy(shared)
+    frames = torch.randn(6, 3, 32, 32) - 3
+    images = torch.randn(4, 3, 32, 32) + 3
+    for _ in range(3):
+        _encode_with_images(shared, frames, images)
+        frames_only(frames)
+        images_only(images)
+    for m in (shared, frames_only, images_only):
+        m.eval()
+    with torch.no_grad():
+        f_map, i_map = _encode_with_images(shared, frames, images)
+        torch.testing.assert_close(f_map, frames_only(frames), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(i_map, images_only(images), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(shared(images), images_only(images), rtol=1e-2, atol=1e-2)
+    # both sets are saved, and a state_dict without the images' set (saved before it existed)
+    # loads with it copied from the frames'
+    state = shared.state_dict()
+    assert set(shared.image_stat_keys) <= set(state)
+    fresh = ResNet18Encoder(3)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    old = {k: v for k, v in state.items() if k not in shared.image_stat_keys}
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.images_bn1_running_mean, state["bn1.running_mean"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,14 @@ class ResNet18Encoder(nn.Module):
     training mode; under DistributedDataParallel convert it with
     torch.nn.SyncBatchNorm.convert_sync_batchnorm to match one process.
     Requires torchvision (RuntimeError naming `pip install torchvision` otherwise).
+
+    Two sets of BatchNorm running statistics, one set of weights: forward(x) uses (and in
+    training mode updates) the BatchNorm layers' own, forward_images(x) a second set kept as
+    buffers `images_<layer path>` (DTL encodes a clip's frames and its image in two calls of one
+    shared encoder; with one set both calls would update it, and in eval() each modality would
+    be normalised with a blend of the two that neither was normalised with in training). A
+    state_dict without the second set (torchvision's, or one saved before it existed) loads
+    with it copied from the first.
     """
 
     def __init__(self, in_channels: int = 3):
@@ -204,10 +212,35 @@ class ResNet18Encoder(nn.Module):
         self.out_channels = 512
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             self.add_module(name, getattr(net, name))
+        # {path of a BatchNorm buffer: name of its images' twin}, registered as plain buffers
+        # (moved, saved, broadcast by DistributedDataParallel like the BatchNorm layers' own)
+        self._image_stats: dict[str, str] = {}
+        for path, buf in list(self.named_buffers()):
+            twin = "images_" + path.replace(".", "_")
+            self.register_buffer(twin, buf.detach().clone())
+            self._image_stats[path] = twin
+
+    @property
+    def image_stat_keys(self) -> tuple[str, ...]:
+        """The state_dict keys of the images' running statistics (see the class docstring)."""
+        return tuple(self._image_stats.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_images(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) with the images' running statistics: read in eval(), updated in place in
+        training mode (the BatchNorm layers' own are left as they are)."""
+        stats = {path: getattr(self, twin) for path, twin in self._image_stats.items()}
+        return torch.func.functional_call(self, stats, (x,), strict=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state_dict without the images' statistics: they start as the frames' (its BatchNorm's)
+        for path, twin in self._image_stats.items():
+            if prefix + twin not in state_dict and prefix + path in state_dict:
+                state_dict[prefix + twin] = state_dict[prefix + path]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).flatten(2).transpose(1, 2)
@@ -238,7 +271,9 @@ def load_encoder_weights(encoder: nn.Module, path, *, owner: str, ignore_prefixe
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
-    own = encoder.state_dict()
+    # keys the encoder fills itself when absent (ResNet18Encoder's images' BatchNorm statistics)
+    derived = set(getattr(encoder, "image_stat_keys", ()))
+    own = {k: v for k, v in encoder.state_dict().items() if k not in derived}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -343,13 +378,17 @@ def encode_frames(encoder: nn.Module, readout: nn.Module, videos: torch.Tensor,
 
 def _encode_with_images(encoder, frames, images):
     """(encoder(frames), encoder(images) or None): one encoder call over both when the CNN
-    takes them together (same size and dtype), so the weights are read once."""
+    takes them together (same size and dtype), so the weights are read once; a BatchNorm
+    encoder with a second set of running statistics (ResNet18Encoder.forward_images) encodes
+    the images with that set."""
     n = frames.shape[0]
     if (images is not None and isinstance(encoder, ConvEncoder)
             and images.shape[2:] == frames.shape[2:] and images.dtype == frames.dtype):
         fmap = encoder(torch.cat([frames, images], dim=0))
         return fmap[:n], fmap[n:]
-    return encoder(frames), (encoder(images) if images is not None else None)
+    if images is None:
+        return encoder(frames), None
+    return encoder(frames), getattr(encoder, "forward_images", encoder)(images)
 
 
 def _encode_frames_static(encoder, readout, videos, lengths, images):
