@@ -51,7 +51,14 @@ def _op_backend(op: str, device: str) -> str:
     if chosen == "reference":
         return f"eager reference (${ENV_VAR}=reference)"
     if _extension.has_kernel(op, device):
-        return "C++ kernel (dtl_fast._C)" if device == "cpu" else "CUDA kernel (dtl_fast._C)"
+        if device == "cpu":
+            return "C++ kernel (dtl_fast._C)"
+        index = torch.cuda.current_device()
+        if not _extension.cuda_kernels_run_on(index):
+            major, minor = torch.cuda.get_device_capability(index)
+            return (f"eager reference (dtl_fast._C has no kernel for this GPU, compute capability "
+                    f"{major}.{minor}: rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor})")
+        return "CUDA kernel (dtl_fast._C)"
     return "eager reference (kernel not built)"
 
 

@@ -755,6 +755,24 @@ def test_a_gpu_without_a_kernel_image_runs_the_reference_under_auto(monkeypatch)
         assert "max float32 <= 1 MiB" in module.auto_rule()
 
 
+def test_info_says_when_the_gpu_has_no_kernel_image(monkeypatch):
+    # `dtl-fast info` on a GPU the build has no kernel for (a T4, compute capability 7.5)
+    # names what auto runs there and the rebuild that fixes it.
+    info = sys.modules["dtl_fast.info"]  # the module (dtl_fast.info is its function)
+
+    if not dtl_fast._extension.has_kernel("frame_pool", "cuda"):
+        pytest.skip("dtl_fast._C was built without CUDA kernels")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setitem(dtl_fast._extension._RUNS_ON, 0, False)
+    assert info._op_backend("frame_pool", "cuda") == (
+        "eager reference (dtl_fast._C has no kernel for this GPU, compute capability 7.5: "
+        "rebuild with TORCH_CUDA_ARCH_LIST=7.5)")
+    monkeypatch.setitem(dtl_fast._extension._RUNS_ON, 0, True)
+    assert info._op_backend("frame_pool", "cuda") == "CUDA kernel (dtl_fast._C)"
+
+
 def test_fake_kernels_check_the_lengths_device():
     # As the kernels do: lengths on the CPU or on the input's device (a fake CUDA tensor on
     # another GPU: the check fails while a graph is traced, not when it first runs).

@@ -532,7 +532,10 @@ class FeatureExchange(_BackendMixin, nn.Module):
         a_out = a' + g_a * c_a,   b_out = b' + g_b * c_b
 
     g = 0 keeps a token's own features, g = 1 adds everything it attended to in the other
-    modality. A token whose other modality is empty (length 0) gets c = out-projection bias.
+    modality. A reading of the article, which exchanges features between modalities "to remove
+    redundancy" when their widths differ: here the cosine-attention selection and the gate
+    are kept, and the other modality's context is added, whatever the widths; nothing is
+    removed. A token whose other modality is empty (length 0) gets c = out-projection bias.
     Outputs are zero at padded positions (n >= a_lengths[b] / b_lengths[b]).
 
     Args:
@@ -848,7 +851,8 @@ class DualModalAttention(_BackendMixin, nn.Module):
         num_heads: heads of every attention; dim % num_heads == 0, dim / num_heads <= 128.
         num_layers: levels >= 1.
         window: w >= 0, the short-term memory: each video frame attends to frames within w
-            steps; None drops the short-term branch.
+            steps, before and after it (symmetric: the article's short-term memory recalls past
+            events; a causal window is not built); None drops the short-term branch.
         num_memory: M >= 0 learned long-term memory slots; 0 drops the long-term branch.
         mlp_ratio: hidden width of the per-layer MLP in units of dim; 0 drops the MLP.
         dropout: on the attended values, the residual branches and the MLP hidden layer.
