@@ -1,6 +1,7 @@
 """Masked temporal frame pooling: the C++ / CUDA op against the eager reference, the reference
 against a plain loop, gradients (autograd registered in C++), torch.library / torch.compile
 integration, bad input, the GPU length-error flag and the CUDA launch constants."""
+import gc
 import itertools
 import os
 import re
@@ -1436,6 +1437,21 @@ needs_zero_pages = pytest.mark.skipif(
            "DTL_FAST_DISABLE_ZERO_PAGES set)")
 
 
+def rss_bytes(page: int) -> int:
+    """This process's resident memory: /proc/self/smaps_rollup walks the page tables (exact);
+    /proc/self/statm's counters are per-CPU caches on Linux >= 6.2, off by up to CPUs x a batch
+    of pages on a many-core host, so it is only the fallback."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+
+
 def big_case(dtype, T=64, B=8, less=0, nbytes=ZERO_PAGES_MIN_BYTES):
     """x of exactly 32 MiB (the smallest gradient that takes the zero-page path; `less` feature
     columns fewer to stay below it), lengths that mix an empty clip, full ones and short ones.
@@ -1544,8 +1560,7 @@ def test_zero_page_gradient_is_a_regular_tensor_and_is_freed():
     page = os.sysconf("SC_PAGE_SIZE")
 
     def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
+        return rss_bytes(page)
 
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), None, am, T, "mean")
     assert gx.data_ptr() % HUGE_PAGE == 0
@@ -1684,6 +1699,7 @@ def test_cached_gradient_block_is_reused_and_fully_rewritten(mode, dtype):
     B, T, D = x.shape
     g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(7)).to(dtype)
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+    gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
     dtl_fast.empty_cpu_grad_cache()
     fresh = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
     assert fresh.data_ptr() % HUGE_PAGE == 0  # the op's own block
@@ -1713,6 +1729,7 @@ def test_grad_cache_is_bounded_and_emptied():
     lengths = None  # every frame valid: every page of every block is written, fresh or reused
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
     g = torch.ones(B, D)
+    gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
     dtl_fast.empty_cpu_grad_cache()
     n = k + 2
     grads = [torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, "mean") for _ in range(n)]
@@ -1739,8 +1756,7 @@ def test_grad_cache_is_bounded_and_emptied():
     page = os.sysconf("SC_PAGE_SIZE")
 
     def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
+        return rss_bytes(page)
 
     held = c.cpu_grad_cache_info()[0]
     assert held == cap - CACHE_CASE_BYTES // 2
@@ -1762,6 +1778,7 @@ def test_grad_cache_keeps_a_gradient_just_below_32mib():
     if not c.cpu_grad_from_cache(nbytes):
         pytest.skip("the bound is below 32 MiB here")
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+    gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
     dtl_fast.empty_cpu_grad_cache()
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
     ptr = gx.data_ptr()
@@ -1811,6 +1828,7 @@ def test_grad_cache_under_threads():
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "max")
     gs = [torch.randn(B, D, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     want = [torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, "max").clone() for g in gs]
+    gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
     dtl_fast.empty_cpu_grad_cache()
 
     import threading
