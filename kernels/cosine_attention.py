@@ -50,6 +50,7 @@ from dtl_fast.kernels._launch import launch
 
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default; the kernels spell it out
 MAX_HEAD_DIM = 128
+_INT32_MAX = 2**31 - 1  # the kernels' WINDOW / WINS are int32
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -131,6 +132,9 @@ def _head_mask(LENS, WINS, b, h, H, NK, WINDOW, HAS_LENS, big):
         kend = tl.minimum(kend, tl.load(LENS + tl.where(HAS_LENS == 2, b * H + h, b)).to(tl.int32))
     wh = tl.load(WINS + h, mask=WINDOW == -2, other=-1).to(tl.int32)
     win = tl.where(WINDOW >= 0, WINDOW, tl.where(wh >= 0, wh, big))
+    # At most big, which every distance is below, so the same mask: the callers add block
+    # offsets to win in int32 (m0 + BLOCK_M + win), which a window near 2^31 - 1 would wrap.
+    win = tl.minimum(win, big)
     return kend, win
 
 
@@ -673,7 +677,9 @@ def _rowdot(x, y, sqrt: bool, batched: bool = True) -> torch.Tensor:
 
 
 def _window_arg(window: int) -> int:
-    return window if window >= 0 else -1
+    # -1: none; a window wider than int32 (the kernels' WINDOW) means the same as 2^31 - 1,
+    # which _head_mask clamps below every distance
+    return min(window, _INT32_MAX) if window >= 0 else -1
 
 
 def _mask_args(key_lengths, window, device: torch.device):
@@ -689,7 +695,9 @@ def _mask_args(key_lengths, window, device: torch.device):
         lens = key_lengths.to(torch.int32).contiguous()
         has_lens = 2 if key_lengths.dim() == 2 else 1
     if isinstance(window, torch.Tensor):
-        return lens, window.to(torch.int32).contiguous(), -2, has_lens
+        if window.dtype != torch.int32:  # clamped first: int64 2^40 would wrap to 0 in int32
+            window = window.to(torch.int64).clamp(max=_INT32_MAX).to(torch.int32)
+        return lens, window.contiguous(), -2, has_lens
     return lens, dummy, _window_arg(-1 if window is None else int(window)), has_lens
 
 

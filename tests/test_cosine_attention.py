@@ -592,6 +592,134 @@ def test_fused_on_cpu_without_interpreter_raises():
 
 
 # ------------------------------------------------------------------------------------------
+# Windows near and past 2^31, the caller's lengths tensor, meta tensors
+
+# "Effectively infinite" windows: each covers every key, so each is window=None. The kernels
+# add block offsets to the window in int32 (m0 + BLOCK_M + win); near 2^31 that wrapped
+# negative, and the first version returned zeros, the second wrong gradients.
+HUGE_WINDOWS = {"int32_max": 2**31 - 1, "sys_maxsize": sys.maxsize, "2^40": 2**40,
+                "numpy_2^40": np.int64(2**40), "per_head_list": [2**31 - 1, None],
+                "per_head_tensor": torch.tensor([2**40, -1]),
+                "per_head_numpy": np.array([2**31 - 1, 2**31 - 1 - 5], dtype=np.int64)}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("window", list(HUGE_WINDOWS), ids=list(HUGE_WINDOWS))
+@pytest.mark.parametrize("lens", [None, [7, 3]], ids=["full", "padded"])
+def test_huge_window_is_no_window(window, version, lens, poison, request):
+    """backend="fused", both kernel versions: a window of 2^31 - 1 or wider (one for every head,
+    or per head) gives bit for bit what window=None gives, output and every gradient."""
+    if version == "v2":
+        request.getfixturevalue("second_version_all_dtypes")
+    inputs = make_inputs(2, 2, 5, 7, 8, 8, 2)
+    grad = torch.randn(2, 2, 5, 8)
+    with poison():
+        want = forward_backward(fused, leaves(inputs), lens, None, grad)
+        got = forward_backward(fused, leaves(inputs), lens, HUGE_WINDOWS[window], grad)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), f"{name} differs from window=None by {(a - b).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2_short", "v2_long"])
+def test_kernels_take_windows_up_to_int32_max(version, monkeypatch, poison, request):
+    """The kernels themselves (the op's forward and backward bodies, below the host's mapping of
+    wide windows to none): WINDOW = 2^31 - 1, and a per-head int32 WINS entry of 2^31 - 1, give
+    bit for bit the unwindowed results (_head_mask clamps the window below int32 overflow)."""
+    if version != "v1":
+        request.getfixturevalue("second_version_all_dtypes")
+    if version == "v2_long":
+        from dtl_fast.kernels import cosine_attention_fwd as F2
+        monkeypatch.setattr(F2, "SHORT_MAX_N", 0)
+    B, H, Nq, Nk, d = 2, 2, 37, 45, 16  # several blocks in both directions
+    q, k, v, ls, mk, mv = make_inputs(B, H, Nq, Nk, d, d, 2)
+    scale = torch.exp(ls.clamp(max=LN100))
+    lens = torch.tensor([45, 20], dtype=torch.int32)
+    grad = torch.randn(B, H, Nq, d)
+
+    def run(window, heads):
+        with poison():
+            out, lse = ops._fwd_impl(q, k, v, scale, lens, window, mk, mv, heads)
+            grads = ops._bwd_impl(grad, q, k, v, scale, lens, window, mk, mv, out, lse, heads)
+        return [out, lse, *grads]
+
+    want = run(-1, None)
+    big = 2**31 - 1
+    for window, heads in ((big, None), (-2, torch.tensor([big, -1], dtype=torch.int32)),
+                          (-2, torch.tensor([big, big], dtype=torch.int32))):
+        got = run(window, heads)
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dscale", "dmk", "dmv"], got, want):
+            assert torch.equal(a, b), (f"window {window} {heads}: {name} differs from no window "
+                                       f"by {(a - b).abs().max():.3g}")
+
+
+def test_window_covering_every_key_reaches_the_kernels_as_none(monkeypatch):
+    """A window >= max(Nq, Nk) sees every key: the op passes it as none (the unmasked
+    specialisation); per head, such entries become None, and a tensor is clamped to Nq + Nk."""
+    seen = []
+    orig = ops._fwd_call
+
+    def spy(*a):
+        seen.append((a[5], None if a[8] is None else a[8].tolist()))
+        return orig(*a)
+
+    monkeypatch.setattr(ops, "_fwd_call", spy)
+    q, k, v, ls, _, _ = make_inputs(2, 3, 4, 6, 8, 8)
+    for window in (6, 5, 2**40, [6, None, 2**31 - 1], [1, 6, None], torch.tensor([2**40, -1, 2])):
+        fused(q, k, v, ls, None, window, None, None)
+    assert seen == [(-1, None), (5, None), (-1, None), (-1, None), (-2, [1, -1, -1]),
+                    (-2, [10, -1, 2])]
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["lengths_b", "lengths_bh"])
+@pytest.mark.parametrize("backend", ["fused", "auto", "reference"])
+def test_writing_the_callers_key_lengths_after_the_call(backend, per_head):
+    """An in-place write to the caller's key_lengths between the call and backward changes
+    nothing: the fused op saves its own copy (int32 lengths on q's device used to pass through
+    as the caller's tensor, and backward raised autograd's version error), as the eager
+    paths, which save none."""
+    B, H = 2, 2
+    inputs = make_inputs(B, H, 5, 7, 8, 8, 2)
+    lens = [[7, 2], [3, 0]] if per_head else [7, 3]
+    grad = torch.randn(B, H, 5, 8)
+
+    def call(write):
+        L = torch.tensor(lens, dtype=torch.int32)
+        q, k, v, ls, mk, mv = leaves(inputs)
+        out = cosine_attention(q, k, v, ls, L, None, mk, mv, backend=backend)
+        if write:
+            L.fill_(1)
+        return [out, *torch.autograd.grad(out, (q, k, v, ls, mk, mv), grad)]
+
+    for name, a, b in zip(NAMES, call(True), call(False)):
+        assert torch.equal(a, b), f"{name}: the write to key_lengths changed the result"
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "composite"])
+def test_meta_tensors_give_meta_outputs(backend):
+    """Shape inference on the meta device: the eager paths run (torch.autocast knows no meta
+    device, so the op must not ask it), with key lengths, per-head masks and memory too."""
+    B, H, Nq, Nk, d, dv = 2, 3, 5, 7, 8, 6
+    q = torch.empty(B, H, Nq, d, device="meta")
+    k = torch.empty(B, H, Nk, d, device="meta")
+    v = torch.empty(B, H, Nk, dv, device="meta")
+    ls = torch.empty(H, device="meta", requires_grad=True)
+    mk, mv = torch.empty(H, 2, d, device="meta"), torch.empty(H, 2, dv, device="meta")
+    for lens, window, m in ((None, None, (None, None)), ([7, 3], 2, (mk, mv)),
+                            (torch.zeros(B, H, dtype=torch.long, device="meta"),
+                             torch.tensor([1, -1, 0], device="meta"), (mk, mv))):
+        out = call_backend(dict(q=q, k=k, v=v, logit_scale=ls, key_lengths=lens, window=window,
+                                memory_k=m[0], memory_v=m[1]), backend)
+        assert out.device.type == "meta" and out.shape == (B, H, Nq, dv) and out.dtype == q.dtype
+        assert out.requires_grad
+
+
+def test_meta_tensors_fused_raises_its_own_error():
+    q = torch.empty(1, 2, 3, 4, device="meta")
+    with pytest.raises(RuntimeError, match="do not support meta tensors"):
+        cosine_attention(q, q, q, torch.empty(2, device="meta"), backend="fused")
+
+
+# ------------------------------------------------------------------------------------------
 # CUDA at real sizes (skipped without a GPU)
 
 GPU_SHAPES = [(4, 16, 1024, 1024, 64), (4, 16, 2048, 2048, 128), (4, 16, 1024, 2048, 64)]

@@ -482,6 +482,31 @@ def test_window_forms_agree():
         assert torch.equal(got, want), type(L).__name__
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto", "fused"])
+def test_unsigned_window_dtypes(backend):
+    """A per-head window of any unsigned dtype (tensor or NumPy array; torch has no min() for
+    uint16 / uint32 / uint64) works as its int64 values; a uint64 value >= 2^63, which int64
+    cannot hold, raises a ValueError naming window."""
+    import numpy as np
+    q, k, v, ls, _, _ = make_inputs(2, 3, 6, 7, 8, 8)
+    want = cosine_attention(q, k, v, ls, None, torch.tensor([1, 0, 2]), backend=backend)
+    forms = [torch.tensor([1, 0, 2], dtype=dt) for dt in (torch.uint8, torch.uint16, torch.uint32,
+                                                         torch.uint64)]
+    forms += [np.array([1, 0, 2], dtype=dt) for dt in (np.uint16, np.uint32, np.uint64)]
+    for w in forms:
+        got = cosine_attention(q, k, v, ls, None, w, backend=backend)
+        assert torch.equal(got, want), f"{type(w).__name__} {w.dtype}"
+    wide = cosine_attention(q, k, v, ls, None, [1, None, 2], backend=backend)
+    got = cosine_attention(q, k, v, ls, None, torch.tensor([1, 2**40, 2], dtype=torch.uint64),
+                           backend=backend)
+    assert torch.equal(got, wide)
+    for w, value in ((torch.tensor([1, 2**63 + 5, 2], dtype=torch.uint64), 2**63 + 5),
+                     (np.array([1, 2**64 - 1, 2], dtype=np.uint64), 2**64 - 1)):
+        with pytest.raises(ValueError, match=r"cosine_attention: every window\[h\] must fit in "
+                                             rf"int64 \(below 2\^63\), got {value}$"):
+            cosine_attention(q, k, v, ls, None, w, backend=backend)
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA at real sizes (skipped without a GPU)
 

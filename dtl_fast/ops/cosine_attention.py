@@ -278,20 +278,31 @@ def _cached_window_heads(entries: tuple, device: torch.device) -> torch.Tensor:
         return window_tensor(entries, device, torch.int32)
 
 
-def _fused_window_args(window, device: torch.device) -> tuple[int, torch.Tensor | None]:
+def _fused_window_args(window, device: torch.device, nq: int, nk: int
+                       ) -> tuple[int, torch.Tensor | None]:
     """(window, window_heads) for the custom op from check_inputs' window: (-1, None) none,
-    (w, None) one window, (-2, int32 [H] on `device`) per head."""
+    (w, None) one window, (-2, int32 [H] on `device`) per head.
+
+    A window >= max(nq, nk) covers every key of every query (|i - j| < max(nq, nk)): it is
+    passed as none (-1, the kernels' unmasked specialisation; for a per-head sequence that
+    head's entry is None), and a per-head tensor is clamped to nq + nk. Either way no window
+    near 2^31 reaches the kernels, which add block offsets to it in int32."""
     if window is None:
         return -1, None
+    wide = max(nq, nk)
     if isinstance(window, int):
-        return window, None
+        return (-1 if window >= wide else window), None
     if isinstance(window, tuple):
+        if any(w is not None and w >= wide for w in window):
+            window = tuple(None if w is None or w >= wide else w for w in window)
+            if all(w == window[0] for w in window[1:]):  # the one-window form, as check_inputs
+                return _fused_window_args(window[0], device, nq, nk)
         if torch.compiler.is_compiling():  # a constant of the graph (no cache inside a trace)
             return -2, window_tensor(window, device, torch.int32)
         return -2, _cached_window_heads(window, torch.device(device))
-    # an integer tensor [H], values checked (>= -1); int32 without overflow
+    # an integer tensor [H], values checked (>= -1, < 2^63); int32 without overflow
     return -2, window.to(device=device, dtype=torch.int64, non_blocking=True).clamp(
-        max=MAX_WINDOW).to(torch.int32)
+        max=min(nq + nk, MAX_WINDOW)).to(torch.int32)
 
 
 def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -300,13 +311,20 @@ def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+def _autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for meta tensors (for which it, and
+    torch.autocast, raise "unknown device type for autocast"): shape inference on the meta
+    device runs the eager paths; the fused one refuses it in require_triton."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_inputs(q, k, v, memory_k, memory_v):
     """Under torch.autocast, all of q, k, v and the memory go to the autocast dtype (like
     scaled_dot_product_attention, which autocast runs in lower precision)."""
     if not isinstance(q, torch.Tensor):
         return q, k, v, memory_k, memory_v
     device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_on(device_type):
         return q, k, v, memory_k, memory_v
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -526,6 +544,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             j >= key_lengths[b, h] get no weight in head h.
         window: None or an int w >= 0: query i attends only to keys j with |i - j| <= w
             (keys outside the window get no weight but may be read: they must be finite).
+            Any w >= max(Nq, Nk) (2^31 - 1, sys.maxsize, ...) is the same as None.
             Per head: H entries, a sequence of ints >= 0 / None / -1 or an integer tensor [H]
             on the CPU or q's device (-1: no window), window[h] for head h. A sequence whose
             entries are all equal is the one-window form. A Python sequence costs no host
@@ -553,6 +572,16 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         attend to (no memory, no valid key in its window) gives zeros and zero gradient. Under
         torch.autocast, q, k, v and the memory are cast to the autocast dtype.
 
+    The composite on the CPU (backend="auto" on CPU tensors, CPU_AUTO_PATH) inherits two
+    limits of PyTorch's CPU flash scaled_dot_product_attention, which it calls:
+        - no double backward: a gradient penalty (autograd.grad(..., create_graph=True), then a
+          backward through that gradient) raises "derivative for
+          aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"; use
+          backend="reference" for it (under torch.func, grad of grad takes the reference by
+          itself; plain autograd cannot be told apart at forward time);
+        - a NaN logit_scale (a diverged parameter) gives zeros, not NaN, in that head's rows
+          (the reference and the fused kernels give NaN).
+
     Raises:
         ValueError: wrong ranks / shapes / dtypes / devices (naming the argument), head dims
             outside [1, 128], key_lengths not [B] or [B, H] integers in [0, Nk], window < 0
@@ -563,14 +592,16 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             for forward mode, the reference there; vmap runs the kernels per sample).
     """
     backend = resolve_backend(backend)
+    caller_lengths = key_lengths
     q, k, v, memory_k, memory_v = _autocast_inputs(q, k, v, memory_k, memory_v)
     key_lengths, window = check_inputs(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
     path = _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend)
     if path != "fused":
-        with torch.autocast(q.device.type, enabled=False):
-            if path == "reference":
-                return _reference(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
-            return cosine_attention_composite(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
+        eager = _reference if path == "reference" else cosine_attention_composite
+        if _autocast_on(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return eager(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
+        return eager(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
     Nk = k.shape[2]
     check_values(key_lengths, window, Nk)
     if key_lengths is not None:
@@ -578,8 +609,13 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         key_lengths = to_device_cached(key_lengths, q.device, torch.int32)
         if key_lengths.dim() == 2:
             key_lengths = key_lengths.contiguous()  # the kernels read LENS[b * H + h]
-    win, window_heads = _fused_window_args(window, q.device)
-    if torch.is_autocast_enabled(q.device.type):
+        if key_lengths is caller_lengths:
+            # int32 lengths on q's device pass through unchanged: the backward saves them, and
+            # a write to the caller's tensor before backward would raise autograd's version
+            # error (the eager paths save none). B (or B * H) integers: a negligible copy.
+            key_lengths = key_lengths.clone()
+    win, window_heads = _fused_window_args(window, q.device, q.shape[2], Nk)
+    if _autocast_on(q.device.type):
         with torch.autocast(q.device.type, enabled=False):
             scale = head_scale(logit_scale, _lse_dtype(q.dtype))
     else:  # (entering the context costs more host time than the scale itself)

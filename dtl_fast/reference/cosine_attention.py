@@ -136,21 +136,34 @@ def window_tensor(window, device, dtype: torch.dtype = torch.int64) -> torch.Ten
 
 def check_key_lengths_range(key_lengths: torch.Tensor | None, Nk: int) -> None:
     """Checks 0 <= key_lengths[b] (or [b, h]) <= Nk (one host sync when the lengths are on a GPU;
-    an asynchronous assert inside a torch.compile graph or a CUDA graph capture)."""
+    an asynchronous assert inside a torch.compile graph or a CUDA graph capture). Meta tensors
+    hold no values: unchecked (shape inference on the meta device)."""
+    if key_lengths is not None and key_lengths.device.type == "meta":
+        return
     check_lengths_range(key_lengths, 0, Nk, owner=_NAME, name="key_lengths", span=f"[0, Nk] = [0, {Nk}]")
 
 
 def check_window_range(window) -> None:
     """Checks that a per-head window tensor holds ints >= -1 (-1: none), as check_lengths_range
     checks lengths: one host read (CPU, or one sync on a GPU), or an asynchronous assert inside a
-    torch.compile graph or a CUDA graph capture. Other forms were checked by check_inputs."""
-    if not isinstance(window, torch.Tensor) or window.numel() == 0:
-        return
+    torch.compile graph or a CUDA graph capture. Other forms were checked by check_inputs.
+
+    Unsigned dtypes (uint16 / uint32 / uint64 have no min() in torch) are read as int64, which
+    every backend computes in: a uint64 value >= 2^63 would wrap to a negative one there, and
+    is refused."""
+    if not isinstance(window, torch.Tensor) or window.numel() == 0 or window.device.type == "meta":
+        return  # (meta tensors hold no values)
+    unsigned = not window.dtype.is_signed
+    if unsigned:
+        window = window.to(torch.int64)  # exact below 2^63; a larger uint64 wraps negative
     if torch.compiler.is_compiling() or device_capturing(window):
-        torch._assert_async((window >= -1).all(),
-                            f"{_NAME}: every window[h] must be >= 0, or -1 for no window")
+        torch._assert_async((window >= (0 if unsigned else -1)).all(),
+                            f"{_NAME}: every window[h] must be >= 0, or -1 for no window (and "
+                            f"below 2^63)")
         return
     low = int(window.min())
+    if unsigned and low < 0:
+        _fail(f"every window[h] must fit in int64 (below 2^63), got {low + 2**64}")
     if low < -1:
         _fail(f"every window[h] must be >= 0, or -1 for no window, got {low}")
 
