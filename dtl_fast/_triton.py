@@ -1,5 +1,7 @@
 """Where the Triton kernels can run: CUDA tensors always (when Triton is installed), CPU tensors
-only in Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are first imported)."""
+only in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is first imported, which
+`import dtl_fast` already does: Triton's own library functions are interpreted or compiled from
+then on, whatever the variable says later)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,7 @@ import torch
 
 
 _IMPORT_ERROR: list = []  # filled on first use; a plain global, which torch.compile traces
+_TRITON_INTERPRETED: list = []  # whether Triton was imported in interpreter mode, once known
 
 
 def _triton_import_error() -> str | None:
@@ -20,9 +23,29 @@ def _triton_import_error() -> str | None:
     return _IMPORT_ERROR[0]
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its interpreter (TRITON_INTERPRET=1)."""
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _triton_interpreted() -> bool:
+    """Whether Triton itself runs in its interpreter: decided once, when triton.language is
+    first imported (its @triton.jit library functions, tl.cdiv / tl.sigmoid / ..., become
+    interpreted or compiled functions then). Read from Triton's own objects, so it is right
+    however Triton came to be imported (torch.library imports it with dtl_fast)."""
+    if not _TRITON_INTERPRETED:
+        try:
+            import triton.language.standard as standard
+            from triton.runtime.interpreter import InterpretedFunction
+            _TRITON_INTERPRETED.append(isinstance(standard.cdiv, InterpretedFunction))
+        except Exception:  # noqa: BLE001  (Triton internals moved: the environment decides)
+            _TRITON_INTERPRETED.append(_env_interpret())
+    return _TRITON_INTERPRETED[0]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its interpreter: TRITON_INTERPRET=1 was set when Triton
+    was imported and still is (the kernels are decorated when first used)."""
+    return _triton_import_error() is None and _env_interpret() and _triton_interpreted()
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
@@ -36,6 +59,13 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     if device_type == "cpu":
         if interpreting():
             return None
+        if _env_interpret():
+            # Triton's library functions were made for the GPU compiler: interpreted kernels
+            # would fail inside Triton ("Cannot call @triton.jit'd outside of the scope of a
+            # kernel")
+            return ("TRITON_INTERPRET was set after Triton was imported (importing dtl_fast "
+                    "imports it): set it before importing dtl_fast, e.g. in the environment of "
+                    "the process; or use backend='auto' / 'reference'")
         return ("Triton kernels run on CPU tensors only in Triton's interpreter: set "
                 "TRITON_INTERPRET=1 before importing dtl_fast (slow; meant for tests), or use "
                 "backend='auto' / 'reference'")

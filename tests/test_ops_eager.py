@@ -170,8 +170,8 @@ def test_eager_path_takes_parameters():
     # grad_output here does not require grad), and a penalty would silently be a constant
     (contextlib.nullcontext, "FusedCosineAttention: .*no second-order"),
     # the forward through the registered op (under a dispatch mode), the backward outside it:
-    # the backward op is called with create_graph on and must keep the op's own error
-    (_Passthrough, "no autograd formula"),
+    # its registered autograd refuses create_graph with the same clear error
+    (_Passthrough, "dtl_fast::cosine_attention_fwd: .*no second-order.*backend='reference'"),
 ], ids=["eager", "op-forward"])
 def test_double_backward_fails_loudly(forward_mode, error):
     # A gradient penalty through the fused op must fail loudly, not lose its second-order term.
@@ -183,6 +183,98 @@ def test_double_backward_fails_loudly(forward_mode, error):
     assert gq.requires_grad
     with pytest.raises(RuntimeError, match=error):
         gq.square().sum().backward()
+
+
+# Second-order gradients through the fused ops must fail loudly wherever they are asked for.
+# The old error node hung off fresh detached leaves, which only .backward() reaches:
+# torch.autograd.grad(..., inputs=[...]) and autograd.functional.hessian pruned it and silently
+# returned a wrong (or None) second-order term (review s27, F2).
+SECOND_ORDER = r"no second-order gradients.*backend='reference'"
+
+
+def _attn_scale_case():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    return q, k, v, torch.tensor([0.5, 1.0], dtype=torch.float64)
+
+
+def _attn_of_scale(q, k, v):
+    return lambda s: attn_ops.cosine_attention(q, k, v, s, backend="fused").pow(2).sum()
+
+
+def _rnn_second_order_case(mode):
+    torch.manual_seed(0)
+    cls = torch.nn.LSTM if mode == "LSTM" else torch.nn.GRU
+    ws = [w.detach().double().requires_grad_() for w in cls(3, 4)._flat_weights]
+    f = rnn_ops.lstm if mode == "LSTM" else rnn_ops.gru
+    return f, ws, torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("ask", ["grad-inputs", "backward"])
+@pytest.mark.parametrize("forward_mode", [contextlib.nullcontext, _Passthrough],
+                         ids=["eager", "op-forward"])
+def test_attention_gradient_penalty_on_logit_scale_raises(ask, forward_mode):
+    q, k, v, s = _attn_scale_case()
+    s.requires_grad_()
+    with forward_mode():
+        y = _attn_of_scale(q, k, v)(s)
+    (gs,) = torch.autograd.grad(y, [s], create_graph=True)
+    penalty = gs.pow(2).sum()
+    with pytest.raises(RuntimeError, match=SECOND_ORDER):
+        if ask == "grad-inputs":
+            torch.autograd.grad(penalty, [s])
+        else:
+            penalty.backward()
+
+
+def test_attention_hessian_raises():
+    q, k, v, s = _attn_scale_case()
+    with pytest.raises(RuntimeError, match=SECOND_ORDER):
+        torch.autograd.functional.hessian(_attn_of_scale(q, k, v), s)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("ask", ["grad-inputs", "backward"])
+@pytest.mark.parametrize("forward_mode", [contextlib.nullcontext, _Passthrough],
+                         ids=["eager", "op-forward"])
+def test_rnn_gradient_penalty_on_w_ih_raises(mode, ask, forward_mode):
+    f, ws, x = _rnn_second_order_case(mode)
+    with forward_mode():
+        out, _ = f(x, None, ws, backend="fused")
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    penalty = gx.pow(2).sum()
+    with pytest.raises(RuntimeError, match=SECOND_ORDER):
+        if ask == "grad-inputs":
+            torch.autograd.grad(penalty, [ws[0]])
+        else:
+            penalty.backward()
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_rnn_hessian_raises(mode):
+    f, ws, x = _rnn_second_order_case(mode)
+    with pytest.raises(RuntimeError, match=SECOND_ORDER):
+        torch.autograd.functional.hessian(
+            lambda w: f(x.detach(), None, [w, *ws[1:]], backend="fused")[0].pow(2).sum(),
+            ws[0].detach())
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_rnn_second_order_reference_still_works(mode):
+    # the backend the error names does give the second-order term
+    f, ws, x = _rnn_second_order_case(mode)
+    out, _ = f(x, None, ws, backend="reference")
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    (gw,) = torch.autograd.grad(gx.pow(2).sum(), [ws[0]])
+    assert gw.abs().sum() > 0
+
+
+def test_first_order_backward_adds_no_error_node():
+    # create_graph=False: the gradients are the backward formula's own tensors (no extra node)
+    f, ws, x = _rnn_second_order_case("LSTM")
+    out, _ = f(x, None, ws, backend="fused")
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), [x])
+    assert gx.grad_fn is None and not gx.requires_grad
 
 
 def test_eager_path_without_grad_returns_plain_tensors():

@@ -354,6 +354,113 @@ def test_torch_compile_fullgraph(mode):
         assert_rel_close(f"grad weights[{i}]", a.grad, b.grad, 1e-6)
 
 
+def _auto_with_lengths(mode):
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+
+    def model(x, lengths, ws):
+        out, state = f(x, None, ws, lengths=lengths, num_layers=2, bidirectional=True,
+                       backend="auto")
+        return out, (state[0] if mode == "LSTM" else state)
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_with_lengths_compiles_fullgraph(mode):
+    # backend="auto" (the default) with lengths once hit pack_padded_sequence, which dynamo
+    # refuses (review s27, F3): while tracing it runs the reference on the CPU
+    _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    model = _auto_with_lengths(mode)
+    lengths = torch.tensor([4, 1, 3])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, want = [], []
+    for fn, res in ((compiled, got), (model, want)):
+        xl = x.clone().requires_grad_()
+        wl = [w.clone().requires_grad_() for w in ws]
+        out, h_n = fn(xl, lengths, wl)
+        (out.square().sum() + h_n.sum()).backward()
+        res += [out, h_n, xl.grad, *(w.grad for w in wl)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_rel_close(f"result {i}", a, b, F32_TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_with_lengths_exports(mode):
+    _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    model = _auto_with_lengths(mode)
+
+    class M(torch.nn.Module):
+        def forward(self, x, lengths):
+            return model(x, lengths, ws)
+
+    lengths = torch.tensor([4, 1, 3])
+    ep = torch.export.export(M(), (x, lengths))
+    for lens in (lengths, torch.tensor([2, 4, 4])):
+        for name, a, b in zip(("output", "h_n"), ep.module()(x, lens), model(x, lens, ws)):
+            assert_rel_close(name, a, b, F32_TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["reference", "auto", "fused"])
+def test_lengths_written_in_place_before_backward(mode, backend):
+    # The fused ops once saved the caller's own int64 lengths tensor for the backward, so an
+    # in-place write to it between forward and backward raised a version-counter error that
+    # auto and reference do not raise (review s27, F5). The gradients are those of the lengths
+    # the forward saw.
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    _, x, h, ws = make_case(mode, 4, 2, 3, 5, 1, True)
+
+    def grads(lengths, write=False):
+        xl = x.clone().requires_grad_()
+        out, _ = f(xl, h, ws, lengths=lengths, bidirectional=True, backend=backend)
+        if write:
+            lengths.fill_(1)
+        (gx,) = torch.autograd.grad(out.square().sum(), [xl])
+        return out, gx
+
+    want = grads(torch.tensor([4, 2]))
+    lengths = torch.tensor([4, 2])
+    got = grads(lengths, write=True)
+    assert lengths.tolist() == [1, 1]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lengths", [None, [5, 2, 3]], ids=["", "lengths"])
+def test_meta_tensors(mode, lengths):
+    # torch.is_autocast_enabled("meta") raises "unknown device type for autocast", which every
+    # backend once hit first (review s27, F9): reference and auto give meta results of the
+    # right shapes, fused says that its kernels do not take meta tensors
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    _, x, h, ws = make_case(mode, 5, 3, 4, 6, 2, True, dtype=torch.float32)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    hm = tuple(map(meta, h)) if mode == "LSTM" else meta(h)
+    kw = dict(lengths=lengths, num_layers=2, bidirectional=True)
+    for backend in ("reference", "auto"):
+        out, state = f(meta(x), hm, [meta(w) for w in ws], backend=backend, **kw)
+        states = state if mode == "LSTM" else (state,)
+        assert out.device.type == "meta" and out.shape == (5, 3, 12), backend
+        assert all(s.device.type == "meta" and s.shape == (4, 3, 6) for s in states), backend
+    with pytest.raises(RuntimeError, match="do not support meta tensors"):
+        f(meta(x), hm, [meta(w) for w in ws], backend="fused", **kw)
+
+
+def test_auto_lstm_under_cpu_float16_autocast_names_the_alternatives():
+    # PyTorch's CPU LSTM (oneDNN) has no float16 kernel and said only "could not create a
+    # primitive descriptor" (review s27, F10)
+    _, x, h, ws = make_case("LSTM", 3, 2, 4, 6, 1, True, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        with pytest.raises(RuntimeError, match=r"float16.*backend='reference'.*bfloat16 autocast"):
+            ops.lstm(x, h, ws, bidirectional=True, backend="auto")
+        # only there: the reference, the packed path (lengths) and the GRU run
+        assert ops.lstm(x, h, ws, bidirectional=True, backend="reference")[0].dtype == torch.float16
+        ops.lstm(x, h, ws, bidirectional=True, lengths=[3, 2], backend="auto")
+        _, xg, hg, wg = make_case("GRU", 3, 2, 4, 6, 1, True, dtype=torch.float32)
+        ops.gru(xg, hg, wg, bidirectional=True, backend="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.lstm(x, h, ws, bidirectional=True, backend="auto")[0].dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: every backend rejects it the same way
 # ------------------------------------------------------------------------------------------------
@@ -405,6 +512,29 @@ def test_fused_on_cpu_without_interpreter_raises():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "RAISED lstm(backend='fused') on cpu tensors" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+
+
+def test_triton_interpret_set_after_import_is_refused_by_name():
+    # Importing dtl_fast imports Triton, whose own library functions are compiled or
+    # interpreted from then on: a TRITON_INTERPRET=1 set later passed the check and then failed
+    # inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel", review s27, F8)
+    code = ("import os, torch\nimport dtl_fast\nfrom dtl_fast.ops.rnn import lstm\n"
+            "from dtl_fast._triton import can_run_triton\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "m = torch.nn.LSTM(3, 4)\n"
+            "print('CAN', can_run_triton('cpu'))\n"
+            "try:\n"
+            "    lstm(torch.randn(2, 1, 3), None, m._flat_weights, backend='fused')\n"
+            "except RuntimeError as e:\n"
+            "    print('RAISED', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "CAN False" in proc.stdout, proc.stdout
+    assert ("RAISED lstm(backend='fused') on cpu tensors: TRITON_INTERPRET was set after Triton "
+            "was imported" in proc.stdout), proc.stdout
+    assert "before importing dtl_fast" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------

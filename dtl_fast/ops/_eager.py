@@ -100,6 +100,47 @@ def _needs_grad(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
+def no_double_backward(backward: Callable, name: str) -> Callable:
+    """`backward(ctx, *grads)` (an autograd formula over the fused kernels, which have no
+    derivative of their own) made to refuse second-order gradients loudly.
+
+    Without create_graph (grad mode off inside the backward) it is `backward` itself: no extra
+    work. Under create_graph=True the gradients are computed as usual (grad mode off: the
+    kernels' results carry no graph) and then passed through one DelayedError node whose edges
+    go to every grad_output and saved tensor that requires grad. The saved outputs lead back to
+    this node's own forward, and through it to every input, so any differentiation of the
+    gradients that depends on the op -- .backward(), torch.autograd.grad(..., inputs=[...]),
+    torch.autograd.functional.hessian / hvp -- reaches the node and raises, naming
+    backend='reference'. (Fresh detached leaves as the node's only inputs, as once_differentiable
+    makes, are reached only by .backward(): autograd.grad(inputs=...) prunes the node and the
+    second-order term silently drops out.) Needs `backward`'s ctx to save at least one of the
+    forward's outputs, as every fused op's setup_context does."""
+    message = (f"{name}: the fused kernels' backward has no derivative of its own (no "
+               "second-order gradients: create_graph=True, gradient penalties, "
+               "torch.autograd.functional.hessian / hvp); use backend='reference' for those").encode()
+
+    def backward_once(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        single = not isinstance(result, tuple)
+        result = (result,) if single else result
+        deps = [t for t in (*grads, *ctx.saved_tensors)
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not deps:  # nothing upstream requires grad: the gradients are constants
+            return result[0] if single else result
+        n = len(result)
+        marked = [g if isinstance(g, torch.Tensor) and g.is_floating_point() else None
+                  for g in result]
+        out = _autograd_functions.DelayedError(message, n + len(deps))(*marked, *deps)[:n]
+        out = tuple(o if m is not None else g for o, m, g in zip(out, marked, result))
+        return out[0] if single else out
+
+    backward_once.__name__ = getattr(backward, "__name__", "backward")
+    return backward_once
+
+
 def eager_op(op, impl: Callable, setup_context: Callable | None = None,
              backward: Callable | None = None, name: str = "FusedOp") -> Callable:
     """A callable with the signature of the registered op `op` (all arguments positional,
@@ -109,9 +150,9 @@ def eager_op(op, impl: Callable, setup_context: Callable | None = None,
 
     Gradients of outputs that took no part in the loss reach `backward` as None (not
     materialised zeros: the backward formulas handle None). Under create_graph=True the
-    gradients carry a node that raises when they are differentiated, as the registered op's
-    do (its backward op has no autograd formula). `call.eager(*args)` skips the eager_ok check (for a caller that
-    made it, and whose `impl` need not have the op's signature)."""
+    gradients carry a node that raises when they are differentiated (no_double_backward).
+    `call.eager(*args)` skips the eager_ok check (for a caller that made it, and whose `impl`
+    need not have the op's signature)."""
     fn = None
     if backward is not None:
         def forward(ctx, *args):
@@ -120,26 +161,9 @@ def eager_op(op, impl: Callable, setup_context: Callable | None = None,
             setup_context(ctx, args, output)
             return output
 
-        message = (f"{name}: the fused backward has no derivative of its own (no second-order "
-                   "gradients); use backend='reference' for those").encode()
-
-        def backward_once(ctx, *grads):
-            with torch.no_grad():
-                result = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return result
-            # create_graph=True: the gradients get a node that raises when they are
-            # differentiated, as the registered op's do (its backward op has no autograd
-            # formula). once_differentiable does this only when a grad_output requires grad,
-            # which would let a gradient penalty silently miss its second-order term.
-            result = result if isinstance(result, tuple) else (result,)
-            marked = [g.detach().requires_grad_() if isinstance(g, torch.Tensor)
-                      and g.is_floating_point() else g for g in result]
-            return _autograd_functions.DelayedError(message, len(marked))(*marked)
-
         fn = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(forward),
-            "backward": staticmethod(backward_once),
+            "backward": staticmethod(no_double_backward(backward, name)),
         })
 
     label = getattr(op, "_qualified_op_name", str(op))  # e.g. dtl_fast::cosine_attention_fwd

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from dtl_fast._backend import resolve_backend
 from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op, needs_stock_path, refuse_transforms, transforms_in_use
+from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
+                                 transforms_in_use)
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
                                                  head_scale, key_mask, key_valid, window_tensor,
                                                  zero_padded_keys)
@@ -41,8 +42,9 @@ CPU_AUTO_PATH = "composite"
 
 
 def _kernels():
-    # Imported lazily so that TRITON_INTERPRET, read when triton.jit decorates the kernels,
-    # takes effect when the tests set it after importing dtl_fast.
+    # Imported lazily, at the first fused call: the kernels' module builds its launch tables
+    # then. (TRITON_INTERPRET must be set before Triton is imported, which importing dtl_fast
+    # does; dtl_fast._triton refuses a later one by name.)
     from dtl_fast.kernels import cosine_attention as kernels
     return kernels
 
@@ -258,7 +260,10 @@ def _backward(ctx, grad_out, _grad_lse):
     return dq, dk, dv, dscale, None, None, dmk, dmv, None
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+# no_double_backward: a gradient penalty through the registered op (torch.compile, dispatch
+# modes) raises naming backend='reference', as the eager path does
+torch.library.register_autograd(_FWD, no_double_backward(_backward, "dtl_fast::cosine_attention_fwd"),
+                                setup_context=_setup_context)
 
 
 # The eager entry points (dtl_fast.ops._eager): the same bodies and autograd formula without the

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
-from dtl_fast._triton import require_triton
-from dtl_fast.ops._eager import eager_op, needs_stock_path, refuse_transforms, transforms_in_use
+from dtl_fast._triton import can_run_triton, require_triton
+from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
+                                 transforms_in_use)
 from dtl_fast.reference import rnn as _ref
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -43,7 +44,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _kernels():
-    # Imported on first use, so a TRITON_INTERPRET set by the tests before that takes effect.
+    # Imported on first use (the import compiles nothing). TRITON_INTERPRET must be set before
+    # Triton itself is first imported, which `import dtl_fast` (through torch.library) already
+    # does: dtl_fast._triton refuses CPU tensors when it was set later.
     from dtl_fast.kernels import rnn as k
     return k
 
@@ -314,7 +317,11 @@ def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _g_act, _g_call):
             dc0.to(c0.dtype) if ctx.needs_input_grad[3] else None, None, None)
 
 
-torch.library.register_autograd("dtl_fast::lstm_recurrence", _lstm_backward, setup_context=_lstm_setup)
+# no_double_backward: a gradient penalty (create_graph=True) raises naming backend='reference'
+# on this path too (the forward through the registered op: torch.compile, dispatch modes).
+torch.library.register_autograd("dtl_fast::lstm_recurrence",
+                                no_double_backward(_lstm_backward, "dtl_fast::lstm_recurrence"),
+                                setup_context=_lstm_setup)
 
 
 def _gru_setup(ctx, inputs, output):
@@ -338,7 +345,9 @@ def _gru_backward(ctx, grad_out, grad_hn, _g_act):
             dh0.to(h0.dtype) if ctx.needs_input_grad[3] else None, None, None)
 
 
-torch.library.register_autograd("dtl_fast::gru_recurrence", _gru_backward, setup_context=_gru_setup)
+torch.library.register_autograd("dtl_fast::gru_recurrence",
+                                no_double_backward(_gru_backward, "dtl_fast::gru_recurrence"),
+                                setup_context=_gru_setup)
 
 # The eager entry points (dtl_fast.ops._eager): the same bodies and autograd formulas without the
 # dispatcher, wherever that is safe; the registered ops everywhere else (torch.compile, export,
@@ -367,6 +376,16 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
     p, train = float(dropout), bool(training)
     if lengths is None or B == 0:
         # pack_padded_sequence refuses an empty batch; with no sequence the lengths change nothing.
+        if (mode == "LSTM" and B > 0 and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16)  # float16 / float64 input runs
+                and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.float16):
+            # oneDNN has no float16 LSTM and says only "could not create a primitive descriptor"
+            raise RuntimeError(
+                "lstm(backend='auto') on the CPU under torch.autocast('cpu', dtype=torch.float16): "
+                "PyTorch's CPU LSTM (oneDNN, what torch.nn.LSTM runs) has no float16 kernel; use "
+                "backend='reference' (or 'fused' where Triton runs), which round to float16, or "
+                "bfloat16 autocast")
         hx = hs if mode == "LSTM" else hs[0]
         out, *state = fn(x, hx, weights, has_bias, num_layers, p, train, bidirectional, batch_first)
     else:
@@ -451,6 +470,21 @@ def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first
     return output, h_n
 
 
+def _own_lengths(lengths, caller, device):
+    """The checked int64 `lengths` for the fused path, copied when it is (or shares memory
+    with) the caller's own tensor `caller` on `device`: the recurrence ops save lengths for the
+    backward, so an in-place write to the caller's tensor before backward would be a
+    version-counter error (auto and reference keep no reference to it). A CPU tensor bound
+    for the GPU is copied there anyway; B integers otherwise: the copy costs nothing."""
+    if (lengths is None or not isinstance(caller, torch.Tensor) or lengths.device != device
+            or not torch.is_grad_enabled()):  # nothing is saved
+        return lengths
+    if (lengths is caller or torch.compiler.is_compiling()
+            or lengths.untyped_storage().data_ptr() == caller.untyped_storage().data_ptr()):
+        return lengths.clone()
+    return lengths
+
+
 def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batch_first, dropout,
               training, has_bias, backend):
     backend = resolve_backend(backend)
@@ -463,6 +497,10 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
                                        dropout=dropout, has_bias=has_bias)
     args = (mode, input, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
             training, has_bias, H, D)
+
+    def fused(impl):
+        own = _own_lengths(lengths, kw["lengths"], input.device)
+        return _fused(*args[:4], own, *args[5:], impl)
     # torch.func transforms and forward-mode AD (one scan per call: ~10 us a tensor inside an
     # open dual level, so the input first)
     used = () if torch.compiler.is_compiling() else transforms_in_use(
@@ -474,11 +512,28 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
             return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
         path = auto_path(mode, rule_dtype(input), input.shape[0 if batch_first else 1], H,
                          input.shape[1 if batch_first else 0], D, lengths, input.device)
+        if path == "native" and lengths is not None and (torch.compiler.is_compiling()
+                                                         or input.device.type == "meta"):
+            # torch.compile / torch.export: PyTorch's packed path (pack_padded_sequence, whose
+            # batch_sizes depend on the values of lengths) cannot be traced; nor can it pack
+            # meta tensors (no data)
+            path = _traceable_path(input)
+            if path == "reference":
+                return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
         if path == "native" or needs_stock_path(used):
             return _native(*args)
-        return _fused(*args, path.split(":", 1)[1])
+        return fused(path.split(":", 1)[1])
     refuse_transforms(f"{mode.lower()}(backend='fused')", used)
-    return _fused(*args, fused_impl())
+    return fused(fused_impl())
+
+
+def _traceable_path(x: torch.Tensor) -> str:
+    """What backend="auto" runs with lengths while torch.compile / torch.export trace it:
+    "fused:<FUSED_DEFAULT_IMPL>" on CUDA (float16 / bfloat16 / float32, Triton available), else
+    "reference" (the eager loop: traceable anywhere, unrolled over T)."""
+    if x.is_cuda and x.dtype != torch.float64 and can_run_triton(x.device):
+        return "fused:" + FUSED_DEFAULT_IMPL
+    return "reference"
 
 
 def rule_dtype(x: torch.Tensor) -> torch.dtype:
@@ -488,7 +543,7 @@ def rule_dtype(x: torch.Tensor) -> torch.dtype:
     aten/src/ATen/cudnn/AutocastRNN.cpp, rounds input, states and weights to half), so a
     bfloat16-autocast call never takes a bfloat16 fused region and returns what torch.nn
     returns; under CPU autocast the autocast dtype; float64 is never cast; else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+    if _ref.autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.float16 if x.is_cuda else torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -514,7 +569,12 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             "auto": the path auto_path picks: on CUDA PyTorch's cuDNN path (torch.lstm) except
             where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule());
             PyTorch's native kernels on the CPU and for float64. Under torch.func.grad / vjp
-            PyTorch's path, under vmap / jvp / forward-mode AD the eager reference.
+            PyTorch's path, under vmap / jvp / forward-mode AD the eager reference. With
+            lengths under torch.compile / torch.export (PyTorch's packed path cannot be traced):
+            the fused kernels on CUDA (float16 / bfloat16 / float32), the eager reference
+            elsewhere (an unrolled loop over T: slow to compile for long sequences); outside
+            tracing, the same call takes PyTorch's path, so the two agree to rounding only.
+            The reference also serves meta tensors with lengths.
             "fused": the Triton kernels (FUSED_DEFAULT_IMPL; $DTL_FAST_RNN_IMPL = "loop" |
             "persistent" | "step" picks another implementation).
 
@@ -526,12 +586,17 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         to float16 whatever the autocast dtype (and the rule looks such calls up as float16,
         see rule_dtype, so a bfloat16 fused region never changes that); on the CPU the kernels
         apply autocast only to a non-empty LSTM in bfloat16 without lengths (float32
-        otherwise; a float16 autocast LSTM raises in oneDNN). The cell state and every
-        accumulation are float32 whatever the input dtype.
+        otherwise; oneDNN has no float16 LSTM, so "auto" raises a RuntimeError for a float16
+        autocast LSTM without lengths). The cell state and every accumulation are float32
+        whatever the input dtype.
 
     Raises:
         RuntimeError: input feature size != weight_ih_l0 columns, hx of the wrong shape, lengths
-            outside [1, T], backend="fused" where Triton cannot run.
+            outside [1, T], backend="fused" where Triton cannot run (meta tensors, CPU tensors
+            without the interpreter), backend="auto" LSTM on the CPU under float16 autocast;
+            in the backward, differentiating the fused path's gradients again (create_graph=True:
+            gradient penalties, torch.autograd.functional.hessian), which names
+            backend='reference'.
         ValueError: wrong rank or dtype, wrong weight count or shapes, devices that differ.
         NotImplementedError: backend="fused" under torch.func.grad / vjp / jvp or forward-mode
             AD, which cannot see through the fused kernels' autograd.

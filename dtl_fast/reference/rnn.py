@@ -22,6 +22,12 @@ GATES = {"LSTM": 4, "GRU": 3}
 # Argument checks shared by all backends
 # ----------------------------------------------------------------------------------------------
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for "meta", which autocast does not know
+    (torch raises "unknown device type for autocast" there, before any check of ours)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def check_rnn_args(mode: str, input, weights, *, num_layers: int, bidirectional: bool,
                    dropout: float, has_bias: bool):
     """Checks input and weights; returns (H, D).
@@ -84,7 +90,7 @@ def check_rnn_args(mode: str, input, weights, *, num_layers: int, bidirectional:
     if input.shape[-1] != w_ih0.shape[1]:
         raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {w_ih0.shape[1]}, "
                            f"got {input.shape[-1]}")
-    if not torch.is_autocast_enabled(input.device.type):
+    if not autocast_enabled(input.device.type):
         for i, w in enumerate(weights):
             if w.dtype != input.dtype:
                 raise ValueError(f"{name}: weights[{i}] has dtype {w.dtype}, input {input.dtype}: "
@@ -117,7 +123,7 @@ def check_hx(mode: str, hx, input, H: int, D: int, num_layers: int, batch_first:
             raise RuntimeError(f"Expected {nm} size {expected}, got {list(h.shape)}")
         if h.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{mode}: {nm} must be a float tensor, got {h.dtype}")
-        if h.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if h.dtype != input.dtype and not autocast_enabled(input.device.type):
             raise ValueError(f"{mode}: {nm} has dtype {h.dtype}, input {input.dtype}: they must "
                              "match (outside torch.autocast)")
         if h.device != input.device:
@@ -190,7 +196,7 @@ def _run(mode, input, hx, weights, *, lengths, num_layers, bidirectional, batch_
     kw = dict(lengths=lengths, num_layers=num_layers, bidirectional=bidirectional,
               batch_first=batch_first, dropout=dropout, training=training, has_bias=has_bias)
     dev_type = input.device.type
-    if torch.is_autocast_enabled(dev_type) and input.dtype != torch.float64:
+    if autocast_enabled(dev_type) and input.dtype != torch.float64:
         # What autocast does to the fused path: input, hx and weights (any float but float64, as
         # autocast casts) rounded to the autocast dtype, the result in it. (PyTorch's cuDNN path
         # rounds to float16 whatever the autocast dtype; the reference follows the fused path.) The loop itself then runs as for a half input, with autocast off so
