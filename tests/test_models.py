@@ -424,6 +424,13 @@ def test_resnet18_keeps_each_modality_s_batchnorm_statistics():
     old = {k: v for k, v in state.items() if k not in shared.image_stat_keys}
     fresh.load_state_dict(old)
     assert torch.equal(fresh.images_bn1_running_mean, state["bn1.running_mean"])
+    # under DistributedDataParallel the BatchNorm layers become SyncBatchNorm (new modules):
+    # the images' statistics still reach them
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(shared)).eval()
+    assert isinstance(synced.bn1, torch.nn.SyncBatchNorm)
+    with torch.no_grad():
+        torch.testing.assert_close(synced.forward_images(images), i_map)
+        torch.testing.assert_close(synced(frames), f_map)
 
 
 # --------------------------------------------------------------------------------------------
