@@ -591,7 +591,7 @@ class Sweep:
             if "ring_default" in res:
                 ring = {c: p for c, p in res.get("pct", {}).items() if c[7] == 2}
                 lines.append(f"ring phase {' '.join(key[:3])}: default {res['ring_default']:.1f}% "
-                             f"(first phase {res['pct'].get(self.default, float('nan')):.1f}%)"
+                             f"(first phase {res.get('pct', {}).get(self.default, float('nan')):.1f}%)"
                              + "".join(f", {config_name(c)} {p:.1f}% "
                                        f"({p - res['ring_default']:+.1f} points)"
                                        for c, p in ring.items()))

@@ -57,6 +57,10 @@ def cuda_kernels_run_on(device_index: int) -> bool:
     once per GPU."""
     found = _RUNS_ON.get(device_index)
     if found is None:
+        if cuda_kernels_built() and device_index >= torch.cuda.device_count():
+            # no such GPU here: fake CUDA tensors (torch.export, tracing on a machine without
+            # one) run the op's fake kernel, whatever GPU the program later runs on
+            return True
         found = cuda_kernels_built() and bool(_C.cuda_kernels_run_on(int(device_index)))
         _RUNS_ON[device_index] = found
     return found

@@ -36,7 +36,11 @@ def _triton_interpreted() -> bool:
         try:
             import triton.language.standard as standard
             from triton.runtime.interpreter import InterpretedFunction
-            _TRITON_INTERPRETED.append(isinstance(standard.cdiv, InterpretedFunction))
+            from triton.runtime.jit import JITFunction
+            fn = standard.cdiv
+            # neither class (Triton's internals moved): the environment decides, as before
+            _TRITON_INTERPRETED.append(True if isinstance(fn, InterpretedFunction) else
+                                       False if isinstance(fn, JITFunction) else _env_interpret())
         except Exception:  # noqa: BLE001  (Triton internals moved: the environment decides)
             _TRITON_INTERPRETED.append(_env_interpret())
     return _TRITON_INTERPRETED[0]

@@ -386,7 +386,7 @@ def test_resnet18_encoder(tmp_path):
         ImageBaseline(NUM_CLASSES, encoder="resnet18", encoder_weights=tmp_path / "bad.pt")
 
 
-def test_resnet18_keeps_each_modality_s_batchnorm_statistics():
+def test_resnet18_keeps_each_modality_s_batchnorm_statistics(tmp_path):
     # DTL encodes frames and images in two calls of one shared BatchNorm encoder. Each modality
     # keeps its own running statistics, so eval() normalises each as its own training batches
     # were: after the same training-mode calls, the shared encoder in eval() equals an encoder
@@ -424,6 +424,17 @@ def test_resnet18_keeps_each_modality_s_batchnorm_statistics():
     old = {k: v for k, v in state.items() if k not in shared.image_stat_keys}
     fresh.load_state_dict(old)
     assert torch.equal(fresh.images_bn1_running_mean, state["bn1.running_mean"])
+    # ... as a copy, also when the tensors are assigned rather than copied in
+    assigned = ResNet18Encoder(3)
+    assigned.load_state_dict(old, assign=True)
+    assert assigned.images_bn1_running_mean is not assigned.bn1.running_mean
+    assert torch.equal(assigned.images_bn1_running_mean, state["bn1.running_mean"])
+    # an encoder's own state_dict (both sets) is a valid encoder_weights file
+    from dtl_fast.models.encoders import load_encoder_weights
+    path = tmp_path / "own.pt"
+    torch.save(state, path)
+    load_encoder_weights(fresh, path, owner="test")
+    assert torch.equal(fresh.images_bn1_running_mean, state["images_bn1_running_mean"])
     # under DistributedDataParallel the BatchNorm layers become SyncBatchNorm (new modules):
     # the images' statistics still reach them
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(shared)).eval()
@@ -431,6 +442,58 @@ def test_resnet18_keeps_each_modality_s_batchnorm_statistics():
     with torch.no_grad():
         torch.testing.assert_close(synced.forward_images(images), i_map)
         torch.testing.assert_close(synced(frames), f_map)
+
+
+def test_resnet18_forward_images_from_two_threads():
+    # Two threads in forward_images on one encoder (a threaded inference server): each must run
+    # on the images' statistics and leave the frames' in place. A pre-forward hook holds each
+    # thread inside its call until the other arrives (or 1 s passes): without the lock both
+    # would swap, the second recording the first's twins as "own" and restoring them for good.
+    if not _has_torchvision():
+        pytest.skip("torchvision is not installed")
+    import threading
+    import time
+
+    from dtl_fast.models.encoders import ResNet18Encoder
+
+    torch.manual_seed(0)
+    enc = ResNet18Encoder(3)
+    for _ in range(2):
+        enc.forward_images(torch.randn(4, 3, 32, 32) + 3)
+        enc(torch.randn(4, 3, 32, 32) - 3)
+    enc.eval()
+    own = enc.bn1.running_mean
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = enc.forward_images(images)
+    barrier, arrived = threading.Barrier(2), []
+
+    def meet(module, args):
+        arrived.append(threading.get_ident())
+        second = len(arrived) == 2
+        try:
+            barrier.wait(timeout=1.0)
+        except threading.BrokenBarrierError:
+            pass
+        if second:  # the later swapper restores last: its "own" would be the first's twins
+            time.sleep(0.3)
+
+    hook = enc.conv1.register_forward_pre_hook(meet)
+    got = [None, None]
+
+    def run(i):
+        with torch.no_grad():
+            got[i] = enc.forward_images(images)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hook.remove()
+    assert enc.bn1.running_mean is own and enc.bn1.running_mean is not enc.images_bn1_running_mean
+    for g in got:
+        torch.testing.assert_close(g, want)
 
 
 # --------------------------------------------------------------------------------------------

@@ -269,6 +269,27 @@ def test_rnn_second_order_reference_still_works(mode):
     assert gw.abs().sum() > 0
 
 
+def test_create_graph_with_only_first_order_use_still_works():
+    # create_graph=True whose gradients are only used as values (logged, a manual step, the
+    # second-order term of an unrelated leaf) must not raise: only differentiating through the
+    # fused op's backward does.
+    f, ws, x = _rnn_second_order_case("LSTM")
+    out, _ = f(x, None, ws, backend="fused")
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    ref, _ = f(x, None, ws, backend="reference")
+    (gref,) = torch.autograd.grad(ref.pow(2).sum(), [x])
+    torch.testing.assert_close(gx.detach(), gref)
+    other = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (d_other,) = torch.autograd.grad((other * 3).pow(2) + gx.sum(), [other])
+    assert d_other.item() == 36.0
+    q, k, v, s = _attn_scale_case()
+    s.requires_grad_()
+    (gs,) = torch.autograd.grad(_attn_of_scale(q, k, v)(s), [s], create_graph=True)
+    (gs_ref,) = torch.autograd.grad(
+        attn_ops.cosine_attention(q, k, v, s, backend="reference").pow(2).sum(), [s])
+    torch.testing.assert_close(gs.detach(), gs_ref)
+
+
 def test_first_order_backward_adds_no_error_node():
     # create_graph=False: the gradients are the backward formula's own tensors (no extra node)
     f, ws, x = _rnn_second_order_case("LSTM")

@@ -1054,7 +1054,11 @@ bool kernels_run_on(int device) {
     const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
     cudaFuncAttributes attr;
     const cudaError_t e = cudaFuncGetAttributes(&attr, image_probe_kernel);
-    if (e == cudaErrorInvalidDeviceFunction || e == cudaErrorNoKernelImageForDevice) {
+    // no image for this architecture, or PTX the driver cannot compile (too new for it, JIT
+    // disabled by CUDA_DISABLE_PTX_JIT, no JIT compiler)
+    if (e == cudaErrorInvalidDeviceFunction || e == cudaErrorNoKernelImageForDevice ||
+        e == cudaErrorInvalidPtx || e == cudaErrorUnsupportedPtxVersion ||
+        e == cudaErrorJitCompilerNotFound || e == cudaErrorJitCompilationDisabled) {
       (void)cudaGetLastError();  // not sticky: clear it, so no later check reports it
       k = 2;
     } else {
@@ -1076,8 +1080,8 @@ void check_kernels_run_here(const char* op) {
               dev, ", ", prop->name, ", compute capability ", prop->major, ".", prop->minor,
               "): it was built for the architectures of TORCH_CUDA_ARCH_LIST at build time "
               "(default \"8.0;9.0+PTX\"). Rebuild for it (TORCH_CUDA_ARCH_LIST=\"", prop->major,
-              ".", prop->minor, "\" pip install --no-build-isolation --force-reinstall "
-              "dtl_fast), or pass backend=\"reference\"; backend=\"auto\" runs the reference there");
+              ".", prop->minor, "\" pip install --no-build-isolation --force-reinstall . "
+              "in the source tree), or pass backend=\"reference\"; backend=\"auto\" runs the reference there");
 }
 
 // Raises the kernel's dynamic shared memory limit to `bytes` (needed above 48 KB), once per
