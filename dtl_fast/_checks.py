@@ -96,6 +96,13 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
     return lengths
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for "meta", which autocast does not know
+    (torch raises "unknown device type for autocast" there, and so does torch.autocast("meta")):
+    shape inference on the meta device runs the eager paths."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def device_capturing(t: torch.Tensor) -> bool:
     """True while `t`'s device is capturing a CUDA graph on the current stream: then a host
     read of device memory (.item(), .tolist()) is an error, and checks must be asynchronous."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dtl_fast._backend import resolve_backend
+from dtl_fast._checks import autocast_enabled
 from dtl_fast._device import to_device_cached
 from dtl_fast._triton import require_triton
 from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
@@ -316,20 +317,13 @@ def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def _autocast_on(device_type: str) -> bool:
-    """torch.is_autocast_enabled(device_type), False for meta tensors (for which it, and
-    torch.autocast, raise "unknown device type for autocast"): shape inference on the meta
-    device runs the eager paths; the fused one refuses it in require_triton."""
-    return device_type != "meta" and torch.is_autocast_enabled(device_type)
-
-
 def _autocast_inputs(q, k, v, memory_k, memory_v):
     """Under torch.autocast, all of q, k, v and the memory go to the autocast dtype (like
     scaled_dot_product_attention, which autocast runs in lower precision)."""
     if not isinstance(q, torch.Tensor):
         return q, k, v, memory_k, memory_v
     device_type = q.device.type
-    if not _autocast_on(device_type):
+    if not autocast_enabled(device_type):
         return q, k, v, memory_k, memory_v
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -603,7 +597,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
     path = _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend)
     if path != "fused":
         eager = _reference if path == "reference" else cosine_attention_composite
-        if _autocast_on(q.device.type):
+        if autocast_enabled(q.device.type):
             with torch.autocast(q.device.type, enabled=False):
                 return eager(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
         return eager(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v)
@@ -620,7 +614,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             # error (the eager paths save none). B (or B * H) integers: a negligible copy.
             key_lengths = key_lengths.clone()
     win, window_heads = _fused_window_args(window, q.device, q.shape[2], Nk)
-    if _autocast_on(q.device.type):
+    if autocast_enabled(q.device.type):
         with torch.autocast(q.device.type, enabled=False):
             scale = head_scale(logit_scale, _lse_dtype(q.dtype))
     else:  # (entering the context costs more host time than the scale itself)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
+from dtl_fast._checks import autocast_enabled
 from dtl_fast._triton import can_run_triton, require_triton
 from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
                                  transforms_in_use)
@@ -543,7 +544,7 @@ def rule_dtype(x: torch.Tensor) -> torch.dtype:
     aten/src/ATen/cudnn/AutocastRNN.cpp, rounds input, states and weights to half), so a
     bfloat16-autocast call never takes a bfloat16 fused region and returns what torch.nn
     returns; under CPU autocast the autocast dtype; float64 is never cast; else x's."""
-    if _ref.autocast_enabled(x.device.type) and x.dtype != torch.float64:
+    if autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.float16 if x.is_cuda else torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dtl_fast._checks import as_lengths_tensor, check_lengths_range
+from dtl_fast._checks import as_lengths_tensor, autocast_enabled, check_lengths_range
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 GATES = {"LSTM": 4, "GRU": 3}
@@ -21,12 +21,6 @@ GATES = {"LSTM": 4, "GRU": 3}
 # ----------------------------------------------------------------------------------------------
 # Argument checks shared by all backends
 # ----------------------------------------------------------------------------------------------
-
-def autocast_enabled(device_type: str) -> bool:
-    """torch.is_autocast_enabled(device_type), False for "meta", which autocast does not know
-    (torch raises "unknown device type for autocast" there, before any check of ours)."""
-    return device_type != "meta" and torch.is_autocast_enabled(device_type)
-
 
 def check_rnn_args(mode: str, input, weights, *, num_layers: int, bidirectional: bool,
                    dropout: float, has_bias: bool):
