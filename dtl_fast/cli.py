@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "handwritten digits (no download): DIR/{train,validation,test}/<digit>/ "
                             "with an image and a clip per sample. Deterministic for a seed.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("dir", metavar="DIR", help="where to build it")
+    q.add_argument("dir", metavar="DIR", help="where to build it (a symbolic link is followed: its "
+                   "target is checked and built in, the link kept)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--overwrite", action="store_true",
                    help="rebuild DIR when it holds an earlier demo build (with other parameters, or "

@@ -217,6 +217,28 @@ def test_data_prepare_hint_quotes_the_path(tiny_raw, tmp_path, capsys):
     assert words[:4] == ["dtl-fast", "train", "--data", str(out)], words
 
 
+def test_data_demo_through_a_symlink_and_prepare_over_a_users_prepared_json(tiny_raw, tmp_path, capsys):
+    """`data demo LINK --overwrite` rebuilds in the link's target and keeps the link; `data
+    prepare --overwrite` into a folder holding only a user's own prepared.json refuses, naming
+    the file, and keeps it."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    assert cli.main(["data", "demo", str(real), "--samples-per-class", "3"]) == 0
+    link.symlink_to(real, target_is_directory=True)
+    assert cli.main(["data", "demo", str(link), "--samples-per-class", "4", "--overwrite"]) == 0
+    assert str(link) in capsys.readouterr().out
+    assert link.is_symlink() and (real / "dtl_fast_demo.json").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "prepared.json").write_text('{"my": "notes"}')
+    assert cli.main(["data", "prepare", str(tiny_raw), str(mine), "--image-size", "8",
+                     "--max-frames", "2", "--no-progress", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtl-fast data prepare: error: refusing to write into OUT") and \
+        str(mine / "prepared.json") in err, err
+    assert (mine / "prepared.json").read_text() == '{"my": "notes"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "raw", "real"]
+
+
 def test_info_and_demo_still_parse():
     args = cli.build_parser().parse_args(["demo", "--batch", "8"])
     assert args.func is cli._cmd_demo and args.batch == 8 and args.max_len == 24

@@ -220,7 +220,10 @@ def _not_from_the_build(root: pathlib.Path, marker: dict) -> list:
     many samples per class as the marker's counts say; symlinks are never the build's. Empty
     when the tree is exactly a build, the only tree overwrite may delete."""
     counts = marker.get("counts")
-    if not isinstance(counts, dict):  # every build records its counts: a marker without is not one
+    # every build records its counts, per split and digit: a marker without them is not one
+    if not (isinstance(counts, dict) and all(
+            isinstance(counts.get(s), dict) and sorted(counts[s]) == sorted(str(c) for c in range(10))
+            and all(type(n) is int and n >= 0 for n in counts[s].values()) for s in SPLITS)):
         return [f"{MARKER} (no sample counts: not written by a build)"]
     classes = {str(c) for c in range(10)}
     found = []
@@ -249,10 +252,47 @@ def _not_from_the_build(root: pathlib.Path, marker: dict) -> list:
                                 and not f.is_symlink() for f in entry.iterdir())):
                     continue  # a clip's frame folder
                 found.append(f"{rel}/{entry.name}" + ("/" if entry.is_dir() else ""))
-            wrote = counts.get(split, {}).get(cdir.name) if isinstance(counts.get(split), dict) else None
-            if wrote is not None and samples != wrote:
+            wrote = counts[split][cdir.name]
+            if samples != wrote:
                 found.append(f"{rel}/ ({samples} samples; the build wrote {wrote})")
     return found
+
+
+def _real_root(root: pathlib.Path):
+    """(the folder to build in, how messages name the root) for a root as given. Symbolic links
+    are followed: when root is a link, its target is what the guards check and what is rebuilt
+    (in a temporary sibling of the target, so the final rename stays on the target's file
+    system), and the link itself is kept. A link that points nowhere on the way (a drive not
+    mounted?) or a loop of links is refused naming it, with nothing created; root being a link
+    to a folder not yet made is fine when the folder that would hold it exists."""
+    try:
+        real = root.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of links (Python < 3.13)
+        raise FileNotFoundError(f"demo data root {root}: cannot follow its symbolic link(s) ({exc}); "
+                                "nothing was changed") from None
+    name = f"{root} (a symbolic link to {real})" if root.is_symlink() else str(root)
+    if not real.parent.is_dir():
+        absolute = pathlib.Path(os.path.abspath(root))
+        dangling = [q for q in (absolute, *absolute.parents) if q.is_symlink() and not q.exists()]
+        if dangling:
+            raise FileNotFoundError(f"demo data root {name}: the symbolic link {dangling[-1]} points to "
+                                    f"{os.readlink(dangling[-1])}, which does not exist (a drive not "
+                                    "mounted?); nothing was changed")
+    return real, name
+
+
+def _refuse_the_working_folder(root: pathlib.Path, name: str) -> None:
+    """FileExistsError when root (resolved) is the current folder or holds it: the build renames
+    a new folder into root's place, so a shell in it would be left in a deleted folder, seeing
+    nothing (a folder cannot be renamed onto '.' either: EBUSY)."""
+    try:
+        cwd = pathlib.Path.cwd().resolve()
+    except OSError:
+        return
+    if root == cwd or root in cwd.parents:
+        raise FileExistsError(f"demo data root {name} is the current folder or holds it: the build puts "
+                              "a new folder in its place, which a shell inside it would not see. "
+                              "Nothing was changed; run the command from another folder (cd .. first)")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -270,11 +310,17 @@ def _remove_stale_builds(root: pathlib.Path) -> None:
     prefix = f".{root.name}."
     for entry in root.parent.iterdir():
         name = entry.name
-        if not (name.startswith(prefix) and entry.is_dir()):
+        if not name.startswith(prefix):
             continue
         kind, _, rest = name[len(prefix):].partition("-")
         pid = rest.split("-")[0]
-        if kind in ("building", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+        if kind not in ("building", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if entry.is_symlink():
+            # a root that was a link, renamed aside by an earlier dtl_fast: unlinking it removes
+            # the link only, never what it points to
+            entry.unlink()
+        elif entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -338,7 +384,10 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
     What may be replaced: only an earlier demo build (the marker of this generator present, next
     to nothing but train/, validation/, test/) or an empty folder. Any other non-empty root, a
     user's own data set included, is refused with FileExistsError naming what it holds, with or
-    without overwrite.
+    without overwrite. A root that is a symbolic link is followed: the same rules apply to the
+    folder it points to, which is where the set is (re)built; the link stays as it is and the
+    returned path is root as given. A link that points nowhere (a drive not mounted?) is refused
+    when the folder it would build in does not exist.
 
     overwrite=True rebuilds an earlier demo build even when its parameters are the same (a
     repair); replace_other_build=True rebuilds it only when they differ and otherwise returns at
@@ -355,28 +404,31 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
     params = {k: (float(v) if k in ("image_noise", "video_noise", "motion") else v) for k, v in params.items()}
     wanted = {"generator": GENERATOR, "version": VERSION, "parameters": params}
 
+    given = root
+    root, name = _real_root(given)  # a symlink's target is checked and rebuilt; the link stays
     marker = _read_marker(root) if root.is_dir() else None
     same = marker is not None and {k: marker.get(k) for k in wanted} == wanted
     if same and not overwrite:
-        return root
+        return given
+    _refuse_the_working_folder(root, name)
     if root.exists():
         if not root.is_dir():
-            raise FileExistsError(f"demo data root {root} exists and is not a folder")
+            raise FileExistsError(f"demo data root {name} exists and is not a folder")
         contents = sorted(p.name for p in root.iterdir())
         if contents:
             if not _is_demo_marker(marker):
                 raise FileExistsError(
-                    f"{root} is not empty and is not a demo data set built by `dtl-fast data demo` (no "
+                    f"{name} is not empty and is not a demo data set built by `dtl-fast data demo` (no "
                     f"valid {MARKER}); it holds {_describe(root, contents)}. It may be your own data set: "
                     f"nothing was changed. Choose another (new or empty) folder for the demo data")
             foreign = [n for n in contents if n not in SPLITS + (MARKER,)]
             if foreign:
-                raise FileExistsError(f"refusing to overwrite {root}: besides a demo data set it holds "
+                raise FileExistsError(f"refusing to overwrite {name}: besides a demo data set it holds "
                                       f"{_describe(root, foreign)}; remove those or choose another folder")
             inside = _not_from_the_build(root, marker) if overwrite or replace_other_build else []
             if inside:
                 shown = ", ".join(inside[:10]) + (f" and {len(inside) - 10} more" if len(inside) > 10 else "")
-                raise FileExistsError(f"refusing to overwrite {root}: its split folders hold what the "
+                raise FileExistsError(f"refusing to overwrite {name}: its split folders hold what the "
                                       f"demo build did not write: {shown}. Nothing was changed; "
                                       f"remove those or choose another folder")
             if not overwrite and not replace_other_build:
@@ -384,7 +436,7 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
                 old = old if isinstance(old, dict) else {}
                 diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
                 raise FileExistsError(
-                    f"{root} holds a demo data set built with other parameters (recorded vs asked: "
+                    f"{name} holds a demo data set built with other parameters (recorded vs asked: "
                     f"{diff}, version {marker.get('version')} vs {VERSION}); pass overwrite=True "
                     f"(--overwrite) to rebuild it, or choose another folder")
 
@@ -392,6 +444,7 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
     _remove_stale_builds(root)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = root.parent / f".{root.name}.building-{tag}"
+    old = None
     try:
         counts = {s: {str(c): 0 for c in range(10)} for s in SPLITS}
         tmp.mkdir()
@@ -408,21 +461,22 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
         with open(tmp / MARKER, "w", encoding="utf-8") as f:  # last: it says the set is complete
             json.dump({**wanted, "counts": counts}, f, indent=1, sort_keys=True)
             f.write("\n")
-        old = None
-        if root.exists():
+        if os.path.lexists(root):  # empty, or an earlier demo build (checked above)
             old = root.parent / f".{root.name}.old-{tag}"
             os.rename(root, old)
         try:
             os.rename(tmp, root)
         except OSError:
             # another process put a set in place since we looked; it is fine if it is ours
-            marker = _read_marker(root)
-            if marker is not None and {k: marker.get(k) for k in wanted} == wanted:
-                return root
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            marker = _read_marker(root) if root.is_dir() else None
+            if marker is None or {k: marker.get(k) for k in wanted} != wanted:
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        if old is not None and os.path.lexists(old):
+            if not os.path.lexists(root):
+                os.rename(old, root)  # stopped between the two renames: the earlier build goes back
+            elif old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+    return given

@@ -57,6 +57,13 @@ def class_folder_names(split_dir: str) -> list[str]:
                   and os.path.isdir(os.path.join(split_dir, n)))
 
 
+def empty_class_folders(split_dir: str, names) -> list[str]:
+    """Those of the class folders `names` of a split that hold no sample at all (no image or
+    clip file, not even a bad one; hidden files do not count): what MultiModalFolder refuses
+    as a class when it lists the classes itself (classes=None)."""
+    return [n for n in names if _scan_class_folder(os.path.join(split_dir, n), 0) == ([], [])]
+
+
 class BadSampleError(RuntimeError):
     """Samples that cannot be read. `.bad` is the list of (path, reason); the message names
     every path (the first 20, then how many more) and why. `.where` is the split folder (or

@@ -22,7 +22,8 @@ Format (version 1)::
 Every array is a standard NumPy .npy file (its header holds dtype and shape). prepared.json
 holds: "format" ("dtl_fast.prepared") and "version" (1); "image_size" and "frame_size" ([H, W]),
 "max_frames" (int or null), "channels" (1 or 3), "on_bad_sample"; "source" (the raw root, an
-absolute path); "classes" (label order: the train split's class folders); and per split in
+absolute path); "classes" (label order: the train split's class folders; without a train
+split, the class folders of every prepared split together, sorted); and per split in
 "splits": "count", "frames" (sum T_i), "class_folders" (the split's own class folders, so
 `classes=None` means what it means for a raw split), "samples" ([image, video, label] with paths
 relative to "source"), "num_frames" (each clip's frame count on disk, before subsampling),
@@ -79,6 +80,7 @@ from dtl_fast.data.folder import (
     check_decode_options,
     check_stats,
     class_folder_names,
+    empty_class_folders,
 )
 from dtl_fast.data.video import (
     ReadError,
@@ -175,6 +177,12 @@ def read_manifest(root) -> dict:
     the file is unchanged), checked for the format and version this code reads.
     FileNotFoundError when it is missing, PreparedDataError when it is not such a manifest."""
     path = os.path.abspath(os.path.join(os.fspath(root), MANIFEST))
+    # a folder holding prepared.json is taken for a prepared data set: say so when the file is
+    # not a manifest (a raw folder with a file of that name), and do not suggest --overwrite,
+    # which replaces only an output it recognises (_check_out)
+    named = (f"A folder holding {MANIFEST} is read as a prepared data set: if {root} is raw data, "
+             f"rename that file; if it is the output of `dtl-fast data prepare`, prepare the raw "
+             "data again into a new folder")
     try:
         st = os.stat(path)
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -186,11 +194,11 @@ def read_manifest(root) -> dict:
         raise FileNotFoundError(f"{root} is not a prepared data set (no {MANIFEST}); make one with "
                                 f"`dtl-fast data prepare RAW_DIR {root}`") from None
     except (OSError, ValueError) as exc:
-        raise PreparedDataError(f"{path}: unreadable or not JSON ({exc}); prepare the data set "
-                                "again with --overwrite") from exc
+        raise PreparedDataError(f"{path}: unreadable or not JSON ({exc}). {named}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PreparedDataError(f"{path}: not a dtl-fast prepared data set manifest (format "
-                                f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+                                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}). "
+                                f"{named}")
     if manifest.get("version") != VERSION:
         raise PreparedDataError(f"{path}: format version {manifest.get('version')!r}, this dtl_fast "
                                 f"reads version {VERSION}; prepare the data set again with --overwrite")
@@ -558,7 +566,7 @@ def _remove_stale(out: Path) -> None:
     for entry in out.parent.iterdir():
         kind, _, rest = entry.name[len(prefix):].partition("-") if entry.name.startswith(prefix) else ("", "", "")
         pid = rest.split("-")[0]
-        if kind in ("preparing", "old") and pid.isdigit() and entry.is_dir():
+        if kind in ("preparing", "old") and pid.isdigit() and entry.is_dir() and not entry.is_symlink():
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
@@ -568,6 +576,42 @@ def _remove_stale(out: Path) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
             except OSError:
                 pass
+
+
+def _describe(folder: Path, names: list, limit: int = 10) -> str:
+    """'train/, notes.txt and 3 more' for entries of a folder (folders with a slash)."""
+    shown = [n + ("/" if (folder / n).is_dir() else "") for n in names[:limit]]
+    return ", ".join(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _not_an_earlier_output(out: Path):
+    """None when the non-empty folder `out` is recognisably an earlier prepare's output, else
+    why not (naming OUT/prepared.json). An output is: a prepared.json that is a manifest of this
+    format (a JSON object with "format": "dtl_fast.prepared"; any version, so an output of
+    another dtl_fast can be prepared again) beside at least one split folder holding at least one
+    of the arrays prepare writes. A user's own file that happens to be called prepared.json is
+    not one, nor is a copied manifest with nothing of prepare's beside it."""
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return f"no {MANIFEST}"
+    if path.is_symlink() or not path.is_file():
+        return f"{path} is not a file written by prepare"
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        return f"{path} is not a manifest written by prepare (unreadable or not JSON: {exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict):
+            what = f"a JSON {type(manifest).__name__}"
+        else:
+            what = f'its "format" is {manifest["format"]!r}' if "format" in manifest else 'no "format" field'
+        return f'{path} is not a manifest written by prepare ({what}; prepare writes "format": "{FORMAT}")'
+    arrays = {f"{name}.npy" for name in ARRAYS}
+    if not any((out / split).is_dir() and not (out / split).is_symlink()
+               and any(p.name in arrays for p in (out / split).iterdir()) for split in SPLITS):
+        return f"{path} is there, but no split folder with the arrays prepare writes is beside it"
+    return None
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
@@ -583,36 +627,66 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise FileExistsError(f"OUT {out} exists and is not a folder")
-    if not any(out.iterdir()):
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        cwd = None
+    if cwd is not None and (out == cwd or out in cwd.parents):
+        # prepare renames a new folder into OUT's place: a shell inside it would be left in a
+        # deleted folder (and '.' itself cannot be renamed onto: EBUSY)
+        raise FileExistsError(f"OUT {out} is the current folder or holds it: prepare puts a new folder "
+                              "in its place, which a shell inside it would not see. Nothing was "
+                              "changed; run the command from another folder (cd .. first)")
+    contents = sorted(p.name for p in out.iterdir())
+    if not contents:
         return
-    if not is_prepared(out):
+    why = _not_an_earlier_output(out)
+    if why is not None:
         raise FileExistsError(f"refusing to write into OUT {out}: it is not empty and is not the output "
-                              "of an earlier `dtl-fast data prepare` (no prepared.json); choose another "
-                              "folder or remove it")
+                              f"of an earlier `dtl-fast data prepare` ({why}); it holds "
+                              f"{_describe(out, contents)}. Nothing was changed; choose another folder")
     if not overwrite:
         raise FileExistsError(f"OUT {out} already holds a prepared data set; pass overwrite=True "
                               "(--overwrite) to prepare it again, or choose another folder")
-    splits = _manifest_splits(out)
-    foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != MANIFEST and not (p.is_dir() and p.name in splits))
-    # inside the split folders too: replacing OUT deletes everything under it
+    # replacing OUT deletes everything under it: only what a prepare writes may be there
     written = {f"{name}.npy" for name in ARRAYS}
-    for split in sorted(set(splits) - set(foreign)):
-        if (out / split).is_dir():
-            foreign += sorted(f"{split}/{p.name}" + ("/" if p.is_dir() else "")
-                              for p in (out / split).iterdir()
-                              if p.name not in written or not p.is_file())
+    foreign = []
+    for name in contents:
+        entry = out / name
+        if name == MANIFEST:
+            continue
+        if name not in SPLITS or entry.is_symlink() or not entry.is_dir():
+            foreign.append(name + ("/" if entry.is_dir() else ""))
+            continue
+        foreign += sorted(f"{name}/{p.name}" + ("/" if p.is_dir() else "") for p in entry.iterdir()
+                          if p.name not in written or p.is_symlink() or not p.is_file())
     if foreign:
         more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
         raise FileExistsError(f"refusing to overwrite OUT {out}: besides a prepared data set it holds "
-                              f"{foreign[:10]}{more}; remove those or choose another folder")
+                              f"{', '.join(foreign[:10])}{more}. Nothing was changed; remove those or "
+                              "choose another folder")
 
 
-def _manifest_splits(out: Path) -> list:
-    try:
-        return list(read_manifest(out)["splits"])
-    except (OSError, ValueError):
-        return []
+def _classes_without_train(source: Path, splits: list):
+    """The class list of a raw set with no train split: every split's class folders together,
+    sorted (what one split's own listing is), so a class whose folder one split lacks or holds
+    empty is still a class. A class with no sample in any split (its folders all empty) is a
+    ValueError naming them, as an empty class folder of train is. None when no split has a class
+    folder (MultiModalFolder then names the split)."""
+    folders = {s: class_folder_names(os.path.join(source, s)) for s in splits}
+    classes = sorted({c for names in folders.values() for c in names})
+    empty = {s: set(empty_class_folders(os.path.join(source, s), names)) for s, names in folders.items()}
+    unused = [c for c in classes if all(c in empty[s] for s in splits if c in folders[s])]
+    if unused:
+        paths = [os.path.join(source, s, c) for c in unused for s in splits if c in folders[s]]
+        shown = ", ".join(paths[:20]) + (f" and {len(paths) - 20} more" if len(paths) > 20 else "")
+        raise ValueError(
+            f"no samples in the class folder{'s' if len(paths) > 1 else ''} {shown}: {source} has no "
+            f"train/ split, so its classes are the class folders of {' and '.join(s + '/' for s in splits)} "
+            f"together, and {'these classes have' if len(unused) > 1 else f'class {unused[0]!r} has'} no "
+            f"sample in any of them; remove {'these folders' if len(paths) > 1 else 'it'} (or add samples: "
+            "<sample>.png with <sample>.mp4, another video file or a folder <sample>/ of frames beside it)")
+    return classes or None
 
 
 def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, channels: int = 3,
@@ -622,10 +696,18 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     resolution and frame budget, into the prepared format (module docstring) under `out`.
 
     Args:
-        source: raw root with train/, validation/, test/ (those present are prepared; the
-            others use train's class list, as training does).
-        out: where to write; must not exist, be empty, or (with overwrite=True) hold an earlier
-            prepare's output. FileExistsError naming it otherwise.
+        source: raw root with train/, validation/, test/ (those present are prepared). With
+            train/, its class folders are the classes and label the other splits, as in
+            training: an empty class folder of train is a ValueError naming it, one of another
+            split is a class with no sample there. Without train/ (a set to evaluate on), the
+            classes are the class folders of the present splits together (sorted): a class may
+            lack a folder, or have an empty one, in one split; a class with no sample in any
+            split is a ValueError naming its folders.
+        out: where to write; must not exist, be empty, or (with overwrite=True) be an earlier
+            prepare's output: a manifest of this format (any version) beside split folders
+            holding the arrays prepare writes, and nothing else. Anything else is refused with
+            FileExistsError naming it (a user's own file called prepared.json included), with
+            or without overwrite. A symlink OUT is followed: its target is checked and replaced.
         image_size, frame_size, max_frames, channels, on_bad_sample: as for MultiModalFolder
             (its check lists the samples, so the same samples in the same order are prepared).
         workers: decoding processes (0: decode in this process); also the check's workers when
@@ -646,7 +728,12 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     if not source_p.is_dir():
         raise FileNotFoundError(f"data root {source_p} does not exist or is not a folder")
     if is_prepared(source_p):
-        raise ValueError(f"{source_p} is already a prepared data set; give the raw data folder")
+        why = _not_an_earlier_output(source_p)
+        if why is None:
+            raise ValueError(f"{source_p} is already a prepared data set; give the raw data folder")
+        raise ValueError(f"{source_p} holds {MANIFEST} but is not a prepared data set ({why}). A folder "
+                         f"holding {MANIFEST} is read as a prepared data set (by `dtl-fast train --data` "
+                         "too): rename that file in the raw data folder")
     _check_out(out, source_p, overwrite)
     splits = [s for s in SPLITS if (source_p / s).is_dir()]
     if not splits:
@@ -657,7 +744,8 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     extra = {k: v for k, v in (("workers", workers), ("progress", progress)) if k in accepted}
     opts = dict(image_size=image_size, frame_size=frame_size, max_frames=max_frames,
                 channels=channels, on_bad_sample=on_bad_sample, **extra)
-    datasets, classes = {}, None
+    classes = None if "train" in splits else _classes_without_train(source_p, splits)
+    datasets = {}
     for split in splits:  # the check first, for every split: a bad file fails before any decoding
         ds = MultiModalFolder(source_p, split, classes=classes, **opts)
         if classes is None:  # train's classes label every split, as in training
