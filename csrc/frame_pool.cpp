@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -57,6 +58,13 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// A dtype as Python spells it ("torch.int64", not ATen's "Long"), so that these messages read
+// exactly as the fake kernels' (dtl_fast/ops/frame_pool.py), which print torch.dtype.
+std::string torch_dtype(at::ScalarType t) {
+  const auto names = c10::getDtypeNames(t);
+  return "torch." + std::string(names.first.data(), names.first.size());
+}
+
 // Range check of lengths that live on the CPU (read in place, no device involved).
 void check_length_values(const at::Tensor& len64, int64_t T) {
   if (len64.numel() == 0) return;
@@ -73,7 +81,7 @@ at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t
   const at::Tensor& len = *lengths;
   TORCH_CHECK_VALUE(at::isIntegralType(len.scalar_type(), /*includeBool=*/false),
                     "frame_pool: lengths must be an integer tensor, got dtype ",
-                    len.scalar_type());
+                    torch_dtype(len.scalar_type()));
   TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == B,
                     "frame_pool: lengths must have shape [B] = [", B, "], got ", len.sizes());
   TORCH_CHECK_VALUE(len.is_cpu() || len.device() == device,
@@ -106,7 +114,8 @@ void check_x(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 3, "frame_pool: ", name,
                     " must be a 3-D tensor [B, T, D], got shape ", x.sizes());
   TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), "frame_pool: ", name,
-                    " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+                    " must be float32, float64, float16 or bfloat16, got ",
+                    torch_dtype(x.scalar_type()));
 }
 
 }  // namespace
@@ -129,9 +138,10 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
                                    const at::Tensor& argmax, int64_t T, PoolMode mode) {
   TORCH_CHECK_VALUE(grad_out.dim() == 2, "frame_pool_backward: grad_out must be [B, D], got ",
                     grad_out.sizes());
+  // Worded as the fake kernel words it (one message, whichever kernel meets the call).
   TORCH_CHECK_VALUE(is_supported_float(grad_out.scalar_type()),
-                    "frame_pool_backward: grad_out must be a float tensor, got ",
-                    grad_out.scalar_type());
+                    "frame_pool_backward: grad_out must be float32, float64, float16 or "
+                    "bfloat16, got ", torch_dtype(grad_out.scalar_type()));
   TORCH_CHECK_VALUE(T >= 0 && T <= kMaxT,
                     "frame_pool_backward: T must lie in [0, 2^31 - 4097], got ", T);
   TORCH_CHECK_VALUE(mode != PoolMode::MeanMax || grad_out.size(1) % 2 == 0,
@@ -563,6 +573,17 @@ size_t grad_cache_cap() {
   return s.bytes;
 }
 
+// Where each CPU gradient came from (cpu_grad_origins): this thread's latest, and counts per
+// process. One relaxed increment per allocation of grad_x, next to an mmap or a malloc.
+enum class GradOrigin : int { None = 0, Torch = 1, Mapped = 2, Cache = 3 };
+thread_local GradOrigin t_last_origin = GradOrigin::None;
+std::atomic<uint64_t> g_origin_counts[4];
+
+void note_origin(GradOrigin o) noexcept {
+  t_last_origin = o;
+  g_origin_counts[static_cast<int>(o)].fetch_add(1, std::memory_order_relaxed);
+}
+
 #if defined(__linux__)
 #define DTL_FAST_HAVE_ZERO_PAGES 1
 
@@ -753,6 +774,7 @@ struct GradPagesAllocator final : c10::Allocator {
       block = map_block(n);
       block->cacheable = to_cache;
     }
+    note_origin(block->fresh ? GradOrigin::Mapped : GradOrigin::Cache);
     // The reporter gets the block's size (rounded up to 2 MiB): what the mapping holds.
     c10::profiledCPUMemoryReporter().New(block->ptr, block->bytes);
     return {block->ptr, block, &free_grad_block, cpu};
@@ -811,6 +833,7 @@ at::Tensor new_grad_x(const at::Tensor& g, int64_t T, int64_t D, bool& zeroed) {
 #endif
   }
   at::Tensor gx = at::empty({B, T, D}, g.options());
+  note_origin(GradOrigin::Torch);
   if (gx.numel() > 0) advise_huge_pages(gx);
   return gx;
 }
@@ -1128,6 +1151,16 @@ CpuGradCacheStats cpu_grad_cache_stats() {
   st.blocks = cached.second;
 #endif
   return st;
+}
+
+CpuGradOrigins cpu_grad_origins() {
+  CpuGradOrigins o;
+  static constexpr const char* kNames[] = {"none", "torch", "mapped", "cache"};
+  o.last = kNames[static_cast<int>(t_last_origin)];
+  o.torch = g_origin_counts[static_cast<int>(GradOrigin::Torch)].load(std::memory_order_relaxed);
+  o.mapped = g_origin_counts[static_cast<int>(GradOrigin::Mapped)].load(std::memory_order_relaxed);
+  o.cache = g_origin_counts[static_cast<int>(GradOrigin::Cache)].load(std::memory_order_relaxed);
+  return o;
 }
 
 size_t cpu_grad_cache_empty() {

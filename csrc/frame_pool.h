@@ -20,12 +20,15 @@
 // Lengths on the CPU are range-checked on the host. Lengths on a GPU are never read by the
 // host (no synchronisation): the CUDA kernels clamp each length into [0, T] and record a bad
 // one in a flag that dtl_fast.check_errors() (or a later CUDA call that finds it set) raises.
+// Every call with lengths on a GPU checks them so, whatever its shape: one that has nothing to
+// pool or write (D = 0, or the backward with T = 0) launches the length check alone.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
+#include <cstdint>
 #include <tuple>
 
 namespace dtl_fast {
@@ -75,6 +78,20 @@ struct CpuGradCacheStats {
 CpuGradCacheStats cpu_grad_cache_stats();
 // Hands every cached block back to the system; returns the bytes released.
 size_t cpu_grad_cache_empty();
+
+// Where CPU gradients came from (internal: what the tests ask instead of guessing from a data
+// pointer's alignment, which torch's own allocator can share, e.g. page-aligned blocks under
+// THP_MEM_ALLOC_ENABLE=1). `last` is this thread's latest gradient allocation: "torch" (torch's
+// CPU allocator), "mapped" (a fresh mapping of the op's own: zero pages), "cache" (a warm block
+// of the op's cache), or "none" before any; the op's allocator also serves a resize_ of a
+// gradient it made. The counts are per process, since it started.
+struct CpuGradOrigins {
+  const char* last = "none";
+  uint64_t torch = 0;
+  uint64_t mapped = 0;
+  uint64_t cache = 0;
+};
+CpuGradOrigins cpu_grad_origins();
 
 // Which gradients the CPU backward writes with non-temporal stores: rows it stores one by one
 // (max, meanmax) from min_bytes, rows it writes in bulk with memcpy / memset (mean and sum

@@ -62,6 +62,13 @@ PyObject* cpu_nt_store_rule(PyObject*, PyObject*) {
   });
 }
 
+PyObject* cpu_grad_origins(PyObject*, PyObject*) {
+  const dtl_fast::CpuGradOrigins o = dtl_fast::cpu_grad_origins();
+  return Py_BuildValue("(sKKK)", o.last, static_cast<unsigned long long>(o.torch),
+                       static_cast<unsigned long long>(o.mapped),
+                       static_cast<unsigned long long>(o.cache));
+}
+
 PyObject* cpu_grad_cache_empty(PyObject*, PyObject*) {
   return translate([&]() -> PyObject* {
     return PyLong_FromUnsignedLongLong(dtl_fast::cpu_grad_cache_empty());
@@ -173,6 +180,11 @@ PyMethodDef dtl_fast_c_methods[] = {
      "SSE2."},
     {"cpu_grad_cache_empty", cpu_grad_cache_empty, METH_NOARGS,
      "cpu_grad_cache_empty() -> bytes handed back to the system (every cached block)."},
+    {"_cpu_grad_origins", cpu_grad_origins, METH_NOARGS,
+     "_cpu_grad_origins() -> (last, torch, mapped, cache), internal: where this thread's "
+     "latest CPU gradient of frame_pool's backward came from ('torch': torch's CPU allocator, "
+     "'mapped': a fresh mapping of the op's own, 'cache': a warm block of its cache, 'none' "
+     "before any), and how many came from each since the process started."},
     {"check_errors", check_errors, METH_VARARGS,
      "check_errors(sync=True): raise ValueError if a CUDA pooling kernel saw a length outside "
      "[0, T] since the last check (and clear the record); sync waits for the GPU first."},

@@ -108,6 +108,19 @@ def cpu_grad_cache_info() -> dict:
     return {"cached_bytes": int(cached), "blocks": int(blocks), "cap_bytes": int(cap)}
 
 
+def _cpu_grad_origins() -> dict | None:
+    """Internal (tests, diagnosis): where frame_pool's CPU backward took its gradients from.
+    {"last": this thread's latest one, "torch" | "mapped" | "cache" | "none", and per process
+    since it started the counts "torch" (torch's CPU allocator), "mapped" (a fresh mapping of
+    the op's own, its pages zero) and "cache" (a warm block of the op's cache, see
+    empty_cpu_grad_cache)}. A resize_ of a gradient the op's allocator made counts too. None
+    without the compiled extension (or one built before it had this record)."""
+    if _C is None or not hasattr(_C, "_cpu_grad_origins"):
+        return None
+    last, torch_n, mapped, cache = _C._cpu_grad_origins()
+    return {"last": last, "torch": int(torch_n), "mapped": int(mapped), "cache": int(cache)}
+
+
 def cpu_nt_store_rule() -> dict | None:
     """Which gradients frame_pool's CPU backward writes with non-temporal stores (past the
     caches, straight to memory); a smaller one is written into the cache, where the next

@@ -79,7 +79,8 @@ def test_every_target_architecture_is_built():
     assert _expected_archs() <= set(usage), f"built: {sorted(usage)}"
     for arch, kernels in usage.items():
         names = " ".join(kernels)
-        for part in ("frame_pool_fwd", "frame_pool_bwd", "combine"):
+        # frame_pool_lengths: the length check alone, for the calls with nothing to pool
+        for part in ("frame_pool_fwd", "frame_pool_bwd", "combine", "frame_pool_lengths"):
             assert part in names, f"{arch}: no kernel named like {part!r} in {sorted(kernels)[:3]}..."
         # every kind (mean/sum, max, meanmax) has its forward and backward kernels
         kinds_fwd = {m.group(3) for n in kernels if (m := _FWD.search(n))}

@@ -439,12 +439,47 @@ def test_registered_ops_check_the_frame_count():
     # and the backward's own grad_out checks (the fake kernel's are tested below)
     with pytest.raises(ValueError, match="frame_pool_backward: grad_out must be"):
         torch.ops.dtl_fast.frame_pool_backward(torch.ones(3, 5, 1), None, no_argmax, 4, "mean")
-    with pytest.raises(ValueError, match="frame_pool_backward: grad_out must be a float tensor"):
+    with pytest.raises(ValueError, match="frame_pool_backward: grad_out must be float32, "
+                                         "float64, float16 or bfloat16, got torch.int64"):
         torch.ops.dtl_fast.frame_pool_backward(torch.ones(3, 5, dtype=torch.int64), None,
                                                no_argmax, 4, "mean")
     with pytest.raises(ValueError, match=r"\[B, 2D\]"):
         torch.ops.dtl_fast.frame_pool_backward(torch.ones(3, 5), None,
                                                torch.zeros(3, 2, dtype=torch.int32), 4, "meanmax")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64],
+                         ids=str)
+def test_dtype_errors_read_the_same_from_kernel_and_fake_kernel(dtype):
+    # The C++ kernel (CPU here; the CUDA kernel runs the same check) and the fake kernel
+    # (meta / fake tensors: torch.compile, export) word a dtype error identically, naming the
+    # argument, the dtypes it takes and the one it got as Python spells it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def message(call):
+        with pytest.raises(ValueError) as err:
+            call()
+        return str(err.value)
+
+    def grad_out_call(device):
+        g = torch.ones(3, 5, device=device).to(dtype)
+        am = torch.empty(0, dtype=torch.int32, device=device)
+        return lambda: torch.ops.dtl_fast.frame_pool_backward(g, None, am, 4, "mean")
+
+    def x_call(device):
+        x = torch.ones(3, 4, 5, device=device).to(dtype)
+        return lambda: torch.ops.dtl_fast.frame_pool(x, None, "mean")
+
+    name = str(dtype)
+    for call, want in (
+            (grad_out_call, "frame_pool_backward: grad_out must be float32, float64, float16 or "
+                            f"bfloat16, got {name}"),
+            (x_call, f"frame_pool: x must be float32, float64, float16 or bfloat16, got {name}")):
+        kernel = message(call("cpu"))
+        fake = message(call("meta"))
+        with FakeTensorMode():
+            fake_tensor = message(call("cpu"))
+        assert kernel == fake == fake_tensor == want, (kernel, fake, fake_tensor)
 
 
 @pytest.mark.parametrize("case", FAKE_BAD_INPUTS, ids=[c[0] for c in FAKE_BAD_INPUTS])
@@ -613,35 +648,67 @@ def test_cuda_graph_capture_with_device_lengths(mode):
     assert not torch.equal(out, expected)
 
 
-def test_cpu_baseline_path_matches_reference():
-    # The C++ forward has an AVX2 path (taken on CPUs that have it) and a baseline x86-64
-    # path; the rest of this file exercises the first, this runs the second in a subprocess.
-    import json
-    import os
-    import subprocess
-    import sys
+# Shapes that take the CPU forward's different paths: several 1024-feature chunks with a
+# partial last one (D > 1024), one whole chunk, D not a multiple of any vector width (odd), D = 1,
+# T = 1, T with frames left after the groups of four; lengths with an empty clip, a full one
+# and one of a single frame where B allows. Each in a contiguous and a time-major layout (x
+# read in place through its strides).
+BASELINE_SHAPES = [(5, 13, 37), (3, 9, 2053), (2, 6, 1024), (4, 1, 7), (3, 6, 1)]
+BASELINE_LAYOUTS = ("contiguous", "time-major")
 
-    code = """
-import json, torch, dtl_fast
-torch.manual_seed(0)
-worst = {}
-for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-    for mode in ("mean", "max", "sum", "meanmax"):
-        x = torch.randn(5, 13, 37).to(dtype)
-        lengths = torch.tensor([13, 0, 5, 1, 9])
-        out = dtl_fast.ops.frame_pool(x, lengths, mode, backend="fused").double()
-        ref = dtl_fast.reference.frame_pool(x.double(), lengths, mode)
-        err = ((out - ref).norm() / ref.norm()).item()
-        worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
-print(json.dumps({"isa": dtl_fast._extension._C.cpu_isa(), **worst}))
-"""
-    env = {**os.environ, "DTL_FAST_DISABLE_AVX2": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr
-    worst = json.loads(res.stdout)
-    assert worst.pop("isa") == "baseline"
+
+def baseline_case(shape, dtype, layout):
+    B, T, D = shape
+    gen = torch.Generator().manual_seed(B * 10007 + T * 101 + D)
+    if layout == "time-major":
+        x = torch.randn(T, B, D, generator=gen).to(dtype).transpose(0, 1)
+    else:
+        x = torch.randn(B, T, D, generator=gen).to(dtype)
+    lengths = torch.tensor([T, 0, 1, T - 2, 3][:B]).clamp(0, T)
+    return x, lengths
+
+
+@pytest.fixture(scope="module")
+def baseline_isa_results(tmp_path_factory):
+    """{case: (out, argmax)} of the C++ forward on the baseline path (DTL_FAST_DISABLE_AVX2=1,
+    in a child process: the choice is made once per process), "isa": what the child ran."""
+    body = """
+from test_frame_pool import BASELINE_LAYOUTS, BASELINE_SHAPES, DTYPES, MODES, baseline_case
+res = {"isa": dtl_fast._extension._C.cpu_isa()}
+for shape in BASELINE_SHAPES:
     for dtype in DTYPES:
-        assert worst[str(dtype)] < REL_TOL[dtype], (dtype, worst)
+        for layout in BASELINE_LAYOUTS:
+            x, lengths = baseline_case(shape, dtype, layout)
+            for mode in MODES:
+                res[(shape, str(dtype), layout, mode)] = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+torch.save(res, saved)
+"""
+    return run_child(tmp_path_factory.mktemp("baseline"), body, {"DTL_FAST_DISABLE_AVX2": "1"})
+
+
+@pytest.mark.parametrize("shape", BASELINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_baseline_path_matches_reference(shape, baseline_isa_results):
+    # The C++ forward has an AVX2 path (taken on CPUs that have it) and a baseline x86-64
+    # path; the rest of this file exercises the first, this the second. Both match the float64
+    # reference, and each other bit for bit: every feature is its own lane, added in the same
+    # order and divided once, whatever the vector width.
+    assert baseline_isa_results["isa"] == "baseline"
+    for dtype in DTYPES:
+        for layout in BASELINE_LAYOUTS:
+            x, lengths = baseline_case(shape, dtype, layout)
+            for mode in MODES:
+                what = f"{tuple(shape)} {dtype} {layout} {mode}"
+                out, argmax = baseline_isa_results[(shape, str(dtype), layout, mode)]
+                ref = reference.frame_pool(x.double(), lengths, mode)
+                assert_rel_close(what, out, ref, REL_TOL[dtype])
+                here, here_argmax = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                assert torch.equal(out, here), f"{what}: the baseline path differs from this one"
+                assert torch.equal(argmax, here_argmax), f"{what}: argmax differs"
+                if mode in ("max", "meanmax"):
+                    empty = lengths == 0
+                    assert bool((argmax[empty] == -1).all()), what
+                    assert bool((argmax[~empty] >= 0).all()), what
+                    assert bool((argmax[~empty] < lengths[~empty, None]).all()), what
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -1127,6 +1194,100 @@ def test_gpu_lengths_are_checked_on_the_gpu(mode):
     dtl_fast.check_errors()  # cleared by the backward that raised it
 
 
+# (T, D) of the calls that have nothing to pool or to write, beside an ordinary one.
+DEGENERATE_TD = [(4, 5), (0, 5), (4, 0), (0, 0)]
+
+
+def no_argmax_or(mode, B, D, device="cpu"):
+    if mode in ("max", "meanmax"):
+        return torch.full((B, D), -1, dtype=torch.int32, device=device)
+    return torch.empty(0, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("td", DEGENERATE_TD, ids=lambda td: f"T{td[0]}-D{td[1]}")
+def test_lengths_are_checked_whatever_t_and_d(td, mode):
+    # A call with T = 0 or D = 0 checks its lengths as any other does, forward and backward:
+    # the C++ kernel their values (CPU lengths: at the call), the fake kernel (no values: meta
+    # and fake CUDA tensors) their dtype, shape and device. The CUDA kernels' record of bad GPU
+    # lengths is the gpu test below.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, D = td
+    B = 3
+    fwd, bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
+    x = torch.randn(B, T, D)
+    g = torch.ones(B, width(D, mode))
+    am = no_argmax_or(mode, B, D)
+    for bad in (torch.tensor([T + 1, 0, 0]), torch.tensor([-1, 0, 0])):
+        with pytest.raises(ValueError, match=r"lengths\[b\] must lie in \[0, T\]"):
+            fwd(x, bad, mode)
+        with pytest.raises(ValueError, match=r"lengths\[b\] must lie in \[0, T\]"):
+            bwd(g, bad, am, T, mode)
+    good = torch.tensor([T, 0, T])
+    assert fwd(x, good, mode)[0].shape == (B, width(D, mode))
+    assert bwd(g, good, am, T, mode).shape == (B, T, D)
+
+    def fake_checks(device, other_device=None):
+        xf = torch.randn(B, T, D, device=device)
+        gf = torch.ones(B, width(D, mode), device=device)
+        amf = no_argmax_or(mode, B, D, device)
+        cases = [(torch.tensor([1.0, 0.0, 0.0], device=device), "integer tensor"),
+                 (torch.tensor([0, 0], device=device), r"shape \[B\]")]
+        if other_device is not None:
+            cases.append((torch.zeros(B, dtype=torch.int64, device=other_device),
+                          "on the CPU or on"))
+        for lengths, what in cases:
+            with pytest.raises(ValueError, match=what):
+                fwd(xf, lengths, mode)
+            with pytest.raises(ValueError, match=what):
+                bwd(gf, lengths, amf, T, mode)
+        for lengths in (torch.tensor([T, 0, T]), torch.tensor([T, 0, T], device=device)):
+            assert fwd(xf, lengths, mode)[0].shape == (B, width(D, mode))
+            assert bwd(gf, lengths, amf, T, mode).shape == (B, T, D)
+
+    fake_checks("meta")
+    with FakeTensorMode():  # fake CUDA tensors, no GPU needed
+        fake_checks("cuda:0", "cuda:1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("td", DEGENERATE_TD, ids=lambda td: f"T{td[0]}-D{td[1]}")
+def test_gpu_lengths_are_checked_on_the_gpu_whatever_t_and_d(td, mode):
+    # Calls that have nothing to pool or write (D = 0; the backward with T = 0) record a bad GPU
+    # length as the others do (a length check launched alone), with no host synchronisation,
+    # and record nothing for good lengths.
+    T, D = td
+    B = 3
+    fwd, bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
+    x = torch.randn(B, T, D, device="cuda")
+    g = torch.ones(B, width(D, mode), device="cuda")
+    am = no_argmax_or(mode, B, D, "cuda")
+    dtl_fast.check_errors()
+    for call in (lambda lengths: fwd(x, lengths, mode),
+                 lambda lengths: bwd(g, lengths, am, T, mode)):
+        for bad in ([T + 1, 0, 0], [0, -1, 0]):
+            lengths = torch.tensor(bad, device="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                call(lengths)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            with pytest.raises(ValueError, match="lengths"):
+                dtl_fast.check_errors()
+        call(torch.tensor([T, 0, T], device="cuda"))
+        dtl_fast.check_errors()  # nothing recorded
+    # through autograd: the forward's record is raised by its own backward, as for any shape
+    xg = x.detach().requires_grad_()
+    out = ops.frame_pool(xg, torch.tensor([T + 1, 0, 0], device="cuda"), mode, backend="fused")
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="lengths"):
+        out.backward(torch.ones_like(out))
+    dtl_fast.check_errors()
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_run_on_this_gpu():
     # The build's architectures (default 8.0;9.0+PTX) cover the lent H100 / H200: `auto` runs
@@ -1434,11 +1595,19 @@ def test_functionalize_keeps_the_registered_op(backend):
 # (csrc/frame_pool.cpp, GradPagesAllocator)
 ZERO_PAGES_MIN_BYTES = 32 << 20  # kZeroPagesMinBytes
 CACHE_MIN_BYTES = 4 << 20  # kGradCacheMinBytes
-HUGE_PAGE = 2 << 20
 
 
 def zero_pages_on():
     return dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+
+
+def grad_origin():
+    """Where this thread's latest CPU gradient came from, as the op records it
+    (csrc/frame_pool.cpp, cpu_grad_origins): "torch" (torch's CPU allocator), "mapped" (a
+    fresh mapping of the op's own: zero pages) or "cache" (a warm block of its cache). A data
+    pointer's 2 MiB alignment is no such signal: torch's allocator can hand out aligned blocks
+    too (it page-aligns its blocks under THP_MEM_ALLOC_ENABLE=1, so one in 512 lands on 2 MiB)."""
+    return dtl_fast._extension._cpu_grad_origins()["last"]
 
 
 needs_zero_pages = pytest.mark.skipif(
@@ -1529,10 +1698,14 @@ def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype, less):
     g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(5)).to(dtype)
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
-    # the op's own 2 MiB-aligned mapping at 32 MiB; below, a block of the op's cache (also
-    # aligned) or, with the cache off, glibc's (a chunk header before the data: never aligned)
-    below_on_own = dtl_fast._extension._C.cpu_grad_from_cache(gx.nbytes)
-    assert (gx.data_ptr() % HUGE_PAGE == 0) == (less == 0 or below_on_own)
+    # the op's own fresh mapping at 32 MiB; below, a block of the op's cache (a fresh one, or
+    # one an earlier call left there) or, with the cache off, torch's allocator
+    if less == 0:
+        assert grad_origin() == "mapped"
+    elif dtl_fast._extension._C.cpu_grad_from_cache(gx.nbytes):
+        assert grad_origin() in ("mapped", "cache")
+    else:
+        assert grad_origin() == "torch"
     assert_big_grad("zero-page grad", gx, x, lengths, g, mode)
 
 
@@ -1573,7 +1746,7 @@ def test_zero_page_gradient_is_a_regular_tensor_and_is_freed():
         return rss_bytes(page)
 
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), None, am, T, "mean")
-    assert gx.data_ptr() % HUGE_PAGE == 0
+    assert grad_origin() == "mapped"
     assert torch.equal(gx, torch.full_like(gx, 1.0 / T))
     before = rss()
     del gx  # every page was written (no padding): freeing it must hand them back at once
@@ -1582,8 +1755,10 @@ def test_zero_page_gradient_is_a_regular_tensor_and_is_freed():
     c = gx.clone()
     gx.add_(1.0)  # in place (what gradient accumulation does)
     assert torch.equal(gx, c + 1.0)
-    gx.resize_(B + 1, T, D)  # grows through the same allocator (a new aligned mapping)
-    assert gx.data_ptr() % HUGE_PAGE == 0
+    mapped = dtl_fast._extension._cpu_grad_origins()["mapped"]
+    gx.resize_(B + 1, T, D)  # grows through the same allocator (a new mapping of its own)
+    assert grad_origin() == "mapped"
+    assert dtl_fast._extension._cpu_grad_origins()["mapped"] == mapped + 1
     assert torch.equal(gx[:B], c + 1.0)
     assert gx.numpy().shape == (B + 1, T, D)
 
@@ -1612,11 +1787,12 @@ def test_zero_page_gradient_is_seen_by_the_memory_profiler():
     assert usage["free_old"] == 0
 
 
-def case_grads(nbytes=ZERO_PAGES_MIN_BYTES, reuse=False):
+def case_grads(nbytes=ZERO_PAGES_MIN_BYTES, reuse=False, origins=None):
     """{mode: grad_x} of big_case(nbytes) for mean, max and meanmax; with reuse, {mode: (the
     first grad_x, the next one)}, the first overwritten with -1 and freed in between, so that
-    the second lands on a reused block where one is cached. The switch tests run this in a
-    child process and in their own."""
+    the second lands on a reused block where one is cached. A list `origins` gets the
+    grad_origin() of each gradient in turn. The switch tests run this in a child process and
+    in their own."""
     x, lengths = big_case(torch.float32, nbytes=nbytes)
     T = x.shape[1]
     out = {}
@@ -1624,6 +1800,8 @@ def case_grads(nbytes=ZERO_PAGES_MIN_BYTES, reuse=False):
         _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
         g = torch.randn(8, width(x.shape[2], mode), generator=torch.Generator().manual_seed(1))
         first = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+        if origins is not None:
+            origins.append(grad_origin())
         if not reuse:
             out[mode] = first
             continue
@@ -1631,6 +1809,8 @@ def case_grads(nbytes=ZERO_PAGES_MIN_BYTES, reuse=False):
         first.fill_(-1.0)
         del first
         out[mode] = (keep, torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode))
+        if origins is not None:
+            origins.append(grad_origin())
     return out
 
 
@@ -1675,11 +1855,14 @@ def test_zero_pages_can_be_turned_off(tmp_path):
     off = run_child(tmp_path, """
 from test_frame_pool import ZERO_PAGES_MIN_BYTES, case_grads
 assert not dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
-torch.save(case_grads(), saved)
+origins = []
+torch.save(case_grads(origins=origins), saved)
+assert origins == ["torch"] * 3, origins
 """, {"DTL_FAST_DISABLE_ZERO_PAGES": "1"})
-    for mode, gx in case_grads().items():
-        assert gx.data_ptr() % HUGE_PAGE == 0
+    origins = []
+    for mode, gx in case_grads(origins=origins).items():
         assert torch.equal(gx, off[mode]), mode
+    assert origins == ["mapped"] * 3, origins
 
 
 # --- the cache of warm gradient blocks (4 MiB up to 32 MiB) ---------------------------------------
@@ -1712,13 +1895,14 @@ def test_cached_gradient_block_is_reused_and_fully_rewritten(mode, dtype):
     gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
     dtl_fast.empty_cpu_grad_cache()
     fresh = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
-    assert fresh.data_ptr() % HUGE_PAGE == 0  # the op's own block
+    assert grad_origin() == "mapped"  # the op's own block, freshly mapped
     assert_big_grad("fresh block", fresh, x, lengths, g, mode)
     ptr = fresh.data_ptr()
     fresh.fill_(float("nan"))  # what the user did with it
     del fresh
     assert dtl_fast._extension._C.cpu_grad_cache_info()[:2] == (CACHE_CASE_BYTES, 1)
     reused = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    assert grad_origin() == "cache"
     assert reused.data_ptr() == ptr  # the same block, back from the cache
     assert dtl_fast._extension._C.cpu_grad_cache_info()[:2] == (0, 0)
     assert not torch.isnan(reused).any()
@@ -1795,7 +1979,7 @@ def test_grad_cache_keeps_a_gradient_just_below_32mib():
     del gx
     assert c.cpu_grad_cache_info()[:2] == (ZERO_PAGES_MIN_BYTES, 1)
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
-    assert gx.data_ptr() == ptr
+    assert gx.data_ptr() == ptr and grad_origin() == "cache"
     del gx
     assert dtl_fast.empty_cpu_grad_cache() == ZERO_PAGES_MIN_BYTES
     # at 32 MiB itself: fresh zero pages, never cached
@@ -1847,9 +2031,10 @@ def test_grad_cache_under_threads():
     in_use: set[int] = set()  # data pointers of the gradients alive in any thread
 
     def work(i):
-        live = []
+        live, origins = [], []
         for k in range(6):
             gx = torch.ops.dtl_fast.frame_pool_backward(gs[i], lengths, am, T, "max")
+            origins.append(grad_origin())  # this thread's own record
             with lock:
                 if gx.data_ptr() in in_use:  # one block handed to two live tensors
                     return False
@@ -1862,7 +2047,7 @@ def test_grad_cache_under_threads():
                 del old
             if not torch.equal(gx, want[i]):
                 return False
-        ok = all(t.data_ptr() % HUGE_PAGE == 0 for t in live)
+        ok = all(o in ("mapped", "cache") for o in origins)
         with lock:
             for t in live:
                 in_use.discard(t.data_ptr())
@@ -1881,17 +2066,68 @@ def test_grad_cache_can_be_turned_off_and_rejects_a_bad_setting(tmp_path):
 from test_frame_pool import CACHE_CASE_BYTES, case_grads
 assert not dtl_fast._extension._C.cpu_grad_from_cache(CACHE_CASE_BYTES)
 assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
-torch.save(case_grads(CACHE_CASE_BYTES, reuse=True), saved)
+origins = []
+torch.save(case_grads(CACHE_CASE_BYTES, reuse=True, origins=origins), saved)
+assert origins == ["torch"] * 6, origins
 assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
 """, {"DTL_FAST_CPU_GRAD_CACHE_MB": "0"})
-    for mode, (first, reused) in case_grads(CACHE_CASE_BYTES, reuse=True).items():
-        assert reused.data_ptr() % HUGE_PAGE == 0
+    origins = []
+    for mode, (first, reused) in case_grads(CACHE_CASE_BYTES, reuse=True,
+                                            origins=origins).items():
         assert torch.equal(first, off[mode][0]), mode
         assert torch.equal(reused, off[mode][1]), mode
         assert torch.equal(first, reused), mode
 
+    # each first one a block of the cache (fresh, or left there earlier), each reused one
+    # the block its first one gave back
+    assert all(o in ("mapped", "cache") for o in origins[0::2]), origins
+    assert origins[1::2] == ["cache"] * 3, origins
+
     assert_bad_setting_rejected(tmp_path, "DTL_FAST_CPU_GRAD_CACHE_MB", "64MB",
                                 "frame_pool_cpu_grad_cache", "dtl_fast.cpu_grad_cache_info")
+
+
+THP_BODY = """
+from test_frame_pool import CACHE_CASE_BYTES, ZERO_PAGES_MIN_BYTES, big_case, case_grads, grad_origin
+import os
+# a gradient below the cache's 4 MiB, of torch's allocator, which page-aligns (and advises for
+# huge pages) blocks of 2 MiB and more under THP_MEM_ALLOC_ENABLE=1
+x, lengths = big_case(torch.float32, nbytes=3 << 20)
+B, T, D = x.shape
+_, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
+gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
+assert grad_origin() == "torch"
+assert gx.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0, "THP_MEM_ALLOC_ENABLE=1 had no effect"
+origins = {"cached": [], "zero_pages": []}
+res = {"cached": case_grads(CACHE_CASE_BYTES, reuse=True, origins=origins["cached"]),
+       "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES, origins=origins["zero_pages"]),
+       "origins": origins}
+torch.save(res, saved)
+"""
+
+
+@needs_grad_cache
+@needs_zero_pages
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_grad_origins_under_thp(tmp_path, cache):
+    # Under THP_MEM_ALLOC_ENABLE=1 (read by torch once per process: in a child) torch's
+    # allocator page-aligns its large blocks, so a pointer's alignment no longer says whose a
+    # block is; the op's record still does, and the gradients are bit for bit this process's.
+    env = {"THP_MEM_ALLOC_ENABLE": "1"}
+    if cache == "off":
+        env["DTL_FAST_CPU_GRAD_CACHE_MB"] = "0"
+    child = run_child(tmp_path, THP_BODY, env)
+    cached = ["mapped", "cache"] * 3 if cache == "on" else ["torch"] * 6  # a fresh process
+    assert child["origins"] == {"cached": cached, "zero_pages": ["mapped"] * 3}
+    here = {"cached": case_grads(CACHE_CASE_BYTES, reuse=True),
+            "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES)}
+    for part, grads in here.items():
+        for mode, want in grads.items():
+            got = child[part][mode]
+            if isinstance(want, tuple):
+                assert all(torch.equal(a, b) for a, b in zip(want, got)), (part, mode)
+            else:
+                assert torch.equal(want, got), (part, mode)
 
 
 # --- which CPU gradients are written past the caches (non-temporal stores) ----------------------

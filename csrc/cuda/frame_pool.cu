@@ -908,6 +908,18 @@ __global__ void __launch_bounds__(kMaxThreads, 4)
   }
 }
 
+// The length check alone, for the calls whose pooling launches nothing (D = 0; the backward
+// with T = 0, whose lengths must all be 0): each length outside [0, T] is recorded in the flag
+// exactly as the pooling kernels record it, so whether a bad GPU length is reported does not
+// depend on T or D being 0.
+__global__ void __launch_bounds__(kMaxThreads)
+    frame_pool_lengths_kernel(const int64_t* __restrict__ lens, int* err, int64_t B, int64_t T) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
+       b += stride)
+    (void)clamped_length(lens, b, T, err, true);
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int pow2_at_least(int64_t n, int cap) {
@@ -1262,6 +1274,24 @@ void launch_backward(const at::Tensor& g, const at::Tensor& len, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Launches frame_pool_lengths_kernel on the current stream: one thread per clip (one block
+// for up to 256 clips), at most 1024 blocks striding over the rest.
+void launch_length_check(const at::Tensor& len, int64_t T, int* err) {
+  const int64_t B = len.numel();
+  if (B == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(B, kMaxThreads), 1024);
+  frame_pool_lengths_kernel<<<static_cast<unsigned>(blocks), kMaxThreads, 0,
+                              at::cuda::getCurrentCUDAStream()>>>(len.const_data_ptr<int64_t>(),
+                                                                  err, B, T);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether lengths live on the GPU (the kernels check them; CPU lengths were checked on the
+// host by checked_lengths).
+bool lengths_on_gpu(const c10::optional<at::Tensor>& lengths) {
+  return lengths.has_value() && lengths->defined() && lengths->is_cuda();
+}
+
 // 16-byte loads need an aligned base and every row start on a VEC boundary. Strides of size-1
 // dimensions are never multiplied by a nonzero index, so they do not matter.
 bool can_vectorize(const at::Tensor& x, int vec) {
@@ -1381,8 +1411,13 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   at::Tensor argmax = has_argmax(m) ? at::empty({B, D}, x.options().dtype(at::kInt))
                                     : at::empty({0}, x.options().dtype(at::kInt));
   // T == 0 still launches: the kernel writes the zeros (argmax -1) of empty rows and reports
-  // any nonzero GPU length.
-  if (B == 0 || D == 0) return {out, argmax};
+  // any nonzero GPU length. D == 0 has nothing to pool, but GPU lengths are still checked (a
+  // small launch, only for such calls), as on every other shape.
+  if (B == 0) return {out, argmax};
+  if (D == 0) {
+    if (lengths_on_gpu(lengths)) launch_length_check(len, T, error_flag_for_current_device());
+    return {out, argmax};
+  }
 
   // The kernels need unit feature stride (a size-1 feature dim has no stride to speak of);
   // other layouts that have it (slices, [T, B, D] transposed to [B, T, D]) are read in place
@@ -1412,7 +1447,13 @@ at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
   const at::Tensor am = has_argmax(m) ? argmax.contiguous() : argmax;
   const int64_t B = g.size(0), D = m == PoolMode::MeanMax ? g.size(1) / 2 : g.size(1);
   at::Tensor gx = at::empty({B, T, D}, g.options());
-  if (B == 0 || D == 0 || T == 0) return gx;
+  if (B == 0) return gx;
+  if (D == 0 || T == 0) {
+    // nothing to write, but GPU lengths are still checked (with T == 0 every one must be 0),
+    // as the forward checks them: a small launch, only for such calls
+    if (lengths_on_gpu(lengths)) launch_length_check(len, T, error_flag_for_current_device());
+    return gx;
+  }
 
   int* err = error_flag_for_current_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),

@@ -181,11 +181,12 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
         ValueError: wrong rank or dtype of x, T above 2^31 - 4097 (the kernels' int32 frame
             indices), unknown mode, lengths not integer, not [B], on another device, beyond
             int64, or (CPU lengths) outside [0, T]. Lengths on the GPU are checked on the GPU
-            without a host synchronisation: the kernel pools over the lengths clamped into
-            [0, T] and records the error, which `dtl_fast.check_errors()` raises (it waits for
-            the GPU), as does any later CUDA pooling call, forward or backward, that finds it
-            recorded. The record is one per process: whichever check sees it first raises and
-            clears it, whatever thread, stream or device made the faulty call.
+            without a host synchronisation, whatever the shape (a call with T = 0 or D = 0
+            too): the kernel pools over the lengths clamped into [0, T] and records the error,
+            which `dtl_fast.check_errors()` raises (it waits for the GPU), as does any later
+            CUDA pooling call, forward or backward, that finds it recorded. The record is one
+            per process: whichever check sees it first raises and clears it, whatever thread,
+            stream or device made the faulty call.
         RuntimeError: out-of-range lengths with backend="reference" under torch.compile or
             CUDA graph capture (an asynchronous assert: no host read inside a graph; the
             compiled op still raises ValueError for CPU lengths there).
