@@ -125,8 +125,9 @@ def check_lengths_range(lengths: torch.Tensor | None, lo: int, hi: int, *, owner
     """Checks lo <= lengths[b] <= hi (`span` names the range in the message, default
     "[lo, hi]"): one host sync for lengths on a GPU (min and max read
     together); inside a torch.compile graph or a CUDA graph capture an asynchronous assert
-    instead (no graph break; a capture may not read device memory on the host)."""
-    if lengths is None or lengths.numel() == 0:
+    instead (no graph break; a capture may not read device memory on the host). Meta tensors
+    hold no values: unchecked (shape inference on the meta device, as the references do)."""
+    if lengths is None or lengths.numel() == 0 or lengths.device.type == "meta":
         return
     if torch.compiler.is_compiling() or device_capturing(lengths):
         torch._assert_async(((lengths >= lo) & (lengths <= hi)).all(),

@@ -80,6 +80,25 @@ def test_rule_on_cpu_is_the_cpu_path():
             assert auto_path("cpu", torch.bfloat16, masked, grad, 16, 16) == ops.CPU_AUTO_PATH
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_meta_key_lengths_tensor_on_every_eager_path(dtype):
+    # meta key_lengths ([B] and [B, H], as the RNN's meta lengths, s28): auto (the CPU path's
+    # composite on meta) and reference give meta outputs of the reference's shape, fused names
+    # its own limit, and the range check, which reads values, skips them
+    from dtl_fast._checks import check_lengths_range
+    B, H, Nq, Nk, d = 2, 3, 4, 5, 8
+    q, k, v = (torch.empty(B, H, n, d, device="meta") for n in (Nq, Nk, Nk))
+    ls = torch.empty(H, device="meta")
+    for lens in (torch.tensor([5, 2], dtype=dtype, device="meta"),
+                 torch.zeros(B, H, dtype=dtype, device="meta")):
+        check_lengths_range(lens, 0, Nk, owner="cosine_attention")
+        for backend in ("auto", "reference"):
+            out = cosine_attention(q, k, v, ls, lens, 2, backend=backend)
+            assert out.device.type == "meta" and out.shape == (B, H, Nq, d), backend
+        with pytest.raises(RuntimeError, match="do not support meta tensors"):
+            cosine_attention(q, k, v, ls, lens, backend="fused")
+
+
 def test_auto_rule_text():
     text = auto_rule()
     assert 1 <= len(text.splitlines()) <= 3

@@ -573,3 +573,177 @@ def test_per_sample_lengths_under_vmap(backend):
     with pytest.raises((ValueError, RuntimeError), match="lengths"):
         torch.func.vmap(lambda a, L: rnn_ops.lstm(a, None, ws, lengths=L, batch_first=True,
                                                   backend=backend)[0])(x, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# create_graph=True: the saved tensors unpacked once; an op that saves none of its outputs
+
+def _second_order_cases():
+    """(name, make the op's output from leaves under forward_mode, its leaves)."""
+    f, ws, x = _rnn_second_order_case("LSTM")
+    fg, wg, xg = _rnn_second_order_case("GRU")
+    q, k, v, s = _attn_scale_case()
+    s.requires_grad_()
+    q.requires_grad_()
+    return [("LSTM", lambda: f(x, None, ws, lengths=[4, 2], bidirectional=False,
+                               backend="fused")[0], [x, *ws]),
+            ("GRU", lambda: fg(xg, None, wg, lengths=[4, 2], backend="fused")[0], [xg, *wg]),
+            ("attention", lambda: attn_ops.cosine_attention(q, k, v, s, [3], backend="fused"),
+             [q, s])]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["LSTM", "GRU", "attention"])
+@pytest.mark.parametrize("forward_mode", [contextlib.nullcontext, _Passthrough],
+                         ids=["eager", "op-forward"])
+def test_create_graph_unpacks_saved_tensors_once(case, forward_mode):
+    # no_double_backward unpacked ctx.saved_tensors twice under create_graph=True (once in the
+    # formula, once for the error node's edges): every saved-tensor hook (CPU offload, say)
+    # ran twice per tensor (s28). Each packed tensor is now unpacked at most once.
+    name, run, leaves = _second_order_cases()[case]
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return len(packed) - 1
+
+    def unpack(i):
+        unpacked.append(i)
+        return packed[i]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack), forward_mode():
+        out = run()
+    grads = torch.autograd.grad(out.pow(2).sum(), leaves, create_graph=True)
+    assert unpacked, name
+    twice = sorted({i for i in unpacked if unpacked.count(i) > 1})
+    assert not twice, f"{name}: saved tensors {twice} unpacked more than once"
+    assert all(g.requires_grad for g in grads)  # the error node is still there
+    with pytest.raises(RuntimeError, match=SECOND_ORDER):
+        torch.autograd.grad(grads[0].pow(2).sum(), leaves[0])
+
+
+def test_no_double_backward_asks_for_the_saved_keyword():
+    def old_style(ctx, grad):
+        return grad
+
+    with pytest.raises(TypeError, match="keyword-only argument `saved`"):
+        _eager.no_double_backward(old_style, "Synthetic")
+
+
+def _synthetic_exp(save: str):
+    """exp(x) through an autograd.Function under no_double_backward whose ctx saves none of
+    its outputs: `save` "nothing" keeps exp(x) as a plain attribute, "input" saves x."""
+    def backward(ctx, grad, *, saved=None):
+        saved = ctx.saved_tensors if saved is None else saved
+        return grad * (saved[0].detach().exp() if saved else ctx.e)
+
+    def forward(ctx, x):
+        y = x.exp()
+        if save == "input":
+            ctx.save_for_backward(x)
+        else:
+            ctx.e = y.detach()
+        return y
+
+    return type("SyntheticExp", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(_eager.no_double_backward(backward, "SyntheticExp"))})
+
+
+@pytest.mark.parametrize("save", ["nothing", "input"])
+def test_no_double_backward_without_a_saved_output_reaches_leaf_inputs(save):
+    # An op that saves none of its outputs: the error node used to hang off the saved tensors
+    # and grad_outputs only, so with a constant grad_output (a plain .sum()) and nothing saved
+    # the gradient came back as a graph-less constant, and a second-order term through it was
+    # silently dropped (s28). Its edges now reach the leaf inputs themselves.
+    fn = _synthetic_exp(save)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(fn.apply(x).sum(), [x], create_graph=True)
+    torch.testing.assert_close(gx.detach(), x.detach().exp())  # first order: still the value
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="SyntheticExp: .*no second-order"):
+        torch.autograd.grad((gx + x).sum(), [x])  # would silently be ones
+    with pytest.raises(RuntimeError, match="SyntheticExp: .*no second-order"):
+        gx.sum().backward()
+    # without create_graph the formula's own tensor, no node
+    (g1,) = torch.autograd.grad(fn.apply(x).sum(), [x])
+    assert g1.grad_fn is None
+
+
+def test_no_double_backward_without_a_saved_output_refuses_an_unreachable_input():
+    # a non-leaf input that the op did not save cannot be reached from its backward: a loud
+    # error for the op's author at the first create_graph backward, not a lost second-order term
+    fn = _synthetic_exp("nothing")
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = w * 2
+    with pytest.raises(RuntimeError, match=r"SyntheticExp: .*cannot reach input 0.*save_for_backward"):
+        torch.autograd.grad(fn.apply(x).sum(), [w], create_graph=True)
+    # plain first-order use never looks
+    (gw,) = torch.autograd.grad(fn.apply(w * 2).sum(), [w])
+    torch.testing.assert_close(gw, 2 * (2 * w.detach()).exp())
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorised jacobians: torch.autograd.functional.jacobian(vectorize=True) runs the backward
+# under PyTorch's legacy vmap (autograd.grad's is_grads_batched), whose BatchedTensors Triton
+# cannot read: "Cannot access storage of BatchedTensorImpl" (s28). The backward ops now go to
+# their registered op there, which runs per sample. torch.func.jacrev / jacfwd trace the
+# forward under a grad / jvp transform, which backend="fused" refuses by name.
+
+def _jacobian_cases():
+    g = torch.Generator().manual_seed(5)
+    dt = torch.float64
+    lstm = [w.detach().to(dt) for w in torch.nn.LSTM(2, 2, bidirectional=True)._flat_weights]
+    gru = [w.detach().to(dt) for w in torch.nn.GRU(2, 2, bidirectional=True)._flat_weights]
+    x = torch.randn(3, 2, 2, generator=g, dtype=dt)
+    q = torch.randn(2, 2, 2, 4, generator=g, dtype=dt)
+    k, v = (torch.randn(2, 2, 3, 4, generator=g, dtype=dt) for _ in range(2))
+    mk, mv = (torch.randn(2, 1, 4, generator=g, dtype=dt) for _ in range(2))
+    ls = torch.tensor([0.5, 1.0], dtype=dt)
+
+    def lstm_f(backend):
+        return lambda a: rnn_ops.lstm(a, None, lstm, lengths=[3, 1], bidirectional=True,
+                                      backend=backend)[0]
+
+    def gru_f(backend):
+        return lambda a: rnn_ops.gru(a, None, gru, lengths=[2, 3], bidirectional=True,
+                                     backend=backend)[1]
+
+    def attn_f(backend):
+        return lambda a: attn_ops.cosine_attention(a, k, v, ls, [3, 1], 1, mk, mv, backend=backend)
+
+    return {"LSTM": (lstm_f, x), "GRU": (gru_f, x), "attention": (attn_f, q)}
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "attention"])
+def test_vectorized_jacobian_through_the_fused_ops(name):
+    make, a = _jacobian_cases()[name]
+    want = torch.autograd.functional.jacobian(make("reference"), a)
+    for backend in ("fused", "auto"):
+        got = torch.autograd.functional.jacobian(make(backend), a, vectorize=True)
+        torch.testing.assert_close(got, want, msg=lambda m: f"{name} {backend}: {m}")
+    # autograd.grad(is_grads_batched=True) itself, forward and backward on the eager path
+    a = a.clone().requires_grad_()
+    out = make("fused")(a)
+    basis = torch.eye(out.numel(), dtype=out.dtype)[:5].view(5, *out.shape)
+    (rows,) = torch.autograd.grad(out, a, basis, is_grads_batched=True)
+    torch.testing.assert_close(rows, want.reshape(out.numel(), *a.shape)[:5])
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "attention"])
+def test_func_jacobians_name_the_way_out_on_fused_and_work_on_auto(name):
+    make, a = _jacobian_cases()[name]
+    want = torch.autograd.functional.jacobian(make("reference"), a)
+    with pytest.raises(NotImplementedError, match=r"grad \(torch.func.grad / vjp / jacrev\).*"
+                                                  r"backend='auto' or 'reference'"):
+        torch.func.jacrev(make("fused"))(a)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD.*backend='auto' or 'reference'"):
+        torch.func.jacfwd(make("fused"))(a)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(jac(make("auto"))(a), want)
+
+
+def test_vectorized_hessian_through_a_fused_op_names_the_reference():
+    make, a = _jacobian_cases()["attention"]
+    with pytest.raises(RuntimeError, match=SECOND_ORDER):
+        torch.autograd.functional.hessian(lambda t: make("fused")(t).pow(2).sum(), a,
+                                          vectorize=True)

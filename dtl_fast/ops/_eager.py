@@ -23,6 +23,7 @@ the same outputs and gradients (tests/test_ops_eager.py).
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -94,6 +95,11 @@ def refuse_transforms(what: str, used: tuple[str, ...]) -> None:
                               "fused kernels' autograd; use backend='auto' or 'reference'")
 
 
+# a BatchedTensor of torch._vmap_internals (autograd.grad's is_grads_batched), which
+# torch.func's interpreter stack does not show
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
 def _needs_grad(args) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -101,20 +107,34 @@ def _needs_grad(args) -> bool:
 
 
 def no_double_backward(backward: Callable, name: str) -> Callable:
-    """`backward(ctx, *grads)` (an autograd formula over the fused kernels, which have no
-    derivative of their own) made to refuse second-order gradients loudly.
+    """`backward(ctx, *grads, saved=None)` (an autograd formula over the fused kernels, which
+    have no derivative of their own) made to refuse second-order gradients loudly.
+
+    `backward` takes the unpacked saved tensors as the keyword-only argument `saved` and reads
+    ctx.saved_tensors itself when it is None (checked here, at registration: TypeError).
 
     Without create_graph (grad mode off inside the backward) it is `backward` itself: no extra
-    work. Under create_graph=True the gradients are computed as usual (grad mode off: the
-    kernels' results carry no graph) and then passed through one DelayedError node whose edges
-    go to every grad_output and saved tensor that requires grad. The saved outputs lead back to
-    this node's own forward, and through it to every input, so any differentiation of the
-    gradients that depends on the op -- .backward(), torch.autograd.grad(..., inputs=[...]),
-    torch.autograd.functional.hessian / hvp -- reaches the node and raises, naming
-    backend='reference'. (Fresh detached leaves as the node's only inputs, as once_differentiable
-    makes, are reached only by .backward(): autograd.grad(inputs=...) prunes the node and the
-    second-order term silently drops out.) Needs `backward`'s ctx to save at least one of the
-    forward's outputs, as every fused op's setup_context does."""
+    work. Under create_graph=True the saved tensors are unpacked once (passed to `backward` as
+    `saved`: each unpack runs the saved-tensor hooks again, e.g. a copy back from CPU offload),
+    the gradients are computed as usual (grad mode off: the kernels' results carry no graph)
+    and then passed through one DelayedError node whose edges go to every grad_output and saved
+    tensor that requires grad. A saved output leads back to this node's own forward, and through
+    it to every input, so any differentiation of the gradients that depends on the op --
+    .backward(), torch.autograd.grad(..., inputs=[...]), torch.autograd.functional.hessian /
+    hvp -- reaches the node and raises, naming backend='reference'. (Fresh detached leaves as
+    the node's only inputs, as once_differentiable makes, are reached only by .backward():
+    autograd.grad(inputs=...) prunes the node and the second-order term silently drops out.)
+
+    Every fused op's setup_context saves one of the forward's outputs. For a formula whose ctx
+    saves none, the node's edges go instead to the op's inputs that require grad: the leaves
+    among them (from ctx.next_functions) and the saved inputs; an input that is neither (a
+    non-leaf the op did not save) cannot be reached, and the backward raises a RuntimeError
+    asking the op to save an output, rather than drop the second-order term silently."""
+    param = inspect.signature(backward).parameters.get("saved")
+    if param is None or param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"no_double_backward({name}): the backward formula must take the unpacked "
+                        "saved tensors as the keyword-only argument `saved` (None: read "
+                        "ctx.saved_tensors), so that create_graph=True unpacks them once")
     message = (f"{name}: the fused kernels' backward has no derivative of its own (no "
                "second-order gradients: create_graph=True, gradient penalties, "
                "torch.autograd.functional.hessian / hvp); use backend='reference' for those").encode()
@@ -122,12 +142,14 @@ def no_double_backward(backward: Callable, name: str) -> Callable:
     def backward_once(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
+        saved = ctx.saved_tensors  # unpacked once, for the formula and for the error node
         with torch.no_grad():
-            result = backward(ctx, *grads)
+            result = backward(ctx, *grads, saved=saved)
         single = not isinstance(result, tuple)
         result = (result,) if single else result
-        deps = [t for t in (*grads, *ctx.saved_tensors)
-                if isinstance(t, torch.Tensor) and t.requires_grad]
+        deps = [t for t in (*grads, *saved) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not any(t.grad_fn is ctx for t in deps):  # no saved output leads back to the forward
+            deps += _input_deps(ctx, deps, name)
         if not deps:  # nothing upstream requires grad: the gradients are constants
             return result[0] if single else result
         n = len(result)
@@ -141,18 +163,48 @@ def no_double_backward(backward: Callable, name: str) -> Callable:
     return backward_once
 
 
+def _input_deps(ctx, deps: list, name: str) -> list:
+    """The error node's extra edges for an op whose ctx saved none of its outputs: the leaf
+    inputs that require grad (their AccumulateGrad nodes hold them). A non-leaf input that no
+    tensor in `deps` is the output of cannot be reached from here: a RuntimeError for the op's
+    author, not a silently lost second-order term."""
+    extra = []
+    for i, (node, nr) in enumerate(ctx.next_functions):
+        if node is None:  # an input that does not require grad
+            continue
+        if isinstance(node, _autograd_functions.AccumulateGrad):
+            extra.append(node.variable)
+        elif not any(t.grad_fn is node and t.output_nr == nr for t in deps):
+            raise RuntimeError(
+                f"{name}: under create_graph=True the second-order guard (no_double_backward) "
+                f"cannot reach input {i} of the op: its setup_context saved none of the "
+                "forward's outputs, and that input is a non-leaf tensor it did not save. Save "
+                "one output with ctx.save_for_backward (every fused op does)")
+    return extra
+
+
 def eager_op(op, impl: Callable, setup_context: Callable | None = None,
-             backward: Callable | None = None, name: str = "FusedOp") -> Callable:
+             backward: Callable | None = None, name: str = "FusedOp",
+             grad_args: int = 0) -> Callable:
     """A callable with the signature of the registered op `op` (all arguments positional,
     defaults included) that runs `impl` (the op's Python body) directly when eager_ok, through
     an autograd.Function built from the op's own `setup_context(ctx, inputs, output)` and
-    `backward(ctx, *grads)` when a gradient is needed; `op` itself otherwise.
+    `backward(ctx, *grads, saved=None)` (see no_double_backward) when a gradient is needed;
+    `op` itself otherwise.
 
     Gradients of outputs that took no part in the loss reach `backward` as None (not
     materialised zeros: the backward formulas handle None). Under create_graph=True the
     gradients carry a node that raises when they are differentiated (no_double_backward).
     `call.eager(*args)` skips the eager_ok check (for a caller that made it, and whose `impl`
-    need not have the op's signature)."""
+    need not have the op's signature).
+
+    grad_args: for an op that a backward formula calls (no autograd of its own), how many
+    leading arguments are gradients. torch.autograd.grad(..., is_grads_batched=True), and so
+    torch.autograd.functional.jacobian / hessian(vectorize=True), runs the backward under
+    PyTorch's legacy vmap, whose BatchedTensors hold no storage a Triton kernel can read
+    ("Cannot access storage of BatchedTensorImpl"): such a call goes to the registered op,
+    whose batching fallback runs it once per sample. Only those arguments are looked at (the
+    saved ones never come batched): ~0.1 us a tensor, once per backward."""
     fn = None
     if backward is not None:
         def forward(ctx, *args):
@@ -178,14 +230,25 @@ def eager_op(op, impl: Callable, setup_context: Callable | None = None,
             return fn.apply(*args)
         return impl(*args)
 
-    def call(*args):
-        if fn is None and _needs_grad(args):
-            # an op without an autograd formula called where autograd records (a backward op
-            # under create_graph=True, after a forward that ran through the registered op): the
-            # registered op, whose outputs raise when differentiated, not a silently
-            # graph-less result
-            return op(*args)
-        return eager(*args) if eager_ok(args) else op(*args)
+    if not grad_args:
+        def call(*args):
+            if fn is None and _needs_grad(args):
+                # an op without an autograd formula called where autograd records (a backward
+                # op under create_graph=True, after a forward that ran through the registered
+                # op): the registered op, whose outputs raise when differentiated, not a
+                # silently graph-less result
+                return op(*args)
+            return eager(*args) if eager_ok(args) else op(*args)
+    elif fn is not None:
+        raise ValueError("eager_op: grad_args is for ops without an autograd formula")
+    else:
+        def call(*args):  # a backward op: as above, and legacy-batched gradients to the op
+            if _needs_grad(args):
+                return op(*args)
+            for g in args[:grad_args]:  # (inline: a generator or a helper costs 0.3-0.6 us more)
+                if g is not None and _legacy_batched(g):
+                    return op(*args)
+            return eager(*args) if eager_ok(args) else op(*args)
 
     call.__doc__ = f"{op}, called without the dispatcher in eager mode (dtl_fast.ops._eager)."
     call.eager = eager  # for a caller that checked eager_ok itself

@@ -244,8 +244,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*saved)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    saved = list(ctx.saved_tensors)
+def _backward(ctx, grad_out, _grad_lse, *, saved=None):
+    # saved: ctx.saved_tensors, unpacked by no_double_backward under create_graph=True
+    saved = list(ctx.saved_tensors if saved is None else saved)
     q, k, v, scale, out, lse = saved[:6]
     rest = saved[6:]
     key_lengths = rest.pop(0) if ctx.has_lengths else None
@@ -270,7 +271,7 @@ torch.library.register_autograd(_FWD, no_double_backward(_backward, "dtl_fast::c
 # The eager entry points (dtl_fast.ops._eager): the same bodies and autograd formula without the
 # dispatcher, wherever that is safe; the registered ops everywhere else (torch.compile, export,
 # dispatch modes, subclasses).
-_bwd_call = eager_op(torch.ops.dtl_fast.cosine_attention_bwd, _bwd_impl)
+_bwd_call = eager_op(torch.ops.dtl_fast.cosine_attention_bwd, _bwd_impl, grad_args=1)
 _fwd_call = eager_op(torch.ops.dtl_fast.cosine_attention_fwd, _fwd_impl, _setup_context, _backward,
                      name="FusedCosineAttention")
 
@@ -586,9 +587,11 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             outside [1, 128], key_lengths not [B] or [B, H] integers in [0, Nk], window < 0
             (per-head entries < -1), a per-head window without H entries.
         RuntimeError: backend="fused" where the Triton kernels cannot run.
-        NotImplementedError: backend="fused" under torch.func.grad / vjp / jvp or forward-mode
-            AD, which cannot see through the kernels' autograd ("auto" takes the composite or,
-            for forward mode, the reference there; vmap runs the kernels per sample).
+        NotImplementedError: backend="fused" under torch.func.grad / vjp / jacrev / jvp /
+            jacfwd or forward-mode AD, which cannot see through the kernels' autograd ("auto"
+            takes the composite or, for forward mode, the reference there; vmap runs the
+            kernels per sample, and so do torch.autograd.functional.jacobian(vectorize=True)
+            and autograd.grad's is_grads_batched for the backward kernel).
     """
     backend = resolve_backend(backend)
     caller_lengths = key_lengths

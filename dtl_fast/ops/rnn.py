@@ -305,8 +305,9 @@ def _lstm_setup(ctx, inputs, output):
     ctx.impl = impl  # the backward runs the same implementation
 
 
-def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _g_act, _g_call):
-    w_hh, h0, c0, out, act, c_all, lengths = ctx.saved_tensors
+def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _g_act, _g_call, *, saved=None):
+    # saved: ctx.saved_tensors, unpacked by no_double_backward under create_graph=True
+    w_hh, h0, c0, out, act, c_all, lengths = ctx.saved_tensors if saved is None else saved
     grad_out = _zeros_if_none(grad_out, out).contiguous()
     grad_hn = _zeros_if_none(grad_hn, h0).contiguous()
     grad_cn = _zeros_if_none(grad_cn, c0).contiguous()
@@ -332,8 +333,8 @@ def _gru_setup(ctx, inputs, output):
     ctx.impl = impl
 
 
-def _gru_backward(ctx, grad_out, grad_hn, _g_act):
-    w_hh, h0, out, act, lengths = ctx.saved_tensors
+def _gru_backward(ctx, grad_out, grad_hn, _g_act, *, saved=None):
+    w_hh, h0, out, act, lengths = ctx.saved_tensors if saved is None else saved
     grad_out = _zeros_if_none(grad_out, out).contiguous()
     grad_hn = _zeros_if_none(grad_hn, h0).contiguous()
     dgx, dgh, dh0 = _gru_bwd_call(grad_out, grad_hn, w_hh, h0, out, act, lengths, ctx.impl)
@@ -353,8 +354,8 @@ torch.library.register_autograd("dtl_fast::gru_recurrence",
 # The eager entry points (dtl_fast.ops._eager): the same bodies and autograd formulas without the
 # dispatcher, wherever that is safe; the registered ops everywhere else (torch.compile, export,
 # dispatch modes, subclasses).
-_lstm_bwd_call = eager_op(torch.ops.dtl_fast.lstm_recurrence_backward, _lstm_bwd_impl)
-_gru_bwd_call = eager_op(torch.ops.dtl_fast.gru_recurrence_backward, _gru_bwd_impl)
+_lstm_bwd_call = eager_op(torch.ops.dtl_fast.lstm_recurrence_backward, _lstm_bwd_impl, grad_args=3)
+_gru_bwd_call = eager_op(torch.ops.dtl_fast.gru_recurrence_backward, _gru_bwd_impl, grad_args=2)
 _lstm_call = eager_op(torch.ops.dtl_fast.lstm_recurrence, _lstm_impl, _lstm_setup, _lstm_backward,
                       name="FusedLSTMRecurrence")
 _gru_call = eager_op(torch.ops.dtl_fast.gru_recurrence, _gru_impl, _gru_setup, _gru_backward,
@@ -507,9 +508,11 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
     used = () if torch.compiler.is_compiling() else transforms_in_use(
         (input, *(hs or ()), *weights))
     if backend == "auto":
-        if {"forward_ad", "jvp", "vmap"} & set(used):
+        if {"forward_ad", "jvp", "vmap"} & set(used) or (used and lengths is not None):
             # neither torch.lstm / gru (no batching rule, no forward-mode formula in cuDNN /
-            # oneDNN) nor the fused ops under jvp serve these; the reference is plain torch ops
+            # oneDNN; their packed form, which lengths take, fails under any torch.func
+            # transform: "Cannot access data pointer of Tensor that doesn't have storage") nor
+            # the fused ops under jvp serve these; the reference is plain torch ops
             return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
         path = auto_path(mode, rule_dtype(input), input.shape[0 if batch_first else 1], H,
                          input.shape[1 if batch_first else 0], D, lengths, input.device)
@@ -569,9 +572,11 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
             "auto": the path auto_path picks: on CUDA PyTorch's cuDNN path (torch.lstm) except
             where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule());
-            PyTorch's native kernels on the CPU and for float64. Under torch.func.grad / vjp
-            PyTorch's path, under vmap / jvp / forward-mode AD the eager reference. With
-            lengths under torch.compile / torch.export (PyTorch's packed path cannot be traced):
+            PyTorch's native kernels on the CPU and for float64. Under torch.func.grad / vjp /
+            jacrev PyTorch's path (the eager reference with lengths: PyTorch's packed path
+            fails under torch.func), under vmap / jvp / jacfwd / forward-mode AD the eager
+            reference. With lengths under torch.compile / torch.export (PyTorch's packed path
+            cannot be traced):
             the fused kernels on CUDA (float16 / bfloat16 / float32), the eager reference
             elsewhere (an unrolled loop over T: slow to compile for long sequences); outside
             tracing, the same call takes PyTorch's path, so the two agree to rounding only.
@@ -599,8 +604,10 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             gradient penalties, torch.autograd.functional.hessian), which names
             backend='reference'.
         ValueError: wrong rank or dtype, wrong weight count or shapes, devices that differ.
-        NotImplementedError: backend="fused" under torch.func.grad / vjp / jvp or forward-mode
-            AD, which cannot see through the fused kernels' autograd.
+        NotImplementedError: backend="fused" under torch.func.grad / vjp / jacrev / jvp /
+            jacfwd or forward-mode AD, which cannot see through the fused kernels' autograd
+            (torch.autograd.functional.jacobian(vectorize=True) and autograd.grad's
+            is_grads_batched do work: the backward kernels run once per batched gradient).
     """
     return _dispatch("LSTM", input, hx, weights, lengths, num_layers, bidirectional, batch_first,
                      dropout, training, has_bias, backend)
