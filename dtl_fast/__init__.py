@@ -1,5 +1,5 @@
 """dtl_fast: fused Triton and C++/CUDA kernels for DTL (dual task learning), exposed as
-drop-in torch.nn modules with autograd.
+torch.nn modules with autograd (LSTM / GRU drop-in for torch.nn's).
 
     import dtl_fast
     rnn = dtl_fast.nn.LSTM(256, 128, bidirectional=True, batch_first=True)  # Triton on CUDA

@@ -734,6 +734,66 @@ def test_bad_forward_input():
             pytest.fail(f"case {i} did not raise")
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_input_on_another_device_than_the_module(backend):
+    # A ValueError naming the argument (torch's F.linear would say "Tensor on device cpu is not
+    # on the expected device meta!"), both ways round; same device (meta included) runs.
+    for dev, other in [("cpu", "meta"), ("meta", "cpu")]:
+        ca = CosineAttention(16, 2, backend=backend, device=dev)
+        fe = FeatureExchange(8, 16, 16, 2, backend=backend, device=dev)
+        dam = DualModalAttention(16, 2, 1, 1, 2, backend=backend, device=dev)
+        x = torch.randn(2, 3, 16, device=other)
+        a = torch.randn(2, 3, 8, device=other)
+        msg = rf"must be on the module's device \({dev}\), got {other}; move the input or the module"
+        with pytest.raises(ValueError, match=rf"^CosineAttention: query {msg}"):
+            ca(x)
+        with pytest.raises(ValueError, match=rf"^CosineAttention: query {msg}"):
+            CosineAttention(16, 2, backend=backend, device=dev, batch_first=False)(x, x, x)
+        with pytest.raises(ValueError, match=rf"^FeatureExchange: a {msg}"):
+            fe(a, x)
+        with pytest.raises(ValueError, match=rf"^DualModalAttention: image_tokens {msg}"):
+            dam(x, x)
+    meta = torch.randn(2, 3, 16, device="meta")
+    ca = CosineAttention(16, 2, backend=backend, device="meta")
+    assert ca(meta, key_lengths=[3, 1]).shape == (2, 3, 16)
+    dam = DualModalAttention(16, 2, 1, 1, 2, backend=backend, device="meta")
+    assert dam(meta, meta)[2].shape == (2, 16)
+    # a meta module and a meta input of another dtype: the dtype message (not autocast's
+    # "unknown device type" for meta)
+    with pytest.raises(ValueError, match="query must have the module's dtype"):
+        ca(meta.double())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CosineAttention(16, 2),
+    lambda: FeatureExchange(8, 16, 16, 2),
+    lambda: DualModalAttention(16, 2, 1, 1, 2),
+    lambda: DAMLayer(16, 2),
+], ids=["CosineAttention", "FeatureExchange", "DualModalAttention", "DAMLayer"])
+def test_torch_jit_script_raises_a_clear_error(make):
+    import warnings
+
+    from dtl_fast.nn import NotScriptableError
+
+    module = make()
+    where = "dtl_fast.nn.attention" if isinstance(module, DAMLayer) else "dtl_fast.nn"
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Identity())
+            self.inner.add_module("attn", module)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        for target in (module, Model()):
+            with pytest.raises(NotScriptableError,
+                               match=rf"^torch.jit.script: {where}.{type(module).__name__} is not "
+                                     r"scriptable .* use torch.compile, torch.export or "
+                                     r"torch.jit.trace"):
+                torch.jit.script(target)
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA at DTL sizes (skipped without a GPU)
 # --------------------------------------------------------------------------------------------

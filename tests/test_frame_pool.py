@@ -291,6 +291,35 @@ def test_torch_compile_fullgraph(mode):
     assert torch.equal(out, ref) and torch.equal(gx, gref)
 
 
+def test_torch_jit_script_raises_a_clear_error():
+    # TorchScript cannot compile the module (Python-side checks, custom ops): the error names
+    # the module and the ways that work, not a compiler error inside dtl_fast's source;
+    # jit.trace still works
+    import warnings
+
+    from dtl_fast.nn import NotScriptableError
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = FramePool("mean")
+
+        def forward(self, x):
+            return self.pool(x)
+
+    for model in (FramePool("max"), Model()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script is deprecated in recent torch
+            with pytest.raises(NotScriptableError, match=r"dtl_fast\.nn\.FramePool is not "
+                               r"scriptable.*torch\.compile, torch\.export or torch\.jit\.trace"):
+                torch.jit.script(model)
+    x = torch.randn(2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Model(), (x,))
+    assert torch.equal(traced(x), x.mean(1))
+
+
 def test_torch_compile_dynamic_shapes():
     torch._dynamo.reset()
     pool = FramePool("max")

@@ -486,6 +486,56 @@ def test_swap_modules_edge_cases():
         swap_modules(nn.LSTM(3, 4), backend="cudnn")
 
 
+def test_swap_modules_warns_for_old_weight_norm_at_the_callers_line():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is deprecated
+        normed = torch.nn.utils.weight_norm(nn.LSTM(3, 4), "weight_hh_l0")
+    with pytest.warns(UserWarning, match="left a torch.nn.LSTM in place") as record:
+        swap_modules(nn.Sequential(normed))
+    assert [w.filename for w in record] == [__file__]
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0"),
+    "spectral_norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m, "weight_ih_l0"),
+    "orthogonal": lambda m: torch.nn.utils.parametrizations.orthogonal(m, "weight_hh_l0"),
+    "two": lambda m: torch.nn.utils.parametrizations.orthogonal(
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_ih_l0"), "weight_hh_l0"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", list(PARAMETRIZATIONS))
+def test_swap_modules_warns_for_parametrized_rnns(mode, how):
+    # torch.nn.utils.parametrize gives the module a type of its own (ParametrizedLSTM, a
+    # subclass of torch's): swap_modules leaves it, and says so once per module, at the
+    # caller's line; the parametrization keeps working. Other RNNs in the model are swapped.
+    parametrized = PARAMETRIZATIONS[how](getattr(nn, mode)(3, 4))
+    plain = getattr(nn, mode)(3, 4)
+    model = nn.ModuleList([parametrized, plain, nn.Sequential(parametrized)])
+    with pytest.warns(UserWarning, match=rf"left a torch.nn.{mode} in place because it is "
+                                         r"parametrized \(torch.nn.utils.parametrize on weight_") as record:
+        swap_modules(model)
+    assert len(record) == 1 and record[0].filename == __file__
+    names = sorted(parametrized.parametrizations.keys())
+    assert ", ".join(names) in str(record[0].message)
+    assert model[0] is parametrized and model[2][0] is parametrized
+    assert type(model[1]) is OURS[mode]
+    assert torch.nn.utils.parametrize.is_parametrized(parametrized)
+    parametrized(torch.randn(5, 2, 3))  # still runs (torch's kernels)
+    # The model itself parametrized: returned as it is, with the warning.
+    with pytest.warns(UserWarning, match="parametrized") as record:
+        assert swap_modules(parametrized) is parametrized
+    assert record[0].filename == __file__
+    # Subclasses of torch's modules stay silent, as before.
+    class MyRNN(getattr(nn, mode)):
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mine = MyRNN(3, 4)
+        assert swap_modules(mine) is mine
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: the exception type torch's module raises, and a message naming the problem
 # ----------------------------------------------------------------------------------------------
@@ -542,6 +592,169 @@ def test_bad_lengths(mode, lengths):
         ours(x, lengths=lengths)
     with pytest.raises(ValueError, match="PackedSequence"):
         ours(pack_padded_sequence(x, [5, 4, 2]), lengths=[5, 4, 2])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", ["float64", "int64", "meta"])
+def test_packed_hx_checked_as_on_the_padded_path(mode, bad):
+    # backend="auto" runs a PackedSequence through torch.lstm / torch.gru directly (CPU): its
+    # hx gets the op layer's checks all the same, with the padded path's ValueError (torch
+    # would say "mat1 and mat2 must have the same dtype" or name no argument).
+    kw = {"float64": {"dtype": torch.float64}, "int64": {"dtype": torch.int64},
+          "meta": {"device": "meta"}}[bad]
+    hx = [torch.zeros(2, 3, 6, **kw) for _ in range(2 if mode == "LSTM" else 1)]
+    hx = tuple(hx) if mode == "LSTM" else hx[0]
+    x = torch.randn(5, 3, 4)
+    packed = pack_padded_sequence(x, [5, 4, 2])
+    unsorted = pack_padded_sequence(x, [2, 5, 4], enforce_sorted=False)
+    messages = set()
+    for backend in ["auto", "reference"]:
+        m = OURS[mode](4, 6, bidirectional=True, backend=backend)
+        for inp in (x, packed, unsorted):
+            with pytest.raises(ValueError) as e:
+                m(inp, hx)
+            messages.add(str(e.value))
+    assert len(messages) == 1, messages
+    (message,) = messages
+    name = "hidden[0]" if mode == "LSTM" else "hidden"
+    assert message.startswith(f"{mode}: {name} "), message
+    assert {"float64": "has dtype torch.float64, input torch.float32",
+            "int64": "must be a float tensor, got torch.int64",
+            "meta": "is on meta, input on cpu"}[bad] in message
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_module_and_input_on_different_devices_name_the_parameter(mode, backend):
+    # The module's parameter name (weight_ih_l0), not the op's flat index (weights[0]): padded,
+    # unbatched and packed input, module on the CPU and input on meta and the other way round.
+    cpu_module = OURS[mode](4, 6, backend=backend)
+    meta_module = OURS[mode](4, 6, backend=backend, device="meta")
+    x = torch.randn(5, 3, 4)
+    for module, inp in [(cpu_module, x.to("meta")), (meta_module, x)]:
+        dev, other = (("cpu", "meta") if module is cpu_module else ("meta", "cpu"))
+        inputs = [inp, inp[:, 0], pack_padded_sequence(inp, [5, 4, 2]),
+                  pack_padded_sequence(inp, [2, 5, 4], enforce_sorted=False)]
+        for i in inputs:
+            with pytest.raises(ValueError, match=rf"^{mode}: weight_ih_l0 is on {dev}, input on "
+                                                 rf"{other}; move the module"):
+                module(i)
+    # Same device: runs (meta shape inference included).
+    assert meta_module(x.to("meta"))[0].shape == (5, 3, 6)
+    # A module whose weights are split over devices: the packed path on "auto" (which does
+    # not go through the op layer) names the parameter too.
+    split = OURS[mode](4, 6, backend="auto")
+    split.weight_hh_l0 = nn.Parameter(split.weight_hh_l0.detach().to("meta"))
+    with pytest.raises(ValueError, match=rf"^{mode}: weight_hh_l0 is on meta, input on cpu"):
+        split(pack_padded_sequence(x, [5, 4, 2]))
+    with pytest.raises(ValueError, match=r"weights\[1\] is on meta, input on cpu"):
+        split(x)  # the op layer's check
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.nn.RNNBase's public helpers
+# ----------------------------------------------------------------------------------------------
+
+def _outcome(fn):
+    """(result, None) or (None, (exception type, message))."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - compared with torch's
+        return None, (type(e), str(e))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_rnnbase_helpers_as_torch(mode, batch_first):
+    # Some code calls these on the RNN it is given (check_forward_args, permute_hidden); after
+    # swap_modules they must return and raise what torch.nn.LSTM / GRU's do.
+    ours, ref, _ = make_pair(mode, 4, 6, layers=2, bidir=True, batch_first=batch_first)
+    T, B = 5, 3
+    x = torch.randn(B, T, 4) if batch_first else torch.randn(T, B, 4)
+    packed = pack_padded_sequence(torch.randn(T, B, 4), [5, 4, 2])
+    good = make_hx(mode, 2, 2, B, 6)
+    bad = make_hx(mode, 1, 2, B, 6)
+    hx_good = tuple(good) if mode == "LSTM" else good[0]
+    hx_bad = tuple(bad) if mode == "LSTM" else bad[0]
+    hx_c_bad = (good[0], bad[1]) if mode == "LSTM" else hx_bad
+    bs = packed.batch_sizes
+    calls = {
+        "expected hidden": lambda m: m.get_expected_hidden_size(x, None),
+        "expected hidden packed": lambda m: m.get_expected_hidden_size(packed.data, bs),
+        "check_input ok": lambda m: m.check_input(x, None),
+        "check_input packed ok": lambda m: m.check_input(packed.data, bs),
+        "check_input 2-D": lambda m: m.check_input(x[0], None),
+        "check_input packed 3-D": lambda m: m.check_input(x, bs),
+        "check_input width": lambda m: m.check_input(torch.randn(T, B, 5), None),
+        "check_input dtype": lambda m: m.check_input(x.double(), None),
+        "check_hidden_size ok": lambda m: m.check_hidden_size(good[0], (4, B, 6)),
+        "check_hidden_size bad": lambda m: m.check_hidden_size(bad[0], (4, B, 6)),
+        "check_hidden_size msg": lambda m: m.check_hidden_size(bad[0], (4, B, 6), "hx {} vs {}"),
+        "check_forward_args ok": lambda m: m.check_forward_args(x, hx_good, None),
+        "check_forward_args packed ok": lambda m: m.check_forward_args(packed.data, hx_good, bs),
+        "check_forward_args bad hx": lambda m: m.check_forward_args(x, hx_bad, None),
+        "check_forward_args bad c": lambda m: m.check_forward_args(x, hx_c_bad, None),
+        "check_forward_args bad input": lambda m: m.check_forward_args(x[..., :3], hx_good, None),
+        "permute_hidden None": lambda m: m.permute_hidden(hx_good, None) is hx_good,
+        "permute_hidden": lambda m: m.permute_hidden(hx_good, torch.tensor([2, 0, 1])),
+    }
+    if mode == "LSTM":
+        calls["expected cell"] = lambda m: m.get_expected_cell_size(x, None)
+        calls["expected cell packed"] = lambda m: m.get_expected_cell_size(packed.data, bs)
+    for what, call in calls.items():
+        got, got_err = _outcome(lambda: call(ours))
+        want, want_err = _outcome(lambda: call(ref))
+        assert got_err == want_err, what
+        if isinstance(want, tuple) and want and isinstance(want[0], torch.Tensor):
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), what
+        elif isinstance(want, torch.Tensor):
+            assert torch.equal(got, want), what
+        else:
+            assert got == want, what
+    # (not vacuous: results and errors of both kinds were compared)
+    assert calls["expected hidden"](ours) == (4, B, 6)
+    assert _outcome(lambda: calls["check_input dtype"](ours))[1][0] is ValueError
+    assert _outcome(lambda: calls["check_forward_args bad hx"](ours))[1][0] is RuntimeError
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript: a clear error (torch.compile, torch.export and torch.jit.trace work)
+# ----------------------------------------------------------------------------------------------
+
+class _Wrapper(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_jit_script_raises_a_clear_error(mode):
+    from dtl_fast.nn import NotScriptableError
+
+    model = swap_modules(_Wrapper(getattr(nn, mode)(4, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        with pytest.raises(NotScriptableError, match=rf"dtl_fast.nn.{mode} is not scriptable.*"
+                                                     r"use torch.compile, torch.export or "
+                                                     r"torch.jit.trace") as e:
+            torch.jit.script(model)
+        # the error TorchScript raises for what it cannot compile, so existing handlers catch it
+        assert isinstance(e.value, torch.jit.frontend.NotSupportedError)
+        with pytest.raises(NotScriptableError, match=rf"torch.nn.{mode} \(it loads"):
+            torch.jit.script(model.rnn)
+
+        class Sub(OURS[mode]):
+            pass
+        with pytest.raises(NotScriptableError, match=rf"dtl_fast.nn.{mode} is not"):
+            torch.jit.script(Sub(4, 6))
+        # torch.jit.trace (which does not call __prepare_scriptable__) is unaffected.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        x = torch.randn(5, 3, 4)
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        assert torch.equal(traced(x), model(x))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Cosine-similarity attention modules: CosineAttention (multi-head, drop-in for
-nn.MultiheadAttention with scaled cosine scores), FeatureExchange (gated cross-modal exchange
-between two token sequences) and DualModalAttention (the DAM stack of DTL), with DAMLayer, one
-level of that stack.
+"""Cosine-similarity attention modules: CosineAttention (multi-head scaled cosine attention,
+called like nn.MultiheadAttention but not a drop-in for it, see below), FeatureExchange (gated
+cross-modal exchange between two token sequences) and DualModalAttention (the DAM stack of DTL),
+with DAMLayer, one level of that stack.
 
 All of them run dtl_fast.ops.cosine_attention for every attention product, so the backend
 ("auto" | "fused" | "reference") picks the Triton kernel or the eager reference for the whole
@@ -9,8 +9,15 @@ module.
 
 Conventions shared by the modules:
 - Layout: batch-first [B, N, C] (CosineAttention also takes batch_first=False: [N, B, C]).
-- CosineAttention.forward returns one tensor, not (output, weights) like
-  nn.MultiheadAttention: the fused kernel never forms the attention weights.
+- CosineAttention is not a drop-in for nn.MultiheadAttention, only called like it
+  (query, key, value): its default layout is batch-first (MultiheadAttention's is [N, B, C]),
+  forward returns one tensor, not (output, weights) (the fused kernel never forms the attention
+  weights), it takes key_lengths instead of key_padding_mask / attn_mask / need_weights, and its
+  parameters (q_proj, k_proj, v_proj, out_proj, logit_scale) are not MultiheadAttention's
+  (in_proj_weight, ...), so neither state_dict loads into the other. MultiheadAttention code
+  moved over unchanged can go wrong without an error: `out, weights = attn(q, k, v)` unpacks
+  the batch dimension when B == 2, and [N, B, C] input is read as [B, N, C] (the shapes pass
+  every check either way): pass batch_first=False for [N, B, C] and take one output.
 - Backend: every module takes `backend=` (None: $DTL_FAST_BACKEND, read when the op runs, else
   "auto"). Assigning `module.backend = "fused"` (or `module.set_backend("fused")`, which
   returns the module) on any of these modules sets it on that module and on every dtl_fast
@@ -30,9 +37,12 @@ Conventions shared by the modules:
   in padded *inputs* gives NaN gradients (the weights' and, through padded queries' attention
   backward, valid tokens' too) in every backend, as any nn.Linear over them would: pad with
   finite values (zeros) to train.
-- Bad arguments raise ValueError naming the argument and what was expected; an input whose
-  dtype is not the module's parameter dtype too, except under torch.autocast (which casts
-  every float dtype but float64: a float64 input there meets torch's own dtype error).
+- Bad arguments raise ValueError naming the argument and what was expected; an input on
+  another device than the module's parameters too, and one whose dtype is not the module's
+  parameter dtype, except under torch.autocast (which casts every float dtype but float64: a
+  float64 input there meets torch's own dtype error).
+- Not scriptable: torch.jit.script of a model holding one of these modules raises
+  dtl_fast.nn.NotScriptableError (torch.compile, torch.export and torch.jit.trace work).
 - Grouped form (FeatureExchange, DAMLayer, and CosineAttention's self / shared key-value
   projections): with backend "auto" or "fused", the projections that read the same tokens run
   as one GEMM over their weights concatenated at call time (the parameters and the state_dict
@@ -55,8 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtl_fast._checks import as_lengths_tensor, check_lengths_range, device_capturing
+from dtl_fast._checks import (as_lengths_tensor, autocast_enabled, check_lengths_range,
+                              device_capturing)
 from dtl_fast._backend import resolve_backend
+from dtl_fast.nn.rnn import _not_scriptable
 from dtl_fast.ops.cosine_attention import cosine_attention
 
 __all__ = ["CosineAttention", "DAMLayer", "DualModalAttention", "FeatureExchange"]
@@ -115,11 +127,17 @@ def _check_same(owner: str, name: str, x: torch.Tensor, ref_name: str, ref: torc
         raise ValueError(f"{owner}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
 
 
-def _check_module_dtype(owner: str, name: str, x: torch.Tensor, param: torch.Tensor) -> None:
-    """x must have the module's parameter dtype, except under torch.autocast on x's device,
-    where an input dtype other than the parameters' is what AMP runs (the projections cast
-    both sides themselves). A check of dtypes alone: nothing on the data path."""
-    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+def _check_module_param(owner: str, name: str, x: torch.Tensor, param: torch.Tensor) -> None:
+    """x must be on the module's parameter device, and have its dtype except under
+    torch.autocast on x's device, where an input dtype other than the parameters' is what AMP
+    runs (the projections cast both sides themselves). One parameter stands for the module
+    (a module split over devices meets torch's own errors). A check of metadata alone: nothing
+    on the data path."""
+    if x.device != param.device:
+        raise ValueError(f"{owner}: {name} must be on the module's device ({param.device}), got "
+                         f"{x.device}; move the input or the module "
+                         f"(module.to({str(x.device)!r}))")
+    if x.dtype != param.dtype and not autocast_enabled(x.device.type):
         raise ValueError(f"{owner}: {name} must have the module's dtype ({param.dtype}), got "
                          f"{x.dtype}; convert the input or the module (module.to({x.dtype}))")
 
@@ -311,13 +329,20 @@ class _BackendMixin:
         self.backend = backend
         return self
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module before compiling: a clear error instead
+        # of a TorchScript compiler error inside this file (see dtl_fast.nn.rnn._not_scriptable)
+        _not_scriptable(self)
+
 
 # --------------------------------------------------------------------------------------------
 # CosineAttention
 # --------------------------------------------------------------------------------------------
 class CosineAttention(_BackendMixin, nn.Module):
     r"""Multi-head scaled cosine attention (Swin Transformer V2), called like
-    nn.MultiheadAttention.
+    nn.MultiheadAttention(query, key, value) but not a drop-in for it: batch-first by default,
+    one output tensor, key_lengths for padding, other parameter names (see the module
+    docstring).
 
     For head h with head dim d = embed_dim / num_heads:
 
@@ -420,7 +445,7 @@ class CosineAttention(_BackendMixin, nn.Module):
         _check_tokens(owner, "value", value, self.vdim, "vdim")
         _check_same(owner, "key", key, "query", query)
         _check_same(owner, "value", value, "query", query)
-        _check_module_dtype(owner, "query", query, self.q_proj.weight)
+        _check_module_param(owner, "query", query, self.q_proj.weight)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
@@ -578,7 +603,7 @@ class FeatureExchange(_BackendMixin, nn.Module):
         _check_tokens(owner, "a", a, self.dim_a, "dim_a")
         _check_tokens(owner, "b", b, self.dim_b, "dim_b")
         _check_same(owner, "b", b, "a", a)
-        _check_module_dtype(owner, "a", a, self.gate_a.weight)
+        _check_module_param(owner, "a", a, self.gate_a.weight)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"{owner}: a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
         same = a_lengths is b_lengths  # one object: one check, and the directions may stack
@@ -900,7 +925,7 @@ class DualModalAttention(_BackendMixin, nn.Module):
         _check_tokens(owner, "image_tokens", x_i, self.dim, "dim")
         _check_tokens(owner, "video_tokens", x_v, self.dim, "dim")
         _check_same(owner, "video_tokens", x_v, "image_tokens", x_i)
-        _check_module_dtype(owner, "image_tokens", x_i, self.level_logits)
+        _check_module_param(owner, "image_tokens", x_i, self.level_logits)
         if x_i.shape[0] != x_v.shape[0]:
             raise ValueError(f"{owner}: image_tokens and video_tokens must have the same batch size, "
                              f"got {x_i.shape[0]} and {x_v.shape[0]}")

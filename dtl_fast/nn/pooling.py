@@ -53,6 +53,12 @@ class FramePool(nn.Module):
             resolve_backend(value)
         object.__setattr__(self, "_backend", value)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module before compiling anything: a clear error
+        # naming the way out instead of TorchScript's compiler error inside this file
+        from dtl_fast.nn.rnn import _not_scriptable
+        _not_scriptable(self)
+
     def __setstate__(self, state: dict) -> None:
         # A FramePool pickled before mode / backend were properties keeps them in its __dict__
         # under their public names, where the properties would never look.

@@ -8,8 +8,11 @@ compiled with fullgraph=True, which is one of the reasons to use the fused kerne
 subclass would also call cuDNN from flatten_parameters() whenever it is moved to a GPU. What a
 subclass would have given for free is rebuilt here: the same constructor, attributes, parameter
 names, shapes, registration order and initialisation, so state_dicts load both ways (strict),
-and the same forward contract, PackedSequence included. `isinstance(m, torch.nn.LSTM)` is False
-for these modules; code that needs to tell them apart can test for `dtl_fast.nn.LSTM`.
+the same forward contract, PackedSequence included, and torch.nn.RNNBase's public helpers
+(check_forward_args, permute_hidden, ...). `isinstance(m, torch.nn.LSTM)` is False for these
+modules; code that needs to tell them apart can test for `dtl_fast.nn.LSTM`. Not drop-in for
+TorchScript: torch.jit.script of a model holding one raises NotScriptableError (use
+torch.compile, torch.export or torch.jit.trace).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from dtl_fast._backend import resolve_backend
+from dtl_fast._checks import autocast_enabled
+from dtl_fast.reference import rnn as _ref_rnn
 
 # The recurrence ops are imported when first called, so `import dtl_fast` keeps working (and
 # these modules can still be built, loaded and swapped in) even when the op layer cannot load.
@@ -34,6 +39,39 @@ def _ops():
         from dtl_fast.ops import rnn as ops_rnn
         _OPS = ops_rnn
     return _OPS
+
+
+class NotScriptableError(torch.jit.frontend.NotSupportedError):
+    """torch.jit.script of a model holding a dtl_fast module. A subclass of the error
+    TorchScript raises for unsupported Python (torch.jit.frontend.NotSupportedError), so code
+    that catches that keeps working; it names the module and what to use instead."""
+
+    def __init__(self, msg: str) -> None:
+        Exception.__init__(self, msg)  # FrontendError's __init__ wants a TorchScript source range
+        self.msg = msg
+        self.source_range = None
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def _not_scriptable(module: nn.Module):
+    """Raises NotScriptableError for `module`. The modules' __prepare_scriptable__ calls it:
+    torch.jit.script calls that hook on every module of the model it scripts before compiling
+    anything (and nothing else calls it), so the user gets this message instead of a
+    TorchScript compiler error pointing into dtl_fast's source."""
+    # the dtl_fast class (a user's subclass has another name), as the user imports it
+    cls = next((c for c in type(module).__mro__ if c.__module__.startswith("dtl_fast.")
+                and not c.__name__.startswith("_")), type(module))
+    import dtl_fast.nn
+    where = "dtl_fast.nn" if getattr(dtl_fast.nn, cls.__name__, None) is cls else cls.__module__
+    msg = (f"torch.jit.script: {where}.{cls.__name__} is not scriptable (dtl_fast's modules run "
+           "Python-side argument checks, backend choice and custom ops that TorchScript cannot "
+           "compile); use torch.compile, torch.export or torch.jit.trace, which all handle it")
+    if cls.__name__ in ("LSTM", "GRU"):
+        msg += (f", or script a model built with torch.nn.{cls.__name__} (it loads this "
+                "module's state_dict)")
+    raise NotScriptableError(msg)
 
 
 class _RNNBase(nn.Module):
@@ -50,7 +88,12 @@ class _RNNBase(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, backend: str | None = None) -> None:
         super().__init__()
-        # Same checks, order, exception types and messages as torch.nn.RNNBase.__init__.
+        # torch.nn.RNNBase.__init__'s checks, in its order, with its exception types and
+        # messages, plus two it does not make (kept on purpose: stricter, never looser):
+        # num_layers must be an int and not a bool (torch builds one layer for True) and
+        # bidirectional a bool (torch takes any truthy value), else TypeError. LSTM checks
+        # proj_size before these: its type too (TypeError), and > 0 is NotImplementedError
+        # where torch accepts 0 < proj_size < hidden_size.
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
                 or not 0 <= dropout <= 1):
             raise ValueError("dropout should be a number in range [0, 1] representing the "
@@ -135,6 +178,19 @@ class _RNNBase(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def __prepare_scriptable__(self):
+        _not_scriptable(self)
+
+    # torch.nn.RNNBase's public helpers (some code calls them on an RNN it is given): torch's
+    # own functions, which read only attributes these modules have (input_size, hidden_size,
+    # num_layers, batch_first, bidirectional, proj_size = 0, _flat_weights), so they return and
+    # raise exactly what they do on torch.nn.LSTM / GRU. forward does not use them.
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
 
     def flatten_parameters(self) -> None:
         """A no-op kept for API compatibility: the weights are never packed into cuDNN's
@@ -231,7 +287,7 @@ class _RNNBase(nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
                 raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
-            self._check_dtype(data)
+            self._check_input_vs_module(data)
             hx = self._check_hx_dims(hx, batched=True)
             if resolve_backend(self.backend) == "auto" and self._auto_native_packed(data, batch_sizes):
                 return self._packed_native(input, hx)
@@ -249,7 +305,7 @@ class _RNNBase(nn.Module):
                             f"{type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        self._check_dtype(input)
+        self._check_input_vs_module(input)
         batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if not batched:
@@ -276,36 +332,59 @@ class _RNNBase(nn.Module):
     def _packed_native(self, input: PackedSequence, hx):
         """PyTorch's own packed-sequence RNN kernel, the call torch.nn.LSTM / GRU make: with
         backend "auto" (see _auto_native_packed) a PackedSequence goes straight in, without the
-        pad / pack round trip."""
+        pad / pack round trip. The op layer's checks do not run on this path, so the ones that
+        concern a PackedSequence run here, with the op layer's messages (what the padded path
+        and the other backends raise): every weight on the data's device (named by parameter),
+        the input feature size, and hx's shape, dtype (float, the data's) and device."""
         data, batch_sizes, sorted_indices, unsorted_indices = input
+        weights = self._flat_weights
+        device = data.device
+        for name, w in zip(self._flat_weights_names, weights):
+            if w.device != device:
+                self._raise_device(name, w, data)
         if data.size(-1) != self.input_size:
             raise RuntimeError("input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {data.size(-1)}")
         D = 2 if self.bidirectional else 1
-        expected = (self.num_layers * D, int(batch_sizes[0]), self.hidden_size)
+        B = int(batch_sizes[0])
         if hx is None:
-            zeros = data.new_zeros(expected)
+            zeros = data.new_zeros(self.num_layers * D, B, self.hidden_size)
             hs = (zeros, zeros) if self.mode == "LSTM" else (zeros,)
         else:
-            hs = hx if isinstance(hx, tuple) else (hx,)
-            names = ("hidden[0]", "hidden[1]") if self.mode == "LSTM" else ("hidden",)
-            for h, name in zip(hs, names):
-                if tuple(h.shape) != expected:
-                    raise RuntimeError(f"Expected {name} size {expected}, got {list(h.shape)}")
+            hs = hx if self.mode == "LSTM" else (hx,)
+            expected = (self.num_layers * D, B, self.hidden_size)
+            if any(h.shape != expected or h.dtype != data.dtype or h.device != device for h in hs):
+                # The op layer's check for its message (and autocast's exemption from the dtype
+                # match); it reads B (dim 1), the dtype and the device of a [T, B, I] input: a
+                # view of the data's first step stands for it.
+                hs = _ref_rnn.check_hx(self.mode, hx, data[:B].unsqueeze(0), self.hidden_size, D,
+                                       self.num_layers, batch_first=False)
             if sorted_indices is not None:
                 hs = tuple(h.index_select(1, sorted_indices) for h in hs)
         fn = torch.lstm if self.mode == "LSTM" else torch.gru
         out, *state = fn(data, batch_sizes, hs if self.mode == "LSTM" else hs[0],
-                         self._flat_weights, self.bias, self.num_layers, self.dropout,
+                         weights, self.bias, self.num_layers, self.dropout,
                          self.training, self.bidirectional)
         if unsorted_indices is not None:
             state = [h.index_select(1, unsorted_indices) for h in state]
         hidden = (state[0], state[1]) if self.mode == "LSTM" else state[0]
         return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), hidden
 
-    def _check_dtype(self, x: torch.Tensor) -> None:
+    def _raise_device(self, name: str, w: torch.Tensor, x: torch.Tensor):
+        raise ValueError(f"{self.mode}: {name} is on {w.device}, input on {x.device}; move the "
+                         f"module (module.to({str(x.device)!r})) or the input")
+
+    def _check_input_vs_module(self, x: torch.Tensor) -> None:
+        """x (the padded input or a PackedSequence's data) on weight_ih_l0's device (ValueError
+        naming the parameter: a module and an input on different devices; the op layer would
+        name it weights[0]) and of its dtype (torch.nn.RNNBase.check_input's ValueError),
+        except under torch.autocast. One weight only, at no measurable cost: the op layer checks
+        every weight (a module whose weights are split over devices gets its weights[i]
+        message), and _packed_native, which bypasses the op layer, checks them all here."""
         w = self.weight_ih_l0
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if w.device != x.device:
+            self._raise_device("weight_ih_l0", w, x)
+        if x.dtype != w.dtype and not autocast_enabled(x.device.type):
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}). Convert "
                 f"input: input.to({w.dtype}), or convert model: model.to({x.dtype})")
@@ -348,6 +427,11 @@ class LSTM(_RNNBase):
 
     mode = "LSTM"
     _GATES = 4
+
+    # torch.nn.LSTM's versions of the helpers (h_0 and c_0; see _RNNBase)
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,

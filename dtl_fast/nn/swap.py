@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dtl_fast._backend import resolve_backend
 from dtl_fast.nn.rnn import GRU, LSTM
@@ -36,11 +37,22 @@ def _unswappable_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _parametrized_rnn(module: nn.Module) -> type | None:
+    """torch.nn.LSTM / GRU for an LSTM / GRU under torch.nn.utils.parametrize (what
+    torch.nn.utils.parametrizations.weight_norm, spectral_norm and orthogonal use): its type is
+    then a class parametrize made, Parametrized<LSTM>, whose base is torch's. Else None."""
+    if not parametrize.is_parametrized(module):
+        return None
+    base = type(module).__bases__[0]
+    return base if base in _SWAPS else None
+
+
 def _convert(module: nn.Module, backend: str | None) -> nn.Module:
     reason = _unswappable_reason(module)
     if reason is not None:
+        # stacklevel: _convert, replacement, swap_modules, then the caller's line
         warnings.warn(f"swap_modules: left a torch.nn.{type(module).__name__} in place because "
-                      f"{reason}", stacklevel=3)
+                      f"{reason}", stacklevel=4)
         return module
     new = _SWAPS[type(module)].from_torch(module, backend=backend)
     for name in _HOOK_DICTS:
@@ -64,13 +76,22 @@ def swap_modules(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     replacement (LSTM.from_torch / GRU.from_torch) shares the original's Parameters, so device,
     dtype, weight tying, state_dict keys and an optimizer built before the swap all stay valid;
     train/eval mode is kept. The original's forward / backward / state_dict hooks are moved to
-    the replacement, and public attributes set on it are copied. A module used in several places
-    is replaced by one module in all of them.
+    the replacement, and public attributes set on it are copied. A module registered in several
+    places (several attributes, containers or parents) is replaced by one module in all of them;
+    references the model holds outside its registered submodules (a plain Python list or dict,
+    an attribute set with object.__setattr__) are not module registrations: they keep the torch
+    module, which shares the Parameters (same results, torch's kernels).
 
     Left in place with a warning (they still work, with torch's kernels): LSTMs with
-    proj_size > 0, and modules with parameters, buffers or submodules beyond their weights
-    (torch.nn.utils.weight_norm on an RNN, for one). Modules under torch.nn.utils.parametrize
-    have their own type and are not visited as RNNs.
+    proj_size > 0, modules with parameters, buffers or submodules beyond their weights
+    (torch.nn.utils.weight_norm on an RNN, for one), and LSTMs / GRUs under
+    torch.nn.utils.parametrize (torch.nn.utils.parametrizations.weight_norm, spectral_norm,
+    orthogonal, ...). A swap could not keep their results exactly: torch.nn.LSTM / GRU
+    evaluate a parametrized weight more than once per call (twice in torch 2.14), dtl_fast's
+    modules once, so a stateful parametrization (spectral_norm in training) would step
+    differently. Swap first,
+    then parametrize dtl_fast's module, which supports them. Subclasses of torch.nn.LSTM / GRU
+    are left as they are, silently.
 
     Args:
         model: any nn.Module, on any device; it may itself be a torch.nn.LSTM / GRU.
@@ -89,6 +110,15 @@ def swap_modules(model: nn.Module, *, backend: str | None = None) -> nn.Module:
 
     def replacement(module: nn.Module) -> nn.Module:
         if type(module) not in _SWAPS:
+            base = _parametrized_rnn(module)
+            if base is not None and id(module) not in replaced:
+                replaced[id(module)] = (module, module)  # one warning per module
+                names = sorted(module.parametrizations.keys())
+                # stacklevel: replacement, swap_modules, then the caller's line
+                warnings.warn(f"swap_modules: left a torch.nn.{base.__name__} in place because it "
+                              f"is parametrized (torch.nn.utils.parametrize on {', '.join(names)}); "
+                              f"swap before parametrizing to get dtl_fast.nn.{base.__name__}",
+                              stacklevel=3)
             return module
         if id(module) not in replaced:
             replaced[id(module)] = (module, _convert(module, backend))
