@@ -675,7 +675,7 @@ def test_no_double_backward_without_a_saved_output_refuses_an_unreachable_input(
     fn = _synthetic_exp("nothing")
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     x = w * 2
-    with pytest.raises(RuntimeError, match=r"SyntheticExp: .*cannot reach input 0.*save_for_backward"):
+    with pytest.raises(RuntimeError, match=r"SyntheticExp: .*cannot reach the op.s tensor input 0.*save_for_backward"):
         torch.autograd.grad(fn.apply(x).sum(), [w], create_graph=True)
     # plain first-order use never looks
     (gw,) = torch.autograd.grad(fn.apply(w * 2).sum(), [w])
@@ -740,6 +740,45 @@ def test_func_jacobians_name_the_way_out_on_fused_and_work_on_auto(name):
         torch.func.jacfwd(make("fused"))(a)
     for jac in (torch.func.jacrev, torch.func.jacfwd):
         torch.testing.assert_close(jac(make("auto"))(a), want)
+
+
+def test_batched_gradients_with_create_graph_raise_instead_of_crashing():
+    # is_grads_batched / jacobian(vectorize=True) with create_graph=True through a fused op:
+    # the second-order error at once (PyTorch's DelayedError over legacy BatchedTensors
+    # segfaults, so the guard must not build it there). In a child process, so that a crash
+    # fails this test instead of ending the run.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent('''
+        import re, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import test_ops_eager as t
+        for name, (make, a) in t._jacobian_cases().items():
+            a = a.clone().requires_grad_()
+            out = make("fused")(a)
+            basis = torch.eye(out.numel(), dtype=out.dtype)[:3].view(3, *out.shape)
+            for call in (lambda: torch.autograd.grad(out, a, basis, is_grads_batched=True,
+                                                     create_graph=True),
+                         lambda: torch.autograd.functional.jacobian(make("fused"), a,
+                                                                    vectorize=True,
+                                                                    create_graph=True)):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    assert re.search(t.SECOND_ORDER, str(exc)), (name, str(exc))
+                else:
+                    raise AssertionError(name + ": no error")
+        print("ok")
+    ''')
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def test_vectorized_hessian_through_a_fused_op_names_the_reference():

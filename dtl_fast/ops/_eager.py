@@ -142,6 +142,13 @@ def no_double_backward(backward: Callable, name: str) -> Callable:
     def backward_once(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
+        for g in grads:
+            # batched gradients (is_grads_batched, jacobian(vectorize=True)) with create_graph:
+            # the error node over PyTorch's legacy BatchedTensors crashes the process (a
+            # segfault in torch itself), so refuse here, at once, with the same message
+            if g is not None and _legacy_batched(g):
+                raise RuntimeError(message.decode() + " (here: create_graph=True with batched "
+                                   "gradients, is_grads_batched or jacobian(vectorize=True))")
         saved = ctx.saved_tensors  # unpacked once, for the formula and for the error node
         with torch.no_grad():
             result = backward(ctx, *grads, saved=saved)
@@ -177,7 +184,7 @@ def _input_deps(ctx, deps: list, name: str) -> list:
         elif not any(t.grad_fn is node and t.output_nr == nr for t in deps):
             raise RuntimeError(
                 f"{name}: under create_graph=True the second-order guard (no_double_backward) "
-                f"cannot reach input {i} of the op: its setup_context saved none of the "
+                f"cannot reach the op's tensor input {i} (counting tensor arguments only): its setup_context saved none of the "
                 "forward's outputs, and that input is a non-leaf tensor it did not save. Save "
                 "one output with ctx.save_for_backward (every fused op does)")
     return extra

@@ -591,7 +591,8 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
             jacfwd or forward-mode AD, which cannot see through the kernels' autograd ("auto"
             takes the composite or, for forward mode, the reference there; vmap runs the
             kernels per sample, and so do torch.autograd.functional.jacobian(vectorize=True)
-            and autograd.grad's is_grads_batched for the backward kernel).
+            and autograd.grad's is_grads_batched for the backward kernel; with
+            create_graph=True too they raise the second-order RuntimeError).
     """
     backend = resolve_backend(backend)
     caller_lengths = key_lengths

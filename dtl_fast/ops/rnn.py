@@ -607,7 +607,8 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         NotImplementedError: backend="fused" under torch.func.grad / vjp / jacrev / jvp /
             jacfwd or forward-mode AD, which cannot see through the fused kernels' autograd
             (torch.autograd.functional.jacobian(vectorize=True) and autograd.grad's
-            is_grads_batched do work: the backward kernels run once per batched gradient).
+            is_grads_batched do work: the backward kernels run once per batched gradient;
+            with create_graph=True too they raise the second-order RuntimeError).
     """
     return _dispatch("LSTM", input, hx, weights, lengths, num_layers, bidirectional, batch_first,
                      dropout, training, has_bias, backend)
