@@ -786,3 +786,7 @@ def test_vectorized_hessian_through_a_fused_op_names_the_reference():
     with pytest.raises(RuntimeError, match=SECOND_ORDER):
         torch.autograd.functional.hessian(lambda t: make("fused")(t).pow(2).sum(), a,
                                           vectorize=True)
+    # torch.autograd.functional.jvp differentiates a vjp (the double-backward route): the
+    # message names it
+    with pytest.raises(RuntimeError, match=r"no second-order gradients.*its jvp.*backend='reference'"):
+        torch.autograd.functional.jvp(make("fused"), a, torch.ones_like(a))

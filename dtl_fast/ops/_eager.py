@@ -137,7 +137,8 @@ def no_double_backward(backward: Callable, name: str) -> Callable:
                         "ctx.saved_tensors), so that create_graph=True unpacks them once")
     message = (f"{name}: the fused kernels' backward has no derivative of its own (no "
                "second-order gradients: create_graph=True, gradient penalties, "
-               "torch.autograd.functional.hessian / hvp); use backend='reference' for those").encode()
+               "torch.autograd.functional.hessian / hvp / vhp, and its jvp, which takes the "
+               "double-backward route); use backend='reference' for those").encode()
 
     def backward_once(ctx, *grads):
         if not torch.is_grad_enabled():
