@@ -43,6 +43,12 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _for_the_command_line(exc: BaseException) -> str:
+    """An error of the Python API as the command line says it: its flags, not its keywords
+    ("pass overwrite=True (--overwrite)" -> "pass --overwrite")."""
+    return str(exc).replace("overwrite=True (--overwrite)", "--overwrite")
+
+
 def _cmd_data_demo(args) -> int:
     from dtl_fast.data import build_demo_dataset
 
@@ -50,7 +56,7 @@ def _cmd_data_demo(args) -> int:
         kwargs = {} if args.samples_per_class is None else {"samples_per_class": args.samples_per_class}
         root = build_demo_dataset(args.dir, seed=args.seed, overwrite=args.overwrite, **kwargs)
     except (ValueError, OSError) as exc:
-        print(f"dtl-fast data demo: error: {exc}", file=sys.stderr)
+        print(f"dtl-fast data demo: error: {_for_the_command_line(exc)}", file=sys.stderr)
         return 2
     print(f"demo data set (handwritten digits, image + video per sample, seed {args.seed}) in {root}")
     return 0
@@ -84,7 +90,7 @@ def _cmd_data_prepare(args) -> int:
                     on_bad_sample=args.on_bad_sample, workers=args.workers,
                     overwrite=args.overwrite, progress=args.progress)
     except (ValueError, BadSampleError, OSError, RuntimeError) as exc:
-        print(f"dtl-fast data prepare: error: {exc}", file=sys.stderr)
+        print(f"dtl-fast data prepare: error: {_for_the_command_line(exc)}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split} {e['count']}" for split, e in m["splits"].items())
     skipped = sum(len(e["skipped"]) for e in m["splits"].values())
@@ -157,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "handwritten digits (no download): DIR/{train,validation,test}/<digit>/ "
                             "with an image and a clip per sample. Deterministic for a seed.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("dir", metavar="DIR", help="where to build it (a symbolic link is followed: its "
-                   "target is checked and built in, the link kept)")
+    q.add_argument("dir", metavar="DIR", help="where to build it: a new or empty folder (a symbolic "
+                   "link is followed: its target is checked and built in, the link kept; a mount "
+                   "point is refused: give a folder inside it)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--overwrite", action="store_true",
                    help="rebuild DIR when it holds an earlier demo build (with other parameters, or "
@@ -181,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite.")
     q.add_argument("dir", metavar="DIR", help="the raw data set root")
     q.add_argument("out", metavar="OUT", help="where to write the prepared data set (new or empty "
-                   "folder, or an earlier prepare's output with --overwrite)")
+                   "folder, or an earlier prepare's output with --overwrite; a symbolic link is "
+                   "followed: its target is checked and written, the link kept; a mount point is "
+                   "refused: give a folder inside it)")
     add_sample_size_arguments(q)
     q.add_argument("--on-bad-sample", choices=("skip", "error"), default=d.on_bad_sample,
                    help="a missing / unreadable / corrupt file: fail, or leave the sample out and "

@@ -239,6 +239,33 @@ def test_data_demo_through_a_symlink_and_prepare_over_a_users_prepared_json(tiny
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "raw", "real"]
 
 
+def test_data_errors_name_the_path_as_typed_and_the_flag_not_the_keyword(tiny_raw, tmp_path, capsys):
+    """`data prepare` named only a link OUT's target, and both commands said "pass
+    overwrite=True (--overwrite)" (the Python API's keyword) on the command line."""
+    out, link = tmp_path / "out", tmp_path / "lo"
+    flags = ["--image-size", "8", "--max-frames", "2", "--no-progress"]
+    assert cli.main(["data", "prepare", str(tiny_raw), str(out), *flags]) == 0
+    link.symlink_to("out")
+    capsys.readouterr()
+    assert cli.main(["data", "prepare", str(tiny_raw), str(link), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"OUT {link} (a symbolic link to {out}) already holds" in err and "pass --overwrite" in err, err
+    assert "overwrite=True" not in err, err
+    demo = tmp_path / "demo"
+    assert cli.main(["data", "demo", str(demo), "--samples-per-class", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["data", "demo", str(demo), "--samples-per-class", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "other parameters" in err and "pass --overwrite" in err and "overwrite=True" not in err, err
+    # a loop of links: named, nothing created
+    (tmp_path / "loop").symlink_to("loop")
+    assert cli.main(["data", "prepare", str(tiny_raw), str(tmp_path / "loop"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dtl-fast data prepare: error: OUT {tmp_path / 'loop'}: its symbolic links "
+                          "form a loop"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "lo", "loop", "out", "raw"]
+
+
 def test_info_and_demo_still_parse():
     args = cli.build_parser().parse_args(["demo", "--batch", "8"])
     assert args.func is cli._cmd_demo and args.batch == 8 and args.max_len == 24

@@ -22,10 +22,12 @@ import pathlib
 import shutil
 import struct
 import uuid
+import warnings
 import zlib
 
 import numpy as np
 
+from dtl_fast.data._paths import follow, keep_aside, refuse_mount_point, refuse_the_working_folder
 from dtl_fast.data.folder import SPLITS
 
 MARKER = "dtl_fast_demo.json"
@@ -263,36 +265,74 @@ def _real_root(root: pathlib.Path):
     are followed: when root is a link, its target is what the guards check and what is rebuilt
     (in a temporary sibling of the target, so the final rename stays on the target's file
     system), and the link itself is kept. A link that points nowhere on the way (a drive not
-    mounted?) or a loop of links is refused naming it, with nothing created; root being a link
-    to a folder not yet made is fine when the folder that would hold it exists."""
-    try:
-        real = root.resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of links (Python < 3.13)
-        raise FileNotFoundError(f"demo data root {root}: cannot follow its symbolic link(s) ({exc}); "
-                                "nothing was changed") from None
-    name = f"{root} (a symbolic link to {real})" if root.is_symlink() else str(root)
-    if not real.parent.is_dir():
-        absolute = pathlib.Path(os.path.abspath(root))
-        dangling = [q for q in (absolute, *absolute.parents) if q.is_symlink() and not q.exists()]
-        if dangling:
-            raise FileNotFoundError(f"demo data root {name}: the symbolic link {dangling[-1]} points to "
-                                    f"{os.readlink(dangling[-1])}, which does not exist (a drive not "
-                                    "mounted?); nothing was changed")
-    return real, name
+    mounted?) or a loop of links (on every Python: os.stat's ELOOP, not Path.resolve, which
+    stopped raising in 3.13) is refused naming it, with nothing created; root being a link to a
+    folder not yet made is fine when the folder that would hold it exists."""
+    return follow(root, "demo data root")
 
 
-def _refuse_the_working_folder(root: pathlib.Path, name: str) -> None:
+def _refuse_the_working_folder(root: pathlib.Path, name: str, why: str = "") -> None:
     """FileExistsError when root (resolved) is the current folder or holds it: the build renames
     a new folder into root's place, so a shell in it would be left in a deleted folder, seeing
-    nothing (a folder cannot be renamed onto '.' either: EBUSY)."""
-    try:
-        cwd = pathlib.Path.cwd().resolve()
-    except OSError:
-        return
-    if root == cwd or root in cwd.parents:
-        raise FileExistsError(f"demo data root {name} is the current folder or holds it: the build puts "
-                              "a new folder in its place, which a shell inside it would not see. "
-                              "Nothing was changed; run the command from another folder (cd .. first)")
+    nothing (a folder cannot be renamed onto '.' either: EBUSY). `why` says why a build is
+    needed (`dtl-fast train` reaches this without the user naming a folder)."""
+    refuse_the_working_folder(root, name, "demo data root", "the build", why)
+
+
+def _differences(marker: dict, params: dict) -> str:
+    old = marker.get("parameters")
+    old = old if isinstance(old, dict) else {}
+    diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+    return f"recorded vs asked: {diff}, version {marker.get('version')} vs {VERSION}"
+
+
+def _guard(root: pathlib.Path, name: str, wanted: dict, overwrite: bool, replace_other_build: bool):
+    """What building into root (resolved) would do: None when root already holds the wanted
+    build and there is nothing to do, else why a build is needed (for messages). Raises
+    FileExistsError, naming root and what it holds, for a root the build must not replace: run
+    before the build and again just before its result is renamed into place."""
+    if not os.path.lexists(root):
+        return "it does not exist yet"
+    if not root.is_dir():
+        raise FileExistsError(f"demo data root {name} exists and is not a folder")
+    marker = _read_marker(root)
+    same = marker is not None and {k: marker.get(k) for k in wanted} == wanted
+    if same and not overwrite:
+        return None
+    contents = sorted(p.name for p in root.iterdir())
+    if not contents:
+        return "it is an empty folder"
+    if not _is_demo_marker(marker):
+        raise FileExistsError(
+            f"{name} is not empty and is not a demo data set built by `dtl-fast data demo` (no "
+            f"valid {MARKER}); it holds {_describe(root, contents)}. It may be your own data set: "
+            f"nothing was changed. Choose another (new or empty) folder for the demo data")
+    foreign = [n for n in contents if n not in SPLITS + (MARKER,)]
+    if foreign:
+        raise FileExistsError(f"refusing to overwrite {name}: besides a demo data set it holds "
+                              f"{_describe(root, foreign)}; remove those or choose another folder")
+    # checked before --overwrite is suggested too: it must not be suggested for a tree it would refuse
+    inside = _not_from_the_build(root, marker)
+    if inside:
+        shown = ", ".join(inside[:10]) + (f" and {len(inside) - 10} more" if len(inside) > 10 else "")
+        raise FileExistsError(f"refusing to overwrite {name}: its split folders hold what the "
+                              f"demo build did not write: {shown}. Nothing was changed; "
+                              f"remove those or choose another folder")
+    other = f"a demo data set built with other parameters ({_differences(marker, wanted['parameters'])})"
+    if not overwrite and not replace_other_build:
+        raise FileExistsError(f"{name} holds {other}; pass overwrite=True (--overwrite) to rebuild it, "
+                              "or choose another folder")
+    if same:
+        return "overwrite=True (--overwrite) asks for it to be rebuilt"
+    return f"it holds {other}, which must be rebuilt"
+
+
+def _is_whole_build(folder: pathlib.Path) -> bool:
+    """True when folder holds exactly a demo build: its marker, nothing beside the split
+    folders, nothing in them the build did not write (what may be deleted)."""
+    marker = _read_marker(folder)
+    return (_is_demo_marker(marker) and all(n in SPLITS + (MARKER,) for n in os.listdir(folder))
+            and not _not_from_the_build(folder, marker))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -306,7 +346,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_builds(root: pathlib.Path) -> None:
-    """Deletes temp folders left by builds of this root that were killed (their pid is gone)."""
+    """Tidies temp folders left by builds of this root that were killed (their pid is gone): a
+    half-made `.building-` folder is deleted; an earlier build renamed aside (`.old-`) goes back
+    into root's place when root is missing (killed between its two renames), and is deleted
+    only when it is exactly a build, else left alone."""
+    if not root.parent.is_dir():
+        return
     prefix = f".{root.name}."
     for entry in root.parent.iterdir():
         name = entry.name
@@ -316,12 +361,21 @@ def _remove_stale_builds(root: pathlib.Path) -> None:
         pid = rest.split("-")[0]
         if kind not in ("building", "old") or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        if entry.is_symlink():
-            # a root that was a link, renamed aside by an earlier dtl_fast: unlinking it removes
-            # the link only, never what it points to
-            entry.unlink()
-        elif entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            if entry.is_symlink():
+                # a root that was a link, renamed aside by an earlier dtl_fast: unlinking it
+                # removes the link only, never what it points to
+                entry.unlink()
+            elif not entry.is_dir():
+                continue
+            elif kind == "building":
+                shutil.rmtree(entry, ignore_errors=True)
+            elif not os.path.lexists(root) and _is_demo_marker(_read_marker(entry)):
+                os.rename(entry, root)  # the earlier build is whole: back in place, then judged
+            elif _is_whole_build(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -387,7 +441,12 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
     without overwrite. A root that is a symbolic link is followed: the same rules apply to the
     folder it points to, which is where the set is (re)built; the link stays as it is and the
     returned path is root as given. A link that points nowhere (a drive not mounted?) is refused
-    when the folder it would build in does not exist.
+    when the folder it would build in does not exist, and so is a loop of links. A root that is
+    a mount point is refused (ValueError) before anything is built: the build renames a new
+    folder into root's place, which a mount point cannot take; build into a folder inside it.
+    The checks run again just before the new build is put in place, so what was written into
+    root while the set was built is found: the build is then refused and discarded (its temp
+    folder deleted), root left as it is.
 
     overwrite=True rebuilds an earlier demo build even when its parameters are the same (a
     repair); replace_other_build=True rebuilds it only when they differ and otherwise returns at
@@ -406,42 +465,16 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
 
     given = root
     root, name = _real_root(given)  # a symlink's target is checked and rebuilt; the link stays
-    marker = _read_marker(root) if root.is_dir() else None
-    same = marker is not None and {k: marker.get(k) for k in wanted} == wanted
-    if same and not overwrite:
+    # a build killed between its two renames: its earlier build back first, so the guard
+    # judges it (a rerun without overwrite must not replace it)
+    _remove_stale_builds(root)
+    why = _guard(root, name, wanted, overwrite, replace_other_build)
+    if why is None:
         return given
-    _refuse_the_working_folder(root, name)
-    if root.exists():
-        if not root.is_dir():
-            raise FileExistsError(f"demo data root {name} exists and is not a folder")
-        contents = sorted(p.name for p in root.iterdir())
-        if contents:
-            if not _is_demo_marker(marker):
-                raise FileExistsError(
-                    f"{name} is not empty and is not a demo data set built by `dtl-fast data demo` (no "
-                    f"valid {MARKER}); it holds {_describe(root, contents)}. It may be your own data set: "
-                    f"nothing was changed. Choose another (new or empty) folder for the demo data")
-            foreign = [n for n in contents if n not in SPLITS + (MARKER,)]
-            if foreign:
-                raise FileExistsError(f"refusing to overwrite {name}: besides a demo data set it holds "
-                                      f"{_describe(root, foreign)}; remove those or choose another folder")
-            inside = _not_from_the_build(root, marker) if overwrite or replace_other_build else []
-            if inside:
-                shown = ", ".join(inside[:10]) + (f" and {len(inside) - 10} more" if len(inside) > 10 else "")
-                raise FileExistsError(f"refusing to overwrite {name}: its split folders hold what the "
-                                      f"demo build did not write: {shown}. Nothing was changed; "
-                                      f"remove those or choose another folder")
-            if not overwrite and not replace_other_build:
-                old = marker.get("parameters")
-                old = old if isinstance(old, dict) else {}
-                diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
-                raise FileExistsError(
-                    f"{name} holds a demo data set built with other parameters (recorded vs asked: "
-                    f"{diff}, version {marker.get('version')} vs {VERSION}); pass overwrite=True "
-                    f"(--overwrite) to rebuild it, or choose another folder")
+    refuse_mount_point(root, name, "demo data root", "the build", "demo")
+    _refuse_the_working_folder(root, name, why)
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(root)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = root.parent / f".{root.name}.building-{tag}"
     old = None
@@ -461,22 +494,57 @@ def build_demo_dataset(root, *, seed: int = 0, overwrite: bool = False, samples_
         with open(tmp / MARKER, "w", encoding="utf-8") as f:  # last: it says the set is complete
             json.dump({**wanted, "counts": counts}, f, indent=1, sort_keys=True)
             f.write("\n")
-        if os.path.lexists(root):  # empty, or an earlier demo build (checked above)
-            old = root.parent / f".{root.name}.old-{tag}"
-            os.rename(root, old)
+        # The guard again, just before anything is replaced: what it checked may have changed
+        # while the set was built (a file saved into root, another build finishing first).
         try:
+            why = _guard(root, name, wanted, overwrite, replace_other_build)
+            if why is not None:
+                _refuse_the_working_folder(root, name, why)
+        except OSError as exc:
+            raise type(exc)(f"{exc} [found when {name} was checked again, just before the new build "
+                            "was to be put in its place: it changed while the set was being built; "
+                            "the new build was discarded]") from None
+        if why is None:
+            return given  # another process built the same set meanwhile
+        if root.is_dir() and os.listdir(root):  # an earlier demo build (checked just now)
+            old = root.parent / f".{root.name}.old-{tag}"
+            try:
+                os.rename(root, old)
+            except FileNotFoundError:
+                old = None  # another build moved it aside meanwhile
+        try:
+            # onto nothing or an empty folder, atomically; anything put there since the check
+            # makes it fail (ENOTEMPTY, ENOTDIR) rather than be replaced
             os.rename(tmp, root)
-        except OSError:
-            # another process put a set in place since we looked; it is fine if it is ours
+        except OSError as exc:
             marker = _read_marker(root) if root.is_dir() else None
             if marker is None or {k: marker.get(k) for k in wanted} != wanted:
-                raise
+                raise FileExistsError(
+                    f"demo data root {name}: something was put in its place just before the new build "
+                    f"was ({exc.strerror}; another build?). It was left as it is and the new build "
+                    "was discarded; run the command again") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and os.path.lexists(old):
             if not os.path.lexists(root):
                 os.rename(old, root)  # stopped between the two renames: the earlier build goes back
-            elif old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
+            else:
+                _discard(old, root, tag)
     return given
+
+
+def _discard(old: pathlib.Path, root: pathlib.Path, tag: str) -> None:
+    """Deletes the earlier build renamed aside to `old`, once the new one is in place: only when
+    it is still exactly a build (the guard's check, run again on it); anything else is kept in
+    a visible sibling of root and named in a warning."""
+    if old.is_dir() and not old.is_symlink() and _is_whole_build(old):
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        kept = keep_aside(old, root, "replaced", tag)
+    except OSError:
+        kept = old
+    warnings.warn(f"{root}: the earlier demo build it held was replaced, but what was renamed aside "
+                  f"no longer looks like a build only (something was written into it meanwhile?), so "
+                  f"it was kept in {kept}; delete it when you have looked at it", stacklevel=3)

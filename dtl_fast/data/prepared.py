@@ -44,7 +44,9 @@ re-hashes it (SHA-256) and refuses it if its bytes changed. Unchanged files cost
 The prepared set is a snapshot of the raw files: after changing them, prepare again with
 `--overwrite`. Preparing writes into a hidden temporary sibling of OUT that is renamed into
 place at the end, so an interrupted run never leaves a half-written OUT; an existing OUT is only
-replaced (with overwrite=True) when it is the output of an earlier prepare.
+replaced (with overwrite=True) when it is the output of an earlier prepare (its manifest and the
+size and .npy header of every file beside it agree), checked before decoding and again just
+before the rename.
 
     from dtl_fast.data import open_split
     from dtl_fast.data.prepared import prepare
@@ -71,6 +73,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dtl_fast.data._paths import (
+    follow,
+    inside,
+    keep_aside,
+    lexical,
+    refuse_mount_point,
+    refuse_the_working_folder,
+)
 from dtl_fast.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -96,6 +106,8 @@ FORMAT = "dtl_fast.prepared"
 VERSION = 1
 ARRAYS = ("images", "frames", "offsets", "lengths", "labels")
 _INDEX_ARRAYS = ("offsets", "lengths", "labels")
+# what read_manifest requires of a version-1 manifest (and so what an earlier output must hold)
+_REQUIRED = ("image_size", "frame_size", "max_frames", "channels", "classes", "splits", "source")
 # open_split's options that only matter while decoding raw files: accepted and ignored here
 _DECODE_ONLY = ("workers", "progress", "manifest")
 _CHUNK = 32  # samples per task of a decoding worker
@@ -202,8 +214,7 @@ def read_manifest(root) -> dict:
     if manifest.get("version") != VERSION:
         raise PreparedDataError(f"{path}: format version {manifest.get('version')!r}, this dtl_fast "
                                 f"reads version {VERSION}; prepare the data set again with --overwrite")
-    missing = [k for k in ("image_size", "frame_size", "max_frames", "channels", "classes",
-                           "splits", "source") if k not in manifest]
+    missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise PreparedDataError(f"{path}: the manifest lacks {missing}; prepare the data set again "
                                 "with --overwrite")
@@ -559,7 +570,11 @@ def _prepare_split(ds, tmp: Path, split: str, manifest_classes: list, progress: 
 
 
 def _remove_stale(out: Path) -> None:
-    """Deletes temporary folders of prepares of `out` that were killed (their pid is gone)."""
+    """Tidies temporary folders of prepares of `out` that were killed (their pid is gone): a
+    half-written `.preparing-` folder is deleted; an earlier output renamed aside (`.old-`) goes
+    back into OUT's place when OUT is missing (killed between its two renames; prepare runs this
+    before its check of OUT, so the restored output is judged as any OUT is), and is deleted
+    only when it is exactly an earlier output, else left alone."""
     prefix = f".{out.name}."
     if not out.parent.is_dir():
         return
@@ -570,10 +585,15 @@ def _remove_stale(out: Path) -> None:
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
-                if kind == "old" and not out.exists() and (entry / MANIFEST).is_file():
-                    os.rename(entry, out)  # killed between its two renames: the old set is whole
-                else:
-                    shutil.rmtree(entry, ignore_errors=True)
+                try:
+                    if kind == "preparing":
+                        shutil.rmtree(entry, ignore_errors=True)
+                    elif not os.path.lexists(out) and (entry / MANIFEST).is_file():
+                        os.rename(entry, out)  # killed between its two renames: the old set is whole
+                    elif _earlier_output(entry) == (None, []):
+                        shutil.rmtree(entry, ignore_errors=True)
+                except OSError:
+                    pass
             except OSError:
                 pass
 
@@ -584,87 +604,183 @@ def _describe(folder: Path, names: list, limit: int = 10) -> str:
     return ", ".join(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _not_an_earlier_output(out: Path):
-    """None when the non-empty folder `out` is recognisably an earlier prepare's output, else
-    why not (naming OUT/prepared.json). An output is: a prepared.json that is a manifest of this
-    format (a JSON object with "format": "dtl_fast.prepared"; any version, so an output of
-    another dtl_fast can be prepared again) beside at least one split folder holding at least one
-    of the arrays prepare writes. A user's own file that happens to be called prepared.json is
-    not one, nor is a copied manifest with nothing of prepare's beside it."""
+
+def _manifest_problem(manifest: dict):
+    """Why a JSON object with this format's "format" is not a manifest prepare wrote, else
+    None: for this version, what read_manifest requires plus each split's five arrays recorded
+    as <split>/<name>.npy with dtype, shape and size, their shapes following the split's counts;
+    for another version (it cannot be read, only replaced), conservatively, the splits and for
+    each array a file <split>/<file>.npy with dtype, shape and size recorded, whatever else that
+    version holds."""
+    current = manifest.get("version") == VERSION
+    if current:
+        missing = [k for k in _REQUIRED if k not in manifest]
+        if missing:
+            return f"it lacks {missing}"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits or not all(s in SPLITS for s in splits):
+        return f'its "splits" is not a record of {", ".join(SPLITS)}'
+    for split, entry in splits.items():
+        arrays = entry.get("arrays") if isinstance(entry, dict) else None
+        if not isinstance(arrays, dict) or not arrays:
+            return f"no arrays recorded for its {split} split"
+        if current and sorted(arrays) != sorted(ARRAYS):
+            return f"its {split} split records the arrays {sorted(arrays)}, prepare writes {list(ARRAYS)}"
+        for key, a in arrays.items():
+            ok = (isinstance(a, dict) and isinstance(a.get("file"), str) and type(a.get("bytes")) is int
+                  and isinstance(a.get("dtype"), str) and isinstance(a.get("shape"), list)
+                  and all(type(n) is int and n >= 0 for n in a["shape"]))
+            if not ok:
+                return f"its {split} split's {key} array has no file, dtype, shape and size recorded"
+            if current:
+                wrong = a["file"] != f"{split}/{key}.npy"
+            else:
+                folder, _, file = a["file"].partition("/")
+                wrong = folder != split or "/" in file or file.startswith(".") or not file.endswith(".npy")
+            if wrong:
+                return f"its {split} split's {key} array is recorded as {a['file']!r}"
+        if current:
+            count, frames = entry.get("count"), entry.get("frames")
+            shapes = {k: arrays[k]["shape"][:1] for k in ARRAYS}
+            if not (type(count) is int and type(frames) is int and shapes["frames"] == [frames]
+                    and all(shapes[k] == [count] for k in ARRAYS if k != "frames")):
+                return f"its {split} split's array shapes do not follow its sample and frame counts"
+    return None
+
+
+def _earlier_output(out: Path, files: bool = True) -> tuple:
+    """(why, foreign): why the non-empty folder `out` is not recognisably an earlier prepare's
+    output (naming OUT/prepared.json; None when it is one), and what else it holds (paths
+    relative to OUT, folders with a slash) that replacing it would delete.
+
+    An output is: a prepared.json (a regular file) that is a manifest prepare wrote, checked as
+    `_manifest_problem` says for its version, beside split folders whose array files are the
+    ones it records, each with the recorded size and a .npy header of the recorded dtype and
+    shape (a stat and a header read per file; the contents are not hashed). A user's own file
+    that happens to be called prepared.json is not one, nor a copied manifest with nothing of
+    prepare's beside it, nor one beside a user's own arrays of the same names. files=False
+    checks the manifest only (is a folder given as raw data a prepared set?)."""
     path = out / MANIFEST
     if not os.path.lexists(path):
-        return f"no {MANIFEST}"
+        return f"no {MANIFEST}", []
     if path.is_symlink() or not path.is_file():
-        return f"{path} is not a file written by prepare"
+        return f"{path} is not a file written by prepare", []
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as exc:
-        return f"{path} is not a manifest written by prepare (unreadable or not JSON: {exc})"
+        return f"{path} is not a manifest written by prepare (unreadable or not JSON: {exc})", []
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         if not isinstance(manifest, dict):
             what = f"a JSON {type(manifest).__name__}"
         else:
             what = f'its "format" is {manifest["format"]!r}' if "format" in manifest else 'no "format" field'
-        return f'{path} is not a manifest written by prepare ({what}; prepare writes "format": "{FORMAT}")'
-    arrays = {f"{name}.npy" for name in ARRAYS}
-    if not any((out / split).is_dir() and not (out / split).is_symlink()
-               and any(p.name in arrays for p in (out / split).iterdir()) for split in SPLITS):
-        return f"{path} is there, but no split folder with the arrays prepare writes is beside it"
-    return None
+        return (f'{path} is not a manifest written by prepare ({what}; prepare writes "format": '
+                f'"{FORMAT}")'), []
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        return f"{path} is not a manifest written by prepare ({problem})", []
+    if not files:
+        return None, []
+    listed = {a["file"]: a for e in manifest["splits"].values() for a in e["arrays"].values()}
+    foreign, present, differ = [], 0, []
+    for entry in sorted(os.listdir(out)):
+        top = out / entry
+        if entry == MANIFEST:
+            continue
+        if entry not in manifest["splits"] or top.is_symlink() or not top.is_dir():
+            foreign.append(entry + ("/" if top.is_dir() else ""))
+            continue
+        for name in sorted(os.listdir(top)):
+            rel, p = f"{entry}/{name}", top / name
+            if rel not in listed or p.is_symlink() or not p.is_file():
+                foreign.append(rel + ("/" if p.is_dir() else ""))
+                continue
+            present += 1
+            a = listed[rel]
+            size = p.stat().st_size
+            if size != a["bytes"]:
+                differ.append(f"{rel} is {size} bytes, {MANIFEST} records {a['bytes']}")
+                continue
+            try:
+                shape, dtype, _ = _npy_header(p)
+                same = shape == tuple(a["shape"]) and dtype == np.dtype(a["dtype"])
+            except (PreparedDataError, TypeError, ValueError):
+                differ.append(f"{rel} is not a .npy array file")
+                continue
+            if not same:
+                differ.append(f"{rel} holds {dtype} {list(shape)}, {MANIFEST} records "
+                              f"{a['dtype']} {a['shape']}")
+    if not present:
+        return f"{path} is there, but no split folder with the arrays prepare writes is beside it", foreign
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        return (f"{path} does not describe the files beside it: {'; '.join(differ[:3])}{more}; if it "
+                "is an earlier output that was changed, delete it yourself once you no longer need "
+                "it"), foreign
+    return None, foreign
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
-    """Refuses an OUT that would lose data or cannot work (error names OUT)."""
-    if out.resolve() == source.resolve():
-        raise ValueError(f"OUT {out} is the raw data folder itself; choose another folder")
+def _not_a_manifest_of_prepare(root: Path):
+    """None when root/prepared.json is a manifest prepare wrote, else why not."""
+    return _earlier_output(root, files=False)[0]
+
+
+def _check_out(out: Path, name: str, given: Path, source: Path, overwrite: bool) -> None:
+    """Refuses an OUT that would lose data or cannot work (errors name OUT as given and, for a
+    link, its target). `out` is the resolved folder, `given` the path as the user gave it. Run
+    before anything is decoded and again just before the result is renamed into place."""
+    if out == source.resolve():
+        raise ValueError(f"OUT {name} is the raw data folder itself; choose another folder")
+    place = lexical(given)  # where a link OUT itself sits, as well as where it points
     for split in SPLITS:
         split_dir = (source / split).resolve()
-        if out.resolve() == split_dir or split_dir in out.resolve().parents:
-            raise ValueError(f"OUT {out} lies inside the raw split folder {source / split}, where it "
+        if inside(out, split_dir) or inside(place, split_dir):
+            raise ValueError(f"OUT {name} lies inside the raw split folder {source / split}, where it "
                              "would be read as data; choose a folder outside it")
-    if not out.exists():
+    if not os.path.lexists(out):
         return
     if not out.is_dir():
-        raise FileExistsError(f"OUT {out} exists and is not a folder")
-    try:
-        cwd = Path.cwd().resolve()
-    except OSError:
-        cwd = None
-    if cwd is not None and (out == cwd or out in cwd.parents):
-        # prepare renames a new folder into OUT's place: a shell inside it would be left in a
-        # deleted folder (and '.' itself cannot be renamed onto: EBUSY)
-        raise FileExistsError(f"OUT {out} is the current folder or holds it: prepare puts a new folder "
-                              "in its place, which a shell inside it would not see. Nothing was "
-                              "changed; run the command from another folder (cd .. first)")
-    contents = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"OUT {name} exists and is not a folder")
+    refuse_mount_point(out, name, "OUT", "prepare", "prepared")
+    # prepare renames a new folder into OUT's place: a shell inside it would be left in a
+    # deleted folder (and '.' itself cannot be renamed onto: EBUSY)
+    refuse_the_working_folder(out, name, "OUT", "prepare")
+    contents = sorted(os.listdir(out))
     if not contents:
         return
-    why = _not_an_earlier_output(out)
+    why, foreign = _earlier_output(out)
     if why is not None:
-        raise FileExistsError(f"refusing to write into OUT {out}: it is not empty and is not the output "
+        raise FileExistsError(f"refusing to write into OUT {name}: it is not empty and is not the output "
                               f"of an earlier `dtl-fast data prepare` ({why}); it holds "
                               f"{_describe(out, contents)}. Nothing was changed; choose another folder")
-    if not overwrite:
-        raise FileExistsError(f"OUT {out} already holds a prepared data set; pass overwrite=True "
-                              "(--overwrite) to prepare it again, or choose another folder")
-    # replacing OUT deletes everything under it: only what a prepare writes may be there
-    written = {f"{name}.npy" for name in ARRAYS}
-    foreign = []
-    for name in contents:
-        entry = out / name
-        if name == MANIFEST:
-            continue
-        if name not in SPLITS or entry.is_symlink() or not entry.is_dir():
-            foreign.append(name + ("/" if entry.is_dir() else ""))
-            continue
-        foreign += sorted(f"{name}/{p.name}" + ("/" if p.is_dir() else "") for p in entry.iterdir()
-                          if p.name not in written or p.is_symlink() or not p.is_file())
+    # replacing OUT deletes everything under it: only what a prepare wrote may be there (checked
+    # with or without overwrite, so --overwrite is never suggested where it would be refused)
     if foreign:
         more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
-        raise FileExistsError(f"refusing to overwrite OUT {out}: besides a prepared data set it holds "
+        raise FileExistsError(f"refusing to overwrite OUT {name}: besides a prepared data set it holds "
                               f"{', '.join(foreign[:10])}{more}. Nothing was changed; remove those or "
                               "choose another folder")
+    if not overwrite:
+        raise FileExistsError(f"OUT {name} already holds a prepared data set; pass overwrite=True "
+                              "(--overwrite) to prepare it again, or choose another folder")
+
+
+def _discard_old(old: Path, out: Path, tag: str) -> None:
+    """Deletes the earlier output renamed aside to `old` once the new one is in place: only when
+    it is still exactly an earlier output (the check of OUT, run again on it); anything else is
+    kept in a visible sibling of OUT and named in a warning."""
+    if _earlier_output(old) == (None, []):
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        kept = keep_aside(old, out, "replaced", tag)
+    except OSError:
+        kept = old
+    warnings.warn(f"{out}: the earlier prepared data set it held was replaced, but what was renamed "
+                  "aside no longer looks like prepare's output only (something was written into it "
+                  f"meanwhile?), so it was kept in {kept}; delete it when you have looked at it",
+                  stacklevel=3)
 
 
 def _classes_without_train(source: Path, splits: list):
@@ -704,10 +820,18 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
             lack a folder, or have an empty one, in one split; a class with no sample in any
             split is a ValueError naming its folders.
         out: where to write; must not exist, be empty, or (with overwrite=True) be an earlier
-            prepare's output: a manifest of this format (any version) beside split folders
-            holding the arrays prepare writes, and nothing else. Anything else is refused with
-            FileExistsError naming it (a user's own file called prepared.json included), with
-            or without overwrite. A symlink OUT is followed: its target is checked and replaced.
+            prepare's output: a manifest prepare wrote (any format version; for this one, one
+            that read_manifest accepts) beside split folders holding exactly the array files
+            it records, each of the recorded size, dtype and shape, and nothing else. Anything
+            else is refused with FileExistsError naming it (a user's own file called
+            prepared.json included, or one beside a user's own arrays), with or without
+            overwrite. A symlink OUT is followed: its target is checked and replaced, the link
+            kept; a loop of links, or a link into a folder that does not exist (a drive not
+            mounted?), is refused, and so is a mount point (ValueError: prepare renames a new
+            folder into OUT's place; give a folder inside it). OUT is checked again just before
+            the result is renamed into place: if it changed meanwhile (a file saved into it,
+            another prepare into it finishing first), the run is refused and its complete
+            output kept in the sibling folder OUT.new-<pid>-<id>, named in the error.
         image_size, frame_size, max_frames, channels, on_bad_sample: as for MultiModalFolder
             (its check lists the samples, so the same samples in the same order are prepared).
         workers: decoding processes (0: decode in this process); also the check's workers when
@@ -723,18 +847,21 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     t0 = time.perf_counter()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
-    # OUT resolved: a symlink's target is replaced (on its own file system), not the link
-    source_p, out = Path(source).expanduser(), Path(out).expanduser().resolve()
+    # OUT followed: a symlink's target is checked and replaced (on its own file system), the
+    # link kept; a loop, or a link into a folder that is not there, refused naming it
+    source_p, given = Path(source).expanduser(), Path(out).expanduser()
+    out, name = follow(given, "OUT")
     if not source_p.is_dir():
         raise FileNotFoundError(f"data root {source_p} does not exist or is not a folder")
     if is_prepared(source_p):
-        why = _not_an_earlier_output(source_p)
+        why = _not_a_manifest_of_prepare(source_p)
         if why is None:
             raise ValueError(f"{source_p} is already a prepared data set; give the raw data folder")
         raise ValueError(f"{source_p} holds {MANIFEST} but is not a prepared data set ({why}). A folder "
                          f"holding {MANIFEST} is read as a prepared data set (by `dtl-fast train --data` "
                          "too): rename that file in the raw data folder")
-    _check_out(out, source_p, overwrite)
+    _remove_stale(out)  # first: an earlier output a killed prepare left aside is judged as OUT
+    _check_out(out, name, given, source_p, overwrite)
     splits = [s for s in SPLITS if (source_p / s).is_dir()]
     if not splits:
         raise FileNotFoundError(f"no split folder in {source_p}: expected {', '.join(SPLITS)} "
@@ -753,7 +880,6 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
         datasets[split] = ds
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.preparing-{tag}"
     tmp.mkdir()
@@ -784,14 +910,42 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        if out.exists():  # empty, or an earlier prepare's output (checked above)
+        # The check of OUT again, just before anything is replaced: decoding took a while and OUT
+        # may have changed meanwhile (a file saved into it, another prepare finishing first). A
+        # refusal keeps this run's output, complete, in a visible sibling of OUT.
+        try:
+            _check_out(out, name, given, source_p, overwrite)
+        except (OSError, ValueError) as exc:
+            kept = keep_aside(tmp, out, "new", tag)
+            raise type(exc)(f"{exc} [found when OUT was checked again, just before this run's output was "
+                            "to be put in its place: OUT changed while the data was prepared (another "
+                            f"prepare into it?). This run's complete output is kept in {kept}: train on "
+                            "it as it is (--data that folder) or move it where you want it]") from None
+        if out.is_dir() and os.listdir(out):  # an earlier prepare's output (checked just now)
             old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-        os.rename(tmp, out)
+            try:
+                os.rename(out, old)
+            except FileNotFoundError:
+                old = None  # another prepare --overwrite moved it aside meanwhile
+        try:
+            # onto nothing or an empty folder, atomically; anything put there since the check
+            # makes it fail (ENOTEMPTY, ENOTDIR) rather than be replaced
+            os.rename(tmp, out)
+        except OSError as exc:
+            kept = keep_aside(tmp, out, "new", tag)
+            earlier = ""
+            if old is not None:
+                earlier = f"; the earlier output OUT held is in {keep_aside(old, out, 'earlier', tag)}"
+                old = None
+            raise FileExistsError(f"OUT {name}: something was put in its place just before this run's "
+                                  f"output was ({exc.strerror}; another prepare into it?), and it was "
+                                  f"left as it is. This run's complete output is kept in {kept}"
+                                  f"{earlier}") from None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard_old(old, out, tag)
+            old = None
     except BaseException:
-        if old is not None and old.exists() and not out.exists():
+        if old is not None and old.exists() and not os.path.lexists(out):
             os.rename(old, out)  # interrupted between the two renames: put the old set back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
