@@ -65,27 +65,30 @@ std::string torch_dtype(at::ScalarType t) {
   return "torch." + std::string(names.first.data(), names.first.size());
 }
 
-// Range check of lengths that live on the CPU (read in place, no device involved).
-void check_length_values(const at::Tensor& len64, int64_t T) {
+// Range check of lengths that live on the CPU (read in place, no device involved). `op` is
+// the op whose argument they are, which its errors name.
+void check_length_values(const at::Tensor& len64, int64_t T, const char* op) {
   if (len64.numel() == 0) return;
   const int64_t* p = len64.const_data_ptr<int64_t>();
   const int64_t lo = *std::min_element(p, p + len64.numel());
   const int64_t hi = *std::max_element(p, p + len64.numel());
-  TORCH_CHECK_VALUE(lo >= 0 && hi <= T, "frame_pool: every lengths[b] must lie in [0, T] = [0, ",
-                    T, "], got values in [", lo, ", ", hi, "]");
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= T, op, ": every lengths[b] must lie in [0, T] = [0, ", T,
+                    "], got values in [", lo, ", ", hi, "]");
 }
 
+// The dtype, shape and device errors read exactly as the fake kernel's (_check_lengths in
+// dtl_fast/ops/frame_pool.py), which accepts the same dtypes (its _LENGTH_DTYPES).
 at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T,
-                               const at::Device& device) {
+                               const at::Device& device, const char* op) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
   const at::Tensor& len = *lengths;
-  TORCH_CHECK_VALUE(at::isIntegralType(len.scalar_type(), /*includeBool=*/false),
-                    "frame_pool: lengths must be an integer tensor, got dtype ",
+  TORCH_CHECK_VALUE(at::isIntegralType(len.scalar_type(), /*includeBool=*/false), op,
+                    ": lengths must be an integer tensor, got dtype ",
                     torch_dtype(len.scalar_type()));
-  TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == B,
-                    "frame_pool: lengths must have shape [B] = [", B, "], got ", len.sizes());
-  TORCH_CHECK_VALUE(len.is_cpu() || len.device() == device,
-                    "frame_pool: lengths must be on the CPU or on x's device (", device,
+  TORCH_CHECK_VALUE(len.dim() == 1 && len.size(0) == B, op,
+                    ": lengths must have shape [B] = [", B, "], got ", len.sizes());
+  TORCH_CHECK_VALUE(len.is_cpu() || len.device() == device, op,
+                    ": lengths must be on the CPU or on the device of its input (", device,
                     "), got ", len.device());
   if (len.is_cpu() && len.scalar_type() == at::kUInt64 && len.numel() > 0) {
     // int64 is what the kernels count in: a value >= 2^63 would wrap to a negative one, and
@@ -93,12 +96,12 @@ at::Tensor checked_lengths_for(const c10::optional<at::Tensor>& lengths, int64_t
     const at::Tensor lc = len.contiguous();
     const uint64_t* p = lc.const_data_ptr<uint64_t>();
     const uint64_t hi = *std::max_element(p, p + lc.numel());
-    TORCH_CHECK_VALUE(hi <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
-                      "frame_pool: lengths must fit in int64, got ", hi);
+    TORCH_CHECK_VALUE(hi <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), op,
+                      ": lengths must fit in int64, got ", hi);
   }
   at::Tensor len64 = len.to(at::kLong).contiguous();
   if (!len64.is_cpu()) return len64;  // range left to the kernels: clamp + error flag
-  check_length_values(len64, T);
+  check_length_values(len64, T, op);
   if (device.is_cpu()) return len64;
   // A copy from pageable memory blocks the host until the GPU has drained its queue; from a
   // pinned buffer it is asynchronous (the caching host allocator keeps the buffer alive until
@@ -130,7 +133,7 @@ at::Tensor checked_lengths(const at::Tensor& x, const c10::optional<at::Tensor>&
   TORCH_CHECK_VALUE(x.size(1) <= kMaxT,
                     "frame_pool: T must be <= 2^31 - 4097 (frame indices are int32), got ",
                     x.size(1));
-  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device());
+  return checked_lengths_for(lengths, x.size(0), x.size(1), x.device(), "frame_pool");
 }
 
 at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
@@ -138,7 +141,8 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
                                    const at::Tensor& argmax, int64_t T, PoolMode mode) {
   TORCH_CHECK_VALUE(grad_out.dim() == 2, "frame_pool_backward: grad_out must be [B, D], got ",
                     grad_out.sizes());
-  // Worded as the fake kernel words it (one message, whichever kernel meets the call).
+  // The grad_out dtype and argmax errors are worded as the fake kernel words them (one
+  // message, whichever kernel meets the call).
   TORCH_CHECK_VALUE(is_supported_float(grad_out.scalar_type()),
                     "frame_pool_backward: grad_out must be float32, float64, float16 or "
                     "bfloat16, got ", torch_dtype(grad_out.scalar_type()));
@@ -154,9 +158,11 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
                           argmax.device() == grad_out.device(),
                       "frame_pool_backward: argmax must be an int32 tensor [B, D] = [",
                       grad_out.size(0), ", ", D, "] on ", grad_out.device(), ", got ",
-                      argmax.scalar_type(), " ", argmax.sizes(), " on ", argmax.device());
+                      torch_dtype(argmax.scalar_type()), " ", argmax.sizes(), " on ",
+                      argmax.device());
   }
-  return checked_lengths_for(lengths, grad_out.size(0), T, grad_out.device());
+  return checked_lengths_for(lengths, grad_out.size(0), T, grad_out.device(),
+                             "frame_pool_backward");
 }
 
 namespace {

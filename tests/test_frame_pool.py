@@ -23,6 +23,12 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # one partial
 SHAPES = [(1, 1, 1), (2, 5, 7), (3, 9, 1000), (4, 1, 7), (5, 6, 1), (6, 17, 64),
           (0, 4, 5), (3, 0, 5), (3, 4, 0), (2, 9, 2053), (3, 40, 3000)]
+# Whether a test may make a fake tensor on "cuda:1" (FakeTensorMode). On a host whose
+# accelerator is CUDA, FakeTensorMode makes a real one-element tensor on each fake CUDA device
+# it meets (torch/_subclasses/fake_tensor.py, init_gpu_context), which fails with "invalid
+# device ordinal" where there is exactly one GPU. So the other-GPU cases run with no GPU (fake
+# tensors only) or with two or more.
+FAKE_SECOND_GPU = not torch.cuda.is_available() or torch.cuda.device_count() > 1
 
 
 def width(D, mode):
@@ -499,16 +505,108 @@ def test_dtype_errors_read_the_same_from_kernel_and_fake_kernel(dtype):
         x = torch.ones(3, 4, 5, device=device).to(dtype)
         return lambda: torch.ops.dtl_fast.frame_pool(x, None, "mean")
 
+    def argmax_call(device):
+        g = torch.ones(3, 5, device=device)
+        am = torch.zeros(3, 5, device=device).to(dtype)
+        return lambda: torch.ops.dtl_fast.frame_pool_backward(g, None, am, 4, "max")
+
     name = str(dtype)
     for call, want in (
-            (grad_out_call, "frame_pool_backward: grad_out must be float32, float64, float16 or "
-                            f"bfloat16, got {name}"),
-            (x_call, f"frame_pool: x must be float32, float64, float16 or bfloat16, got {name}")):
+            (grad_out_call, lambda device: "frame_pool_backward: grad_out must be float32, "
+                                           f"float64, float16 or bfloat16, got {name}"),
+            (x_call, lambda device: "frame_pool: x must be float32, float64, float16 or "
+                                    f"bfloat16, got {name}"),
+            (argmax_call, lambda device: "frame_pool_backward: argmax must be an int32 tensor "
+                                         f"[B, D] = [3, 5] on {device}, got {name} [3, 5] on "
+                                         f"{device}")):
+        if call is argmax_call and dtype == torch.int32:  # the dtype argmax takes
+            call("cpu")()
+            call("meta")()
+            continue
         kernel = message(call("cpu"))
         fake = message(call("meta"))
         with FakeTensorMode():
             fake_tensor = message(call("cpu"))
-        assert kernel == fake == fake_tensor == want, (kernel, fake, fake_tensor)
+        assert (kernel, fake, fake_tensor) == (want("cpu"), want("meta"), want("cpu"))
+
+
+# Every dtype torch has: the bit-packed, sub-byte, float8 and quantized ones too.
+ALL_TORCH_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)},
+                          key=str)
+# at::isIntegralType(dtype, includeBool=false): what the C++ kernels take as lengths
+KERNEL_LENGTH_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                        torch.uint16, torch.uint32, torch.uint64}
+
+
+@pytest.mark.parametrize("dtype", ALL_TORCH_DTYPES, ids=str)
+def test_kernel_and_fake_kernel_take_the_same_lengths_dtypes(dtype):
+    # Lengths the C++ kernel rejects, the fake kernel rejects too, with the same ValueError,
+    # so a traced graph does not accept them and then fail when it first runs (the fake kernel
+    # once let torch.bits8 or torch.int4 through: neither floating nor complex); those it
+    # takes, the fake kernel takes. Quantized lengths reach neither kernel: the dispatcher has none
+    # for them, on either device.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    quantized = str(dtype).startswith(("torch.qint", "torch.quint"))
+
+    def outcomes(device):
+        with warnings.catch_warnings():  # complex32 / bcomplex32 "experimental", quantized
+            warnings.simplefilter("ignore", UserWarning)  # "deprecated"
+            lengths = (torch.empty if quantized else torch.zeros)(3, dtype=dtype, device=device)
+        x = torch.zeros(3, 4, 5, device=device)
+        g = torch.zeros(3, 5, device=device)
+        am = torch.zeros(3, 5, dtype=torch.int32, device=device)
+        got = {}
+        for op, call in (
+                ("frame_pool", lambda: torch.ops.dtl_fast.frame_pool(x, lengths, "max")),
+                ("frame_pool_backward",
+                 lambda: torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, 4, "max"))):
+            try:
+                call()
+                got[op] = "accepted"
+            except ValueError as e:
+                got[op] = str(e)
+            except NotImplementedError as e:  # no kernel for the dispatch key (Quantized*)
+                got[op] = "no kernel" if "Quantized" in str(e) else str(e)
+        return got
+
+    want = {op: "accepted" if dtype in KERNEL_LENGTH_DTYPES else "no kernel" if quantized
+            else f"{op}: lengths must be an integer tensor, got dtype {dtype}"
+            for op in ("frame_pool", "frame_pool_backward")}
+    assert outcomes("cpu") == want
+    assert outcomes("meta") == want
+    if not quantized:  # FakeTensorMode makes no quantized tensors
+        with FakeTensorMode():
+            assert outcomes("cpu") == want
+
+
+def test_lengths_errors_read_the_same_from_kernel_and_fake_kernel():
+    # The lengths' shape error, forward and backward, in the same words from the C++ kernel and
+    # the fake kernel (the device error is worded alike too: the fake-kernel side is
+    # test_fake_kernels_check_the_lengths_device, the kernel side a gpu test).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def messages(device):
+        x = torch.zeros(3, 4, 5, device=device)
+        g = torch.zeros(3, 5, device=device)
+        am = torch.zeros(3, 5, dtype=torch.int32, device=device)
+        got = []
+        for lengths in (torch.zeros(2, dtype=torch.int64, device=device),
+                        torch.zeros(3, 1, dtype=torch.int32, device=device)):
+            for call in (lambda: torch.ops.dtl_fast.frame_pool(x, lengths, "max"),
+                         lambda: torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, 4,
+                                                                        "max")):
+                with pytest.raises(ValueError) as err:
+                    call()
+                got.append(str(err.value))
+        return got
+
+    want = [f"{op}: lengths must have shape [B] = [3], got {shape}"
+            for shape in ("[2]", "[3, 1]") for op in ("frame_pool", "frame_pool_backward")]
+    assert messages("cpu") == want
+    assert messages("meta") == want
+    with FakeTensorMode():
+        assert messages("cpu") == want
 
 
 @pytest.mark.parametrize("case", FAKE_BAD_INPUTS, ids=[c[0] for c in FAKE_BAD_INPUTS])
@@ -529,6 +627,8 @@ def test_fake_kernels_check_what_the_kernels_check(case):
         bwd(g[:, :5], None, am.float(), 4, "max")
     with pytest.raises(ValueError, match="argmax"):
         bwd(g, None, am[:, :4], 4, "meanmax")
+    with pytest.raises(ValueError, match=r"argmax .* on meta, got torch.int32 \[3, 5\] on cpu"):
+        bwd(g[:, :5], None, torch.zeros(3, 5, dtype=torch.int32), 4, "max")
     with pytest.raises(ValueError, match=r"\[B, 2D\]"):
         bwd(g[:, :9], None, am, 4, "meanmax")
     with pytest.raises(ValueError, match="T must"):
@@ -882,14 +982,16 @@ def test_fake_kernels_check_the_lengths_device():
 
     with FakeTensorMode():
         x = torch.randn(2, 5, 4, device="cuda:0")
-        other = torch.tensor([1, 2], device="cuda:1")
-        with pytest.raises(ValueError, match=r"lengths must be on the CPU or on the device of "
-                                             r"its input \(cuda:0\), got cuda:1"):
-            torch.ops.dtl_fast.frame_pool(x, other, "mean")
         g = torch.randn(2, 4, device="cuda:0")
         am = torch.zeros(0, dtype=torch.int32, device="cuda:0")
-        with pytest.raises(ValueError, match="frame_pool_backward: lengths must be on the CPU"):
-            torch.ops.dtl_fast.frame_pool_backward(g, other, am, 5, "mean")
+        if FAKE_SECOND_GPU:  # not on a host with exactly one GPU (see FAKE_SECOND_GPU)
+            other = torch.tensor([1, 2], device="cuda:1")
+            with pytest.raises(ValueError, match=r"lengths must be on the CPU or on the device "
+                                                 r"of its input \(cuda:0\), got cuda:1"):
+                torch.ops.dtl_fast.frame_pool(x, other, "mean")
+            with pytest.raises(ValueError,
+                               match="frame_pool_backward: lengths must be on the CPU"):
+                torch.ops.dtl_fast.frame_pool_backward(g, other, am, 5, "mean")
         assert torch.ops.dtl_fast.frame_pool(x, torch.tensor([1, 2]), "mean")[0].shape == (2, 4)
         assert torch.ops.dtl_fast.frame_pool_backward(g, torch.tensor([1, 2], device="cuda:0"),
                                                       am, 5, "mean").shape == (2, 5, 4)
@@ -1277,7 +1379,15 @@ def test_lengths_are_checked_whatever_t_and_d(td, mode):
 
     fake_checks("meta")
     with FakeTensorMode():  # fake CUDA tensors, no GPU needed
-        fake_checks("cuda:0", "cuda:1")
+        fake_checks("cuda:0", "cuda:1" if FAKE_SECOND_GPU else None)
+
+
+# (B, lengths dtype, on a side stream) of the GPU length-check test. 2^18 + 1 clips are more
+# than the length-check kernel's 1024 blocks x 256 threads take in one pass: a bad length at
+# the last clip is seen only if the blocks stride on. int32 lengths are converted to int64 on
+# the GPU first.
+GPU_LENGTH_CASES = [(3, torch.int64, False), (3, torch.int32, False),
+                    (2**18 + 1, torch.int64, False), (3, torch.int64, True)]
 
 
 @pytest.mark.gpu
@@ -1286,31 +1396,54 @@ def test_lengths_are_checked_whatever_t_and_d(td, mode):
 def test_gpu_lengths_are_checked_on_the_gpu_whatever_t_and_d(td, mode):
     # Calls that have nothing to pool or write (D = 0; the backward with T = 0) record a bad GPU
     # length as the others do (a length check launched alone), with no host synchronisation,
-    # and record nothing for good lengths.
+    # and record nothing for good lengths: for int64 and int32 lengths, for more clips than
+    # one pass of the kernel covers, and on a side stream (GPU_LENGTH_CASES).
     T, D = td
-    B = 3
     fwd, bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
-    x = torch.randn(B, T, D, device="cuda")
-    g = torch.ones(B, width(D, mode), device="cuda")
-    am = no_argmax_or(mode, B, D, "cuda")
     dtl_fast.check_errors()
-    for call in (lambda lengths: fwd(x, lengths, mode),
-                 lambda lengths: bwd(g, lengths, am, T, mode)):
-        for bad in ([T + 1, 0, 0], [0, -1, 0]):
-            lengths = torch.tensor(bad, device="cuda")
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                call(lengths)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            with pytest.raises(ValueError, match="lengths"):
-                dtl_fast.check_errors()
-        call(torch.tensor([T, 0, T], device="cuda"))
-        dtl_fast.check_errors()  # nothing recorded
+    for B, dtype, side in GPU_LENGTH_CASES:
+        case = f"B={B} {dtype}" + (" side stream" if side else "")
+        x = torch.randn(B, T, D, device="cuda")
+        g = torch.ones(B, width(D, mode), device="cuda")
+        am = no_argmax_or(mode, B, D, "cuda")
+
+        def call_after_write(call, lengths, at, value):
+            # lengths[at] = value, then the call, on one stream, with no host synchronisation.
+            # On the side stream the write waits behind a sleep of some milliseconds, so a
+            # kernel launched on any stream but the current one reads the lengths before it
+            # and records nothing.
+            stream = torch.cuda.current_stream()
+            if side:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())  # x, g, am, lengths are made
+            with torch.cuda.stream(stream):
+                if side:
+                    torch.cuda._sleep(20_000_000)
+                lengths[at] = value
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    call(lengths)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+        for op, call in (("forward", lambda lengths: fwd(x, lengths, mode)),
+                         ("backward", lambda lengths: bwd(g, lengths, am, T, mode))):
+            for at, value in ((0, T + 1), (B // 2, -1), (B - 1, T + 1)):
+                lengths = torch.zeros(B, dtype=dtype, device="cuda")
+                call_after_write(call, lengths, at, value)
+                try:
+                    dtl_fast.check_errors()  # waits for the GPU (every stream)
+                except ValueError as e:
+                    assert "lengths" in str(e), (case, op, str(e))
+                else:
+                    pytest.fail(f"{case} {op}: lengths[{at}] = {value} was not recorded")
+            lengths = torch.zeros(B, dtype=dtype, device="cuda")
+            lengths[0] = T
+            call_after_write(call, lengths, B - 1, T)
+            dtl_fast.check_errors()  # nothing recorded
     # through autograd: the forward's record is raised by its own backward, as for any shape
-    xg = x.detach().requires_grad_()
-    out = ops.frame_pool(xg, torch.tensor([T + 1, 0, 0], device="cuda"), mode, backend="fused")
+    x = torch.randn(3, T, D, device="cuda", requires_grad=True)
+    out = ops.frame_pool(x, torch.tensor([T + 1, 0, 0], device="cuda"), mode, backend="fused")
     torch.cuda.synchronize()
     with pytest.raises(ValueError, match="lengths"):
         out.backward(torch.ones_like(out))
@@ -2084,6 +2217,37 @@ def test_grad_cache_under_threads():
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(4)))
+
+
+@needs_grad_cache
+def test_grad_origin_is_each_thread_s_own():
+    # The `last` origin is a thread's own record (thread_local in csrc/frame_pool.cpp): a
+    # gradient of the op's allocator made in another thread after this thread's gradient of
+    # torch's does not show here, and this thread's does not show in a fresh thread. A record
+    # shared by the threads would read "mapped" / "cache" here and "torch" there.
+    import threading
+
+    bwd = torch.ops.dtl_fast.frame_pool_backward
+    small = torch.randn(2, 3, 4)
+    _, small_am = torch.ops.dtl_fast.frame_pool(small, None, "max")
+    bwd(torch.ones(2, 4), None, small_am, 3, "max")
+    assert grad_origin() == "torch"
+    x, lengths = big_case(torch.float32, nbytes=CACHE_MIN_BYTES)
+    B, T, D = x.shape
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "max")
+    seen = {}
+
+    def work():
+        seen["before"] = grad_origin()
+        gx = bwd(torch.ones(B, D), lengths, am, T, "max")
+        seen["after"] = grad_origin()
+        del gx
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen["before"] == "none" and seen["after"] in ("mapped", "cache"), seen
+    assert grad_origin() == "torch"
 
 
 @needs_grad_cache

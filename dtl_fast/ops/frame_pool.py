@@ -14,6 +14,11 @@ _FWD = "dtl_fast::frame_pool"
 _BWD = "dtl_fast::frame_pool_backward"
 MODES = POOL_MODES + ("meanmax",)
 _MAX_T = 2**31 - 4097  # the kernels' limit (csrc/frame_pool.cpp kMaxT: int32 frame indices)
+# The lengths dtypes the kernels take: at::isIntegralType(dtype, includeBool=false). Not
+# "integral" in Python's sense: the bit-packed and sub-byte dtypes (torch.bits8, torch.int4,
+# torch.uint3, ...) are neither floating nor complex, and the kernels reject them.
+_LENGTH_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                            torch.uint16, torch.uint32, torch.uint64})
 
 
 def _register() -> None:
@@ -28,13 +33,12 @@ def _register() -> None:
     def _check_lengths(lengths, B, owner, device):
         if lengths is None:
             return
-        torch._check_value(not lengths.dtype.is_floating_point and not lengths.dtype.is_complex
-                           and lengths.dtype != torch.bool,
+        torch._check_value(lengths.dtype in _LENGTH_DTYPES,
                            lambda: f"{owner}: lengths must be an integer tensor, got dtype "
                                    f"{lengths.dtype}")
         torch._check_value(lengths.dim() == 1 and lengths.shape[0] == B,
                            lambda: f"{owner}: lengths must have shape [B] = [{B}], got "
-                                   f"{tuple(lengths.shape)}")
+                                   f"{list(lengths.shape)}")
         torch._check_value(lengths.device.type == "cpu" or lengths.device == device,
                            lambda: f"{owner}: lengths must be on the CPU or on the device of "
                                    f"its input ({device}), got {lengths.device}")
@@ -77,10 +81,12 @@ def _register() -> None:
                                                          f"[0, 2^31 - 4097], got {T}")
         D = width // 2 if mode == "meanmax" else width
         if mode in ("max", "meanmax"):
-            def argmax_msg():
-                return (f"frame_pool_backward: argmax must be an int32 tensor [B, D] = [{B}, {D}], "
-                        f"got {argmax.dtype} {tuple(argmax.shape)}")
-            torch._check_value(argmax.dtype == torch.int32 and argmax.dim() == 2, argmax_msg)
+            def argmax_msg():  # the C++ kernel's words (csrc/frame_pool.cpp)
+                return (f"frame_pool_backward: argmax must be an int32 tensor [B, D] = [{B}, {D}] "
+                        f"on {grad_out.device}, got {argmax.dtype} {list(argmax.shape)} on "
+                        f"{argmax.device}")
+            torch._check_value(argmax.dtype == torch.int32 and argmax.dim() == 2
+                               and argmax.device == grad_out.device, argmax_msg)
             torch._check_value(argmax.shape[0] == B, argmax_msg)
             torch._check_value(argmax.shape[1] == D, argmax_msg)
         _check_lengths(lengths, B, "frame_pool_backward", grad_out.device)
