@@ -417,8 +417,9 @@ def _auto_impl(inp: dict, mode: str) -> str:
         O = importlib.import_module("dtl_fast.ops.cosine_attention")
         q = inp["q"]
         masked = inp["key_lengths"] is not None or inp["window"] is not None
+        m = 0 if inp.get("memory_k") is None else inp["memory_k"].shape[1]  # memory slots
         return O.auto_path(q.device.type, q.dtype, masked, mode != "forward", q.shape[2],
-                           inp["k"].shape[2], d=q.shape[3], dv=inp["v"].shape[3])
+                           inp["k"].shape[2], d=q.shape[3], dv=inp["v"].shape[3], m=m)
     except Exception:  # noqa: BLE001
         return "?"
 

@@ -85,8 +85,9 @@ def _triton_op_backend(op: str, device: str) -> str:
         return _TRITON_OPS_CPU_AUTO[op]
     reason = triton_unavailable_reason(device)
     if chosen == "auto":  # CUDA: the measured per-shape rule picks kernel or stock path
-        stock = "unavailable" if reason is not None else "Triton kernel"
-        return f"per shape, by the auto rule: {stock} or the stock PyTorch path"
+        if reason is not None:  # auto never picks a kernel that cannot run
+            return f"the stock PyTorch path (Triton unavailable: {reason})"
+        return "per shape, by the auto rule: Triton kernel or the stock PyTorch path"
     if reason is not None:
         return f"unavailable: {reason}"
     return "Triton kernel (interpreter)" if device == "cpu" and interpreting() else "Triton kernel"

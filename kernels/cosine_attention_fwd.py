@@ -480,17 +480,24 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
+def _hopper(device) -> bool:
+    """A CUDA device of compute capability 9.x on an NVIDIA build: ROCm reports 9.x too (MI210
+    (9, 0), MI300 (9, 4), MI350 (9, 5)), where neither TMA nor these tiles were compiled or
+    timed."""
+    cap = _capability(device)
+    return cap is not None and cap[0] == 9 and torch.version.hip is None
+
+
 def sm90_measured(device, dtype: torch.dtype, d: int, dv: int, nq: int, nk: int, m: int) -> bool:
-    """Whether the H100 sweep timed this class of call: a CUDA device of compute capability 9.x,
-    float16 / bfloat16, d == dv with a SM90_MEASURED_MIN_N entry, max(nq, nk) at least that,
-    no memory slots (m == 0)."""
+    """Whether the H100 sweep timed this class of call: an NVIDIA device of compute capability
+    9.x (_hopper), float16 / bfloat16, d == dv with a SM90_MEASURED_MIN_N entry, max(nq, nk) at
+    least that, no memory slots (m == 0)."""
     if dtype not in TMA_DTYPES or d != dv or m != 0:
         return False
     min_n = SM90_MEASURED_MIN_N.get(int(d))
     if min_n is None or max(nq, nk) < min_n:
         return False
-    cap = _capability(device)
-    return cap is not None and cap[0] == 9
+    return _hopper(device)
 
 
 def tma_api() -> bool:
@@ -516,18 +523,18 @@ def use_tma(device: torch.device, dtype: torch.dtype, d: int | None = None, dv: 
             nq: int = 0, nk: int = 0, m: int = 0, windowed: bool = False) -> bool:
     """Whether _cos_attn_fwd2_kernel runs with tensor descriptors for a call on `device` of
     `dtype` with head dims d / dv, nq queries, nk keys, m memory slots, a window or not. Never
-    off a CUDA device of compute capability 9.x (TMA is Hopper's; sm_100 has it too but nothing
-    here was compiled or timed for it), for other dtypes than float16 / bfloat16, or with a
-    Triton without the API. There: $DTL_FAST_ATTN_TMA=1 on, =0 off, unset the H100 rows' rule
-    (on where sm90_measured and no window; d, dv None: unknown, off). Raises ValueError on a
-    bad env value."""
+    off an NVIDIA device of compute capability 9.x (_hopper: TMA is Hopper's; sm_100 has it too
+    but nothing here was compiled or timed for it; ROCm reports 9.x and has none), for other
+    dtypes than float16 / bfloat16, or with a Triton without the API. There:
+    $DTL_FAST_ATTN_TMA=1 on, =0 off, unset the H100 rows' rule (on where sm90_measured and no
+    window; d, dv None: unknown, off). Raises ValueError on a bad env value."""
     asked = tma_requested()
     if asked is False:
         return False
     device = torch.device(device)
     if device.type != "cuda" or dtype not in TMA_DTYPES or not tma_api():
         return False
-    if _capability(device)[0] != 9:
+    if not _hopper(device):
         return False
     if asked:
         return True

@@ -1,14 +1,17 @@
 """Which cosine-attention kernels a call runs, checked against the committed H100 rows they were
 derived from (bench/results/gpu_check_nvidia-h100_3-attn-sweep.log, bench/sweep_cosine_attention.py):
 
-- the version (dtl_fast.ops.cosine_attention.attn_version): the second on sm_90 for bf16 / fp16
+- the version (dtl_fast.ops.cosine_attention.attn_version): the second on NVIDIA sm_90 (not ROCm,
+  which reports 9.x too) for bf16 / fp16
   from max(Nq, Nk) = V2_MIN_N, the first elsewhere; $DTL_FAST_ATTN_IMPL overrides; the forward
   and the backward of one call run the same version;
 - the second version's TMA switch and tiles (kernels/cosine_attention_fwd.use_tma, fwd2_index,
   kernels/cosine_attention_bwd.bwd2_index): the fastest measured form of every swept shape (or
   within the sweep's 5 % noise of it), the old default elsewhere; $DTL_FAST_ATTN_TMA overrides;
 - backend="auto" (auto_path): fused exactly where the log's rows put the defaults ahead of the
-  composite, but for the one documented row (plain forward+backward at N 2048).
+  composite, but for the one documented row (plain forward+backward at N 2048); the second run's
+  classes only in the class the rows timed (NVIDIA sm_90 whatever forces the version, no memory
+  slots, min(Nq, Nk) from the bound); nothing fused on ROCm or where Triton cannot run.
 
 Nothing here needs a GPU: the compute capability is patched, the kernels are spied on."""
 import importlib
@@ -75,6 +78,7 @@ def sm(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device=None: types.SimpleNamespace(major=cap[0], minor=cap[1]))
     monkeypatch.setattr(F2, "tma_api", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)  # an NVIDIA build (ROCm: test_rocm_*)
     monkeypatch.delenv(F2.TMA_ENV, raising=False)
     monkeypatch.setattr(ops, "ATTN_IMPL", "auto")
     monkeypatch.setattr(ops, "V2_DTYPES", ())
@@ -330,7 +334,10 @@ def test_auto_rule_boundaries(sm):
         # unmasked forward: d 64 from N 2048, d 128 from N 4096, nothing else
         assert a("cuda", dtype, False, False, 2048, 2048, 64, 64, H100) == "fused"
         assert a("cuda", dtype, False, False, 2047, 2047, 64, 64, H100) == "composite"
-        assert a("cuda", dtype, False, False, 16, 2048, 64, 64, H100) == "fused"  # max(Nq, Nk)
+        # min(Nq, Nk) decides (every row is square): few queries, many keys is untimed
+        assert a("cuda", dtype, False, False, 16, 2048, 64, 64, H100) == "composite"
+        assert a("cuda", dtype, False, False, 2048, 16, 64, 64, H100) == "composite"
+        assert a("cuda", dtype, False, False, 2048, 8192, 64, 64, H100) == "fused"
         assert a("cuda", dtype, False, False, 1 << 15, 1 << 15, 64, 64, H100) == "fused"
         assert a("cuda", dtype, False, False, 4096, 4096, 128, 128, H100) == "fused"
         assert a("cuda", dtype, False, False, 4095, 4095, 128, 128, H100) == "composite"
@@ -345,6 +352,7 @@ def test_auto_rule_boundaries(sm):
         assert a("cuda", dtype, True, True, 17, 17, 64, 64, H100) == "composite"
         assert a("cuda", dtype, True, True, 2047, 2047, 64, 64, H100) == "composite"
         assert a("cuda", dtype, True, True, 2048, 2048, 64, 64, H100) == "fused"
+        assert a("cuda", dtype, True, True, 16, 2048, 64, 64, H100) == "composite"
         assert a("cuda", dtype, True, True, 8192, 8192, 128, 128, H100) == "composite"
         # masked without grad: every N, every head dim
         for n in (8, 1024, 4096, 1 << 15):
@@ -366,6 +374,106 @@ def test_auto_second_version_classes_only_on_sm90(sm, cap):
     assert a("cuda", BF, True, True, 16, 16, 64, 64, cap) == "fused"
 
 
+V2_CLASSES = [  # (masked, needs_grad, d, N): a call of each second-run class, fused on an H100
+    (False, False, 64, 8192), (False, False, 128, 4096), (True, True, 64, 2048)]
+RUN1_CLASSES = [(True, False, 64, 8192), (True, True, 64, 16)]  # applied on every NVIDIA card
+
+
+@pytest.mark.parametrize("force", ["impl_v2", "v2_dtypes"])
+@pytest.mark.parametrize("cap", [(7, 5), (8, 0), (8, 9), (10, 0), (12, 0), None])
+def test_auto_second_version_classes_need_sm90_whatever_forces_the_version(sm, monkeypatch,
+                                                                             force, cap):
+    """$DTL_FAST_ATTN_IMPL=v2 (or V2_DTYPES) runs the second version on any card under `fused`
+    (attn_version), but auto's second-run classes stay on sm_90, where they were timed: the
+    check is auto_path's own, not attn_version's."""
+    if force == "impl_v2":
+        monkeypatch.setattr(ops, "ATTN_IMPL", "v2")
+    monkeypatch.setattr(ops, "V2_DTYPES", ops.V2_CANDIDATE_DTYPES)  # as the import sets them
+    a = ops.auto_path
+    for masked, grad, d, n in V2_CLASSES:
+        assert ops.attn_version(BF, n, n, cap) == "v2"  # what `fused` runs
+        assert a("cuda", BF, masked, grad, n, n, d, d, cap) == "composite", (masked, grad, d, n)
+        assert a("cuda", BF, masked, grad, n, n, d, d, H100) == "fused", (masked, grad, d, n)
+    for masked, grad, d, n in RUN1_CLASSES:
+        assert a("cuda", BF, masked, grad, n, n, d, d, cap) == "fused", (masked, grad, d, n)
+    assert "on NVIDIA sm_90 only" in ops.auto_rule()  # the text stays true under the knob
+
+
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_auto_second_version_classes_without_memory_slots(sm, m):
+    """The H100 rows had no memory slots; with slots the kernels run untimed tiles (pointer loads
+    at d 64: 0.97x the composite at plain N 8192): the composite. Run 1's masked classes keep
+    the kernels (its rows had slots)."""
+    a = ops.auto_path
+    for masked, grad, d, n in V2_CLASSES:
+        assert a("cuda", BF, masked, grad, n, n, d, d, H100, m) == "composite", (masked, grad, d, m)
+        assert a("cuda", BF, masked, grad, n, n, d, d, H100, 0) == "fused", (masked, grad, d)
+        assert a("cuda", BF, masked, grad, n, n, d, d, H100) == "fused"  # m defaults to 0
+    for masked, grad, d, n in RUN1_CLASSES:
+        assert a("cuda", BF, masked, grad, n, n, d, d, H100, m) == "fused", (masked, grad, d, m)
+
+
+def test_auto_second_version_classes_are_the_measured_class(sm):
+    """Wherever auto fuses outside the first run's classes, the kernels run exactly what the
+    H100 rows timed: the second version with kernels/cosine_attention_fwd.sm90_measured's
+    tiles (no memory slots, d = dv, the shortest N timed), square or not."""
+    a = ops.auto_path
+    ns = (16, 2047, 2048, 4095, 4096, 8192)
+    checked = 0
+    for masked, grad in ((False, False), (True, True), (False, True)):
+        for d, dv in ((64, 64), (128, 128), (64, 128), (32, 32)):
+            for nq in ns:
+                for nk in ns:
+                    for m in (0, 8):
+                        if a("cuda", BF, masked, grad, nq, nk, d, dv, H100, m) != "fused":
+                            continue
+                        if masked and grad and max(nq, nk) <= ops.AUTO_FUSED_GRAD_MAX_N:
+                            continue  # run 1's
+                        checked += 1
+                        assert ops.attn_version(BF, nq, nk, H100) == "v2"
+                        assert F2.sm90_measured(CUDA0, BF, d, dv, nq, nk, m), (nq, nk, d, dv, m)
+                        assert min(nq, nk) >= F2.SM90_MEASURED_MIN_N[d]
+    assert checked == 4 + 16 + 16  # d 128 from 4096 (unmasked); d 64 from 2048 (both classes)
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (9, 4), (9, 5)], ids=["MI210", "MI300", "MI350"])
+def test_rocm_is_not_sm90(sm, monkeypatch, cap):
+    """ROCm builds report (9, x) for MI210 / MI300 / MI350: no second version by default, no
+    TMA, no H100 tiles, and auto takes the composite for every class (nothing compiled or timed
+    for AMD); `fused` still runs the first version, or the second where forced."""
+    sm(cap)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert ops.attn_version(BF, 8192, 8192, cap) == "v1"
+    assert not ops._sm90(cap)
+    a = ops.auto_path
+    for masked, grad, d, n in V2_CLASSES + RUN1_CLASSES:
+        assert a("cuda", BF, masked, grad, n, n, d, d, cap) == "composite", (masked, grad, d, n)
+    assert not F2.sm90_measured(CUDA0, BF, 64, 64, 8192, 8192, 0)
+    assert not F2.use_tma(CUDA0, BF, 64, 64, 8192, 8192, 0, False)
+    assert F2.fwd2_index(CUDA0, BF, 64, 64, 8192, 8192, 0, False) == 0
+    assert B2.bwd2_index(CUDA0, BF, 64, 64, 8192, 8192, 0) == 0
+    monkeypatch.setenv(F2.TMA_ENV, "1")  # forced: only where it can run (Hopper)
+    assert not F2.use_tma(CUDA0, BF, 64, 64, 8192, 8192, 0, False)
+    monkeypatch.setattr(ops, "V2_DTYPES", ops.V2_CANDIDATE_DTYPES)
+    assert ops.attn_version(BF, 8192, 8192, cap) == "v2"  # the `fused` knob still forces it
+    assert a("cuda", BF, False, False, 8192, 8192, 64, 64, cap) == "composite"
+    assert "ROCm" in ops.auto_rule()
+
+
+def test_auto_needs_triton(sm, monkeypatch):
+    """Where Triton cannot run (here: cannot be imported), auto takes the composite for every
+    class, where `fused` would raise."""
+    from dtl_fast import _triton
+    a = ops.auto_path
+    for masked, grad, d, n in V2_CLASSES + RUN1_CLASSES:
+        assert a("cuda", BF, masked, grad, n, n, d, d, H100) == "fused"
+    monkeypatch.setattr(_triton, "_IMPORT_ERROR", ["ImportError: no triton"])
+    assert not _triton.can_run_triton("cuda")
+    for cap in (H100, (8, 0)):
+        for masked, grad, d, n in V2_CLASSES + RUN1_CLASSES:
+            assert a("cuda", BF, masked, grad, n, n, d, d, cap) == "composite", (cap, masked, grad)
+
+
 def test_auto_under_forced_first_version(sm, monkeypatch):
     """$DTL_FAST_ATTN_IMPL=v1: only the first run's rule (its kernels lost every unmasked row)."""
     monkeypatch.setattr(ops, "ATTN_IMPL", "v1")
@@ -379,7 +487,15 @@ def test_auto_under_forced_first_version(sm, monkeypatch):
 def test_auto_rule_text_names_both_runs(sm):
     text = ops.auto_rule()
     for s in (ops.AUTO_RULE_CARD, ops.AUTO_RULE_RUN, ops.AUTO_V2_RULE_CARD, ops.AUTO_V2_RULE_RUN,
-              "SDPA", "d=64 N>=2048", "d=128 N>=4096", f"N <= {ops.AUTO_FUSED_GRAD_MAX_N}"):
+              "SDPA", "d=64 min(Nq,Nk)>=2048", "d=128 min(Nq,Nk)>=4096",
+              f"N <= {ops.AUTO_FUSED_GRAD_MAX_N}", "on NVIDIA sm_90 only", "without memory slots",
+              "applied on every NVIDIA card", "ROCm", "no Triton"):
         assert s in text, s
-    # the numbers the text states are the table's
+    # the numbers the text states are the table's; both runs' cards were sm_90
     assert ops.AUTO_V2_MIN_N == {(True, True): {64: 2048}, (False, False): {64: 2048, 128: 4096}}
+    assert ops.AUTO_RULE_CAPABILITY == ops.AUTO_V2_RULE_CAPABILITY == (9, 0)
+    assert text.count("sm_90") >= 3
+    # the second run's classes sit inside what the H100 rows timed (kernels' SM90_MEASURED_MIN_N)
+    for classes in ops.AUTO_V2_MIN_N.values():
+        for d, n in classes.items():
+            assert n >= F2.SM90_MEASURED_MIN_N[d]

@@ -103,6 +103,19 @@ def test_auto_rule_text():
     text = auto_rule()
     assert 1 <= len(text.splitlines()) <= 3
     assert ops.AUTO_RULE_CARD in text and ops.AUTO_RULE_RUN in text and "SDPA" in text
+    # the first run's classes: measured on one sm_90 card, applied on every NVIDIA card (said)
+    assert "measured on NVIDIA H200 sm_90 only" in text and "applied on every NVIDIA card" in text
+
+
+def test_few_queries_many_keys_take_the_composite():
+    """Every H100 row is square (Nq = Nk): 16 queries against 2048 keys, unmasked and without a
+    gradient, is untimed and runs the composite on an sm_90 card (the second run's classes key
+    on min(Nq, Nk))."""
+    bf = torch.bfloat16
+    for nq, nk in ((16, 2048), (2048, 16), (1, 8192)):
+        assert auto_path("cuda", bf, False, False, nq, nk, 64, 64, (9, 0)) == "composite"
+    if ops.ATTN_IMPL != "v1":  # square: the second run's class
+        assert auto_path("cuda", bf, False, False, 2048, 2048, 64, 64, (9, 0)) == "fused"
 
 
 @pytest.mark.parametrize("grad_mode,requires,lens,window,want_grad,want_masked", [
@@ -118,8 +131,8 @@ def test_auto_rule_text():
 def test_op_feeds_the_rule(monkeypatch, grad_mode, requires, lens, window, want_grad, want_masked):
     seen = []
 
-    def spy(device_type, dtype, masked, needs_grad, nq, nk, d, dv, capability):
-        seen.append((device_type, dtype, masked, needs_grad, nq, nk, d, dv, capability))
+    def spy(device_type, dtype, masked, needs_grad, nq, nk, d, dv, capability, m):
+        seen.append((device_type, dtype, masked, needs_grad, nq, nk, d, dv, capability, m))
         return "composite"
 
     monkeypatch.setattr(ops, "auto_path", spy)
@@ -127,8 +140,15 @@ def test_op_feeds_the_rule(monkeypatch, grad_mode, requires, lens, window, want_
     ls = torch.zeros(2, requires_grad=requires)
     with torch.set_grad_enabled(grad_mode):
         out = cosine_attention(q, k, v, ls, lens, window, backend="auto")
-    assert seen == [("cpu", torch.float32, want_masked, want_grad, 4, 5, 8, 6, None)]
+    assert seen == [("cpu", torch.float32, want_masked, want_grad, 4, 5, 8, 6, None, 0)]
     assert torch.equal(out, cosine_attention_composite(q, k, v, ls.detach(), lens, window))
+    # memory slots: their count (the second run's classes hold without slots only)
+    seen.clear()
+    mk, mv = torch.randn(2, 3, 8), torch.randn(2, 3, 6)
+    with torch.set_grad_enabled(grad_mode):
+        out = cosine_attention(q, k, v, ls, lens, window, mk, mv, backend="auto")
+    assert seen == [("cpu", torch.float32, want_masked, want_grad, 4, 5, 8, 6, None, 3)]
+    assert torch.equal(out, cosine_attention_composite(q, k, v, ls.detach(), lens, window, mk, mv))
     # "fused" and "reference" never ask the rule
     seen.clear()
     cosine_attention(q, k, v, ls, lens, window, backend="reference")

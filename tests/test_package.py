@@ -47,6 +47,21 @@ def test_info_shows_each_ops_auto_rule(monkeypatch):
     assert "auto rule frame_pool" in format_info()
 
 
+def test_info_says_auto_runs_the_stock_path_where_triton_cannot(monkeypatch):
+    # auto on CUDA never picks a Triton kernel that cannot run there (the ops' auto rules are
+    # gated on can_run_triton): info says the stock path, and why
+    import dtl_fast._triton as tri
+    info_mod = importlib.import_module("dtl_fast.info")  # the module, not the function
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DTL_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(tri, "triton_unavailable_reason", lambda device=None: "no triton here")
+    line = info_mod._triton_op_backend("lstm", "cuda")
+    assert line == "the stock PyTorch path (Triton unavailable: no triton here)"
+    monkeypatch.setattr(tri, "triton_unavailable_reason", lambda device=None: None)
+    assert "auto rule: Triton kernel or the stock" in info_mod._triton_op_backend("lstm", "cuda")
+
+
 def test_info_follows_the_backend_variable(monkeypatch):
     monkeypatch.setenv("DTL_FAST_BACKEND", "fused")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

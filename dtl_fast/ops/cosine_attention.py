@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dtl_fast._backend import resolve_backend
 from dtl_fast._checks import autocast_enabled
 from dtl_fast._device import to_device_cached
-from dtl_fast._triton import require_triton
+from dtl_fast._triton import can_run_triton, require_triton
 from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
                                  transforms_in_use)
 from dtl_fast.reference.cosine_attention import (MAX_WINDOW, NORM_EPS, check_inputs, check_values,
@@ -63,7 +63,8 @@ def _kernels():
 # bench/results/gpu_check_nvidia-h100_3-attn-sweep.log; bf16, B 4, H 16, d 64 at N 2048 / 8192
 # plain, padded and with a window of 256, d 128 at N 4096) measured its forward 1.7-3.5x and its
 # backward 1.3-3.5x the first version's at every row. So: bfloat16 / float16 (the same code but
-# for the element type) on a CUDA device of compute capability 9.x with max(Nq, Nk) >= V2_MIN_N,
+# for the element type) on an NVIDIA device of compute capability 9.x (_sm90: not ROCm, whose
+# MI200 / MI300 / MI350 also report 9.x) with max(Nq, Nk) >= V2_MIN_N,
 # the shortest N those rows timed; the first version elsewhere: DTL's own calls (N <= 64, where
 # the second's short kernel was not timed), other cards, float32, float64.
 #
@@ -108,20 +109,29 @@ def _capability(device) -> tuple[int, int] | None:
     return (props.major, props.minor)
 
 
+def _sm90(capability: tuple[int, int] | None) -> bool:
+    """Whether `capability` is an NVIDIA sm_90 (Hopper: H100 / H200) device's, the only card the
+    second version was timed on. ROCm builds report (9, x) too (MI210 gfx90a (9, 0), MI300 gfx942
+    (9, 4), MI350 (9, 5)): never sm_90 here (torch.version.hip), nothing was compiled or timed
+    for them."""
+    return capability is not None and capability[0] == 9 and torch.version.hip is None
+
+
 def attn_version(dtype: torch.dtype, nq: int, nk: int, capability: tuple[int, int] | None,
                  per_head: bool = False) -> str:
     """Which kernels a fused call runs, "v1" or "v2", for q's dtype, nq queries, nk keys (memory
     slots not counted) and the compute capability of q's CUDA device (None: not CUDA). per_head:
     the call has per-head key lengths or windows, which run the second version only once its
-    backward supports them (SUPPORTS_PER_HEAD). The rule and its rows: the comment above."""
+    backward supports them (SUPPORTS_PER_HEAD). The rule and its rows: the comment above (sm_90:
+    _sm90, NVIDIA only). $DTL_FAST_ATTN_IMPL=v2 (V2_DTYPES) forces the second version on any
+    card: that is the `fused` knob, which auto_path does not follow off sm_90."""
     if per_head and not _bwd2_supports_per_head():
         return "v1"
     if dtype in V2_DTYPES:
         return "v2"
     if ATTN_IMPL == "v1":
         return "v1"
-    if (dtype in V2_DEFAULT_DTYPES and capability is not None and capability[0] == 9
-            and max(nq, nk) >= V2_MIN_N):
+    if dtype in V2_DEFAULT_DTYPES and _sm90(capability) and max(nq, nk) >= V2_MIN_N:
         return "v2"
     return "v1"
 
@@ -426,55 +436,84 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 #   window counts as masked (the composite takes the same dense-mask path as for key lengths).
 # - masked, with grad: fused at max(Nq, Nk) <= AUTO_FUSED_GRAD_MAX_N (run 1: 1.11 at N 16; 0.94 at
 #   1k, 0.61 at 4k); and where the second version runs on sm_90 (attn_version) at d = dv = 64
-#   from N AUTO_V2_MIN_N[masked, grad][64] = 2048 (run 2: 2.14 padded, 12.9 windowed at N 8192;
-#   the lower bound is the shortest N of run 2: there even the unmasked call wins, 1.32, and a
-#   mask only slows the composite and spares the kernels work, as the N 8192 rows show).
-# - no mask, no grad: fused where the second version runs on sm_90 at d = dv = 64 from N 2048
-#   (1.71, 1.29) and d = dv = 128 from N 4096 (1.19): the shortest N timed at each head dim. No
-#   upper bound: at the longest N timed both sides already run at compute-bound rates (508 vs
-#   395 TFLOP/s at d 64, 528 vs 442 at d 128), so longer sequences keep the inner loops' ratio.
+#   from min(Nq, Nk) AUTO_V2_MIN_N[masked, grad][64] = 2048 (run 2: 2.14 padded, 12.9
+#   windowed at N 8192; the lower bound is the shortest N of run 2: there even the unmasked
+#   call wins, 1.32, and a mask only slows the composite and spares the kernels work, as the
+#   N 8192 rows show).
+# - no mask, no grad: fused where the second version runs on sm_90 at d = dv = 64 from
+#   min(Nq, Nk) 2048 (1.71, 1.29) and d = dv = 128 from 4096 (1.19): the shortest N timed at
+#   each head dim. No upper bound: at the longest N timed both sides already run at
+#   compute-bound rates (508 vs 395 TFLOP/s at d 64, 528 vs 442 at d 128), so longer sequences
+#   keep the inner loops' ratio.
 #   The first version lost every unmasked row (0.36-0.67), so nothing below those N.
 # - no mask, with grad: the composite. The second version loses at d 64 N 8192 (0.82) and
 #   d 128 N 4096 (0.53) on its backward (SDPA's flash backward); it wins at d 64 N 2048 (1.32),
 #   but the crossover between 2048 and 8192 is untimed, and one N is no range: composite, as
 #   before (a row at N 4096 would place it).
-# Unmeasured classes (other head dims, other cards than sm_90 for the second version's rows)
-# keep what they had before run 2.
+#
+# Where each class applies (what was measured, and how far it is carried):
+# - Run 2's classes (AUTO_V2_MIN_N) only in the class its rows timed: an NVIDIA sm_90 card
+#   (_sm90, checked here whatever $DTL_FAST_ATTN_IMPL / V2_DTYPES force for `fused`), the second
+#   version running (attn_version, so not under $DTL_FAST_ATTN_IMPL=v1), d = dv, no memory slots
+#   (m == 0: with slots the kernels fall back to untimed tiles, pointer loads at d 64 measured
+#   0.97x the composite at plain N 8192), and min(Nq, Nk) from the bound: every row is square
+#   (Nq = Nk), so a few queries against many keys (decode-like, cross-attention) is untimed and
+#   takes the composite. This is a subset of what kernels/cosine_attention_fwd.sm90_measured
+#   calls the H100 rows' class (tests/test_attention_dispatch.py checks it).
+# - Run 1's classes ("masked, no grad, any N"; "masked with grad, N <= 16") were measured on one
+#   sm_90 card (AUTO_RULE_CAPABILITY) and are applied on every NVIDIA card: an extrapolation
+#   (the reason they win, SDPA's dense-mask path against kernels that skip masked blocks, holds
+#   on any card; no other card was timed). auto_rule() says so.
+# - Every fused pick needs Triton to run on the device (can_run_triton) and an NVIDIA build
+#   (torch.version.hip None: nothing was compiled or timed for ROCm); else the composite.
 AUTO_RULE_CARD = "NVIDIA H200"
+AUTO_RULE_CAPABILITY = (9, 0)  # run 1's card; its classes are applied on every NVIDIA card
 AUTO_RULE_RUN = "gpucheck-20261127T013134-437"
 AUTO_V2_RULE_CARD = "NVIDIA H100 80GB HBM3"
+AUTO_V2_RULE_CAPABILITY = (9, 0)  # run 2's card; its classes only there (_sm90: major 9, NVIDIA)
 AUTO_V2_RULE_RUN = "gpucheck-20261127T173701-4905"
 AUTO_V2_RULE_LOG = "bench/results/gpu_check_nvidia-h100_3-attn-sweep.log"
 AUTO_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 AUTO_FUSED_GRAD_MAX_N = 16  # masked forward+backward: fused up to this max(Nq, Nk) (run 1)
-# Run 2: (masked, needs_grad) -> {head dim (d = dv): the smallest max(Nq, Nk) fused from}, where
-# the second version runs (attn_version "v2": sm_90, half types, N >= V2_MIN_N).
+# Run 2: (masked, needs_grad) -> {head dim (d = dv): the smallest min(Nq, Nk) fused from}, on
+# sm_90 where the second version runs, without memory slots (see above).
 AUTO_V2_MIN_N = {(True, True): {64: 2048}, (False, False): {64: 2048, 128: 4096}}
+
+
+def _auto_can_fuse(device_type: str) -> bool:
+    """Whether auto may pick the Triton kernels on a `device_type` device at all: Triton runs
+    there (can_run_triton) and the build is NVIDIA's (no measurement on ROCm)."""
+    return torch.version.hip is None and can_run_triton(device_type)
 
 
 def auto_path(device_type: str, dtype: torch.dtype, masked: bool, needs_grad: bool,
               nq: int, nk: int, d: int | None = None, dv: int | None = None,
-              capability: tuple[int, int] | None = None) -> str:
+              capability: tuple[int, int] | None = None, m: int = 0) -> str:
     """What backend="auto" runs on a `device_type` tensor: "fused" (the Triton kernels),
     "composite" (normalise + SDPA) or "reference" (CPU only, CPU_AUTO_PATH).
 
     masked: key_lengths or a window was given; needs_grad: autograd will record the call
     (grad mode on and an input requires grad); nq, nk: query and key counts (memory slots not
     counted); d, dv: the q / k and v head dims (None: unknown, only the first run's rule
-    applies); capability: the CUDA device's compute capability (None: the current device's).
-    The CUDA rule is the table above (AUTO_RULE_CARD's and AUTO_V2_RULE_CARD's rows)."""
+    applies); capability: the CUDA device's compute capability (None: the current device's);
+    m: the number of memory slots (0: none). The CUDA rule is the table above
+    (AUTO_RULE_CARD's and AUTO_V2_RULE_CARD's rows); the composite wherever Triton cannot run
+    and on ROCm."""
     if device_type != "cuda":
         return CPU_AUTO_PATH
-    if dtype not in AUTO_FUSED_DTYPES:
+    if dtype not in AUTO_FUSED_DTYPES or not _auto_can_fuse(device_type):
         return "composite"
-    n = max(nq, nk)
-    if masked and (not needs_grad or n <= AUTO_FUSED_GRAD_MAX_N):
-        return "fused"
+    if masked and (not needs_grad or max(nq, nk) <= AUTO_FUSED_GRAD_MAX_N):
+        return "fused"  # run 1, every NVIDIA card (an extrapolation from AUTO_RULE_CAPABILITY)
+    # run 2: only its measured class (the comment above)
     min_n = AUTO_V2_MIN_N.get((masked, needs_grad), {})
-    if d is None or d != dv or int(d) not in min_n or n < min_n[int(d)]:
+    if (m != 0 or d is None or d != dv or int(d) not in min_n
+            or min(nq, nk) < min_n[int(d)]):
         return "composite"
     if capability is None and torch.cuda.is_available():
         capability = _capability(torch.device("cuda", torch.cuda.current_device()))
+    if not _sm90(capability):  # whatever $DTL_FAST_ATTN_IMPL / V2_DTYPES force for `fused`
+        return "composite"
     return "fused" if attn_version(dtype, nq, nk, capability) == "v2" else "composite"
 
 
@@ -482,16 +521,23 @@ def auto_rule() -> str:
     """backend="auto" in three lines, for `dtl-fast info` (the second run's classes from
     AUTO_V2_MIN_N; left out under $DTL_FAST_ATTN_IMPL=v1, where they do not apply)."""
     def classes(masked, grad):
-        return ", ".join(f"d={d} N>={n}" for d, n in sorted(AUTO_V2_MIN_N[(masked, grad)].items()))
+        return ", ".join(f"d={d} min(Nq,Nk)>={n}"
+                         for d, n in sorted(AUTO_V2_MIN_N[(masked, grad)].items()))
+
+    def sm(cap):
+        return f"sm_{cap[0]}{cap[1]}"
 
     v2 = "" if ATTN_IMPL == "v1" else (
-        f"\n  on sm_90 also (second version, {AUTO_V2_RULE_CARD}, run {AUTO_V2_RULE_RUN}): "
+        f"\n  on NVIDIA sm_90 only, also (second version, {AUTO_V2_RULE_CARD} "
+        f"{sm(AUTO_V2_RULE_CAPABILITY)}, run {AUTO_V2_RULE_RUN}), without memory slots: "
         f"masked with grad at {classes(True, True)}; unmasked without grad at "
         f"{classes(False, False)}")
-    return (f"CUDA, bf16/fp16: fused Triton kernels with key_lengths or a window without grad, "
-            f"with grad at N <= {AUTO_FUSED_GRAD_MAX_N} (first version, {AUTO_RULE_CARD}, run "
-            f"{AUTO_RULE_RUN}){v2}; normalise + SDPA composite otherwise (float32 / float64 "
-            f"always).\nCPU: the {CPU_AUTO_PATH}.")
+    return (f"NVIDIA CUDA with Triton, bf16/fp16: fused Triton kernels with key_lengths or a "
+            f"window without grad, with grad at N <= {AUTO_FUSED_GRAD_MAX_N} (first version, "
+            f"measured on {AUTO_RULE_CARD} {sm(AUTO_RULE_CAPABILITY)} only, run {AUTO_RULE_RUN}; "
+            f"applied on every NVIDIA card, unmeasured elsewhere){v2}; normalise + SDPA "
+            f"composite otherwise (float32 / float64, ROCm, no Triton: always).\n"
+            f"CPU: the {CPU_AUTO_PATH}.")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -512,7 +558,8 @@ def _path(q, k, v, logit_scale, key_lengths, window, memory_k, memory_v, backend
         return "fused"
     path = auto_path(q.device.type, q.dtype, key_lengths is not None or window is not None,
                      _needs_grad(q, k, v, logit_scale, memory_k, memory_v), q.shape[2], k.shape[2],
-                     q.shape[3], v.shape[3], _capability(q.device))
+                     q.shape[3], v.shape[3], _capability(q.device),
+                     0 if memory_k is None else memory_k.shape[1])
     if "forward_ad" in used or "jvp" in used or used.count("grad") > 1:
         # plain torch ops: SDPA has no forward-mode formula on every device, and its backward
         # no derivative (grad of grad)
@@ -556,12 +603,13 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_sc
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
             "auto": on CUDA tensors the Triton kernels where they measured faster than the
             normalise + SDPA composite (auto_path, auto_rule: bf16 / fp16 with key_lengths or
-            a window and no gradient needed, or N <= 16; on sm_90 also d 64 masked with grad
-            and unmasked without grad from N 2048, d 128 unmasked without grad from N 4096),
-            the composite elsewhere; on CPU tensors the faster of the eager reference and the
+            a window and no gradient needed, or N <= 16; on NVIDIA sm_90 also, without memory
+            slots, d 64 masked with grad and unmasked without grad from min(Nq, Nk) 2048, d 128
+            unmasked without grad from 4096), the composite elsewhere (and wherever Triton
+            cannot run, and on ROCm); on CPU tensors the faster of the eager reference and the
             composite (CPU_AUTO_PATH).
             "fused": the Triton kernels (CPU tensors only under TRITON_INTERPRET=1): the
-            second version on sm_90 for bf16 / fp16 at max(Nq, Nk) >= 2048, the first
+            second version on NVIDIA sm_90 for bf16 / fp16 at max(Nq, Nk) >= 2048, the first
             elsewhere (attn_version; $DTL_FAST_ATTN_IMPL=v1 / v2 forces either).
 
     Returns:
