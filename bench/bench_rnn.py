@@ -16,9 +16,19 @@ Providers (the first is the baseline every ratio is taken against, timed in the 
   dtl_fast:auto  (CUDA) backend="auto": the path dtl_fast.ops.rnn.auto_path picks for the
                case (extra "path": "native" = cuDNN, or "fused:<impl>"); its ratio is the
                "swapping in never costs" figure (on CPU the dtl_fast row is already auto)
+  torch.nn:packed-compiled  (cases marked auto_len) torch.compile (inductor on CUDA, aot_eager
+               on CPU) of torch.nn over a PackedSequence of lengths all = T (CPU lengths,
+               pack_padded_sequence / pad_packed_sequence): the stock form of a compiled model
+               that passes lengths (dynamo graph-breaks on torch.nn.LSTM / GRU)
+  dtl_fast:auto-compiled-len  (cases marked auto_len) torch.compile (same backend) of
+               backend="auto" with the same lengths: what `dtl-fast train --compile` runs
+               (dtl_fast.ops.rnn runs PyTorch's packed path outside the graph); extra "x_packed"
+               = torch.nn:packed-compiled's median / this one, the figure "compiled auto with
+               lengths >= 0.95x compiled torch.nn packed"
 
 Every case: one layer (num_layers=1), input size = hidden size H, time-major input [T, B, H]
-(batch_first=False, cuDNN's own layout), no lengths (all sequences full), bias on, hx=None
+(batch_first=False, cuDNN's own layout), no lengths (all sequences full; the two auto_len
+providers pass lengths all = T, so every provider computes the same function), bias on, hx=None
 (zero initial state). shape = "BxTxH"; variant = "<cell>-<bi|uni>"; dtype is float32 (TF32
 off: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False),
 "float32-tf32" (both True), bfloat16 or float16; the flags are restored after each case.
@@ -106,6 +116,7 @@ class Case:
     eager: bool = True  # time the eager loop here
     compile: bool = False  # time torch.compile(reference) here
     aa: bool = False  # CPU: time torch.nn a second time ("torch.nn:again"): the noise floor
+    auto_len: bool = False  # time torch.nn:packed and dtl_fast:auto-compiled-len here
 
     @property
     def shape(self) -> str:
@@ -145,7 +156,7 @@ FLASHRNN_CASE = Case("lstm", 16, 1024, 768, False, "float16", eager=False)
 # torch.compile last (a compile of the unrolled loop costs tens of seconds). The eager loop is
 # timed only where it is affordable (T <= 128); the "20x eager" figure says over how many cases.
 GPU_QUICK = _cells(
-    (16, 128, 256, True, "bfloat16"),  # headline + everywhere + eager, cheapest
+    (16, 128, 256, True, "bfloat16", {"auto_len": True}),  # headline + everywhere + eager, cheapest
     (128, 16, 512, True, "bfloat16"),  # short T (launch-bound), eager cheap
     (64, 128, 512, True, "float16"),  # headline, H 512
     (64, 128, 256, False, "float32"),  # unidirectional, TF32 off
@@ -166,7 +177,7 @@ def _gpu_full() -> list[Case]:
                             comp = (T <= 128 and B == 64 and H_ in (256, 1024)
                                     and dtype in ("bfloat16", "float32") and bi)
                             cases.append(Case(cell, B, T, H_, bi, dtype, eager=T <= 128,
-                                              compile=comp))
+                                              compile=comp, auto_len=comp and H_ == 256))
     cases.append(FLASHRNN_CASE)  # H = 768 is outside the grid's H set
     # headline cases first, compile cases last, the rest in grid order
     return sorted(cases, key=lambda c: (not c.figure_case(), c.compile))
@@ -180,6 +191,13 @@ GPU_FULL = _gpu_full()
 COMPILE_S_PER_STEP = 1.0
 COMPILE_S_FIXED = 15.0
 COMPILE_BWD_FACTOR = 2.5
+
+
+# dtl_fast:auto-compiled-len compiles only the small graphs around the RNN op (the op itself
+# runs outside the graph): assumed seconds for one mode's first call.
+AUTO_LEN_COMPILE_S = 20.0
+AUTO_LEN = "dtl_fast:auto-compiled-len"
+PACKED = "torch.nn:packed-compiled"
 
 
 def compile_estimate_s(case: Case, mode: str) -> float:
@@ -330,6 +348,8 @@ def make_providers(case: Case, module, ref_fns, fused_fns, device: str, compiled
                              "unrolls the T-step loop: one compile per shape)")
     elif compiled_fn is not None:
         provs["compiled"] = lambda x: _unpack(cell, compiled_fn(x, *weights))
+    if case.auto_len:
+        provs.update(_auto_len_providers(case, module, fused_fns, device))
     if fused_fns is None:
         provs["dtl_fast"] = "skipped: dtl_fast.ops.rnn unavailable"
     else:
@@ -343,6 +363,34 @@ def make_providers(case: Case, module, ref_fns, fused_fns, device: str, compiled
         else:
             provs["dtl_fast:auto"] = lambda x: _unpack(cell, fn(x, None, weights, bidirectional=bi,
                                                                 backend="auto"))
+    return provs
+
+
+def _auto_len_providers(case: Case, module, fused_fns, device: str) -> dict[str, Callable | str]:
+    """torch.nn:packed-compiled and dtl_fast:auto-compiled-len (see the module docstring):
+    lengths all = T, on the CPU (where pack_padded_sequence wants them)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    cell, bi, T = case.cell, case.bi, case.T
+    lengths = torch.full((case.B,), T, dtype=torch.int64)
+
+    def packed(x):
+        out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return _unpack(cell, (pad_packed_sequence(out, total_length=T)[0], state))
+
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    packed_c = torch.compile(packed, backend=backend)
+    provs: dict[str, Callable | str] = {PACKED: packed_c}
+    if fused_fns is None:
+        provs[AUTO_LEN] = "skipped: dtl_fast.ops.rnn unavailable"
+        return provs
+    fn, weights = fused_fns[cell], list(module._flat_weights)
+
+    def auto_len(x, lengths):
+        return fn(x, None, weights, lengths=lengths, bidirectional=bi, backend="auto")
+
+    compiled = torch.compile(auto_len, backend=backend)
+    provs[AUTO_LEN] = lambda x: _unpack(cell, compiled(x, lengths))
     return provs
 
 
@@ -488,7 +536,7 @@ def _run(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                       timing_kw, deadline, emit, standin)
 
     def after_case(case):
-        if case.compile and not standin:
+        if (case.compile or case.auto_len) and not standin:
             importlib.import_module("torch._dynamo").reset()  # free the unrolled graphs
 
     H.run_cases(cases, kernel=kernel, device=device, deadline=deadline, emit=emit, modes=MODES,
@@ -556,9 +604,9 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
             if isinstance(fn, str):
                 emit(H.status_row(base, name, fn))
                 continue
-            if name == "compiled":  # forward and forward+backward compile separately
-                st = H.budget_skip(deadline, compile_estimate_s(case, mode), planned,
-                                   what=f"a {mode} compile")
+            if name in ("compiled", AUTO_LEN, PACKED):  # forward, forward+backward compile apart
+                est = compile_estimate_s(case, mode) if name == "compiled" else AUTO_LEN_COMPILE_S
+                st = H.budget_skip(deadline, est, planned, what=f"a {mode} compile")
                 if st:
                     emit(H.status_row(base, name, st))
                     continue
@@ -594,7 +642,7 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
             ex["rel64"] = float(f"{e64:.3g}")
             if name != BASELINE:
                 ex["rel_base"] = float(f"{eb:.3g}")
-            if name == "compiled":
+            if name in ("compiled", AUTO_LEN, PACKED):
                 ex["compile_s"] = round(first_s, 1)
             # every provider: the second call, timed (the first one held the JIT compile /
             # autotuning), says what its timing costs; skip (with a row) when that does not fit
@@ -631,6 +679,8 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
             ex["us_per_step"] = round(t[0] * 1e3 / case.T, 2)
             if name == "dtl_fast:auto":
                 ex["path"] = _auto_path(case, device)
+            if name == AUTO_LEN and PACKED in times:
+                ex["x_packed"] = round(times[PACKED][0] / t[0], 4)
             if name == BASELINE and cudnn_ok is not None:
                 ex["cudnn"] = cudnn_ok
             if name == "dtl_fast":
@@ -732,6 +782,10 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
         f = _min_figure(f"gpu everywhere {mode:<16} auto >= {GPU_AUTO:g}x torch.nn", auto,
                         "ratio", GPU_AUTO, "x")
         figs.append(H.mark_not_run(f, len([r for r in not_run if r["mode"] == mode])))
+        comp = [r for r in rows if r["provider"] == AUTO_LEN and r["mode"] == mode]
+        if comp:  # only the cases marked auto_len have these rows
+            figs.append(_min_figure(f"gpu compiled {mode:<16} auto with lengths >= {GPU_AUTO:g}x "
+                                    "compiled torch.nn packed", comp, "x_packed", GPU_AUTO, "x"))
     return figs
 
 

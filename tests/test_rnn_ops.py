@@ -354,37 +354,96 @@ def test_torch_compile_fullgraph(mode):
         assert_rel_close(f"grad weights[{i}]", a.grad, b.grad, 1e-6)
 
 
-def _auto_with_lengths(mode):
+def _auto_with_lengths(mode, backend="auto"):
     f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
 
     def model(x, lengths, ws):
         out, state = f(x, None, ws, lengths=lengths, num_layers=2, bidirectional=True,
-                       backend="auto")
+                       backend=backend)
         return out, (state[0] if mode == "LSTM" else state)
     return model
 
 
+def _count_native(monkeypatch):
+    """A list that gets one entry (whether lengths were given) per call of PyTorch's path."""
+    calls = []
+    real = ops._native
+
+    def spy(*args):
+        calls.append(args[4] is not None)
+        return real(*args)
+    monkeypatch.setattr(ops, "_native", spy)
+    return calls
+
+
+def _results(fn, x, lengths, ws):
+    """output, h_n and the gradients of x and every weight, on fresh leaves."""
+    xl = x.clone().requires_grad_()
+    wl = [w.clone().requires_grad_() for w in ws]
+    out, h_n = fn(xl, lengths, wl)
+    (out.square().sum() + h_n.sum()).backward()
+    return [out, h_n, xl.grad, *(w.grad for w in wl)]
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_auto_with_lengths_compiles_fullgraph(mode):
-    # backend="auto" (the default) with lengths once hit pack_padded_sequence, which dynamo
-    # refuses (review s27, F3): while tracing it runs the reference on the CPU
+def test_compiled_auto_with_lengths_runs_pytorchs_packed_path(mode, monkeypatch):
+    # backend="auto" with lengths under torch.compile once ran the fused loop on CUDA at every
+    # shape (0.02-0.51x cuDNN) and the unrolled eager loop on the CPU (review s28, A2). Now it
+    # runs the call eager auto makes, PyTorch's packed path, outside the graph: one graph
+    # break, what torch.nn.LSTM gets, and the same numbers as eager auto, gradients included.
     _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
-    model = _auto_with_lengths(mode)
+    rnn = _auto_with_lengths(mode)
+
+    def model(x, lengths, ws):  # graph pieces on both sides of the break
+        out, h_n = rnn(x * 2, lengths, ws)
+        return out.tanh(), h_n
     lengths = torch.tensor([4, 1, 3])
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got, want = [], []
-    for fn, res in ((compiled, got), (model, want)):
-        xl = x.clone().requires_grad_()
-        wl = [w.clone().requires_grad_() for w in ws]
-        out, h_n = fn(xl, lengths, wl)
-        (out.square().sum() + h_n.sum()).backward()
-        res += [out, h_n, xl.grad, *(w.grad for w in wl)]
+    want = _results(model, x, lengths, ws)
+    calls = _count_native(monkeypatch)
+    torch._dynamo.reset()
+    got = _results(torch.compile(model, backend="aot_eager"), x, lengths, ws)
+    assert calls == [True]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"result {i}"
+    ex = torch._dynamo.explain(model)(x, lengths, ws)
+    assert len(ex.break_reasons) == 1, ex.break_reasons
+    assert "backend='fused'" in ex.break_reasons[0].reason
+    assert ex.break_reasons[0].user_stack[-1].filename.endswith("rnn.py")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_auto_with_lengths_fullgraph_names_the_way_out(mode):
+    # fullgraph=True cannot hold PyTorch's packed path: dynamo's error carries the reason,
+    # which names the backends that keep one graph
+    _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(_auto_with_lengths(mode), fullgraph=True, backend="aot_eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported,
+                       match=r"(?s)disable.*backend='fused'.*backend='reference'"):
+        compiled(x, torch.tensor([4, 1, 3]), ws)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_fused_and_reference_with_lengths_compile_fullgraph(mode, backend):
+    # the two ways out the error names: one graph each, the numbers of eager auto
+    _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    lengths = torch.tensor([4, 1, 3])
+    want = _results(_auto_with_lengths(mode), x, lengths, ws)
+    torch._dynamo.reset()
+    compiled = torch.compile(_auto_with_lengths(mode, backend), fullgraph=True, backend="aot_eager")
+    got = _results(compiled, x, lengths, ws)
     for i, (a, b) in enumerate(zip(got, want)):
         assert_rel_close(f"result {i}", a, b, F32_TOL)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_auto_with_lengths_exports(mode):
+def test_auto_with_lengths_exports(mode, monkeypatch):
+    # torch.export cannot take the packed path either (nor a graph break): the traceable path
+    # (the eager reference on the CPU, the fused loop on CUDA), for any lengths
     _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
     model = _auto_with_lengths(mode)
 
@@ -393,10 +452,29 @@ def test_auto_with_lengths_exports(mode):
             return model(x, lengths, ws)
 
     lengths = torch.tensor([4, 1, 3])
+    calls = _count_native(monkeypatch)
     ep = torch.export.export(M(), (x, lengths))
+    assert calls == []
+    monkeypatch.undo()
     for lens in (lengths, torch.tensor([2, 4, 4])):
         for name, a, b in zip(("output", "h_n"), ep.module()(x, lens), model(x, lens, ws)):
             assert_rel_close(name, a, b, F32_TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_with_lengths_during_a_capture_takes_the_traceable_path(mode, monkeypatch):
+    # A CUDA graph capture cannot read lengths on the host (the packed path does): the
+    # traceable path (here, on CPU tensors, the reference). Captures are CUDA-only, so the
+    # check is monkeypatched.
+    _, x, h, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    kw = dict(lengths=torch.tensor([4, 1, 3]), num_layers=2, bidirectional=True)
+    want = f(x, h, ws, backend="reference", **kw)
+    calls = _count_native(monkeypatch)
+    monkeypatch.setattr(ops, "device_capturing", lambda t: True)
+    got = f(x, h, ws, backend="auto", **kw)
+    assert calls == []
+    assert torch.equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -578,16 +656,94 @@ def test_rule_dtype_follows_what_pytorch_computes_in():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_auto_under_cuda_bf16_autocast_returns_what_torch_nn_returns():
     # cuDNN's autocast wrapper computes in float16 whatever the autocast dtype; auto must agree
-    # with torch.nn on the output dtype, even at the shape of its one bfloat16 fused region
-    # (LSTM, bidirectional, B 64, H 256, T 16, no lengths).
+    # with torch.nn on the output dtype, even at the call of its one bfloat16 fused region
+    # (LSTM, bidirectional, B 64, H 256 = input size, T 16, one layer, no lengths, hx None).
     import dtl_fast
 
-    ref = torch.nn.LSTM(32, 256, bidirectional=True).cuda()
+    ref = torch.nn.LSTM(256, 256, bidirectional=True).cuda()
     fast = dtl_fast.nn.LSTM.from_torch(ref, backend="auto")
-    x = torch.randn(16, 64, 32, device="cuda")
+    x = torch.randn(16, 64, 256, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert ops.rule_dtype(x) == torch.float16
         want, (h_want, _) = ref(x)
         got, (h_got, _) = fast(x)
     assert got.dtype == want.dtype == torch.float16 and h_got.dtype == h_want.dtype
     assert_rel_close("output", got.float(), want.float(), 1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# backend="auto"'s fused region: exactly the measured call, on the measured card, where Triton
+# runs and not on ROCm (review s28, A3 / A6); the rows themselves: tests/test_rnn_persistent.py
+# ------------------------------------------------------------------------------------------------
+
+CARD = ops.AUTO_RULE_SOURCE["card"]
+REGION_CALL = ("LSTM", torch.bfloat16, 64, 256, 16, 2, None, "cuda")  # cell dtype B H T D lengths
+
+
+def test_fused_region_carries_the_measured_conditions():
+    import csv
+    import json
+    (r,) = ops.AUTO_FUSED_REGIONS
+    # bench_rnn.py's call: one layer, input size = H, hx None, no lengths, no dropout
+    assert (r["num_layers"], r["I"], r["hx"], r["dropout"], r["lengths"]) == ((1, 1), "H", False,
+                                                                              False, False)
+    # the card: the device_name of the rows the entry rests on
+    src = ops.AUTO_RULE_SOURCE
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, src["csv"])) as f:
+        names = {row["device_name"] for row in csv.DictReader(f)
+                 if row["run_id"] == src["run_id"] and row["status"] == "ok"
+                 and row["variant"] == "lstm-bi" and row["shape"] == "64x16x256"
+                 and row["dtype"] == "bfloat16" and row["provider"] == "dtl_fast"
+                 and json.loads(row["extra"])["backend"] == "fused"}
+    assert r["cards"] == tuple(names) == (CARD,)
+
+
+@pytest.mark.parametrize("change", [
+    dict(card="NVIDIA H100 80GB HBM3"), dict(card="NVIDIA H200 NVL"),
+    dict(card="NVIDIA H200 MIG 1g.18gb"), dict(card="NVIDIA A100-SXM4-80GB"),
+    dict(card="AMD Instinct MI300X"), dict(num_layers=2), dict(input_size=255),
+    dict(input_size=512), dict(hx=True), dict(dropout=0.1)], ids=str)
+def test_fused_region_each_condition_flipped_runs_native(change):
+    assert ops.auto_path(*REGION_CALL, card=CARD) == "fused:loop"
+    assert ops.auto_path(*REGION_CALL, card=CARD, num_layers=1, input_size=256, hx=False,
+                         dropout=0.0) == "fused:loop"
+    assert ops.auto_path(*REGION_CALL, **{"card": CARD, **change}) == "native"
+
+
+def test_fused_region_shape_boundaries():
+    cell, dt, B, H, T, D, lengths, dev = REGION_CALL
+    for call in [(cell, dt, 63, H, T, D), (cell, dt, 65, H, T, D), (cell, dt, B, 255, T, D),
+                 (cell, dt, B, 257, T, D), (cell, dt, B, H, 15, D), (cell, dt, B, H, 17, D),
+                 (cell, dt, B, H, T, 1), ("GRU", dt, B, H, T, D), (cell, torch.float16, B, H, T, D),
+                 (cell, torch.float32, B, H, T, D)]:
+        assert ops.auto_path(*call, None, dev, card=CARD) == "native", call
+    assert ops.auto_path(*REGION_CALL[:6], torch.tensor([16] * 64), dev, card=CARD) == "native"
+    assert ops.auto_path(*REGION_CALL[:7], "cpu", card=CARD) == "native"
+    if not torch.cuda.is_available():  # no card to read: never fused
+        assert ops.auto_path(*REGION_CALL) == "native"
+
+
+def test_fused_picks_need_triton_and_not_rocm(monkeypatch):
+    from types import SimpleNamespace
+    cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"))
+    assert ops.fused_can_run("cuda") and ops._traceable_path(cuda_x) == "fused:loop"
+    monkeypatch.setattr(ops, "can_run_triton", lambda device: False)  # e.g. Triton not importable
+    assert ops.auto_path(*REGION_CALL, card=CARD) == "native"
+    assert ops._traceable_path(cuda_x) == "reference"
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")  # ROCm: its GPUs are "cuda" devices
+    assert ops.auto_path(*REGION_CALL, card=CARD) == "native"
+    assert ops._traceable_path(cuda_x) == "reference"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auto_asks_the_rule_with_the_calls_conditions(mode, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ops, "auto_path", lambda *a, **k: seen.append(k) or "native")
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    _, x, h, ws = make_case(mode, 3, 2, 4, 6, 2, True, dtype=torch.float32)
+    f(x, h, ws, num_layers=2, bidirectional=True, dropout=0.5, training=True, backend="auto")
+    f(x, None, ws, num_layers=2, bidirectional=True, dropout=0.5, training=False, backend="auto")
+    assert seen == [dict(num_layers=2, input_size=4, hx=True, dropout=0.5),
+                    dict(num_layers=2, input_size=4, hx=False, dropout=0.0)]

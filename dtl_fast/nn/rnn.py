@@ -4,7 +4,9 @@ recurrence ops (Triton kernels on CUDA, PyTorch's native kernels on CPU, or the 
 Why these derive from nn.Module and not from torch.nn.LSTM / GRU: torch.compile refuses any
 module that is an instance of torch.nn.RNN / GRU / LSTM ("Dynamo does not support RNN, GRU, or
 LSTM", a graph break unless torch._dynamo.config.allow_rnn is set), so a subclass could never be
-compiled with fullgraph=True, which is one of the reasons to use the fused kernels at all. A
+compiled with fullgraph=True, which is one of the reasons to use the fused kernels at all
+(with backend='fused' or 'reference' when lengths are given: 'auto' then runs PyTorch's packed
+kernel outside the graph, as torch.nn.LSTM would). A
 subclass would also call cuDNN from flatten_parameters() whenever it is moved to a GPU. What a
 subclass would have given for free is rebuilt here: the same constructor, attributes, parameter
 names, shapes, registration order and initialisation, so state_dicts load both ways (strict),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import resolve_backend
-from dtl_fast._checks import autocast_enabled
+from dtl_fast._checks import autocast_enabled, device_capturing
 from dtl_fast._triton import can_run_triton, require_triton
 from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
                                  transforms_in_use)
@@ -86,18 +86,29 @@ def _check_impl(impl: str) -> None:
 # Where the rule comes from: one benchmark run; its rows are in bench/results/rnn.csv.
 AUTO_RULE_SOURCE = {"card": "NVIDIA H200", "run_id": "gpucheck-20261127T013134-437",
                     "csv": "bench/results/rnn.csv", "torch": "2.11.0+cu130", "triton": "3.6.0"}
-# The regions of (cell, dtype, directions, B, H, T, lengths) where a fused implementation
-# measured faster than cuDNN (torch.nn) in BOTH forward and forward+backward in that run (auto
-# cannot know at the forward whether a backward follows). Everywhere else on CUDA, auto runs
-# PyTorch's cuDNN path. In that run the "loop" kernel was 0.02-0.51x cuDNN in 13 of the 14
-# timed shapes (the recurrence is latency-bound on 2-16 SMs: bench/NOTES.md); it won only at
-# T=16, B=64, H=256 (bi bf16): LSTM 1.35x forward / 1.16x forward+backward, GRU 0.95x / 1.34x.
-# A single point does not define a region, so the entry is that exact shape. The persistent
-# kernel has no entry: it is unmeasured, and auto does not pick it until a GPU row says it wins
+# The regions where a fused implementation measured faster than cuDNN (torch.nn) in BOTH forward
+# and forward+backward in that run (auto cannot know at the forward whether a backward follows).
+# Everywhere else on CUDA, auto runs PyTorch's cuDNN path. In that run the "loop" kernel was
+# 0.02-0.51x cuDNN in 12 of the 14 timed shapes (the recurrence is latency-bound on 2-16 SMs:
+# bench/NOTES.md); it won both modes only at T=16, B=64, H=256 (bi bf16): LSTM 1.35x forward /
+# 1.16x forward+backward (GRU 0.95x / 1.34x: no entry). A single point does not define a region,
+# so an entry is exactly what was measured, and every condition of the benchmark's call is part
+# of it:
+#   cell, dtypes, D (directions), B, H, T ((lo, hi) spans, inclusive);
+#   lengths       False: only calls without lengths (cuDNN packs with lengths: unmeasured);
+#   num_layers    (lo, hi) span;  I: the input size, "H" (equal to the hidden size) or a span;
+#   hx            False: only hx=None (zero initial state);
+#   dropout       False: only calls that apply no dropout (dropout == 0 or not training);
+#   cards         the device names (torch.cuda.get_device_properties(...).name) it was measured
+#                 on: a different card (A100, another Hopper variant, a MIG slice) runs cuDNN.
+# Every fused pick also needs Triton to run on the device (can_run_triton) and not ROCm
+# (torch.version.hip: no row was measured there); else cuDNN. The persistent kernel has no
+# entry: it is unmeasured, and auto does not pick it until a GPU row says it wins
 # (bench/gpu_rnn_persistent.sh prints the rows that would go here).
 AUTO_FUSED_REGIONS: tuple[dict, ...] = (
     dict(cell="LSTM", dtypes=(torch.bfloat16,), D=(2,), B=(64, 64), H=(256, 256), T=(16, 16),
-         lengths=False, impl="loop", measured="1.353x fwd, 1.157x fwd+bwd"),
+         lengths=False, num_layers=(1, 1), I="H", hx=False, dropout=False,
+         cards=("NVIDIA H200",), impl="loop", measured="1.353x fwd, 1.157x fwd+bwd"),
 )
 
 
@@ -105,27 +116,59 @@ def auto_rule() -> str:
     """One or two lines saying what backend="auto" runs for lstm / gru (for `dtl-fast info`)."""
     wins = "; ".join(
         f"{r['cell']} D={'/'.join(map(str, r['D']))} {'/'.join(str(d).replace('torch.', '') for d in r['dtypes'])} "
-        f"B{_span(r['B'])} H{_span(r['H'])} T{_span(r['T'])}{'' if r['lengths'] else ' no lengths'} "
-        f"-> fused {r['impl']} ({r['measured']})" for r in AUTO_FUSED_REGIONS)
+        f"B{_span(r['B'])} H{_span(r['H'])} T{_span(r['T'])}{'' if r['lengths'] else ', no lengths'}"
+        f", {_span(r['num_layers'])} layer(s), input size {'= H' if r['I'] == 'H' else _span(r['I'])}"
+        f"{'' if r['hx'] else ', hx None'}{'' if r['dropout'] else ', no dropout'}, on "
+        f"{' / '.join(r['cards'])} -> fused {r['impl']} ({r['measured']})" for r in AUTO_FUSED_REGIONS)
     src = AUTO_RULE_SOURCE
-    return (f"CUDA: PyTorch's cuDNN path (torch.lstm / torch.gru) except {wins or 'nowhere'}; "
-            f"measured on {src['card']}, run {src['run_id']} ({src['csv']}); the persistent "
-            f"kernel is unmeasured and never picked.\n"
-            "CPU (and float64): PyTorch's native kernels (torch.lstm / torch.gru).")
+    return (f"CUDA: PyTorch's cuDNN path (torch.lstm / torch.gru) except {wins or 'nowhere'} "
+            f"(where Triton runs, not ROCm); measured on {src['card']}, run {src['run_id']} "
+            f"({src['csv']}); the persistent kernel is unmeasured and never picked.\n"
+            "CPU (and float64): PyTorch's native kernels (torch.lstm / torch.gru). Any device, "
+            "with lengths: under torch.compile PyTorch's packed path outside the graph (a graph "
+            "break, as torch.nn.LSTM); under torch.export or CUDA graph capture the fused loop "
+            "on CUDA, the eager reference elsewhere.")
 
 
 def _span(r) -> str:
     return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
 
 
+def _in(value: int, span) -> bool:
+    return span[0] <= value <= span[1]
+
+
+def _card(device) -> str | None:
+    """The name of a CUDA device (None for any other device, or without CUDA). Read through
+    get_device_properties, which torch.compile folds to a constant (as the attention rule's
+    capability)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).name
+
+
+def fused_can_run(device) -> bool:
+    """Whether backend="auto" may pick a fused kernel on `device` at all: Triton runs there
+    (dtl_fast._triton.can_run_triton) and it is not a ROCm build (torch.version.hip: every
+    committed row is NVIDIA's; ROCm reports its GPUs as "cuda" devices)."""
+    return torch.version.hip is None and can_run_triton(device)
+
+
 def auto_path(cell: str, dtype: torch.dtype, B: int, H: int, T: int, D: int, lengths,
-              device) -> str:
+              device, *, num_layers: int = 1, input_size: int | None = None, hx: bool = False,
+              dropout: float = 0.0, card: str | None = None) -> str:
     """Which path backend="auto" takes for one call: "native" (PyTorch's torch.lstm /
     torch.gru: cuDNN on CUDA, the native kernels on the CPU) or "fused:<impl>" (impl in IMPLS).
 
     cell "LSTM" | "GRU"; dtype the recurrence's dtype (the autocast dtype under autocast);
     B batch, H hidden size, T steps, D directions (1 or 2); lengths None or anything (only
     whether there are lengths counts); device a torch.device or its string.
+    The keywords describe the rest of the call; their defaults are the benchmark's call (one
+    layer, input size = H, hx None, no dropout): num_layers; input_size (None: = H); hx
+    (whether an initial state is given); dropout (the dropout applied: 0 when not training);
+    card (the CUDA device's name; None: read from `device`, None off CUDA).
+    Fused only inside an AUTO_FUSED_REGIONS entry, on a device where fused_can_run.
     """
     if cell not in ("LSTM", "GRU"):
         raise ValueError(f"auto_path: cell must be 'LSTM' or 'GRU', got {cell!r}")
@@ -134,10 +177,14 @@ def auto_path(cell: str, dtype: torch.dtype, B: int, H: int, T: int, D: int, len
     if torch.device(device).type != "cuda" or dtype == torch.float64:
         return "native"
     has_len = lengths is not None
+    I = H if input_size is None else input_size
     for r in AUTO_FUSED_REGIONS:
-        if (r["cell"] == cell and dtype in r["dtypes"] and D in r["D"]
-                and r["B"][0] <= B <= r["B"][1] and r["H"][0] <= H <= r["H"][1]
-                and r["T"][0] <= T <= r["T"][1] and (r["lengths"] or not has_len)):
+        if (r["cell"] == cell and dtype in r["dtypes"] and D in r["D"] and _in(B, r["B"])
+                and _in(H, r["H"]) and _in(T, r["T"]) and (r["lengths"] or not has_len)
+                and _in(num_layers, r["num_layers"]) and _in(I, (H, H) if r["I"] == "H" else r["I"])
+                and (r["hx"] or not hx) and (r["dropout"] or not dropout)
+                and fused_can_run(device)
+                and (card if card is not None else _card(device)) in r["cards"]):
             return "fused:" + r["impl"]
     return "native"
 
@@ -490,6 +537,16 @@ def _own_lengths(lengths, caller, device):
 def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batch_first, dropout,
               training, has_bias, backend):
     backend = resolve_backend(backend)
+    if (backend == "auto" and lengths is not None and torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()):
+        # torch.compile: PyTorch's packed path (pack_padded_sequence: batch_sizes depend on the
+        # values of lengths, read on the host) cannot be traced, so the whole call runs eagerly,
+        # outside the graph: a graph break, what torch.nn.LSTM gets there, and so PyTorch's
+        # speed and the numbers of eager auto (the checks included: no graph pieces of ours
+        # around the break)
+        return _auto_with_lengths_outside_graph(mode, input, hx, weights, lengths, num_layers,
+                                                bidirectional, batch_first, dropout, training,
+                                                has_bias, backend)
     kw = dict(lengths=lengths, num_layers=num_layers, bidirectional=bidirectional,
               batch_first=batch_first, dropout=dropout, training=training, has_bias=has_bias)
     if backend == "reference":
@@ -499,10 +556,6 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
                                        dropout=dropout, has_bias=has_bias)
     args = (mode, input, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
             training, has_bias, H, D)
-
-    def fused(impl):
-        own = _own_lengths(lengths, kw["lengths"], input.device)
-        return _fused(*args[:4], own, *args[5:], impl)
     # torch.func transforms and forward-mode AD (one scan per call: ~10 us a tensor inside an
     # open dual level, so the input first)
     used = () if torch.compiler.is_compiling() else transforms_in_use(
@@ -515,27 +568,67 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
             # the fused ops under jvp serve these; the reference is plain torch ops
             return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
         path = auto_path(mode, rule_dtype(input), input.shape[0 if batch_first else 1], H,
-                         input.shape[1 if batch_first else 0], D, lengths, input.device)
-        if path == "native" and lengths is not None and (torch.compiler.is_compiling()
-                                                         or input.device.type == "meta"):
-            # torch.compile / torch.export: PyTorch's packed path (pack_padded_sequence, whose
-            # batch_sizes depend on the values of lengths) cannot be traced; nor can it pack
-            # meta tensors (no data)
-            path = _traceable_path(input)
-            if path == "reference":
-                return (_ref.lstm if mode == "LSTM" else _ref.gru)(input, hx, weights, **kw)
+                         input.shape[1 if batch_first else 0], D, lengths, input.device,
+                         num_layers=num_layers, input_size=input.shape[-1], hx=hs is not None,
+                         dropout=float(dropout) if training else 0.0)
+        if path == "native" and lengths is not None:
+            # PyTorch's packed path can neither be traced by torch.export (torch.compile took
+            # the branch at the top) nor pack meta tensors (no data)
+            if input.device.type == "meta" or torch.compiler.is_compiling():
+                return _run_path(_traceable_path(input), args, hx, kw)
+            return _auto_with_lengths(args, hx, kw)
         if path == "native" or needs_stock_path(used):
             return _native(*args)
-        return fused(path.split(":", 1)[1])
+        return _run_path(path, args, hx, kw)
     refuse_transforms(f"{mode.lower()}(backend='fused')", used)
-    return fused(fused_impl())
+    return _run_path("fused:" + fused_impl(), args, hx, kw)
+
+
+def _run_path(path: str, args: tuple, hx, kw: dict):
+    """Runs "reference" or "fused:<impl>" for _dispatch's `args` (hx, kw: the caller's hx
+    and keyword arguments, for the reference, which checks them itself)."""
+    mode, x = args[0], args[1]
+    if path == "reference":
+        return (_ref.lstm if mode == "LSTM" else _ref.gru)(x, hx, args[3], **kw)
+    own = _own_lengths(args[4], kw["lengths"], x.device)
+    return _fused(*args[:4], own, *args[5:], path.split(":", 1)[1])
+
+
+def _auto_with_lengths(args: tuple, hx, kw: dict):
+    """backend="auto" with lengths where auto_path says "native", run eagerly: PyTorch's packed
+    path (what torch.nn.LSTM / GRU run with a PackedSequence); during a CUDA graph capture,
+    where packing would read lengths on the host (an error there), the traceable path."""
+    if device_capturing(args[1]):
+        return _run_path(_traceable_path(args[1]), args, hx, kw)
+    return _native(*args)
+
+
+def _auto_with_lengths_eager(*args):
+    """_dispatch, run eagerly: what torch.compile calls for backend="auto" with lengths."""
+    return _dispatch(*args)
+
+
+# What torch.compile calls instead of tracing _dispatch for backend="auto" with lengths: a graph
+# break (fullgraph=True raises torch._dynamo.exc.Unsupported, "Skip calling
+# `torch.compiler.disable()`d function", with this reason).
+_OUTSIDE_GRAPH_REASON = (
+    "dtl_fast lstm/gru(backend='auto') with lengths runs PyTorch's packed RNN kernel "
+    "(pack_padded_sequence, as torch.nn.LSTM / GRU do) outside the graph, at cuDNN / oneDNN "
+    "speed; to keep one graph (fullgraph=True), pass backend='fused' (the Triton kernels) or "
+    "backend='reference' (the eager loop, unrolled over T)")
+try:
+    _auto_with_lengths_outside_graph = torch.compiler.disable(_auto_with_lengths_eager,
+                                                              reason=_OUTSIDE_GRAPH_REASON)
+except TypeError:  # a torch whose disable() has no reason keyword (before 2.8)
+    _auto_with_lengths_outside_graph = torch.compiler.disable(_auto_with_lengths_eager)
 
 
 def _traceable_path(x: torch.Tensor) -> str:
-    """What backend="auto" runs with lengths while torch.compile / torch.export trace it:
-    "fused:<FUSED_DEFAULT_IMPL>" on CUDA (float16 / bfloat16 / float32, Triton available), else
+    """What backend="auto" runs with lengths where PyTorch's packed path cannot run: under
+    torch.export, during a CUDA graph capture, and on meta tensors. "fused:<FUSED_DEFAULT_IMPL>"
+    on CUDA (float16 / bfloat16 / float32, where fused_can_run: Triton, not ROCm), else
     "reference" (the eager loop: traceable anywhere, unrolled over T)."""
-    if x.is_cuda and x.dtype != torch.float64 and can_run_triton(x.device):
+    if x.is_cuda and x.dtype != torch.float64 and fused_can_run(x.device):
         return "fused:" + FUSED_DEFAULT_IMPL
     return "reference"
 
@@ -571,16 +664,20 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
         dropout, training: F.dropout(p=dropout) on each layer's output but the last, when training.
         backend: "auto" | "fused" | "reference"; None reads $DTL_FAST_BACKEND (else "auto").
             "auto": the path auto_path picks: on CUDA PyTorch's cuDNN path (torch.lstm) except
-            where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule());
-            PyTorch's native kernels on the CPU and for float64. Under torch.func.grad / vjp /
-            jacrev PyTorch's path (the eager reference with lengths: PyTorch's packed path
+            where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule():
+            that shape and call, on the card it was measured on, where Triton runs, not on
+            ROCm); PyTorch's native kernels on the CPU and for float64. Under torch.func.grad /
+            vjp / jacrev PyTorch's path (the eager reference with lengths: PyTorch's packed path
             fails under torch.func), under vmap / jvp / jacfwd / forward-mode AD the eager
-            reference. With lengths under torch.compile / torch.export (PyTorch's packed path
-            cannot be traced):
-            the fused kernels on CUDA (float16 / bfloat16 / float32), the eager reference
-            elsewhere (an unrolled loop over T: slow to compile for long sequences); outside
-            tracing, the same call takes PyTorch's path, so the two agree to rounding only.
-            The reference also serves meta tensors with lengths.
+            reference. With lengths PyTorch's path is its packed one (pack_padded_sequence,
+            which reads lengths on the host), also under torch.compile, where it runs outside
+            the graph: a graph break, as torch.nn.LSTM gets. So torch.compile(fullgraph=True)
+            of an "auto" call with lengths raises (see Raises); backend="fused" or "reference"
+            keep one graph. Where the packed path cannot run at all (torch.export, a CUDA graph
+            capture, meta tensors): the fused kernels on CUDA (float16 / bfloat16 / float32,
+            where Triton runs, not on ROCm), the eager reference elsewhere (an unrolled loop
+            over T: slow to compile for long sequences); they agree with PyTorch's path to
+            rounding only.
             "fused": the Triton kernels (FUSED_DEFAULT_IMPL; $DTL_FAST_RNN_IMPL = "loop" |
             "persistent" | "step" picks another implementation).
 
@@ -609,6 +706,10 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             (torch.autograd.functional.jacobian(vectorize=True) and autograd.grad's
             is_grads_batched do work: the backward kernels run once per batched gradient;
             with create_graph=True too they raise the second-order RuntimeError).
+        torch._dynamo.exc.Unsupported: backend="auto" with lengths under
+            torch.compile(fullgraph=True): "Skip calling `torch.compiler.disable()`d function",
+            whose reason names backend='fused' and backend='reference' as the ways to keep
+            one graph (torch versions whose torch.compiler.disable takes no reason omit it).
     """
     return _dispatch("LSTM", input, hx, weights, lengths, num_layers, bidirectional, batch_first,
                      dropout, training, has_bias, backend)
@@ -622,7 +723,9 @@ def gru(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional:
 
     Same arguments as lstm, with hx None or h0 [num_layers * D, B, H] and weights of 3H rows.
     Returns (output [T, B, D*H] (or [B, T, D*H]), h_n [num_layers * D, B, H]) in input's dtype
-    (under torch.autocast as lstm). Raises as lstm.
+    (under torch.autocast as lstm). Raises as lstm, torch.compile(fullgraph=True) of
+    backend="auto" with lengths included (PyTorch's packed path runs outside the graph:
+    backend='fused' or 'reference' keep one graph).
     """
     return _dispatch("GRU", input, hx, weights, lengths, num_layers, bidirectional, batch_first,
                      dropout, training, has_bias, backend)
