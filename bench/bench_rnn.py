@@ -157,6 +157,9 @@ FLASHRNN_CASE = Case("lstm", 16, 1024, 768, False, "float16", eager=False)
 # timed only where it is affordable (T <= 128); the "20x eager" figure says over how many cases.
 GPU_QUICK = _cells(
     (16, 128, 256, True, "bfloat16", {"auto_len": True}),  # headline + everywhere + eager, cheapest
+    # `dtl-fast train`'s own RNN (B64 T16 H64 bi): where compiled auto's fixed cost per call
+    # (~35-45 us on the CPU, review s28) would show against compiled torch.nn packed
+    (64, 16, 64, True, "float32", {"auto_len": True}),
     (128, 16, 512, True, "bfloat16"),  # short T (launch-bound), eager cheap
     (64, 128, 512, True, "float16"),  # headline, H 512
     (64, 128, 256, False, "float32"),  # unidirectional, TF32 off

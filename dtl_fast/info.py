@@ -87,6 +87,8 @@ def _triton_op_backend(op: str, device: str) -> str:
     if chosen == "auto":  # CUDA: the measured per-shape rule picks kernel or stock path
         if reason is not None:  # auto never picks a kernel that cannot run
             return f"the stock PyTorch path (Triton unavailable: {reason})"
+        if torch.version.hip is not None:  # every auto row was measured on NVIDIA cards
+            return "the stock PyTorch path (ROCm: no measured row)"
         return "per shape, by the auto rule: Triton kernel or the stock PyTorch path"
     if reason is not None:
         return f"unavailable: {reason}"

@@ -60,6 +60,8 @@ def test_info_says_auto_runs_the_stock_path_where_triton_cannot(monkeypatch):
     assert line == "the stock PyTorch path (Triton unavailable: no triton here)"
     monkeypatch.setattr(tri, "triton_unavailable_reason", lambda device=None: None)
     assert "auto rule: Triton kernel or the stock" in info_mod._triton_op_backend("lstm", "cuda")
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")  # ROCm: no auto row measured there
+    assert info_mod._triton_op_backend("lstm", "cuda") == "the stock PyTorch path (ROCm: no measured row)"
 
 
 def test_info_follows_the_backend_variable(monkeypatch):

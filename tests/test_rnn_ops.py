@@ -462,6 +462,36 @@ def test_auto_with_lengths_exports(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_lengths_on_the_host_during_a_capture_are_refused(mode, monkeypatch):
+    # A host-to-device copy of lengths inside a captured graph would replay reading that host
+    # block, whatever it holds by then: the fused path (which auto also takes during a capture)
+    # refuses host lengths there, naming the way out. Captures are CUDA-only: x is a fake CUDA
+    # tensor and the capture query is monkeypatched.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(ops, "device_capturing", lambda t: True)
+    lens = torch.tensor([4, 1, 3])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(4, 3, 5, device="cuda")
+        with pytest.raises(ValueError, match=mode + r": lengths must be on cuda.* during a CUDA "
+                                                   r"graph capture .*got them on cpu"):
+            ops._refuse_host_lengths_in_capture(mode, lens, x)
+        ops._refuse_host_lengths_in_capture(mode, torch.empty(3, device="cuda"), x)  # fine
+    monkeypatch.setattr(ops, "device_capturing", lambda t: False)  # not capturing: fine
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ops._refuse_host_lengths_in_capture(mode, lens, torch.empty(4, 3, 5, device="cuda"))
+    # the fused path asks it for every call with lengths
+    if ops.can_run_triton("cpu"):
+        seen = []
+        monkeypatch.setattr(ops, "_refuse_host_lengths_in_capture",
+                            lambda m, lengths, x: seen.append((m, lengths.tolist())))
+        _, x, h, ws = make_case(mode, 4, 3, 3, 5, 1, True, dtype=torch.float32)
+        f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+        f(x, h, ws, lengths=lens, bidirectional=True, backend="fused")
+        assert seen == [(mode, [4, 1, 3])]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_auto_with_lengths_during_a_capture_takes_the_traceable_path(mode, monkeypatch):
     # A CUDA graph capture cannot read lengths on the host (the packed path does): the
     # traceable path (here, on CPU tensors, the reference). Captures are CUDA-only, so the
@@ -684,9 +714,10 @@ def test_fused_region_carries_the_measured_conditions():
     import csv
     import json
     (r,) = ops.AUTO_FUSED_REGIONS
-    # bench_rnn.py's call: one layer, input size = H, hx None, no lengths, no dropout
-    assert (r["num_layers"], r["I"], r["hx"], r["dropout"], r["lengths"]) == ((1, 1), "H", False,
-                                                                              False, False)
+    # bench_rnn.py's call: one layer, input size = H, hx None, no lengths, no dropout, [T, B, I]
+    # with biases
+    assert (r["num_layers"], r["I"], r["hx"], r["dropout"], r["lengths"], r["batch_first"],
+            r["bias"]) == ((1, 1), "H", False, False, False, False, True)
     # the card: the device_name of the rows the entry rests on
     src = ops.AUTO_RULE_SOURCE
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -703,11 +734,12 @@ def test_fused_region_carries_the_measured_conditions():
     dict(card="NVIDIA H100 80GB HBM3"), dict(card="NVIDIA H200 NVL"),
     dict(card="NVIDIA H200 MIG 1g.18gb"), dict(card="NVIDIA A100-SXM4-80GB"),
     dict(card="AMD Instinct MI300X"), dict(num_layers=2), dict(input_size=255),
-    dict(input_size=512), dict(hx=True), dict(dropout=0.1)], ids=str)
+    dict(input_size=512), dict(hx=True), dict(dropout=0.1), dict(batch_first=True),
+    dict(bias=False)], ids=str)
 def test_fused_region_each_condition_flipped_runs_native(change):
     assert ops.auto_path(*REGION_CALL, card=CARD) == "fused:loop"
     assert ops.auto_path(*REGION_CALL, card=CARD, num_layers=1, input_size=256, hx=False,
-                         dropout=0.0) == "fused:loop"
+                         dropout=0.0, batch_first=False, bias=True) == "fused:loop"
     assert ops.auto_path(*REGION_CALL, **{"card": CARD, **change}) == "native"
 
 
@@ -745,5 +777,11 @@ def test_auto_asks_the_rule_with_the_calls_conditions(mode, monkeypatch):
     _, x, h, ws = make_case(mode, 3, 2, 4, 6, 2, True, dtype=torch.float32)
     f(x, h, ws, num_layers=2, bidirectional=True, dropout=0.5, training=True, backend="auto")
     f(x, None, ws, num_layers=2, bidirectional=True, dropout=0.5, training=False, backend="auto")
-    assert seen == [dict(num_layers=2, input_size=4, hx=True, dropout=0.5),
-                    dict(num_layers=2, input_size=4, hx=False, dropout=0.0)]
+    f(x.transpose(0, 1), None, [w for w in ws if w.dim() == 2], num_layers=2, bidirectional=True,
+      batch_first=True, has_bias=False, backend="auto")
+    assert seen == [dict(num_layers=2, input_size=4, hx=True, dropout=0.5, batch_first=False,
+                         bias=True),
+                    dict(num_layers=2, input_size=4, hx=False, dropout=0.0, batch_first=False,
+                         bias=True),
+                    dict(num_layers=2, input_size=4, hx=False, dropout=0.0, batch_first=True,
+                         bias=False)]

@@ -98,6 +98,8 @@ AUTO_RULE_SOURCE = {"card": "NVIDIA H200", "run_id": "gpucheck-20261127T013134-4
 #   lengths       False: only calls without lengths (cuDNN packs with lengths: unmeasured);
 #   num_layers    (lo, hi) span;  I: the input size, "H" (equal to the hidden size) or a span;
 #   hx            False: only hx=None (zero initial state);
+#   batch_first   the layout measured (False: [T, B, I], cuDNN's own);
+#   bias          the bias measured (True: the biases present);
 #   dropout       False: only calls that apply no dropout (dropout == 0 or not training);
 #   cards         the device names (torch.cuda.get_device_properties(...).name) it was measured
 #                 on: a different card (A100, another Hopper variant, a MIG slice) runs cuDNN.
@@ -107,8 +109,8 @@ AUTO_RULE_SOURCE = {"card": "NVIDIA H200", "run_id": "gpucheck-20261127T013134-4
 # (bench/gpu_rnn_persistent.sh prints the rows that would go here).
 AUTO_FUSED_REGIONS: tuple[dict, ...] = (
     dict(cell="LSTM", dtypes=(torch.bfloat16,), D=(2,), B=(64, 64), H=(256, 256), T=(16, 16),
-         lengths=False, num_layers=(1, 1), I="H", hx=False, dropout=False,
-         cards=("NVIDIA H200",), impl="loop", measured="1.353x fwd, 1.157x fwd+bwd"),
+         lengths=False, num_layers=(1, 1), I="H", hx=False, dropout=False, batch_first=False,
+         bias=True, cards=("NVIDIA H200",), impl="loop", measured="1.353x fwd, 1.157x fwd+bwd"),
 )
 
 
@@ -118,7 +120,8 @@ def auto_rule() -> str:
         f"{r['cell']} D={'/'.join(map(str, r['D']))} {'/'.join(str(d).replace('torch.', '') for d in r['dtypes'])} "
         f"B{_span(r['B'])} H{_span(r['H'])} T{_span(r['T'])}{'' if r['lengths'] else ', no lengths'}"
         f", {_span(r['num_layers'])} layer(s), input size {'= H' if r['I'] == 'H' else _span(r['I'])}"
-        f"{'' if r['hx'] else ', hx None'}{'' if r['dropout'] else ', no dropout'}, on "
+        f"{'' if r['hx'] else ', hx None'}{'' if r['dropout'] else ', no dropout'}"
+        f"{', batch_first' if r['batch_first'] else ', [T, B, I]'}{'' if r['bias'] else ', no bias'}, on "
         f"{' / '.join(r['cards'])} -> fused {r['impl']} ({r['measured']})" for r in AUTO_FUSED_REGIONS)
     src = AUTO_RULE_SOURCE
     return (f"CUDA: PyTorch's cuDNN path (torch.lstm / torch.gru) except {wins or 'nowhere'} "
@@ -157,7 +160,8 @@ def fused_can_run(device) -> bool:
 
 def auto_path(cell: str, dtype: torch.dtype, B: int, H: int, T: int, D: int, lengths,
               device, *, num_layers: int = 1, input_size: int | None = None, hx: bool = False,
-              dropout: float = 0.0, card: str | None = None) -> str:
+              dropout: float = 0.0, batch_first: bool = False, bias: bool = True,
+              card: str | None = None) -> str:
     """Which path backend="auto" takes for one call: "native" (PyTorch's torch.lstm /
     torch.gru: cuDNN on CUDA, the native kernels on the CPU) or "fused:<impl>" (impl in IMPLS).
 
@@ -165,9 +169,9 @@ def auto_path(cell: str, dtype: torch.dtype, B: int, H: int, T: int, D: int, len
     B batch, H hidden size, T steps, D directions (1 or 2); lengths None or anything (only
     whether there are lengths counts); device a torch.device or its string.
     The keywords describe the rest of the call; their defaults are the benchmark's call (one
-    layer, input size = H, hx None, no dropout): num_layers; input_size (None: = H); hx
-    (whether an initial state is given); dropout (the dropout applied: 0 when not training);
-    card (the CUDA device's name; None: read from `device`, None off CUDA).
+    layer, input size = H, hx None, no dropout, [T, B, I], biases): num_layers; input_size
+    (None: = H); hx (whether an initial state is given); dropout (the dropout applied: 0 when
+    not training); batch_first; bias (whether the weights include biases); card (the CUDA device's name; None: read from `device`, None off CUDA).
     Fused only inside an AUTO_FUSED_REGIONS entry, on a device where fused_can_run.
     """
     if cell not in ("LSTM", "GRU"):
@@ -183,6 +187,7 @@ def auto_path(cell: str, dtype: torch.dtype, B: int, H: int, T: int, D: int, len
                 and _in(H, r["H"]) and _in(T, r["T"]) and (r["lengths"] or not has_len)
                 and _in(num_layers, r["num_layers"]) and _in(I, (H, H) if r["I"] == "H" else r["I"])
                 and (r["hx"] or not hx) and (r["dropout"] or not dropout)
+                and bool(batch_first) == r["batch_first"] and bool(bias) == r["bias"]
                 and fused_can_run(device)
                 and (card if card is not None else _card(device)) in r["cards"]):
             return "fused:" + r["impl"]
@@ -455,6 +460,16 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
     return out, state[0]
 
 
+def _refuse_host_lengths_in_capture(mode: str, lengths: torch.Tensor, x: torch.Tensor) -> None:
+    """ValueError when a CUDA graph is being captured on x's device and lengths are elsewhere
+    (on the host): the host-to-device copy inside the captured graph would replay reading that
+    host block, whatever it holds by then -- silently wrong lengths on every replay."""
+    if lengths.device != x.device and device_capturing(x):
+        raise ValueError(f"{mode}: lengths must be on {x.device} during a CUDA graph capture "
+                         f"(got them on {lengths.device}, or as a list): copy them into a device "
+                         "tensor before capturing and update it in place before each replay")
+
+
 def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
            training, has_bias, H, D, impl):
     require_triton(x.device, f"{mode.lower()}(backend='fused') on {x.device.type} tensors")
@@ -463,6 +478,7 @@ def _fused(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first
     xt = x.transpose(0, 1) if batch_first else x  # [T, B, I]
     T, B = xt.shape[0], xt.shape[1]
     if lengths is not None:
+        _refuse_host_lengths_in_capture(mode, lengths, x)
         # CPU lengths (checked on the host) go over without a stream sync
         lengths = to_device_async(lengths.to(torch.int64), x.device)
     h_n, c_n = [], []
@@ -570,7 +586,8 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
         path = auto_path(mode, rule_dtype(input), input.shape[0 if batch_first else 1], H,
                          input.shape[1 if batch_first else 0], D, lengths, input.device,
                          num_layers=num_layers, input_size=input.shape[-1], hx=hs is not None,
-                         dropout=float(dropout) if training else 0.0)
+                         dropout=float(dropout) if training else 0.0, batch_first=batch_first,
+                         bias=has_bias)
         if path == "native" and lengths is not None:
             # PyTorch's packed path can neither be traced by torch.export (torch.compile took
             # the branch at the top) nor pack meta tensors (no data)
@@ -614,8 +631,11 @@ def _auto_with_lengths_eager(*args):
 _OUTSIDE_GRAPH_REASON = (
     "dtl_fast lstm/gru(backend='auto') with lengths runs PyTorch's packed RNN kernel "
     "(pack_padded_sequence, as torch.nn.LSTM / GRU do) outside the graph, at cuDNN / oneDNN "
-    "speed; to keep one graph (fullgraph=True), pass backend='fused' (the Triton kernels) or "
-    "backend='reference' (the eager loop, unrolled over T)")
+    "speed. To keep one graph (fullgraph=True), choose another backend: backend='fused' (the "
+    "Triton kernels; CUDA, or the CPU under TRITON_INTERPRET=1) or backend='reference' (the "
+    "eager loop, unrolled over T), set on the module (dtl_fast.nn.LSTM(..., backend=...) or "
+    "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
+    "--backend) or for every call with DTL_FAST_BACKEND")
 try:
     _auto_with_lengths_outside_graph = torch.compiler.disable(_auto_with_lengths_eager,
                                                               reason=_OUTSIDE_GRAPH_REASON)
