@@ -19,6 +19,23 @@ torch.autograd.grad(pool(h), h, g) with a fixed random g, so no provider accumul
 .grad. Pool modes: mean, max (+ meanmax on CUDA; + sum and meanmax in a full run).
 Lengths are uniform in [1, T] (fixed seed); all tensors live on the benchmarked device.
 
+Without lengths ("<mode>:all-frames" rows, lengths=None: every frame valid), after the cases
+above: the stock path is then torch's own reduction over dim 1, and `auto` picks between it and
+our kernel by a measured table (dtl_fast/ops/frame_pool.py, _CPU_ALL_FRAMES_STOCK_WINS; on
+CUDA _CUDA_ALL_FRAMES_FUSED_WINS). Providers, baseline first:
+  stock            dtl_fast.ops.frame_pool._stock_all_frames: x.amax(1), x.sum(1), x.mean(1),
+                   float32 accumulation for half inputs (sum(1, dtype=float32), rounded once),
+                   meanmax as a cat of both -- what `auto` runs where the table says
+  torch            the plain calls a user writes: x.mean(1) / x.amax(1) / x.sum(1) (half mean
+                   rounds the sum before it divides), meanmax as a cat
+  dtl_fast         backend="auto" (its row's extra says which path it took: "auto_path")
+  dtl_fast:fused   backend="fused": our kernel whatever the table says
+  dtl_fast:op      torch.ops.dtl_fast.frame_pool(x, None, mode, False) alone: the kernel
+                   without ops.frame_pool's Python checks, which `auto` pays on either path
+Shapes: ALL_FRAMES_* (CPU full: 16 KiB to 64 MiB, float32 and bfloat16; --all-frames-only runs
+these alone). The CPU rule's rows are "dtl_fast:op" against "stock" (two bare calls), forward
+and forward+backward, at each thread count (device_name says it).
+
 Gate before timing: each provider's forward output must match the reference (assert_close) and a
 float64 reference (relative error), and for forward+backward its x.grad too; a provider that
 fails is recorded with status "gate-failed: ..." and not timed.
@@ -40,11 +57,13 @@ beside it, and every row keeps it.
 
     python bench/bench_frame_pool.py --quick --device cpu
     python bench/bench_frame_pool.py --device cuda --out bench/results
+    python bench/bench_frame_pool.py --device cpu --threads 1 --all-frames-only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -79,6 +98,24 @@ GPU_SHAPES_QUICK = [
 ]
 MODES = ("forward", "forward+backward")
 FLOOR = "__grad_alloc_floor__"  # timed beside the providers in forward+backward, not a row
+
+# lengths=None cases (every frame valid): "<mode>:all-frames" rows, baseline "stock".
+ALL_FRAMES = ":all-frames"
+ALL_FRAMES_BASELINE = "stock"
+_SIZE_RANGE = [  # float32 bytes: 16 KiB ... 64 MiB (bfloat16: half of each)
+    (4, 16, 64), (4, 16, 256), (16, 16, 256), (16, 32, 256), (16, 16, 1024), (4, 256, 256),
+    (64, 16, 1024), (128, 16, 1024), (64, 64, 1024), (256, 64, 1024)]
+ALL_FRAMES_CPU_FULL = ([(s, f32) for s in _SIZE_RANGE] + [(s, bf16) for s in _SIZE_RANGE]
+                       + [((256, 128, 1024), bf16)])  # 64 MiB bfloat16
+ALL_FRAMES_CPU_QUICK = [((16, 32, 256), f32), ((64, 64, 1024), f32), ((16, 32, 256), bf16)]
+ALL_FRAMES_TINY = [((3, 7, 40), f32)]
+# GPU: the sweep's small auto-rule shapes, then 4 MiB ... 256 MiB (never measured on a GPU: the
+# CUDA rule sends a forward without a gradient to torch's reduction until rows say otherwise)
+ALL_FRAMES_GPU_QUICK = [((16, 32, 256), f32), ((8, 128, 128), bf16), ((64, 64, 1024), f32),
+                        ((256, 256, 1024), f32), ((256, 512, 1024), bf16)]
+ALL_FRAMES_GPU_FULL = ALL_FRAMES_GPU_QUICK[:3] + [
+    ((4, 16, 64), f32), ((64, 16, 1024), f32), ((64, 64, 1024), bf16), ((256, 64, 1024), f32),
+    ((256, 256, 1024), f32), ((256, 512, 1024), bf16), ((64, 1024, 1024), f32)]
 
 
 def input_bytes(shape, dtype) -> int:
@@ -366,6 +403,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         shapes = GPU_SHAPES_QUICK if args.quick else GPU_SHAPES_FULL
     else:
         shapes = CPU_SHAPES
+    if getattr(args, "all_frames_only", False):
+        shapes = []
     if args.quick:
         variants = ("mean", "max", "meanmax") if device == "cuda" else ("mean", "max")
     else:
@@ -551,9 +590,147 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         del x, g, x64, g64, provs
         H.free(device)
 
+    if not stopped:
+        run_all_frames(args, device, ref_fn, fused_fn, variants, timing_kw, copy, emit, stamp,
+                       run_id, kernel, deadline)
+
     return H.finish_run(rows, args, kernel=kernel, device=device, run_id=run_id, writer=writer,
                         stamp=stamp,
                         extra_keys=("gbps", "pct_copy", "pct_copy_steady", "grad_floor_ms"))
+
+
+def all_frames_shapes(args: argparse.Namespace, device: str) -> list:
+    """The lengths=None cases of this run (--tiny: one small case)."""
+    if getattr(args, "tiny", False):
+        return ALL_FRAMES_TINY
+    if device == "cuda":
+        return ALL_FRAMES_GPU_QUICK if args.quick else ALL_FRAMES_GPU_FULL
+    return ALL_FRAMES_CPU_QUICK if args.quick else ALL_FRAMES_CPU_FULL
+
+
+def plain_torch(xx: torch.Tensor, mode: str) -> torch.Tensor:
+    """The reduction a user writes without lengths (half mean: x.mean(1), sum rounded first)."""
+    if mode == "meanmax":
+        return torch.cat([xx.mean(1), xx.amax(1)], 1)
+    return {"mean": xx.mean, "max": xx.amax, "sum": xx.sum}[mode](1)
+
+
+def run_all_frames(args, device, ref_fn, fused_fn, variants, timing_kw, copy, emit, stamp,
+                   run_id, kernel, deadline) -> None:
+    """The lengths=None cases: our kernel (auto and fused) against torch's own reductions,
+    forward under no_grad and forward+backward of an intermediate, rows "<mode>:all-frames"
+    with baseline "stock" (module docstring)."""
+    if fused_fn is None or getattr(args, "standin", False):
+        return
+    try:
+        from dtl_fast.ops.frame_pool import _stock_all_frames, _stock_all_frames_wins
+    except ImportError as exc:  # an older tree
+        print(f"[{kernel}] lengths=None cases skipped: {exc}")
+        return
+    cases = all_frames_shapes(args, device)
+    if device == "cuda":  # the CUDA rule's with-gradient part names sum: time it in --quick too
+        variants = tuple(dict.fromkeys(tuple(variants) + ("sum",)))
+    for si, (shape, dtype) in enumerate(cases):
+        if deadline.expired():
+            print(f"[{kernel}] time budget spent: {len(cases) - si} lengths=None case(s) not run")
+            for shp, dt in cases[si:]:
+                for v in variants:
+                    H.emit_case_rows(emit, MODES, H.BUDGET_SPENT, kernel=kernel,
+                                     variant=v + ALL_FRAMES, shape=shp, dtype=dt, stamp=stamp,
+                                     baseline=ALL_FRAMES_BASELINE, run_id=run_id)
+            return
+        B, T, D = shape
+        es = torch.empty((), dtype=dtype).element_size()
+        x = torch.randn(shape, generator=H.gen(device, 700 + si), device=device,
+                        dtype=torch.float32).to(dtype)
+        full = torch.full((B,), T, dtype=torch.long, device=device)  # for the gates only
+        print(f"[{kernel}] {H.shape_str(shape)} {H.dtype_str(dtype)} without lengths: "
+              f"{input_bytes(shape, dtype) / MIB:.3g} MiB input")
+        provs: dict[str, Callable] = {
+            "stock": _stock_all_frames,
+            "torch": plain_torch,
+            "dtl_fast": lambda xx, mode: fused_fn(xx, None, mode, backend="auto"),
+            "dtl_fast:fused": lambda xx, mode: fused_fn(xx, None, mode, backend="fused"),
+            # the registered op alone, without ops.frame_pool's Python checks (~1.5 us per
+            # call, which auto pays whichever path it takes): the rule compares this with
+            # "stock", two bare calls
+            "dtl_fast:op": lambda xx, mode: torch.ops.dtl_fast.frame_pool(xx, None, mode,
+                                                                          False)[0],
+        }
+        for variant in variants:
+            W = 2 * D if variant == "meanmax" else D
+            g = torch.randn((B, W), generator=H.gen(device, 800 + si), device=device).to(dtype)
+            with torch.no_grad():
+                expected = ref_fn(x, None, variant)
+                exp64 = ref_fn(x.double(), None, variant)
+            xl = x.detach().requires_grad_(True)
+            ref_fn(xl, None, variant).backward(g)
+            xl64 = x.double().requires_grad_(True)
+            ref_fn(xl64, None, variant).backward(g.double())
+            exp_grad, exp_grad64 = xl.grad, xl64.grad
+            del xl, xl64
+            fwd_bytes = B * T * D * es + B * W * es
+            for mode in MODES:
+                base = dict(kernel=kernel, mode=mode, variant=variant + ALL_FRAMES, shape=shape,
+                            dtype=dtype, stamp=stamp, baseline=ALL_FRAMES_BASELINE, run_id=run_id)
+                calls: dict[str, Callable] = {}
+                extras: dict[str, dict] = {}
+                h = x.detach().requires_grad_(True) * 1  # an intermediate, as in the cases above
+                for name, fn in provs.items():
+                    # torch.amax's backward splits the gradient among tied maxima (bfloat16 has
+                    # many) where the reference's goes to the first: the stock forms' max
+                    # gradient is gated as a forward only, timed, and its row says so (auto
+                    # never takes that path with a gradient)
+                    splits = (name in ("stock", "torch") and mode != "forward"
+                              and variant in ("max", "meanmax"))
+                    ok, msg, rel64 = _gate_provider(fn, x, g, full, variant,
+                                                    "forward" if splits else mode, expected,
+                                                    exp64, exp_grad, exp_grad64, ref_fn)
+                    if not ok:
+                        emit(H.status_row(base, name, H.gate_status(
+                            msg, kernel, f"{name} {mode} {variant} without lengths "
+                                         f"{H.shape_str(shape)} {H.dtype_str(dtype)}")))
+                        continue
+                    extras[name] = {"rel64": rel64, "lengths": "none"}
+                    if splits:
+                        extras[name]["grad"] = "amax: ties split (not gated)"
+                    if device == "cpu":
+                        extras[name].update(cpu_isa_extra(name))
+                    if name == "dtl_fast":  # the path auto takes for this call
+                        with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
+                            xx = x if mode == "forward" else h
+                            extras[name]["auto_path"] = ("stock" if _stock_all_frames_wins(
+                                xx, variant) else "kernel")
+                    if mode == "forward":
+                        calls[name] = lambda fn=fn: fn(x, variant)
+                    else:
+                        calls[name] = lambda fn=fn: torch.autograd.grad(fn(h, variant), h, g)
+                if ALL_FRAMES_BASELINE not in calls:
+                    continue
+                timed = H.time_calls(calls, {}, mode=mode, device=device, timing_kw=timing_kw,
+                                     emit=emit, base=base)
+                if timed is None:
+                    continue
+                times, peaks = timed
+                nbytes = fwd_bytes if mode == "forward" else fwd_bytes + B * W * es + B * T * D * es
+                baseline_ms = times[ALL_FRAMES_BASELINE][0]
+                for name, t in times.items():
+                    extra = extras[name]
+                    gbps = nbytes / (t[0] * 1e-3) / 1e9
+                    extra.update(bytes=nbytes, gbps=round(gbps, 2),
+                                 pct_copy=round(100 * gbps / copy["copy_gbps"], 2),
+                                 copy_gbps=round(copy["copy_gbps"], 1))
+                    if peaks.get(name) is not None:
+                        extra["peak_mb"] = round(peaks[name], 1)
+                    if H.noisy(t):
+                        extra["noisy"] = True
+                    emit(H.make_row(**base, provider=name, timing=t, baseline_ms=baseline_ms,
+                                    extra=extra))
+                del calls, h
+            del expected, exp64, exp_grad, exp_grad64
+            H.free(device)
+        del x
+        H.free(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,6 +797,8 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
         figs.append(dict(name=name, value=value, passed=v >= target, number=v, target=target,
                          unit=unit))
 
+    if rows and all(str(r.get("variant", "")).endswith(ALL_FRAMES) for r in rows):
+        return figs  # --all-frames-only: the figures read the cases with lengths
     if device == "cpu":
         for shape in ("64x64x1024", "256x32x2048"):
             for variant in ("mean", "max"):
@@ -673,10 +852,16 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
     return figs
 
 
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all-frames-only", action="store_true",
+                   help="time only the lengths=None cases (ALL_FRAMES_*: the auto rule's rows)")
+
+
 def main(argv=None) -> int:
     return H.bench_main(argv, doc=__doc__, kernel=KERNEL, run=run, acceptance=acceptance,
                         standin_help="harness self-test with stand-in functions (no dtl_fast "
-                                     "needed); rows go to frame_pool_standin.csv")
+                                     "needed); rows go to frame_pool_standin.csv",
+                        add_args=_add_args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ small-B one) and the pooling modes mean, max and meanmax:
             intermediate by torch.autograd.grad), on the headline and small shapes: the inputs of
             the `auto` rule (dtl_fast/ops/frame_pool.py) that must keep `auto` never slower than
             the best stock formulation.
+  all-frames  the same without lengths (every frame valid): the fused op against torch's own
+            reduction (dtl_fast.ops.frame_pool._stock_all_frames: x.amax(1), x.sum(1), x.mean(1),
+            float32 accumulation for half inputs) and `auto`, forward and forward+backward, on
+            the small shapes and the two 256 MiB headline ones, mean / max / meanmax / sum: the
+            rows of the CUDA part of the lengths=None rule (_CUDA_ALL_FRAMES_FUSED_WINS; until
+            they exist `auto` runs torch's reduction for a forward without a gradient, and for
+            sum and float32 mean with one). Run before `stock` (the budget reaches it first);
+            its table lines read "<mode>:all-frames", with auto's time beside the verdict.
 Each configuration's output is compared with the default configuration's before it is timed (a
 mismatch is a row with status "mismatch", not a time). Rows go to
 bench/results/frame_pool_sweep.csv (harness format; provider = the configuration); a short
@@ -358,6 +366,53 @@ class Sweep:
                           timing=t, nbytes=nbytes, baseline_ms=times.get("fused"))
             self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
 
+    def all_frames_case(self, shape, dtype, mode: str, seed: int) -> None:
+        """Without lengths: fused (default config) against torch's own reduction (what `auto`
+        runs for a CUDA forward without a gradient) and `auto` itself, forward and
+        forward+backward of an intermediate input; rows "stock <pass>" with variant
+        "<mode>:all-frames"."""
+        from dtl_fast import ops
+        from dtl_fast.ops.frame_pool import _stock_all_frames
+
+        x, _ = self.inputs(shape, dtype, seed)
+        B, T, D = x.shape
+        es, W = x.element_size(), out_width(D, mode)
+        fwd_bytes = B * T * D * es + B * W * es
+        g = torch.randn(B, W, device=self.device).to(dtype)
+        provs = {"fused": lambda xx: ops.frame_pool(xx, None, mode, backend="fused"),
+                 "torch": lambda xx: _stock_all_frames(xx, mode),
+                 "auto": lambda xx: ops.frame_pool(xx, None, mode, backend="auto")}
+        h = x.detach().requires_grad_(True) * 1
+        variant = f"{mode}:all-frames"
+        key = (H.shape_str(shape), H.dtype_str(dtype), variant)
+        for pas in ("forward", "forward+backward"):
+            times: dict[str, float] = {}
+            for name, fn in provs.items():
+                self.planned["stock"] += 1
+                if not self.budget_left(f"all-frames {pas} {name} {mode} {key[0]} {key[1]}"):
+                    continue
+                if pas == "forward":
+                    def call(fn=fn):
+                        with torch.no_grad():
+                            return fn(x)
+                else:
+                    def call(fn=fn):
+                        return torch.autograd.grad(fn(h), h, g)
+                t = self.time_or_error_row(call, mode=f"stock {pas}", variant=variant,
+                                           shape=shape, dtype=dtype, provider=name)
+                if t is None:
+                    continue
+                times[name] = t[0]
+                nbytes = fwd_bytes + (B * W * es + B * T * D * es if pas != "forward" else 0)
+                self.emit(mode=f"stock {pas}", variant=variant, shape=shape, dtype=dtype,
+                          provider=name, timing=t, nbytes=nbytes, baseline_ms=times.get("fused"),
+                          extra={"lengths": "none"})
+            # "auto" is what runs, not a competitor: the verdict compares fused and torch
+            self.results.setdefault(key + ("stock " + pas,), {})["stock"] = {
+                k: v for k, v in times.items() if k != "auto"}
+            if "auto" in times:
+                self.results[key + ("stock " + pas,)]["auto"] = times["auto"]
+
     def method_copy(self, method: str) -> float | None:
         """Copy bandwidth (GB/s) timed by `method`, measured once per sweep."""
         if not self.measure:
@@ -644,8 +699,10 @@ class Sweep:
                 best_stock = min(stock, key=stock.get) if stock else None
                 verdict = ("fused wins" if best_stock is None or st.get("fused", math.inf) <= stock[best_stock]
                            else f"STOCK WINS ({best_stock})")
+                auto = f" (auto {res['auto']:.4f} ms)" if "auto" in res else ""
                 lines.append(f"{shape + ' ' + dtype + ' ' + mode:<32} {pas:<24} "
-                             + " ".join(f"{k} {v:.4f} ms" for k, v in st.items()) + f"  -> {verdict}")
+                             + " ".join(f"{k} {v:.4f} ms" for k, v in st.items())
+                             + f"  -> {verdict}{auto}")
         lines += [m for m in self.not_run if " phase stopped: " in m]
         cut = [m for m in self.not_run if " phase stopped: " not in m]
         if cut:
@@ -710,6 +767,11 @@ def main(argv=None) -> int:
             for mode in POOL_MODES:
                 sweep.stock_case(shape, dtype, mode, 100 + i)
 
+    def all_frames():  # before `stock`: the lengths=None rule has no GPU row at all yet
+        for i, (shape, dtype) in enumerate(SMALL + HEADLINE[:2]):
+            for mode in POOL_MODES + ("sum",):
+                sweep.all_frames_case(shape, dtype, mode, 200 + i)
+
     # The ring kernel (fwd_pipeline = 2) has never run on a GPU: every timing of it comes last,
     # so that a fault in it (which would leave the process's CUDA context unusable) cannot cost
     # the rows of anything else; each of its forward cases re-times the default beside it.
@@ -730,6 +792,7 @@ def main(argv=None) -> int:
     phase("size-series", series)
     phase("roofline", roofline)
     if not args.no_stock:
+        phase("all-frames", all_frames)
         phase("stock", stock)
     if measure:
         # the table so far, in case the ring phase hangs and the step's timeout kills the run

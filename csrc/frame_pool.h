@@ -1,14 +1,22 @@
 // Shared declarations of the masked temporal frame-pooling op.
 //
 // Schemas (csrc/frame_pool.cpp registers them in the `dtl_fast` namespace):
-//   frame_pool(Tensor x, Tensor? lengths, str mode) -> (Tensor out, Tensor argmax)
+//   frame_pool(Tensor x, Tensor? lengths, str mode, bool with_argmax=True)
+//       -> (Tensor out, Tensor argmax)
 //     x       [B, T, D] float32 / float64 / float16 / bfloat16, any strides
 //     lengths [B] any integer dtype, on x's device or on the CPU, or None (all T frames)
 //     mode    "mean" | "max" | "sum" | "meanmax" (mean and max from one read of x)
 //     out     [B, D] ([B, 2D] for meanmax: mean, then max), x's dtype; reduction over
 //             frames t < lengths[b] only
 //     argmax  [B, D] int32 frame index of the first maximum (modes "max" and "meanmax"; -1
-//             for an empty row), an empty int32 tensor for the other modes
+//             for an empty row), an empty int32 tensor for the other modes and when
+//             with_argmax is false and no gradient is recorded
+//     with_argmax  false: the caller needs no argmax (a forward whose result nobody
+//             differentiates: the CPU kernel skips the index bookkeeping, which cost max about
+//             twice sum's time). Where autograd records the call (grad mode on and x requiring
+//             grad), the Autograd kernel asks for the argmax whatever this says, since the
+//             backward needs it; the fake kernel follows the flag it is given. Values are the
+//             same bit for bit either way.
 //   frame_pool_backward(Tensor grad_out, Tensor? lengths, Tensor argmax, SymInt T,
 //                       str mode) -> Tensor grad_x
 //     grad_x  [B, T, D] contiguous, grad_out's dtype; every element written exactly once
@@ -160,7 +168,7 @@ bool cuda_kernels_run_on(int64_t device);
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x,
                                                   const c10::optional<at::Tensor>& lengths,
-                                                  c10::string_view mode);
+                                                  c10::string_view mode, bool with_argmax);
 at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out,
                                    const c10::optional<at::Tensor>& lengths,
                                    const at::Tensor& argmax, int64_t T, c10::string_view mode);

@@ -4,7 +4,9 @@
 // (so it is recorded when create_graph=True). Kept in C++ because the Python
 // register_autograd wrapper cost ~0.18 ms per forward+backward call on the CPU.
 //
-//   frame_pool           backward: frame_pool_backward(grad_out, lengths, argmax, T, mode)
+//   frame_pool           backward: frame_pool_backward(grad_out, lengths, argmax, T, mode);
+//                        a call it records always computes the argmax (with_argmax is
+//                        only a caller's hint that nothing will differentiate the result)
 //   frame_pool_backward  linear in grad_out, so its backward is the adjoint map:
 //                        pooling of grad_grad_x (mean / sum), a gather at argmax (max),
 //                        both side by side (meanmax)
@@ -25,12 +27,13 @@ using torch::autograd::variable_list;
 
 std::tuple<at::Tensor, at::Tensor> call_frame_pool(const at::Tensor& x,
                                                    const c10::optional<at::Tensor>& lengths,
-                                                   c10::string_view mode) {
+                                                   c10::string_view mode, bool with_argmax) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dtl_fast::frame_pool", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const c10::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(x, lengths, mode);
+                           const at::Tensor&, const c10::optional<at::Tensor>&, c10::string_view,
+                           bool)>();
+  return op.call(x, lengths, mode, with_argmax);
 }
 
 at::Tensor call_frame_pool_backward(const at::Tensor& grad_out,
@@ -90,12 +93,12 @@ class FramePoolBackwardFunction : public torch::autograd::Function<FramePoolBack
         grad = gather_at_argmax(ggx, lengths, argmax);
         break;
       case PoolMode::MeanMax:
-        grad = at::cat({std::get<0>(call_frame_pool(ggx, as_optional(lengths), "mean")),
+        grad = at::cat({std::get<0>(call_frame_pool(ggx, as_optional(lengths), "mean", false)),
                         gather_at_argmax(ggx, lengths, argmax)},
                        1);
         break;
       default:  // mean, sum: the backward op is the transpose of pooling
-        grad = std::get<0>(call_frame_pool(ggx, as_optional(lengths), mode));
+        grad = std::get<0>(call_frame_pool(ggx, as_optional(lengths), mode, false));
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -104,9 +107,10 @@ class FramePoolBackwardFunction : public torch::autograd::Function<FramePoolBack
 class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const c10::optional<at::Tensor>& lengths, c10::string_view mode) {
+                               const c10::optional<at::Tensor>& lengths, c10::string_view mode,
+                               bool with_argmax) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, argmax] = call_frame_pool(x, lengths, mode);
+    auto [out, argmax] = call_frame_pool(x, lengths, mode, with_argmax);
     ctx->mark_non_differentiable({argmax});
     ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
     ctx->saved_data["T"] = x.sym_size(1);
@@ -118,7 +122,7 @@ class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined() || !ctx->needs_input_grad(0)) {
-      return {at::Tensor(), at::Tensor(), at::Tensor()};
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const auto saved = ctx->get_saved_variables();
     const std::string mode = ctx->saved_data["mode"].toStringRef();
@@ -126,14 +130,24 @@ class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
     // records it and double backward works.
     at::Tensor gx = call_frame_pool_backward(grad_out, as_optional(saved[0]), saved[1],
                                              ctx->saved_data["T"].toSymInt(), mode);
-    return {gx, at::Tensor(), at::Tensor()};
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_autograd(const at::Tensor& x,
                                                        const c10::optional<at::Tensor>& lengths,
-                                                       c10::string_view mode) {
-  auto outs = FramePoolFunction::apply(x, lengths, mode);
+                                                       c10::string_view mode, bool with_argmax) {
+  // A call autograd records gets its argmax whatever the caller asked: the backward needs it.
+  // (Function::apply runs forward with grad mode off, so the question is asked here.)
+  const bool recorded = at::GradMode::is_enabled() && x.requires_grad();
+  if (!recorded && !x._fw_grad(/*level=*/0).defined()) {
+    // Nothing to record (no_grad, or x needs no gradient) and no forward-mode tangent (which
+    // Function::apply refuses for a C++ Function, as before): straight to the kernel. Skipping
+    // apply's node saves ~1 us per call (measured on the CPU: 2.9 -> 2.0 us at 4x16x64).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_frame_pool(x, lengths, mode, with_argmax);
+  }
+  auto outs = FramePoolFunction::apply(x, lengths, mode, with_argmax || recorded);
   return {outs[0], outs[1]};
 }
 

@@ -2,6 +2,7 @@
 against a plain loop, gradients (autograd registered in C++), torch.library / torch.compile
 integration, bad input, the GPU length-error flag and the CUDA launch constants."""
 import gc
+import importlib
 import itertools
 import os
 import re
@@ -113,6 +114,19 @@ def assert_half_like_the_reference(x, lengths, mode, grad, out, gx):
     that accumulates or rounds in half precision misses by far more."""
     dtype = x.dtype
     base, gbase = pool_with_grads(reference.frame_pool, x, lengths, mode, grad)
+    assert_half_forward_like_the_reference(x, mode, out, base)
+    eps = torch.finfo(dtype).eps
+    if x.device.type == "cpu":
+        assert torch.equal(gx, gbase), f"grad x differs from the {dtype} reference"
+    else:
+        gerr = (gx.float() - gbase.float()).abs()
+        assert bool((gerr <= eps * gbase.float().abs() + torch.finfo(dtype).tiny).all())
+
+
+def assert_half_forward_like_the_reference(x, mode, out, base):
+    """The forward part of assert_half_like_the_reference: `out` against `base`, the reference's
+    output at x's precision."""
+    dtype = x.dtype
     T = x.shape[1]
     eps = torch.finfo(dtype).eps
     acc = x.float().abs().sum(1)
@@ -121,11 +135,6 @@ def assert_half_like_the_reference(x, lengths, mode, grad, out, gx):
     err = (out.float() - base.float()).abs()
     assert bool((err <= bound).all()), (
         f"forward off the {dtype} reference by up to {(err / bound).max().item():.1f} x its bound")
-    if x.device.type == "cpu":
-        assert torch.equal(gx, gbase), f"grad x differs from the {dtype} reference"
-    else:
-        gerr = (gx.float() - gbase.float()).abs()
-        assert bool((gerr <= eps * gbase.float().abs() + torch.finfo(dtype).tiny).all())
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -279,6 +288,8 @@ def test_opcheck(device, mode, requires_grad, with_lengths):
     x = torch.randn(3, 6, 5, device=device, requires_grad=requires_grad)
     lengths = torch.tensor([6, 0, 4], device=device) if with_lengths else None
     torch.library.opcheck(torch.ops.dtl_fast.frame_pool.default, (x, lengths, mode))
+    # with_argmax=False (what ops.frame_pool passes): no argmax unless autograd records the call
+    torch.library.opcheck(torch.ops.dtl_fast.frame_pool.default, (x, lengths, mode, False))
     grad = torch.randn(3, width(5, mode), device=device, requires_grad=requires_grad)
     _, am = torch.ops.dtl_fast.frame_pool(x.detach(), lengths, mode)
     torch.library.opcheck(torch.ops.dtl_fast.frame_pool_backward.default, (grad, lengths, am, 6, mode))
@@ -810,6 +821,10 @@ for shape in BASELINE_SHAPES:
             x, lengths = baseline_case(shape, dtype, layout)
             for mode in MODES:
                 res[(shape, str(dtype), layout, mode)] = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                res[(shape, str(dtype), layout, mode, "values")] = torch.ops.dtl_fast.frame_pool(
+                    x, lengths, mode, False)[0]
+                res[(shape, str(dtype), layout, mode, "all")] = torch.ops.dtl_fast.frame_pool(
+                    x, None, mode, False)[0]
 torch.save(res, saved)
 """
     return run_child(tmp_path_factory.mktemp("baseline"), body, {"DTL_FAST_DISABLE_AVX2": "1"})
@@ -833,6 +848,13 @@ def test_cpu_baseline_path_matches_reference(shape, baseline_isa_results):
                 here, here_argmax = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
                 assert torch.equal(out, here), f"{what}: the baseline path differs from this one"
                 assert torch.equal(argmax, here_argmax), f"{what}: argmax differs"
+                # the argmax-free forward (no gradient recorded), with lengths and without
+                values = baseline_isa_results[(shape, str(dtype), layout, mode, "values")]
+                assert torch.equal(values, out), f"{what}: the argmax-free path differs"
+                every = baseline_isa_results[(shape, str(dtype), layout, mode, "all")]
+                here_every = torch.ops.dtl_fast.frame_pool(x, None, mode, False)[0]
+                assert torch.equal(every, here_every), f"{what}: all frames, baseline differs"
+                assert torch.equal(every, torch.ops.dtl_fast.frame_pool(x, None, mode)[0]), what
                 if mode in ("max", "meanmax"):
                     empty = lengths == 0
                     assert bool((argmax[empty] == -1).all()), what
@@ -2447,3 +2469,367 @@ torch.save({"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse
 def test_nt_store_setting_rejects_a_bad_value(tmp_path):
     assert_bad_setting_rejected(tmp_path, "DTL_FAST_CPU_NT_STORE_MIN_MB", "-1",
                                 "frame_pool_cpu_nt_stores", "dtl_fast._extension.cpu_nt_store_rule")
+
+
+# --- without lengths: the argmax-free forward, and auto's choice of torch's own reduction ------
+# (csrc/frame_pool.cpp: with_argmax=False; dtl_fast/ops/frame_pool.py: _CPU_ALL_FRAMES_STOCK_WINS,
+# _CUDA_ALL_FRAMES_FUSED_WINS, all_frames_stock_rule, _stock_all_frames)
+fp_ops = importlib.import_module("dtl_fast.ops.frame_pool")  # the module, not the function
+
+
+def bits(t):
+    """t's bits as integers: torch.equal calls NaN != NaN, and +0 == -0; bits tell them apart."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same_bits(a, b, mode, D):
+    """a and b bit for bit, -0 / +0 included; NaN payloads too in the max part (the first NaN
+    is the one kept). A sum's NaN is any NaN: which input NaN an addition returns depends on
+    the order of its operands, which IEEE leaves open and the compiler may swap."""
+    exact = torch.zeros_like(a, dtype=torch.bool)
+    if mode == "max":
+        exact[:] = True
+    elif mode == "meanmax":
+        exact[:, D:] = True
+    both_nan = torch.isnan(a) & torch.isnan(b) & ~exact
+    return bool(((bits(a) == bits(b)) | both_nan).all())
+
+
+def special_input(B, T, D, dtype, seed=0):
+    """Values the max scan must order exactly as the argmax path: many ties (halves), -0 and +0,
+    NaNs of two payloads and both signs (the first one wins), a column of -inf, +inf."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, D, generator=gen) * 2).round() / 2
+    x = x.to(dtype)
+    flat = x.view(-1)
+    n = flat.numel()
+    if n == 0:
+        return x
+    idx = torch.randperm(n, generator=gen)
+    flat[idx[: n // 7]] = 0.0
+    flat[idx[n // 7: 2 * n // 7]] = -0.0
+    ib = bits(flat)
+    nan_bits = {torch.float32: (0x7FC00001, -0x3FFFFF), torch.float64: (0x7FF8000000000001, -1),
+                torch.float16: (0x7E01, -0x1FF), torch.bfloat16: (0x7FC1, -0x3F)}[dtype]
+    ib[idx[2 * n // 7: 2 * n // 7 + max(1, n // 50)]] = nan_bits[0]
+    ib[idx[-max(1, n // 50):]] = nan_bits[1]  # a negative NaN with another payload
+    if T > 1 and D > 2:
+        x[0, :, 1] = float("-inf")
+        x[-1, T // 2, 2] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 8, 9, 13])
+def test_argmax_free_forward_is_bit_equal(dtype, mode, T, poison):
+    # with_argmax=False (a forward nobody differentiates) skips the index and, for max, folds
+    # four frames at a time as a tree: the values are the argmax path's bit for bit (NaN
+    # payloads, -0 / +0 order included), with lengths and without, over several 1024-feature
+    # chunks with a partial last one, a D not a multiple of the vector width, D = 1.
+    for D in (1, 7, 1030):
+        x = special_input(3, T, D, dtype, seed=T * 31 + D)
+        for lengths in (None, torch.tensor([T, 0, max(T - 3, 1)])):
+            with poison():
+                out, argmax = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                values, none = torch.ops.dtl_fast.frame_pool(x, lengths, mode, False)
+            what = f"{dtype} {mode} T={T} D={D} lengths={lengths}"
+            assert same_bits(values, out, mode, D), what
+            assert none.shape == (0,) and none.dtype == torch.int32, what
+            assert argmax.shape == ((3, D) if mode in ("max", "meanmax") else (0,)), what
+            # the time-major layout (read through its strides) gives the same bits
+            xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+            assert same_bits(torch.ops.dtl_fast.frame_pool(xt, lengths, mode, False)[0], out,
+                             mode, D), what
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_argmax_free_forward_on_any_number_of_threads(mode):
+    x = special_input(16, 9, 1030, torch.float32, seed=5)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = torch.ops.dtl_fast.frame_pool(x, None, mode, False)[0]
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert same_bits(torch.ops.dtl_fast.frame_pool(x, None, mode, False)[0], want,
+                             mode, 1030), threads
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_argmax_false_still_differentiates(mode):
+    # The flag is a caller's hint: a call autograd records gets its argmax anyway (the C++
+    # Autograd kernel asks for it), so the gradient is the argmax path's; a call it does not
+    # record (no_grad, inference mode, x not requiring grad) gets none.
+    x = special_input(3, 6, 5, torch.float64, seed=1).nan_to_num(0.0).requires_grad_()
+    lengths = torch.tensor([6, 0, 4])
+    g = torch.randn(3, width(5, mode), dtype=torch.float64)
+    has_max = mode in ("max", "meanmax")
+    for L in (lengths, None):
+        out, argmax = torch.ops.dtl_fast.frame_pool(x, L, mode, False)
+        assert argmax.shape == ((3, 5) if has_max else (0,))
+        (gx,) = torch.autograd.grad(out, x, g)
+        (want,) = torch.autograd.grad(reference.frame_pool(x, L, mode), x, g)
+        assert torch.equal(gx, want), L
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                out2, none = torch.ops.dtl_fast.frame_pool(x, L, mode, False)
+            assert none.shape == (0,) and torch.equal(out2, out.detach()) and out2.grad_fn is None
+    # x needing no gradient: nothing recorded, whatever the grad mode
+    assert torch.ops.dtl_fast.frame_pool(x.detach(), None, mode, False)[1].shape == (0,)
+    # the op without autograd's node: no grad_fn, no argmax kept
+    out = ops.frame_pool(x.detach(), None, mode, backend="fused")
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("mode", ["max", "meanmax", "mean"])
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_torch_compile_without_lengths(mode, backend):
+    # Under torch.compile `auto` keeps the kernel without lengths (the stock reduction is an
+    # eager-only choice): the graph holds the op, values and gradients are the eager kernel's.
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: ops.frame_pool(t, None, mode, backend=backend),
+                       fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 6, 5)
+    eager = lambda t: ops.frame_pool(t, None, mode, backend="fused")  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(fn(x), eager(x))
+    g = torch.randn(4, width(5, mode))
+    out, gx = pool_with_grads(lambda t, L, m: fn(t), x, None, mode, g)
+    ref, gref = pool_with_grads(lambda t, L, m: eager(t), x, None, mode, g)
+    assert torch.equal(out, ref) and torch.equal(gx, gref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_stock_reduction_matches_the_reference(dtype, mode):
+    # What auto runs where the rule says (torch's own reduction over every frame) against the
+    # reference: float64 within the dtype's tolerance; half types as the reference at their
+    # precision (float32 accumulation rounded once, which x.mean(1) of a half tensor does not
+    # do); NaN and infinities where the reference has them; empty B / D; any strides. Mean and
+    # sum (the modes the rule may send there with a gradient) also in their gradients.
+    for shape in [(1, 1, 1), (3, 9, 1000), (5, 6, 1), (0, 4, 5), (3, 4, 0), (2, 9, 2053)]:
+        B, T, D = shape
+        x = torch.randn(shape).to(dtype)
+        for layout, xx in (("contiguous", x), ("time-major",
+                                                x.transpose(0, 1).contiguous().transpose(0, 1))):
+            what = f"{shape} {dtype} {mode} {layout}"
+            out = fp_ops._stock_all_frames(xx, mode)
+            ref = reference.frame_pool(xx.double(), None, mode)
+            assert out.dtype == dtype and out.shape == ref.shape, what
+            if out.numel():
+                assert_rel_close(what, out, ref, REL_TOL[dtype])
+            g = torch.randn(B, width(D, mode)).to(dtype)
+            if mode in ("mean", "sum"):
+                got, gx = pool_with_grads(lambda t, L, m: fp_ops._stock_all_frames(t, m), xx,
+                                          None, mode, g)
+                _, gref = pool_with_grads(reference.frame_pool, xx.double(), None, mode,
+                                          g.double())
+                if gx.numel():
+                    assert_rel_close(what + " grad", gx, gref, REL_TOL[dtype])
+                if dtype in (torch.float16, torch.bfloat16) and out.numel():
+                    assert_half_like_the_reference(xx, None, mode, g, got, gx)
+            elif dtype in (torch.float16, torch.bfloat16) and out.numel():
+                assert_half_forward_like_the_reference(xx, mode, out,
+                                                       reference.frame_pool(xx, None, mode))
+    # NaN propagates, infinities stay (max is exact in every dtype: the reference's bits)
+    x = special_input(3, 6, 5, dtype, seed=2)
+    got, want = fp_ops._stock_all_frames(x, mode), reference.frame_pool(x, None, mode)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), mode
+    assert torch.equal(got.isinf(), want.isinf()), mode
+    if mode == "max":
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stock_half_sums_are_float32_rounded_once(device):
+    # The stock path's sum is x.sum(1) for half inputs too: that holds only while ATen sums
+    # them in float32 and rounds once, which this pins (a half accumulator stops at 256 ones
+    # in bfloat16, 2048 in float16; 4099 rounds once to 4096 / 4100). Its mean sums in float32
+    # explicitly: x.mean(1) would round the half sum before it divides.
+    for dtype in (torch.float16, torch.bfloat16):
+        for T in (4096, 4099):
+            x = torch.ones(2, T, 3, dtype=dtype, device=device)
+            once = torch.tensor(float(T)).to(dtype).item()
+            assert fp_ops._stock_all_frames(x, "sum").float().tolist() == [[once] * 3] * 2
+            assert fp_ops._stock_all_frames(x, "mean").float().tolist() == [[1.0] * 3] * 2
+        # the reference's own bits: one float32 sum (any order: these land on the same
+        # rounding), one division, one rounding
+        x = torch.randn(8, 300, 33, device=device).to(dtype)
+        for mode in ("sum", "mean"):
+            assert torch.equal(fp_ops._stock_all_frames(x, mode),
+                               reference.frame_pool(x, None, mode)), (dtype, mode)
+
+
+def _spy_stock(monkeypatch):
+    calls = []
+    real = fp_ops._stock_all_frames
+    monkeypatch.setattr(fp_ops, "_stock_all_frames",
+                        lambda x, mode: calls.append(mode) or real(x, mode))
+    return calls
+
+
+def test_auto_without_lengths_follows_the_cpu_table(monkeypatch):
+    calls = _spy_stock(monkeypatch)
+    f32 = torch.float32
+    # sum float32 up to 100 bytes, no gradient, measured at 1 thread; mean float32 with a
+    # gradient at 2 threads; max with a gradient (never taken: amax splits ties)
+    monkeypatch.setattr(fp_ops, "_CPU_ALL_FRAMES_STOCK_WINS", (
+        ("sum", f32, False, 0, 100, 1), ("mean", f32, True, 0, 1 << 20, 2),
+        ("max", f32, True, 0, 1 << 20, 1)))
+    x = torch.randn(2, 3, 4)  # 96 bytes
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+
+        def ran(*args, **kw):
+            calls.clear()
+            ops.frame_pool(*args, **kw)
+            return calls == [args[2]]
+
+        assert ran(x, None, "sum")
+        assert not ran(x, None, "mean") and not ran(x, None, "max")
+        assert not ran(x.to(torch.bfloat16), None, "sum")
+        assert not ran(torch.randn(2, 3, 5), None, "sum")  # 120 bytes: past the bound
+        assert not ran(x, [3, 2], "sum") and not ran(x, torch.tensor([3, 3]), "sum")
+        assert not ran(x, None, "sum", backend="fused")
+        assert not ran(x, None, "sum", backend="reference")
+        xg = x.clone().requires_grad_()
+        assert not ran(xg, None, "sum")  # the entry is for a forward without a gradient
+        with torch.no_grad():
+            assert ran(xg, None, "sum")
+        assert not ran(xg, None, "max")  # listed with a gradient, never taken
+        # T = 0 keeps the kernel (the reference's zeros; torch.amax raises on an empty dim)
+        monkeypatch.setattr(fp_ops, "_CPU_ALL_FRAMES_STOCK_WINS",
+                            (("max", f32, False, 0, 100, 1),))
+        calls.clear()
+        assert torch.equal(ops.frame_pool(torch.randn(2, 0, 4), None, "max"), torch.zeros(2, 4))
+        assert calls == []
+        assert ran(x, None, "max")
+        # a vmap layer, fake tensors, meta tensors: the paths they had
+        calls.clear()
+        assert torch.func.vmap(lambda a: ops.frame_pool(a, None, "max"))(
+            torch.randn(3, 2, 3, 4)).shape == (3, 2, 4)
+        assert calls == []
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            assert ops.frame_pool(torch.randn(2, 3, 4), None, "max").shape == (2, 4)
+        assert calls == []
+        assert ops.frame_pool(x.to("meta"), None, "max").shape == (2, 4) and calls == []
+        # under torch.compile: the op, as before
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a: ops.frame_pool(a, None, "max"), fullgraph=True,
+                                 backend="aot_eager")
+        assert torch.equal(compiled(x), ops.frame_pool(x, None, "max", backend="fused"))
+        calls.clear()
+        compiled(x)
+        assert calls == []
+        # thread counts: the entries of the smallest measured count >= this one, else the largest
+        monkeypatch.setattr(fp_ops, "_CPU_ALL_FRAMES_STOCK_WINS", (
+            ("sum", f32, False, 0, 100, 1), ("mean", f32, False, 0, 100, 2)))
+        assert ran(x, None, "sum") and not ran(x, None, "mean")
+        for threads in (2, 4):
+            torch.set_num_threads(threads)
+            assert ran(x, None, "mean") and not ran(x, None, "sum"), threads
+    finally:
+        torch.set_num_threads(prev)
+    # a mean / sum entry with a gradient: the stock path's gradient is the reference's
+    monkeypatch.setattr(fp_ops, "_CPU_ALL_FRAMES_STOCK_WINS",
+                        (("mean", f32, True, 0, 1 << 20, 1),))
+    g = torch.randn(2, 4)
+    calls.clear()
+    out, gx = pool_with_grads(ops.frame_pool, x, None, "mean", g)
+    assert calls == ["mean"]
+    ref, gref = pool_with_grads(reference.frame_pool, x, None, "mean", g)
+    assert_rel_close("stock mean", out, ref, 1e-6)
+    assert_rel_close("stock mean grad", gx, gref, 1e-6)
+    rule = fp_ops.auto_rule()
+    assert "at 1 thread with a gradient for mean float32 <= 1 MiB" in rule, rule
+    assert "CUDA torch's reduction without a gradient" in rule, rule
+
+
+def test_all_frames_rule_on_cuda(monkeypatch):
+    # Never measured on a GPU: a forward without a gradient runs torch's reduction, and so do
+    # sum and float32 / float64 mean with one (an expand backward, nothing written); max /
+    # meanmax (amax splits ties) and half mean with a gradient run the kernel. An entry of
+    # _CUDA_ALL_FRAMES_FUSED_WINS (rows where ours wins) sends its range back to the kernel.
+    # The CPU table does not apply to CUDA, nor the CUDA rule to other devices.
+    rule = fp_ops.all_frames_stock_rule
+    for mode in MODES:
+        for dtype in DTYPES:
+            assert rule("cuda", mode, dtype, 1 << 20, grad=False)
+            want = mode == "sum" or (mode == "mean" and dtype in (torch.float32, torch.float64))
+            assert rule("cuda", mode, dtype, 1 << 20, grad=True) == want, (mode, dtype)
+            assert not rule("mps", mode, dtype, 1 << 20, grad=False)
+    monkeypatch.setattr(fp_ops, "_CUDA_ALL_FRAMES_FUSED_WINS",
+                        (("max", torch.bfloat16, False, 1 << 20, 1 << 30),
+                         ("sum", torch.float32, True, 0, 1 << 30)))
+    assert not rule("cuda", "max", torch.bfloat16, 1 << 20, grad=False)
+    assert rule("cuda", "max", torch.bfloat16, 1 << 19, grad=False)
+    assert rule("cuda", "max", torch.float32, 1 << 20, grad=False)
+    assert not rule("cuda", "sum", torch.float32, 1 << 20, grad=True)
+    assert rule("cuda", "sum", torch.float32, 1 << 20, grad=False)
+    assert ("the CUDA kernel for max bfloat16 without a gradient 1 MiB-1024 MiB"
+            in fp_ops.auto_rule())
+    # the committed CPU table reads as such
+    monkeypatch.undo()
+    assert "without a gradient for max float32 <= 512 KiB" in fp_ops.auto_rule()
+    monkeypatch.setattr(fp_ops, "_CPU_ALL_FRAMES_STOCK_WINS", ())
+    assert not rule("cpu", "sum", torch.float32, 8, grad=False)
+
+
+def test_auto_without_lengths_gives_the_references_values_whatever_it_runs(monkeypatch):
+    # The committed table and one that sends every CPU case to torch's reduction: auto's values
+    # are the reference's within the tolerances, for every mode and dtype, with T = 0 zeros.
+    everything = tuple((m, d, g, 0, 1 << 40, 1) for m in MODES for d in DTYPES
+                       for g in (False, True))
+    for table in (fp_ops._CPU_ALL_FRAMES_STOCK_WINS, everything):
+        monkeypatch.setattr(fp_ops, "_CPU_ALL_FRAMES_STOCK_WINS", table)
+        for dtype in DTYPES:
+            for mode in MODES:
+                for shape in [(3, 9, 1000), (2, 0, 4), (4, 1, 7)]:
+                    x = torch.randn(shape).to(dtype)
+                    g = torch.randn(shape[0], width(shape[2], mode)).to(dtype)
+                    out, gx = pool_with_grads(ops.frame_pool, x, None, mode, g)
+                    ref, gref = pool_with_grads(reference.frame_pool, x.double(), None, mode,
+                                                g.double())
+                    what = f"{dtype} {mode} {shape}"
+                    assert_rel_close(what, out, ref, REL_TOL[dtype])
+                    assert_rel_close(what + " grad", gx, gref, REL_TOL[dtype])
+                    if shape[1] == 0:
+                        assert not out.any() and not gx.any(), what
+                    with torch.no_grad():
+                        assert_rel_close(what + " no_grad", ops.frame_pool(x, None, mode), ref,
+                                         REL_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_auto_without_lengths_runs_torchs_reduction_where_the_rule_says(mode, monkeypatch):
+    calls = _spy_stock(monkeypatch)
+    x = torch.randn(4, 33, 300, device="cuda")
+    with torch.no_grad():
+        out = ops.frame_pool(x, None, mode)
+    assert calls[:1] == [mode]  # (meanmax calls it again for its mean half)
+    assert_rel_close("cuda stock", out, reference.frame_pool(x.double(), None, mode), 1e-6)
+    for dtype in (torch.bfloat16, torch.float16):
+        xh = x.to(dtype)
+        with torch.no_grad():
+            got, want = ops.frame_pool(xh, None, mode), reference.frame_pool(xh, None, mode)
+        assert_half_forward_like_the_reference(xh, mode, got, want)
+    calls.clear()
+    g = torch.randn(4, width(300, mode), device="cuda")
+    _, gx = pool_with_grads(ops.frame_pool, x, None, mode, g)
+    # with a gradient: torch's for sum / mean float32 (an expand backward), else the kernel
+    assert calls == ([mode] if mode in ("sum", "mean") else [])
+    _, gref = pool_with_grads(reference.frame_pool, x.double(), None, mode, g.double())
+    assert_rel_close("cuda grad", gx, gref, 1e-6)
+    calls.clear()
+    _, gx = pool_with_grads(ops.frame_pool, x.to(torch.bfloat16), None, mode,
+                            g.to(torch.bfloat16))
+    assert calls == ([mode] if mode == "sum" else [])
+    _, gref = pool_with_grads(reference.frame_pool, x.to(torch.bfloat16).double(), None, mode,
+                              g.to(torch.bfloat16).double())
+    assert_rel_close("cuda grad bfloat16", gx, gref, REL_TOL[torch.bfloat16])

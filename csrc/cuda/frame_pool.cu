@@ -1396,7 +1396,7 @@ bool cuda_kernels_run_on(int64_t device) {
 
 std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
                                                    const c10::optional<at::Tensor>& lengths,
-                                                   c10::string_view mode) {
+                                                   c10::string_view mode, bool with_argmax) {
   PoolMode m = parse_pool_mode(mode);
   TORCH_CHECK_VALUE(x.is_cuda(), "frame_pool (CUDA kernel): x must be a CUDA tensor, got ",
                     x.device());
@@ -1410,13 +1410,20 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   at::Tensor out = at::empty({B, out_width(D, m)}, x.options());
   at::Tensor argmax = has_argmax(m) ? at::empty({B, D}, x.options().dtype(at::kInt))
                                     : at::empty({0}, x.options().dtype(at::kInt));
+  // with_argmax = false: the kernels still write the index (4 bytes per output element beside
+  // T x D x element_size read per clip; not measured on a GPU), and the contract's empty
+  // argmax is returned.
+  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    if (!with_argmax && has_argmax(m)) return {out, at::empty({0}, argmax.options())};
+    return {out, argmax};
+  };
   // T == 0 still launches: the kernel writes the zeros (argmax -1) of empty rows and reports
   // any nonzero GPU length. D == 0 has nothing to pool, but GPU lengths are still checked (a
   // small launch, only for such calls), as on every other shape.
-  if (B == 0) return {out, argmax};
+  if (B == 0) return result();
   if (D == 0) {
     if (lengths_on_gpu(lengths)) launch_length_check(len, T, error_flag_for_current_device());
-    return {out, argmax};
+    return result();
   }
 
   // The kernels need unit feature stride (a size-1 feature dim has no stride to speak of);
@@ -1426,7 +1433,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   int* err = error_flag_for_current_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "frame_pool_cuda",
                                   [&] { forward_for_dtype<scalar_t>(xs, len, out, argmax, m, err); });
-  return {out, argmax};
+  return result();
 }
 
 at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
