@@ -339,13 +339,25 @@ class Sweep:
         provs = {"fused": lambda xx: ops.frame_pool(xx, lengths, mode, backend="fused"),
                  "eager": lambda xx: reference.frame_pool(xx, lengths, mode),
                  "segment_reduce": lambda xx: seg_reduce_fn(lengths, B, T, D)(xx, mode)}
-        h = x.detach().requires_grad_(True) * 1
         key = (H.shape_str(shape), H.dtype_str(dtype), mode)
+        for pas, times in self.time_stock_forms(x, g, provs, shape, dtype, mode, fwd_bytes,
+                                                "stock"):
+            self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
+
+    def time_stock_forms(self, x, g, provs: dict, shape, dtype, variant: str, fwd_bytes: int,
+                         what: str, extra: dict | None = None):
+        """Times each of `provs` (name -> fn(x)) forward (no_grad) and forward+backward (the
+        gradient of an intermediate input, grad_out `g`), fused first: a row "stock <pass>"
+        each, its baseline the fused time. Yields (pass, {name: median ms}) per pass."""
+        B, T, D = x.shape
+        es, W = x.element_size(), g.shape[1]
+        h = x.detach().requires_grad_(True) * 1
         for pas in ("forward", "forward+backward"):
             times: dict[str, float] = {}
             for name, fn in provs.items():
                 self.planned["stock"] += 1
-                if not self.budget_left(f"stock {pas} {name} {mode} {key[0]} {key[1]}"):
+                if not self.budget_left(f"{what} {pas} {name} {variant} {H.shape_str(shape)} "
+                                        f"{H.dtype_str(dtype)}"):
                     continue
                 if pas == "forward":
                     def call(fn=fn):
@@ -355,16 +367,17 @@ class Sweep:
                     def call(fn=fn):
                         return torch.autograd.grad(fn(h), h, g)
                 # (a stock form may not support a dtype)
-                t = self.time_or_error_row(call, mode=f"stock {pas}", variant=mode, shape=shape,
-                                           dtype=dtype, provider=name)
+                t = self.time_or_error_row(call, mode=f"stock {pas}", variant=variant,
+                                           shape=shape, dtype=dtype, provider=name)
                 if t is None:
                     continue
                 times[name] = t[0]
                 nbytes = fwd_bytes + (B * W * es + B * T * D * es if pas != "forward" else 0)
                 # baseline: the fused op (timed first), so ratio = fused time / this time
-                self.emit(mode=f"stock {pas}", variant=mode, shape=shape, dtype=dtype, provider=name,
-                          timing=t, nbytes=nbytes, baseline_ms=times.get("fused"))
-            self.results.setdefault(key + ("stock " + pas,), {})["stock"] = times
+                self.emit(mode=f"stock {pas}", variant=variant, shape=shape, dtype=dtype,
+                          provider=name, timing=t, nbytes=nbytes, baseline_ms=times.get("fused"),
+                          extra=extra)
+            yield pas, times
 
     def all_frames_case(self, shape, dtype, mode: str, seed: int) -> None:
         """Without lengths: fused (default config) against torch's own reduction (what `auto`
@@ -382,31 +395,10 @@ class Sweep:
         provs = {"fused": lambda xx: ops.frame_pool(xx, None, mode, backend="fused"),
                  "torch": lambda xx: _stock_all_frames(xx, mode),
                  "auto": lambda xx: ops.frame_pool(xx, None, mode, backend="auto")}
-        h = x.detach().requires_grad_(True) * 1
         variant = f"{mode}:all-frames"
         key = (H.shape_str(shape), H.dtype_str(dtype), variant)
-        for pas in ("forward", "forward+backward"):
-            times: dict[str, float] = {}
-            for name, fn in provs.items():
-                self.planned["stock"] += 1
-                if not self.budget_left(f"all-frames {pas} {name} {mode} {key[0]} {key[1]}"):
-                    continue
-                if pas == "forward":
-                    def call(fn=fn):
-                        with torch.no_grad():
-                            return fn(x)
-                else:
-                    def call(fn=fn):
-                        return torch.autograd.grad(fn(h), h, g)
-                t = self.time_or_error_row(call, mode=f"stock {pas}", variant=variant,
-                                           shape=shape, dtype=dtype, provider=name)
-                if t is None:
-                    continue
-                times[name] = t[0]
-                nbytes = fwd_bytes + (B * W * es + B * T * D * es if pas != "forward" else 0)
-                self.emit(mode=f"stock {pas}", variant=variant, shape=shape, dtype=dtype,
-                          provider=name, timing=t, nbytes=nbytes, baseline_ms=times.get("fused"),
-                          extra={"lengths": "none"})
+        for pas, times in self.time_stock_forms(x, g, provs, shape, dtype, variant, fwd_bytes,
+                                                "all-frames", extra={"lengths": "none"}):
             # "auto" is what runs, not a competitor: the verdict compares fused and torch
             self.results.setdefault(key + ("stock " + pas,), {})["stock"] = {
                 k: v for k, v in times.items() if k != "auto"}
