@@ -51,14 +51,16 @@ def _op_backend(op: str, device: str) -> str:
     if chosen == "reference":
         return f"eager reference (${ENV_VAR}=reference)"
     if _extension.has_kernel(op, device):
+        # auto without lengths may run torch's own reduction instead (frame_pool's auto_rule)
+        stock = "; without lengths torch's reduction where the auto rule says" if chosen == "auto" else ""
         if device == "cpu":
-            return "C++ kernel (dtl_fast._C)"
+            return f"C++ kernel (dtl_fast._C{stock})"
         index = torch.cuda.current_device()
         if not _extension.cuda_kernels_run_on(index):
             major, minor = torch.cuda.get_device_capability(index)
             return (f"eager reference (dtl_fast._C has no kernel for this GPU, compute capability "
                     f"{major}.{minor}: rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor})")
-        return "CUDA kernel (dtl_fast._C)"
+        return f"CUDA kernel (dtl_fast._C{stock})"
     return "eager reference (kernel not built)"
 
 

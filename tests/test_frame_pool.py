@@ -994,6 +994,10 @@ def test_info_says_when_the_gpu_has_no_kernel_image(monkeypatch):
         "eager reference (dtl_fast._C has no kernel for this GPU, compute capability 7.5: "
         "rebuild with TORCH_CUDA_ARCH_LIST=7.5)")
     monkeypatch.setitem(dtl_fast._extension._RUNS_ON, 0, True)
+    monkeypatch.delenv("DTL_FAST_BACKEND", raising=False)  # auto
+    assert info._op_backend("frame_pool", "cuda") == (
+        "CUDA kernel (dtl_fast._C; without lengths torch's reduction where the auto rule says)")
+    monkeypatch.setenv("DTL_FAST_BACKEND", "fused")  # fused: always the kernel
     assert info._op_backend("frame_pool", "cuda") == "CUDA kernel (dtl_fast._C)"
 
 
