@@ -13,6 +13,12 @@ from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 POOL_MODES = ("mean", "max", "sum")
+# The dtypes lengths (and windows, labels) may have, in every op and backend alike:
+# at::isIntegralType(dtype, includeBool=false), what the compiled kernels take. Not "integral"
+# in Python's sense: the bit-packed, sub-byte and quantized dtypes (torch.bits8, torch.int4,
+# torch.uint3, torch.quint8, ...) are neither floating nor complex, yet none converts to int64.
+INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                           torch.uint16, torch.uint32, torch.uint64})
 
 
 def check_pool_input(x: torch.Tensor, mode: str, modes: Sequence[str] = POOL_MODES) -> None:
@@ -66,8 +72,7 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
 
         def is_int(v):
             if isinstance(v, torch.Tensor):  # e.g. list(lengths_tensor)
-                return (v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex
-                        and v.dtype != torch.bool)
+                return v.dim() == 0 and v.dtype in INTEGER_DTYPES
             return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
         bad = [v for v in lengths if not is_int(v)]
@@ -77,7 +82,7 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
         if any(not -(2**63) <= v < 2**63 for v in values):
             raise overflow_error(f"{owner}: {name} must fit in int64, got {max(values, key=abs)}")
         lengths = torch.tensor(values, dtype=torch.int64)
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+    if lengths.dtype not in INTEGER_DTYPES:
         raise ValueError(f"{owner}: {name} must be an integer tensor, got dtype {lengths.dtype}")
     if lengths.dtype == torch.uint64 and lengths.device.type == "cpu" and lengths.numel() > 0 \
             and not torch.compiler.is_compiling():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtl_fast._backend import resolve_backend
+from dtl_fast._checks import INTEGER_DTYPES
 from dtl_fast.models.encoders import (ENCODERS, build_encoder, capturing, check_choice,
                                       check_images, check_int, check_video_lengths, check_videos,
                                       encode_frames, SpatialReadout, to_device_async)
@@ -273,7 +274,7 @@ def dtl_loss(output: DTLOutput, labels: torch.Tensor, weights=(1.0, 1.0, 1.0)) -
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != first.shape[0]:
         raise ValueError(f"dtl_loss: labels must be an integer tensor [B] = [{first.shape[0]}], got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if labels.dtype not in INTEGER_DTYPES:
         raise ValueError(f"dtl_loss: labels must be an integer tensor (class indices), got {labels.dtype}")
     labels = labels.to(torch.int64)
     total = None

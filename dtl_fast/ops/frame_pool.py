@@ -7,18 +7,14 @@ import torch
 
 from dtl_fast import _extension, reference
 from dtl_fast._backend import resolve_backend
-from dtl_fast._checks import FLOAT_DTYPES, POOL_MODES, check_pool_input, normalize_lengths
+from dtl_fast._checks import (FLOAT_DTYPES, INTEGER_DTYPES, POOL_MODES, check_pool_input,
+                              normalize_lengths)
 from dtl_fast.ops._eager import needs_stock_path, refuse_transforms, transforms_in_use
 
 _FWD = "dtl_fast::frame_pool"
 _BWD = "dtl_fast::frame_pool_backward"
 MODES = POOL_MODES + ("meanmax",)
 _MAX_T = 2**31 - 4097  # the kernels' limit (csrc/frame_pool.cpp kMaxT: int32 frame indices)
-# The lengths dtypes the kernels take: at::isIntegralType(dtype, includeBool=false). Not
-# "integral" in Python's sense: the bit-packed and sub-byte dtypes (torch.bits8, torch.int4,
-# torch.uint3, ...) are neither floating nor complex, and the kernels reject them.
-_LENGTH_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                            torch.uint16, torch.uint32, torch.uint64})
 
 
 def _register() -> None:
@@ -33,7 +29,7 @@ def _register() -> None:
     def _check_lengths(lengths, B, owner, device):
         if lengths is None:
             return
-        torch._check_value(lengths.dtype in _LENGTH_DTYPES,
+        torch._check_value(lengths.dtype in INTEGER_DTYPES,
                            lambda: f"{owner}: lengths must be an integer tensor, got dtype "
                                    f"{lengths.dtype}")
         torch._check_value(lengths.dim() == 1 and lengths.shape[0] == B,

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dtl_fast._checks import (as_lengths_tensor, check_lengths_range, device_capturing,
-                              tensor_from_numpy)
+from dtl_fast._checks import (INTEGER_DTYPES, as_lengths_tensor, check_lengths_range,
+                              device_capturing, tensor_from_numpy)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOG_MAX_SCALE = math.log(100.0)  # Swin V2 clamps the learned log-scale at ln 100
@@ -38,13 +38,12 @@ def _fail(msg: str):
 def _is_int(v) -> bool:
     """A Python / NumPy integer (not a bool) or a 0-d integer tensor."""
     if isinstance(v, torch.Tensor):
-        return v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex \
-            and v.dtype != torch.bool
+        return v.dim() == 0 and v.dtype in INTEGER_DTYPES
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_int_dtype(dtype: torch.dtype) -> bool:
-    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+    return dtype in INTEGER_DTYPES
 
 
 def _normalize_key_lengths(key_lengths, B: int, H: int, device: torch.device) -> torch.Tensor | None:
