@@ -1605,7 +1605,7 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
     # (2, 3001, 64) folds 24-47 stages, so the ring wraps around many times.
     # fwd_l2_evict_first = 1 only changes the L2 policy of the loads; it takes effect for an x
     # larger than the device's L2, so the last cases are (4, T, 1024) and (4, T, 1021), with T
-    # making them ~2 x L2.
+    # making them ~2 x L2. Each configuration also runs with with_argmax=False.
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -1644,6 +1644,13 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
                 assert torch.equal(out.isnan(), ref.isnan()), what
                 assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
                 assert torch.equal(am, ref_am), what
+                # with_argmax=False: the kernels get no argmax to write (a null pointer, in
+                # the plain, pipelined and ring kernels and the split's combine), same values
+                with poison():
+                    values, none = torch.ops.dtl_fast.frame_pool(x, lengths, mode, False)
+                assert none.shape == (0,), what
+                assert torch.equal(torch.nan_to_num(values), torch.nan_to_num(ref)), what
+                assert torch.equal(values.isnan(), ref.isnan()), what
     finally:
         C.set_cuda_launch_config(*default)
 

@@ -409,7 +409,8 @@ __device__ __forceinline__ int64_t clamped_length(const int64_t* __restrict__ le
   return L;
 }
 
-// Writes element d (< D) of row b: the mean / sum / max, or both for meanmax (out is [B, 2D]).
+// Writes element d (< D) of row b: the mean / sum / max, or both for meanmax (out is [B, 2D]),
+// and the max's frame unless argmax is null (a forward nobody differentiates: with_argmax false).
 template <int KIND, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
                                              int32_t* __restrict__ argmax, int64_t b, int64_t d,
@@ -419,11 +420,11 @@ __device__ __forceinline__ void write_result(scalar_t* __restrict__ out,
     out[b * D + d] = static_cast<scalar_t>(mean && L > 0 ? sum / static_cast<acc_t>(L) : sum);
   } else if constexpr (KIND == kMax) {
     out[b * D + d] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : mx);
-    argmax[b * D + d] = idx;
+    if (argmax != nullptr) argmax[b * D + d] = idx;
   } else {
     out[b * 2 * D + d] = static_cast<scalar_t>(L > 0 ? sum / static_cast<acc_t>(L) : sum);
     out[b * 2 * D + D + d] = static_cast<scalar_t>(idx < 0 ? acc_t(0) : mx);
-    argmax[b * D + d] = idx;
+    if (argmax != nullptr) argmax[b * D + d] = idx;
   }
 }
 
@@ -1199,7 +1200,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t* lens = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-  int32_t* am_p = HAS_MAX ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+  int32_t* am_p = HAS_MAX && argmax.numel() > 0 ? argmax.mutable_data_ptr<int32_t>() : nullptr;
   const ForwardLaunch<scalar_t, acc_t> fwd =
       forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline, threads);
   // Loads marked evict-first only when x cannot stay in L2 anyway: a smaller x may still be
@@ -1408,15 +1409,12 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
 
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   at::Tensor out = at::empty({B, out_width(D, m)}, x.options());
-  at::Tensor argmax = has_argmax(m) ? at::empty({B, D}, x.options().dtype(at::kInt))
-                                    : at::empty({0}, x.options().dtype(at::kInt));
-  // with_argmax = false: the kernels still write the index (4 bytes per output element beside
-  // T x D x element_size read per clip; not measured on a GPU), and the contract's empty
-  // argmax is returned.
-  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> {
-    if (!with_argmax && has_argmax(m)) return {out, at::empty({0}, argmax.options())};
-    return {out, argmax};
-  };
+  // with_argmax = false: no argmax tensor, and the kernels get a null argmax and write no
+  // index (4 bytes per output element fewer; the split's workspace still keeps the indices its
+  // combine needs for the first-max rule); the contract's empty argmax is returned.
+  at::Tensor argmax = has_argmax(m) && with_argmax ? at::empty({B, D}, x.options().dtype(at::kInt))
+                                                   : at::empty({0}, x.options().dtype(at::kInt));
+  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> { return {out, argmax}; };
   // T == 0 still launches: the kernel writes the zeros (argmax -1) of empty rows and reports
   // any nonzero GPU length. D == 0 has nothing to pool, but GPU lengths are still checked (a
   // small launch, only for such calls), as on every other shape.
