@@ -43,12 +43,12 @@
 
 namespace dtl_fast {
 
-PoolMode parse_pool_mode(c10::string_view mode) {
+PoolMode parse_pool_mode(c10::string_view mode, const char* owner) {
   if (mode == "mean") return PoolMode::Mean;
   if (mode == "max") return PoolMode::Max;
   if (mode == "sum") return PoolMode::Sum;
   if (mode == "meanmax") return PoolMode::MeanMax;
-  TORCH_CHECK_VALUE(false, "frame_pool: mode must be 'mean', 'max', 'sum' or 'meanmax', got '",
+  TORCH_CHECK_VALUE(false, owner, ": mode must be one of 'mean', 'max', 'sum', 'meanmax', got '",
                     std::string(mode.data(), mode.size()), "'");
 }
 
@@ -149,8 +149,8 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
   TORCH_CHECK_VALUE(T >= 0 && T <= kMaxT,
                     "frame_pool_backward: T must lie in [0, 2^31 - 4097], got ", T);
   TORCH_CHECK_VALUE(mode != PoolMode::MeanMax || grad_out.size(1) % 2 == 0,
-                    "frame_pool_backward: grad_out of meanmax must be [B, 2D], got ",
-                    grad_out.sizes());
+                    "frame_pool_backward: grad_out of 'meanmax' must be [B, 2D], got width ",
+                    grad_out.size(1));
   if (has_argmax(mode)) {
     const int64_t D = mode == PoolMode::MeanMax ? grad_out.size(1) / 2 : grad_out.size(1);
     TORCH_CHECK_VALUE(argmax.scalar_type() == at::kInt && argmax.dim() == 2 &&
@@ -1293,7 +1293,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cpu(const at::Tensor& x_in,
 at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out,
                                    const c10::optional<at::Tensor>& lengths,
                                    const at::Tensor& argmax, int64_t T, c10::string_view mode_str) {
-  const PoolMode mode = parse_pool_mode(mode_str);
+  const PoolMode mode = parse_pool_mode(mode_str, "frame_pool_backward");
   const at::Tensor len = checked_backward_inputs(grad_out, lengths, argmax, T, mode);
   TORCH_CHECK_VALUE(grad_out.is_cpu(),
                     "frame_pool_backward (CPU kernel): grad_out must be a CPU tensor, got ",

@@ -45,8 +45,9 @@ enum class PoolMode : int { Mean = 0, Max = 1, Sum = 2, MeanMax = 3 };
 
 inline bool has_argmax(PoolMode m) { return m == PoolMode::Max || m == PoolMode::MeanMax; }
 
-// Parses "mean" / "max" / "sum" / "meanmax"; anything else is a ValueError naming `mode`.
-PoolMode parse_pool_mode(c10::string_view mode);
+// Parses "mean" / "max" / "sum" / "meanmax"; anything else is a ValueError naming `mode`, in
+// the fake kernels' words, with `owner` (the op) first.
+PoolMode parse_pool_mode(c10::string_view mode, const char* owner = "frame_pool");
 
 // Checks x (rank, dtype) and lengths (rank, size, integer dtype, device) and returns lengths
 // as a contiguous int64 tensor on x's device, or an undefined tensor when lengths is None.

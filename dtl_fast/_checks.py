@@ -25,7 +25,7 @@ def check_pool_input(x: torch.Tensor, mode: str, modes: Sequence[str] = POOL_MOD
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"frame_pool: x must be a torch.Tensor [B, T, D], got {type(x).__name__}")
     if x.dim() != 3:
-        raise ValueError(f"frame_pool: x must be a 3-D tensor [B, T, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"frame_pool: x must be a 3-D tensor [B, T, D], got shape {list(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"frame_pool: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if mode not in modes:

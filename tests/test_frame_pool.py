@@ -620,6 +620,53 @@ def test_lengths_errors_read_the_same_from_kernel_and_fake_kernel():
         assert messages("cpu") == want
 
 
+def test_argument_errors_read_the_same_from_kernel_and_fake_kernel():
+    # Every other argument error of both ops in one wording from the C++ kernel and the fake
+    # kernel (the mode error once named frame_pool in the backward and listed the modes another
+    # way, meanmax's odd width and the shapes were printed differently); on meta tensors the
+    # same words, with the device they name.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def messages(device):
+        x = torch.zeros(3, 4, 5, device=device)
+        g = torch.zeros(3, 5, device=device)
+        am = torch.zeros(3, 5, dtype=torch.int32, device=device)
+        fwd, bwd = torch.ops.dtl_fast.frame_pool, torch.ops.dtl_fast.frame_pool_backward
+        calls = {
+            "mode": lambda: fwd(x, None, "median"),
+            "backward mode": lambda: bwd(g, None, am, 4, "median"),
+            "meanmax width": lambda: bwd(torch.zeros(3, 7, device=device), None, am, 4, "meanmax"),
+            "x rank": lambda: fwd(x[0], None, "mean"),
+            "x dtype": lambda: fwd(x.long(), None, "mean"),
+            "grad_out rank": lambda: bwd(x, None, am, 4, "mean"),
+            "grad_out dtype": lambda: bwd(g.long(), None, am, 4, "mean"),
+            "T": lambda: bwd(g, None, am, -1, "mean"),
+            "argmax dtype": lambda: bwd(g, None, am.long(), 4, "max"),
+            "argmax shape": lambda: bwd(g, None, am[:2], 4, "max"),
+        }
+        got = {}
+        for what, call in calls.items():
+            with pytest.raises(ValueError) as err:
+                call()
+            got[what] = str(err.value)
+        return got
+
+    kernel = messages("cpu")
+    assert kernel["mode"] == ("frame_pool: mode must be one of 'mean', 'max', 'sum', 'meanmax', "
+                              "got 'median'")
+    assert kernel["backward mode"].startswith("frame_pool_backward: mode must be one of")
+    assert kernel["meanmax width"] == ("frame_pool_backward: grad_out of 'meanmax' must be "
+                                       "[B, 2D], got width 7")
+    assert kernel["x rank"] == "frame_pool: x must be a 3-D tensor [B, T, D], got shape [4, 5]"
+    with FakeTensorMode():
+        assert messages("cpu") == kernel
+    assert {k: v.replace("meta", "cpu") for k, v in messages("meta").items()} == kernel
+    # the public entry (every backend's shared check) words x's rank error alike
+    with pytest.raises(ValueError) as err:
+        ops.frame_pool(torch.zeros(4, 5), None, "mean", backend="reference")
+    assert str(err.value) == kernel["x rank"]
+
+
 @pytest.mark.parametrize("case", FAKE_BAD_INPUTS, ids=[c[0] for c in FAKE_BAD_INPUTS])
 def test_fake_kernels_check_what_the_kernels_check(case):
     # A direct torch.ops call that the kernel would reject fails while it is traced (meta / fake

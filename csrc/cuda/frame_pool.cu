@@ -1437,7 +1437,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
 at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,
                                     const c10::optional<at::Tensor>& lengths,
                                     const at::Tensor& argmax, int64_t T, c10::string_view mode) {
-  PoolMode m = parse_pool_mode(mode);
+  PoolMode m = parse_pool_mode(mode, "frame_pool_backward");
   TORCH_CHECK_VALUE(grad_out.is_cuda(),
                     "frame_pool_backward (CUDA kernel): grad_out must be a CUDA tensor, got ",
                     grad_out.device());

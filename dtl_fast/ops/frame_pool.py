@@ -47,7 +47,7 @@ def _register() -> None:
     def _frame_pool_fake(x, lengths, mode, with_argmax=True):
         _check_mode(mode, "frame_pool")
         torch._check_value(x.dim() == 3, lambda: f"frame_pool: x must be a 3-D tensor [B, T, D], "
-                                                 f"got shape {tuple(x.shape)}")
+                                                 f"got shape {list(x.shape)}")
         torch._check_value(x.dtype in FLOAT_DTYPES, lambda: f"frame_pool: x must be float32, "
                                                             f"float64, float16 or bfloat16, got "
                                                             f"{x.dtype}")
@@ -66,7 +66,7 @@ def _register() -> None:
     def _frame_pool_backward_fake(grad_out, lengths, argmax, T, mode):
         _check_mode(mode, "frame_pool_backward")
         torch._check_value(grad_out.dim() == 2, lambda: "frame_pool_backward: grad_out must be "
-                                                        f"[B, D], got {tuple(grad_out.shape)}")
+                                                        f"[B, D], got {list(grad_out.shape)}")
         torch._check_value(grad_out.dtype in FLOAT_DTYPES,
                            lambda: f"frame_pool_backward: grad_out must be float32, float64, "
                                    f"float16 or bfloat16, got {grad_out.dtype}")
