@@ -550,11 +550,19 @@ def _own_lengths(lengths, caller, device):
     return lengths
 
 
+def _exporting() -> bool:
+    """True while torch.export traces. Not torch.compiler.is_exporting(): torch 2.11's dynamo
+    folds that call to True under a plain torch.compile as well (2.14's reads the flag); the
+    flag it reads is what export sets, in both versions, and dynamo guards on it as a global."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batch_first, dropout,
               training, has_bias, backend):
     backend = resolve_backend(backend)
     if (backend == "auto" and lengths is not None and torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()):
+            and not _exporting()):
         # torch.compile: PyTorch's packed path (pack_padded_sequence: batch_sizes depend on the
         # values of lengths, read on the host) cannot be traced, so the whole call runs eagerly,
         # outside the graph: a graph break, what torch.nn.LSTM gets there, and so PyTorch's
