@@ -25,6 +25,10 @@ $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" triton numpy ninja pybind11 \
 		pytest pytest-benchmark matplotlib scikit-learn pillow torchvision av tqdm
+	# Triton before 3.7 (torch 2.11's) has an interpreter that NumPy 2.4 breaks (the CPU tests
+	# run the Triton kernels in it; dtl_fast._triton.interpreter_conflict): keep NumPy below 2.4
+	$(PY) -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7))" \
+		|| $(PY) -m pip install --quiet "numpy<2.4"
 	touch $@
 
 # The package and its C++/CUDA extension: rebuilt when a source of the build changes.

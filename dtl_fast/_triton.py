@@ -5,6 +5,7 @@ then on, whatever the variable says later)."""
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -46,6 +47,31 @@ def _triton_interpreted() -> bool:
     return _TRITON_INTERPRETED[0]
 
 
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"; (0, 0) if unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def interpreter_conflict() -> str | None:
+    """Why Triton's interpreter cannot run our kernels with the installed NumPy, or None.
+    Triton before 3.7 turns a loop bound into a Python int with int() of a 1-element array,
+    which NumPy 2.4 made a TypeError ("only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel with a loop over a run-time bound fails inside Triton. Triton 3.7
+    squeezes the array first."""
+    try:
+        import numpy
+        import triton
+    except Exception:  # noqa: BLE001  (no Triton: triton_unavailable_reason says so)
+        return None
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails under NumPy "
+                f"{numpy.__version__} (it converts 1-element arrays with int(), a TypeError "
+                "since NumPy 2.4): install 'numpy<2.4' or triton >= 3.7, or use "
+                "backend='auto' / 'reference'")
+    return None
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its interpreter: TRITON_INTERPRET=1 was set when Triton
     was imported and still is (the kernels are decorated when first used)."""
@@ -62,7 +88,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
         return None
     if device_type == "cpu":
         if interpreting():
-            return None
+            return interpreter_conflict()
         if _env_interpret():
             # Triton's library functions were made for the GPU compiler: interpreted kernels
             # would fail inside Triton ("Cannot call @triton.jit'd outside of the scope of a

@@ -45,7 +45,9 @@ def _dot(a, b, acc, ALLOW_TF32: tl.constexpr, DOT_F32: tl.constexpr):
     elif ALLOW_TF32:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype: triton 3.6 defaults it to float32 and asserts acc matches (the float64
+        # loop in the interpreter); 3.8 takes acc's dtype. The same IR for float32.
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -2,9 +2,11 @@
 (interpreter on CPU) and the native `auto` path against the reference, every gradient,
 dropout, autocast, torch.library / torch.compile integration and bad input."""
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -413,6 +415,22 @@ def test_compiled_auto_with_lengths_runs_pytorchs_packed_path(mode, monkeypatch)
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_compiled_auto_with_lengths_breaks_the_graph_whatever_is_exporting_says(mode, monkeypatch):
+    # torch 2.11's dynamo (the GPU machines' torch) folds torch.compiler.is_exporting() to True
+    # under a plain torch.compile too, and the test above then took the traceable path there
+    # (the fused loop on CUDA). A stand-in for the function says what 2.11's folding says:
+    # True while dynamo traces (it inlines the stand-in and folds is_compiling), False when
+    # torch.compile's own wrapper asks before tracing. The graph break must not depend on it.
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    calls = _count_native(monkeypatch)
+    torch._dynamo.reset()
+    torch.compile(_auto_with_lengths(mode), backend="aot_eager")(x, torch.tensor([4, 1, 3]), ws)
+    assert calls == [True]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_compiled_auto_with_lengths_fullgraph_names_the_way_out(mode):
     # fullgraph=True cannot hold PyTorch's packed path: dynamo's error carries the reason,
     # which names the backends that keep one graph
@@ -648,6 +666,31 @@ def test_triton_interpret_set_after_import_is_refused_by_name():
     assert ("RAISED lstm(backend='fused') on cpu tensors: TRITON_INTERPRET was set after Triton "
             "was imported" in proc.stdout), proc.stdout
     assert "before importing dtl_fast" in proc.stdout
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+    ("3.8.0", "2.5.0rc1", False), ("3.5.1", "2.4.0", True)])
+def test_interpreter_refused_by_name_where_triton_and_numpy_clash(monkeypatch, triton_version,
+                                                                 numpy_version, refused):
+    # Triton < 3.7's interpreter fails on every loop over a run-time bound under NumPy >= 2.4
+    # (TypeError "only 0-dimensional arrays can be converted to Python scalars", deep inside
+    # Triton; found with torch 2.11 / triton 3.6, the GPU machines' versions, s29): `fused` on
+    # CPU tensors says so and names the way out, `auto` keeps PyTorch's path
+    import triton
+
+    import dtl_fast._triton as tri
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(np, "__version__", numpy_version)
+    _, x, h, ws = make_case("LSTM", 3, 2, 4, 6, 1, True, dtype=torch.float32)
+    assert (tri.interpreter_conflict() is not None) == refused
+    if refused:
+        assert not tri.can_run_triton("cpu")
+        with pytest.raises(RuntimeError, match=r"lstm\(backend='fused'\).*Triton "
+                           + re.escape(triton_version) + r"'s interpreter fails under NumPy "
+                           + re.escape(numpy_version) + r".*'numpy<2.4'"):
+            ops.lstm(x, h, ws, bidirectional=True, backend="fused")
+    assert ops.lstm(x, h, ws, bidirectional=True, backend="auto")[0].shape == (3, 2, 12)
 
 
 # ------------------------------------------------------------------------------------------------
