@@ -16,7 +16,7 @@ DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.dtl_fast-built
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install test test-cpu-capabilities wheel-check demo bench gpu-check aot-gpu-triton info clean
+.PHONY: install test test-cpu-capabilities test-min-versions wheel-check demo bench gpu-check aot-gpu-triton info clean
 
 install: $(BUILD_STAMP)
 
@@ -44,6 +44,42 @@ test: install
 # round differently under each, and a user's machine may pick any of them. CI runs it.
 test-cpu-capabilities: install
 	$(PY) .ci/cpu_capabilities.py $(PYTEST_ARGS)
+
+# The oldest torch / Triton setup.py accepts, which the GPU machines run (torch 2.11, triton
+# 3.6): dynamo, torch.library and Triton's interpreter behave differently there (s29 found a
+# dynamo folding that undid a fix, a tl.dot default and a NumPy clash that only these versions
+# show). A venv of its own, the tree copied beside it (an editable build in this tree would
+# replace the .so the main venv's torch needs), the extension built against those headers (CUDA
+# kernels too where nvcc is), then the version-sensitive tests: torch.compile / export /
+# torch.library / torch.func around every op, and the Triton kernels in the interpreter. CI
+# runs it. torch 2.11 wants setuptools < 82; NumPy < 2.4 for Triton 3.6's interpreter.
+MIN_TORCH  ?= 2.11.0
+MIN_TRITON ?= 3.6.0
+MIN_VENV   ?= .venv-min
+MIN_PY     := $(abspath $(MIN_VENV))/bin/python
+MIN_TREE   := $(MIN_VENV)/tree
+# ~5 min on 2 cores; not the AOT compile tests (make aot-gpu-triton: known 3.6 spills), the
+# training / memory / bench runs or the data tests (plain torch, no compiler in between)
+MIN_TESTS  ?= tests/test_rnn_ops.py tests/test_rnn_persistent.py tests/test_rnn_modules.py \
+              tests/test_frame_pool.py tests/test_ops_eager.py tests/test_integer_arguments.py \
+              tests/test_cosine_attention.py tests/test_cosine_attention_fwd.py \
+              tests/test_cosine_attention_bwd.py tests/test_cosine_attention_per_head.py \
+              tests/test_cosine_attention_tma.py tests/test_attention_modules.py \
+              tests/test_triton_launch.py tests/test_models.py tests/test_models_capture.py
+MIN_STAMP  := $(MIN_VENV)/.deps-installed
+
+$(MIN_STAMP): pyproject.toml
+	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install --quiet "torch==$(MIN_TORCH)" "triton==$(MIN_TRITON)" "numpy<2.4" \
+		"setuptools<82" wheel ninja pybind11 pytest pytest-benchmark tqdm
+	touch $@
+
+test-min-versions: $(MIN_STAMP)
+	rm -rf $(MIN_TREE) && mkdir -p $(MIN_TREE)
+	git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(MIN_TREE)
+	cd $(MIN_TREE) && $(MIN_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	cd $(MIN_TREE) && $(MIN_PY) -c "import torch, triton; assert torch.__version__.startswith('$(MIN_TORCH)'), torch.__version__; assert triton.__version__ == '$(MIN_TRITON)', triton.__version__"
+	cd $(MIN_TREE) && $(MIN_PY) -m pytest -q -p no:cacheprovider $(MIN_TESTS) $(PYTEST_ARGS)
 
 # The user's install: build the wheel, install it (not editable) into a fresh venv outside the
 # source tree, run `dtl-fast info`, data demo, a two-step train and evaluate from there. CI runs it.
