@@ -794,6 +794,42 @@ def test_torch_compile_fullgraph_fused():
         assert_rel_close(f"grad {n}", got[2][n], eager[2][n], TOL)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("sorted_input", [False, True])
+def test_torch_compile_auto_packed_reads_no_batch_size_value(mode, sorted_input):
+    # A PackedSequence under torch.compile with backend="auto": the batch size and auto's rule
+    # once came from int(batch_sizes[0]), two Tensor.item() graph breaks beside the ones
+    # PyTorch's packed kernel makes for torch.nn.LSTM too. Now auto takes that kernel there
+    # without reading batch_sizes, B from the permutation's length; with enforce_sorted=True
+    # (no permutation) one read remains. Same numbers as torch.nn's module, eager.
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(4, 5, bidirectional=True)
+    ours = OURS[mode].from_torch(copy.deepcopy(ref), backend="auto")
+    x = torch.randn(6, 3, 4)
+    lengths = torch.tensor([6, 4, 2]) if sorted_input else torch.tensor([4, 6, 2])
+
+    def model(m):
+        def f(x, lengths):
+            packed = pack_padded_sequence(x * 2, lengths, enforce_sorted=sorted_input)
+            out, h = m(packed)
+            return pad_packed_sequence(out)[0].tanh(), h
+        return f
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model(ours))(x, lengths)
+    items = [r.reason for r in explained.break_reasons if "item()" in r.reason]
+    assert len(items) == (1 if sorted_input else 0), items
+    torch._dynamo.reset()
+    got = torch.compile(model(ours), backend="aot_eager")(x, lengths)
+    want = model(ref)(x, lengths)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(torch.utils._pytree.tree_leaves(got[1]), torch.utils._pytree.tree_leaves(want[1])):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # Real sizes on CUDA (gpu)
 # ----------------------------------------------------------------------------------------------

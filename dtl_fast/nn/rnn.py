@@ -291,7 +291,11 @@ class _RNNBase(nn.Module):
                 raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
             self._check_input_vs_module(data)
             hx = self._check_hx_dims(hx, batched=True)
-            if resolve_backend(self.backend) == "auto" and self._auto_native_packed(data, batch_sizes):
+            # Under torch.compile, auto reads no value of batch_sizes (each read is a graph
+            # break): it takes PyTorch's packed kernel, the call torch.nn.LSTM / GRU make there,
+            # as it does for padded input with lengths (dtl_fast.ops.rnn._dispatch).
+            if resolve_backend(self.backend) == "auto" and (
+                    torch.compiler.is_compiling() or self._auto_native_packed(data, batch_sizes)):
                 return self._packed_native(input, hx)
             # Padded in the caller's batch order, like hx and h_n, so neither needs permuting.
             x, lengths = pad_packed_sequence(input)
@@ -348,7 +352,9 @@ class _RNNBase(nn.Module):
             raise RuntimeError("input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {data.size(-1)}")
         D = 2 if self.bidirectional else 1
-        B = int(batch_sizes[0])
+        # B from the permutation's length where there is one: a shape, where batch_sizes[0] is
+        # a value (a host read, and a graph break under torch.compile)
+        B = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
         if hx is None:
             zeros = data.new_zeros(self.num_layers * D, B, self.hidden_size)
             hs = (zeros, zeros) if self.mode == "LSTM" else (zeros,)
