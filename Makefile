@@ -45,8 +45,8 @@ test: install
 test-cpu-capabilities: install
 	$(PY) .ci/cpu_capabilities.py $(PYTEST_ARGS)
 
-# The oldest torch / Triton setup.py accepts, which the GPU machines run (torch 2.11, triton
-# 3.6): dynamo, torch.library and Triton's interpreter behave differently there (s29 found a
+# The oldest torch the package accepts (pyproject: torch>=2.11) and the Triton it pins (3.6):
+# what the GPU machines run. Dynamo, torch.library and Triton's interpreter behave differently there (s29 found a
 # dynamo folding that undid a fix, a tl.dot default and a NumPy clash that only these versions
 # show). A venv of its own, the tree copied beside it (an editable build in this tree would
 # replace the .so the main venv's torch needs), the extension built against those headers (CUDA
@@ -76,7 +76,9 @@ $(MIN_STAMP): pyproject.toml
 
 test-min-versions: $(MIN_STAMP)
 	rm -rf $(MIN_TREE) && mkdir -p $(MIN_TREE)
-	git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(MIN_TREE)
+	git ls-files -co --exclude-standard -z -- . ':!$(MIN_VENV)' > $(MIN_VENV)/tree.files
+	tar --null --ignore-failed-read -T $(MIN_VENV)/tree.files -cf $(MIN_VENV)/tree.tar
+	tar -xf $(MIN_VENV)/tree.tar -C $(MIN_TREE) && rm $(MIN_VENV)/tree.tar $(MIN_VENV)/tree.files
 	cd $(MIN_TREE) && $(MIN_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	cd $(MIN_TREE) && $(MIN_PY) -c "import torch, triton; assert torch.__version__.startswith('$(MIN_TORCH)'), torch.__version__; assert triton.__version__ == '$(MIN_TRITON)', triton.__version__"
 	cd $(MIN_TREE) && $(MIN_PY) -m pytest -q -p no:cacheprovider $(MIN_TESTS) $(PYTEST_ARGS)

@@ -686,6 +686,7 @@ def test_interpreter_refused_by_name_where_triton_and_numpy_clash(monkeypatch, t
     assert (tri.interpreter_conflict() is not None) == refused
     if refused:
         assert not tri.can_run_triton("cpu")
+    if refused and tri.interpreting():  # without the interpreter CPU tensors are refused anyway
         with pytest.raises(RuntimeError, match=r"lstm\(backend='fused'\).*Triton "
                            + re.escape(triton_version) + r"'s interpreter fails under NumPy "
                            + re.escape(numpy_version) + r".*'numpy<2.4'"):
