@@ -43,6 +43,29 @@ def _ops():
     return _OPS
 
 
+def _packed_native_eager(module, input, hx):
+    """module._packed_native(input, hx), run eagerly: what torch.compile calls for backend="auto"
+    with a PackedSequence."""
+    return module._packed_native(input, hx)
+
+
+# Under torch.compile, auto with a PackedSequence runs PyTorch's packed kernel outside the graph:
+# one graph break, where dynamo breaks for torch.nn.LSTM / GRU too (it does not trace RNN
+# modules). Inside the graph, the kernel's output would be a fake tensor whose row count
+# depends on batch_sizes' values: torch 2.11 then fails in pad_packed_sequence ("RuntimeError
+# when making fake tensor call") where 2.14 breaks the graph once more.
+_PACKED_OUTSIDE_GRAPH_REASON = (
+    "dtl_fast LSTM/GRU(backend='auto') with a PackedSequence runs PyTorch's packed RNN kernel "
+    "outside the graph, as torch.compile does for torch.nn.LSTM / GRU. To keep one graph "
+    "(fullgraph=True), pass padded input with lengths= and backend='fused' (CUDA) or "
+    "backend='reference'")
+try:
+    _packed_native_outside_graph = torch.compiler.disable(_packed_native_eager,
+                                                          reason=_PACKED_OUTSIDE_GRAPH_REASON)
+except TypeError:  # a torch whose disable() has no reason keyword (before 2.8)
+    _packed_native_outside_graph = torch.compiler.disable(_packed_native_eager)
+
+
 class NotScriptableError(torch.jit.frontend.NotSupportedError):
     """torch.jit.script of a model holding a dtl_fast module. A subclass of the error
     TorchScript raises for unsupported Python (torch.jit.frontend.NotSupportedError), so code
@@ -292,11 +315,14 @@ class _RNNBase(nn.Module):
             self._check_input_vs_module(data)
             hx = self._check_hx_dims(hx, batched=True)
             # Under torch.compile, auto reads no value of batch_sizes (each read is a graph
-            # break): it takes PyTorch's packed kernel, the call torch.nn.LSTM / GRU make there,
-            # as it does for padded input with lengths (dtl_fast.ops.rnn._dispatch).
-            if resolve_backend(self.backend) == "auto" and (
-                    torch.compiler.is_compiling() or self._auto_native_packed(data, batch_sizes)):
-                return self._packed_native(input, hx)
+            # break): it takes PyTorch's packed kernel outside the graph, as torch.compile runs
+            # torch.nn.LSTM / GRU, and as auto does for padded input with lengths
+            # (dtl_fast.ops.rnn._dispatch).
+            if resolve_backend(self.backend) == "auto":
+                if torch.compiler.is_compiling():
+                    return _packed_native_outside_graph(self, input, hx)
+                if self._auto_native_packed(data, batch_sizes):
+                    return self._packed_native(input, hx)
             # Padded in the caller's batch order, like hx and h_n, so neither needs permuting.
             x, lengths = pad_packed_sequence(input)
             output, hidden = self._run_op(x, hx, lengths, batch_first=False)
