@@ -19,3 +19,15 @@ def resolve_backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return backend
+
+
+def outside_graph(fn, reason: str):
+    """fn wrapped to run eagerly under torch.compile (torch.compiler.disable): a graph break
+    whose message, and fullgraph=True's error, carry `reason` (dropped on a torch whose
+    disable() takes no reason keyword, before 2.8)."""
+    import torch
+
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:
+        return torch.compiler.disable(fn)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from dtl_fast._backend import resolve_backend
+from dtl_fast._backend import outside_graph, resolve_backend
 from dtl_fast._checks import autocast_enabled
 from dtl_fast.reference import rnn as _ref_rnn
 
@@ -59,11 +59,7 @@ _PACKED_OUTSIDE_GRAPH_REASON = (
     "outside the graph, as torch.compile does for torch.nn.LSTM / GRU. To keep one graph "
     "(fullgraph=True), pass padded input with lengths= and backend='fused' (CUDA) or "
     "backend='reference'")
-try:
-    _packed_native_outside_graph = torch.compiler.disable(_packed_native_eager,
-                                                          reason=_PACKED_OUTSIDE_GRAPH_REASON)
-except TypeError:  # a torch whose disable() has no reason keyword (before 2.8)
-    _packed_native_outside_graph = torch.compiler.disable(_packed_native_eager)
+_packed_native_outside_graph = outside_graph(_packed_native_eager, _PACKED_OUTSIDE_GRAPH_REASON)
 
 
 class NotScriptableError(torch.jit.frontend.NotSupportedError):

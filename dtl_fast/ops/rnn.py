@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dtl_fast._device import to_device_async
-from dtl_fast._backend import resolve_backend
+from dtl_fast._backend import outside_graph, resolve_backend
 from dtl_fast._checks import autocast_enabled, device_capturing
 from dtl_fast._triton import can_run_triton, require_triton
 from dtl_fast.ops._eager import (eager_op, needs_stock_path, no_double_backward, refuse_transforms,
@@ -644,11 +644,7 @@ _OUTSIDE_GRAPH_REASON = (
     "eager loop, unrolled over T), set on the module (dtl_fast.nn.LSTM(..., backend=...) or "
     "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
     "--backend) or for every call with DTL_FAST_BACKEND")
-try:
-    _auto_with_lengths_outside_graph = torch.compiler.disable(_auto_with_lengths_eager,
-                                                              reason=_OUTSIDE_GRAPH_REASON)
-except TypeError:  # a torch whose disable() has no reason keyword (before 2.8)
-    _auto_with_lengths_outside_graph = torch.compiler.disable(_auto_with_lengths_eager)
+_auto_with_lengths_outside_graph = outside_graph(_auto_with_lengths_eager, _OUTSIDE_GRAPH_REASON)
 
 
 def _traceable_path(x: torch.Tensor) -> str:
