@@ -284,6 +284,19 @@ def eager_mul(xx: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tenso
     return out.to(xx.dtype)
 
 
+def add_rate(extra: dict, t, nbytes: int, copy: dict, peak_mb: float | None) -> None:
+    """A timed row's rate fields in `extra`: the bytes the op must move, GB/s, % of the run's
+    copy bandwidth, the peak memory where measured, and the noisy mark of a wide spread."""
+    gbps = nbytes / (t[0] * 1e-3) / 1e9
+    extra.update(bytes=nbytes, gbps=round(gbps, 2),
+                 pct_copy=round(100 * gbps / copy["copy_gbps"], 2),
+                 copy_gbps=round(copy["copy_gbps"], 1))
+    if peak_mb is not None:
+        extra["peak_mb"] = round(peak_mb, 1)
+    if H.noisy(t):
+        extra["noisy"] = True
+
+
 def make_providers(ref_fn, fused_fn, x: torch.Tensor, lengths: torch.Tensor, device: str):
     """name -> callable(x, mode) or a str saying why the provider does not apply."""
     B, T, D = x.shape
@@ -550,14 +563,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     extra["vs_best_eager"] = round(best_eager / t[0], 4)
                     if floor is not None:
                         extra["grad_floor_ms"] = round(floor[0], 4)  # empty_like(x).zero_()
-                    gbps = nbytes / (t[0] * 1e-3) / 1e9
-                    extra.update(bytes=nbytes, gbps=round(gbps, 2),
-                                 pct_copy=round(100 * gbps / copy["copy_gbps"], 2),
-                                 copy_gbps=round(copy["copy_gbps"], 1))
-                    if peaks.get(name) is not None:
-                        extra["peak_mb"] = round(peaks[name], 1)
-                    if H.noisy(t):
-                        extra["noisy"] = True
+                    add_rate(extra, t, nbytes, copy, peaks.get(name))
                     if name.startswith("dtl_fast") and _AUTO_IMPL:
                         extra["impl"] = str(_AUTO_IMPL.get(device, "?"))[:60]
                     if name.startswith("dtl_fast") and device == "cpu" and mode != "forward":
@@ -716,14 +722,7 @@ def run_all_frames(args, device, ref_fn, fused_fn, variants, timing_kw, copy, em
                 baseline_ms = times[ALL_FRAMES_BASELINE][0]
                 for name, t in times.items():
                     extra = extras[name]
-                    gbps = nbytes / (t[0] * 1e-3) / 1e9
-                    extra.update(bytes=nbytes, gbps=round(gbps, 2),
-                                 pct_copy=round(100 * gbps / copy["copy_gbps"], 2),
-                                 copy_gbps=round(copy["copy_gbps"], 1))
-                    if peaks.get(name) is not None:
-                        extra["peak_mb"] = round(peaks[name], 1)
-                    if H.noisy(t):
-                        extra["noisy"] = True
+                    add_rate(extra, t, nbytes, copy, peaks.get(name))
                     emit(H.make_row(**base, provider=name, timing=t, baseline_ms=baseline_ms,
                                     extra=extra))
                 del calls, h

@@ -18,6 +18,8 @@ from dtl_fast.nn import FramePool
 
 from _helpers import DEVICES, REL_TOL, assert_rel_close
 
+fp_ops = importlib.import_module("dtl_fast.ops.frame_pool")  # the module, not the function
+
 MODES = ["mean", "max", "sum", "meanmax"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (2, 9, 2053), (3, 40, 3000): more than one 1024-feature chunk of the CPU forward, the last
@@ -220,18 +222,27 @@ def test_max_propagates_nan_like_amax(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_half_types_accumulate_in_float32(device):
-    # 4096 ones: a float16 accumulator stops at 2048, a float32 one reaches 4096 exactly; 4099
-    # (not a multiple of the 4 frames the CPU loop adds at once) runs its tail too; meanmax
-    # has its own loop. 4099 rounds to 4100 in float16 and 4096 in bfloat16: the exact sum
-    # rounded once.
+@pytest.mark.parametrize("path", ["fused", "stock"])
+def test_half_types_accumulate_in_float32(device, path):
+    # 4096 ones: a float16 accumulator stops at 2048 (bfloat16 at 256), a float32 one reaches
+    # 4096 exactly; 4099 (not a multiple of the 4 frames the CPU loop adds at once) runs its tail
+    # too; meanmax has its own loop. 4099 rounds to 4100 in float16 and 4096 in bfloat16: the
+    # exact sum rounded once. "stock" is what auto may run without lengths
+    # (_stock_all_frames): its sum is x.sum(1) for half inputs too, which holds only while ATen
+    # sums them in float32 and rounds once; its mean sums in float32 explicitly (x.mean(1)
+    # would round the half sum before it divides).
+    def pool(x, mode):
+        if path == "stock":
+            return fp_ops._stock_all_frames(x, mode)
+        return ops.frame_pool(x, None, mode, backend="fused")
+
     for dtype in (torch.float16, torch.bfloat16):
         for T in (4096, 4099):
-            x = torch.ones(1, T, 3, dtype=dtype, device=device)
+            x = torch.ones(2, T, 3, dtype=dtype, device=device)
             once = torch.tensor(float(T)).to(dtype).item()
-            assert ops.frame_pool(x, None, "sum").float().tolist() == [[once] * 3]
-            assert ops.frame_pool(x, None, "mean").float().tolist() == [[1.0] * 3]
-            assert ops.frame_pool(x, None, "meanmax").float().tolist() == [[1.0] * 6]
+            assert pool(x, "sum").float().tolist() == [[once] * 3] * 2
+            assert pool(x, "mean").float().tolist() == [[1.0] * 3] * 2
+            assert pool(x, "meanmax").float().tolist() == [[1.0] * 6] * 2
 
 
 def _layouts(B, T, D, device):
@@ -2532,7 +2543,6 @@ def test_nt_store_setting_rejects_a_bad_value(tmp_path):
 # --- without lengths: the argmax-free forward, and auto's choice of torch's own reduction ------
 # (csrc/frame_pool.cpp: with_argmax=False; dtl_fast/ops/frame_pool.py: _CPU_ALL_FRAMES_STOCK_WINS,
 # _CUDA_ALL_FRAMES_FUSED_WINS, all_frames_stock_rule, _stock_all_frames)
-fp_ops = importlib.import_module("dtl_fast.ops.frame_pool")  # the module, not the function
 
 
 def bits(t):
@@ -2703,18 +2713,10 @@ def test_stock_reduction_matches_the_reference(dtype, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_stock_half_sums_are_float32_rounded_once(device):
-    # The stock path's sum is x.sum(1) for half inputs too: that holds only while ATen sums
-    # them in float32 and rounds once, which this pins (a half accumulator stops at 256 ones
-    # in bfloat16, 2048 in float16; 4099 rounds once to 4096 / 4100). Its mean sums in float32
-    # explicitly: x.mean(1) would round the half sum before it divides.
+    # The stock path's half sums and means are the reference's bits: one float32 sum (any
+    # order: these land on the same rounding), one division, one rounding (the ones-count
+    # side is test_half_types_accumulate_in_float32's "stock" case)
     for dtype in (torch.float16, torch.bfloat16):
-        for T in (4096, 4099):
-            x = torch.ones(2, T, 3, dtype=dtype, device=device)
-            once = torch.tensor(float(T)).to(dtype).item()
-            assert fp_ops._stock_all_frames(x, "sum").float().tolist() == [[once] * 3] * 2
-            assert fp_ops._stock_all_frames(x, "mean").float().tolist() == [[1.0] * 3] * 2
-        # the reference's own bits: one float32 sum (any order: these land on the same
-        # rounding), one division, one rounding
         x = torch.randn(8, 300, 33, device=device).to(dtype)
         for mode in ("sum", "mean"):
             assert torch.equal(fp_ops._stock_all_frames(x, mode),

@@ -1414,14 +1414,13 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   // combine needs for the first-max rule); the contract's empty argmax is returned.
   at::Tensor argmax = has_argmax(m) && with_argmax ? at::empty({B, D}, x.options().dtype(at::kInt))
                                                    : at::empty({0}, x.options().dtype(at::kInt));
-  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> { return {out, argmax}; };
   // T == 0 still launches: the kernel writes the zeros (argmax -1) of empty rows and reports
   // any nonzero GPU length. D == 0 has nothing to pool, but GPU lengths are still checked (a
   // small launch, only for such calls), as on every other shape.
-  if (B == 0) return result();
+  if (B == 0) return {out, argmax};
   if (D == 0) {
     if (lengths_on_gpu(lengths)) launch_length_check(len, T, error_flag_for_current_device());
-    return result();
+    return {out, argmax};
   }
 
   // The kernels need unit feature stride (a size-1 feature dim has no stride to speak of);
@@ -1431,7 +1430,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_cuda(const at::Tensor& x,
   int* err = error_flag_for_current_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "frame_pool_cuda",
                                   [&] { forward_for_dtype<scalar_t>(xs, len, out, argmax, m, err); });
-  return result();
+  return {out, argmax};
 }
 
 at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out,

@@ -276,10 +276,19 @@ def _cpu_rule(per: dict, nbytes: int, grad: bool, threads: int, counts: tuple) -
 
 
 def all_frames_stock_rule(device_type: str, mode: str, dtype: torch.dtype, nbytes: int,
-                          grad: bool, threads: int = 1) -> bool:
+                          grad: bool, threads: int | None = 1) -> bool:
     """The measured rule alone: whether `auto` runs torch's reduction for a call without lengths
     on `device_type` with an input of `nbytes`, `grad` when autograd records it, at `threads`
-    (CPU: the entries of the smallest measured thread count >= threads, else the largest)."""
+    (CPU: the entries of the smallest measured thread count >= threads, else the largest;
+    None: torch.get_num_threads(), asked only when the table names (mode, dtype))."""
+    if device_type == "cpu":
+        # first the one dict lookup: a call the table does not name costs no more
+        counts, entries = _cpu_index()
+        per = entries.get((mode, dtype))
+        if per is None:
+            return False
+    elif device_type != "cuda":
+        return False
     if grad and mode in ("max", "meanmax"):
         return False  # torch.amax's backward splits the gradient among ties: not the reference's
     if device_type == "cuda":
@@ -287,11 +296,9 @@ def all_frames_stock_rule(device_type: str, mode: str, dtype: torch.dtype, nbyte
             return False  # half-precision mean with a gradient
         return not any(m == mode and d == dtype and g == grad and lo <= nbytes <= hi
                        for m, d, g, lo, hi in _CUDA_ALL_FRAMES_FUSED_WINS)
-    if device_type != "cpu":
-        return False
-    counts, entries = _cpu_index()
-    per = entries.get((mode, dtype))
-    return per is not None and _cpu_rule(per, nbytes, grad, threads, counts)
+    if threads is None:
+        threads = torch.get_num_threads()
+    return _cpu_rule(per, nbytes, grad, threads, counts)
 
 
 def _stock_all_frames_wins(x: torch.Tensor, mode: str) -> bool:
@@ -301,21 +308,11 @@ def _stock_all_frames_wins(x: torch.Tensor, mode: str) -> bool:
     only where the rule says the stock path."""
     if torch.compiler.is_compiling():
         return False  # the op, traced as before (and get_num_threads is no graph op)
-    if x.is_cuda:
-        if not all_frames_stock_rule("cuda", mode, x.dtype, x.numel() * x.element_size(),
-                                     torch.is_grad_enabled() and x.requires_grad):
-            return False
-    else:
-        counts, entries = _cpu_index()
-        per = entries.get((mode, x.dtype))
-        if per is None or not x.is_cpu:
-            return False
-        grad = torch.is_grad_enabled() and x.requires_grad
-        if grad and mode in ("max", "meanmax"):
-            return False
-        if not _cpu_rule(per, x.numel() * x.element_size(), grad, torch.get_num_threads(),
-                         counts):
-            return False
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if device_type is None or not all_frames_stock_rule(
+            device_type, mode, x.dtype, x.numel() * x.element_size(),
+            torch.is_grad_enabled() and x.requires_grad, threads=None):
+        return False
     return not (x.shape[1] == 0 or torch._C._len_torch_dispatch_stack() > 0
                 or type(x) not in (torch.Tensor, torch.nn.Parameter)
                 or bool(transforms_in_use((x,))))
