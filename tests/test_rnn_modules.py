@@ -830,10 +830,22 @@ def test_torch_compile_auto_packed_reads_no_batch_size_value(mode, sorted_input)
     with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?s)disable.*backend='reference'"):
         torch.compile(lambda p: ours(p)[1], fullgraph=True, backend="aot_eager")(packed)
     torch._dynamo.reset()
-    got = torch.compile(model(ours), backend="aot_eager")(x, lengths)
-    want = model(ref)(x, lengths)
-    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
-        assert torch.equal(a, b)
+    compiled = torch.compile(model(ours), backend="aot_eager")
+
+    def results(f, module):
+        # outputs, and the gradients of x and every weight through them
+        module.zero_grad(set_to_none=True)
+        xl = x.clone().requires_grad_()
+        outs = [t for t in torch.utils._pytree.tree_leaves(f(xl, lengths))
+                if t.is_floating_point()]
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [xl, *module.parameters()])
+        return [o.detach() for o in outs] + list(grads)
+
+    got, want = results(compiled, ours), results(model(ref), ref)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
     torch._dynamo.reset()
 
 
