@@ -143,6 +143,7 @@ packages, package_dir = _packages()
 ext_modules, build_ext = _extensions()
 
 setup(
+    license="MIT",  # pyproject.toml lists it as dynamic (why: there)
     packages=packages,
     package_dir=package_dir,
     ext_modules=ext_modules,

@@ -42,6 +42,27 @@ WHEEL=${wheels[0]}
 T_BUILD=$((SECONDS - T0))
 echo "wheel: $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KiB, built in ${T_BUILD} s)"
 
+# 1b. The build's metadata, with the setuptools that built it: a SetuptoolsDeprecationWarning
+# carries a date after which that build stops working (the license as a TOML table did, until
+# 2027-02-18), so it fails here first, while the build still works. The wheel's METADATA must
+# name the license that setup.py gives.
+step "the build's metadata (no setuptools deprecation)"
+mkdir -p "$WORK/meta"
+(cd "$ROOT" && "$PY" -c 'import sys, setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))' \
+    "$WORK/meta") > "$WORK/meta.log" 2>&1 || { tail -40 "$WORK/meta.log" >&2; fail "setuptools could not prepare the metadata (log above)"; }
+if grep -q "SetuptoolsDeprecationWarning" "$WORK/meta.log"; then
+    grep -A12 "SetuptoolsDeprecationWarning" "$WORK/meta.log" >&2
+    fail "setuptools deprecates part of this build (above): fix it before its date"
+fi
+"$PY" - "$WHEEL" <<'EOF' || fail "the wheel's METADATA does not name the license (above)"
+import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+meta = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+lines = z.read(meta[0]).decode().splitlines() if len(meta) == 1 else []
+if "License: MIT" not in lines:
+    sys.exit(f"no 'License: MIT' line in {meta}")
+EOF
+
 # 2. Its contents: every package of the tree (kernels/ as dtl_fast/kernels/) and the extension.
 "$PY" - "$ROOT" "$WHEEL" <<'EOF' || fail "the wheel does not hold the whole package (above)"
 import os, sys, zipfile
