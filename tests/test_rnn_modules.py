@@ -919,3 +919,77 @@ def test_cuda_swap_modules(no_tf32):
     assert_rel_close("output (auto)", out2, out0, 1e-6)
     for n in grads0:
         assert_rel_close(f"grad {n} (auto)", grads2[n], grads0[n], 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN's flat weight buffer (flatten_parameters)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flatten_parameters_is_torchs_and_runs_where_torch_runs_it(mode, monkeypatch):
+    # torch.nn.RNNBase.flatten_parameters itself (a no-op off CUDA), called at the end of
+    # __init__ and after every _apply (.to / .cuda / .half), as torch.nn calls it: backend "auto"
+    # runs cuDNN on CUDA, which copies unflattened weights into a new buffer at every call
+    assert OURS[mode].flatten_parameters is nn.RNNBase.flatten_parameters
+    calls = []
+    monkeypatch.setattr(OURS[mode], "flatten_parameters", lambda self: calls.append(self))
+    m = OURS[mode](3, 4, num_layers=2, bidirectional=True)
+    assert calls == [m]
+    m.double()
+    m.to(torch.float32)
+    assert calls == [m, m, m]
+    monkeypatch.undo()
+    m.flatten_parameters()  # CPU: nothing happens, every weight keeps its own storage
+    ptrs = {w.untyped_storage().data_ptr() for w in m._flat_weights}
+    assert len(ptrs) == len(m._flat_weights)
+
+
+def _one_storage(module):
+    return len({w.untyped_storage().data_ptr() for w in module._flat_weights}) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_weights_are_one_cudnn_buffer(mode, no_tf32):
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+    ref = getattr(nn, mode)(24, 32, **kw).cuda()
+    ours = OURS[mode](24, 32, **kw, backend="auto").cuda()
+    ours.load_state_dict(ref.state_dict())
+    # as torch.nn keeps them: after .cuda(), built on the device, after .half(); not bfloat16
+    # (cudnn.is_acceptable refuses it, for torch.nn too)
+    assert _one_storage(ref) and _one_storage(ours)
+    assert _one_storage(OURS[mode](24, 32, **kw, device="cuda"))
+    assert _one_storage(copy.deepcopy(ours).half())
+    assert not _one_storage(copy.deepcopy(ours).to(torch.bfloat16))
+    x = torch.randn(5, 9, 24, device="cuda")
+    lengths = torch.tensor([9, 4, 7, 1, 9])
+    for kwargs in ({}, {"lengths": lengths}):
+        xr = x.clone().requires_grad_()
+        xo = x.clone().requires_grad_()
+        if kwargs:
+            packed = pack_padded_sequence(xr, lengths, batch_first=True, enforce_sorted=False)
+            out_r, state_r = ref(packed)
+            out_r = pad_packed_sequence(out_r, batch_first=True, total_length=9)[0]
+        else:
+            out_r, state_r = ref(xr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out_o, state_o = ours(xo, **kwargs)
+            g = torch.randn_like(out_o)
+            gr = torch.autograd.grad(out_r, [xr, *ref._flat_weights], g)
+            go = torch.autograd.grad(out_o, [xo, *ours._flat_weights], g)
+        assert not [w for w in caught if "contiguous chunk" in str(w.message)], kwargs
+        # the same cuDNN calls on the same buffer layout
+        assert_rel_close("output", out_o, out_r, 1e-6)
+        for i, (a, b) in enumerate(zip(go, gr)):
+            assert_rel_close(f"grad {i} {kwargs and 'lengths'}", a, b, 1e-6)
+    # the fused kernels read the views of the buffer as they read separate weights
+    from dtl_fast.ops import rnn as ops_rnn
+    ours.backend = "fused"
+    plain = [w.detach().clone() for w in ours._flat_weights]  # a storage each
+    want = (ops_rnn.lstm if mode == "LSTM" else ops_rnn.gru)(
+        x, None, plain, num_layers=2, bidirectional=True, batch_first=True, backend="fused")[0]
+    assert_rel_close("fused over the buffer's views", ours(x)[0], want, 1e-6)
+    compiled = torch.compile(ours, fullgraph=True)
+    assert_rel_close("compiled fused", compiled(x)[0], want, 1e-6)

@@ -632,6 +632,41 @@ def test_bad_input(mode, backend):
         f(x[:0], h, ws, **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_checks_remembered_for_a_call_still_see_a_weight_changed_in_place(mode, backend):
+    # check_rnn_args remembers the calls that passed (the per-weight loops cost ~8 us of a
+    # ~100 us small CPU call, where auto must not be slower than torch.nn): the same weight
+    # objects, changed in place, must get the message of a first call
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    _, x, h, ws = make_case(mode, 3, 2, 8, 20, 2, False, dtype=torch.float32)
+    kw = dict(num_layers=2, backend=backend)
+    f(x, h, ws, **kw)
+    f(x, h, ws, **kw)  # remembered
+    ws[6].data = ws[6].data[:5].clone()  # bias_ih_l1 with the wrong shape
+    with pytest.raises(ValueError, match=r"weights\[6\] \(bias_ih_l1\) must have shape"):
+        f(x, h, ws, **kw)
+    ws[6].data = torch.zeros(ws[7].shape)
+    f(x, h, ws, **kw)
+    with torch.no_grad():
+        ws[1].resize_(ws[1].shape[0], 7)  # weight_hh_l0 [G*H, 7]: H read as 7
+    with pytest.raises(ValueError, match=r"weights\[0\] \(weight_ih_l0\) must have shape \(\d+, 8\)"
+                       r"|weights\[1\] \(weight_hh_l0\) must have shape"):
+        f(x, h, ws, **kw)
+    # (a tensor's dtype and device cannot change in place: `.data =` refuses another type)
+    # a remembered call is keyed on the arguments' types too: a bool num_layers is refused
+    with pytest.raises(ValueError, match=r"num_layers must be an integer >= 1, got True"):
+        f(x, h, ws[:4], num_layers=True, backend=backend)
+
+
+def test_remembered_checks_are_bounded():
+    from dtl_fast.reference import rnn as ref_rnn
+    _, x, h, ws = make_case("GRU", 3, 2, 8, 20, 1, False, dtype=torch.float32)
+    for i in range(ref_rnn._PASSED_MAX + 5):
+        ops.gru(x[..., :1], None, [ws[0][:, :1]] + ws[1:], backend="auto", dropout=i / 10**6)
+    assert 0 < len(ref_rnn._PASSED) <= ref_rnn._PASSED_MAX
+
+
 def test_fused_on_cpu_without_interpreter_raises():
     code = ("import torch\nfrom dtl_fast.ops.rnn import lstm\n"
             "m = torch.nn.LSTM(3, 4)\n"

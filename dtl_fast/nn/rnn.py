@@ -6,12 +6,12 @@ module that is an instance of torch.nn.RNN / GRU / LSTM ("Dynamo does not suppor
 LSTM", a graph break unless torch._dynamo.config.allow_rnn is set), so a subclass could never be
 compiled with fullgraph=True, which is one of the reasons to use the fused kernels at all
 (with backend='fused' or 'reference' when lengths are given: 'auto' then runs PyTorch's packed
-kernel outside the graph, as torch.nn.LSTM would). A
-subclass would also call cuDNN from flatten_parameters() whenever it is moved to a GPU. What a
-subclass would have given for free is rebuilt here: the same constructor, attributes, parameter
-names, shapes, registration order and initialisation, so state_dicts load both ways (strict),
-the same forward contract, PackedSequence included, and torch.nn.RNNBase's public helpers
-(check_forward_args, permute_hidden, ...). `isinstance(m, torch.nn.LSTM)` is False for these
+kernel outside the graph, as torch.nn.LSTM would). What a subclass would have given for free
+is rebuilt here: the same constructor, attributes, parameter names, shapes, registration order
+and initialisation, so state_dicts load both ways (strict), the same forward contract,
+PackedSequence included, torch.nn.RNNBase's public helpers (check_forward_args,
+permute_hidden, ...) and its flatten_parameters (the weights as one cuDNN buffer on CUDA, as
+torch.nn keeps them, for the cuDNN calls of backend 'auto'). `isinstance(m, torch.nn.LSTM)` is False for these
 modules; code that needs to tell them apart can test for `dtl_fast.nn.LSTM`. Not drop-in for
 TorchScript: torch.jit.script of a model holding one raises NotScriptableError (use
 torch.compile, torch.export or torch.jit.trace).
@@ -174,6 +174,7 @@ class _RNNBase(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
+        self.flatten_parameters()
 
     # -- attributes torch.nn.RNNBase has ------------------------------------------------------
 
@@ -193,8 +194,13 @@ class _RNNBase(nn.Module):
     @property
     def _flat_weights(self) -> list[torch.Tensor]:
         """The weights in torch's _flat_weights order, read afresh at every call so that
-        .to(), load_state_dict(assign=True) and torch.func.functional_call are always seen."""
-        return [getattr(self, name) for name in self._flat_weights_names]
+        .to(), load_state_dict(assign=True) and torch.func.functional_call are always seen.
+        From _parameters where the name is there (what nn.Module.__getattr__ returns, without
+        its ~0.4 us per weight), else getattr (torch.nn.utils.parametrize moves a parametrized
+        weight out of _parameters into a property)."""
+        params = self._parameters
+        return [params[name] if name in params else getattr(self, name)
+                for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -212,10 +218,19 @@ class _RNNBase(nn.Module):
     check_hidden_size = nn.RNNBase.check_hidden_size
     check_forward_args = nn.RNNBase.check_forward_args
     permute_hidden = nn.RNNBase.permute_hidden
+    # torch's own too, and called where torch calls it (end of __init__, after every .to() /
+    # .cuda() / .half()): on CUDA, in the dtypes cuDNN takes (float16 / float32 / float64; not
+    # bfloat16, as torch), the weights become views of one buffer in cuDNN's layout. backend
+    # "auto" runs cuDNN there (outside the measured fused region), which otherwise copies every
+    # weight into a fresh buffer at each call and warns "RNN module weights are not part of
+    # single contiguous chunk of memory". A no-op elsewhere. The fused kernels read the same
+    # views (each weight stays contiguous).
+    flatten_parameters = nn.RNNBase.flatten_parameters
 
-    def flatten_parameters(self) -> None:
-        """A no-op kept for API compatibility: the weights are never packed into cuDNN's
-        flat buffer (cuDNN is not used)."""
+    def _apply(self, fn, recurse=True):
+        ret = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return ret
 
     def reset_parameters(self) -> None:
         """uniform(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every weight and bias, as torch."""

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dtl_fast._device import to_device_async
 from dtl_fast._backend import outside_graph, resolve_backend
@@ -423,7 +424,8 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
     """PyTorch's own RNN kernels: the call torch.nn.LSTM / GRU make."""
     fn = torch.lstm if mode == "LSTM" else torch.gru
     B = x.shape[0] if batch_first else x.shape[1]
-    if hs is None:
+    zero_state = hs is None
+    if zero_state:
         zeros = x.new_zeros(num_layers * D, B, H)
         hs = (zeros, zeros) if mode == "LSTM" else (zeros,)
     weights = list(weights)
@@ -443,18 +445,17 @@ def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_firs
         hx = hs if mode == "LSTM" else hs[0]
         out, *state = fn(x, hx, weights, has_bias, num_layers, p, train, bidirectional, batch_first)
     else:
-        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
         T = x.shape[1] if batch_first else x.shape[0]
+        # (sorted_indices and unsorted_indices come on x's device: pack_padded_sequence puts
+        # them there)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
-        sorted_idx = packed.sorted_indices.to(x.device)
-        hs_sorted = tuple(h.index_select(1, sorted_idx) for h in hs)
+        # zeros need no sorting (torch.nn.LSTM does not permute the zeros it makes either)
+        hs_sorted = hs if zero_state else tuple(h.index_select(1, packed.sorted_indices) for h in hs)
         hx = hs_sorted if mode == "LSTM" else hs_sorted[0]
         data, *state = fn(packed.data, packed.batch_sizes, hx, weights, has_bias, num_layers, p,
                           train, bidirectional)
-        packed_out = type(packed)(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-        out, _ = pad_packed_sequence(packed_out, batch_first=batch_first, total_length=T)
-        unsorted_idx = packed.unsorted_indices.to(x.device)
-        state = [s.index_select(1, unsorted_idx) for s in state]
+        out, _ = pad_packed_sequence(packed._replace(data=data), batch_first=batch_first, total_length=T)
+        state = [s.index_select(1, packed.unsorted_indices) for s in state]
     if mode == "LSTM":
         return out, (state[0], state[1])
     return out, state[0]
@@ -585,7 +586,7 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
     used = () if torch.compiler.is_compiling() else transforms_in_use(
         (input, *(hs or ()), *weights))
     if backend == "auto":
-        if {"forward_ad", "jvp", "vmap"} & set(used) or (used and lengths is not None):
+        if used and (lengths is not None or not {"forward_ad", "jvp", "vmap"}.isdisjoint(used)):
             # neither torch.lstm / gru (no batching rule, no forward-mode formula in cuDNN /
             # oneDNN; their packed form, which lengths take, fails under any torch.func
             # transform: "Cannot access data pointer of Tensor that doesn't have storage") nor
