@@ -599,12 +599,17 @@ def test_auto_lstm_under_cpu_float16_autocast_names_the_alternatives():
 BACKENDS = ["reference", "auto", "fused"]
 
 
+def _two_layer_case(mode, backend):
+    """(op, x [3, 2, 8], hx, weights of a 2-layer H 20 RNN, the op's keywords) for the bad-input
+    tests."""
+    _, x, h, ws = make_case(mode, 3, 2, 8, 20, 2, False, dtype=torch.float32)
+    return {"LSTM": ops.lstm, "GRU": ops.gru}[mode], x, h, ws, dict(num_layers=2, backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_bad_input(mode, backend):
-    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
-    _, x, h, ws = make_case(mode, 3, 2, 8, 20, 2, False, dtype=torch.float32)
-    kw = dict(num_layers=2, backend=backend)
+    f, x, h, ws, kw = _two_layer_case(mode, backend)
     with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 8, got 7"):
         f(x[..., :7], h, ws, **kw)
     bad_h = torch.zeros(2, 3, 20)
@@ -638,9 +643,7 @@ def test_checks_remembered_for_a_call_still_see_a_weight_changed_in_place(mode, 
     # check_rnn_args remembers the calls that passed (the per-weight loops cost ~8 us of a
     # ~100 us small CPU call, where auto must not be slower than torch.nn): the same weight
     # objects, changed in place, must get the message of a first call
-    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
-    _, x, h, ws = make_case(mode, 3, 2, 8, 20, 2, False, dtype=torch.float32)
-    kw = dict(num_layers=2, backend=backend)
+    f, x, h, ws, kw = _two_layer_case(mode, backend)
     f(x, h, ws, **kw)
     f(x, h, ws, **kw)  # remembered
     ws[6].data = ws[6].data[:5].clone()  # bias_ih_l1 with the wrong shape
