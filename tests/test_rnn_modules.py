@@ -794,6 +794,58 @@ def test_torch_compile_fullgraph_fused():
         assert_rel_close(f"grad {n}", got[2][n], eager[2][n], TOL)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_torch_compile_auto_runs_torchs_kernel_outside_the_graph_at_the_module(mode, with_lengths):
+    # Under torch.compile auto's PyTorch path runs the module's whole forward eagerly, outside
+    # the graph: traced, torch.lstm / gru decomposed into a loop unrolled over T (compiled auto
+    # measured 0.40x compiled torch.nn, s30); a break deeper, in the op, left our frames to
+    # dynamo (~80 us a call). One break, at the module's forward, with the reason; torch.nn's
+    # numbers, gradients included.
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(4, 5, bidirectional=True, batch_first=True)
+    ours = OURS[mode].from_torch(copy.deepcopy(ref), backend="auto")
+    x = torch.randn(3, 6, 4)
+    lengths = torch.tensor([4, 6, 2]) if with_lengths else None
+
+    def model(m):
+        def f(x):
+            if m is ours:
+                out, h = m(x * 2, lengths=lengths)
+            elif lengths is None:
+                out, h = m(x * 2)
+            else:
+                packed = pack_padded_sequence(x * 2, lengths, batch_first=True, enforce_sorted=False)
+                out, h = m(packed)
+                out = pad_packed_sequence(out, batch_first=True, total_length=6)[0]
+            return out.tanh(), h
+        return f
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model(ours))(x)
+    assert len(explained.break_reasons) == 1, [r.reason for r in explained.break_reasons]
+    where = explained.break_reasons[0].user_stack[-1]
+    assert where.filename.replace("\\", "/").endswith("/dtl_fast/nn/rnn.py")
+    assert where.name == "forward"
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?s)disable.*backend='reference'"):
+        torch.compile(lambda x: ours(x, lengths=lengths)[0], fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model(ours), backend="aot_eager")
+
+    def results(f, module):
+        module.zero_grad(set_to_none=True)
+        xl = x.clone().requires_grad_()
+        outs = torch.utils._pytree.tree_leaves(f(xl))
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, [xl, *module.parameters()]))
+
+    got, want = results(compiled, ours), results(model(ref), ref)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("sorted_input", [False, True])
 def test_torch_compile_auto_packed_reads_no_batch_size_value(mode, sorted_input):

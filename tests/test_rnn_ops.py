@@ -387,6 +387,20 @@ def _results(fn, x, lengths, ws):
     return [out, h_n, xl.grad, *(w.grad for w in wl)]
 
 
+def _compiled_equals_eager_with_one_break(model, x, lengths, ws, want, reason_part):
+    """torch.compile(model) (aot_eager) gives `want` bitwise (outputs and gradients, see
+    _results), with one graph break in ops/rnn.py whose reason holds `reason_part`."""
+    torch._dynamo.reset()
+    got = _results(torch.compile(model, backend="aot_eager"), x, lengths, ws)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"result {i}"
+    ex = torch._dynamo.explain(model)(x, lengths, ws)
+    assert len(ex.break_reasons) == 1, ex.break_reasons
+    assert reason_part in ex.break_reasons[0].reason
+    assert ex.break_reasons[0].user_stack[-1].filename.endswith("rnn.py")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_compiled_auto_with_lengths_runs_pytorchs_packed_path(mode, monkeypatch):
     # backend="auto" with lengths under torch.compile once ran the fused loop on CUDA at every
@@ -403,15 +417,8 @@ def test_compiled_auto_with_lengths_runs_pytorchs_packed_path(mode, monkeypatch)
     want = _results(model, x, lengths, ws)
     calls = _count_native(monkeypatch)
     torch._dynamo.reset()
-    got = _results(torch.compile(model, backend="aot_eager"), x, lengths, ws)
-    assert calls == [True]
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"result {i}"
-    ex = torch._dynamo.explain(model)(x, lengths, ws)
-    assert len(ex.break_reasons) == 1, ex.break_reasons
-    assert "backend='fused'" in ex.break_reasons[0].reason
-    assert ex.break_reasons[0].user_stack[-1].filename.endswith("rnn.py")
-    torch._dynamo.reset()
+    _compiled_equals_eager_with_one_break(model, x, lengths, ws, want, "backend='fused'")
+    assert calls == [True, True]  # PyTorch's packed path, in the compiled call and explain's
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -456,6 +463,87 @@ def test_fused_and_reference_with_lengths_compile_fullgraph(mode, backend):
     for i, (a, b) in enumerate(zip(got, want)):
         assert_rel_close(f"result {i}", a, b, F32_TOL)
     torch._dynamo.reset()
+
+
+def test_compiled_auto_rule_from_shapes_agrees_with_auto_path(monkeypatch):
+    # Under torch.compile the decision to leave the graph is made from the shapes alone, before
+    # the checks (_compiled_auto_is_native): it must read B, T, H, I and the flags as the eager
+    # dispatch does, or the H200's fused region would leave the graph (or cuDNN's calls stay in
+    # it). Fake CUDA tensors; the card and Triton monkeypatched to the region's.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(ops, "_card", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(ops, "fused_can_run", lambda device: True)
+    seen = set()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for mode, T, B, H, bi, batch_first, dtype, hx, dropout, training in [
+                ("LSTM", 16, 64, 256, True, False, torch.bfloat16, False, 0.0, False),  # region
+                ("LSTM", 16, 64, 256, True, True, torch.bfloat16, False, 0.0, False),
+                ("LSTM", 16, 64, 256, True, False, torch.float16, False, 0.0, False),
+                ("LSTM", 16, 32, 256, True, False, torch.bfloat16, False, 0.0, False),
+                ("LSTM", 16, 64, 256, True, False, torch.bfloat16, True, 0.0, False),
+                ("LSTM", 16, 64, 256, True, False, torch.bfloat16, False, 0.5, True),
+                ("LSTM", 16, 64, 256, True, False, torch.bfloat16, False, 0.5, False),
+                ("GRU", 16, 64, 256, True, False, torch.bfloat16, False, 0.0, False)]:
+            G = 4 if mode == "LSTM" else 3
+            ws = [torch.empty(G * H, H, device="cuda", dtype=dtype),
+                  torch.empty(G * H, H, device="cuda", dtype=dtype),
+                  torch.empty(G * H, device="cuda", dtype=dtype),
+                  torch.empty(G * H, device="cuda", dtype=dtype)] * (2 if bi else 1)
+            x = torch.empty((B, T, H) if batch_first else (T, B, H), device="cuda", dtype=dtype)
+            h0 = torch.empty(2 if bi else 1, B, H, device="cuda", dtype=dtype) if hx else None
+            want = ops.auto_path(mode, dtype, B, H, T, 2 if bi else 1, None, x.device,
+                                 num_layers=1, input_size=H, hx=hx,
+                                 dropout=dropout if training else 0.0, batch_first=batch_first,
+                                 bias=True) == "native"
+            got = ops._compiled_auto_is_native(mode, x, h0, ws, 1, bi, batch_first, dropout,
+                                              training, True)
+            assert got == want, (mode, T, B, batch_first, dtype, hx, dropout, training)
+            seen.add(got)
+    assert seen == {True, False}  # the region stays in the graph, the rest leaves it
+    # off CUDA and for malformed calls: PyTorch's path, whose eager checks then speak
+    assert ops._compiled_auto_is_native("LSTM", torch.randn(3, 2, 4), None, [], 1, True, False,
+                                        0.0, False, True)
+    assert ops._compiled_auto_is_native("LSTM", "not a tensor", None, [], 1, True, False, 0.0,
+                                        False, True)
+
+
+def _auto_padded(mode):
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+
+    def rnn(x, ws):
+        out, state = f(x, None, ws, num_layers=2, bidirectional=True, backend="auto")
+        return out, (state[0] if mode == "LSTM" else state)
+
+    def model(x, _lengths, ws):  # graph pieces on both sides of the call; _results' signature
+        out, h_n = rnn(x * 2, ws)
+        return out.tanh(), h_n
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_auto_without_lengths_runs_pytorchs_kernel_outside_the_graph(mode):
+    # Traced, torch.lstm / gru decompose into a cell loop unrolled over T (never cuDNN; on the
+    # CPU oneDNN's layer op for inference only): compiled auto measured 0.40x compiled torch.nn
+    # (s30), which graph-breaks at the module. Now auto breaks too: eager auto's numbers
+    # (bitwise), one break at the op, whose reason names the backends that keep one graph.
+    _, x, _, ws = make_case(mode, 4, 3, 3, 5, 2, True, dtype=torch.float32)
+    model = _auto_padded(mode)
+    want = _results(model, x, None, ws)
+    _compiled_equals_eager_with_one_break(model, x, None, ws, want, "unrolled over T")
+    with pytest.raises(torch._dynamo.exc.Unsupported,
+                       match=r"(?s)disable.*backend='fused'.*backend='reference'"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x, None, ws)
+    torch._dynamo.reset()
+
+    # torch.export keeps the traceable decomposition: a graph is what it is for
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return model(x, None, ws)
+
+    ep = torch.export.export(M(), (x,))
+    for name, a, b in zip(("output", "h_n"), ep.module()(x), model(x, None, ws)):
+        assert_rel_close(name, a, b, F32_TOL)
 
 
 @pytest.mark.parametrize("mode", MODES)

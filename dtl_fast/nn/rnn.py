@@ -43,23 +43,30 @@ def _ops():
     return _OPS
 
 
-def _packed_native_eager(module, input, hx):
-    """module._packed_native(input, hx), run eagerly: what torch.compile calls for backend="auto"
-    with a PackedSequence."""
-    return module._packed_native(input, hx)
+def _forward_eager(module, input, hx, lengths):
+    """module._forward(input, hx, lengths), run eagerly: what torch.compile calls where backend
+    "auto" takes PyTorch's kernel (see _RNNBase.forward)."""
+    return module._forward(input, hx, lengths)
 
 
-# Under torch.compile, auto with a PackedSequence runs PyTorch's packed kernel outside the graph:
-# one graph break, where dynamo breaks for torch.nn.LSTM / GRU too (it does not trace RNN
-# modules). Inside the graph, the kernel's output would be a fake tensor whose row count
-# depends on batch_sizes' values: torch 2.11 then fails in pad_packed_sequence ("RuntimeError
-# when making fake tensor call") where 2.14 breaks the graph once more.
-_PACKED_OUTSIDE_GRAPH_REASON = (
-    "dtl_fast LSTM/GRU(backend='auto') with a PackedSequence runs PyTorch's packed RNN kernel "
-    "outside the graph, as torch.compile does for torch.nn.LSTM / GRU. To keep one graph "
-    "(fullgraph=True), pass padded input with lengths= and backend='fused' (CUDA) or "
-    "backend='reference'")
-_packed_native_outside_graph = outside_graph(_packed_native_eager, _PACKED_OUTSIDE_GRAPH_REASON)
+# Under torch.compile, where auto takes PyTorch's kernel (a PackedSequence, lengths=, or padded
+# input outside the measured fused region), the module's whole forward runs eagerly, outside
+# the graph: one graph break at the module, where dynamo breaks for torch.nn.LSTM / GRU too (it
+# does not trace RNN modules), and no frames of ours for dynamo to look at inside it (breaking
+# deeper, in the op, cost ~80 us a call: 545 vs 467 us eager, bi-LSTM B16 T32 H64 on the CPU).
+# Traced instead: the packed kernel's output would be a fake tensor whose row count depends on
+# batch_sizes' values (torch 2.11 then fails in pad_packed_sequence, "RuntimeError when making
+# fake tensor call"); lengths must be read on the host; and torch.lstm / gru decompose into a
+# loop unrolled over T (0.40x compiled torch.nn in one CPU case, and slow to compile).
+_OUTSIDE_GRAPH_REASON = (
+    "dtl_fast LSTM/GRU(backend='auto') runs PyTorch's RNN kernel (cuDNN / oneDNN) outside the "
+    "graph, as torch.compile runs torch.nn.LSTM / GRU: traced, torch.lstm / gru would decompose "
+    "into a loop unrolled over T, and a PackedSequence or lengths= are read on the host. To keep "
+    "one graph (fullgraph=True), set backend='fused' (CUDA, or the CPU under "
+    "TRITON_INTERPRET=1) or backend='reference' on the module (module.backend = ..., "
+    "DTL(..., backend=...), dtl-fast train --backend or DTL_FAST_BACKEND), with padded input "
+    "and lengths= in place of a PackedSequence")
+_forward_outside_graph = outside_graph(_forward_eager, _OUTSIDE_GRAPH_REASON)
 
 
 class NotScriptableError(torch.jit.frontend.NotSupportedError):
@@ -315,6 +322,25 @@ class _RNNBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, input, hx=None, *, lengths=None):
+        if torch.compiler.is_compiling() and self._compiled_auto_is_native(input, hx, lengths):
+            return _forward_outside_graph(self, input, hx, lengths)
+        return self._forward(input, hx, lengths)
+
+    def _compiled_auto_is_native(self, input, hx, lengths) -> bool:
+        """Under torch.compile (not torch.export): whether backend "auto" takes PyTorch's
+        kernel for this call, so that the whole forward runs outside the graph (see
+        _OUTSIDE_GRAPH_REASON): with a PackedSequence or lengths always (and for input of a
+        wrong type, which the eager forward then rejects) and off CUDA, for padded CUDA input
+        where dtl_fast.ops.rnn's rule says so (its fused region stays in the graph)."""
+        if resolve_backend(self.backend) != "auto" or _ops()._exporting():
+            return False
+        if lengths is not None or not isinstance(input, torch.Tensor) or not input.is_cuda:
+            return True  # (before reading the weights: dynamo would guard on each)
+        return _ops()._compiled_auto_is_native(
+            self.mode, input, hx, self._flat_weights, self.num_layers, self.bidirectional,
+            self.batch_first, self.dropout, self.training, self.bias)
+
+    def _forward(self, input, hx, lengths):
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
@@ -330,8 +356,8 @@ class _RNNBase(nn.Module):
             # torch.nn.LSTM / GRU, and as auto does for padded input with lengths
             # (dtl_fast.ops.rnn._dispatch).
             if resolve_backend(self.backend) == "auto":
-                if torch.compiler.is_compiling():
-                    return _packed_native_outside_graph(self, input, hx)
+                if torch.compiler.is_compiling():  # torch.export (compile breaks in forward)
+                    return _forward_outside_graph(self, input, hx, None)
                 if self._auto_native_packed(data, batch_sizes):
                     return self._packed_native(input, hx)
             # Padded in the caller's batch order, like hx and h_n, so neither needs permuting.
