@@ -25,6 +25,13 @@ Providers (the first is the baseline every ratio is taken against, timed in the 
                (dtl_fast.ops.rnn runs PyTorch's packed path outside the graph); extra "x_packed"
                = torch.nn:packed-compiled's median / this one, the figure "compiled auto with
                lengths >= 0.95x compiled torch.nn packed"
+  torch.nn:compiled  (cases marked auto_len) torch.compile (same backend) of the torch.nn
+               module on the padded input (dynamo breaks at the module: its eager kernel)
+  dtl_fast:auto-compiled  (cases marked auto_len) torch.compile (same backend) of a
+               dtl_fast.nn module sharing those weights, backend="auto" (its forward runs
+               PyTorch's kernel outside the graph where auto picks it; traced, torch.lstm would
+               decompose into a loop unrolled over T); extra "x_compiled" = torch.nn:compiled's
+               median / this one, the figure "compiled auto >= 0.95x compiled torch.nn"
 
 Every case: one layer (num_layers=1), input size = hidden size H, time-major input [T, B, H]
 (batch_first=False, cuDNN's own layout), no lengths (all sequences full; the two auto_len
@@ -116,7 +123,7 @@ class Case:
     eager: bool = True  # time the eager loop here
     compile: bool = False  # time torch.compile(reference) here
     aa: bool = False  # CPU: time torch.nn a second time ("torch.nn:again"): the noise floor
-    auto_len: bool = False  # time torch.nn:packed and dtl_fast:auto-compiled-len here
+    auto_len: bool = False  # time the compiled pairs (with lengths, padded) here
 
     @property
     def shape(self) -> str:
@@ -139,12 +146,18 @@ def _cells(*specs, cells=("lstm", "gru")) -> list[Case]:
 
 # CPU: the parity figure (backend "auto" = PyTorch's native kernels, against torch.nn). The eager
 # loop only at T=16 (at T=128 one fwd+bwd call of it takes ~0.1-1 s on 2 cores).
-CPU_FULL = [Case(cell, B, T, H, True, "float32", eager=T <= 16, aa=True)
+CPU_FULL = [Case(cell, B, T, H, True, "float32", eager=T <= 16, aa=True,
+                 auto_len=(B, T, H) == (16, 128, 128))
             for cell in ("lstm", "gru") for B in (16, 64) for H in (128, 256) for T in (16, 128)]
+# a tiny call (~0.1-0.5 ms), where what auto adds around the kernel shows (s30: the per-call
+# argument checks; torch.compile's frames around the graph break)
+CPU_FULL += _cells((4, 8, 32, True, "float32", {"aa": True, "auto_len": True}))
 # quick (`make demo` runs it three times beside the other modules): seconds, not minutes
 CPU_QUICK = _cells((16, 16, 128, True, "float32")) + [Case("lstm", 16, 64, 128, True, "float32",
                                                            eager=False)]
-CPU_TINY = _cells((2, 5, 8, True, "float32"))  # tests/test_bench_smoke.py
+# tests/test_bench_smoke.py (the LSTM's case also runs the compiled pairs)
+CPU_TINY = [Case("lstm", 2, 5, 8, True, "float32", auto_len=True),
+            Case("gru", 2, 5, 8, True, "float32")]
 
 # FlashRNN's published case (NX-AI/flashrnn, H100 SXM): uni LSTM fp16 B16 T1024 H768, where their
 # table has cuDNN at 2.01 ms forward and 5.19 ms forward+backward: our rows sit beside theirs.
@@ -201,6 +214,9 @@ COMPILE_BWD_FACTOR = 2.5
 AUTO_LEN_COMPILE_S = 20.0
 AUTO_LEN = "dtl_fast:auto-compiled-len"
 PACKED = "torch.nn:packed-compiled"
+AUTO_COMPILED = "dtl_fast:auto-compiled"
+NN_COMPILED = "torch.nn:compiled"
+COMPILED_PAIRS = (AUTO_LEN, PACKED, AUTO_COMPILED, NN_COMPILED)  # one compile each per mode
 
 
 def compile_estimate_s(case: Case, mode: str) -> float:
@@ -352,7 +368,7 @@ def make_providers(case: Case, module, ref_fns, fused_fns, device: str, compiled
     elif compiled_fn is not None:
         provs["compiled"] = lambda x: _unpack(cell, compiled_fn(x, *weights))
     if case.auto_len:
-        provs.update(_auto_len_providers(case, module, fused_fns, device))
+        provs.update(_compiled_providers(case, module, fused_fns, device))
     if fused_fns is None:
         provs["dtl_fast"] = "skipped: dtl_fast.ops.rnn unavailable"
     else:
@@ -369,9 +385,10 @@ def make_providers(case: Case, module, ref_fns, fused_fns, device: str, compiled
     return provs
 
 
-def _auto_len_providers(case: Case, module, fused_fns, device: str) -> dict[str, Callable | str]:
-    """torch.nn:packed-compiled and dtl_fast:auto-compiled-len (see the module docstring):
-    lengths all = T, on the CPU (where pack_padded_sequence wants them)."""
+def _compiled_providers(case: Case, module, fused_fns, device: str) -> dict[str, Callable | str]:
+    """The compiled pairs (see the module docstring): torch.nn:packed-compiled and
+    dtl_fast:auto-compiled-len with lengths all = T, on the CPU (where pack_padded_sequence
+    wants them); torch.nn:compiled and dtl_fast:auto-compiled on the padded input."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     cell, bi, T = case.cell, case.bi, case.T
@@ -382,10 +399,11 @@ def _auto_len_providers(case: Case, module, fused_fns, device: str) -> dict[str,
         return _unpack(cell, (pad_packed_sequence(out, total_length=T)[0], state))
 
     backend = "inductor" if device == "cuda" else "aot_eager"
-    packed_c = torch.compile(packed, backend=backend)
-    provs: dict[str, Callable | str] = {PACKED: packed_c}
+    nn_c = torch.compile(module, backend=backend)
+    provs: dict[str, Callable | str] = {PACKED: torch.compile(packed, backend=backend),
+                                        NN_COMPILED: lambda x: _unpack(cell, nn_c(x))}
     if fused_fns is None:
-        provs[AUTO_LEN] = "skipped: dtl_fast.ops.rnn unavailable"
+        provs[AUTO_LEN] = provs[AUTO_COMPILED] = "skipped: dtl_fast.ops.rnn unavailable"
         return provs
     fn, weights = fused_fns[cell], list(module._flat_weights)
 
@@ -394,6 +412,11 @@ def _auto_len_providers(case: Case, module, fused_fns, device: str) -> dict[str,
 
     compiled = torch.compile(auto_len, backend=backend)
     provs[AUTO_LEN] = lambda x: _unpack(cell, compiled(x, lengths))
+    from dtl_fast import nn as dnn  # loads when dtl_fast.ops.rnn did
+
+    ours = getattr(dnn, "LSTM" if cell == "lstm" else "GRU").from_torch(module, backend="auto")
+    ours_c = torch.compile(ours, backend=backend)
+    provs[AUTO_COMPILED] = lambda x: _unpack(cell, ours_c(x))
     return provs
 
 
@@ -607,7 +630,7 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
             if isinstance(fn, str):
                 emit(H.status_row(base, name, fn))
                 continue
-            if name in ("compiled", AUTO_LEN, PACKED):  # forward, forward+backward compile apart
+            if name in ("compiled", *COMPILED_PAIRS):  # forward, forward+backward compile apart
                 est = compile_estimate_s(case, mode) if name == "compiled" else AUTO_LEN_COMPILE_S
                 st = H.budget_skip(deadline, est, planned, what=f"a {mode} compile")
                 if st:
@@ -645,7 +668,7 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
             ex["rel64"] = float(f"{e64:.3g}")
             if name != BASELINE:
                 ex["rel_base"] = float(f"{eb:.3g}")
-            if name in ("compiled", AUTO_LEN, PACKED):
+            if name in ("compiled", *COMPILED_PAIRS):
                 ex["compile_s"] = round(first_s, 1)
             # every provider: the second call, timed (the first one held the JIT compile /
             # autotuning), says what its timing costs; skip (with a row) when that does not fit
@@ -684,6 +707,8 @@ def _run_case(case, ci, device, dtype, ref_fns, fused_fns, kernel, stamp, run_id
                 ex["path"] = _auto_path(case, device)
             if name == AUTO_LEN and PACKED in times:
                 ex["x_packed"] = round(times[PACKED][0] / t[0], 4)
+            if name == AUTO_COMPILED and NN_COMPILED in times:
+                ex["x_compiled"] = round(times[NN_COMPILED][0] / t[0], 4)
             if name == BASELINE and cudnn_ok is not None:
                 ex["cudnn"] = cudnn_ok
             if name == "dtl_fast":
@@ -747,6 +772,14 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
             if aa and H.fnum(aa[0].get("ratio")) is not None:
                 f["value"] += f"; A/A (torch.nn vs itself) {H.fnum(aa[0]['ratio']):.2f}x"
             figs.append(f)
+        for name, key, what in ((AUTO_COMPILED, "x_compiled", "compiled torch.nn"),
+                                (AUTO_LEN, "x_packed", "compiled torch.nn packed")):
+            for r in rows:
+                if r["provider"] == name:
+                    figs.append(_min_figure(
+                        f"cpu {r['mode']:<16} {r['variant']:<7} {r['shape']:<11} compiled auto"
+                        f"{' with lengths' if name == AUTO_LEN else ''} >= {CPU_PARITY:g}x {what}",
+                        [r], key, CPU_PARITY, "x"))
         if not figs:
             figs.append(dict(name="cpu auto vs torch.nn parity", value="unmeasured", passed=False))
         n_cut = len({(r["variant"], r["shape"], r["dtype"]) for r in H.not_run_rows(rows)})
@@ -789,6 +822,10 @@ def acceptance(rows, device: str) -> list[dict[str, Any]]:
         if comp:  # only the cases marked auto_len have these rows
             figs.append(_min_figure(f"gpu compiled {mode:<16} auto with lengths >= {GPU_AUTO:g}x "
                                     "compiled torch.nn packed", comp, "x_packed", GPU_AUTO, "x"))
+        comp = [r for r in rows if r["provider"] == AUTO_COMPILED and r["mode"] == mode]
+        if comp:
+            figs.append(_min_figure(f"gpu compiled {mode:<16} auto >= {GPU_AUTO:g}x compiled "
+                                    "torch.nn", comp, "x_compiled", GPU_AUTO, "x"))
     return figs
 
 

@@ -50,7 +50,10 @@ def test_bench_runs_and_gates_pass(mod, cases, tmp_path):
     bad = [(r["provider"], r["mode"], r["status"]) for r in rows
            if not r["status"].startswith(("ok", "skipped"))]
     assert not bad, bad
-    for prov in (mod.BASELINE, "reference", "dtl_fast"):
+    provs = [mod.BASELINE, "reference", "dtl_fast"]
+    if mod is BR:  # the compiled pairs, padded and with lengths (the LSTM's tiny case)
+        provs += [BR.NN_COMPILED, BR.AUTO_COMPILED, BR.PACKED, BR.AUTO_LEN]
+    for prov in provs:
         st = _statuses(rows, prov)
         assert st and all(s == "ok" for s in st), (prov, st)
     # the fused kernels on CPU are never timed, and say so
