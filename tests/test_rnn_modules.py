@@ -800,7 +800,7 @@ def test_torch_compile_auto_runs_torchs_kernel_outside_the_graph_at_the_module(m
     # Under torch.compile auto's PyTorch path runs the module's whole forward eagerly, outside
     # the graph: traced, torch.lstm / gru decomposed into a loop unrolled over T (compiled auto
     # measured 0.40x compiled torch.nn, s30); a break deeper, in the op, left our frames to
-    # dynamo (~80 us a call). One break, at the module's forward, with the reason; torch.nn's
+    # dynamo (~80 us a call). The break at the module's forward, with the reason; torch.nn's
     # numbers, gradients included.
     torch.manual_seed(0)
     ref = getattr(nn, mode)(4, 5, bidirectional=True, batch_first=True)
@@ -823,10 +823,12 @@ def test_torch_compile_auto_runs_torchs_kernel_outside_the_graph_at_the_module(m
 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model(ours))(x)
-    assert len(explained.break_reasons) == 1, [r.reason for r in explained.break_reasons]
-    where = explained.break_reasons[0].user_stack[-1]
-    assert where.filename.replace("\\", "/").endswith("/dtl_fast/nn/rnn.py")
-    assert where.name == "forward"
+    # (explain lists the break once for the caller's frame and once for forward's own)
+    assert explained.break_reasons, "no graph break"
+    for r in explained.break_reasons:
+        where = r.user_stack[-1]
+        assert where.filename.replace("\\", "/").endswith("/dtl_fast/nn/rnn.py"), r.reason[:200]
+        assert where.name == "forward" and "_forward_eager" in r.reason, r.reason[:200]
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?s)disable.*backend='reference'"):
         torch.compile(lambda x: ours(x, lengths=lengths)[0], fullgraph=True, backend="aot_eager")(x)
@@ -843,6 +845,33 @@ def test_torch_compile_auto_runs_torchs_kernel_outside_the_graph_at_the_module(m
     got, want = results(compiled, ours), results(model(ref), ref)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), i
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_auto_module_under_torch_func(mode):
+    # Inside a compiled torch.func transform the module's forward stays in the graph (a break
+    # there fails dynamo: an internal AssertionError, review s30): compiled grad through
+    # functional_call gives eager grad's gradients; under compiled vmap the forward leaves the
+    # graph (the traced path fails on batched tensors) and gives eager vmap's outputs.
+    torch.manual_seed(0)
+    ours = OURS[mode](4, 5, bidirectional=True, backend="auto")
+    x = torch.randn(6, 3, 4)
+    params = {n: p.detach() for n, p in ours.named_parameters()}
+
+    def loss(params, x):
+        out, _ = torch.func.functional_call(ours, params, (x,))
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(torch.func.grad(loss), backend="aot_eager")(params, x)
+    want = torch.func.grad(loss)(params, x)
+    for n in want:
+        assert_rel_close(f"grad {n}", got[n], want[n], TOL)
+    torch._dynamo.reset()
+    xs = torch.randn(2, 6, 3, 4)
+    f = torch.func.vmap(lambda xx: ours(xx)[0])
+    assert_rel_close("vmap", torch.compile(f, backend="aot_eager")(xs), f(xs), TOL)
     torch._dynamo.reset()
 
 

@@ -69,6 +69,16 @@ _OUTSIDE_GRAPH_REASON = (
 _forward_outside_graph = outside_graph(_forward_eager, _OUTSIDE_GRAPH_REASON)
 
 
+def _packed_native_eager(module, input, hx):
+    """module._packed_native(input, hx), run eagerly: a PackedSequence with backend "auto" where
+    the forward stayed in the graph (inside a torch.func transform, see
+    _RNNBase._compiled_auto_is_native; and under torch.export, which refuses the break)."""
+    return module._packed_native(input, hx)
+
+
+_packed_native_outside_graph = outside_graph(_packed_native_eager, _OUTSIDE_GRAPH_REASON)
+
+
 class NotScriptableError(torch.jit.frontend.NotSupportedError):
     """torch.jit.script of a model holding a dtl_fast module. A subclass of the error
     TorchScript raises for unsupported Python (torch.jit.frontend.NotSupportedError), so code
@@ -182,6 +192,10 @@ class _RNNBase(nn.Module):
                 self._all_weights.append(names)
         self.reset_parameters()
         self.flatten_parameters()
+        try:  # load the op layer now: the forward's first call under torch.compile reads
+            _ops()  # _OPS, and a None there would be guarded on (a recompile at the second)
+        except Exception:  # noqa: BLE001  (the module still builds; its forward then says why)
+            pass
 
     # -- attributes torch.nn.RNNBase has ------------------------------------------------------
 
@@ -311,6 +325,9 @@ class _RNNBase(nn.Module):
                                 f"expected {expected} for this configuration")
             setattr(new, name, param)
         new.train(module.training)
+        # the shared Parameters as one cuDNN buffer on CUDA (a deep-copied or assign-loaded
+        # torch module's are separate until its next .to()); `module` sees the same views
+        new.flatten_parameters()
         return new
 
     # -- forward ------------------------------------------------------------------------------
@@ -334,6 +351,14 @@ class _RNNBase(nn.Module):
         where dtl_fast.ops.rnn's rule says so (its fused region stays in the graph)."""
         if resolve_backend(self.backend) != "auto" or _ops()._exporting():
             return False
+        # Inside a torch.func transform that dynamo traces (compiled grad / vjp / jacrev /
+        # jvp), a graph break fails dynamo (an internal AssertionError): the forward traces
+        # there, as before s30. Not under vmap: the traced path fails on batched tensors,
+        # the eager forward (the reference under vmap) does not.
+        if (torch._C._are_functorch_transforms_active()
+                and not (isinstance(input, torch.Tensor)
+                         and torch._C._functorch.is_batchedtensor(input))):
+            return False  # (both queries trace: dynamo evaluates them, in 2.11 and 2.14)
         if lengths is not None or not isinstance(input, torch.Tensor) or not input.is_cuda:
             return True  # (before reading the weights: dynamo would guard on each)
         return _ops()._compiled_auto_is_native(
@@ -356,8 +381,8 @@ class _RNNBase(nn.Module):
             # torch.nn.LSTM / GRU, and as auto does for padded input with lengths
             # (dtl_fast.ops.rnn._dispatch).
             if resolve_backend(self.backend) == "auto":
-                if torch.compiler.is_compiling():  # torch.export (compile breaks in forward)
-                    return _forward_outside_graph(self, input, hx, None)
+                if torch.compiler.is_compiling():  # see _packed_native_eager
+                    return _packed_native_outside_graph(self, input, hx)
                 if self._auto_native_packed(data, batch_sizes):
                     return self._packed_native(input, hx)
             # Padded in the caller's batch order, like hx and h_n, so neither needs permuting.

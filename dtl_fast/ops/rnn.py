@@ -562,23 +562,19 @@ def _exporting() -> bool:
 def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batch_first, dropout,
               training, has_bias, backend):
     backend = resolve_backend(backend)
-    if backend == "auto" and torch.compiler.is_compiling() and not _exporting():
-        call = (mode, input, hx, weights, lengths, num_layers, bidirectional, batch_first,
-                dropout, training, has_bias, backend)
-        # torch.compile: where auto takes PyTorch's path, the whole call runs eagerly, outside
-        # the graph: a graph break, what torch.nn.LSTM / GRU get there, and so PyTorch's speed
-        # and the numbers of eager auto (the checks included: no graph pieces of ours around
-        # the break, and no frames of ours for dynamo to look at inside it). With lengths the
-        # packed path (pack_padded_sequence: batch_sizes depend on the values of lengths, read
-        # on the host) cannot be traced; without them torch.lstm / gru would decompose into a
-        # cell loop unrolled over T (never cuDNN; oneDNN's layer op for inference only): 0.40x
-        # compiled torch.nn in one CPU case, and slow to compile. torch.export keeps the
-        # traceable paths: a graph is its point.
-        if lengths is not None:
-            return _auto_with_lengths_outside_graph(*call)
-        if _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional,
-                                    batch_first, dropout, training, has_bias):
-            return _auto_native_outside_graph(*call)
+    if (backend == "auto" and lengths is not None and torch.compiler.is_compiling()
+            and not _exporting()):
+        # torch.compile: PyTorch's packed path (pack_padded_sequence: batch_sizes depend on the
+        # values of lengths, read on the host) cannot be traced, so the whole call runs eagerly,
+        # outside the graph: a graph break, what torch.nn.LSTM gets there, and so PyTorch's
+        # speed and the numbers of eager auto (the checks included: no graph pieces of ours
+        # around the break). Without lengths the op traces, as torch.lstm / gru do (both then
+        # decompose into a loop over T); the modules leave the graph instead, as torch.nn.LSTM
+        # does (dtl_fast.nn.rnn._RNNBase.forward): a break here would also break the op inside
+        # a compiled torch.func transform or a torch.cond body, where torch.lstm works.
+        return _auto_with_lengths_outside_graph(mode, input, hx, weights, lengths, num_layers,
+                                                bidirectional, batch_first, dropout, training,
+                                                has_bias, backend)
     kw = dict(lengths=lengths, num_layers=num_layers, bidirectional=bidirectional,
               batch_first=batch_first, dropout=dropout, training=training, has_bias=has_bias)
     if backend == "reference":
@@ -637,16 +633,16 @@ def _auto_with_lengths(args: tuple, hx, kw: dict):
 
 
 def _dispatch_eager(*args):
-    """_dispatch, run eagerly: what torch.compile calls where backend="auto" takes PyTorch's
-    path (always with lengths; see _compiled_auto_is_native without)."""
+    """_dispatch, run eagerly: what torch.compile calls for backend="auto" with lengths."""
     return _dispatch(*args)
 
 
 def _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional, batch_first,
                              dropout, training, has_bias) -> bool:
     """Under torch.compile, without lengths: whether auto_path picks PyTorch's kernel for this
-    call, read from the shapes alone (the checks run after the break, eagerly). True off CUDA
-    and for anything malformed, which the eager call then rejects with the checks' message."""
+    call, read from the shapes alone (for the modules, which then run their forward outside
+    the graph, the checks included). True off CUDA and for anything malformed, which the
+    eager call then rejects with the checks' message."""
     if not (isinstance(input, torch.Tensor) and input.is_cuda and input.dim() == 3
             and isinstance(weights, (list, tuple)) and len(weights) > 1
             and isinstance(weights[1], torch.Tensor) and weights[1].dim() == 2):
@@ -662,25 +658,15 @@ def _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional
 # What torch.compile calls instead of tracing _dispatch for backend="auto" with lengths: a graph
 # break (fullgraph=True raises torch._dynamo.exc.Unsupported, "Skip calling
 # `torch.compiler.disable()`d function", with this reason).
-_KEEP_ONE_GRAPH = (
-    "To keep one graph (fullgraph=True), choose another backend: backend='fused' (the Triton "
-    "kernels; CUDA, or the CPU under TRITON_INTERPRET=1) or backend='reference' (the eager "
-    "loop, unrolled over T), set on the module (dtl_fast.nn.LSTM(..., backend=...) or "
-    "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
-    "--backend) or for every call with DTL_FAST_BACKEND")
 _OUTSIDE_GRAPH_REASON = (
     "dtl_fast lstm/gru(backend='auto') with lengths runs PyTorch's packed RNN kernel "
     "(pack_padded_sequence, as torch.nn.LSTM / GRU do) outside the graph, at cuDNN / oneDNN "
-    "speed. " + _KEEP_ONE_GRAPH)
+    "speed. To keep one graph (fullgraph=True), choose another backend: backend='fused' (the "
+    "Triton kernels; CUDA, or the CPU under TRITON_INTERPRET=1) or backend='reference' (the "
+    "eager loop, unrolled over T), set on the module (dtl_fast.nn.LSTM(..., backend=...) or "
+    "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
+    "--backend) or for every call with DTL_FAST_BACKEND")
 _auto_with_lengths_outside_graph = outside_graph(_dispatch_eager, _OUTSIDE_GRAPH_REASON)
-
-# The same for backend="auto" without lengths where it runs PyTorch's kernel (see _dispatch).
-# Two wrappers of one function: the reason is fixed per wrapper.
-_NATIVE_OUTSIDE_GRAPH_REASON = (
-    "dtl_fast lstm/gru(backend='auto') runs PyTorch's RNN kernel (cuDNN / oneDNN, as "
-    "torch.nn.LSTM / GRU do) outside the graph: traced, torch.lstm / torch.gru decompose into a "
-    "loop unrolled over T, slower to compile and to run. " + _KEEP_ONE_GRAPH)
-_auto_native_outside_graph = outside_graph(_dispatch_eager, _NATIVE_OUTSIDE_GRAPH_REASON)
 
 
 def _traceable_path(x: torch.Tensor) -> str:
@@ -727,11 +713,10 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule():
             that shape and call, on the card it was measured on, where Triton runs, not on
             ROCm); PyTorch's native kernels on the CPU and for float64. Under torch.compile
-            PyTorch's kernels run outside the graph (a graph break per call, as torch.nn.LSTM
-            gets): traced, torch.lstm / gru would decompose into a loop unrolled over T (never
-            cuDNN), slower to compile and to run; torch.export keeps that decomposition. So
-            torch.compile(fullgraph=True) of an "auto" call that takes PyTorch's path raises
-            (see Raises). Under torch.func.grad /
+            without lengths the call traces as torch.lstm / gru do (PyTorch then decomposes
+            them into a loop unrolled over T, never cuDNN: slower to compile and to run);
+            dtl_fast.nn.LSTM / GRU run their forward outside the graph instead, as
+            torch.nn.LSTM does. Under torch.func.grad /
             vjp / jacrev PyTorch's path (the eager reference with lengths: PyTorch's packed path
             fails under torch.func), under vmap / jvp / jacfwd / forward-mode AD the eager
             reference. With lengths PyTorch's path is its packed one (pack_padded_sequence,
@@ -771,9 +756,8 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             (torch.autograd.functional.jacobian(vectorize=True) and autograd.grad's
             is_grads_batched do work: the backward kernels run once per batched gradient;
             with create_graph=True too they raise the second-order RuntimeError).
-        torch._dynamo.exc.Unsupported: backend="auto" under torch.compile(fullgraph=True)
-            where it takes PyTorch's path (with lengths always; without them outside the
-            measured fused region): "Skip calling `torch.compiler.disable()`d function",
+        torch._dynamo.exc.Unsupported: backend="auto" with lengths under
+            torch.compile(fullgraph=True): "Skip calling `torch.compiler.disable()`d function",
             whose reason names backend='fused' and backend='reference' as the ways to keep
             one graph (torch versions whose torch.compiler.disable takes no reason omit it).
     """

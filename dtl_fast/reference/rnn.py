@@ -37,11 +37,13 @@ def _args_key(mode, input, weights, num_layers, bidirectional, dropout, has_bias
     if type(weights) not in (list, tuple) or input.dim() == 0:
         return None
     try:
+        # (bidirectional and has_bias by truthiness, all the checks read: a tensor passed there
+        # is not kept alive by the memo)
         return (mode, input.dtype, input.device, input.dim(), input.shape[-1], num_layers,
-                type(num_layers), bidirectional, dropout, type(dropout), has_bias,
+                type(num_layers), bool(bidirectional), dropout, type(dropout), bool(has_bias),
                 autocast_enabled(input.device.type),
                 tuple([(type(w), w.shape, w.dtype, w.device) for w in weights]))
-    except AttributeError:
+    except (AttributeError, RuntimeError):  # bool() of a tensor that has no one truth value
         return None
 
 
