@@ -1045,6 +1045,8 @@ def test_cuda_weights_are_one_cudnn_buffer(mode, no_tf32):
     assert not _one_storage(copy.deepcopy(ours).to(torch.bfloat16))
     x = torch.randn(5, 9, 24, device="cuda")
     lengths = torch.tensor([9, 4, 7, 1, 9])
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # cuDNN's warning may be once per process: every time here
     for kwargs in ({}, {"lengths": lengths}):
         xr = x.clone().requires_grad_()
         xo = x.clone().requires_grad_()
@@ -1065,6 +1067,7 @@ def test_cuda_weights_are_one_cudnn_buffer(mode, no_tf32):
         assert_rel_close("output", out_o, out_r, 1e-6)
         for i, (a, b) in enumerate(zip(go, gr)):
             assert_rel_close(f"grad {i} {kwargs and 'lengths'}", a, b, 1e-6)
+    torch.set_warn_always(warn_always)
     # the fused kernels read the views of the buffer as they read separate weights
     from dtl_fast.ops import rnn as ops_rnn
     ours.backend = "fused"
