@@ -351,14 +351,8 @@ class _RNNBase(nn.Module):
         where dtl_fast.ops.rnn's rule says so (its fused region stays in the graph)."""
         if resolve_backend(self.backend) != "auto" or _ops()._exporting():
             return False
-        # Inside a torch.func transform that dynamo traces (compiled grad / vjp / jacrev /
-        # jvp), a graph break fails dynamo (an internal AssertionError): the forward traces
-        # there, as before s30. Not under vmap: the traced path fails on batched tensors,
-        # the eager forward (the reference under vmap) does not.
-        if (torch._C._are_functorch_transforms_active()
-                and not (isinstance(input, torch.Tensor)
-                         and torch._C._functorch.is_batchedtensor(input))):
-            return False  # (both queries trace: dynamo evaluates them, in 2.11 and 2.14)
+        if _ops().in_traced_transform(input):  # a break there fails inside dynamo
+            return False
         if lengths is not None or not isinstance(input, torch.Tensor) or not input.is_cuda:
             return True  # (before reading the weights: dynamo would guard on each)
         return _ops()._compiled_auto_is_native(

@@ -568,13 +568,24 @@ def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batc
         # values of lengths, read on the host) cannot be traced, so the whole call runs eagerly,
         # outside the graph: a graph break, what torch.nn.LSTM gets there, and so PyTorch's
         # speed and the numbers of eager auto (the checks included: no graph pieces of ours
-        # around the break). Without lengths the op traces, as torch.lstm / gru do (both then
-        # decompose into a loop over T); the modules leave the graph instead, as torch.nn.LSTM
-        # does (dtl_fast.nn.rnn._RNNBase.forward): a break here would also break the op inside
-        # a compiled torch.func transform or a torch.cond body, where torch.lstm works.
+        # around the break).
         return _auto_with_lengths_outside_graph(mode, input, hx, weights, lengths, num_layers,
                                                 bidirectional, batch_first, dropout, training,
                                                 has_bias, backend)
+    if (backend == "auto" and torch.compiler.is_compiling() and not _exporting()
+            and not in_traced_transform(input)
+            and _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional,
+                                         batch_first, dropout, training, has_bias)):
+        # Without lengths too: traced, torch.lstm / gru decompose into a cell loop unrolled over
+        # T (never cuDNN; 0.40x compiled torch.nn in one CPU case, slow to compile), and torch
+        # 2.11 (the GPU machines') cannot even run that trace with weights that need a gradient
+        # (an AOTAutograd assertion; wrong h_n shapes for LSTM). Inside a compiled torch.func
+        # transform other than vmap the call traces (a break there fails inside dynamo); so it
+        # does under torch.export, where a graph is the point. Inside a torch.cond body the
+        # break cannot be captured (as for torch.nn.LSTM): use backend='fused' / 'reference'.
+        return _auto_native_outside_graph(mode, input, hx, weights, lengths, num_layers,
+                                          bidirectional, batch_first, dropout, training,
+                                          has_bias, backend)
     kw = dict(lengths=lengths, num_layers=num_layers, bidirectional=bidirectional,
               batch_first=batch_first, dropout=dropout, training=training, has_bias=has_bias)
     if backend == "reference":
@@ -633,8 +644,20 @@ def _auto_with_lengths(args: tuple, hx, kw: dict):
 
 
 def _dispatch_eager(*args):
-    """_dispatch, run eagerly: what torch.compile calls for backend="auto" with lengths."""
+    """_dispatch, run eagerly: what torch.compile calls where backend="auto" takes PyTorch's
+    path (see _dispatch)."""
     return _dispatch(*args)
+
+
+def in_traced_transform(input) -> bool:
+    """Under torch.compile: whether dynamo is tracing inside a torch.func transform other than
+    vmap (grad / vjp / jacrev / jvp / functional_call under them), where a graph break fails
+    inside dynamo (an internal AssertionError, torch 2.11 and 2.14): the RNN call then stays
+    in the graph. Not for vmap's batched input, whose traced path fails and whose eager call
+    works. Both queries are ones dynamo evaluates while tracing."""
+    return (torch._C._are_functorch_transforms_active()
+            and not (isinstance(input, torch.Tensor)
+                     and torch._C._functorch.is_batchedtensor(input)))
 
 
 def _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional, batch_first,
@@ -667,6 +690,10 @@ _OUTSIDE_GRAPH_REASON = (
     "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
     "--backend) or for every call with DTL_FAST_BACKEND")
 _auto_with_lengths_outside_graph = outside_graph(_dispatch_eager, _OUTSIDE_GRAPH_REASON)
+_auto_native_outside_graph = outside_graph(_dispatch_eager, (
+    "dtl_fast lstm/gru(backend='auto') runs PyTorch's RNN kernel (cuDNN / oneDNN, as "
+    "torch.nn.LSTM / GRU do) outside the graph: traced, torch.lstm / torch.gru decompose into a "
+    "loop unrolled over T. " + _OUTSIDE_GRAPH_REASON.split("speed. ", 1)[1]))
 
 
 def _traceable_path(x: torch.Tensor) -> str:
@@ -713,10 +740,11 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             where a measured GPU row puts a fused kernel ahead (AUTO_FUSED_REGIONS, auto_rule():
             that shape and call, on the card it was measured on, where Triton runs, not on
             ROCm); PyTorch's native kernels on the CPU and for float64. Under torch.compile
-            without lengths the call traces as torch.lstm / gru do (PyTorch then decomposes
-            them into a loop unrolled over T, never cuDNN: slower to compile and to run);
-            dtl_fast.nn.LSTM / GRU run their forward outside the graph instead, as
-            torch.nn.LSTM does. Under torch.func.grad /
+            PyTorch's kernels run outside the graph (a graph break per call, as torch.nn.LSTM
+            gets: traced, torch.lstm / gru decompose into a loop unrolled over T, never cuDNN),
+            except inside a compiled torch.func transform other than vmap and under
+            torch.export, where the call traces; a torch.cond body cannot hold the break (use
+            'fused' / 'reference' there). Under torch.func.grad /
             vjp / jacrev PyTorch's path (the eager reference with lengths: PyTorch's packed path
             fails under torch.func), under vmap / jvp / jacfwd / forward-mode AD the eager
             reference. With lengths PyTorch's path is its packed one (pack_padded_sequence,
@@ -756,8 +784,9 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             (torch.autograd.functional.jacobian(vectorize=True) and autograd.grad's
             is_grads_batched do work: the backward kernels run once per batched gradient;
             with create_graph=True too they raise the second-order RuntimeError).
-        torch._dynamo.exc.Unsupported: backend="auto" with lengths under
-            torch.compile(fullgraph=True): "Skip calling `torch.compiler.disable()`d function",
+        torch._dynamo.exc.Unsupported: backend="auto" under torch.compile(fullgraph=True)
+            where it takes PyTorch's path (with lengths always; without them outside the
+            measured fused region): "Skip calling `torch.compiler.disable()`d function",
             whose reason names backend='fused' and backend='reference' as the ways to keep
             one graph (torch versions whose torch.compiler.disable takes no reason omit it).
     """
