@@ -11,8 +11,8 @@ is rebuilt here: the same constructor, attributes, parameter names, shapes, regi
 and initialisation, so state_dicts load both ways (strict), the same forward contract,
 PackedSequence included, torch.nn.RNNBase's public helpers (check_forward_args,
 permute_hidden, ...) and its flatten_parameters (the weights as one cuDNN buffer on CUDA, as
-torch.nn keeps them, for the cuDNN calls of backend 'auto'). `isinstance(m, torch.nn.LSTM)` is False for these
-modules; code that needs to tell them apart can test for `dtl_fast.nn.LSTM`. Not drop-in for
+torch.nn keeps them, for the cuDNN calls of backend 'auto'). `isinstance(m, torch.nn.LSTM)` is
+False for these modules; code that needs to tell them apart can test for `dtl_fast.nn.LSTM`. Not drop-in for
 TorchScript: torch.jit.script of a model holding one raises NotScriptableError (use
 torch.compile, torch.export or torch.jit.trace).
 """

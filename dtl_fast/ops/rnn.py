@@ -681,19 +681,22 @@ def _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional
 # What torch.compile calls instead of tracing _dispatch for backend="auto" with lengths: a graph
 # break (fullgraph=True raises torch._dynamo.exc.Unsupported, "Skip calling
 # `torch.compiler.disable()`d function", with this reason).
+_KEEP_ONE_GRAPH = (
+    "To keep one graph (fullgraph=True), choose another backend: backend='fused' (the Triton "
+    "kernels; CUDA, or the CPU under TRITON_INTERPRET=1) or backend='reference' (the eager "
+    "loop, unrolled over T), set on the module (dtl_fast.nn.LSTM(..., backend=...) or "
+    "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
+    "--backend) or for every call with DTL_FAST_BACKEND")
 _OUTSIDE_GRAPH_REASON = (
     "dtl_fast lstm/gru(backend='auto') with lengths runs PyTorch's packed RNN kernel "
     "(pack_padded_sequence, as torch.nn.LSTM / GRU do) outside the graph, at cuDNN / oneDNN "
-    "speed. To keep one graph (fullgraph=True), choose another backend: backend='fused' (the "
-    "Triton kernels; CUDA, or the CPU under TRITON_INTERPRET=1) or backend='reference' (the "
-    "eager loop, unrolled over T), set on the module (dtl_fast.nn.LSTM(..., backend=...) or "
-    "module.backend = ...), through the model (DTL(..., backend=...), dtl-fast train "
-    "--backend) or for every call with DTL_FAST_BACKEND")
+    "speed. " + _KEEP_ONE_GRAPH)
 _auto_with_lengths_outside_graph = outside_graph(_dispatch_eager, _OUTSIDE_GRAPH_REASON)
+# The same function for auto without lengths (see _dispatch), with its own reason.
 _auto_native_outside_graph = outside_graph(_dispatch_eager, (
     "dtl_fast lstm/gru(backend='auto') runs PyTorch's RNN kernel (cuDNN / oneDNN, as "
     "torch.nn.LSTM / GRU do) outside the graph: traced, torch.lstm / torch.gru decompose into a "
-    "loop unrolled over T. " + _OUTSIDE_GRAPH_REASON.split("speed. ", 1)[1]))
+    "loop unrolled over T. " + _KEEP_ONE_GRAPH))
 
 
 def _traceable_path(x: torch.Tensor) -> str:
