@@ -5,7 +5,6 @@ then on, whatever the variable says later)."""
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
@@ -48,9 +47,18 @@ def _triton_interpreted() -> bool:
 
 
 def _version(text: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"; (0, 0) if unreadable."""
-    m = re.match(r"(\d+)\.(\d+)", text)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"; (0, 0) if unreadable.
+    String methods, not `re`: the first call can come inside torch.compile (a fused op traced
+    with fullgraph=True), and torch 2.11's dynamo cannot trace re's pattern compiler."""
+    parts = text.split(".")
+    if len(parts) < 2 or not parts[0].isdigit():
+        return (0, 0)
+    minor = ""
+    for ch in parts[1]:
+        if not ch.isdigit():
+            break
+        minor += ch
+    return (int(parts[0]), int(minor)) if minor else (0, 0)
 
 
 def interpreter_conflict() -> str | None:

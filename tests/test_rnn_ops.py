@@ -808,6 +808,33 @@ def test_triton_interpret_set_after_import_is_refused_by_name():
     assert "before importing dtl_fast" in proc.stdout
 
 
+def test_compiled_fused_fullgraph_as_the_first_call_of_a_process():
+    # The Triton checks (version strings included) first ran inside dynamo: torch 2.11 could
+    # not trace `re`'s pattern compiler, so fullgraph=True failed when no eager call came
+    # first (s31; in pytest it passed only after an earlier test had run the checks)
+    code = ("import torch\nfrom dtl_fast.ops.rnn import lstm\n"
+            "m = torch.nn.LSTM(3, 4, bidirectional=True)\n"
+            "f = torch.compile(lambda x, ws: lstm(x, None, ws, bidirectional=True, "
+            "backend='fused')[0], fullgraph=True, backend='aot_eager')\n"
+            "x, ws = torch.randn(2, 1, 3), [w.detach() for w in m._flat_weights]\n"
+            "with torch.no_grad():\n"
+            "    print('ERR', (f(x, ws) - m(x)[0]).abs().max().item())\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = float(proc.stdout.split("ERR", 1)[1])
+    assert err < 1e-5, proc.stdout
+
+
+@pytest.mark.parametrize("text,want", [
+    ("3.6.0", (3, 6)), ("2.4.0rc1", (2, 4)), ("3.10.1+git2a", (3, 10)), ("2.11", (2, 11)),
+    ("3", (0, 0)), ("v3.6", (0, 0)), ("3.x", (0, 0)), ("", (0, 0))])
+def test_version_strings_read_as_major_minor(text, want):
+    import dtl_fast._triton as tri
+    assert tri._version(text) == want
+
+
 @pytest.mark.parametrize("triton_version,numpy_version,refused", [
     ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
     ("3.8.0", "2.5.0rc1", False), ("3.5.1", "2.4.0", True)])
