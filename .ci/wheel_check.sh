@@ -45,7 +45,7 @@ echo "wheel: $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KiB, built in ${T
 # 1b. The build's metadata, with the setuptools that built it: a SetuptoolsDeprecationWarning
 # carries a date after which that build stops working (the license as a TOML table did, until
 # 2027-02-18), so it fails here first, while the build still works. The wheel's METADATA must
-# name the license that setup.py gives.
+# name the license that setup.py gives, and carry its text (LICENSE).
 step "the build's metadata (no setuptools deprecation)"
 mkdir -p "$WORK/meta"
 (cd "$ROOT" && "$PY" -c 'import sys, setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))' \
@@ -54,13 +54,19 @@ if grep -q "SetuptoolsDeprecationWarning" "$WORK/meta.log"; then
     grep -A12 "SetuptoolsDeprecationWarning" "$WORK/meta.log" >&2
     fail "setuptools deprecates part of this build (above): fix it before its date"
 fi
-"$PY" - "$WHEEL" <<'EOF' || fail "the wheel's METADATA does not name the license (above)"
+"$PY" - "$WHEEL" <<'EOF' || fail "the wheel's METADATA does not name the license or carry its text (above)"
 import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 meta = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
 lines = z.read(meta[0]).decode().splitlines() if len(meta) == 1 else []
 if "License: MIT" not in lines:
     sys.exit(f"no 'License: MIT' line in {meta}")
+# the license's text travels with the wheel (setuptools' default license_files pattern)
+if "License-File: LICENSE" not in lines:
+    sys.exit(f"no 'License-File: LICENSE' line in {meta}")
+if not any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE")
+           for n in z.namelist()):
+    sys.exit("the wheel holds no LICENSE file in its .dist-info")
 EOF
 
 # 2. Its contents: every package of the tree (kernels/ as dtl_fast/kernels/) and the extension.
