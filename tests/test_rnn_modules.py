@@ -850,6 +850,52 @@ def test_torch_compile_auto_runs_torchs_kernel_outside_the_graph_at_the_module(m
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_auto_module_compiles_no_graph_around_its_break(mode):
+    # Compiled alone, torch.nn.LSTM / GRU give dynamo no graph at all. Ours breaks in forward:
+    # the graph before the break must be empty too, or every call runs it (a dead query of
+    # the functorch state made it a graph, ~15 us a call at a tiny shape, s30). Where dynamo
+    # cannot fold the stack depth (torch 2.11) the old query's one dead node stays.
+    from torch._dynamo.testing import CompileCounter
+
+    from dtl_fast.ops import rnn as ops_rnn
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(4, 5, bidirectional=True)
+    ours = OURS[mode].from_torch(copy.deepcopy(ref), backend="auto")
+    x = torch.randn(6, 3, 4)
+    counts = {}
+    for name, m in [("torch.nn", ref), ("ours", ours)]:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(m, backend=counter)
+        for _ in range(2):
+            out = compiled(x)[0]
+        assert torch.equal(out, ref(x)[0]), name
+        counts[name] = (counter.frame_count, counter.op_count)
+    extra = 0 if ops_rnn._DEPTH_IS_FOLDED else 1
+    assert counts["ours"] == (counts["torch.nn"][0] + extra, counts["torch.nn"][1] + extra), counts
+    if _TORCH >= (2, 14):
+        assert ops_rnn._DEPTH_IS_FOLDED
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_auto_module_called_inside_eager_torch_func(mode):
+    # Compiled outside any transform, then called under an eager torch.func.grad: dynamo's
+    # guard on the functorch state (the folded stack depth) recompiles the call, which stays
+    # in the graph there; eager grad's gradient
+    torch.manual_seed(0)
+    ours = OURS[mode](4, 5, bidirectional=True, backend="auto")
+    x = torch.randn(6, 3, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ours(x)[0], backend="aot_eager")
+    compiled(x)
+    got = torch.func.grad(lambda x: compiled(x).square().sum())(x)
+    want = torch.func.grad(lambda x: ours(x)[0].square().sum())(x)
+    assert_rel_close("grad x", got, want, TOL)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_torch_compile_auto_module_under_torch_func(mode):
     # Inside a compiled torch.func transform the module's forward stays in the graph (a break
     # there fails dynamo: an internal AssertionError, review s30): compiled grad through

@@ -649,15 +649,32 @@ def _dispatch_eager(*args):
     return _dispatch(*args)
 
 
+def _depth_is_folded() -> bool:
+    """Whether dynamo folds get_dynamic_layer_stack_depth() into a constant (with a guard on
+    it): torch 2.14 does; torch 2.11 skips the function (a graph break)."""
+    try:
+        from torch._dynamo.variables.torch import constant_fold_functions_need_guards
+        return torch._C._functorch.get_dynamic_layer_stack_depth in constant_fold_functions_need_guards
+    except Exception:  # noqa: BLE001  (dynamo's internals moved: the query that works anywhere)
+        return False
+
+
+_DEPTH_IS_FOLDED = _depth_is_folded()
+
+
 def in_traced_transform(input) -> bool:
     """Under torch.compile: whether dynamo is tracing inside a torch.func transform other than
     vmap (grad / vjp / jacrev / jvp / functional_call under them), where a graph break fails
     inside dynamo (an internal AssertionError, torch 2.11 and 2.14): the RNN call then stays
     in the graph. Not for vmap's batched input, whose traced path fails and whose eager call
-    works. Both queries are ones dynamo evaluates while tracing."""
-    return (torch._C._are_functorch_transforms_active()
-            and not (isinstance(input, torch.Tensor)
-                     and torch._C._functorch.is_batchedtensor(input)))
+    works. Dynamo evaluates each query while tracing (it really enters the transform's level).
+    The stack depth where dynamo folds it: a guard, and no node in the graph, where
+    _are_functorch_transforms_active() left a dead call that made the graph before the
+    module's break non-empty (~15 us a call to run it, a tiny compiled LSTM, s30)."""
+    active = (torch._C._functorch.get_dynamic_layer_stack_depth() > 0 if _DEPTH_IS_FOLDED
+              else torch._C._are_functorch_transforms_active())
+    return active and not (isinstance(input, torch.Tensor)
+                           and torch._C._functorch.is_batchedtensor(input))
 
 
 def _compiled_auto_is_native(mode, input, hx, weights, num_layers, bidirectional, batch_first,
