@@ -625,6 +625,48 @@ def test_packed_hx_checked_as_on_the_padded_path(mode, bad):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", ["bias_dtype", "weight_hh_l0", "bias_hh_l0", "weight_ih_l1",
+                                 "weight_ih_l0_reverse"])
+def test_packed_weights_checked_as_on_the_padded_path(mode, bad):
+    # backend="auto" runs a PackedSequence through torch.lstm / torch.gru directly: the
+    # weights get the op layer's checks all the same, the padded path's ValueError (auto's
+    # packed path said "self and mat2 must have the same dtype" or failed in a matmul; a
+    # reverse weight_ih_l0 of the wrong width gave NaN; review s31)
+    G = 4 if mode == "LSTM" else 3
+    replace = {"bias_dtype": ("bias_ih_l0", lambda: torch.randn(G * 6, dtype=torch.float64)),
+               "weight_hh_l0": ("weight_hh_l0", lambda: torch.randn(G * 6, 7)),
+               "bias_hh_l0": ("bias_hh_l0", lambda: torch.randn(G * 6 + 1)),
+               "weight_ih_l1": ("weight_ih_l1", lambda: torch.randn(G * 6, 11)),
+               "weight_ih_l0_reverse": ("weight_ih_l0_reverse", lambda: torch.randn(G * 6, 6))}
+    name, make = replace[bad]
+    x = torch.randn(5, 3, 4)
+    inputs = [x, pack_padded_sequence(x, [5, 4, 2]),
+              pack_padded_sequence(x, [2, 5, 4], enforce_sorted=False)]
+    messages = set()
+    for backend in ["auto", "reference"]:
+        m = OURS[mode](4, 6, num_layers=2, bidirectional=True, backend=backend)
+        setattr(m, name, nn.Parameter(make()))
+        for inp in inputs:
+            for _ in range(2):  # the second call with the first one's signature
+                with pytest.raises(ValueError) as e:
+                    m(inp)
+                messages.add(str(e.value))
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert message.startswith(f"{mode}: weights["), message
+
+
+def test_lstm_proj_size_not_below_hidden_size_raises_like_torch():
+    for proj in (5, 6):
+        with pytest.raises(ValueError) as theirs:
+            nn.LSTM(4, 5, proj_size=proj)
+        with pytest.raises(ValueError, match=f"^{theirs.value}$"):
+            OURS["LSTM"](4, 5, proj_size=proj)
+    with pytest.raises(NotImplementedError, match="proj_size > 0"):
+        OURS["LSTM"](4, 5, proj_size=4)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_module_and_input_on_different_devices_name_the_parameter(mode, backend):
     # The module's parameter name (weight_ih_l0), not the op's flat index (weights[0]): padded,

@@ -741,6 +741,48 @@ def test_bad_input(mode, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
+def test_weight_shapes_of_layer_0_named_in_every_backend(mode, backend):
+    # weight_ih_l0_reverse was checked against its own width: any width passed, and PyTorch's
+    # CPU kernel (auto) then read past its end (NaN in the reverse half), the reference and
+    # fused failed in a matmul (review s31). A weight_hh_l0 with the wrong rows blamed the
+    # correct weight_ih_l0.
+    _, x, h, ws = make_case(mode, 3, 2, 8, 20, 1, True, dtype=torch.float32)
+    f = {"LSTM": ops.lstm, "GRU": ops.gru}[mode]
+    kw = dict(bidirectional=True, backend=backend)
+    G = 4 if mode == "LSTM" else 3
+    for cols in (1, 9):
+        bad = list(ws)
+        bad[4] = torch.randn(G * 20, cols)
+        with pytest.raises(ValueError, match=rf"^{mode}: weights\[4\] \(weight_ih_l0_reverse\) "
+                           rf"must have shape \({G * 20}, 8\), got \({G * 20}, {cols}\)"):
+            f(x, h, bad, **kw)
+    bad = list(ws)
+    bad[1] = torch.randn((G - 1) * 20, 21)
+    with pytest.raises(ValueError, match=rf"^{mode}: weights\[1\] \(weight_hh_l0\) must have "
+                       rf"shape \({G * 21}, 21\)"):
+        f(x, h, bad, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_flags_must_be_bools(mode, backend):
+    # batch_first="False" is truthy: the reference and fused took it as True (a silently wrong
+    # answer), auto failed in torch.lstm with a TypeError naming no argument (review s31). A
+    # NumPy bool is a bool: the same result as the Python one.
+    f, x, h, ws, kw = _two_layer_case(mode, backend)
+    want = f(x, h, ws, **kw)
+    for flag in ("batch_first", "bidirectional", "has_bias", "training"):
+        for value in ("False", 0, 1.0, None, torch.tensor(False)):
+            with pytest.raises(ValueError, match=rf"^{mode}: {flag} must be a bool, got "):
+                f(x, h, ws, **{flag: value}, **kw)
+    got = f(x, h, ws, batch_first=np.False_, bidirectional=np.bool_(False), has_bias=np.True_,
+            training=np.False_, **kw)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
 def test_checks_remembered_for_a_call_still_see_a_weight_changed_in_place(mode, backend):
     # check_rnn_args remembers the calls that passed (the per-weight loops cost ~8 us of a
     # ~100 us small CPU call, where auto must not be slower than torch.nn): the same weight

@@ -430,9 +430,12 @@ class _RNNBase(nn.Module):
         for name, w in zip(self._flat_weights_names, weights):
             if w.device != device:
                 self._raise_device(name, w, data)
-        if data.size(-1) != self.input_size:
-            raise RuntimeError("input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {data.size(-1)}")
+        # the weights' shapes and dtypes and the input feature size, as the padded path checks
+        # them (remembered per signature: a dict lookup after the first call); a [1, N, I] view
+        # of the data stands for the input
+        _ref_rnn.check_rnn_args(self.mode, data.unsqueeze(0), weights,
+                                num_layers=self.num_layers, bidirectional=self.bidirectional,
+                                dropout=self.dropout, has_bias=self.bias)
         D = 2 if self.bidirectional else 1
         # B from the permutation's length where there is one: a shape, where batch_sizes[0] is
         # a value (a host read, and a graph break under torch.compile)
@@ -530,6 +533,8 @@ class LSTM(_RNNBase):
             raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size > 0 and isinstance(hidden_size, int) and proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")  # torch's words
         if proj_size > 0:
             raise NotImplementedError(
                 f"dtl_fast.nn.LSTM does not support proj_size > 0 (LSTM with projections), got "

@@ -562,6 +562,9 @@ def _exporting() -> bool:
 def _dispatch(mode, input, hx, weights, lengths, num_layers, bidirectional, batch_first, dropout,
               training, has_bias, backend):
     backend = resolve_backend(backend)
+    bidirectional, batch_first, has_bias, training = _ref.check_flags(
+        mode, bidirectional=bidirectional, batch_first=batch_first, has_bias=has_bias,
+        training=training)
     if (backend == "auto" and lengths is not None and torch.compiler.is_compiling()
             and not _exporting()):
         # torch.compile: PyTorch's packed path (pack_padded_sequence: batch_sizes depend on the
@@ -798,7 +801,8 @@ def lstm(input, hx, weights, *, lengths=None, num_layers: int = 1, bidirectional
             in the backward, differentiating the fused path's gradients again (create_graph=True:
             gradient penalties, torch.autograd.functional.hessian), which names
             backend='reference'.
-        ValueError: wrong rank or dtype, wrong weight count or shapes, devices that differ.
+        ValueError: wrong rank or dtype, wrong weight count or shapes, devices that differ,
+            a flag (bidirectional, batch_first, has_bias, training) that is not a bool.
         NotImplementedError: backend="fused" under torch.func.grad / vjp / jacrev / jvp /
             jacfwd or forward-mode AD, which cannot see through the fused kernels' autograd
             (torch.autograd.functional.jacobian(vectorize=True) and autograd.grad's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,20 @@ GATES = {"LSTM": 4, "GRU": 3}
 # ----------------------------------------------------------------------------------------------
 # Argument checks shared by all backends
 # ----------------------------------------------------------------------------------------------
+
+def check_flags(mode: str, *, bidirectional, batch_first, has_bias, training):
+    """The functional ops' four flags as Python bools (a NumPy bool is one too); ValueError
+    naming the flag otherwise. Before anything reads them: a string "False" is truthy (the
+    reference took batch_first="False" as True; torch.lstm refuses it with a TypeError that
+    names no argument)."""
+    flags = {"bidirectional": bidirectional, "batch_first": batch_first, "has_bias": has_bias,
+             "training": training}
+    for flag, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{mode}: {flag} must be a bool, got {value!r} "
+                             f"({type(value).__name__})")
+    return bool(bidirectional), bool(batch_first), bool(has_bias), bool(training)
+
 
 # check_rnn_args' verdicts, by everything they read (see _args_key): a call with the key of one
 # that passed passes too, so it skips the per-weight loops (~8 us of the ~100 us torch.lstm call
@@ -112,12 +127,19 @@ def _check_rnn_args(mode: str, input, weights, *, num_layers: int, bidirectional
     H = w_hh0.shape[1]
     if H < 1:
         raise ValueError(f"{name}: hidden size (weight_hh_l0.shape[1]) must be >= 1, got {H}")
+    if w_hh0.shape[0] != G * H:  # else the first weight checked against this H took the blame
+        raise ValueError(f"{name}: weights[1] (weight_hh_l0) must have shape {(G * H, H)} "
+                         f"({G}*H rows for its H = {H} columns), got {tuple(w_hh0.shape)}")
+    # every direction of layer 0 reads the input: its columns are weight_ih_l0's (checked
+    # against the input below), not each weight's own, which let a reverse one of any width
+    # through (PyTorch's CPU kernel then read past its end: NaN)
+    in_size0 = weights[0].shape[-1] if weights[0].dim() else 0
     for layer in range(num_layers):
         in_size = input.shape[-1] if layer == 0 else D * H
         for d in range(D):
             sfx = f"l{layer}" + ("_reverse" if d else "")
             base = (layer * D + d) * per_dir
-            shapes = [(f"weight_ih_{sfx}", (G * H, weights[base].shape[-1] if layer == 0 else in_size)),
+            shapes = [(f"weight_ih_{sfx}", (G * H, in_size0 if layer == 0 else in_size)),
                       (f"weight_hh_{sfx}", (G * H, H))]
             if has_bias:
                 shapes += [(f"bias_ih_{sfx}", (G * H,)), (f"bias_hh_{sfx}", (G * H,))]
@@ -231,6 +253,9 @@ def _cell(mode, x_t, h, c, w_ih, w_hh, b_ih, b_hh):
 
 def _run(mode, input, hx, weights, *, lengths, num_layers, bidirectional, batch_first, dropout,
          training, has_bias):
+    bidirectional, batch_first, has_bias, training = check_flags(
+        mode, bidirectional=bidirectional, batch_first=batch_first, has_bias=has_bias,
+        training=training)
     H, D, hs, lengths = check_all(mode, input, hx, weights, lengths=lengths, num_layers=num_layers,
                                   bidirectional=bidirectional, batch_first=batch_first,
                                   dropout=dropout, has_bias=has_bias)
