@@ -66,6 +66,17 @@ at::Tensor gather_at_argmax(const at::Tensor& ggx, const at::Tensor& lengths,
   return at::where(valid, picked, at::zeros({}, picked.options()));
 }
 
+// lengths as the backward keeps them: the caller's tensor (so that an in-place write into it
+// before the backward is autograd's version-counter error), but a copy of an inference tensor,
+// which autograd cannot save ("Inference tensors cannot be saved for backward": lengths made
+// under torch.inference_mode, e.g. by a data pipeline, then pooled with gradients; review s31).
+at::Tensor saved_lengths(const c10::optional<at::Tensor>& lengths) {
+  if (!lengths.has_value() || !lengths->defined()) {
+    return at::Tensor();
+  }
+  return lengths->is_inference() ? lengths->clone() : *lengths;
+}
+
 class FramePoolBackwardFunction : public torch::autograd::Function<FramePoolBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out,
@@ -74,7 +85,7 @@ class FramePoolBackwardFunction : public torch::autograd::Function<FramePoolBack
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor gx = call_frame_pool_backward(grad_out, lengths, argmax, T, mode);
     ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
-    ctx->save_for_backward({lengths.value_or(at::Tensor()), argmax});
+    ctx->save_for_backward({saved_lengths(lengths), argmax});
     return {gx};
   }
 
@@ -115,7 +126,7 @@ class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
     ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
     ctx->saved_data["T"] = x.sym_size(1);
     // argmax is an empty tensor unless the mode has a max part; nothing of x is kept.
-    ctx->save_for_backward({lengths.value_or(at::Tensor()), argmax});
+    ctx->save_for_backward({saved_lengths(lengths), argmax});
     return {out, argmax};
   }
 

@@ -760,6 +760,54 @@ def test_saved_lengths_written_in_place_is_autograd_s_error():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_without_lengths_is_bit_stable(dtype):
+    # The README's promise for bit-for-bit results: under `fused`, without lengths too (where
+    # `auto` may take torch's x.sum(1) / x.amax(1) at sizes its rows measured faster: float32
+    # mean with a gradient from 256 KiB, which rounds differently), meanmax equals
+    # cat([mean, max]) and a call with a gradient gives the bits of one without, and of the
+    # same call with every length T
+    torch.manual_seed(0)
+    x = torch.randn(16, 16, 512, dtype=dtype)  # 512 KiB in float32
+    xg = x.clone().requires_grad_()
+    full = [16] * 16
+    for lengths in (None, full):
+        mm = ops.frame_pool(xg, lengths, "meanmax", backend="fused")
+        for mode in ("mean", "max", "sum"):
+            with_grad = ops.frame_pool(xg, lengths, mode, backend="fused")
+            with torch.no_grad():
+                without = ops.frame_pool(x, lengths, mode, backend="fused")
+            assert torch.equal(with_grad, without), (mode, lengths)
+            assert torch.equal(with_grad, ops.frame_pool(x, full, mode, backend="fused")), mode
+        assert torch.equal(mm, torch.cat([ops.frame_pool(xg, lengths, "mean", backend="fused"),
+                                          ops.frame_pool(xg, lengths, "max", backend="fused")], -1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+def test_lengths_made_under_inference_mode(mode, backend):
+    # Lengths from a data pipeline run under torch.inference_mode, pooled with gradients: the
+    # C++ op saved the caller's tensor for the backward, which autograd refuses for an
+    # inference tensor ("Inference tensors cannot be saved for backward", at the forward; the
+    # reference took it; review s31). It keeps a copy of such a tensor: the reference's
+    # gradients, the second order too.
+    with torch.inference_mode():
+        lengths = torch.tensor([5, 3, 0])
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 8 if mode == "meanmax" else 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(x)
+    out = ops.frame_pool(x, lengths, mode, backend=backend)
+    want = reference.frame_pool(x, lengths.clone(), mode)
+    assert torch.equal(out, want) if mode == "max" else torch.allclose(out, want)
+    (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+    (gwant,) = torch.autograd.grad((want * w).sum(), x, create_graph=True)
+    assert torch.allclose(gx, gwant)
+    # the gradient's own backward (the saved lengths again), with respect to the weights w
+    (gw,) = torch.autograd.grad((gx * v).sum(), w)
+    (gwwant,) = torch.autograd.grad((gwant * v).sum(), w)
+    assert torch.allclose(gw, gwwant)
+
+
 def test_framepool_checks_mode_and_backend_when_set():
     import pickle
 
