@@ -11,6 +11,8 @@ concatenation is well above the better single view.
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import inspect
 import sys
 import time
@@ -55,10 +57,22 @@ def proxy(params: dict, C: float = 0.03) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    known = default_params()
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="keys (build_demo_dataset's parameters, with their defaults): "
+               + ", ".join(f"{k}={v!r}" for k, v in known.items()))
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="a parameter of build_demo_dataset and a Python literal for it")
     overrides = {}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        overrides[key] = eval(value, {})  # numbers and tuples from the command line
+    for arg in parser.parse_args(argv).overrides:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in known:
+            parser.error(f"{arg!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+        try:
+            overrides[key] = ast.literal_eval(value)  # numbers and tuples, nothing executed
+        except (ValueError, SyntaxError):
+            parser.error(f"{arg!r}: the value must be a Python literal (a number, a tuple, ...)")
     params = default_params(**overrides)
     t0 = time.perf_counter()
     res = proxy(params)

@@ -11,7 +11,8 @@ dtl_fast.models.DTL after warm-up steps, on the sizes of a preset:
   tiny         the demo model's structure at B 2, T 3, S 8 (for backend fused on CPU, i.e. the
                Triton interpreter: the op calls per step are those of the demo model)
 
-What it prints and writes (bench/results/profile_dtl_<preset>_<backend>_<device-slug>.txt):
+What it prints and writes, on every device (bench/results/profile_dtl_<preset>_<rnn>_<backend>
+[_graphs][_bf16]_<device-slug>.txt; --out '' writes none):
 - the step's wall time (median of the profiled steps, the profiler's own overhead included) and
   the number of operator calls per step (aten ops and our custom ops: a device-independent count
   of what one step dispatches, i.e. of launches on a GPU);

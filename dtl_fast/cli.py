@@ -141,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="OUT/checkpoint.pt (the last epoch) or OUT/best.pt (each model at its best "
                         "validation epoch) of `dtl-fast train`")
-    p.add_argument("--data", metavar="DIR", required=True, help="dataset root with validation/ and test/")
+    # (no default: ArgumentDefaultsHelpFormatter would print "(default: None)" for it)
+    p.add_argument("--data", metavar="DIR", required=True, default=argparse.SUPPRESS,
+                   help="dataset root with validation/ and test/ (required)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=("fused", "reference", "auto"), default="fused",
                    help="fused: Triton kernels on CUDA ('auto' on a CPU device); reference: eager")
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same ones to repair it); a folder that is not a demo build is never "
                         "replaced")
     q.add_argument("--samples-per-class", type=int, default=None, metavar="N",
-                   help="use N digits of each class instead of all of scikit-learn's 1797 (a "
-                        "small set for a quick try)")
+                   help="use N >= 3 digits of each class instead of all of scikit-learn's 1797 "
+                        "(a small set for a quick try; 3 gives one per split)")
     q.set_defaults(func=_cmd_data_demo)
 
     d = TrainConfig()
