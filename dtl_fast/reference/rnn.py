@@ -28,6 +28,9 @@ def check_flags(mode: str, *, bidirectional, batch_first, has_bias, training):
     naming the flag otherwise. Before anything reads them: a string "False" is truthy (the
     reference took batch_first="False" as True; torch.lstm refuses it with a TypeError that
     names no argument)."""
+    if (type(bidirectional) is bool and type(batch_first) is bool and type(has_bias) is bool
+            and type(training) is bool):  # every call but a mistake: ~0.2 us
+        return bidirectional, batch_first, has_bias, training
     flags = {"bidirectional": bidirectional, "batch_first": batch_first, "has_bias": has_bias,
              "training": training}
     for flag, value in flags.items():
