@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"{arg!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
         try:
             overrides[key] = ast.literal_eval(value)  # numbers and tuples, nothing executed
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError):  # TypeError: e.g. an unhashable dict key
             parser.error(f"{arg!r}: the value must be a Python literal (a number, a tuple, ...)")
     params = default_params(**overrides)
     t0 = time.perf_counter()

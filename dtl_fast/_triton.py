@@ -51,11 +51,12 @@ def _version(text: str) -> tuple[int, int]:
     String methods, not `re`: the first call can come inside torch.compile (a fused op traced
     with fullgraph=True), and torch 2.11's dynamo cannot trace re's pattern compiler."""
     parts = text.split(".")
-    if len(parts) < 2 or not parts[0].isdigit():
+    digits = "0123456789"  # (str.isdigit takes "²" too, which int() refuses)
+    if len(parts) < 2 or not parts[0] or any(ch not in digits for ch in parts[0]):
         return (0, 0)
     minor = ""
     for ch in parts[1]:
-        if not ch.isdigit():
+        if ch not in digits:
             break
         minor += ch
     return (int(parts[0]), int(minor)) if minor else (0, 0)

@@ -806,6 +806,14 @@ def test_lengths_made_under_inference_mode(mode, backend):
     (gw,) = torch.autograd.grad((gx * v).sum(), w)
     (gwwant,) = torch.autograd.grad((gwant * v).sum(), w)
     assert torch.allclose(gw, gwwant)
+    # compiled: AOTAutograd saves the graph's input itself (the op copies it there)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, lengths: ops.frame_pool(x, lengths, mode, backend=backend),
+                             backend="aot_eager")
+    out = compiled(x, lengths)
+    (gx,) = torch.autograd.grad((out * w).sum(), x)
+    assert torch.allclose(out, want) and torch.allclose(gx, gwant)
+    torch._dynamo.reset()
 
 
 def test_framepool_checks_mode_and_backend_when_set():

@@ -938,6 +938,31 @@ def test_compiled_auto_module_called_inside_eager_torch_func(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_compiled_auto_module_first_called_inside_eager_vmap(mode):
+    # A compiled call made first inside an eager vmap: dynamo cannot resume after the module's
+    # break there, so it skips our frames above PyTorch's kernel call, and a later plain call
+    # compiled that call's frame on its own: torch.lstm traced, and AOTAutograd's assertion
+    # with the weights' gradients (review s31). That frame now leaves the graph itself.
+    torch.manual_seed(0)
+    ours = OURS[mode](4, 5, bidirectional=True, backend="auto")
+    x, xs = torch.randn(6, 3, 4), torch.randn(2, 6, 3, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ours(x)[0], backend="aot_eager")
+    with torch.no_grad():
+        assert_rel_close("vmap", torch.func.vmap(compiled)(xs), torch.func.vmap(lambda x: ours(x)[0])(xs), TOL)
+    got = []
+    for f in (compiled, lambda x: ours(x)[0]):
+        ours.zero_grad(set_to_none=True)
+        for _ in range(2):
+            out = f(x)
+        out.square().sum().backward()
+        got.append([out.detach()] + [p.grad for p in ours.parameters()])
+    for i, (a, b) in enumerate(zip(*got)):
+        assert torch.equal(a, b), i
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_torch_compile_auto_module_under_torch_func(mode):
     # Inside a compiled torch.func transform the module's forward stays in the graph (a break
     # there fails dynamo: an internal AssertionError, review s30): compiled grad through

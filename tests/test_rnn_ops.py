@@ -756,6 +756,13 @@ def test_weight_shapes_of_layer_0_named_in_every_backend(mode, backend):
         with pytest.raises(ValueError, match=rf"^{mode}: weights\[4\] \(weight_ih_l0_reverse\) "
                            rf"must have shape \({G * 20}, 8\), got \({G * 20}, {cols}\)"):
             f(x, h, bad, **kw)
+    # a wrong weight_ih_l0 with a right reverse one: torch's words for it, not the reverse
+    # weight checked against it
+    bad = list(ws)
+    bad[0] = torch.randn(G * 20, 9)
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. "
+                       r"Expected 9, got 8"):
+        f(x, h, bad, **kw)
     bad = list(ws)
     bad[1] = torch.randn((G - 1) * 20, 21)
     with pytest.raises(ValueError, match=rf"^{mode}: weights\[1\] \(weight_hh_l0\) must have "
@@ -871,7 +878,8 @@ def test_compiled_fused_fullgraph_as_the_first_call_of_a_process():
 
 @pytest.mark.parametrize("text,want", [
     ("3.6.0", (3, 6)), ("2.4.0rc1", (2, 4)), ("3.10.1+git2a", (3, 10)), ("2.11", (2, 11)),
-    ("3", (0, 0)), ("v3.6", (0, 0)), ("3.x", (0, 0)), ("", (0, 0))])
+    ("3", (0, 0)), ("v3.6", (0, 0)), ("3.x", (0, 0)), ("", (0, 0)), ("3.\u00b2", (0, 0)),
+    ("\u00b2.1", (0, 0))])
 def test_version_strings_read_as_major_minor(text, want):
     import dtl_fast._triton as tri
     assert tri._version(text) == want

@@ -418,6 +418,12 @@ def frame_pool(x: torch.Tensor, lengths=None, mode: str = "mean", *, backend: st
     backend = resolve_backend(backend)
     check_pool_input(x, mode, MODES)
     lengths = normalize_lengths(lengths, x)
+    if (lengths is not None and torch.compiler.is_compiling() and x.requires_grad
+            and torch.is_grad_enabled()):
+        # AOTAutograd saves the graph's input for the backward, and refuses an inference tensor
+        # (lengths made under torch.inference_mode), which the C++ autograd copies eagerly but
+        # whose inference flag dynamo cannot read: a copy of B integers in the graph (review s31)
+        lengths = lengths.clone()
     if lengths is None and backend == "auto" and _stock_all_frames_wins(x, mode):
         return _stock_all_frames(x, mode)
     if not _use_compiled(x, backend, mode):

@@ -419,9 +419,22 @@ _gru_call = eager_op(torch.ops.dtl_fast.gru_recurrence, _gru_impl, _gru_setup, _
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
-def _native(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
-            training, has_bias, H, D):
-    """PyTorch's own RNN kernels: the call torch.nn.LSTM / GRU make."""
+def _native(*args):
+    """PyTorch's own RNN kernels: the call torch.nn.LSTM / GRU make (_native_body). Under a
+    plain torch.compile it runs outside the graph, as _dispatch's own break does (traced,
+    torch.lstm decomposes into a loop over T, and torch 2.11 / 2.14's AOTAutograd asserts on
+    it with weights that need a gradient). This frame guards itself because dynamo can compile
+    it on its own: a compiled caller first run inside an eager torch.func transform makes dynamo
+    skip the frames above it (it cannot resume after their breaks there), and later plain calls
+    then traced torch.lstm here (review s31)."""
+    if torch.compiler.is_compiling() and not _exporting() and not in_traced_transform(args[1]):
+        return _native_outside_graph(*args)
+    return _native_body(*args)
+
+
+def _native_body(mode, x, hs, weights, lengths, num_layers, bidirectional, batch_first, dropout,
+                 training, has_bias, H, D):
+    """_native's call, eagerly or traced (see _native)."""
     fn = torch.lstm if mode == "LSTM" else torch.gru
     B = x.shape[0] if batch_first else x.shape[1]
     zero_state = hs is None
@@ -713,10 +726,13 @@ _OUTSIDE_GRAPH_REASON = (
     "speed. " + _KEEP_ONE_GRAPH)
 _auto_with_lengths_outside_graph = outside_graph(_dispatch_eager, _OUTSIDE_GRAPH_REASON)
 # The same function for auto without lengths (see _dispatch), with its own reason.
-_auto_native_outside_graph = outside_graph(_dispatch_eager, (
+_AUTO_NATIVE_REASON = (
     "dtl_fast lstm/gru(backend='auto') runs PyTorch's RNN kernel (cuDNN / oneDNN, as "
     "torch.nn.LSTM / GRU do) outside the graph: traced, torch.lstm / torch.gru decompose into a "
-    "loop unrolled over T. " + _KEEP_ONE_GRAPH))
+    "loop unrolled over T. " + _KEEP_ONE_GRAPH)
+_auto_native_outside_graph = outside_graph(_dispatch_eager, _AUTO_NATIVE_REASON)
+# _native's own break (see _native): _native_body, eagerly
+_native_outside_graph = outside_graph(_native_body, _AUTO_NATIVE_REASON)
 
 
 def _traceable_path(x: torch.Tensor) -> str:

@@ -133,16 +133,22 @@ def _check_rnn_args(mode: str, input, weights, *, num_layers: int, bidirectional
     if w_hh0.shape[0] != G * H:  # else the first weight checked against this H took the blame
         raise ValueError(f"{name}: weights[1] (weight_hh_l0) must have shape {(G * H, H)} "
                          f"({G}*H rows for its H = {H} columns), got {tuple(w_hh0.shape)}")
-    # every direction of layer 0 reads the input: its columns are weight_ih_l0's (checked
-    # against the input below), not each weight's own, which let a reverse one of any width
-    # through (PyTorch's CPU kernel then read past its end: NaN)
-    in_size0 = weights[0].shape[-1] if weights[0].dim() else 0
+    # torch's check and words first: the input against weight_ih_l0's columns (what torch.nn
+    # calls input_size); so a wrong weight_ih_l0 is named as torch names it, not the reverse
+    # direction's weight checked against it below
+    w_ih0 = weights[0]
+    if w_ih0.dim() == 2 and input.shape[-1] != w_ih0.shape[1]:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {w_ih0.shape[1]}, "
+                           f"got {input.shape[-1]}")
     for layer in range(num_layers):
+        # every direction of layer 0 reads the input: its columns are the input's, not each
+        # weight's own, which let a reverse one of any width through (PyTorch's CPU kernel
+        # then read past its end: NaN)
         in_size = input.shape[-1] if layer == 0 else D * H
         for d in range(D):
             sfx = f"l{layer}" + ("_reverse" if d else "")
             base = (layer * D + d) * per_dir
-            shapes = [(f"weight_ih_{sfx}", (G * H, in_size0 if layer == 0 else in_size)),
+            shapes = [(f"weight_ih_{sfx}", (G * H, in_size)),
                       (f"weight_hh_{sfx}", (G * H, H))]
             if has_bias:
                 shapes += [(f"bias_ih_{sfx}", (G * H,)), (f"bias_hh_{sfx}", (G * H,))]
@@ -151,10 +157,6 @@ def _check_rnn_args(mode: str, input, weights, *, num_layers: int, bidirectional
                 if tuple(w.shape) != shape:
                     raise ValueError(f"{name}: weights[{base + j}] ({wname}) must have shape "
                                      f"{shape}, got {tuple(w.shape)}")
-    w_ih0 = weights[0]
-    if input.shape[-1] != w_ih0.shape[1]:
-        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {w_ih0.shape[1]}, "
-                           f"got {input.shape[-1]}")
     if not autocast_enabled(input.device.type):
         for i, w in enumerate(weights):
             if w.dtype != input.dtype:
