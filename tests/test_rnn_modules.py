@@ -920,16 +920,20 @@ def test_torch_compile_auto_module_compiles_no_graph_around_its_break(mode):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_compiled_auto_module_called_inside_eager_torch_func(mode):
-    # Compiled outside any transform, then called under an eager torch.func.grad: dynamo's
-    # guard on the functorch state (the folded stack depth) recompiles the call, which stays
-    # in the graph there; eager grad's gradient
+def _compiled_auto_module(mode):
+    """(module with backend auto, torch.compile of its output [aot_eager], x [6, 3, 4])."""
     torch.manual_seed(0)
     ours = OURS[mode](4, 5, bidirectional=True, backend="auto")
-    x = torch.randn(6, 3, 4)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: ours(x)[0], backend="aot_eager")
+    return ours, torch.compile(lambda x: ours(x)[0], backend="aot_eager"), torch.randn(6, 3, 4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_auto_module_called_inside_eager_torch_func(mode):
+    # Compiled outside any transform, then called under an eager torch.func.grad (dynamo runs
+    # no graph of ours there, before or after s31's stack-depth query: a composition check):
+    # eager grad's gradient
+    ours, compiled, x = _compiled_auto_module(mode)
     compiled(x)
     got = torch.func.grad(lambda x: compiled(x).square().sum())(x)
     want = torch.func.grad(lambda x: ours(x)[0].square().sum())(x)
@@ -943,11 +947,8 @@ def test_compiled_auto_module_first_called_inside_eager_vmap(mode):
     # break there, so it skips our frames above PyTorch's kernel call, and a later plain call
     # compiled that call's frame on its own: torch.lstm traced, and AOTAutograd's assertion
     # with the weights' gradients (review s31). That frame now leaves the graph itself.
-    torch.manual_seed(0)
-    ours = OURS[mode](4, 5, bidirectional=True, backend="auto")
-    x, xs = torch.randn(6, 3, 4), torch.randn(2, 6, 3, 4)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda x: ours(x)[0], backend="aot_eager")
+    ours, compiled, x = _compiled_auto_module(mode)
+    xs = torch.randn(2, 6, 3, 4)
     with torch.no_grad():
         assert_rel_close("vmap", torch.func.vmap(compiled)(xs), torch.func.vmap(lambda x: ours(x)[0])(xs), TOL)
     got = []
