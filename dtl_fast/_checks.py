@@ -51,7 +51,8 @@ def tensor_from_numpy(arr: np.ndarray, *, owner: str, name: str) -> torch.Tensor
 
 
 def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name: str = "lengths",
-                      device_name: str = "x", overflow_error: type = ValueError) -> torch.Tensor | None:
+                      device_name: str = "x", overflow_error: type = ValueError,
+                      required: bool = False) -> torch.Tensor | None:
     """Turns `lengths` (None, a sequence of ints or of 0-d integer tensors, an integer NumPy
     array, or an integer tensor [B] on the CPU or on `device`) into None or an integer tensor
     (its dtype and device as given; a NumPy array is copied, see tensor_from_numpy), checking
@@ -59,7 +60,8 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
     they all accept and reject the same things.
 
     Errors are ValueError "<owner>: <name> must ..." (overflow_error for values outside int64).
-    The range of the values is the caller's to check: see check_lengths_range.
+    The range of the values is the caller's to check: see check_lengths_range. required=True:
+    the caller has refused None already, and the type error does not offer it.
     """
     if lengths is None:
         return None
@@ -67,8 +69,8 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
         lengths = tensor_from_numpy(lengths, owner=owner, name=name)
     if not isinstance(lengths, torch.Tensor):
         if not isinstance(lengths, Sequence) or isinstance(lengths, (str, bytes)):
-            raise ValueError(f"{owner}: {name} must be None, a list of ints or an integer "
-                             f"tensor [B], got {type(lengths).__name__}")
+            raise ValueError(f"{owner}: {name} must be {'' if required else 'None, '}a list of "
+                             f"ints or an integer tensor [B], got {type(lengths).__name__}")
 
         def is_int(v):
             if isinstance(v, torch.Tensor):  # e.g. list(lengths_tensor)
@@ -143,9 +145,8 @@ def check_lengths_range(lengths: torch.Tensor | None, lo: int, hi: int, *, owner
         # min / max of the host values in Python: 6 us where aminmax + stack + tolist, three
         # dispatched ops, take 15 us (2-core VM, B 64; this runs on every call of the ops that
         # take lengths)
-        values = lengths.tolist()
-        if lengths.dim() > 1:
-            values = [v for row in values for v in row]
+        # (flattened first: under vmap per-head lengths are [V, B, H])
+        values = (lengths if lengths.dim() == 1 else lengths.reshape(-1)).tolist()
         got_lo, got_hi = min(values), max(values)
     else:
         got_lo, got_hi = torch.stack(torch.aminmax(lengths)).tolist()

@@ -874,3 +874,108 @@ def test_gpu_dam(dtype, heads, Ni, Nv, poison):
     dam = randomize_(DualModalAttention(256, heads, num_layers=2, window=4, num_memory=8))
     _assert_gpu_fused_matches_reference(dam, [torch.randn(B, Ni, 256), torch.randn(B, Nv, 256)], dtype, poison,
                                         image_lengths=_gpu_lengths(B, Ni), video_lengths=_gpu_lengths(B, Nv))
+
+
+# --------------------------------------------------------------------------------------------
+# review of s32: hooks and non-plain projections in the grouped form, small-int lengths
+# --------------------------------------------------------------------------------------------
+def _modules_for_hooks():
+    """(module, inputs, the Linears its grouped form concatenates) for each grouped form."""
+    torch.manual_seed(0)
+    ca = randomize_(CosineAttention(8, 2))
+    fe = randomize_(FeatureExchange(8, 8, 8, 2))
+    dam = randomize_(DAMLayer(8, 2, window=1, num_memory=0))
+    x, y = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    return [(ca, (x,), ca.k_proj), (fe, (x, y), fe.attn_ab.q_proj),
+            (dam, (x, y), dam.intra_v.v_proj), (dam, (x, y), dam.inter_iv.out_proj)]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_grouped_form_runs_projection_hooks(case):
+    """A forward hook on a projection the grouped form would concatenate runs, and changes the
+    result, exactly as in the reference form (before: the grouped GEMM read the weights and
+    skipped the hook silently under auto / fused)."""
+    module, inputs, lin = _modules_for_hooks()[case]
+    module.double()
+    outs = {}
+    for backend in ("reference", "auto"):
+        module.backend = backend
+        calls = []
+        # (a shift: cosine attention ignores a scale of q or k)
+        handle = lin.register_forward_hook(lambda m, i, o: (calls.append(1), o + 0.5)[1])
+        try:
+            out = module(*inputs)
+        finally:
+            handle.remove()
+        assert len(calls) == 1, backend
+        outs[backend] = out if isinstance(out, tuple) else (out,)
+    for a, b in zip(outs["auto"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    module.backend = "auto"
+    plain = module(*inputs)
+    plain = plain if isinstance(plain, tuple) else (plain,)
+    # the hook did change the output
+    assert not all(torch.allclose(a, b) for a, b in zip(plain, outs["auto"]))
+
+
+def test_grouped_form_with_pruned_projection_trains():
+    """torch.nn.utils.prune recomputes a projection's weight in a forward pre-hook: the grouped
+    form must call the module (before: it read the stale weight of the first step and the
+    second backward failed, 'Trying to backward through the graph a second time')."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    losses = {}
+    for backend in ("reference", "auto"):
+        torch.manual_seed(1)
+        m = CosineAttention(8, 2, backend=backend)
+        prune.l1_unstructured(m.k_proj, "weight", amount=0.5)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        losses[backend] = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses[backend].append(loss.item())
+    assert losses["auto"] == pytest.approx(losses["reference"], rel=1e-5)
+
+
+def test_grouped_form_with_a_linear_subclass():
+    """A Linear subclass with its own forward in a projection slot is called, not bypassed."""
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    outs = []
+    for backend in ("reference", "auto"):
+        torch.manual_seed(1)
+        m = CosineAttention(8, 2, backend=backend).double()
+        old = m.v_proj
+        m.v_proj = Scaled(8, 8).double()
+        m.v_proj.load_state_dict(old.state_dict())
+        outs.append(m(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.int8, 150), (torch.uint8, 300)])
+@pytest.mark.parametrize("a_given", [False, True])
+def test_feature_exchange_small_int_lengths_beyond_their_range(dtype, n, a_given):
+    """b's lengths in a small integer dtype with N past its range (N itself is not a length
+    value), a's none or int64 ones past that range too: the grouped form's per-head lengths are
+    built in int64 (before: full_like(b_lengths, N) overflowed int8 / uint8, an error naming no
+    argument, and a's values were cast to b's dtype)."""
+    torch.manual_seed(0)
+    fe = randomize_(FeatureExchange(8, 8, 8, 2))
+    a, b = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    la = torch.tensor([n - 3, 5]) if a_given else None
+    lb = torch.tensor([100, 7], dtype=dtype)
+    outs = []
+    for backend in ("auto", "reference"):
+        fe.backend = backend
+        outs.append(fe(a, b, la, lb))
+    for x, y in zip(outs[0], outs[1]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

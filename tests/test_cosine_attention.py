@@ -802,3 +802,25 @@ def test_gpu_float64_and_opcheck():
     q, k, v, ls, mk, mv = make_inputs(2, 2, 70, 90, 64, 64, 4, dtype=torch.bfloat16, device="cuda")
     torch.library.opcheck(torch.ops.dtl_fast.cosine_attention_fwd.default,
                           (q, k, v, torch.exp(ls.float()), lens.int(), -1, mk, mv))
+
+
+def test_per_head_key_lengths_and_windows_under_vmap():
+    """Per-head key lengths [B, H] and a per-head window tensor [H] batched by torch.func.vmap:
+    per-sample results, and the range checks see every sample (before: the lengths' check
+    compared Python lists, 'TypeError: <', and the window's called .item() under vmap)."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 2, 4, 4) for _ in range(3))
+    ls = torch.rand(2)
+    kl = torch.tensor([[[0, 4], [2, 1]], [[3, 3], [4, 0]], [[1, 2], [2, 4]]])
+    win = torch.tensor([[0, -1], [1, 1], [-1, 2]])
+    f = vmap(lambda q, k, v, kl, w: cosine_attention(q, k, v, ls, kl, w, backend="reference"))
+    got = f(q, k, v, kl, win)
+    want = torch.stack([cosine_attention(q[i], k[i], v[i], ls, kl[i], win[i], backend="reference")
+                        for i in range(3)])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"key_lengths\[b\] must lie in \[0, Nk\]"):
+        f(q, k, v, kl.clone().index_fill_(0, torch.tensor([2]), 5), win)
+    with pytest.raises(ValueError, match=r"window\[h\] must be >= 0"):
+        f(q, k, v, kl, torch.tensor([[0, -1], [1, 1], [-2, 2]]))

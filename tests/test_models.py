@@ -557,6 +557,106 @@ def test_bad_inputs():
             model(*args)
 
 
+def test_inputs_checked_against_the_parameters():
+    """An input dtype other than the parameters' (outside autocast) is a ValueError naming the
+    input, for DTL and both baselines (before: conv2d's "expected scalar type Double but found
+    Float"); the DTL's check cache does not let a model converted afterwards skip it; under
+    CPU autocast another float dtype is what AMP runs."""
+    model = DTL(NUM_CLASSES, **TINY, backend="reference")
+    images, videos, L, _ = _batch()
+    model(images, videos, L)  # cached for float32 inputs of a float32 model
+    with pytest.raises(ValueError, match=r"DTL: images must have the module's dtype \(torch.float32\)"):
+        model(images.double(), videos.double(), L)
+    model.double()
+    with pytest.raises(ValueError, match=r"DTL: images must have the module's dtype \(torch.float64\)"):
+        model(images, videos, L)
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images.bfloat16(), videos.bfloat16(), L)
+    assert out.fused.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="ImageBaseline: images must have the module's dtype"):
+        ImageBaseline(NUM_CLASSES, width=8)(images.double())
+    with pytest.raises(ValueError, match="VideoBaseline: videos must have the module's dtype"):
+        VideoBaseline(NUM_CLASSES, width=8)(videos.double(), L)
+    with pytest.raises(ValueError, match="must be on the module's device"):
+        model(images.to("meta"), videos.to("meta"), L)
+
+
+def test_compiled_model_checks_images_against_videos():
+    """Under torch.compile the images-vs-videos checks run too (before: only each tensor's own
+    checks, and a batch mismatch surfaced as an attention op's error about k). With fullgraph
+    the exception dynamo raises carries ours (without fullgraph dynamo falls back to the eager
+    frame, whose checks always ran)."""
+    model = DTL(NUM_CLASSES, **TINY, backend="reference")
+    images, videos, L, _ = _batch()
+    for fullgraph in (True, False):
+        torch._dynamo.reset()  # (a failed trace is remembered: each form traces afresh)
+        compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)
+        for args, msg in (((images[:2], videos, L), "DTL: images and videos must have the same batch size"),
+                          ((images, videos.double(), L), "DTL: images and videos must have the same dtype")):
+            with pytest.raises(Exception) as info:
+                compiled(*args)
+            assert msg in str(info.value), (fullgraph, str(info.value)[:400])
+
+
+def test_numpy_integer_sizes():
+    """NumPy integers pass check_int, so every submodule must get them as ints (before: the
+    LSTM refused hidden_size=np.int64(8), 'hidden_size should be of type int')."""
+    import numpy as np
+
+    kw = {k: (np.int64(v) if isinstance(v, int) else v) for k, v in TINY.items()}
+    model = DTL(np.int64(NUM_CLASSES), **kw, backend="reference")
+    images, videos, L, _ = _batch()
+    assert model(images, videos, L).fused.shape == (3, NUM_CLASSES)
+    assert json.loads(json.dumps(model.config)) == model.config
+    for cls, args in ((ImageBaseline, (images,)), (VideoBaseline, (videos, L))):
+        assert cls(np.int64(NUM_CLASSES), width=np.int64(8), in_channels=np.int64(3))(*args).shape \
+            == (3, NUM_CLASSES)
+
+
+def test_lengths_type_error_does_not_offer_none():
+    model = DTL(NUM_CLASSES, **TINY, backend="reference")
+    images, videos, _, _ = _batch()
+    with pytest.raises(ValueError, match=r"DTL: lengths must be a list of ints or an integer tensor"):
+        model(images, videos, 3)
+
+
+def test_whole_model_pickled_before_static_shapes_still_runs():
+    """A DTL / VideoBaseline pickled whole (torch.save(model)) before static-shape mode and the
+    input-check cache existed lacks both attributes; unpickling fills the defaults (before:
+    "'DTL' object has no attribute '_checked_inputs'" at the first forward)."""
+    images, videos, L, _ = _batch()
+    for model, args in ((DTL(NUM_CLASSES, **TINY, backend="reference"), (images, videos, L)),
+                        (VideoBaseline(NUM_CLASSES, width=8), (videos, L))):
+        state = dict(model.__dict__)
+        for name in ("static_shapes", "_checked_inputs"):
+            state.pop(name, None)
+        old = type(model).__new__(type(model))
+        old.__setstate__(state)
+        assert old.static_shapes is False
+        torch.testing.assert_close(old(*args), model(*args))
+
+
+def test_dtl_loss_bad_logits_and_labels():
+    g = torch.Generator().manual_seed(3)
+    out = DTLOutput(*(torch.randn(4, NUM_CLASSES, generator=g) for _ in range(3)))
+    y = torch.tensor([0, 4, 2, 2])
+    with pytest.raises(ValueError, match="output.image must be logits"):
+        dtl_loss(([0.0] * 5, [0.0] * 5, [0.0] * 5), y)
+    with pytest.raises(ValueError, match="output.image must be floating-point logits"):
+        dtl_loss(tuple(o.long() for o in out), y)
+    with pytest.raises(ValueError, match="output.video must have the dtype and device"):
+        dtl_loss(DTLOutput(out.image, out.video.double(), out.fused), y)
+    for bad, shown in (([0, 4, 5, 2], 5), ([0, -1, 2, 2], -1)):
+        with pytest.raises(ValueError, match=rf"labels must be class indices in \[0, num_classes\) "
+                                             rf"= \[0, {NUM_CLASSES}\), got {shown}"):
+            dtl_loss(out, torch.tensor(bad))
+    with pytest.raises(ValueError, match="labels must be on the logits' device"):
+        dtl_loss(out, y.to("meta"))
+    # the dtype is the logits' outside autocast (the docstring's promise)
+    assert dtl_loss(DTLOutput(*(o.bfloat16() for o in out)), y).dtype == torch.bfloat16
+
+
 # --------------------------------------------------------------------------------------------
 # float64, other devices
 # --------------------------------------------------------------------------------------------

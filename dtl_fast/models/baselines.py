@@ -12,6 +12,7 @@ from dtl_fast.models.encoders import (ENCODERS, build_encoder, capturing, check_
                                       check_images, check_int, check_video_lengths, check_videos,
                                       encode_frames, SpatialReadout)
 from dtl_fast.nn import FramePool
+from dtl_fast.nn.attention import _check_module_param
 
 __all__ = ["ImageBaseline", "VideoBaseline"]
 
@@ -36,7 +37,8 @@ class ImageBaseline(nn.Module):
 
     ImageBaseline(num_classes, *, in_channels=3, encoder="cnn", encoder_weights=None, width=64)
     .config: the constructor's keyword arguments (JSON-serialisable; ImageBaseline(**config)).
-    forward(images [B, C, H, W] float) -> logits [B, num_classes].
+    forward(images [B, C, H, W] float, on the parameters' device with their dtype (any but
+    float64 under autocast)) -> logits [B, num_classes].
     """
 
     def __init__(self, num_classes: int, *, in_channels: int = 3, encoder: str = "cnn",
@@ -44,9 +46,11 @@ class ImageBaseline(nn.Module):
         super().__init__()
         self._config = _common_config("ImageBaseline", num_classes, in_channels, encoder,
                                       encoder_weights, width)
-        self.in_channels = int(in_channels)
-        self.encoder = build_encoder(encoder, in_channels, width, encoder_weights, owner="ImageBaseline")
-        self.head = SpatialReadout(self.encoder.out_channels, num_classes)
+        c = self._config  # the checked values as Python ints
+        self.in_channels = c["in_channels"]
+        self.encoder = build_encoder(encoder, c["in_channels"], c["width"], encoder_weights,
+                                     owner="ImageBaseline")
+        self.head = SpatialReadout(self.encoder.out_channels, c["num_classes"])
 
     @property
     def config(self) -> dict:
@@ -54,6 +58,8 @@ class ImageBaseline(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images("ImageBaseline", images, self.in_channels)
+        # the parameters' device, and their dtype outside autocast: ValueError naming images
+        _check_module_param("ImageBaseline", "images", images, next(self.head.parameters()))
         return self.head(self.encoder(images))
 
 
@@ -71,8 +77,9 @@ class VideoBaseline(nn.Module):
                   backend=None)
     backend: FramePool's backend ("auto" | "fused" | "reference" | None); settable.
     .config: the constructor's keyword arguments (JSON-serialisable; VideoBaseline(**config)).
-    forward(videos [B, T, C, H, W] float, lengths [B] integer, 1 <= lengths[b] <= T, CPU or
-    videos' device) -> logits [B, num_classes].
+    forward(videos [B, T, C, H, W] float (the parameters' device and dtype, any dtype but
+    float64 under autocast), lengths [B] integer, 1 <= lengths[b] <= T, CPU or videos' device)
+    -> logits [B, num_classes].
     """
 
     def __init__(self, num_classes: int, *, in_channels: int = 3, encoder: str = "cnn",
@@ -81,12 +88,14 @@ class VideoBaseline(nn.Module):
         self._config = _common_config("VideoBaseline", num_classes, in_channels, encoder,
                                       encoder_weights, width)
         _check_backend("VideoBaseline", backend)
-        self.in_channels = int(in_channels)
-        self.encoder = build_encoder(encoder, in_channels, width, encoder_weights, owner="VideoBaseline")
+        cfg = self._config  # the checked values as Python ints
+        self.in_channels = cfg["in_channels"]
+        self.encoder = build_encoder(encoder, cfg["in_channels"], cfg["width"], encoder_weights,
+                                     owner="VideoBaseline")
         self.pool = FramePool("mean")
         c = self.encoder.out_channels
         self.readout = nn.Sequential(SpatialReadout(c, c), nn.ReLU())
-        self.head = nn.Linear(c, num_classes)
+        self.head = nn.Linear(c, cfg["num_classes"])
         self.static_shapes = False
         self.backend = backend
 
@@ -108,8 +117,14 @@ class VideoBaseline(nn.Module):
     def config(self) -> dict:
         return dict(self._config, backend=self.backend)
 
+    def __setstate__(self, state: dict) -> None:
+        # a VideoBaseline pickled whole before static-shape mode existed
+        state.setdefault("static_shapes", False)
+        super().__setstate__(state)
+
     def forward(self, videos: torch.Tensor, lengths) -> torch.Tensor:
         check_videos("VideoBaseline", videos, self.in_channels)
+        _check_module_param("VideoBaseline", "videos", videos, self.head.weight)
         # static-shape mode as in DTL (see DTL's docstring): every frame slot encoded, lengths
         # kept on their device, under torch.compile, CUDA graph capture or static_shapes=True
         static = self.static_shapes or torch.compiler.is_compiling() or capturing(videos)

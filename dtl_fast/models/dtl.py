@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtl_fast._backend import resolve_backend
-from dtl_fast._checks import INTEGER_DTYPES
+from dtl_fast._checks import INTEGER_DTYPES, autocast_enabled
 from dtl_fast.models.encoders import (ENCODERS, build_encoder, capturing, check_choice,
                                       check_images, check_int, check_video_lengths, check_videos,
                                       encode_frames, SpatialReadout, to_device_async)
 from dtl_fast.nn import GRU, LSTM, DualModalAttention, FeatureExchange, FramePool
-from dtl_fast.nn.attention import _Lengths
+from dtl_fast.nn.attention import _check_module_param, _Lengths
 
 __all__ = ["DTL", "DTLOutput", "dtl_loss", "RNNS", "set_fused_backend"]
 
@@ -100,10 +100,11 @@ class DTL(nn.Module):
             `model.backend = ...` or `model.set_backend(...)` switches them all.
 
     forward(images [B, C, H, W], videos [B, T, C, H', W'], lengths [B]) -> DTLOutput
-        images / videos: float32 / float64 / float16 / bfloat16, the same dtype and device
-        (the parameters' dtype, or any under autocast); lengths: an integer tensor (or a list
-        of ints) on the CPU or the videos' device, 1 <= lengths[b] <= T.
-        Returns DTLOutput(image, video, fused), each [B, num_classes].
+        images / videos: float32 / float64 / float16 / bfloat16, the same dtype, on the
+        parameters' device and with their dtype (under autocast any dtype but float64);
+        lengths: an integer tensor (or a list of ints) on the CPU or the videos' device,
+        1 <= lengths[b] <= T. Returns DTLOutput(image, video, fused), each [B, num_classes].
+        A bad argument raises ValueError naming it.
 
     Static-shape mode (`model.static_shapes = True`, and always while torch.compile traces the
     model or a CUDA graph is captured): every frame slot goes through the encoder (padded ones
@@ -150,19 +151,24 @@ class DTL(nn.Module):
             window=None if window is None else int(window), num_memory=int(num_memory),
             dropout=dropout)
         self.num_classes, self.in_channels = int(num_classes), int(in_channels)
+        # the submodules get the checked values as Python ints (torch.nn.LSTM refuses e.g. a
+        # NumPy integer hidden_size that check_int accepts)
+        c = self._config
+        hidden_size, dim, num_heads = c["hidden_size"], c["dim"], c["num_heads"]
 
-        self.encoder = build_encoder(encoder, in_channels, width, encoder_weights, owner=owner)
+        self.encoder = build_encoder(encoder, c["in_channels"], c["width"], encoder_weights,
+                                     owner=owner)
         feat = self.encoder.out_channels
         self.frame_readout = nn.Sequential(SpatialReadout(feat, feat), nn.ReLU())
         rnn_cls = LSTM if rnn == "lstm" else GRU
         self.rnn = rnn_cls(feat, hidden_size, batch_first=True, bidirectional=True)
         self.exchange = FeatureExchange(2 * hidden_size, 2 * hidden_size, dim, num_heads,
                                         dropout=dropout)
-        self.dam = DualModalAttention(dim, num_heads, num_layers=num_layers, window=window,
-                                      num_memory=num_memory, dropout=dropout)
+        self.dam = DualModalAttention(dim, num_heads, num_layers=c["num_layers"], window=c["window"],
+                                      num_memory=c["num_memory"], dropout=dropout)
         self.pool = FramePool("mean")
         self.predictor = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(),
-                                       nn.Dropout(dropout), nn.Linear(dim, num_classes))
+                                       nn.Dropout(dropout), nn.Linear(dim, self.num_classes))
         self.static_shapes = False
         self._checked_inputs: set = set()
         self.backend = backend
@@ -193,12 +199,26 @@ class DTL(nn.Module):
         return dict(self._config, backend=self.backend)
 
     # -- forward --------------------------------------------------------------------------------
+    def __setstate__(self, state: dict) -> None:
+        # A DTL pickled whole (torch.save(model)) before static-shape mode and the input-check
+        # cache existed has neither attribute.
+        state.setdefault("static_shapes", False)
+        state.setdefault("_checked_inputs", set())
+        super().__setstate__(state)
+
     def _check_inputs(self, images, videos) -> None:
+        """images / videos: their own checks, then against each other and against the model's
+        parameters (device; dtype outside autocast). Eager: once per (shapes, dtypes, devices,
+        the parameters' dtype and device, autocast on or off), then cached; under torch.compile
+        every trace runs them (once per shape: they cost nothing at run time)."""
         owner = "DTL"
+        param = self.predictor[-1].weight
         key = None
-        if isinstance(images, torch.Tensor) and isinstance(videos, torch.Tensor):
+        if (not torch.compiler.is_compiling() and isinstance(images, torch.Tensor)
+                and isinstance(videos, torch.Tensor)):
             key = (tuple(images.shape), images.dtype, images.device, tuple(videos.shape),
-                   videos.dtype, videos.device)
+                   videos.dtype, videos.device, param.dtype, param.device,
+                   autocast_enabled(images.device.type))
             if key in self._checked_inputs:
                 return
         check_images(owner, images, self.in_channels)
@@ -209,16 +229,13 @@ class DTL(nn.Module):
         if images.dtype != videos.dtype or images.device != videos.device:
             raise ValueError(f"{owner}: images and videos must have the same dtype and device, got "
                              f"{images.dtype} on {images.device} and {videos.dtype} on {videos.device}")
-        if not torch.compiler.is_compiling() and len(self._checked_inputs) < 64:
+        _check_module_param(owner, "images", images, param)
+        if key is not None and len(self._checked_inputs) < 64:
             self._checked_inputs.add(key)
 
     def forward(self, images: torch.Tensor, videos: torch.Tensor, lengths) -> DTLOutput:
         owner = "DTL"
-        if torch.compiler.is_compiling():  # traced once per shape: the checks cost nothing
-            check_images(owner, images, self.in_channels)
-            check_videos(owner, videos, self.in_channels)
-        else:
-            self._check_inputs(images, videos)
+        self._check_inputs(images, videos)
         static = self.static_shapes or torch.compiler.is_compiling() or capturing(videos)
         lengths = check_video_lengths(owner, lengths, videos, keep_device=static)
         # lengths: CPU int64 (default mode; the RNN, pooling and attention ops check them on the
@@ -254,9 +271,15 @@ def dtl_loss(output: DTLOutput, labels: torch.Tensor, weights=(1.0, 1.0, 1.0)) -
     r"""The dual-task objective: w_i CE(image, y) + w_v CE(video, y) + w_f CE(fused, y), each
     cross-entropy the mean over the batch (F.cross_entropy).
 
-    output: DTLOutput (or any 3-sequence of logits [B, num_classes]); labels: int64 [B] in
-    [0, num_classes) on the logits' device; weights: three non-negative numbers.
-    Returns a scalar tensor (float32 for half logits, as F.cross_entropy under autocast).
+    output: DTLOutput (or any 3-sequence of floating logits [B, num_classes], one dtype and
+    device); labels: an integer tensor [B] in [0, num_classes) on the logits' device; weights:
+    three non-negative numbers.
+    Returns a 0-d tensor in the logits' dtype (float32 under autocast, where F.cross_entropy
+    runs in float32).
+
+    A bad argument raises ValueError naming it. The labels' range is checked on the host when
+    they are on the CPU (free); labels on a GPU are not read (that would cost every step a
+    device sync), so a class index out of range there is F.cross_entropy's device-side assert.
     """
     if not isinstance(output, (tuple, list)) or len(output) != 3:
         raise ValueError(f"dtl_loss: output must be a DTLOutput (image, video, fused logits), got "
@@ -265,17 +288,36 @@ def dtl_loss(output: DTLOutput, labels: torch.Tensor, weights=(1.0, 1.0, 1.0)) -
             not isinstance(w, numbers.Real) or isinstance(w, bool) or not w >= 0 for w in weights)):
         raise ValueError(f"dtl_loss: weights must be three numbers >= 0 (image, video, fused), "
                          f"got {weights!r}")
+
+    def describe(t) -> str:
+        return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
     first = output[0]
     for name, logits in zip(("image", "video", "fused"), output):
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != first.shape:
+        if (not isinstance(logits, torch.Tensor) or not isinstance(first, torch.Tensor)
+                or logits.dim() != 2 or logits.shape != first.shape):
             raise ValueError(f"dtl_loss: output.{name} must be logits [B, num_classes] like "
-                             f"output.image {tuple(first.shape)}, got "
-                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+                             f"output.image {describe(first)}, got {describe(logits)}")
+        if not logits.is_floating_point():
+            raise ValueError(f"dtl_loss: output.{name} must be floating-point logits, got {logits.dtype}")
+        if logits.dtype != first.dtype or logits.device != first.device:
+            raise ValueError(f"dtl_loss: output.{name} must have the dtype and device of "
+                             f"output.image ({first.dtype} on {first.device}), got {logits.dtype} "
+                             f"on {logits.device}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != first.shape[0]:
         raise ValueError(f"dtl_loss: labels must be an integer tensor [B] = [{first.shape[0]}], got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+                         f"{describe(labels)}")
     if labels.dtype not in INTEGER_DTYPES:
         raise ValueError(f"dtl_loss: labels must be an integer tensor (class indices), got {labels.dtype}")
+    if labels.device != first.device:
+        raise ValueError(f"dtl_loss: labels must be on the logits' device ({first.device}), got "
+                         f"{labels.device}")
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        values = labels.tolist()  # (min / max in Python: one read, no dispatched op)
+        lo, hi = min(values), max(values)
+        if lo < 0 or hi >= first.shape[1]:
+            raise ValueError(f"dtl_loss: labels must be class indices in [0, num_classes) = "
+                             f"[0, {first.shape[1]}), got {lo if lo < 0 else hi}")
     labels = labels.to(torch.int64)
     total = None
     for w, logits in zip(weights, output):

@@ -102,7 +102,7 @@ def check_video_lengths(owner: str, lengths, videos: torch.Tensor, *, keep_devic
                          "valid frames of each clip")
     B, T = videos.shape[0], videos.shape[1]
     lengths = as_lengths_tensor(lengths, B, videos.device, owner=owner, name="lengths",
-                                device_name="videos")
+                                device_name="videos", required=True)
     if keep_device and capturing(videos) and lengths.device != videos.device:
         raise ValueError(f"{owner}: while a CUDA graph is captured, lengths must be an integer "
                          f"tensor on the videos' device ({videos.device}), a static buffer checked "

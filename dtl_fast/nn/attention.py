@@ -212,13 +212,32 @@ def use_grouped(module: nn.Module) -> bool:
     return resolve_backend(module.backend) != "reference"
 
 
+def _plain_linears(linears) -> bool:
+    """Whether every module in `linears` is exactly an nn.Linear that nothing hooks (no forward
+    or backward hook of its own nor a global one): only then may a grouped GEMM read their
+    weights directly in place of calling them. A hook (torch.nn.utils.prune and the old
+    weight_norm / spectral_norm are forward pre-hooks), a parametrization (it changes the
+    class) or a subclass with its own forward would be skipped silently otherwise."""
+    g = torch.nn.modules.module
+    if any(getattr(g, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return False
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks
+                                             or m._backward_hooks or m._backward_pre_hooks)
+               for m in linears)
+
+
 def _linear_group(x: torch.Tensor, linears) -> torch.Tensor:
     """x [..., C] through several nn.Linear(C, *) at once: [..., sum of their out_features],
     their outputs side by side in the order given. The weights are concatenated at each call
     (a small copy: the parameters stay the modules' own, state_dicts and optimizers unchanged);
-    autograd splits the gradient back to each weight."""
+    autograd splits the gradient back to each weight. Modules that are not plain Linears
+    (_plain_linears) are called one by one instead, so their hooks and forwards run."""
     if len(linears) == 1:
         return linears[0](x)
+    if not _plain_linears(linears):
+        return torch.cat([m(x) for m in linears], dim=-1)
     w = torch.cat([m.weight for m in linears])
     b = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
     return F.linear(x, w, b)
@@ -275,8 +294,10 @@ def _per_head_lengths(groups, H: int, N: int) -> torch.Tensor | None:
         return None
     form = "op" if all(g.op.device == given[0].op.device for g in given) else "dev"
     ref = getattr(given[0], form)
-    full = torch.full_like(ref, N)
-    cols = torch.stack([full if g is None else getattr(g, form).to(ref.dtype) for g in groups], 1)
+    # int64 whatever the callers' dtypes: N may not fit theirs (int8 lengths with N >= 128),
+    # nor may one group's values fit another's dtype
+    full = torch.full_like(ref, N, dtype=torch.int64)
+    cols = torch.stack([full if g is None else getattr(g, form).to(torch.int64) for g in groups], 1)
     return cols[:, :, None].expand(-1, -1, H).reshape(cols.shape[0], len(groups) * H)
 
 
@@ -286,9 +307,9 @@ def _out_group(outs, mods) -> torch.Tensor:
     same p and .out_proj) -> [K, B, N, dim], branch k = mods[k].out_proj(dropout(o_k))."""
     B, Hh, N, d = outs[0].shape
     K, dim = len(outs), Hh * d
-    if K == 1:
-        m = mods[0]
-        return m.out_proj(m.dropout(outs[0].transpose(1, 2).reshape(B, N, dim)))[None]
+    if K == 1 or not _plain_linears([m.out_proj for m in mods]):  # (each called: its hooks run)
+        return torch.stack([m.out_proj(m.dropout(o.transpose(1, 2).reshape(B, N, dim)))
+                            for o, m in zip(outs, mods)])
     o = torch.stack([t.transpose(1, 2) for t in outs]).view(K, B * N, dim)
     o = mods[0].dropout(o)
     w = torch.stack([m.out_proj.weight for m in mods]).transpose(1, 2)  # [K, dim_in, dim_out]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dtl_fast._checks import (INTEGER_DTYPES, as_lengths_tensor, check_lengths_range,
-                              device_capturing, tensor_from_numpy)
+                              device_capturing, tensor_from_numpy, unwrap_functorch)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOG_MAX_SCALE = math.log(100.0)  # Swin V2 clamps the learned log-scale at ln 100
@@ -160,7 +160,7 @@ def check_window_range(window) -> None:
                             f"{_NAME}: every window[h] must be >= 0, or -1 for no window (and "
                             f"below 2^63)")
         return
-    low = int(window.min())
+    low = int(unwrap_functorch(window).min())  # every sample's windows under torch.func.vmap
     if unsigned and low < 0:
         _fail(f"every window[h] must fit in int64 (below 2^63), got {low + 2**64}")
     if low < -1:

@@ -52,7 +52,9 @@ def autocast(device: torch.device, amp: str | None, *, graphs: bool = False):
 
 def model_loss(name: str, model, images, videos, lengths, labels) -> torch.Tensor:
     """The training loss of model `name` ("dtl", "image_cnn" or "video_baseline") on a batch:
-    a 0-d float32 tensor."""
+    a 0-d tensor, float32 for the float32 models `dtl-fast train` builds, with or without bf16
+    autocast (the DTL's through dtl_loss: F.cross_entropy runs in float32 under autocast; the
+    baselines' logits are cast)."""
     from dtl_fast.models import dtl_loss
 
     if name == "dtl":
