@@ -30,6 +30,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from dtl_fast.data import BadSampleError
     from dtl_fast.train import evaluate
+    from dtl_fast.train.entry import is_missing_dependency
 
     try:
         evaluate(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
@@ -38,6 +39,13 @@ def _cmd_evaluate(args) -> int:
                  on_bad_sample=getattr(args, "on_bad_sample", None),
                  progress=getattr(args, "progress", None))
     except (ValueError, BadSampleError, OSError) as exc:
+        print(f"dtl-fast evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # a missing optional package (a resnet18 checkpoint without torchvision, .mp4 clips
+        # without PyAV): the message says what to install, as `dtl-fast train` prints it
+        if not is_missing_dependency(exc):
+            raise
         print(f"dtl-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -313,6 +313,9 @@ def test_ddp_output_comes_from_rank_zero_once_with_real_sample_counts(tmp_path):
     assert res.stderr.count("skipped 1 bad sample") == 1, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and [s["path"] for s in metrics["skipped"]] == [str(corrupt)]
+    # the throughput counts the 11 real samples too, not the 12 the padded shares hold
+    row = metrics["epochs"][0]
+    assert row["samples_per_s"] * row["epoch_seconds"] == pytest.approx(11), row
 
     res = _torchrun(["--data", str(root), "--epochs", "1", *TINY_FLAGS, "--out", str(tmp_path / "err")])
     assert res.returncode != 0
@@ -692,3 +695,183 @@ def test_evaluate_on_prepared_data_of_other_sizes_names_the_checkpoints_sizes(fu
     assert "--image-size 16 prepared, 12 in the checkpoint" in msg, msg
     assert "--max-frames 4 prepared, 3 in the checkpoint" in msg, msg
     assert f"dtl-fast data prepare {data_root.resolve()} NEW_OUT --image-size 12 --max-frames 3" in msg, msg
+
+
+# ----------------------------------------------------------------------------------------------
+# found by the review after those (each failed before its fix)
+
+def _two_ranks(flags: list, timeout: int = 300) -> list:
+    """`python -m dtl_fast.train FLAGS` as ranks 0 and 1 of a gloo group, started without
+    torchrun (which kills the other ranks once one fails): each rank's own exit status shows.
+    [(returncode, stdout, stderr)] by rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2")
+    env.pop("DTL_FAST_BACKEND", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "dtl_fast.train", *flags],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, *o) for p, o in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _copy_with_best_epoch_one(full_run, out: Path) -> None:
+    """full_run's 2 epochs in `out`, its history edited so that DTL's best validation epoch is
+    1: resuming needs DTL's epoch-1 weights from best.pt (the checkpoint holds epoch 2's)."""
+    shutil.copytree(full_run[0], out)
+    state = load_checkpoint(out / "checkpoint.pt")
+    for row, acc in zip(state["metrics"]["epochs"], (1.0, 0.0)):
+        row["val_acc"]["dtl_fused"] = acc
+    save_checkpoint(out / "checkpoint.pt", state)
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_best_pt_missing_stops_every_rank_with_one_message(full_run, data_root,
+                                                                           tmp_path):
+    """Rank 0 alone reads best.pt; it used to raise there alone, while rank 1 went on into DDP
+    and died with a gloo "Connection closed by peer" traceback (on NCCL: a hang)."""
+    out = tmp_path / "run"
+    _copy_with_best_epoch_one(full_run, out)
+    (out / "best.pt").unlink()
+    ranks = _two_ranks(["--data", str(data_root), "--out", str(out), "--epochs", "3", "--resume",
+                        *TINY_FLAGS])
+    (rc0, _, err0), (rc1, _, err1) = ranks
+    assert (rc0, rc1) == (2, 2), err0[-3000:] + err1[-3000:]
+    assert err0.count("dtl_fast.train: error: --resume:") == 1 and "best.pt is missing" in err0, err0
+    assert err1 == "", "rank 1 prints nothing (rank 0 reports it): " + err1[-3000:]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_with_best_pt_missing_is_still_an_error_in_one_process(full_run, data_root, tmp_path):
+    out = tmp_path / "run"
+    _copy_with_best_epoch_one(full_run, out)
+    (out / "best.pt").unlink()
+    with pytest.raises(ValueError, match=r"best\.pt is missing, but .* dtl's best validation epoch was 1"):
+        train(TrainConfig(data=str(data_root), out=str(out), epochs=3, resume=True, **TINY))
+
+
+@pytest.mark.parametrize("package", ["torchvision", "av"])
+def test_evaluate_without_an_optional_package_is_a_clear_error(package, full_run, data_root, tmp_path,
+                                                               monkeypatch, capsys):
+    """`dtl-fast train` prints a missing torchvision / PyAV as `error: ... pip install ...`,
+    exit status 2; evaluate let the RuntimeError out as a traceback. torchvision: a resnet18
+    checkpoint; PyAV: a clip stored as an .mp4 file."""
+    if package == "torchvision":
+        state = load_checkpoint(full_run[0] / "checkpoint.pt")
+        for entry in state["models"].values():
+            entry["config"]["encoder"] = "resnet18"
+        checkpoint, root, named = tmp_path / "resnet18.pt", data_root, "resnet18"
+        save_checkpoint(checkpoint, state)
+    else:
+        checkpoint = full_run[0] / "checkpoint.pt"
+        root = make_dataset(tmp_path / "clips", counts=(3, 3, 3))
+        shutil.rmtree(root / "test" / "cross" / "s1")  # its clip becomes a video file
+        named = root / "test" / "cross" / "s1.mp4"
+        named.write_bytes(b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` raises ImportError
+    assert cli.main(["evaluate", str(checkpoint), "--data", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtl-fast evaluate: error: ") and f"pip install {package}" in err, err
+    assert str(named) in err and "Traceback" not in err
+
+
+def test_resume_takes_the_api_tuple_and_the_cli_list_of_mean_std(data_root, tmp_path, capsys):
+    """--mean / --std from the Python API (a tuple) and from the command line (a list) are the
+    same setting; --resume compared (0.5,) with [0.5] and refused."""
+    from dtl_fast.train.checkpoints import check_resume
+
+    out = tmp_path / "run"
+    small = dict(TINY, baselines=False)
+    train(TrainConfig(data=str(data_root), out=str(out), epochs=1, mean=(0.5,), std=(0.25,), **small))
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"]["mean"] == [0.5] and state["config"]["std"] == [0.25]
+    assert json.loads((out / "metrics.json").read_text())["config"]["std"] == [0.25]
+    flags = [*TINY_FLAGS, "--no-baselines"]
+    assert cli.main(["train", "--data", str(data_root), "--out", str(out), "--epochs", "2",
+                     "--resume", "--mean", "0.5", "--std", "0.25", *flags]) == 0, capsys.readouterr().err
+    assert "continuing from" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    # one value for every channel is the same as that value per channel (ints are floats) ...
+    state = load_checkpoint(out / "checkpoint.pt")
+    same = TrainConfig(**dict(state["config"], mean=(0.5, 0.5, 0.5), std=[0.25] * 3, epochs=3))
+    check_resume(state, same, out / "checkpoint.pt")
+    # ... and another value is still refused, naming the flag
+    assert cli.main(["train", "--data", str(data_root), "--out", str(out), "--epochs", "3",
+                     "--resume", "--mean", "0.4", "--std", "0.25", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--mean: checkpoint [0.5], this run [0.4]" in err, err
+    # a checkpoint of the old code (a tuple saved) still resumes with the command line's list
+    state["config"]["mean"], state["config"]["std"] = (0.5,), (0.25,)
+    check_resume(state, TrainConfig(**dict(state["config"], mean=[0.5], std=[0.25], epochs=3)),
+                 out / "checkpoint.pt")
+
+
+class _Foreign:
+    """Something a checkpoint never holds (a module-level class: torch.save pickles it)."""
+
+
+def test_load_checkpoint_names_a_folder_and_a_file_that_is_not_a_checkpoint(full_run, data_root,
+                                                                            tmp_path, capsys):
+    out = full_run[0]
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(out))} is a folder, not a "
+                                         rf"checkpoint file; pass {re.escape(str(out / 'checkpoint.pt'))} "
+                                         r"\(the last epoch\) or .*best\.pt"):
+        load_checkpoint(out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is a folder, .*OUT/checkpoint\.pt"):
+        load_checkpoint(tmp_path / "empty")
+
+    foreign = tmp_path / "foreign.pt"  # a zip of torch.save, with a class weights_only refuses
+    torch.save({"format": "dtl_fast.train/1", "x": _Foreign()}, foreign)
+    for path in (out / "metrics.json", out / "curves.png", foreign):
+        with pytest.raises(ValueError) as exc:
+            load_checkpoint(path)
+        msg = str(exc.value)
+        assert msg.startswith(f"checkpoint {path} is not a `dtl-fast train` checkpoint"), msg
+        # torch's advice (load with weights_only=False) is wrong for these, and no flag does it
+        assert "weights_only" not in msg, msg
+    assert cli.main(["evaluate", str(out), "--data", str(data_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dtl-fast evaluate: error: checkpoint {out} is a folder"), err
+
+
+def test_resume_refuses_another_amp(full_run, data_root, tmp_path):
+    """bf16 autocast changes the training arithmetic: a run half in bf16, half in float32 is
+    neither, and metrics.json would record one of them. It continued silently."""
+    out = tmp_path / "copy"
+    shutil.copytree(full_run[0], out)
+    with pytest.raises(ValueError, match=r"--amp: checkpoint None, this run 'bf16'"):
+        train(TrainConfig(data=str(data_root), out=str(out), epochs=3, resume=True, amp="bf16", **TINY))
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_may_change_on_bad_sample_but_not_the_samples(tmp_path, capsys):
+    """--on-bad-sample may change on --resume (it only decides what a bad file does), but a
+    resume whose usable samples differ from the checkpoint's run is refused: a file that went
+    bad, skipped now, silently changed the batches."""
+    root = make_dataset(tmp_path / "set", counts=(6, 3, 3))
+    out = tmp_path / "run"
+    small = dict(TINY, baselines=False)
+    train(TrainConfig(data=str(root), out=str(out), epochs=1, **small))  # --on-bad-sample error
+    # the same samples: skip is allowed (the run is complete: it re-evaluates)
+    train(TrainConfig(data=str(root), out=str(out), epochs=1, resume=True, on_bad_sample="skip", **small))
+    assert "the run is complete" in capsys.readouterr().out
+    bad = root / "train" / "square" / "s2.png"
+    bad.write_bytes(b"not a png at all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=rf"--resume: the data set's usable samples differ .*now "
+                                             rf"bad and skipped: {re.escape(str(bad))}"):
+            train(TrainConfig(data=str(root), out=str(out), epochs=2, resume=True,
+                              on_bad_sample="skip", **small))
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1

@@ -5,6 +5,7 @@ across --resume) on tiny data (CPU)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -325,3 +326,16 @@ def test_seeds_flag_in_python_m_train(tiny_root, tmp_path):
                      "--seeds", "1", *TINY_FLAGS]) == 0
     assert (tmp_path / "seeds.json").is_file() and (tmp_path / "seed-0" / "best.pt").is_file()
     assert "95 % interval: needs >= 2 seeds" in buf.getvalue()
+
+
+def test_best_pt_epoch_is_the_same_after_a_resume(scripted, best_root, tmp_path):
+    """best.pt's top-level "epoch" is its latest model's best epoch (DTL alone: 2 of 3). A resume
+    rewrites best.pt, and used to stamp it with the checkpoint's epoch (3) instead."""
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(best_root), out=str(out), epochs=3, **dict(TINY, baselines=False))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(config)
+        assert load_checkpoint(out / "best.pt")["epoch"] == 2
+        train(dataclasses.replace(config, resume=True))  # complete: re-evaluates, rewrites best.pt
+    best = load_checkpoint(out / "best.pt")
+    assert best["epoch"] == 2 and best["models"]["dtl"]["epoch"] == 2

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dtl_fast.train.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from dtl_fast.train.checkpoints import BEST_NAME, CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from dtl_fast.train.reports import HEAD_MODEL
 
-BEST_NAME = "best.pt"
 # the head whose validation accuracy picks each model's best epoch
 SELECT_HEAD = {"dtl": "dtl_fused", "image_cnn": "image_cnn", "video_baseline": "video_baseline"}
 BEST_RULE = ("each model at the epoch of its highest validation accuracy (DTL: its fused head's; "
@@ -71,13 +70,15 @@ class BestTracker:
 
     def save(self, ckpt: dict) -> None:
         """Writes best.pt (atomically) with the classes, config and model configs of `ckpt`
-        (the checkpoint just written) and each model's best weights."""
+        (the checkpoint just written) and each model's best weights. Its top-level "epoch" is
+        the latest of the models' best epochs (the last improvement), not `ckpt`'s: the same
+        value whether best.pt was written at that improvement or rewritten by a --resume."""
         models = {name: {"config": ckpt["models"][name]["config"], "state_dict": self.states[name],
                          "epoch": self.epochs[name], "val_acc": self.val[name],
                          "val_head": SELECT_HEAD[name]}
                   for name in self.states}
         save_checkpoint(self.path, {
-            "format": CHECKPOINT_FORMAT, "kind": "best", "epoch": int(ckpt["epoch"]),
+            "format": CHECKPOINT_FORMAT, "kind": "best", "epoch": max(self.epochs.values()),
             "classes": ckpt["classes"], "config": ckpt["config"], "models": models,
             "best": {name: {"epoch": e, "val_acc": self.val[name], "val_head": SELECT_HEAD[name]}
                      for name, e in self.epochs.items()},

@@ -7,19 +7,27 @@ import contextlib
 import dataclasses
 import io
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 CHECKPOINT_FORMAT = "dtl_fast.train/1"
-# Settings a resumed run must share with the checkpoint: they change the model, the data or the
-# sequence of batches (epochs may grow; device, workers, backend, progress may change).
+# Settings a resumed run must share with the checkpoint: they change the model, the data, the
+# sequence of batches or the arithmetic. --amp is one: bf16 autocast moves the gradients by
+# ~1e-2 relative, so a run half in bf16 and half in float32 would be neither, and metrics.json
+# records one setting. Epochs may grow; device, workers, backend (float32 either way: they
+# differ by rounding), compile, cuda graphs and progress may change, as may --on-bad-sample:
+# it only decides what a bad file does, and check_same_samples refuses a resume whose set of
+# usable samples differs from the checkpoint's run, whichever way it came about.
 RESUME_MUST_MATCH = ("data", "batch_size", "lr", "seed", "image_size", "frame_size", "max_frames",
-                     "mean", "std", "channels",
+                     "mean", "std", "channels", "amp",
                      "rnn", "encoder", "encoder_weights", "width", "hidden_size", "dim",
                      "num_heads", "num_layers", "baselines")
 
@@ -63,13 +71,36 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path) -> dict:
     """Loads a `dtl-fast train` checkpoint (weights_only: it holds only tensors and plain data).
-    Raises FileNotFoundError / ValueError naming the path."""
+    Raises FileNotFoundError (no such path) / ValueError (a folder, not a checkpoint, damaged)
+    naming the path."""
     path = Path(path)
+    if path.is_dir():
+        # most likely a run's --out: name the files in it that can be passed
+        files = [f"{path / name} ({what})" for name, what in
+                 ((CHECKPOINT_NAME, "the last epoch"), (BEST_NAME, "each model at its best epoch"))
+                 if (path / name).is_file()]
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file; pass "
+                         + (" or ".join(files) if files else
+                            f"a run's {CHECKPOINT_NAME} or {BEST_NAME} (OUT/{CHECKPOINT_NAME})"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
+    not_ours = f"checkpoint {path} is not a `dtl-fast train` checkpoint"
+    # torch.save writes a zip archive. Anything else (metrics.json, an image, a truncated file:
+    # the archive's directory is at its end) would reach torch's legacy unpickler, whose
+    # weights_only error advises weights_only=False: no help here, and no CLI flag does it.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{not_ours}: not a torch.save archive (another kind of file, or a "
+                         f"truncated one); `dtl-fast train` writes OUT/{CHECKPOINT_NAME} and "
+                         f"OUT/{BEST_NAME}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a zip, a foreign pickle: all "corrupt"
+    except pickle.UnpicklingError as exc:
+        # weights_only refused a class: ours hold tensors and plain data only, so this file was
+        # saved by something else (torch's advice to load it with weights_only=False is left
+        # out: that would run code from the file)
+        raise ValueError(f"{not_ours}: it holds Python objects other than tensors and plain "
+                         "data") from exc
+    except Exception as exc:  # a damaged archive, a zip that torch did not write
         raise ValueError(f"checkpoint {path} could not be read ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a complete "
                          "`dtl-fast train` checkpoint?") from exc
@@ -102,16 +133,57 @@ def check_resume(state: dict, config, path: Path) -> None:
     saved = state.get("config", {})
     now = dataclasses.asdict(config)
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now[k]!r}"
-             for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
+             for k in RESUME_MUST_MATCH
+             if _comparable(k, saved.get(k), saved.get("channels")) != _comparable(k, now[k], now["channels"])]
     if diffs:
         raise ValueError(f"--resume: {path} was written with different settings that change the "
-                         "model, the data or the batches: " + "; ".join(diffs)
+                         "model, the data, the batches or the arithmetic: " + "; ".join(diffs)
                          + ". Use the checkpoint's settings, or another --out to start afresh.")
     done = int(state.get("epoch", 0))
     if done > config.epochs:
         raise ValueError(f"--resume: {path} already holds {done} epochs, more than --epochs "
                          f"{config.epochs}; pass --epochs {done} to re-evaluate the run as it is, or "
                          "more to continue it")
+
+
+def _comparable(key: str, value, channels):
+    """`value` of setting `key` as check_resume compares it: --mean / --std as per-channel
+    floats, so the Python API's (0.5,), the command line's [0.5] (and [0.5, 0.5, 0.5] with 3
+    channels: the data set expands one value to every channel) are the same setting."""
+    if key not in ("mean", "std") or not isinstance(value, (list, tuple)):
+        return value
+    values = [float(v) for v in value]
+    if len(values) == 1 and isinstance(channels, int):
+        values = values * channels
+    return values
+
+
+def normalise_stats(value):
+    """--mean / --std as the checkpoint and metrics.json store them: a list of floats (the
+    command line's form; the Python API may give a tuple or ints), or None."""
+    return None if value is None else [float(v) for v in value]
+
+
+def check_same_samples(state: dict, skipped: list, path: Path) -> None:
+    """Raises ValueError naming --resume when the samples left out as bad (`skipped`: this run's
+    [{"split", "path", "reason"}]) are not those of the checkpoint's run (its metrics): another
+    set of training samples is another sequence of batches, and a changed validation or test
+    split makes the epochs' accuracies incomparable. A checkpoint without the record passes."""
+    before = state.get("metrics", {}).get("skipped")
+    if before is None:
+        return
+    old = {(s["split"], s["path"]) for s in before}
+    new = {(s["split"], s["path"]) for s in skipped}
+    if old == new:
+        return
+    parts = []
+    if new - old:
+        parts.append("now bad and skipped: " + ", ".join(p for _, p in sorted(new - old)))
+    if old - new:
+        parts.append("skipped by that run, usable now: " + ", ".join(p for _, p in sorted(old - new)))
+    raise ValueError(f"--resume: the data set's usable samples differ from those {path} was "
+                     f"trained on ({'; '.join(parts)}), so the batches would too. Restore the "
+                     "data as it was, or start afresh without --resume (or with another --out).")
 
 
 def rng_state(device: torch.device) -> dict:

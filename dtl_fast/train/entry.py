@@ -28,11 +28,18 @@ def run_config(config: TrainConfig, prog: str, seeds: list | None = None) -> int
         _report(prog, exc)
         return 2
     except RuntimeError as exc:
-        if "pip install" not in str(exc):  # a missing optional package says how to get it
+        if not is_missing_dependency(exc):
             raise
         _report(prog, exc)
         return 2
     return 0
+
+
+def is_missing_dependency(exc: BaseException) -> bool:
+    """True for the RuntimeError that dtl_fast raises when an optional package (torchvision for
+    --encoder resnet18, PyAV for video files, ...) is missing: its message says how to get it
+    (`pip install ...`), so the command prints it as an error, not as a traceback."""
+    return isinstance(exc, RuntimeError) and "pip install" in str(exc)
 
 
 def _report(prog: str, exc: BaseException) -> None:

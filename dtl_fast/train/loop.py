@@ -22,7 +22,9 @@ from dtl_fast.train.checkpoints import (
     CHECKPOINT_NAME,
     check_out_writable,
     check_resume,
+    check_same_samples,
     load_checkpoint,
+    normalise_stats,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -140,6 +142,9 @@ def train(config: TrainConfig) -> dict:
     t_start = time.perf_counter()
     config = dataclasses.replace(config)
     config.validate()
+    # one form for --mean / --std whether they came from the API (a tuple) or the command line
+    # (a list): the checkpoint compares and metrics.json shows what the next run gives
+    config.mean, config.std = normalise_stats(config.mean), normalise_stats(config.std)
     dist_info = dist_from_env()
     if dist_info.active and config.batch_size % dist_info.world:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch and must be divisible "
@@ -195,7 +200,14 @@ def _open_data(config: TrainConfig, dist_info: Dist, root: Path, ckpt_path: Path
         if list(state["classes"]) != classes:
             raise ValueError(f"--resume: {ckpt_path} has classes {state['classes']}, the data in "
                              f"{root} has {classes}")
+        check_same_samples(state, _skipped(datasets), ckpt_path)
     return root, datasets, state
+
+
+def _skipped(datasets: dict) -> list:
+    """The samples the data sets left out as bad: [{"split", "path", "reason"}]."""
+    return [{"split": s, "path": str(p), "reason": str(r)}
+            for s, ds in datasets.items() for p, r in getattr(ds, "skipped", [])]
 
 
 def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: float) -> dict:
@@ -212,8 +224,7 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
     classes = list(datasets["train"].classes)
     if not config.resume and (ckpt_path.is_file() or (out / "metrics.json").is_file()):
         _log(dist_info, f"--out {out} holds an earlier run: replacing it (pass --resume to continue it)")
-    skipped = [{"split": s, "path": str(p), "reason": str(r)}
-               for s, ds in datasets.items() for p, r in getattr(ds, "skipped", [])]
+    skipped = _skipped(datasets)
     if skipped:
         _log(dist_info, f"skipped {len(skipped)} bad sample(s) (--on-bad-sample skip):")
         for item in skipped[:20]:
@@ -252,12 +263,14 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
     metrics["backend"] = {"requested": config.backend, "modules": backend, "device": str(device),
                           "amp": config.amp}
     metrics["machine"] = machine_info(device)
-    best = None
-    if dist_info.main:
-        # each model's best epoch so far and its weights (resume: from best.pt / the checkpoint)
-        best = BestTracker(models, out / BEST_NAME)
-        if state is not None:
-            best.restore(metrics["epochs"], state, ckpt_path)
+    # each model's best epoch so far and its weights (resume: from best.pt / the checkpoint),
+    # kept by rank 0, the one that writes best.pt
+    best = BestTracker(models, out / BEST_NAME) if dist_info.main else None
+    if state is not None:
+        # rank 0 alone reads best.pt, but a missing or foreign one must stop every rank: one
+        # left running would wait in DDP's first collective for a rank 0 that has exited
+        on_every_rank(lambda: None if best is None else best.restore(metrics["epochs"], state, ckpt_path),
+                      dist_info)
 
     _log(dist_info, describe_backend(config.backend, backend, device)
          + ("; amp bf16" if config.amp else "") + (f"; {dist_info.world} processes (DDP)" if dist_info.active else ""))
@@ -332,6 +345,9 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
         if dist_info.active:  # every rank's losses, weighted by its samples
             torch.distributed.all_reduce(total)
         train_loss, count = sums.read(total)  # the epoch's one read of the device
+        # under DDP `count` includes the DistributedSampler's padding (samples repeated to even
+        # out the ranks' shares); the throughput counts real samples, as the progress bar does
+        real = min(count, n_train)
         train_loss = {name: v for name, v in train_loss.items() if name in models}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -340,7 +356,7 @@ def _train(config: TrainConfig, dist_info: Dist, device: torch.device, t_start: 
         if dist_info.main:
             val = _accuracies(models, eval_loaders["validation"], device, config.amp)
             row = {"epoch": epoch + 1, "global_step": global_step, "train_loss": train_loss,
-                   "val_acc": val, "samples_per_s": count / seconds if seconds > 0 else None,
+                   "val_acc": val, "samples_per_s": real / seconds if seconds > 0 else None,
                    "epoch_seconds": seconds}
             metrics["epochs"].append(row)
             metrics["total_seconds"] = session_seconds()
@@ -492,8 +508,7 @@ def evaluate(checkpoint, data, *, device: str = "auto", batch_size: int = 64, wo
     result = {"checkpoint": str(checkpoint), "data": str(root), "epoch": int(state["epoch"]),
               # best.pt: each model's own best epoch (None for checkpoint.pt: all at "epoch")
               "epochs": best_state_epochs(state),
-              "skipped": [{"split": s, "path": str(p), "reason": str(r)}
-                          for s, ds in datasets.items() for p, r in getattr(ds, "skipped", [])]}
+              "skipped": _skipped(datasets)}
     for split, key in (("validation", "val_acc"), ("test", "test_acc")):
         loader = DataLoader(datasets[split], batch_size=batch_size, shuffle=False, num_workers=workers,
                             collate_fn=collate_multimodal)
