@@ -70,9 +70,10 @@ def _upsample_matrix(n_out: int, n_in: int = 8) -> np.ndarray:
 
 
 def _split_and_pair(labels: np.ndarray, params: dict, rng: np.random.Generator):
-    """Stratified split (per class: round(fraction * n), at least one sample per split) and each
-    sample's video partner: another sample of the same class in the same split (itself only when
-    it is its class's single sample in that split)."""
+    """Stratified split (per class of m >= 3 samples: test and validation round(fraction * m),
+    at least one each; train the rest, at least one, taken from the larger of the other two,
+    validation on a tie) and each sample's video partner: another sample of the same class in
+    the same split (itself only when it is its class's single sample in that split)."""
     n_per_class = params["samples_per_class"]
     _, f_val, f_test = params["split_fractions"]
     split_of, partner = {}, {}
@@ -82,6 +83,13 @@ def _split_and_pair(labels: np.ndarray, params: dict, rng: np.random.Generator):
             idx = idx[:n_per_class]
         m = len(idx)
         n_test, n_val = max(1, round(f_test * m)), max(1, round(f_val * m))
+        while m - n_test - n_val < 1:
+            # rounding up both took every sample (4 per class at (0.2, 0.4, 0.4): 2 + 2): train
+            # keeps one. Only such splits change, so every other build keeps its bytes.
+            if n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
         for i in idx[:n_test]:
             split_of[int(i)] = "test"
         for i in idx[n_test:n_test + n_val]:

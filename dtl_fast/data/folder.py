@@ -6,10 +6,16 @@
                                         (any codec FFmpeg decodes; read with PyAV)
     root/<split>/<class>/<stem>.gif     ... or an animated .gif beside a still image of the stem
 
-Every sample is decoded once (every frame) when the data set is first built, so a missing,
-corrupt or truncated file is reported with its path before training starts instead of in the
-middle of an epoch. The check runs in threads, or in `workers` processes, with an optional
-progress bar, and its verdicts are remembered in a manifest in the cache (see
+Every sample is decoded once (every frame) when the data set is first built, so a file that is
+missing, cannot be opened or decoded (a truncated image or frame; a video file's undecodable
+bytes), holds no frame, or is a video file cut off before the end its container records (an
+.avi's RIFF chunks, a Matroska / WebM Segment, the top-level boxes of .mp4 / .m4v / .mov: an
+interrupted copy or download) is reported with its path before training starts instead of in
+the middle of an epoch. Damage the decoder conceals (bytes changed inside a clip) can pass, and
+so can a cut that falls exactly between two of those top-level parts (or inside the 8-byte
+header that opens the last one); a Matroska file written as a live stream records no end to
+compare with. The check runs in threads, or in `workers` processes, with an optional progress
+bar, and its verdicts are remembered in a manifest in the cache (see
 dtl_fast.data.manifest): the next construction decodes only the samples whose files changed.
 """
 from __future__ import annotations
@@ -62,6 +68,20 @@ def empty_class_folders(split_dir: str, names) -> list[str]:
     clip file, not even a bad one; hidden files do not count): what MultiModalFolder refuses
     as a class when it lists the classes itself (classes=None)."""
     return [n for n in names if _scan_class_folder(os.path.join(split_dir, n), 0) == ([], [])]
+
+
+def empty_class_error(split_dir: str, names) -> ValueError:
+    """The error for class folders `names` of a split that hold no sample, when the classes are
+    the split's own folders (classes=None): a class with no samples would still be a class of
+    the model (an output no sample ever trains or tests), almost always a stray or unfinished
+    folder. Raised alike for a raw and a prepared split."""
+    paths = [os.path.join(split_dir, n) for n in names]
+    return ValueError(f"no samples in the class folder{'s' if len(paths) > 1 else ''} "
+                      f"{', '.join(paths[:_MAX_LISTED])}"
+                      + (f" and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else "")
+                      + f": every folder under {split_dir} is a class, so remove "
+                      f"{'these' if len(paths) > 1 else 'it'} (or add samples: <sample>.png with "
+                      "<sample>.mp4, another video file or a folder <sample>/ of frames beside it)")
 
 
 class BadSampleError(RuntimeError):
@@ -198,9 +218,10 @@ class MultiModalFolder(Dataset):
     a.gif: a.gif is the clip; a.gif alone, or beside a video, is the image).
 
     A sample is bad when its image or video is missing, unreadable or corrupt, the video file
-    has no video stream or no frame, its frame folder holds no frame, or its stem is ambiguous
-    (two images, or two clips such as a.mp4 + a.webm or a.avi + a folder a/: the reason names
-    both). Other files are ignored, as are hidden files.
+    has no video stream or no frame or is cut off (shorter than its container records), its
+    frame folder holds no frame, or its stem is ambiguous (two images, or two clips such as
+    a.mp4 + a.webm or a.avi + a folder a/: the reason names both). Other files are ignored, as
+    are hidden files.
 
     Every sub-folder of a split is a class, except hidden ones (a name starting with '.') and
     __MACOSX/. With classes=None a class folder with no sample in it is a ValueError naming it
@@ -211,6 +232,12 @@ class MultiModalFolder(Dataset):
     Attributes: classes (list[str]), class_to_idx (dict[str, int]), samples (list of
     (image_path, video_path, label)), skipped (list of (path, reason)), num_frames (list[int],
     each clip's frame count on disk, before subsampling).
+
+    Sample order: class folders in sorted order, and within each the stems in natural order
+    (video.natural_key: digit runs by value, text without regard to case, ties such as "A1" /
+    "a1" by the raw name). It depends only on the names, never on the file system's listing
+    order or on PYTHONHASHSEED, so every process (each rank of a torchrun job, a resumed run)
+    sees the same samples at the same indices.
 
     dataset[i] -> (image float32 [C, H, W], video float32 [T, C, H', W'] with
     1 <= T <= max_frames, label int).
@@ -281,15 +308,7 @@ class MultiModalFolder(Dataset):
             raise ValueError(f"no samples in {split_dir}: expected {split_dir}/<class>/<sample>.png with "
                              f"<sample>.mp4 (or another video file) or a folder <sample>/ of frames beside it")
         if empty:
-            # a class with no samples would still be a class of the model (an output no sample
-            # ever trains or tests): almost always a stray or unfinished folder
-            paths = [os.path.join(split_dir, n) for n in empty]
-            raise ValueError(f"no samples in the class folder{'s' if len(paths) > 1 else ''} "
-                             f"{', '.join(paths[:_MAX_LISTED])}"
-                             + (f" and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else "")
-                             + f": every folder under {split_dir} is a class, so remove "
-                             f"{'these' if len(paths) > 1 else 'it'} (or add samples: <sample>.png with "
-                             "<sample>.mp4, another video file or a folder <sample>/ of frames beside it)")
+            raise empty_class_error(split_dir, empty)
 
         verdicts = _check_all(split_dir, candidates, workers, progress, manifest)
         self.samples, self.num_frames = [], []
@@ -324,7 +343,11 @@ class MultiModalFolder(Dataset):
         image_path, video_path, label = self.samples[index]
         try:
             image = read_image(image_path, self.image_size, self.mean, self.std, self._mode)
-            video = read_video(video_path, self.frame_size, self.mean, self.std, self._mode, self.max_frames)
+            # the check's frame count: a video file is decoded once, keeping only the frames used
+            # (none when a caller edited .samples alone: then it is counted again)
+            total = self.num_frames[index] if len(self.num_frames) == len(self.samples) else None
+            video = read_video(video_path, self.frame_size, self.mean, self.std, self._mode, self.max_frames,
+                               total)
         except ReadError as exc:  # the file changed after the check at construction
             raise BadSampleError([(exc.path, exc.reason)], os.path.join(self.root, self.split)) from exc
         return image, video, label

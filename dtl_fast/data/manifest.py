@@ -14,8 +14,9 @@ names (the same digest), and the newest mtime is older than the check by RACY_NS
 rewritten within the file system's timestamp granularity of its check could otherwise keep the
 same stamp (git's "racy clean" problem), so such samples are checked again next time. An added,
 changed or removed file changes the digest and is checked again. A manifest that is corrupt, foreign (another folder's)
-or from another format version is ignored with a warning, never trusted; one written by other
-Pillow / PyAV versions is ignored quietly (a decoder upgrade can change what decodes).
+or from a newer format version is ignored with a warning, never trusted; one written by other
+Pillow / PyAV versions, or by an older dtl_fast (format version below VERSION: its check decided
+less), is ignored quietly (a decoder upgrade can change what decodes).
 Each file's stamp is its size, mtime, ctime and inode, so a file rewritten with the same size
 and its old mtime set back (`cp -p`, `touch -r`, an archive extracted again) or one whose
 permissions were fixed after a failed check is checked again too. manifest=False checks
@@ -34,7 +35,9 @@ import warnings
 from dtl_fast.data.video import is_image_name
 
 FORMAT = "dtl_fast.data.manifest"
-VERSION = 1  # bump when what a check decides changes (file rules, reasons), so old verdicts go
+# bump when what a check decides changes (file rules, reasons), so old verdicts go.
+# 2: a video file shorter than its container says (cut off) is bad (video._declared_short)
+VERSION = 2
 RACY_NS = 2_000_000_000  # 2 s: FAT's mtime granularity, far above ext4 / xfs / NFS ticks
 
 
@@ -141,6 +144,8 @@ class Manifest:
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 self._ignore("is not a dtl_fast data manifest")
                 return {}
+            if isinstance(data.get("version"), int) and data["version"] < VERSION:
+                return {}  # an older dtl_fast's verdicts: checked again, quietly, as for a decoder upgrade
             if data.get("version") != VERSION:
                 self._ignore(f"has format version {data.get('version')!r}, this dtl_fast writes {VERSION}")
                 return {}

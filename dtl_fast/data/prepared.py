@@ -57,6 +57,7 @@ before the rename.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import inspect
 import json
@@ -90,6 +91,7 @@ from dtl_fast.data.folder import (
     check_decode_options,
     check_stats,
     class_folder_names,
+    empty_class_error,
     empty_class_folders,
 )
 from dtl_fast.data.video import (
@@ -321,6 +323,16 @@ class PreparedSplit(Dataset):
 
         folders = list(s["class_folders"])
         if classes is None:
+            # as MultiModalFolder on the raw split: its own class folders, and one that held no
+            # sample (not even a bad one) is an error, not a class no sample teaches. prepare
+            # labels every split with train's classes, so such a folder was prepared as a class
+            # with no sample here; the raw files are not read again: the sample and skipped lists
+            # say which class folders held something (paths "<split>/<class>/...").
+            rels = [img for img, _, _ in s["samples"]] + [p for p, _ in s["skipped"]]
+            held = {parts[1] for parts in (p.replace(os.sep, "/").split("/") for p in rels) if len(parts) > 2}
+            empty = [f for f in folders if f not in held]
+            if empty:
+                raise empty_class_error(os.path.join(self.source, split), empty)
             self.classes = folders
         else:
             if isinstance(classes, str) or not isinstance(classes, (list, tuple)) or not classes:
@@ -492,14 +504,14 @@ def _show(value) -> str:
 def _decode_chunk(task) -> int:
     """Decodes samples [start, stop) of a split into its (pre-allocated) array files; runs in a
     decoding worker process or in the caller. Returns the number of samples written."""
-    (images_path, frames_path, start, samples, offsets, lengths,
+    (images_path, frames_path, start, samples, offsets, lengths, totals,
      image_size, frame_size, mode, max_frames) = task
     images = np.load(images_path, mmap_mode="r+")
     frames = np.load(frames_path, mmap_mode="r+")
     for k, (image_path, video_path, _) in enumerate(samples):
         try:
             image = load_image_uint8(image_path, image_size, mode)
-            clip = load_video_uint8(video_path, frame_size, mode, max_frames)
+            clip = load_video_uint8(video_path, frame_size, mode, max_frames, totals[k])
         except ReadError as exc:  # the file changed after the check
             raise BadSampleError([(exc.path, exc.reason + " (changed since the check?)")]) from None
         if clip.shape[0] != lengths[k]:
@@ -523,14 +535,10 @@ def _array_entry(root: Path, rel: str) -> dict:
             "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
 
 
-def _prepare_split(ds, tmp: Path, split: str, manifest_classes: list, progress: bool, pool) -> dict:
-    """Writes one split's arrays into tmp/split (decoding in `pool`, or here when None) and
-    returns its manifest entry."""
-    from dtl_fast._progress import progress_bar  # tqdm, one line per interval in a log
-
+def _allocate_split(ds, tmp: Path, split: str, manifest_classes: list) -> dict:
+    """Creates tmp/split with its index arrays and its image and frame arrays at full size
+    (sparse: `_reserve_space` allocates their blocks); returns the split's layout."""
     (tmp / split).mkdir()
-    # the split's own class folders, listed as MultiModalFolder lists them (classes=None)
-    class_folders = class_folder_names(os.path.join(ds.root, split))
     n = len(ds.samples)
     lengths = np.array([len(subsample_indices(t, ds.max_frames)) for t in ds.num_frames], dtype=np.int64)
     offsets = np.zeros(n, dtype=np.int64)
@@ -541,13 +549,80 @@ def _prepare_split(ds, tmp: Path, split: str, manifest_classes: list, progress: 
     label_of = {c_: i for i, c_ in enumerate(manifest_classes)}
     labels = np.array([label_of[ds.classes[lab]] for _, _, lab in ds.samples], dtype=np.int64)
     paths = {name: tmp / split / f"{name}.npy" for name in ARRAYS}
-    # allocated full size now (sparse until written), filled in place by the decoders
+    # allocated full size now, filled in place by the decoders
     np.lib.format.open_memmap(paths["images"], "w+", np.uint8, (n, *ds.image_size, c)).flush()
     np.lib.format.open_memmap(paths["frames"], "w+", np.uint8, (total, *ds.frame_size, c)).flush()
     for name, arr in (("offsets", offsets), ("lengths", lengths), ("labels", labels)):
         np.save(paths[name], arr)
+    return {"paths": paths, "lengths": lengths, "offsets": offsets, "labels": labels, "total": total}
+
+
+# errno values of a full disk or an exhausted quota; a file past the size limit fails alike
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _NoSpaceError(OSError):
+    """Not enough disk space for a prepared data set (an OSError with errno ENOSPC; the message
+    names OUT and the bytes needed)."""
+
+
+def _no_space(name: str, folder: Path, needed: int, why: str) -> _NoSpaceError:
+    free = shutil.disk_usage(folder).free if folder.is_dir() else None
+    has = f"; {free} bytes ({free / 2**30:.2f} GiB) are free there" if free is not None else ""
+    return _NoSpaceError(errno.ENOSPC, f"not enough disk space to prepare OUT {name}: its image and "
+                                       f"frame arrays need {needed} bytes ({needed / 2**30:.2f} GiB) "
+                                       f"in {folder} ({why}){has}. Nothing was kept; free space or "
+                                       "choose an OUT on another disk (a smaller --image-size, "
+                                       "--frame-size or --max-frames needs less)")
+
+
+def _reserve_space(files: list, name: str, folder: Path) -> None:
+    """Allocates every block of the (sparse) array files now, so a full disk is an error naming
+    OUT here, before decoding, and never a SIGBUS later: the decoders write through memory maps,
+    and a page of a map that the file system cannot back kills the process with "Bus error"
+    (exit 135), no Python error, no clean-up. posix_fallocate where the platform and file
+    system have it; elsewhere (macOS; a file system that refuses it) a check of the free space,
+    which another writer filling the disk meanwhile can still defeat."""
+    unreserved = 0
+    for path in files:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except AttributeError:  # no posix_fallocate on this platform
+            unreserved += size
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space(name, folder, sum(os.path.getsize(f) for f in files),
+                                exc.strerror or str(exc)) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                raise
+            unreserved += size  # the file system cannot preallocate
+        finally:
+            os.close(fd)
+    if unreserved and unreserved > shutil.disk_usage(folder).free:
+        raise _no_space(name, folder, sum(os.path.getsize(f) for f in files), "checked before writing")
+
+
+def _prepare_split(ds, tmp: Path, split: str, manifest_classes: list, progress: bool, pool,
+                   layout: dict | None = None) -> dict:
+    """Writes one split's arrays into tmp/split (decoding in `pool`, or here when None) and
+    returns its manifest entry. layout: what `_allocate_split` returned for it (None: allocate
+    here, without reserving the space)."""
+    from dtl_fast._progress import progress_bar  # tqdm, one line per interval in a log
+
+    if layout is None:
+        layout = _allocate_split(ds, tmp, split, manifest_classes)
+    # the split's own class folders, listed as MultiModalFolder lists them (classes=None)
+    class_folders = class_folder_names(os.path.join(ds.root, split))
+    n = len(ds.samples)
+    paths, offsets, lengths, labels = layout["paths"], layout["offsets"], layout["lengths"], layout["labels"]
+    total = layout["total"]
     tasks = [(str(paths["images"]), str(paths["frames"]), s, ds.samples[s:s + _CHUNK],
-              offsets[s:s + _CHUNK], lengths[s:s + _CHUNK], ds.image_size, ds.frame_size,
+              offsets[s:s + _CHUNK], lengths[s:s + _CHUNK], ds.num_frames[s:s + _CHUNK],
+              ds.image_size, ds.frame_size,
               ds._mode, ds.max_frames) for s in range(0, n, _CHUNK)]
     with progress_bar(n, f"prepare {split}", unit=" samples", enabled=progress) as bar:
         done = map(_decode_chunk, tasks) if pool is None else pool.map(_decode_chunk, tasks)
@@ -840,7 +915,9 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
 
     Returns the manifest as written to out/prepared.json, plus "seconds" (the time it took).
     Raises BadSampleError for bad samples with on_bad_sample="error" (before anything is
-    written), ValueError for bad arguments, FileExistsError for an OUT it must not touch.
+    written), ValueError for bad arguments, FileExistsError for an OUT it must not touch, OSError
+    (errno ENOSPC) naming OUT and the bytes needed when its disk cannot hold the arrays (their
+    space is reserved before any decoding; nothing is kept).
     workers > 0 starts processes with Python's default start method: under "spawn" the calling
     script needs an `if __name__ == "__main__":` guard.
     """
@@ -885,9 +962,13 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
     tmp.mkdir()
     old = None
     try:
+        # every split's arrays at full size, their disk space reserved, before any decoding
+        layouts = {split: _allocate_split(ds, tmp, split, classes) for split, ds in datasets.items()}
+        _reserve_space([layout["paths"][a] for layout in layouts.values() for a in ("images", "frames")],
+                       name, out.parent)
         pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
         try:
-            split_entries = {split: _prepare_split(ds, tmp, split, classes, progress, pool)
+            split_entries = {split: _prepare_split(ds, tmp, split, classes, progress, pool, layouts[split])
                              for split, ds in datasets.items()}
         finally:
             if pool is not None:
@@ -944,10 +1025,15 @@ def prepare(source, out, *, image_size=32, frame_size=None, max_frames=16, chann
         if old is not None:
             _discard_old(old, out, tag)
             old = None
-    except BaseException:
+    except BaseException as exc:
         if old is not None and old.exists() and not os.path.lexists(out):
             os.rename(old, out)  # interrupted between the two renames: put the old set back
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, _NoSpaceError) and exc.errno in _NO_SPACE:
+            # a small file (an index array, the manifest) met the full disk: "[Errno 28] No space
+            # left on device" alone would not say where
+            raise OSError(exc.errno, f"OUT {name}: {exc.strerror or exc} while writing the prepared "
+                                     f"data set in {out.parent}; nothing was kept") from exc
         raise
     manifest["seconds"] = time.perf_counter() - t0
     return manifest

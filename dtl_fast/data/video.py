@@ -2,16 +2,17 @@
 PyAV and numpy; no torchvision).
 
 A clip is one of:
-- a folder of frame images, read in natural name order ("2.png" before "10.png");
+- a folder of frame images, read in natural name order ("2.png" before "10.png"; `natural_key`);
 - a video file in any container FFmpeg reads, decoded with PyAV (imported only when a video file
   is read): VIDEO_EXTENSIONS = .mp4 .m4v .mov .avi .mkv .webm; the first video stream is used
   (cover art attached to an audio file does not count as one);
 - an animated .gif (or any multi-frame image Pillow reads), decoded frame by frame with Pillow.
 
 `check_video` decodes every frame once and returns the count; `load_video_uint8` returns the
-frames kept by `subsample_indices`. Every failure of the data (missing file, no video stream,
-undecodable bytes, no frame) is a ReadError with the reason; a missing PyAV is a RuntimeError,
-because it is not the data's fault.
+frames kept by `subsample_indices`, holding only those in memory while it decodes. Every failure
+of the data (missing file, no video stream, undecodable bytes, no frame, a video file cut off
+before the end its container records: `_declared_short`) is a ReadError with the reason; a
+missing PyAV is a RuntimeError, because it is not the data's fault.
 """
 from __future__ import annotations
 
@@ -42,10 +43,20 @@ class ReadError(Exception):
         return (type(self), (self.path, self.reason))
 
 
+_DIGIT_RUNS = re.compile(r"([0-9]+)")  # ASCII digits only: int() takes what this matches
+
+
 def natural_key(name: str):
-    """Sort key that orders digit runs by value: "f2.png" < "f10.png"."""
-    return [(0, int(tok), tok) if tok.isdigit() else (1, 0, tok.lower())
-            for tok in re.split(r"(\d+)", name) if tok]
+    """Sort key that orders runs of ASCII digits by value and the text between them without
+    regard to case: "f2.png" < "f10.png", "a.png" < "B.png". Names this leaves tied ("A1" and
+    "a1", "01" and "1") are ordered by the raw name (code points: "A1" < "a1"), so the order is
+    total and does not depend on the order the names came in (a set's order changes with
+    PYTHONHASHSEED, a folder listing's with the file system). Any Unicode name sorts: "²" or
+    "①" is text here (str.isdigit() says True for them, but int() refuses them)."""
+    # re.split puts the captured digit runs at the odd indices
+    parts = _DIGIT_RUNS.split(name)
+    return ([(0, int(tok), tok) if i % 2 else (1, 0, tok.lower()) for i, tok in enumerate(parts) if tok],
+            name)
 
 
 def is_image_name(name: str) -> bool:
@@ -171,10 +182,16 @@ def _decoded_frames(av, container, path):
     return container.decode(streams[0])
 
 
-def video_frames(path, max_frames: int | None = None, mode: str = "RGB") -> list:
+def video_frames(path, max_frames: int | None = None, mode: str = "RGB", total: int | None = None) -> list:
     """Decodes a clip file into PIL images of `mode` ("RGB" or "L"), subsampled to max_frames
     as `subsample_indices` says. A video file (any container, VIDEO_EXTENSIONS and whatever else
     FFmpeg opens) is decoded with PyAV; a .gif with Pillow.
+
+    total: the clip's frame count if known (what `check_video` returned for it); which frames
+    are kept depends on it. Without it (and with a max_frames) the file is decoded twice: once
+    to count its frames, once to keep the chosen ones. Either way only the kept frames are held
+    in memory, never the whole clip. A wrong `total` (the file changed since it was counted) costs
+    a second decode, not wrong frames.
 
     Raises RuntimeError if a video file needs the missing PyAV; ReadError if the file is missing,
     cannot be decoded, has no video stream or holds no frame.
@@ -182,13 +199,31 @@ def video_frames(path, max_frames: int | None = None, mode: str = "RGB") -> list
     if _is_animated_name(path):
         return _animated_frames(path, max_frames, mode)
     av = _import_av(path)
+    if max_frames is not None and total is None:
+        total = count_video_frames(path)  # decodes without keeping a frame
+    keep = None if max_frames is None else subsample_indices(total, max_frames)
+    images, seen = _keep_frames(av, path, keep, mode)
+    if keep is not None and seen != total:
+        # the file changed since `total` was counted: choose again from what it holds now
+        images, seen = _keep_frames(av, path, subsample_indices(seen, max_frames), mode)
+    if not seen:
+        raise ReadError(path, "the video holds no frames")
+    return images
+
+
+def _keep_frames(av, path, keep, mode: str):
+    """(PIL images of `mode` of the frames at the indices `keep` (all frames when None), the
+    number of frames decoded). Decodes the whole stream, holding one decoded frame at a time
+    besides the images kept: a 600-frame 640x480 clip held whole was 270 MB to keep 4 frames."""
+    wanted = None if keep is None else set(keep)
+    images, seen = [], 0
     with _video_errors(path), av.open(os.fspath(path)) as container:
-        # keep the decoded (YUV) frames and make PIL images of the kept ones only: the frame count
-        # is known once the stream ends, and a YUV 4:2:0 frame is half the bytes of its RGB image
-        frames = list(_decoded_frames(av, container, path))
-        if not frames:
-            raise ReadError(path, "the video holds no frames")
-        return [frames[i].to_image().convert(mode) for i in subsample_indices(len(frames), max_frames)]
+        for frame in _decoded_frames(av, container, path):
+            if wanted is None or seen in wanted:
+                images.append(frame.to_image().convert(mode))
+            seen += 1
+            del frame  # released before the decoder makes the next one, not after
+    return images, seen
 
 
 mp4_frames = video_frames  # the name from when only .mp4 was read
@@ -220,12 +255,114 @@ def _count_animated_frames(path) -> int:
         return total
 
 
+# Top-level boxes of ISO base media (.mp4 .m4v .mov, QuickTime included): a box of another type
+# at the top level is not judged (trailing bytes some cameras append could read as any size).
+_MP4_TOP = frozenset((b"ftyp", b"styp", b"moov", b"mdat", b"moof", b"mfra", b"free", b"skip",
+                      b"wide", b"pnot", b"uuid", b"sidx", b"ssix", b"meta", b"pdin", b"prft", b"emsg"))
+# a writer that counts the 8-byte chunk header in a RIFF size (a known bug) is not called short
+_RIFF_SLACK = 8
+
+
+def _ebml_vint(data: bytes, at: int, keep_marker: bool):
+    """(value, length, all value bits set) of the EBML variable-length integer at data[at], or
+    None when it is not one (a first byte of 0, or past the end)."""
+    if at >= len(data) or data[at] == 0:
+        return None
+    length = 9 - data[at].bit_length()  # 1 + the number of leading zero bits
+    if at + length > len(data):
+        return None
+    value = int.from_bytes(data[at:at + length], "big")
+    bits = 7 * length
+    payload = value & ((1 << bits) - 1)
+    return (value if keep_marker else payload), length, payload == (1 << bits) - 1
+
+
+def _declared_short(path) -> str | None:
+    """Why a video file is shorter than its container says it is, else None.
+
+    What a muxer records, once the file is complete, is compared with the file's size: the RIFF
+    chunks of an .avi, the Segment of a Matroska file (.mkv .webm), the top-level boxes of an
+    ISO / QuickTime file (.mp4 .m4v .mov). A file cut off (an interrupted copy or download) ends
+    inside one of them. That is read from the bytes, not from decoding, which stops quietly at
+    the cut and returns fewer frames: the decoded frame count and duration are no test, since a
+    valid file may decode fewer frames than its header counts (dropped frames of a variable
+    frame rate .avi, frames an .mp4 edit list cuts). Not judged (None): other containers, a
+    Matroska file written as a live stream (Segment of unknown size), anything malformed
+    (decoding reports that)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+                # RIFF 'AVI ' then, past 1 GB (OpenDML), RIFF 'AVIX' chunks, back to back
+                at = 0
+                while at + 8 <= size:
+                    f.seek(at)
+                    chunk = f.read(8)
+                    if chunk[:4] != b"RIFF":
+                        return None
+                    end = at + 8 + int.from_bytes(chunk[4:8], "little")
+                    if end > size + _RIFF_SLACK:
+                        return (f"truncated: its RIFF chunk at byte {at} runs to byte {end}, the file ends "
+                                f"at byte {size} (cut off, e.g. an interrupted copy or download?)")
+                    at = end + (end - at) % 2  # chunks are padded to an even size
+                return None
+            if head[:4] == b"\x1a\x45\xdf\xa3":  # the EBML header of a Matroska / WebM file
+                ident = _ebml_vint(head, 0, True)
+                header = ident and _ebml_vint(head, ident[1], False)
+                if not header:
+                    return None
+                at = ident[1] + header[1] + header[0]  # the element after the EBML header
+                f.seek(at)
+                data = f.read(12)
+                ident = _ebml_vint(data, 0, True)
+                if not ident or ident[0] != 0x18538067:  # not the Segment: not judged
+                    return None
+                length = _ebml_vint(data, ident[1], False)
+                if not length or length[2]:  # unknown size (a live stream): not judged
+                    return None
+                start = at + ident[1] + length[1]
+                end = start + length[0]
+                if end > size:
+                    return (f"truncated: its Matroska Segment runs to byte {end}, the file ends at byte "
+                            f"{size} (cut off, e.g. an interrupted copy or download?)")
+                return None
+            if head[4:8] in _MP4_TOP:
+                at = 0
+                while at + 8 <= size:
+                    f.seek(at)
+                    box = f.read(16)
+                    length, kind = int.from_bytes(box[:4], "big"), box[4:8]
+                    if kind not in _MP4_TOP:
+                        return None
+                    if length == 0:  # the last box, to the end of the file
+                        return None
+                    if length == 1:  # a 64-bit size follows the type
+                        if len(box) < 16:
+                            break
+                        length = int.from_bytes(box[8:16], "big")
+                    if length < 8:  # malformed: decoding says what is wrong
+                        return None
+                    if at + length > size:
+                        return (f"truncated: its {kind.decode('latin-1')!r} box at byte {at} runs to byte "
+                                f"{at + length}, the file ends at byte {size} (cut off, e.g. an "
+                                "interrupted copy or download?)")
+                    at += length
+                return None
+    except OSError:
+        return None  # opening it for decoding reports the same problem with its reason
+    return None
+
+
 def count_video_frames(path) -> int:
     """Decodes every frame of a clip file once (no colour conversion) and returns their number;
     raises ReadError like `video_frames`, RuntimeError when a video file needs the missing PyAV."""
     if _is_animated_name(path):
         return _count_animated_frames(path)
     av = _import_av(path)
+    short = _declared_short(path)
+    if short:
+        raise ReadError(path, short)
     with _video_errors(path), av.open(os.fspath(path)) as container:
         total = sum(1 for _ in _decoded_frames(av, container, path))
     if not total:
@@ -283,10 +420,11 @@ def load_image_uint8(path, size, mode: str) -> np.ndarray:
     return resize_uint8(open_image(path, mode), size)
 
 
-def load_video_uint8(path, size, mode: str, max_frames: int | None) -> np.ndarray:
+def load_video_uint8(path, size, mode: str, max_frames: int | None, total: int | None = None) -> np.ndarray:
     """A clip (frame folder, video file or animated .gif) -> uint8 [T, H, W, C], 1 <= T <= max_frames, frames
     subsampled as `subsample_indices` says; raises ReadError (RuntimeError when a video file
-    needs the missing PyAV)."""
+    needs the missing PyAV). total: the clip's frame count from `check_video`, if known: a
+    video file is then decoded once instead of twice (see `video_frames`)."""
     if os.path.isdir(path):
         files = frame_files(path)
         if not files:
@@ -294,7 +432,7 @@ def load_video_uint8(path, size, mode: str, max_frames: int | None) -> np.ndarra
         keep = subsample_indices(len(files), max_frames)
         images = [open_image(files[i], mode) for i in keep]  # only the kept frames are decoded
     else:
-        images = video_frames(path, max_frames, mode)
+        images = video_frames(path, max_frames, mode, total)
     return np.stack([resize_uint8(im, size) for im in images])
 
 
@@ -303,11 +441,11 @@ def read_image(path, size, mean, std, mode: str) -> torch.Tensor:
     return normalise(load_image_uint8(path, size, mode), mean, std)
 
 
-def read_video(path, size, mean, std, mode: str, max_frames: int | None) -> torch.Tensor:
+def read_video(path, size, mean, std, mode: str, max_frames: int | None, total: int | None = None) -> torch.Tensor:
     """A clip (frame folder or video file) -> float32 [T, C, H, W], 1 <= T <= max_frames
-    (load_video_uint8, then normalise); raises ReadError (RuntimeError when a video file needs
-    the missing PyAV)."""
-    return normalise(load_video_uint8(path, size, mode, max_frames), mean, std)
+    (load_video_uint8, then normalise; total as there); raises ReadError (RuntimeError when a
+    video file needs the missing PyAV)."""
+    return normalise(load_video_uint8(path, size, mode, max_frames, total), mean, std)
 
 
 def as_size(value, name: str) -> tuple[int, int]:
