@@ -6,6 +6,7 @@ class folder its raw split refuses."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -276,6 +277,45 @@ def test_every_valid_clip_still_passes_the_check(tmp_path, ext, kind, options, n
         assert video_mod.check_video(mixed) == n
 
 
+class _NoSeek(io.RawIOBase):
+    """A file the muxer cannot seek back in (what a pipe or a FIFO is to FFmpeg)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return self.f.write(b)
+
+    def seekable(self):
+        return False
+
+
+@needs_av
+@pytest.mark.parametrize("ext, fmt, kind, options", [
+    ("avi", "avi", "mpeg4", {}), ("mkv", "matroska", "mpeg4", {}), ("webm", "webm", "vp8", {}),
+    ("mp4", "mp4", "h264", {"movflags": "frag_keyframe+empty_moov"})], ids=["avi", "mkv", "webm", "mp4-frag"])
+def test_a_complete_clip_written_to_a_pipe_passes(tmp_path, ext, fmt, kind, options):
+    """A muxer that cannot seek back leaves its size fields as placeholders (FFmpeg's RIFF size
+    0xFFFFFFFF, Matroska's unknown Segment size): complete files, not cut-off ones (the first
+    version of the check called such an .avi truncated)."""
+    path = tmp_path / f"piped.{ext}"
+    with open(path, "wb") as f, av.open(_NoSeek(f), "w", format=fmt, options=options) as out:
+        stream = out.add_stream(_encoder(*ENCODERS[kind]), rate=10)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for frame in _clip_frames(12):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    if ext == "avi":
+        assert path.read_bytes()[4:8] == b"\xff\xff\xff\xff"  # the placeholder this is about
+    assert video_mod._declared_short(path) is None
+    assert video_mod.check_video(path) == 12
+
+
 @needs_av
 @pytest.mark.parametrize("ext, kind, options", [("avi", "mpeg4", {}), ("mkv", "h264", {}), ("mkv", "vp8", {}),
                                                 ("webm", "vp8", {}), ("mp4", "h264", {"movflags": "faststart"}),
@@ -454,6 +494,29 @@ def test_demo_split_keeps_a_train_sample_per_class(tmp_path):
     assert _counts(4, (0.2, 0.4, 0.4)) == (1, 1, 2)
     assert _counts(3, (0.1, 0.45, 0.45)) == (1, 1, 1)
     assert _counts(5, (0.1, 0.3, 0.6)) == (1, 2, 2)  # 3 + 2 rounded: test is the larger
+
+
+def test_demo_build_of_the_old_split_rule_is_rebuilt(tmp_path):
+    """A build whose marker shows a digit with no train sample (what the old rule wrote for the
+    same parameters) is not taken for the wanted build: refused in a user's folder, rebuilt in
+    the cache's way (replace_other_build); an unaffected build stays."""
+    kw = dict(samples_per_class=4, image_size=8, digit_size=6, image_occluder=3, frame_size=8,
+              video_digit_size=6, video_occluder=2, min_frames=1, max_frames=2)
+    root = build_demo_dataset(tmp_path / "demo", **kw)
+    marker_path = root / demo_mod.MARKER
+    stamp = marker_path.stat().st_mtime_ns
+    assert build_demo_dataset(tmp_path / "demo", **kw) == root  # unaffected: kept
+    assert marker_path.stat().st_mtime_ns == stamp
+    # what the old rule left: digit 3 without train samples
+    for p in (root / "train" / "3").iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    marker = json.loads(marker_path.read_text())
+    marker["counts"]["train"]["3"] = 0
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(FileExistsError, match="no train sample for some digit"):
+        build_demo_dataset(tmp_path / "demo", **kw)
+    build_demo_dataset(tmp_path / "demo", replace_other_build=True, **kw)
+    assert any(p.suffix == ".png" for p in (root / "train" / "3").iterdir())
 
 
 def test_demo_split_is_unchanged_where_train_had_samples():

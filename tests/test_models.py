@@ -582,6 +582,40 @@ def test_inputs_checked_against_the_parameters():
         model(images.to("meta"), videos.to("meta"), L)
 
 
+def _like_a_data_parallel_replica(module):
+    """What torch.nn.parallel.replicate makes of `module` for one device (here on the CPU): each
+    submodule's shallow replica, with its parameters set as plain attributes (not Parameters:
+    replicas' weights are not leaves), so a replica's parameters() is empty."""
+    modules = list(module.modules())
+    copies = {m: m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        r = copies[m]
+        for name, child in m._modules.items():
+            r._modules[name] = None if child is None else copies[child]
+        for name, p in m._parameters.items():
+            if p is None:
+                r._parameters[name] = None
+            else:
+                setattr(r, name, p.detach().clone())
+    return copies[module]
+
+
+def test_models_run_as_data_parallel_replicas():
+    """The input checks read a weight by attribute, as a replica has it (a first version took
+    next(head.parameters()): StopIteration in every nn.DataParallel replica of ImageBaseline)."""
+    images, videos, L, _ = _batch()
+    for model, args in ((ImageBaseline(NUM_CLASSES, width=8), (images,)),
+                        (VideoBaseline(NUM_CLASSES, width=8), (videos, L)),
+                        (DTL(NUM_CLASSES, **TINY, backend="reference"), (images, videos, L))):
+        model.eval()
+        replica = _like_a_data_parallel_replica(model)
+        assert not list(replica.parameters())
+        want = model(*args)
+        got = replica(*args)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b)
+
+
 def test_compiled_model_checks_images_against_videos():
     """Under torch.compile the images-vs-videos checks run too (before: only each tensor's own
     checks, and a batch mismatch surfaced as an attention op's error about k). With fullgraph

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -843,6 +844,18 @@ def test_load_checkpoint_names_a_folder_and_a_file_that_is_not_a_checkpoint(full
     assert cli.main(["evaluate", str(out), "--data", str(data_root)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"dtl-fast evaluate: error: checkpoint {out} is a folder"), err
+
+    # a checkpoint whose pickle bytes are damaged is damaged, not "another kind of file"
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(out / "checkpoint.pt") as zin, zipfile.ZipFile(damaged, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data[:2] + bytes([215]) + data[3:]  # an opcode the unpickler lacks
+            zout.writestr(item, data)
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(damaged))} could not be read "
+                                         r"\(damaged: .*\); is it a complete"):
+        load_checkpoint(damaged)
 
 
 def test_resume_refuses_another_amp(full_run, data_root, tmp_path):

@@ -304,7 +304,8 @@ def _guard(root: pathlib.Path, name: str, wanted: dict, overwrite: bool, replace
     if not root.is_dir():
         raise FileExistsError(f"demo data root {name} exists and is not a folder")
     marker = _read_marker(root)
-    same = marker is not None and {k: marker.get(k) for k in wanted} == wanted
+    same = (marker is not None and {k: marker.get(k) for k in wanted} == wanted
+            and not _train_split_left_empty(marker))
     if same and not overwrite:
         return None
     contents = sorted(p.name for p in root.iterdir())
@@ -326,13 +327,27 @@ def _guard(root: pathlib.Path, name: str, wanted: dict, overwrite: bool, replace
         raise FileExistsError(f"refusing to overwrite {name}: its split folders hold what the "
                               f"demo build did not write: {shown}. Nothing was changed; "
                               f"remove those or choose another folder")
-    other = f"a demo data set built with other parameters ({_differences(marker, wanted['parameters'])})"
+    if {k: marker.get(k) for k in wanted} == wanted:  # the same parameters, the old split rule
+        other = ("a demo data set with no train sample for some digit (built before the split "
+                 "kept one train sample per class)")
+    else:
+        other = f"a demo data set built with other parameters ({_differences(marker, wanted['parameters'])})"
     if not overwrite and not replace_other_build:
         raise FileExistsError(f"{name} holds {other}; pass overwrite=True (--overwrite) to rebuild it, "
                               "or choose another folder")
     if same:
         return "overwrite=True (--overwrite) asks for it to be rebuilt"
     return f"it holds {other}, which must be rebuilt"
+
+
+def _train_split_left_empty(marker: dict) -> bool:
+    """Whether a build's counts show a digit with no train sample: what the split rule before
+    s32 wrote when rounding gave test and validation every sample of a class (e.g. 4 per class
+    at fractions (0.2, 0.4, 0.4)). Such a build is not what the same parameters build now (the
+    rule keeps one for train), so it is rebuilt; every other build is byte for byte what they
+    still build, and stays (no version bump that would rebuild them all)."""
+    train = (marker.get("counts") or {}).get("train")
+    return isinstance(train, dict) and any(n == 0 for n in train.values())
 
 
 def _is_whole_build(folder: pathlib.Path) -> bool:

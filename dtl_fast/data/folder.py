@@ -13,8 +13,8 @@ bytes), holds no frame, or is a video file cut off before the end its container 
 interrupted copy or download) is reported with its path before training starts instead of in
 the middle of an epoch. Damage the decoder conceals (bytes changed inside a clip) can pass, and
 so can a cut that falls exactly between two of those top-level parts (or inside the 8-byte
-header that opens the last one); a Matroska file written as a live stream records no end to
-compare with. The check runs in threads, or in `workers` processes, with an optional progress
+header that opens the last one); a Matroska file written as a live stream, or an .avi whose
+writer could not seek back (a pipe: FFmpeg's placeholder size), records no end to compare with. The check runs in threads, or in `workers` processes, with an optional progress
 bar, and its verdicts are remembered in a manifest in the cache (see
 dtl_fast.data.manifest): the next construction decodes only the samples whose files changed.
 """

@@ -287,8 +287,8 @@ def _declared_short(path) -> str | None:
     the cut and returns fewer frames: the decoded frame count and duration are no test, since a
     valid file may decode fewer frames than its header counts (dropped frames of a variable
     frame rate .avi, frames an .mp4 edit list cuts). Not judged (None): other containers, a
-    Matroska file written as a live stream (Segment of unknown size), anything malformed
-    (decoding reports that)."""
+    Matroska file written as a live stream (Segment of unknown size), an .avi written where the
+    muxer could not seek back (RIFF size 0xFFFFFFFF), anything malformed (decoding reports that)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -301,7 +301,13 @@ def _declared_short(path) -> str | None:
                     chunk = f.read(8)
                     if chunk[:4] != b"RIFF":
                         return None
-                    end = at + 8 + int.from_bytes(chunk[4:8], "little")
+                    declared = int.from_bytes(chunk[4:8], "little")
+                    if declared == 0xFFFFFFFF:
+                        # FFmpeg's placeholder, left when the writer could not seek back to
+                        # fill it in (a pipe, a FIFO): a complete file may carry it, so no end
+                        # is recorded to compare with (a killed writer's file is not judged)
+                        return None
+                    end = at + 8 + declared
                     if end > size + _RIFF_SLACK:
                         return (f"truncated: its RIFF chunk at byte {at} runs to byte {end}, the file ends "
                                 f"at byte {size} (cut off, e.g. an interrupted copy or download?)")

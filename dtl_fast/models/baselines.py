@@ -59,7 +59,9 @@ class ImageBaseline(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images("ImageBaseline", images, self.in_channels)
         # the parameters' device, and their dtype outside autocast: ValueError naming images
-        _check_module_param("ImageBaseline", "images", images, next(self.head.parameters()))
+        # (a weight by attribute: nn.DataParallel's replicas hold their weights as plain
+        # attributes, so parameters() would be empty there)
+        _check_module_param("ImageBaseline", "images", images, self.head.linear.weight)
         return self.head(self.encoder(images))
 
 

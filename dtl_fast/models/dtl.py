@@ -279,7 +279,9 @@ def dtl_loss(output: DTLOutput, labels: torch.Tensor, weights=(1.0, 1.0, 1.0)) -
 
     A bad argument raises ValueError naming it. The labels' range is checked on the host when
     they are on the CPU (free); labels on a GPU are not read (that would cost every step a
-    device sync), so a class index out of range there is F.cross_entropy's device-side assert.
+    device sync), so a class index out of range there is F.cross_entropy's device-side assert
+    (and its ignore_index, -100, is ignored there; the objective has no ignored samples, so on
+    the CPU -100 is refused like any index outside [0, num_classes)).
     """
     if not isinstance(output, (tuple, list)) or len(output) != 3:
         raise ValueError(f"dtl_loss: output must be a DTLOutput (image, video, fused logits), got "

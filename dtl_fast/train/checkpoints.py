@@ -95,11 +95,16 @@ def load_checkpoint(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only refused a class: ours hold tensors and plain data only, so this file was
-        # saved by something else (torch's advice to load it with weights_only=False is left
-        # out: that would run code from the file)
-        raise ValueError(f"{not_ours}: it holds Python objects other than tensors and plain "
-                         "data") from exc
+        # torch's weights_only unpickler says "Unsupported global" for a class it refuses:
+        # ours hold tensors and plain data only, so such a file was saved by something else
+        # (torch's advice to load it with weights_only=False is left out: that would run code
+        # from the file). Any other refusal is damaged pickle bytes ("Unsupported operand").
+        detail = _unpickler_detail(str(exc))
+        if "Unsupported global" in str(exc):
+            raise ValueError(f"{not_ours}: it holds Python objects other than tensors and plain "
+                             f"data ({detail})") from exc
+        raise ValueError(f"checkpoint {path} could not be read (damaged: {detail}); is it a "
+                         "complete `dtl-fast train` checkpoint?") from exc
     except Exception as exc:  # a damaged archive, a zip that torch did not write
         raise ValueError(f"checkpoint {path} could not be read ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a complete "
@@ -120,6 +125,19 @@ def check_out_writable(out: Path) -> None:
             pass
     except OSError as exc:
         raise ValueError(f"--out {out}: not writable ({exc.strerror or exc})") from exc
+
+
+def _unpickler_detail(message: str) -> str:
+    """The line of torch's weights_only error that says what it met (after "WeightsUnpickler
+    error:"), without the surrounding advice; the first line when there is no such part."""
+    lines = [line.strip() for line in message.splitlines()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            following = [x for x in lines[i + 1:] if x]
+            found = rest or (following[0] if following else line)
+            return found.split(". ", 1)[0]  # (what follows is advice on allowlisting classes)
+    return lines[0] if lines else ""
 
 
 def check_resume(state: dict, config, path: Path) -> None:
