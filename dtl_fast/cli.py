@@ -14,10 +14,28 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _missing_package(prog: str, exc: RuntimeError) -> int:
+    """A missing optional package (its RuntimeError says `pip install ...`) as one error line
+    and exit status 2, as `dtl-fast train` prints it; any other RuntimeError is re-raised."""
+    from dtl_fast.train.entry import is_missing_dependency
+
+    if not is_missing_dependency(exc):
+        raise exc
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def _cmd_demo(args) -> int:
     from dtl_fast import demo
 
-    demo.run(batch=args.batch, max_len=args.max_len, seed=args.seed)
+    for flag, value in (("--batch", args.batch), ("--max-len", args.max_len)):
+        if value < 1:
+            print(f"dtl-fast demo: error: {flag} must be an integer >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        demo.run(batch=args.batch, max_len=args.max_len, seed=args.seed)
+    except RuntimeError as exc:  # scikit-learn's digits missing
+        return _missing_package("dtl-fast demo", exc)
     return 0
 
 
@@ -30,7 +48,6 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from dtl_fast.data import BadSampleError
     from dtl_fast.train import evaluate
-    from dtl_fast.train.entry import is_missing_dependency
 
     try:
         evaluate(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
@@ -44,10 +61,7 @@ def _cmd_evaluate(args) -> int:
     except RuntimeError as exc:
         # a missing optional package (a resnet18 checkpoint without torchvision, .mp4 clips
         # without PyAV): the message says what to install, as `dtl-fast train` prints it
-        if not is_missing_dependency(exc):
-            raise
-        print(f"dtl-fast evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        return _missing_package("dtl-fast evaluate", exc)
     return 0
 
 
@@ -66,6 +80,8 @@ def _cmd_data_demo(args) -> int:
     except (ValueError, OSError) as exc:
         print(f"dtl-fast data demo: error: {_for_the_command_line(exc)}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # scikit-learn's digits or Pillow missing
+        return _missing_package("dtl-fast data demo", exc)
     print(f"demo data set (handwritten digits, image + video per sample, seed {args.seed}) in {root}")
     return 0
 

@@ -271,3 +271,35 @@ def test_info_and_demo_still_parse():
     assert args.func is cli._cmd_demo and args.batch == 8 and args.max_len == 24
     args = cli.build_parser().parse_args(["info", "--json"])
     assert args.func is cli._cmd_info and args.json
+
+
+@pytest.mark.parametrize("flags, name", [(["--batch", "0"], "--batch"), (["--max-len", "0"], "--max-len")])
+def test_demo_flags_below_one_are_errors_naming_them(flags, name, capsys):
+    """Before: torch's own error from inside the demo (min() of an empty tensor, random_)."""
+    assert cli.main(["demo", *flags]) == 2
+    assert capsys.readouterr().err == f"dtl-fast demo: error: {name} must be an integer >= 1, got 0\n"
+
+
+@pytest.mark.parametrize("argv, package, prog", [
+    (["demo"], "sklearn", "dtl-fast demo"),
+    (["data", "demo", "DIR"], "sklearn", "dtl-fast data demo"),
+    (["train", "--data", "DATA", "--epochs", "1"], "PIL", "dtl-fast train"),
+    (["data", "prepare", "DATA", "OUT"], "PIL", "dtl-fast data prepare"),
+])
+def test_a_missing_optional_package_is_one_error_line(argv, package, prog, tiny_raw, tmp_path,
+                                                      monkeypatch, capsys):
+    """scikit-learn (the demos' digits) and Pillow (every sample's image) missing: one line
+    naming what to install and exit status 2, as for torchvision / PyAV (before: a traceback;
+    without Pillow after the data check had passed on a remembered manifest)."""
+    from dtl_fast.data import demo as demo_data
+
+    monkeypatch.setitem(sys.modules, package, None)
+    if package == "sklearn":  # the data demo reads the bundled file without importing sklearn
+        monkeypatch.setattr(demo_data.importlib.util, "find_spec", lambda name: None)
+    argv = [str(tiny_raw) if a == "DATA" else str(tmp_path / "d") if a == "DIR" else
+            str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and "pip install" in err and err.count("\n") == 1, err

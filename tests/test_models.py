@@ -340,6 +340,12 @@ def test_cnn_encoder_weights_from_a_local_file(tmp_path):
         ImageBaseline(NUM_CLASSES, width=8, encoder_weights=tmp_path / "list.pt")
     with pytest.raises(ValueError, match="encoder_weights"):
         DTL(NUM_CLASSES, **TINY, encoder_weights=123)
+    # a ResNet's state_dict for the ConvEncoder: the error says which encoder it needs
+    resnetish = {"conv1.weight": torch.zeros(64, 3, 7, 7), "layer4.1.bn2.weight": torch.zeros(512)}
+    torch.save(resnetish, tmp_path / "r18.pt")
+    with pytest.raises(ValueError, match=r"r18\.pt' does not match the ConvEncoder \(the file holds "
+                                         r"a ResNet's weights: they need encoder=\"resnet18\""):
+        DTL(NUM_CLASSES, **TINY, encoder_weights=tmp_path / "r18.pt")
 
 
 def _has_torchvision() -> bool:

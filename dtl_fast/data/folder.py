@@ -40,6 +40,7 @@ from dtl_fast.data.video import (
     as_size,
     check_image,
     check_video,
+    import_pillow,
     natural_key,
     read_image,
     read_video,
@@ -275,6 +276,9 @@ class MultiModalFolder(Dataset):
         self.split = split
         self.on_bad_sample = on_bad_sample
         split_dir = os.path.join(self.root, split)
+        # every sample has an image: without Pillow, say so now, not at the first batch (a
+        # manifest's remembered verdicts would let the check pass without decoding one)
+        import_pillow(split_dir, "the images of")
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"data root {self.root} does not exist or is not a folder")
         if not os.path.isdir(split_dir):

@@ -83,10 +83,23 @@ def subsample_indices(total: int, max_frames: int | None) -> list[int]:
     return [int((i + 0.5) * total / max_frames) for i in range(max_frames)]
 
 
+def import_pillow(path, what: str = "the image"):
+    """PIL.Image, or a RuntimeError that says how to install Pillow (reading `what` `path` needs
+    it): not the data's fault, so not a ReadError (a missing PyAV is told the same way)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise RuntimeError(
+            f"reading {what} {path} needs Pillow, which is not installed: pip install pillow "
+            "(or pip install 'dtl-fast[train]')") from exc
+    return Image
+
+
 @contextlib.contextmanager
 def _image_errors(path):
     """Turns Pillow's many ways of failing into one ReadError naming the path and why."""
-    from PIL import Image, UnidentifiedImageError
+    Image = import_pillow(path)
+    UnidentifiedImageError = Image.UnidentifiedImageError
 
     try:
         yield
@@ -107,8 +120,7 @@ def open_image(path, mode: str):
     Transparent pixels become black; 16-bit grayscale is rescaled to 8 bits. Raises ReadError
     with the reason for a missing, truncated or undecodable file.
     """
-    from PIL import Image
-
+    Image = import_pillow(path)
     with _image_errors(path), Image.open(path) as im:
         im.load()  # decodes every byte now: a truncated file fails here, not later
         return _convert(im, mode)
@@ -132,8 +144,7 @@ def _convert(im, mode: str):
 
 def check_image(path) -> None:
     """Decodes an image once (raises ReadError if it cannot be)."""
-    from PIL import Image
-
+    Image = import_pillow(path)
     with _image_errors(path), Image.open(path) as im:
         im.load()
 
@@ -232,8 +243,7 @@ mp4_frames = video_frames  # the name from when only .mp4 was read
 def _animated_frames(path, max_frames: int | None, mode: str) -> list:
     """The frames of an animated image (GIF) as PIL images of `mode`; ReadError if it cannot be
     decoded. Pillow applies each frame's disposal, so frame k is the picture shown at step k."""
-    from PIL import Image
-
+    Image = import_pillow(path, "the animated image")
     with _image_errors(path), Image.open(path) as im:
         total = getattr(im, "n_frames", 1)
         images = []
@@ -245,8 +255,7 @@ def _animated_frames(path, max_frames: int | None, mode: str) -> list:
 
 
 def _count_animated_frames(path) -> int:
-    from PIL import Image
-
+    Image = import_pillow(path)
     with _image_errors(path), Image.open(path) as im:
         total = getattr(im, "n_frames", 1)
         for i in range(total):  # every frame decoded: a truncated last frame fails here

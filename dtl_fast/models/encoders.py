@@ -336,8 +336,18 @@ def load_encoder_weights(encoder: nn.Module, path, *, owner: str, ignore_prefixe
             parts.append(f"unexpected keys ({len(unexpected)}): {few(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {few(shapes)}")
+        # a torchvision ResNet's state_dict (layer1.0.conv1.weight, ...) given to the ConvEncoder
+        # or the reverse: the encoder choice is what is wrong, not the file
+        resnet_file = any(k.startswith("layer4.") for k in state)
+        resnet_model = any(k.startswith("layer4.") for k in own)
+        hint = ""
+        if resnet_file != resnet_model:
+            hint = (" (the file holds a ResNet's weights: they need encoder=\"resnet18\", "
+                    "--encoder resnet18)" if resnet_file else
+                    " (the file does not hold a ResNet's weights: are they the ConvEncoder's, "
+                    "encoder=\"cnn\", --encoder cnn?)")
         raise ValueError(f"{owner}: encoder_weights {str(path)!r} does not match the "
-                         f"{type(encoder).__name__}: " + "; ".join(parts))
+                         f"{type(encoder).__name__}{hint}: " + "; ".join(parts))
     encoder.load_state_dict(state, strict=True)
 
 
