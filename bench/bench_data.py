@@ -9,7 +9,9 @@ once into a cache folder reused by later runs. Then measures:
 - ``check-first``: building the three MultiModalFolder splits (the check that decodes every
   file) with an empty check-manifest cache (DTL_FAST_CACHE points at a fresh temporary folder);
 - ``check-second``: the same again, manifest warm: what a second `dtl-fast train` on the
-  unchanged data waits before its first step (ratio: first / second);
+  unchanged data waits before its first step (ratio: first / second). The synthesised files'
+  mtimes are set 10 s back, past the manifest's 2 s racy-clean window (RACY_NS), so that this
+  holds on the run that synthesised them too (else every clip is decoded again);
 - ``prepare``: `dtl-fast data prepare` of all splits (its check runs with the manifest warm);
 - ``open``: opening the three prepared splits (`open_split`, integrity check included);
 - ``loader``: DataLoader throughput, samples/s, on the train split, batch 64,
@@ -147,6 +149,21 @@ def split_of(i: int, clips: int) -> str:
     return SPLIT_FRACTIONS[-1][0]
 
 
+def _age_past_racy_window(folder: Path) -> None:
+    """Sets the mtime of every file under `folder` 5 x RACY_NS (10 s) back. The check manifest
+    trusts a sample only when its files are older than its check by RACY_NS (2 s, git's "racy
+    clean" rule, dtl_fast.data.manifest): without this, a check-first right after synthesis
+    records every clip as too fresh and check-second decodes them all again (measured: 1.19 s
+    against 1.34 s, 1.13x, where the warm manifest gives ~63x). Data a user trains on is older
+    than 2 s; this makes the first run measure that case, as every later run does."""
+    from dtl_fast.data.manifest import RACY_NS
+
+    old = time.time_ns() - 5 * RACY_NS
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            os.utime(os.path.join(dirpath, name), ns=(old, old))
+
+
 def synthesise(cache: Path, clips: int, frames: int = 16, size: int = 64, workers: int = 2,
                progress: bool = True) -> tuple[Path, dict]:
     """The synthetic data set under `cache` (built once; later calls return it at once).
@@ -175,6 +192,7 @@ def synthesise(cache: Path, clips: int, frames: int = 16, size: int = 64, worker
             else:
                 for n in map(_synth_chunk, tasks):
                     bar.update(n)
+        _age_past_racy_window(tmp)
         info = dict(clips=clips, frames=frames, size=size, codec=codec,
                     seconds=round(time.perf_counter() - t0, 1), version=SYNTH_VERSION)
         (tmp / "bench_data.json").write_text(json.dumps(info))  # last: the set is complete
@@ -427,30 +445,42 @@ def acceptance(rows, device) -> list[dict]:
     if device != "cpu":
         return []
     figs = []
+    name = "second start (raw check, manifest warm) < 5 s"
     second = [r for r in rows if r["mode"] == "check-second"]
     if second:
         r = second[-1]
         s = H.fnum(r["median_ms"])
-        if s is None or not H.row_ok(r):
-            figs.append(dict(name="second start (raw check, manifest warm) < 5 s", passed=False,
-                             value=r["status"]))
+        if r["provider"] == "(all)":  # cut by the time budget: says so, like every module
+            figs.append(H.mark_not_run(dict(name=name, value="cut", passed=False), 1))
+        elif s is None or not H.row_ok(r):
+            figs.append(dict(name=name, passed=False, value=r["status"]))
         else:
             s /= 1e3
-            figs.append(dict(name="second start (raw check, manifest warm) < 5 s", passed=s < 5.0,
+            figs.append(dict(name=name, passed=s < 5.0,
                              number=TARGET_SECOND_START_S / s, target=1.0, unit="x",
                              value=f"{s:.2f} s on {r['shape']} ({TARGET_SECOND_START_S / s:.1f}x under 5 s)"))
-    # the demo's sizes (64x16 is reported, not judged); a case that did not run fails the figure
+    # the demo's sizes (64x16 is reported, not judged); a case that did not run (its "(all)"
+    # row: the whole size, one worker count, or everything under --time-budget 0) fails the
+    # figure and says "N case(s) not run" (H.mark_not_run: also when run.py folds repeats)
     cut = [r for r in rows if r["mode"] == "loader" and r["provider"] == "(all)"
-           and r["variant"] in ("", "img16-f8", "img16-f8-w2")]
-    loaders = [r for r in rows if r["mode"] == "loader" and r["provider"] in ("prepared", "(all)")
-               and r["variant"].startswith("img16-f8-")]
-    figs.append(H.min_figure("prepared loader >= 10x raw, same workers, demo sizes 16x8",
-                             loaders + [r for r in cut if r not in loaders],
-                             lambda r: H.fnum(r["ratio"]), TARGET_RATIO))
-    two = [r for r in loaders if r["variant"] == "img16-f8-w2"] + [r for r in cut if r not in loaders]
-    figs.append(H.min_figure("prepared loader > 5,000 samples/s, 2 workers, demo sizes 16x8", two,
-                             lambda r: H.row_extra(r).get("samples_per_s"), TARGET_SPS_2W,
-                             unit=" samples/s"))
+           and (r["variant"] in ("", "img16-f8") or r["variant"].startswith("img16-f8-"))]
+    cut_w2 = [r for r in cut if r["variant"] in ("", "img16-f8", "img16-f8-w2")]
+    # the prepared rows, and a failed gate (variant img16-f8) or a raw loader that failed
+    loaders = [r for r in rows if r["mode"] == "loader"
+               and (r["variant"] == "img16-f8" or r["variant"].startswith("img16-f8-"))
+               and (r["provider"] == "prepared" or (r["provider"] == "raw" and not H.row_ok(r)))]
+
+    def figure(name, measured, cut_rows, value_fn, target, unit="x"):
+        f = (H.min_figure(name, measured, value_fn, target, unit) if measured or not cut_rows
+             else dict(name=name, value="cut", passed=False))
+        return H.mark_not_run(f, len(cut_rows))
+
+    figs.append(figure("prepared loader >= 10x raw, same workers, demo sizes 16x8", loaders, cut,
+                       lambda r: H.fnum(r["ratio"]), TARGET_RATIO))
+    two = [r for r in loaders if r["variant"] in ("img16-f8", "img16-f8-w2")]
+    figs.append(figure("prepared loader > 5,000 samples/s, 2 workers, demo sizes 16x8", two,
+                       cut_w2, lambda r: H.row_extra(r).get("samples_per_s"), TARGET_SPS_2W,
+                       unit=" samples/s"))
     return figs
 
 

@@ -3,13 +3,16 @@
 One step = forward + dtl_loss + backward (+ Adam step and zero_grad with --optimizer), of
 dtl_fast.models.DTL after warm-up steps, on the sizes of a preset:
 
-  demo         the `make demo` model (Makefile DEMO_ARGS): B 32, 8 frames of 16 x 16, width 16,
-               hidden 32, dim 32, 2 heads, 1 DAM layer, 1 channel, 10 classes
+  demo         the `make demo` model (Makefile DEMO_ARGS and `dtl-fast train`'s defaults for
+               the rest): B 32, 8 frames of 16 x 16, width 16, hidden 32, dim 32, 2 heads,
+               1 DAM layer, 3 channels (--channels' default: `make demo`'s checkpoint has
+               in_channels 3; before s32 this preset had 1, which changes the first convolution
+               only, not the op calls per step), LSTM, 10 classes
   bench-small  bench_dtl's default model (width 64, hidden 64, dim 128, 4 heads, 2 layers),
                scaled down to B 8, T 8, S 16 (a CPU-sized step)
   bench        bench_dtl's default case: B 64, T 16, S 32 (--batch overrides B)
-  tiny         the demo model's structure at B 2, T 3, S 8 (for backend fused on CPU, i.e. the
-               Triton interpreter: the op calls per step are those of the demo model)
+  tiny         the demo model's structure at B 2, T 3, S 8, 1 channel (for backend fused on CPU,
+               i.e. the Triton interpreter: the op calls per step are those of the demo model)
 
 What it prints and writes, on every device (bench/results/profile_dtl_<preset>_<rnn>_<backend>
 [_graphs][_bf16]_<device-slug>.txt; --out '' writes none):
@@ -41,7 +44,9 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    "demo": dict(B=32, T=8, S=16, C=1, model=dict(width=16, hidden_size=32, dim=32, num_heads=2,
+    # `make demo`'s model: DEMO_ARGS, the rest (channels 3, lstm) train's defaults (a test
+    # compares them with the Makefile)
+    "demo": dict(B=32, T=8, S=16, C=3, model=dict(width=16, hidden_size=32, dim=32, num_heads=2,
                                                   num_layers=1)),
     "bench-small": dict(B=8, T=8, S=16, C=3, model={}),
     "bench": dict(B=64, T=16, S=32, C=3, model={}),

@@ -3,6 +3,8 @@
     python bench/run.py --device cpu            # full CPU run
     python bench/run.py --quick                 # cuda if available, else cpu; fewer cases
     python bench/run.py --device cuda --summary-only latest   # recompute the summary from CSVs
+    python bench/run.py --device cpu --summary-only 20261129T050909-2494 --only bench_rnn
+                                                # a --repeat run by its base id: all its -rN runs
 
 Flags are the same as each bench module's (--quick, --device, --out, --no-plot, --time-budget,
 --cold-cache). All modules of one invocation share one run id, stored in every CSV row, so the
@@ -10,7 +12,10 @@ summary is computed from exactly this run's rows (also when a module crashed hal
 
 Exit status: 0 when every module ran and no gate was red; 1 when a module failed or a
 provider's output did not match the reference; with --strict also 2 when an acceptance figure
-is FAIL (performance targets are reported, not enforced, by default).
+is FAIL (performance targets are reported, not enforced, by default). 2 also, before anything
+runs or is written, for an --only name that is no module (`frame_pool` is short for
+`bench_frame_pool`) and for a --summary-only RUN_ID that no row on --device carries. A summary
+of no rows at all is printed but never written to a file (it would replace the last real one).
 
 A new kernel adds one line to MODULES; its module provides:
     KERNEL: str                       the CSV name (<out>/<KERNEL>.csv)
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -48,6 +54,53 @@ def _rows_of_run(out: Path, kernel: str, run_id: str | None, device: str):
         ids = sorted({r.get("run_id", "") for r in rows if r.get("run_id")})
         run_id = ids[-1] if ids else None
     return [r for r in rows if r.get("run_id") == run_id], run_id
+
+
+def _short_names() -> dict[str, str]:
+    """--only's accepted spellings: every MODULES name, and its short form without "bench_"."""
+    names = {m: m for m in MODULES}
+    names.update({m[len("bench_"):]: m for m in MODULES if m.startswith("bench_")})
+    return names
+
+
+def resolve_only(only: list[str] | None) -> list[str]:
+    """The MODULES that --only selects, in MODULES order (all of them without --only). Raises
+    ValueError naming the unknown names and the valid ones: a typo must not run nothing."""
+    if not only:
+        return list(MODULES)
+    known = _short_names()
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise ValueError(f"unknown module(s) {', '.join(map(repr, unknown))}; valid: "
+                         f"{', '.join(MODULES)} (or without the bench_ prefix)")
+    wanted = {known[n] for n in only}
+    return [m for m in MODULES if m in wanted]
+
+
+def run_ids_of(out: Path, kernel: str, run_id: str | None, device: str) -> list[str]:
+    """The run ids --summary-only RUN_ID stands for in <out>/<kernel>.csv on `device`, oldest
+    repeat first: [RUN_ID] when rows carry it; else the repeats of a `--repeat N` run quoted by
+    its base id (RUN_ID-r1..RUN_ID-rN, the summary then folds them into medians as the run's own
+    summary did); "latest"/None: the newest id (with its fellow repeats if it is one); [] when
+    no row matches."""
+    ids = {r.get("run_id", "") for r in H.read_rows(out / f"{kernel}.csv")
+           if r.get("device") == device and r.get("run_id")}
+    if run_id in (None, "latest"):
+        if not ids:
+            return []
+        run_id = max(ids)
+        m = re.fullmatch(r"(.+)-r\d+", run_id)
+        if m is None:
+            return [run_id]
+        run_id = m.group(1)
+    if run_id in ids:
+        return [run_id]
+    reps = []
+    for i in ids:
+        m = re.fullmatch(re.escape(run_id) + r"-r(\d+)", i)
+        if m is not None:
+            reps.append((int(m.group(1)), i))
+    return [i for _, i in sorted(reps)]
 
 
 def _aten_cpu(rows: list[dict]) -> str:
@@ -88,14 +141,16 @@ def _median_over_runs(per_run: list[list[dict]]) -> list[dict]:
 
 
 def summarize(mods, out: Path, device: str, run_id, module_status: dict) -> tuple[
-        list[str], bool, bool]:
-    """Returns (lines, red, all_pass). run_id: one id, "latest", or a list of ids (repeated
-    runs: acceptance figures are the median over them)."""
-    run_ids = run_id if isinstance(run_id, list) else [run_id]
+        list[str], bool, bool, int]:
+    """Returns (lines, red, all_pass, n_rows). run_id: a list of ids (this invocation's runs;
+    repeated runs: acceptance figures are the median over them), or one id / "latest" as
+    --summary-only takes it (run_ids_of, per module). n_rows: the rows the summary read (the
+    last run's, over all modules)."""
     lines = []
     red = False
     all_pass = True
     stamp_line = None
+    n_rows = 0
     for name, mod in mods:
         st = module_status.get(name, "")
         kernel = getattr(mod, "KERNEL", None) if mod is not None else None
@@ -104,7 +159,12 @@ def summarize(mods, out: Path, device: str, run_id, module_status: dict) -> tupl
             if st.startswith("error"):
                 red = True
             continue
+        run_ids = run_id if isinstance(run_id, list) else run_ids_of(out, kernel, run_id, device)
+        if not run_ids:  # --summary-only: this module was not part of that run
+            lines.append(f"{name:<24} rows: none of run {run_id} on {device}")
+            continue
         rows, rid = _rows_of_run(out, kernel, run_ids[-1], device)
+        n_rows += len(rows)
         if rows and stamp_line is None:
             r0 = rows[0]
             stamp_line = (f"device: {r0['device_name']}  torch {r0['torch']}  triton {r0['triton']}"
@@ -141,7 +201,7 @@ def summarize(mods, out: Path, device: str, run_id, module_status: dict) -> tupl
                 all_pass &= n_pass == len(figs)
     if stamp_line:
         lines.insert(0, stamp_line)
-    return lines, red, all_pass
+    return lines, red, all_pass, n_rows
 
 
 _MODULE_CACHE: dict[str, object] = {}
@@ -191,9 +251,10 @@ def _run_modules(args, names, mods, status: dict, t_start: float) -> None:
 def main(argv=None) -> int:
     p = H.add_common_args(argparse.ArgumentParser(description="run all dtl_fast benchmarks"))
     p.add_argument("--only", action="append", default=None, metavar="MODULE",
-                   help="run only this module (repeatable), e.g. bench_frame_pool")
+                   help="run only this module (repeatable), e.g. bench_frame_pool or frame_pool")
     p.add_argument("--summary-only", nargs="?", const="latest", default=None, metavar="RUN_ID",
-                   help="measure nothing; summarize RUN_ID (default: the latest run on --device)")
+                   help="measure nothing; summarize RUN_ID (default: the latest run on --device); "
+                        "the base id of a --repeat run summarizes its repeats RUN_ID-r1..rN")
     p.add_argument("--strict", action="store_true", help="exit 2 when an acceptance figure FAILs")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run everything N times (run ids <id>-r1..rN); acceptance figures are "
@@ -205,8 +266,13 @@ def main(argv=None) -> int:
                    help="print the summary but write no file (gpu_check.sh writes one combined "
                         "summary at the end)")
     args = p.parse_args(argv)
+    try:  # before anything runs or is written: a typo must not run nothing and say so quietly
+        names = resolve_only(args.only)
+    except ValueError as exc:
+        p.error(f"argument --only: {exc}")
+    if args.repeat < 1:
+        p.error(f"argument --repeat: must be >= 1, got {args.repeat}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.summary_only is not None:
         # reads CSVs only: --device given means no CUDA call at all (gpu_check.sh's summary)
         device = args.device or ("cuda" if H.torch.cuda.is_available() else "cpu")
@@ -215,20 +281,30 @@ def main(argv=None) -> int:
         args.device = device
     args.run_id = args.run_id or H.new_run_id()
     H.apply_threads(args)  # before any module runs, so the summary's device slug matches
-    names = [m for m in MODULES if not args.only or m in args.only]
+    if args.summary_only is None:
+        out.mkdir(parents=True, exist_ok=True)
 
     mods: list[tuple[str, object]] = []
     status: dict[str, str] = {}
     t_start = time.monotonic()
-    repeat = max(1, args.repeat) if args.summary_only is None else 1
+    repeat = args.repeat if args.summary_only is None else 1
     base_id = args.run_id
     run_ids = [base_id] if repeat == 1 else [f"{base_id}-r{i + 1}" for i in range(repeat)]
     for rep, rid in enumerate(run_ids):
         args.run_id = rid
         _run_modules(args, names, mods if rep == 0 else None, status, t_start)
 
+    if args.summary_only is not None:
+        kernels = [m.KERNEL for _, m in mods if getattr(m, "KERNEL", None)]
+        if not any(run_ids_of(out, k, args.summary_only, device) for k in kernels):
+            which = ("any run" if args.summary_only == "latest"
+                     else f"run {args.summary_only!r} (nor its repeats {args.summary_only}-rN)")
+            p.error(f"argument --summary-only: no rows of {which} on device {device} in "
+                    f"{', '.join(str(out / f'{k}.csv') for k in kernels) or '(no module)'}; "
+                    f"nothing summarized, nothing written")
+
     run_id = args.summary_only if args.summary_only is not None else run_ids
-    lines, red, all_pass = summarize(mods, out, device, run_id, status)
+    lines, red, all_pass, n_rows = summarize(mods, out, device, run_id, status)
     text = "\n".join(["", "=" * 30 + f" benchmark summary ({device}) " + "=" * 30, *lines, ""])
     print(text)
     summary_path = None
@@ -238,8 +314,12 @@ def main(argv=None) -> int:
         slug = (H.device_slug(device) if (device == "cpu" or H.torch.cuda.is_available())
                 else device)
         summary_path = out / f"summary_{slug}.txt"
-    if summary_path is not None:
+    if summary_path is not None and n_rows == 0:
+        # an empty summary would replace the last real one (e.g. the committed summary file)
+        print(f"[run] no rows to summarize: {summary_path} not written")
+    elif summary_path is not None:
         try:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
             summary_path.write_text(text.lstrip("\n") + "\n")
         except OSError as exc:
             print(f"[run] could not write {summary_path}: {exc}")

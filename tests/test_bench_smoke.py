@@ -459,3 +459,226 @@ def test_time_after_runs_its_setup_before_every_timed_call():
     assert 0 <= p20 <= med <= p80 < 1.0, (p20, med, p80)  # ms: the 2 ms sleep is not in it
     assert len(order) >= 6 and order[::2] == ["before"] * (len(order) // 2)
     assert order[1::2] == ["call"] * (len(order) // 2)
+
+
+# ---- bench/run.py's arguments: a typo or an unknown run id is an error, never an empty summary --
+
+_FAKE_CPU = dict(_FAKE_GPU, device="cpu", device_name="fake CPU")
+
+
+def _run_py():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import run as RUN
+
+    return RUN
+
+
+def _rnn_rows_of_runs(run_ids, ratios):
+    """One dtl_fast row (lstm-bi 4x8x32 forward, the given ratio) per run id."""
+    return [H.make_row(kernel=BR.KERNEL, provider="dtl_fast", mode="forward", variant="lstm-bi",
+                       shape="4x8x32", dtype="float32", stamp=_FAKE_CPU, timing=(1.0, 1.0, 1.0),
+                       baseline=BR.BASELINE, baseline_ms=x, run_id=rid)
+            for rid, x in zip(run_ids, ratios)]
+
+
+@pytest.mark.parametrize("only", ["frame_poo", "bench_framepool"])
+def test_run_py_unknown_only_is_an_error_before_anything_runs(only, tmp_path, capsys):
+    RUN = _run_py()
+    sentinel = tmp_path / "summary.txt"
+    sentinel.write_text("the committed summary\n")
+    with pytest.raises(SystemExit) as exc:
+        RUN.main(["--device", "cpu", "--only", only, "--out", str(tmp_path / "out"),
+                  "--summary-file", str(sentinel)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only" in err and repr(only) in err
+    assert all(m in err for m in RUN.MODULES), err  # the valid names
+    assert sentinel.read_text() == "the committed summary\n"
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exc:
+        RUN.main(["--device", "cpu", "--repeat", "0", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--repeat" in capsys.readouterr().err
+
+
+def test_run_py_only_takes_the_short_name(tmp_path, capsys):
+    RUN = _run_py()
+    assert RUN.resolve_only(["frame_pool", "bench_rnn"]) == ["bench_frame_pool", "bench_rnn"]
+    assert RUN.resolve_only(None) == RUN.MODULES
+    rc = RUN.main(["--device", "cpu", "--only", "frame_pool", "--time-budget", "0",
+                   "--out", str(tmp_path), "--no-summary-file", "--threads", "1"])
+    assert rc == 0
+    assert "time budget spent: bench_frame_pool skipped" in capsys.readouterr().out
+
+
+def test_run_py_summary_only_base_id_of_a_repeat_run(tmp_path, capsys):
+    # the READMEs quote a --repeat run by its base id; its rows carry -r1..-rN: the summary of
+    # the base id is the run's own summary (medians over the repeats), read from the CSV
+    RUN = _run_py()
+    w = H.ResultWriter(tmp_path, BR.KERNEL)
+    ids = [f"20261129T050909-2494-r{i}" for i in (1, 2, 3, 10)]
+    for r in _rnn_rows_of_runs(ids + ["20261129T050909-24940"], [1.0, 0.5, 1.2, 0.96, 9.0]):
+        w.append(r)
+    assert RUN.run_ids_of(tmp_path, BR.KERNEL, "20261129T050909-2494", "cpu") == ids
+    assert RUN.run_ids_of(tmp_path, BR.KERNEL, ids[1], "cpu") == [ids[1]]
+    assert RUN.run_ids_of(tmp_path, BR.KERNEL, "latest", "cpu") == ["20261129T050909-24940"]
+    assert RUN.run_ids_of(tmp_path, BR.KERNEL, "20261129T050909", "cpu") == []
+    summary = tmp_path / "summary.txt"
+    rc = RUN.main(["--device", "cpu", "--summary-only", "20261129T050909-2494", "--only", "rnn",
+                   "--out", str(tmp_path), "--summary-file", str(summary)])
+    assert rc == 0
+    text = summary.read_text()
+    assert f"run {ids[-1]}" in text and "rows: 1 ok" in text
+    assert "PASS  cpu forward          lstm-bi 4x8x32" in text  # median 0.98x of 1, 0.5, 1.2, 0.96
+    assert "median 0.98x of 4 runs: 0.50, 0.96, 1.00, 1.20" in text, text
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("run_id", ["nonexistent-run", "latest"])
+def test_run_py_summary_only_of_no_rows_is_an_error_and_writes_nothing(run_id, tmp_path, capsys):
+    RUN = _run_py()
+    w = H.ResultWriter(tmp_path, BR.KERNEL)
+    for r in _rnn_rows_of_runs(["20261129T050909-2494-r1"], [1.0]):
+        w.append(dict(r, device="cuda"))  # rows of another device only
+    sentinel = tmp_path / "summary_cpu.txt"
+    sentinel.write_text("the committed summary\n")
+    for extra in (["--summary-file", str(sentinel)], []):
+        with pytest.raises(SystemExit) as exc:
+            RUN.main(["--device", "cpu", "--summary-only", run_id, "--out", str(tmp_path), *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--summary-only" in err and ("any run" if run_id == "latest" else run_id) in err
+    assert sentinel.read_text() == "the committed summary\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rnn.csv", "summary_cpu.txt"]
+
+
+def test_run_py_never_writes_a_summary_of_no_rows(tmp_path, capsys):
+    # a run that measured nothing (the time budget spent before the first module) prints its
+    # summary but leaves the last real summary file alone
+    RUN = _run_py()
+    sentinel = tmp_path / "summary.txt"
+    sentinel.write_text("the committed summary\n")
+    rc = RUN.main(["--device", "cpu", "--only", "bench_rnn", "--time-budget", "0",
+                   "--out", str(tmp_path), "--summary-file", str(sentinel), "--threads", "1"])
+    assert rc == 0
+    assert "no rows to summarize" in capsys.readouterr().out
+    assert sentinel.read_text() == "the committed summary\n"
+
+
+# ---- cut cases say "N case(s) not run" in every module's figures ---------------------------------
+
+def test_frame_pool_cpu_figure_of_a_cut_case_says_not_run():
+    import bench_frame_pool as BP
+
+    rows = [H.make_row(kernel=BP.KERNEL, provider="(all)", mode=mode, variant="max",
+                       shape="256x32x2048", dtype="float32", stamp=_FAKE_CPU, timing=None,
+                       baseline=BP.BASELINE, baseline_ms=None, run_id="c",
+                       status="skipped: time budget spent before this case")
+            for mode in BP.CPU_TARGET]
+    figs = {f["name"]: f for f in BP.acceptance(rows, "cpu")}
+    cut = [f for n, f in figs.items() if "max  256x32x2048" in n]
+    assert len(cut) == 2, figs
+    for f in cut:
+        assert not f["passed"] and f["value"] == "cut; 1 case(s) not run" and f["incomplete"], f
+    # a case the grid never had (no row at all) is still "missing"
+    assert all(f["value"] == "missing" for n, f in figs.items() if "64x64x1024" in n), figs
+
+
+def _data_row(mode, provider, variant, status="ok", ratio=None, sps=None):
+    import bench_data as BDA
+
+    r = H.make_row(kernel=BDA.KERNEL, provider=provider, mode=mode, variant=variant,
+                   shape="40x4x16x16", dtype="h264", stamp=_FAKE_CPU,
+                   timing=None if status != "ok" else (10.0, 10.0, 10.0), baseline="raw",
+                   baseline_ms=None, status=status, run_id="d",
+                   extra={} if sps is None else {"samples_per_s": sps})
+    if ratio is not None:
+        r["ratio"] = H._fmt(ratio, 4)
+    return r
+
+
+def test_data_figures_of_cut_cases_say_not_run():
+    import bench_data as BDA
+
+    spent = "skipped: time budget spent before this case"
+    # --time-budget 0: every mode is one "(all)" row
+    rows = [_data_row(m, "(all)", "", spent)
+            for m in ("check-first", "check-second", "prepare", "open", "loader")]
+    figs = BDA.acceptance(rows, "cpu")
+    assert len(figs) == 3 and not any(f["passed"] for f in figs)
+    assert all("1 case(s) not run" in f["value"] and f["incomplete"] for f in figs), figs
+    # the 2-worker loader cut: both loader figures fail, the 10x one despite w0's 12x
+    rows = [_data_row("check-second", "raw", "check-workers=0"),
+            _data_row("loader", "raw", "img16-f8-w0", sps=100.0),
+            _data_row("loader", "prepared", "img16-f8-w0", ratio=12.0, sps=1200.0),
+            _data_row("loader", "(all)", "img16-f8-w2", spent)]
+    figs = {f["name"]: f for f in BDA.acceptance(rows, "cpu")}
+    ten = figs["prepared loader >= 10x raw, same workers, demo sizes 16x8"]
+    two = figs["prepared loader > 5,000 samples/s, 2 workers, demo sizes 16x8"]
+    assert not ten["passed"] and ten["number"] == 12.0
+    assert ten["value"].endswith("; 1 case(s) not run"), ten
+    assert not two["passed"] and "1 case(s) not run" in two["value"], two
+    # run.py's median over repeats keeps it failed
+    folded = _run_py()._median_over_runs([list(figs.values()), list(figs.values())])
+    assert not any(f["passed"] for f in folded if "loader" in f["name"]), folded
+    # a failed gate (variant img16-f8, no worker count) is named in both loader figures
+    rows = [_data_row("loader", "prepared", "img16-f8", "gate-failed: sample 3 differs")]
+    figs = BDA.acceptance(rows, "cpu")[-2:]
+    assert all("gate-failed" in f["value"] and not f["passed"] for f in figs), figs
+
+
+# ---- bench_data: check-second measures the warm manifest also on the run that synthesised -------
+
+def test_data_check_second_trusts_the_manifest_right_after_synthesis(tmp_path, monkeypatch):
+    # dtl_fast.data.manifest trusts a sample only when its files are RACY_NS (2 s) older than
+    # its check: a check-first just after synthesis must still leave check-second nothing to
+    # decode, as the row's extra "manifest": "warm" says
+    pytest.importorskip("av")
+    import bench_data as BDA
+    from dtl_fast.data import folder
+    from dtl_fast.data.manifest import RACY_NS
+
+    root, _ = BDA.synthesise(tmp_path / "cache", 40, frames=4, size=16, workers=0, progress=False)
+    files = [p for p in root.rglob("*") if p.suffix in (".png", ".mp4")]
+    assert files and all(p.stat().st_mtime_ns + RACY_NS < time.time_ns() for p in files)
+    decoded = []
+    real = folder._run_checks
+
+    def spy(candidates, workers):
+        decoded.append(len(candidates))
+        return real(candidates, workers)
+
+    monkeypatch.setattr(folder, "_run_checks", spy)
+    monkeypatch.setenv("DTL_FAST_CACHE", str(tmp_path / "manifests"))
+    BDA.open_splits(root, (16, 4))
+    first = sum(decoded)
+    decoded.clear()
+    BDA.open_splits(root, (16, 4))
+    assert first == 40 and sum(decoded) == 0, (first, decoded)
+
+
+# ---- bench/profile_dtl.py: preset demo is the model `make demo` trains ---------------------------
+
+def test_profile_preset_demo_is_make_demos_model():
+    import re
+    import shlex
+
+    import profile_dtl as PD
+    from dtl_fast.train import TrainConfig
+
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    m = re.search(r"^DEMO_ARGS\s*\?=\s*((?:.*\\\n)*.*)$", make, re.M)
+    assert m, "DEMO_ARGS not found in the Makefile"
+    argv = shlex.split(m.group(1).replace("\\\n", " "))
+    flags = dict(zip(argv[::2], argv[1::2]))
+    d = TrainConfig()
+
+    def get(flag, field):
+        return int(flags[flag]) if flag in flags else getattr(d, field)
+
+    pre = PD.PRESETS["demo"]
+    assert (pre["B"], pre["T"], pre["S"], pre["C"]) == (
+        get("--batch-size", "batch_size"), get("--max-frames", "max_frames"),
+        get("--image-size", "image_size"), get("--channels", "channels"))
+    for field in ("width", "hidden_size", "dim", "num_heads", "num_layers"):
+        assert pre["model"].get(field) == get("--" + field.replace("_", "-"), field), field
+    assert "--rnn" not in flags and d.rnn == "lstm"  # profile_dtl's --rnn default
