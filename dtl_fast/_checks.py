@@ -89,9 +89,10 @@ def as_lengths_tensor(lengths, B: int, device: torch.device, *, owner: str, name
     if lengths.dtype == torch.uint64 and lengths.device.type == "cpu" and lengths.numel() > 0 \
             and not torch.compiler.is_compiling():
         # int64 is what every kernel and reference computes in: a uint64 value >= 2^63 would
-        # wrap to a negative one (and torch has no max() for uint64; NumPy has)
+        # wrap to a negative one (torch has no max() for uint64; tolist gives exact Python ints,
+        # also under torch.func.grad, where .numpy() finds no storage)
         values = unwrap_functorch(lengths)
-        largest = None if is_fake(values) else int(values.numpy().max())
+        largest = None if is_fake(values) else max(values.reshape(-1).tolist())
         if largest is not None and largest >= 2**63:
             raise overflow_error(f"{owner}: {name} must fit in int64, got {largest}")
     if lengths.dim() != 1 or lengths.shape[0] != B:

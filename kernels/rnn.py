@@ -255,7 +255,7 @@ def _gru_fwd_kernel(gx_ptr, wt_ptr, bhn_ptr, h0_ptr, len_ptr,
             b_hn = tl.load(bhn_ptr + d * H + cols, mask=col_ok, other=0.0)
             gru_fwd_cell(acc_r, acc_z, acc_n, b_hn, gx_ptr, out_ptr, hn_ptr, act_ptr, h_row,
                          gx_base, act_base, st_base, cur_base, cols, col_ok, row_ok, valid, last, H,
-                         "")
+                         "", False)
         tl.debug_barrier()
 
 

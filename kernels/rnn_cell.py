@@ -34,11 +34,33 @@ def sigmoid(x):
 
 
 @triton.jit
-def tanh(x):
-    # exp of a non-positive argument only: no overflow, and no cancellation near 0 that
-    # 2 * sigmoid(2x) - 1 would have.
+def tanh_fast(x):
+    # (1 - e) / (1 + e) with e = exp(-2|x|): no overflow, but 1 - e cancels as |x| -> 0
+    # (relative error ~ eps / 2|x|; 0 below |x| ~ 3e-8 in float32). Only the persistent / step
+    # GRU forward still uses it: tanh() below spilled registers there (sm_80 and sm_90, the
+    # AOT compile test), a kernel no measured row has picked yet (bench/NOTES.md, s32).
     e = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def tanh(x):
+    # (1 - e) / (1 + e) with e = exp(-2|x|) (exp of a non-positive argument only: no
+    # overflow), but 1 - e cancels as |x| -> 0 (tanh_fast's error), so small |x| take tanh's
+    # odd Taylor series through x^13 instead, below a threshold where both forms are within
+    # ~2 ulp: 0.25 in float32 (series truncation 5e-12, 1 - e's error 1e-7 there), 0.1 in
+    # float64 (1.5e-17 and 5e-16). (Of the forms tried, this order of operations is the one
+    # that keeps every loop and LSTM kernel configuration free of spills: bench/NOTES.md, s32.)
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    y = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    p = -0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
+        -0.05396825396825397 + a2 * (0.021869488536155203 + a2 * (
+            -0.008863235529902197 + a2 * 0.003592128036572481))))
+    small = 0.1 if x.dtype == tl.float64 else 0.25
+    y = tl.where(a < small, a + a * (a2 * p), y)
     return tl.where(x < 0, -y, y)
 
 
@@ -128,20 +150,26 @@ def lstm_bwd_cell(acc, gout_ptr, ghn_ptr, gcn_ptr, c0_ptr, act_ptr, call_ptr, dg
 @triton.jit
 def gru_fwd_cell(acc_r, acc_z, acc_n, b_hn, gx_ptr, out_ptr, hn_ptr, act_ptr, h_row,
                  gx_base, act_base, st_base, cur_base, cols, col_ok, row_ok, valid, last, H,
-                 H_CACHE: tl.constexpr):
+                 H_CACHE: tl.constexpr, FAST_TANH: tl.constexpr):
     """GRU step from the recurrent pre-activations acc_r, acc_z, acc_n [BLOCK_B, BLOCK]
     (h_{t-1} @ W_h{r,z,n}) and b_hn [BLOCK] (the tile's recurrent n bias, input dtype):
         r, z = sigmoid(acc + gates_x); hn_pre = acc_n + b_hn; n = tanh(gates_x_n + r * hn_pre)
         h = (1 - z) * n + z * h_prev
     h_row [BLOCK_B] points at each row's h_{t-1} (h0 or the previous step's output), read
     with cache modifier H_CACHE ("" or ".cg" where other programs wrote it). Stores h (out),
-    act = [r, z, n, hn_pre] ([T, B, D, 4H], act_base) and h_n at each row's last valid step."""
+    act = [r, z, n, hn_pre] ([T, B, D, 4H], act_base) and h_n at each row's last valid step.
+    FAST_TANH: n with tanh_fast (the persistent / step kernel, at its register limit) instead
+    of tanh."""
     m = valid[:, None] & col_ok[None, :]
     gx_p = gx_ptr + gx_base[:, None] + cols[None, :]
     r = sigmoid(acc_r + tl.load(gx_p, mask=m, other=0.0).to(acc_r.dtype))
     z = sigmoid(acc_z + tl.load(gx_p + H, mask=m, other=0.0).to(acc_r.dtype))
     hn_pre = acc_n + b_hn.to(acc_r.dtype)[None, :]
-    n = tanh(tl.load(gx_p + 2 * H, mask=m, other=0.0).to(acc_r.dtype) + r * hn_pre)
+    n_pre = tl.load(gx_p + 2 * H, mask=m, other=0.0).to(acc_r.dtype) + r * hn_pre
+    if FAST_TANH:
+        n = tanh_fast(n_pre)
+    else:
+        n = tanh(n_pre)
     h_prev = tl.load(h_row[:, None] + cols[None, :], mask=m, other=0.0,
                      cache_modifier=H_CACHE).to(acc_r.dtype)
     h = (1.0 - z) * n + z * h_prev

@@ -347,7 +347,7 @@ def _gru_fwd_persistent(gx_ptr, w_ptr, bhn_ptr, h0_ptr, len_ptr,
             # .cg: h_{t-1} of the tile's columns was written by other programs (other SMs).
             gru_fwd_cell(acc_r, acc_z, acc_n, b_hn, gx_ptr, out_ptr, hn_ptr, act_ptr, h_row,
                          gx_base, act_base, st_base, cur_base, cols, col_ok, row_ok, valid, last, H,
-                         ".cg")
+                         ".cg", True)
         if PERSISTENT != 0:
             failed = _grid_sync(bar_ptr + d, err_ptr, (s + 1) * P, spin_limit, failed)
         else:

@@ -96,3 +96,24 @@ def test_dtl_loss_labels(dtype):
     logits = torch.randn(3, 4)
     out = DTLOutput(logits, logits, logits)
     assert _outcome(lambda: dtl_loss(out, _tensor([0, 3, 1], dtype)), "labels") == _want(dtype)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_uint64_lengths_under_torch_func_grad(backend):
+    """uint64 lengths are read on the host (a value >= 2^63 would wrap in int64): with tolist,
+    which works under torch.func.grad (before: .numpy() raised "Cannot access data pointer of
+    Tensor that doesn't have storage" there), for frame pooling and the RNN alike."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    L = torch.tensor([3, 1], dtype=torch.uint64)
+    got = torch.func.grad(lambda t: ops.frame_pool(t, L, "mean", backend=backend).sum())(x)
+    want = torch.func.grad(lambda t: ops.frame_pool(t, L.long(), "mean", backend=backend).sum())(x)
+    assert torch.equal(got, want)
+    ws = [w.detach().double() for w in torch.nn.GRU(4, 3).parameters()]
+    g = torch.func.grad(lambda t: ops.gru(t, None, ws, lengths=L, batch_first=True,
+                                          backend=backend)[0].sum())(x)
+    g64 = torch.func.grad(lambda t: ops.gru(t, None, ws, lengths=L.long(), batch_first=True,
+                                            backend=backend)[0].sum())(x)
+    torch.testing.assert_close(g, g64)
+    big = torch.tensor([3, 2**63], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="must fit in int64"):
+        torch.func.grad(lambda t: ops.frame_pool(t, big, "mean", backend=backend).sum())(x)

@@ -402,3 +402,30 @@ def test_torch_compile_fullgraph_step_impl(impl):
     assert_rel_close("loss", lc, le, 1e-6)
     for i, (a, b) in enumerate(zip(ws_c, ws_e)):
         assert_rel_close(f"grad weights[{i}]", a.grad, b.grad, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["loop", "step"])
+@pytest.mark.parametrize("scale", [1e-2, 1e-4, 1e-6])
+@pytest.mark.parametrize("mode", MODES)
+def test_small_preactivations_keep_float32_accuracy(mode, scale, name, impl, request):
+    """Inputs and weights of size `scale`: every pre-activation is tiny, where the cell's tanh
+    used to cancel (1 - exp(-2|x|), relative error ~ eps / 2|x|, 0 below |x| ~ 3e-8): the fused
+    float32 output and h_n were 1e-3 (scale 1e-4) to 1e-1 (1e-6) off the float64 reference, and
+    the weight_hh gradient with them. Now tanh's odd series near 0: float32 rounding.
+    The persistent / step GRU forward keeps the old tanh (kernels/rnn_cell.tanh_fast: the new
+    one spilled registers there), a known limit this test marks."""
+    if mode == "GRU" and name == "step" and scale < 1e-3:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the persistent / step GRU "
+                                              "forward's tanh_fast cancels near 0 (register limit)"))
+    impl(name, **({"block_n": 16} if name == "step" else {}))
+    g = torch.Generator().manual_seed(3)
+    _, x, h, ws = make_case(mode, 3, 2, 4, 5, 1, True)
+    x = scale * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ws = [scale * torch.randn(w.shape, generator=g, dtype=torch.float64) for w in ws]
+    h = tuple(0 * t for t in h) if mode == "LSTM" else 0 * h
+    kw = dict(lengths=[3, 2], num_layers=1, bidirectional=True)
+    f32 = lambda t: t.float()  # noqa: E731
+    hx32 = tuple(map(f32, h)) if mode == "LSTM" else f32(h)
+    got = run(fn_of(mode, "fused"), mode, f32(x), hx32, [f32(w) for w in ws], **kw)
+    want = run(fn_of(mode, "ref"), mode, x, h, ws, **kw)
+    assert_all_close(mode, h, len(ws), got, want, 1e-5)
