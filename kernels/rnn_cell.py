@@ -8,7 +8,9 @@ Triton inlines every function here into its caller. The operations, and the orde
 in, are the ones each kernel used to write out for itself, so results are bit-identical. The
 compiled code is the same too, except in the loop GRU forward: it now loads its b_hn tile just
 before the cell, so the b_hn load is scheduled earlier, with the same registers. A change
-here changes both implementations at once.
+here changes both implementations at once. One exception since s32: the persistent / step GRU
+forward computes its n with tanh_fast (its register limit, see there), so its results differ
+from the loop GRU forward's by that tanh's rounding (and by its error near 0).
 
 Arguments common to the cell functions (all [BLOCK_B] per batch row unless said otherwise):
     cols, col_ok     [BLOCK] int64 hidden units of the tile, and cols < H
