@@ -1,6 +1,8 @@
 """Helpers shared by the tests: relative-error comparison, output poisoning, encoding test clips."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -82,16 +84,32 @@ def assert_half_close(name: str, out: torch.Tensor, ref: torch.Tensor, base: tor
     return tol
 
 
-def encode_clip(path, frames, codec: str, rate: int = 10):
+def encode_clip(path, frames, codec: str, rate: int = 10, *, options: dict | None = None,
+                format: str | None = None, audio_frames: int = 0):
     """Writes uint8 RGB frames [T, H, W, 3] as a real video file at `path` (container from the
-    suffix) with PyAV's encoder `codec`, yuv420p; returns the path. Needs PyAV."""
+    suffix, or `format`; `path` may also be a writable file object, then `format` is needed)
+    with PyAV's encoder `codec`, yuv420p; returns `path`. options: the muxer's (e.g.
+    movflags); audio_frames > 0 adds an AAC track of that many 1024-sample silent frames at
+    8 kHz, muxed after the video frames. Needs PyAV."""
     import av
+    import numpy as np
 
-    with av.open(str(path), "w") as out:
+    target = str(path) if isinstance(path, (str, os.PathLike)) else path
+    with av.open(target, "w", format=format, options=options or {}) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        sound = out.add_stream("aac", rate=8000) if audio_frames else None
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        if sound is not None:
+            for i in range(audio_frames):
+                chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                                   layout="mono")
+                chunk.sample_rate, chunk.pts = 8000, 1024 * i
+                for packet in sound.encode(chunk):
+                    out.mux(packet)
+            for packet in sound.encode():
                 out.mux(packet)
         for packet in stream.encode():  # flush the encoder's delayed frames
             out.mux(packet)

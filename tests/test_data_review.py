@@ -241,26 +241,9 @@ ENCODERS = {"h264": ("libx264", "h264"), "mpeg4": ("mpeg4",), "vp8": ("libvpx", 
 
 
 def _encode_with(path: Path, n: int, codec: str, options: dict, audio: bool = False) -> Path:
-    """A clip of n frames, with muxer options (movflags) and optionally an audio track."""
-    frames = _clip_frames(n)
-    with av.open(str(path), "w", options=options) as out:
-        stream = out.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        sound = out.add_stream("aac", rate=8000) if audio else None
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        if sound is not None:
-            for i in range(2 * n):  # longer than the video: the container's duration is the audio's
-                chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = 8000, 1024 * i
-                for packet in sound.encode(chunk):
-                    out.mux(packet)
-            for packet in sound.encode():
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    """A clip of n frames, with muxer options (movflags) and optionally an audio track longer
+    than the video (the container's duration is then the audio's)."""
+    return encode_clip(path, _clip_frames(n), codec, options=options, audio_frames=2 * n if audio else 0)
 
 
 @needs_av
@@ -302,14 +285,8 @@ def test_a_complete_clip_written_to_a_pipe_passes(tmp_path, ext, fmt, kind, opti
     0xFFFFFFFF, Matroska's unknown Segment size): complete files, not cut-off ones (the first
     version of the check called such an .avi truncated)."""
     path = tmp_path / f"piped.{ext}"
-    with open(path, "wb") as f, av.open(_NoSeek(f), "w", format=fmt, options=options) as out:
-        stream = out.add_stream(_encoder(*ENCODERS[kind]), rate=10)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        for frame in _clip_frames(12):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    with open(path, "wb") as f:
+        encode_clip(_NoSeek(f), _clip_frames(12), _encoder(*ENCODERS[kind]), format=fmt, options=options)
     if ext == "avi":
         assert path.read_bytes()[4:8] == b"\xff\xff\xff\xff"  # the placeholder this is about
     assert video_mod._declared_short(path) is None
