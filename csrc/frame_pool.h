@@ -13,10 +13,13 @@
 //             with_argmax is false and no gradient is recorded
 //     with_argmax  false: the caller needs no argmax (a forward whose result nobody
 //             differentiates: the CPU kernel skips the index bookkeeping, which cost max about
-//             twice sum's time). Where autograd records the call (grad mode on and x requiring
-//             grad), the Autograd kernel asks for the argmax whatever this says, since the
-//             backward needs it; the fake kernel follows the flag it is given. Values are the
-//             same bit for bit either way.
+//             twice sum's time; the CUDA default loop folds the max with one NaN-propagating
+//             max instruction per element, per pair for float16 / bfloat16). Where autograd
+//             records the call (grad mode on and x requiring grad), the Autograd kernel asks
+//             for the argmax whatever this says, since the backward needs it; the fake kernel
+//             follows the flag it is given. Values are the same either way: bit for bit on the
+//             CPU; on CUDA NaN at the same places and equal numbers elsewhere, but a NaN there is
+//             the canonical NaN and a zero maximum may carry the other zero's sign.
 //   frame_pool_backward(Tensor grad_out, Tensor? lengths, Tensor argmax, SymInt T,
 //                       str mode) -> Tensor grad_x
 //     grad_x  [B, T, D] contiguous, grad_out's dtype; every element written exactly once
@@ -134,6 +137,9 @@ struct CudaLaunchConfig {
                             // 2, 4, 8 or 16 (the scalar path for unaligned inputs keeps 8).
                             // Only the loads in flight change: the block shape and the time
                             // split are the same for every value, so results are bit-identical
+                            // (with an argmax; without one, U = 4 folds the max without the
+                            // frame index and other values keep it: equal values, see
+                            // with_argmax above for NaN bits and the sign of a zero max)
   int fwd_pipeline = 0;     // 1: the same U words as two software-pipelined rounds of U / 2
                             // (round k + 1 issued before round k is folded), so loads stay in
                             // flight during the fold; needs fwd_unroll 8 or 16. 2: cp.async
@@ -141,7 +147,8 @@ struct CudaLaunchConfig {
                             // memory, 3 stages ahead of the fold; needs fwd_unroll 4 and compute
                             // capability 8.0 (else the plain loop). float64 and the scalar path
                             // run the plain loop. 0: issue U, wait, fold.
-                            // Bit-identical too (same frames, same order per lane)
+                            // Bit-identical too (same frames, same order per lane; the same
+                            // caveat without an argmax as for fwd_unroll)
   int fwd_l2_evict_first = 0;  // 1: the forward's loads of an x larger than the device's L2 are
                                // marked evict-first in L2 (sm_80+), so its read-once frames
                                // recycle their own lines instead of evicting (and writing back)

@@ -1719,7 +1719,9 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
     # (2, 3001, 64) folds 24-47 stages, so the ring wraps around many times.
     # fwd_l2_evict_first = 1 only changes the L2 policy of the loads; it takes effect for an x
     # larger than the device's L2, so the last cases are (4, T, 1024) and (4, T, 1021), with T
-    # making them ~2 x L2. Each configuration also runs with with_argmax=False.
+    # making them ~2 x L2. Each configuration also runs with with_argmax=False, the default
+    # one included: there max / meanmax fold the max without its frame index (ValueMax, the
+    # vector path of float32 / float16 / bfloat16), and must still give the default's values.
     C = dtl_fast._extension._C
     default = C.cuda_launch_config()
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -1730,6 +1732,12 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
         x[:, ::5, 1] = float("-inf")  # -inf frames: the first of several equal maxima wins
         x[:, :, 2] = 0.5  # every frame equal
         x[-1, T // 2, 3] = float("nan")
+        # the index-free fold packs 2-byte elements in pairs: a NaN in a low half too (column 4;
+        # column 3 is a high half), one with its sign bit set, and zeros of both signs
+        x[0, T // 3, 4] = float("nan")
+        x[1 % B, 0, 6] = -float("nan")
+        x[:, :, 5] = 0.0
+        x[:, 1::2, 5] = -0.0
         lengths = torch.randint(0, T + 1, (B,), device="cuda", generator=gen)
         if B > 4:
             lengths[3:] = torch.arange(B - 3, device="cuda") * T // (B - 4)  # 0 ... T
@@ -1748,16 +1756,17 @@ def test_fwd_unroll_is_bit_identical(dtype, mode, poison):
         for (x, lengths), base in itertools.product(cases, (default[:6], no_split)):
             C.set_cuda_launch_config(*base, 4, 0, 0)
             ref, ref_am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
-            for u, p, e in ((2, 0, 0), (8, 0, 0), (16, 0, 0), (8, 1, 0), (16, 1, 0), (4, 2, 0),
-                            (4, 0, 1), (16, 1, 1), (4, 2, 1)):
+            for u, p, e in ((4, 0, 0), (2, 0, 0), (8, 0, 0), (16, 0, 0), (8, 1, 0), (16, 1, 0),
+                            (4, 2, 0), (4, 0, 1), (16, 1, 1), (4, 2, 1)):
                 C.set_cuda_launch_config(*base, u, p, e)
-                with poison():
-                    out, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
                 what = (f"fwd_unroll={u} fwd_pipeline={p} fwd_l2_evict_first={e} {base} "
                         f"{tuple(x.shape)} {dtype}")
-                assert torch.equal(out.isnan(), ref.isnan()), what
-                assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
-                assert torch.equal(am, ref_am), what
+                if (u, p, e) != (4, 0, 0):
+                    with poison():
+                        out, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+                    assert torch.equal(out.isnan(), ref.isnan()), what
+                    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref)), what
+                    assert torch.equal(am, ref_am), what
                 # with_argmax=False: the kernels get no argmax to write (a null pointer, in
                 # the plain, pipelined and ring kernels and the split's combine), same values
                 with poison():
@@ -1798,6 +1807,52 @@ def test_fwd_pipeline_2_runs_the_ring_kernel():
         C.set_cuda_launch_config(*default)  # and the default never runs it
         names = kernels(torch.randn(3, 64, 256, device="cuda"), lengths)
         assert names and not any("ring" in n for n in names), names
+    finally:
+        C.set_cuda_launch_config(*default)
+
+
+@pytest.mark.gpu
+def test_forward_without_argmax_runs_the_index_free_kernel():
+    # The bit-identity test above passes just as well if with_argmax=False kept tracking the
+    # frame index: the profiler names the kernel that ran (frame_pool_fwd_kernel<scalar, acc,
+    # VEC, U, KIND, PIPE, IDX>). Index-free: max / meanmax, the default loop, the vector path of
+    # float32 / float16 / bfloat16, with and without a time split; not float64, not the scalar
+    # path, not mean, not another fwd_unroll, and never when the argmax is wanted.
+    C = dtl_fast._extension._C
+    default = C.cuda_launch_config()
+
+    def index_free(x, lengths, mode, with_argmax=False, split=False):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.ops.dtl_fast.frame_pool(x, lengths, mode, with_argmax)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "frame_pool_fwd_kernel" in e.name]
+        assert names, [e.name for e in prof.events()]
+        # a time split shows as its combine kernel
+        assert any("frame_pool_combine" in e.name for e in prof.events()) == split, names
+        flags = [re.search(r"(true|false), (true|false)>", n) for n in names]
+        assert all(flags), names
+        return {f.group(2) == "false" for f in flags}
+
+    lengths = torch.tensor([7, 0, 64], device="cuda")
+    try:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(3, 64, 256, device="cuda").to(dtype)
+            for mode in ("max", "meanmax"):
+                assert index_free(x, lengths, mode) == {True}, (dtype, mode)
+                assert index_free(x, lengths, mode, True) == {False}, (dtype, mode)
+            assert index_free(x, lengths, "mean") == {False}, dtype
+            # a time split (two rows, long T): the split kernel folds without the index too
+            long = torch.randn(2, 4096, 64, device="cuda").to(dtype)
+            for mode in ("max", "meanmax"):
+                assert index_free(long, torch.tensor([4096, 3000], device="cuda"), mode,
+                                  split=True) == {True}, (dtype, mode)
+        assert index_free(torch.randn(3, 64, 256, device="cuda", dtype=torch.float64), lengths,
+                          "max") == {False}
+        # rows not 16-byte aligned: the scalar path keeps the index
+        assert index_free(torch.randn(3, 64, 257, device="cuda")[:, :, 1:], lengths,
+                          "max") == {False}
+        C.set_cuda_launch_config(*default[:6], 8)  # another unroll keeps it too
+        assert index_free(torch.randn(3, 64, 256, device="cuda"), lengths, "max") == {False}
     finally:
         C.set_cuda_launch_config(*default)
 

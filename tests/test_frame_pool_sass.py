@@ -27,19 +27,26 @@ PIPELINED = (8, 16)  # the fwd_unroll values with a pipelined kernel (fwd_pipeli
 # float64 has none (it runs the plain kernel): its meanmax U = 8 pipelined kernel spilled on sm_80.
 PIPELINED_DTYPES = ("float32", "float16", "bfloat16")
 _SCALARS = re.compile(r"frame_pool_fwd_kernelI(ff|dd|N3c104HalfEf|N3c108BFloat16Ef)Li")
-# The last template argument of the forward kernel: bool PIPE (fwd_pipeline).
+# The forward kernel's last template arguments: bool PIPE (fwd_pipeline), bool IDX (the max's
+# frame index tracked; false only in the index-free kernels of a forward with no argmax).
 _PIPE = re.compile(r"frame_pool_fwd_kernelI.*?Li\d+ELi\d+ELi\dELb([01])E")
+_IDX = re.compile(r"frame_pool_fwd_kernelI.*?Li\d+ELi\d+ELi\dELb[01]ELb([01])E")
 
 
-def _vector_forward_kernels(kernels, pipelined=False):
+def _vector_forward_kernels(kernels, pipelined=False, index=True):
     """{(dtype, VEC, U, KIND): name} of the 16-byte-vector forward kernels (VEC > 1), the plain
-    ones or (pipelined=True) the software-pipelined ones."""
+    ones or (pipelined=True) the software-pipelined ones; those that track the max's frame
+    index, or (index=False) the index-free ones."""
     out = {}
     for name in kernels:
-        m, s, p = _FWD.search(name), _SCALARS.search(name), _PIPE.search(name)
-        assert m is None or p is not None, f"no PIPE template argument in {name}"
-        if m and s and int(m.group(1)) > 1 and p.group(1) == ("1" if pipelined else "0"):
-            out[(DTYPES[s.group(1)], int(m.group(1)), int(m.group(2)), int(m.group(3)))] = name
+        m, s, p, i = (_FWD.search(name), _SCALARS.search(name), _PIPE.search(name),
+                      _IDX.search(name))
+        assert m is None or (p is not None and i is not None), f"no PIPE / IDX argument in {name}"
+        if (m and s and int(m.group(1)) > 1 and p.group(1) == ("1" if pipelined else "0")
+                and i.group(1) == ("1" if index else "0")):
+            key = (DTYPES[s.group(1)], int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            assert key not in out, f"two kernels for {key}: {out[key]}, {name}"
+            out[key] = name
     return out
 
 
@@ -279,6 +286,58 @@ def test_ring_kernels_copy_through_shared_memory_three_stages_ahead():
             assert max(copies) < commits[0] < waits[0] < min(reads), (what, ops)
             checked += 1
     assert checked == 9 * len(_sass()), checked
+
+
+# ---- the index-free max (a forward with no argmax wanted) -------------------------------------
+# NaN-propagating max instructions, and the pairs of elements each folds: FMNMX.NAN one float32,
+# HMNMX2.*NAN a packed pair of float16 / bfloat16, and sm_90's three-input VHMNMX.*NAN two pairs.
+_MAX_NAN = {"FMNMX.NAN": 1, "HMNMX2": 2, "VHMNMX": 4}
+
+
+def test_index_free_kernels_fold_the_max_without_the_frame_index():
+    # With no argmax to write, the default loop (U = 4, plain) of max / meanmax on the vector path
+    # of float32 / float16 / bfloat16 folds the max with NaN-propagating max instructions: one
+    # per float32 element, one per bfloat16 / float16 pair (no conversion), where the index
+    # kernel spends a compare, NaN tests and two selects per element. What the SASS showed when
+    # this was written (hot loop per trip of 4 loads, sm_80 / sm_90; bench/NOTES.md s33): max
+    # float32 33 / 33 instructions (index kernel 120 / 120), bfloat16 33 / 25 (244 / 260),
+    # meanmax float32 50 / 48 (136 / 138), bfloat16 98 / 114 (290 / 315); the sum kernel 33 / 33
+    # and 80 / 98. So: every element folded by a NaN-propagating max, the loop at most half the
+    # index kernel's and (max) no longer than the sum kernel's, the 4 loads issued before the
+    # first wait, no spills, registers within the launch bounds. float64, the scalar path,
+    # other unrolls and the pipelined / ring loops have none (they keep the index).
+    usage = _resource_usage()
+    checked = 0
+    for arch, kernels in _sass().items():
+        free = _vector_forward_kernels(kernels, index=False)
+        assert set(free) == {(dt, 16 // size, 4, k) for dt, size in
+                             (("float32", 4), ("float16", 2), ("bfloat16", 2)) for k in (1, 2)}, (
+            arch, sorted(free))
+        tracked = _vector_forward_kernels(kernels)
+        for key, name in free.items():
+            dt, vec, _, kind = key
+            what = f"{arch} {dt} kind {kind}"
+            body = _hot_loop(kernels[name], "LDG.E.128")
+            ops = [o for _, o, _ in body]
+            folded = sum(n for o in ops for prefix, n in _MAX_NAN.items()
+                         if o.startswith(prefix) and "NAN" in o)
+            assert folded == 4 * vec, (what, folded, ops)
+            if vec == 8:  # 2-byte elements folded in pairs, never one by one
+                assert not any(o.startswith("FMNMX") for o in ops), (what, ops)
+            assert sum(o.startswith("LDG.E.128") for o in ops) == 4, (what, ops)
+            index_body = _hot_loop(kernels[tracked[key]], "LDG.E.128")
+            assert 2 * len(body) <= len(index_body), (what, len(body), len(index_body))
+            if kind == 1:
+                sum_body = _hot_loop(kernels[tracked[(dt, vec, 4, 0)]], "LDG.E.128")
+                assert len(body) <= len(sum_body), (what, len(body), len(sum_body))
+            assert _loads_before_first_wait(kernels[name])[0] == 4, what
+            res, index_res = usage[arch][name], usage[arch][tracked[key]]
+            assert res["LOCAL"] == 0 and res["STACK"] == 0, (what, res)
+            # fewer registers, mostly (max: 44-46 against 45-63), but not always: float32
+            # meanmax on sm_90 took 56 against 52; the launch bounds' cap holds either way
+            assert res["REG"] <= _register_cap(vec, 4, kind), (what, res, index_res)
+            checked += 1
+    assert checked == 6 * len(_sass()), checked
 
 
 # ---- the L2 policy of the forward's loads (CudaLaunchConfig::fwd_l2_evict_first) ---------------

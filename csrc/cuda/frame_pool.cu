@@ -243,6 +243,128 @@ __device__ __forceinline__ void accumulate(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
   }
 }
 
+// ---- the running max without its frame (a forward nobody differentiates) ---------------------
+// With no argmax to write (with_argmax false: what frame_pool() asks when autograd records
+// nothing), the hot loop needs the max's value only. accumulate spends a compare, two NaN tests
+// and two selects per element on the first-max rule; here one NaN-propagating max per element
+// does it (sm_80+: max.NaN.f32), and for 2-byte types one per *pair*, in their own format
+// (max.NaN.bf16x2 / max.NaN.f16x2 on the loaded 32-bit words, no conversion: a maximum of
+// bfloat16 values is one of them, so nothing is rounded). The value equals accumulate's first
+// maximum, except that a NaN result is the canonical NaN, not the first NaN's payload, and a
+// maximum of zeros may carry the other zero's sign (-0.0 == +0.0). The lane's frame index keeps
+// start_lane's seed (its first frame, or -1 for none), so finish_row, the time split's workspace
+// and the combine still tell an empty lane from a -inf one; with no argmax nothing else reads it.
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
+  return b > a || is_nan(b) ? b : a;  // a NaN a stays: b > NaN is false
+#endif
+}
+
+// max.NaN of two packed pairs of a 2-byte type (element 2i in the low half, 2i + 1 in the high).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t max_nan_x2(uint32_t a, uint32_t b) {
+  static_assert(sizeof(scalar_t) == 2, "pairs of a 2-byte type");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t d;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm("max.NaN.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    asm("max.NaN.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  }
+  return d;
+#else
+  uint32_t d = 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const auto half = [h](uint32_t w) {
+      return static_cast<float>(scalar_t(static_cast<uint16_t>(w >> (16 * h)), scalar_t::from_bits()));
+    };
+    const float m = max_nan(half(a), half(b));  // exact: m is one of the two
+    d |= static_cast<uint32_t>(scalar_t(m).x) << (16 * h);
+  }
+  return d;
+#endif
+}
+
+// The value-only running max of one lane's VEC features: float32 one per element, 2-byte types
+// VEC / 2 packed pairs; `store` hands the result to the index rule's accumulators (acc_t).
+template <typename scalar_t, int VEC>
+struct ValueMax {
+  static_assert(std::is_same_v<scalar_t, float>, "float32 here; 2-byte types below");
+  float m[VEC];
+  __device__ __forceinline__ void start() {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = -std::numeric_limits<float>::infinity();
+  }
+  template <typename W>
+  __device__ __forceinline__ void fold(const W& w) {
+    const VecT<float, VEC> r = unpack<float, VEC>(w);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = max_nan(m[j], r.v[j]);
+  }
+  __device__ __forceinline__ void store(float (&mx)[VEC]) const {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) mx[j] = m[j];
+  }
+};
+
+template <typename scalar_t, int VEC>
+struct ValueMaxPairs {
+  static_assert(sizeof(scalar_t) == 2 && VEC % 2 == 0, "packed pairs of a 2-byte type");
+  // -inf in both halves: bfloat16 0xff80, float16 0xfc00
+  static constexpr uint32_t kNegInf =
+      std::is_same_v<scalar_t, c10::BFloat16> ? 0xff80ff80u : 0xfc00fc00u;
+  uint32_t m[VEC / 2];
+  __device__ __forceinline__ void start() {
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) m[i] = kNegInf;
+  }
+  template <typename W>
+  __device__ __forceinline__ void fold(const W& w) {
+    static_assert(sizeof(W) == 2 * VEC, "one word of VEC elements");
+    uint32_t u[VEC / 2];
+    memcpy(&u, &w, sizeof(u));
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) m[i] = max_nan_x2<scalar_t>(m[i], u[i]);
+  }
+  __device__ __forceinline__ void store(float (&mx)[VEC]) const {
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const auto bits = static_cast<uint16_t>(m[i] >> (16 * h));
+        mx[2 * i + h] = static_cast<float>(scalar_t(bits, scalar_t::from_bits()));
+      }
+    }
+  }
+};
+template <int VEC>
+struct ValueMax<c10::BFloat16, VEC> : ValueMaxPairs<c10::BFloat16, VEC> {};
+template <int VEC>
+struct ValueMax<c10::Half, VEC> : ValueMaxPairs<c10::Half, VEC> {};
+
+// The state a lane of the plain loop folds into besides sum / mx / idx: a ValueMax when the
+// kernel keeps no frame index (IDX false, max / meanmax), else nothing.
+struct NoValueMax {
+  __device__ __forceinline__ void start() {}
+};
+template <int KIND, bool IDX, typename scalar_t, int VEC>
+using LaneValueMax = std::conditional_t<!IDX && KIND != kSum, ValueMax<scalar_t, VEC>, NoValueMax>;
+
+// Folds one loaded word without the frame index (IDX false): the sum through accumulate, the
+// max through vm.
+template <int KIND, typename scalar_t, typename acc_t, int VEC, typename VM, typename W>
+__device__ __forceinline__ void fold_word_value(acc_t (&sum)[VEC], acc_t (&mx)[VEC],
+                                                int32_t (&idx)[VEC], VM& vm, const W& w) {
+  if constexpr (KIND == kMeanMax)
+    accumulate<kSum, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w), 0);
+  vm.fold(w);
+}
+
 // One round of the vector loop: R loads, frames t, t + TY, ..., t + (R - 1) TY at q + k * step,
 // into w[OFF, OFF + R). GUARD: a frame at or past t_hi is not read (its word stays 0), the
 // predicate of the last round, so no out-of-range frame is ever touched.
@@ -532,7 +654,9 @@ constexpr int kFwdMinBlocks = VEC == 1 || U <= 4 ? (KIND == kMeanMax && VEC >= 8
 
 // PIPE (CudaLaunchConfig::fwd_pipeline, vector path, U = 8 or 16): the same U words per thread,
 // as two software-pipelined rounds of U / 2 (fold_lane_pipelined), under the same launch bounds.
-template <typename scalar_t, typename acc_t, int VEC, int U, int KIND, bool PIPE>
+// IDX false (max / meanmax with no argmax wanted; the plain loop only): the max is folded
+// without its frame index (ValueMax), the same values.
+template <typename scalar_t, typename acc_t, int VEC, int U, int KIND, bool PIPE, bool IDX = true>
 __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
     frame_pool_fwd_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ lens,
                           int* err, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
@@ -542,6 +666,8 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
                           bool mean, bool evict_first) {
   constexpr bool HAS_SUM = KIND != kMax;
   constexpr bool HAS_MAX = KIND != kSum;
+  static_assert(IDX || (!PIPE && VEC * sizeof(scalar_t) == 16 && !std::is_same_v<scalar_t, double>),
+                "the index-free fold: plain loop, 16-byte words, float32 / float16 / bfloat16");
   __shared__ acc_t s_sum[HAS_SUM ? VEC : 1][HAS_SUM ? kMaxThreads : 1];
   __shared__ acc_t s_max[HAS_MAX ? VEC : 1][HAS_MAX ? kMaxThreads : 1];
   __shared__ int32_t s_idx[HAS_MAX ? VEC : 1][HAS_MAX ? kMaxThreads : 1];
@@ -580,6 +706,8 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
       const int64_t step = static_cast<int64_t>(TY) * sT;
       int32_t t = t_first;
       const scalar_t* q = x + b * sB + v * VEC + static_cast<int64_t>(t) * sT;
+      LaneValueMax<KIND, IDX, scalar_t, VEC> vm;
+      vm.start();
       // Unguarded body: all U loads are issued before any is consumed.
       for (; t + (U - 1) * TY < t_hi; t += U * TY) {
         typename RawWord<sizeof(scalar_t) * VEC>::type w[U];
@@ -588,9 +716,14 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
         pin_loads(w);
         q += U * step;
 #pragma unroll
-        for (int k = 0; k < U; ++k)
-          accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
-                                                 t + k * TY);
+        for (int k = 0; k < U; ++k) {
+          if constexpr (IDX) {
+            accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
+                                                   t + k * TY);
+          } else {
+            fold_word_value<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, vm, w[k]);
+          }
+        }
       }
       // Fewer than U frames are left: one predicated round keeps them in flight together
       // rather than paying a full memory latency per frame.
@@ -605,10 +738,15 @@ __global__ void __launch_bounds__(kMaxThreads, (kFwdMinBlocks<KIND, VEC, U>))
 #pragma unroll
         for (int k = 0; k < U; ++k) {
           if (t + k * TY >= t_hi) break;
-          accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
-                                                 t + k * TY);
+          if constexpr (IDX) {
+            accumulate<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, unpack<scalar_t, VEC>(w[k]),
+                                                   t + k * TY);
+          } else {
+            fold_word_value<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, vm, w[k]);
+          }
         }
       }
+      if constexpr (!IDX && HAS_MAX) vm.store(mx);
     }
 
     finish_row<KIND, scalar_t, acc_t, VEC>(sum, mx, idx, s_sum, s_max, s_idx, tid, TX, TY, ty,
@@ -1127,9 +1265,13 @@ struct ForwardLaunch {
 // increasing order. float64 has no pipelined or ring kernels and runs the plain one of the same
 // U: its meanmax U = 8 pipelined kernel spilled 16 bytes at its 80 registers on sm_80, ptxas
 // scheduled it like the plain loop on sm_90, and float64 is not a bandwidth target.
+// with_index false (max / meanmax with a null argmax): the default loop (U = kUnrollVec, no
+// pipeline; also what fwd_pipeline = 2 falls back to where the ring cannot run) folds the max
+// without its frame index (frame_pool_fwd_kernel's IDX), on the vector path of float32 /
+// float16 / bfloat16; every other kernel keeps the index and writes none.
 template <typename scalar_t, typename acc_t, int VEC, int KIND>
-ForwardLaunch<scalar_t, acc_t> forward_kernel_for(int fwd_unroll, int fwd_pipeline,
-                                                  int threads) {
+ForwardLaunch<scalar_t, acc_t> forward_kernel_for(int fwd_unroll, int fwd_pipeline, int threads,
+                                                  bool with_index) {
   if constexpr (VEC == 1) {
     return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollScalar, KIND, false>, 0};
   } else {
@@ -1156,6 +1298,10 @@ ForwardLaunch<scalar_t, acc_t> forward_kernel_for(int fwd_unroll, int fwd_pipeli
       case 16:
         return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, 16, KIND, false>, 0};
       default:
+        if constexpr (KIND != kSum && !std::is_same_v<scalar_t, double>) {
+          if (!with_index)
+            return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND, false, false>, 0};
+        }
         return {frame_pool_fwd_kernel<scalar_t, acc_t, VEC, kUnrollVec, KIND, false>, 0};
     }
   }
@@ -1202,7 +1348,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& len, at::Tensor& out,
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
   int32_t* am_p = HAS_MAX && argmax.numel() > 0 ? argmax.mutable_data_ptr<int32_t>() : nullptr;
   const ForwardLaunch<scalar_t, acc_t> fwd =
-      forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline, threads);
+      forward_kernel_for<scalar_t, acc_t, VEC, KIND>(cfg.fwd_unroll, cfg.fwd_pipeline, threads,
+                                                     am_p != nullptr);
   // Loads marked evict-first only when x cannot stay in L2 anyway: a smaller x may still be
   // there for whatever reads it next, and evict-first lines would go before anything else.
   // x's size in memory is the span its strides reach (at most numel): a broadcast x (stride 0)
