@@ -12,6 +12,13 @@ Providers (the first is the baseline every ratio is taken against, timed in the 
                    unsafe=True skips its validation (no host sync): the strongest form of it.
   dtl_fast         dtl_fast.ops.frame_pool(..., backend="auto") (C++ on CPU, CUDA on GPU)
   dtl_fast:cpu-len (CUDA only) the same with lengths given as a CPU tensor
+  dtl_fast:argmax  (CUDA only; forward, max and meanmax) the registered op asked for its argmax,
+                   torch.ops.dtl_fast.frame_pool(x, lengths, mode, True): the kernel a training
+                   forward runs, which tracks the max's frame; "dtl_fast" (no gradient, so no
+                   argmax) runs the index-free one since s33. Timed in steady state too at
+                   >= 256 MiB: the two rows side by side are that change's A/B (this one skips
+                   ops.frame_pool's Python checks, ~1.5 us of host time, hidden behind a
+                   >= 256 MiB kernel, not at small shapes).
 
 Modes: forward (under torch.no_grad()) and forward+backward: the input is an intermediate of a
 model (h = x * 1, built once outside the timed region) and each call is
@@ -98,6 +105,7 @@ GPU_SHAPES_QUICK = [
 ]
 MODES = ("forward", "forward+backward")
 FLOOR = "__grad_alloc_floor__"  # timed beside the providers in forward+backward, not a row
+ARGMAX = "dtl_fast:argmax"  # CUDA forward of max / meanmax with its argmax (the index kernel)
 
 # lengths=None cases (every frame valid): "<mode>:all-frames" rows, baseline "stock".
 ALL_FRAMES = ":all-frames"
@@ -330,6 +338,9 @@ def make_providers(ref_fn, fused_fn, x: torch.Tensor, lengths: torch.Tensor, dev
             provs["dtl_fast:cpu-len"] = lambda xx, mode: fused_fn(
                 xx, lengths_cpu, mode, backend="auto"
             )
+            if fused_fn is not _standin_fused:  # the registered op: dtl_fast's own
+                provs[ARGMAX] = lambda xx, mode: torch.ops.dtl_fast.frame_pool(xx, lengths, mode,
+                                                                               True)[0]
     return provs
 
 
@@ -509,6 +520,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 grads: dict[str, list] = {}
                 extras: dict[str, dict] = {}
                 for name, fn in provs.items():
+                    if name == ARGMAX and (mode != "forward" or variant not in ("max", "meanmax")):
+                        continue  # the same kernel as "dtl_fast" there: nothing to compare
                     if isinstance(fn, str):
                         emit(H.status_row(base, name, fn))
                         continue
@@ -568,7 +581,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         extra["impl"] = str(_AUTO_IMPL.get(device, "?"))[:60]
                     if name.startswith("dtl_fast") and device == "cpu" and mode != "forward":
                         extra.update(grad_memory(x))
-                    if (name == "dtl_fast" and copy_steady is not None
+                    if (name in ("dtl_fast", ARGMAX) and copy_steady is not None
                             and input_bytes(shape, dtype) >= LARGE_BYTES):
                         info: dict[str, Any] = {}
                         try:

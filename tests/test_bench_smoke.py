@@ -410,6 +410,33 @@ def test_frame_pool_steady_ms_runs_both_modes():
         assert all(rg == (mode != "forward") and v == "mean" for _, rg, v in seen)
 
 
+def test_frame_pool_argmax_provider_asks_the_op_for_its_argmax(monkeypatch):
+    # "dtl_fast:argmax" (CUDA rows only) times the kernel a training forward runs, beside
+    # "dtl_fast"'s index-free one: it must call the registered op with with_argmax=True, pool
+    # what the reference pools, and exist only where the op is dtl_fast's (not the stand-in).
+    import bench_frame_pool as BP
+    from dtl_fast import ops, reference
+
+    x, lengths = torch.randn(3, 9, 8), torch.tensor([9, 0, 4])
+    provs = BP.make_providers(reference.frame_pool, ops.frame_pool, x, lengths, "cuda")
+    calls = []
+    real = torch.ops.dtl_fast.frame_pool
+
+    class Spy:  # torch.ops.dtl_fast.frame_pool, recording its with_argmax argument
+        def __call__(self, *args):
+            calls.append(args[3:])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.dtl_fast, "frame_pool", Spy())
+    for mode in ("max", "meanmax"):
+        torch.testing.assert_close(provs[BP.ARGMAX](x, mode), reference.frame_pool(x, lengths, mode))
+    assert calls == [(True,), (True,)], calls
+    assert BP.ARGMAX not in BP.make_providers(reference.frame_pool, ops.frame_pool, x, lengths,
+                                              "cpu")
+    assert BP.ARGMAX not in BP.make_providers(BP._standin_reference, BP._standin_fused, x,
+                                              lengths, "cuda")
+
+
 def test_frame_pool_bench_runs_on_cpu_and_rows_say_which_kernels(tmp_path, monkeypatch):
     # bench_frame_pool end to end at one tiny CPU shape: every provider passes its gate and is
     # timed, and each row says which kernels ran, ATen's (the eager forms' speed depends on
