@@ -2,6 +2,7 @@
 than the normalise + SDPA composite) against the committed GPU rows it was derived from, how the
 op feeds it (mask, grad), its one-line description, and on a GPU which path really ran."""
 import csv
+import os
 import importlib
 from pathlib import Path
 
@@ -238,3 +239,76 @@ def test_gpu_second_version_defaults_on_sm90(monkeypatch, window, poison):
                    else cosine_attention_composite(*lv, lens_, window)).detach()
         assert torch.equal(out, ref), (lens_ is not None, window, grad_on)
     torch.cuda.synchronize()
+
+
+# ---- SDPA on CPUs whose flash kernel cannot pack (AMX under ATEN_CPU_CAPABILITY default / avx2) --
+
+def test_cpu_sdpa_avoids_the_flash_kernel_exactly_where_it_cannot_pack(monkeypatch):
+    # ATen's CPU flash kernel packs bfloat16 / float16 blocks for AMX where the CPU has it, with
+    # a routine that only its AVX-512 build has: under ATEN_CPU_CAPABILITY=default / avx2 on
+    # such a CPU it raises (s33, an Intel Xeon with AMX). The rule: reduced precision, a
+    # capability below AVX-512, and the AMX unit the kernel would pack for.
+    CA = importlib.import_module("dtl_fast.ops.cosine_attention")  # the module, not the op
+
+    def rule(cap, amx_bf16, amx_fp16, dtype):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16, raising=False)
+        CA._cpu_sdpa_needs_math_cached.cache_clear()
+        try:
+            return CA._cpu_sdpa_needs_math_cached(dtype)
+        finally:
+            CA._cpu_sdpa_needs_math_cached.cache_clear()
+
+    assert rule("DEFAULT", True, False, torch.bfloat16)
+    assert rule("AVX2", True, False, torch.bfloat16)
+    assert not rule("AVX512", True, True, torch.bfloat16)  # the kernel has its packing there
+    assert not rule("DEFAULT", False, False, torch.bfloat16)  # no AMX: nothing is packed
+    assert not rule("DEFAULT", True, False, torch.float16)  # AMX without its float16 unit
+    assert rule("DEFAULT", True, True, torch.float16)
+    assert not rule("DEFAULT", True, True, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_composite_through_float32_sdpa_is_the_composite(monkeypatch, dtype):
+    # Where the flash kernel cannot run, the composite calls SDPA on float32 copies (the boolean
+    # mask converted by the public call, not read as an additive one): within the dtype's rounding
+    # of the float32 composite, masked keys, windows and empty rows included, gradients too.
+    CA = importlib.import_module("dtl_fast.ops.cosine_attention")  # the module, not the op
+
+    torch.manual_seed(0)
+    B, H, N, d = 2, 2, 96, 16
+    # inputs exactly representable in `dtype`, and moderate per-head scales (exp(0), exp(1)), so
+    # the float32 composite differs only by the roundings inside the reduced-precision one
+    q, k, v = (torch.randn(B, H, N, d).to(dtype).float() for _ in range(3))
+    scale = torch.tensor([0.0, 1.0])
+    lens = torch.tensor([96, 0])
+    want = cosine_attention_composite(q, k, v, scale, lens, 7)
+    monkeypatch.setattr(CA, "_cpu_sdpa_needs_math", lambda dt: True)
+    leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    got = cosine_attention_composite(*leaves, scale, lens, 7)
+    assert got.dtype == dtype
+    eps = torch.finfo(dtype).eps  # qn / kn and the output rounded once each: a few eps
+    torch.testing.assert_close(got.float(), want, atol=4 * eps, rtol=4 * eps)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # no keys: zeros
+    got.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_cpu_composite_runs_in_bfloat16_under_every_aten_capability(tmp_path):
+    # End to end in fresh processes (ATEN_CPU_CAPABILITY is read at start-up): the composite in
+    # bfloat16 at 64+ keys, where ATen's flash kernel packs for AMX. On a CPU without AMX this
+    # passes trivially; on one with AMX it raised "pack_vnni2 is only supported when avx512 is
+    # supported" under default / avx2 before s33.
+    import subprocess
+    import sys
+
+    code = ("import torch; from dtl_fast.ops.cosine_attention import cosine_attention_composite as f;"
+            "q = torch.randn(2, 2, 128, 32, dtype=torch.bfloat16);"
+            "y = f(q, q, q, torch.tensor([3.0, 3.0]), torch.tensor([128, 70]));"
+            "assert torch.isfinite(y).all(); print(torch.backends.cpu.get_cpu_capability())")
+    for cap in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (cap, r.stderr[-2000:])

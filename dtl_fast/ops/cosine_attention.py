@@ -346,6 +346,44 @@ def _autocast_inputs(q, k, v, memory_k, memory_v):
     return cast(q), cast(k), cast(v), cast(memory_k), cast(memory_v)
 
 
+@torch.compiler.assume_constant_result
+def _cpu_sdpa_needs_math(dtype: torch.dtype) -> bool:
+    """Whether F.scaled_dot_product_attention on CPU tensors of `dtype` must avoid ATen's
+    reduced-precision flash kernel. ATen's CPU flash-attention kernel packs bfloat16 (float16) blocks for AMX wherever the
+    CPU has AMX-BF16 (AMX-FP16), but the packing routine exists only in the kernel's AVX-512
+    build: under ATEN_CPU_CAPABILITY=default or avx2 on such a CPU it raises "pack_vnni2 is only
+    supported when avx512 is supported" (an Intel Xeon with AMX, torch 2.14.1, bfloat16, from 64
+    keys on; bench/NOTES.md s33). Read once per dtype: the capability is fixed at start-up."""
+    return _cpu_sdpa_needs_math_cached(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_sdpa_needs_math_cached(dtype: torch.dtype) -> bool:
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AVX512"):
+        return False
+    probe = (getattr(torch.cpu, "_is_amx_fp16_supported", None) if dtype == torch.float16
+             else getattr(torch.cpu, "_is_amx_tile_supported", None))
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 (a build without the query: assume the flash path works)
+        return False
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+          mask: torch.Tensor | None) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1) in q's dtype. Where
+    ATen's CPU flash kernel cannot run q's dtype (_cpu_sdpa_needs_math), the same call on
+    float32 copies, rounded once at the end: the float32 kernel packs nothing. (The private
+    aten._scaled_dot_product_attention_math would read a boolean mask as an additive one:
+    the public call converts it first.)"""
+    if q.device.type == "cpu" and _cpu_sdpa_needs_math(q.dtype):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              scale=1.0).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
 def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                logit_scale: torch.Tensor, key_lengths=None, window: int | None = None,
                                memory_k: torch.Tensor | None = None, memory_v: torch.Tensor | None = None
@@ -391,7 +429,7 @@ def cosine_attention_composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         mask = mask | empty_rows
     if Nk == 0:
         return ((qn @ kn.transpose(-1, -2)) @ vv).to(q.dtype)  # zeros, on the autograd graph
-    out = F.scaled_dot_product_attention(qn, kn, vv, attn_mask=mask, scale=1.0)
+    out = _sdpa(qn, kn, vv, mask)
     if empty_rows is not None:
         out = torch.where(empty_rows, torch.zeros((), dtype=out.dtype, device=out.device), out)
     return out.to(q.dtype)
