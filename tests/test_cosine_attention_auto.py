@@ -303,12 +303,22 @@ def test_cpu_composite_runs_in_bfloat16_under_every_aten_capability(tmp_path):
     import subprocess
     import sys
 
-    code = ("import torch; from dtl_fast.ops.cosine_attention import cosine_attention_composite as f;"
-            "q = torch.randn(2, 2, 128, 32, dtype=torch.bfloat16);"
-            "y = f(q, q, q, torch.tensor([3.0, 3.0]), torch.tensor([128, 70]));"
-            "assert torch.isfinite(y).all(); print(torch.backends.cpu.get_cpu_capability())")
+    code = "\n".join([
+        "import torch",
+        "from dtl_fast.ops.cosine_attention import cosine_attention_composite as f",
+        "q = torch.randn(2, 2, 128, 32, dtype=torch.bfloat16)",
+        "y = f(q, q, q, torch.tensor([3.0, 3.0]), torch.tensor([128, 70]))",
+        "assert torch.isfinite(y).all() and y.dtype == torch.bfloat16",
+        # and under CPU autocast, which runs SDPA in bfloat16 whatever the inputs' dtype (the
+        # composite returns q's dtype)
+        "x = q.float()",
+        "with torch.autocast('cpu', dtype=torch.bfloat16):",
+        "    z = f(x, x, x, torch.tensor([3.0, 3.0]), torch.tensor([128, 70]))",
+        "assert torch.isfinite(z).all() and z.dtype == torch.float32",
+        "print(torch.backends.cpu.get_cpu_capability())"])
     for cap in ("default", "avx2"):
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, (cap, r.stderr[-2000:])
+        assert r.stdout.split()[-1] == cap.upper(), (cap, r.stdout)  # ATen took the override

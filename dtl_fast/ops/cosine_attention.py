@@ -373,14 +373,22 @@ def _cpu_sdpa_needs_math_cached(dtype: torch.dtype) -> bool:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
           mask: torch.Tensor | None) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1) in q's dtype. Where
-    ATen's CPU flash kernel cannot run q's dtype (_cpu_sdpa_needs_math), the same call on
-    float32 copies, rounded once at the end: the float32 kernel packs nothing. (The private
-    aten._scaled_dot_product_attention_math would read a boolean mask as an additive one:
-    the public call converts it first.)"""
-    if q.device.type == "cpu" and _cpu_sdpa_needs_math(q.dtype):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                              scale=1.0).to(q.dtype)
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1), in the dtype it would
+    compute in (q's, or CPU autocast's where that is on: the composite is public and may run
+    under it). Where ATen's CPU flash kernel cannot run that dtype (_cpu_sdpa_needs_math), the
+    same call on float32 copies with autocast off, rounded once to that dtype: the float32
+    kernel packs nothing. (The private aten._scaled_dot_product_attention_math would read a
+    boolean mask as an additive one: the public call converts it first.) The choice is made
+    when a program is traced: one compiled or exported on another machine keeps that
+    machine's."""
+    if q.device.type == "cpu":
+        autocast = autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
+        if _cpu_sdpa_needs_math(dtype):
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                     attn_mask=mask, scale=1.0)
+            return out.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
