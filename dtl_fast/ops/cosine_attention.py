@@ -349,8 +349,9 @@ def _autocast_inputs(q, k, v, memory_k, memory_v):
 @torch.compiler.assume_constant_result
 def _cpu_sdpa_needs_math(dtype: torch.dtype) -> bool:
     """Whether F.scaled_dot_product_attention on CPU tensors of `dtype` must avoid ATen's
-    reduced-precision flash kernel. ATen's CPU flash-attention kernel packs bfloat16 (float16) blocks for AMX wherever the
-    CPU has AMX-BF16 (AMX-FP16), but the packing routine exists only in the kernel's AVX-512
+    reduced-precision flash kernel. ATen's CPU flash-attention kernel packs bfloat16 (float16)
+    blocks for AMX wherever the CPU has AMX-BF16 (AMX-FP16), but the packing routine exists only
+    in the kernel's AVX-512
     build: under ATEN_CPU_CAPABILITY=default or avx2 on such a CPU it raises "pack_vnni2 is only
     supported when avx512 is supported" (an Intel Xeon with AMX, torch 2.14.1, bfloat16, from 64
     keys on; bench/NOTES.md s33). Read once per dtype: the capability is fixed at start-up."""
@@ -383,7 +384,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     machine's."""
     if q.device.type == "cpu":
         autocast = autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
+        # autocast leaves float64 alone
+        dtype = (torch.get_autocast_dtype("cpu") if autocast and q.dtype != torch.float64
+                 else q.dtype)
         if _cpu_sdpa_needs_math(dtype):
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
