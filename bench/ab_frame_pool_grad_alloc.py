@@ -3,9 +3,12 @@ with and without each of its choices.
 
 Three switches, each read once per process, so the two sides run in alternating child
 processes, `--pairs` times:
-  --switch zero-pages  gradients of >= 32 MiB on fresh zero pages (off: DTL_FAST_DISABLE_ZERO_PAGES=1)
-  --switch cache       gradients of 4 MiB up to 32 MiB from the op's cache of warm blocks
-                       (off: DTL_FAST_CPU_GRAD_CACHE_MB=0)
+  --switch zero-pages  gradients of >= 32 MiB on fresh zero pages (off: DTL_FAST_DISABLE_ZERO_PAGES=1),
+                       the cache off on both sides (DTL_FAST_CPU_GRAD_CACHE_MB=0), which would
+                       otherwise take them up to its bound (s34)
+  --switch cache       gradients of >= 4 MiB from the op's cache of warm blocks, within its
+                       bound (off: DTL_FAST_CPU_GRAD_CACHE_MB=0: torch's allocator below 32 MiB,
+                       fresh zero pages from there)
   --switch nt-stores   non-temporal stores only from half (rows stored one by one) / the whole
                        (rows written in bulk) last-level cache, the rest into the cache with
                        memcpy / memset / vector stores (off: DTL_FAST_CPU_NT_STORE_MIN_MB=0,
@@ -78,17 +81,19 @@ for mode in ("mean", "max"):
 print(json.dumps(out))
 """
 
-# switch -> (environment variable, its value for the "off" side, its value for "on", side names)
+# switch -> (environment variable, its value for the "off" side, its value for "on", side names,
+# variables set alike on both sides)
 SWITCHES = {
-    "zero-pages": ("DTL_FAST_DISABLE_ZERO_PAGES", "1", "0", ("torch allocator", "zero pages")),
-    "cache": ("DTL_FAST_CPU_GRAD_CACHE_MB", "0", "", ("torch allocator", "grad cache")),
-    "nt-stores": ("DTL_FAST_CPU_NT_STORE_MIN_MB", "0", "", ("all streamed", "cache rule")),
+    "zero-pages": ("DTL_FAST_DISABLE_ZERO_PAGES", "1", "0", ("torch allocator", "zero pages"),
+                   {"DTL_FAST_CPU_GRAD_CACHE_MB": "0"}),
+    "cache": ("DTL_FAST_CPU_GRAD_CACHE_MB", "0", "", ("cache off", "grad cache"), {}),
+    "nt-stores": ("DTL_FAST_CPU_NT_STORE_MIN_MB", "0", "", ("all streamed", "cache rule"), {}),
 }
 
 
 def run_child(shape, threads, calls, switch: str, through: str, off: bool) -> dict:
-    var, off_value, on_value, _ = SWITCHES[switch]
-    env = {**os.environ, var: off_value if off else on_value}
+    var, off_value, on_value, _, both = SWITCHES[switch]
+    env = {**os.environ, **both, var: off_value if off else on_value}
     args = [sys.executable, "-c", CHILD, *map(str, shape), str(threads), str(calls), switch,
             through]
     res = subprocess.run(args, capture_output=True, text=True, env=env, check=False)

@@ -192,12 +192,12 @@ _AUTO_IMPL: dict[str, str] = {}  # device type -> what backend="auto" runs (dtl_
 
 def grad_memory(x: torch.Tensor) -> dict[str, Any]:
     """Where the CPU backward puts x's gradient in this process (csrc/frame_pool.cpp):
-    {"grad_on_zero_pages": >= 32 MiB on fresh zero pages (glibc, DTL_FAST_DISABLE_ZERO_PAGES
-    unset), "grad_from_cache": 4 MiB up to 32 MiB from the op's cache of warm blocks (within
-    DTL_FAST_CPU_GRAD_CACHE_MB), "nt_rows" / "nt_bulk": whether the rows stored one by one
-    (max, meanmax) / written in bulk (mean, sum, padding) go out with non-temporal stores, and
-    "llc_mb": the last-level cache that rule read (0: unknown)}; a key the extension cannot say
-    (an older build) is left out."""
+    {"grad_on_zero_pages": >= 32 MiB on fresh zero pages where the cache does not take it
+    (glibc, DTL_FAST_DISABLE_ZERO_PAGES unset), "grad_from_cache": >= 4 MiB from the op's cache
+    of warm blocks (within DTL_FAST_CPU_GRAD_CACHE_MB), "nt_rows" / "nt_bulk": whether the
+    rows stored one by one (max, meanmax) / written in bulk (mean, sum, padding) go out with
+    non-temporal stores, and "llc_mb": the last-level cache that rule read (0: unknown)}; a key
+    the extension cannot say (an older build) is left out."""
     out: dict[str, Any] = {}
     try:
         from dtl_fast._extension import _C

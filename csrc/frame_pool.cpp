@@ -597,18 +597,23 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// A fresh gradient of at least this many bytes gets pages the op knows to be zero (below).
-// 32 MiB is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): with glibc's
-// malloc behind torch's default CPU allocator, a block this large comes from a new mapping on
-// every call, so allocating it here gives up no reuse of warm memory. Every block stays with
-// torch's allocator when another malloc (tcmalloc, jemalloc: they cache large blocks) or
-// another CPU allocator (c10::SetCPUAllocator) is in use.
+// A fresh gradient of at least this many bytes that the cache below does not take (larger
+// than its bound, or the cache off) gets pages the op knows to be zero, mapped per call and
+// unmapped when freed. 32 MiB is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on
+// 64-bit): with glibc's malloc behind torch's default CPU allocator, a block this large comes
+// from a new mapping on every call, so allocating it here gives up no reuse of warm memory.
+// Every block stays with torch's allocator when another malloc (tcmalloc, jemalloc: they cache
+// large blocks) or another CPU allocator (c10::SetCPUAllocator) is in use.
 constexpr size_t kZeroPagesMinBytes = size_t(32) << 20;
-// A gradient of at least this many bytes and below kZeroPagesMinBytes comes from a bounded
-// cache of the op's own warm blocks. glibc serves such a block from its heap, but from chunks
-// it rotates and pages it trims back to the system: measured at 16 MiB, 24-136 page faults
-// per call, and forward+backward through autograd 7-14 % slower at 1 thread than from the
-// cache (bench/NOTES.md, s21 and s22; at 2 threads within the VM's spread).
+// A gradient of at least this many bytes whose size, rounded up to 2 MiB, fits the bound comes
+// from a bounded cache of the op's own warm blocks. Below 32 MiB glibc serves such a block from
+// its heap, but from chunks it rotates and pages it trims back to the system: measured at
+// 16 MiB, 24-136 page faults per call, and forward+backward through autograd 7-14 % slower at
+// 1 thread than from the cache (bench/NOTES.md, s21 and s22). From 32 MiB a fresh mapping per
+// call costs the kernel's zeroing of every page (a fresh 64 MiB: 6.6 ms, a warm one written in
+// full: 1.7 ms, 2 threads) and, on a VM that reports free memory to its host, host faults on
+// top: forward+backward mean at 256x32x2048 went 8.2 -> 4.5 ms from the cache, and one
+// measurement window of the fresh pages took 94 ms (bench/NOTES.md, s34).
 constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
 // The cache's default bound: glibc's largest dynamic trim threshold (2 x
 // DEFAULT_MMAP_THRESHOLD_MAX), as much freed memory as glibc's heap may keep on its own; the
@@ -730,8 +735,8 @@ void unmap_block(GradBlock* block) {
   delete block;
 }
 
-// Freed gradient blocks asked for at [kGradCacheMinBytes, kZeroPagesMinBytes), kept mapped for
-// the next gradient of the same rounded size, at most grad_cache_cap() bytes in all (the oldest
+// Freed gradient blocks asked for at kGradCacheMinBytes and above (within the bound), kept
+// mapped for the next gradient of the same rounded size, at most grad_cache_cap() bytes in all (the oldest
 // go back to the system first). The most recently freed block is handed out first, so a loop
 // that frees a gradient before it asks for the next keeps reusing one block per size and the
 // others age out. An intrusive list: put() runs in a tensor's deleter, which must not throw,
@@ -827,7 +832,7 @@ GradBlockCache& grad_cache() {
 }
 
 bool cacheable(size_t n, size_t cap) {
-  return n >= kGradCacheMinBytes && n < kZeroPagesMinBytes && round_to_huge(n) <= cap;
+  return n >= kGradCacheMinBytes && round_to_huge(n) <= cap;
 }
 
 void free_grad_block(void* ctx) {
@@ -893,8 +898,8 @@ bool own_pages_allowed() {
   return malloc_is_glibc() && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator();
 }
 
-// DTL_FAST_DISABLE_ZERO_PAGES=1 keeps every gradient of >= 32 MiB on torch's allocator (for
-// A/B timing).
+// DTL_FAST_DISABLE_ZERO_PAGES=1 keeps every gradient of >= 32 MiB that the cache does not take
+// on torch's allocator (for A/B timing).
 bool zero_pages_enabled() {
   static const bool on = [] {
     const char* off = std::getenv("DTL_FAST_DISABLE_ZERO_PAGES");
@@ -1197,7 +1202,11 @@ void backward_cpu_impl(const at::Tensor& g, const at::Tensor& len, const at::Ten
 
 bool cpu_grad_on_zero_pages(size_t nbytes) {
 #ifdef DTL_FAST_HAVE_ZERO_PAGES
-  return nbytes >= kZeroPagesMinBytes && zero_pages_enabled();
+  // A size the cache takes is the cache's (new_grad_x asks it first); a bad cache setting,
+  // which every backward raises, caches nothing here.
+  const MibSetting& s = grad_cache_setting();
+  const bool cached = cacheable(nbytes, s.bad.empty() ? s.bytes : 0) && own_pages_allowed();
+  return nbytes >= kZeroPagesMinBytes && zero_pages_enabled() && !cached;
 #else
   (void)nbytes;
   return false;

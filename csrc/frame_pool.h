@@ -70,13 +70,15 @@ at::Tensor checked_backward_inputs(const at::Tensor& grad_out,
 // another architecture). DTL_FAST_DISABLE_AVX2=1 forces "baseline".
 const char* cpu_forward_isa();
 
-// Whether the CPU backward would put a gradient of `nbytes` on the op's own zero pages now:
-// nbytes >= 32 MiB, on Linux, with glibc's malloc behind torch's default CPU allocator, and
-// DTL_FAST_DISABLE_ZERO_PAGES unset or "0" (frame_pool.cpp explains the rule).
+// Whether the CPU backward would put a gradient of `nbytes` on fresh zero pages of the op's own,
+// mapped for the call and unmapped when freed: nbytes >= 32 MiB and not taken by the cache
+// below (larger than its bound, or the cache off), on Linux, with glibc's malloc behind torch's
+// default CPU allocator, and DTL_FAST_DISABLE_ZERO_PAGES unset or "0" (frame_pool.cpp explains
+// the rule).
 bool cpu_grad_on_zero_pages(size_t nbytes);
 
 // Whether the CPU backward would take a gradient of `nbytes` from the op's cache of warm
-// blocks now: 4 MiB <= nbytes < 32 MiB, its size rounded up to 2 MiB within the cache's bound
+// blocks now: nbytes >= 4 MiB, its size rounded up to 2 MiB within the cache's bound
 // (DTL_FAST_CPU_GRAD_CACHE_MB, default 64; 0 turns the cache off), on Linux, with glibc's
 // malloc behind torch's default CPU allocator. A bad DTL_FAST_CPU_GRAD_CACHE_MB is a
 // ValueError naming it (here and in every CPU backward).

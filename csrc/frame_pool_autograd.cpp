@@ -83,6 +83,7 @@ class FramePoolBackwardFunction : public torch::autograd::Function<FramePoolBack
                                const c10::optional<at::Tensor>& lengths, const at::Tensor& argmax,
                                c10::SymInt T, c10::string_view mode) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // backward handles an undefined grad (no zeros made)
     at::Tensor gx = call_frame_pool_backward(grad_out, lengths, argmax, T, mode);
     ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
     ctx->save_for_backward({saved_lengths(lengths), argmax});
@@ -123,6 +124,10 @@ class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, argmax] = call_frame_pool(x, lengths, mode, with_argmax);
     ctx->mark_non_differentiable({argmax});
+    // The argmax output never has a gradient: materialized, every backward would first fill
+    // a zero int32 [B, D] for it (what autograd does for an undefined output gradient), which
+    // backward never reads; it already treats an undefined grad_out as "no gradient".
+    ctx->set_materialize_grads(false);
     ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
     ctx->saved_data["T"] = x.sym_size(1);
     // argmax is an empty tensor unless the mode has a max part; nothing of x is kept.

@@ -163,11 +163,11 @@ PyMethodDef dtl_fast_c_methods[] = {
      "The instruction set of the CPU pooling kernel: 'avx2' or 'baseline'."},
     {"cpu_grad_on_zero_pages", cpu_grad_on_zero_pages, METH_O,
      "cpu_grad_on_zero_pages(nbytes) -> whether the CPU backward would put a gradient of "
-     "nbytes on the op's own zero pages now (>= 32 MiB, Linux, glibc malloc, torch's default "
-     "CPU allocator, DTL_FAST_DISABLE_ZERO_PAGES unset)."},
+     "nbytes on fresh zero pages of the op's own now (>= 32 MiB and not taken by the cache, "
+     "Linux, glibc malloc, torch's default CPU allocator, DTL_FAST_DISABLE_ZERO_PAGES unset)."},
     {"cpu_grad_from_cache", cpu_grad_from_cache, METH_O,
      "cpu_grad_from_cache(nbytes) -> whether the CPU backward would take a gradient of nbytes "
-     "from the op's cache of warm blocks now (4 MiB <= nbytes < 32 MiB, within "
+     "from the op's cache of warm blocks now (nbytes >= 4 MiB, rounded to 2 MiB within "
      "DTL_FAST_CPU_GRAD_CACHE_MB, Linux, glibc malloc, torch's default CPU allocator)."},
     {"cpu_grad_cache_info", cpu_grad_cache_info, METH_NOARGS,
      "cpu_grad_cache_info() -> (cached_bytes, blocks, cap_bytes) of the CPU gradient cache."},

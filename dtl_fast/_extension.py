@@ -85,10 +85,12 @@ def empty_cpu_grad_cache() -> int:
     """Hands the cached gradient blocks of frame_pool's CPU backward back to the system.
 
     On Linux with glibc's malloc and torch's default CPU allocator, the CPU backward of
-    frame_pool takes a gradient grad_x of 4 MiB up to 32 MiB from a cache of its own warm
-    blocks, so the next call of the same size has no page faults (glibc's heap trims and
-    rotates such blocks). A freed gradient goes back to that cache, which keeps at most
-    DTL_FAST_CPU_GRAD_CACHE_MB MiB (default 64; 0 turns it off; read once per process).
+    frame_pool takes a gradient grad_x of 4 MiB or more from a cache of its own warm blocks
+    when its size, rounded up to 2 MiB, fits the cache's bound, so the next call of the same
+    size has no page faults (glibc's heap trims and rotates blocks below 32 MiB and maps every
+    larger one afresh, pages the kernel zeroes on every call). A freed gradient goes back to
+    that cache, which keeps at most DTL_FAST_CPU_GRAD_CACHE_MB MiB (default 64; 0 turns it
+    off; read once per process). A larger gradient gets fresh pages, unmapped when freed.
     Returns the bytes released; 0 without the compiled extension.
     """
     return int(_C.cpu_grad_cache_empty()) if _C is not None else 0

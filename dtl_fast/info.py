@@ -146,7 +146,7 @@ def info() -> dict:
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_kernel_isa": _extension._C.cpu_isa() if _extension.cpp_available() else None,
-        # frame_pool's CPU backward: its cache of warm gradient blocks (4-32 MiB;
+        # frame_pool's CPU backward: its cache of warm gradient blocks (>= 4 MiB, within
         # DTL_FAST_CPU_GRAD_CACHE_MB)
         "frame_pool_cpu_grad_cache": _cpu_setting(_extension.cpu_grad_cache_info),
         # ... and which of its gradients it writes past the caches (non-temporal stores;

@@ -1019,6 +1019,34 @@ def test_autograd_is_registered_in_cpp():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_backward_fills_no_zero_gradient_for_the_argmax(mode):
+    # argmax is an output autograd never differentiates. A C++ Function materializes an
+    # undefined output gradient as zeros by default: an int32 [B, D] zero fill before every
+    # backward of max / meanmax (and a [0] one for mean / sum), which nothing reads. The
+    # backward op must be the only op the engine dispatches for this node.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    h = torch.randn(3, 5, 8, requires_grad=True) * 1
+    out = ops.frame_pool(h, [5, 2, 0], mode, backend="fused")
+    g = torch.randn_like(out)
+    with Log() as log:
+        (gh,) = torch.autograd.grad(out, h, g)
+    assert "dtl_fast.frame_pool_backward" in log.ops  # the mode sees the engine's ops
+    assert not [op for op in log.ops if "zero" in op or "full" in op], log.ops
+    (gref,) = torch.autograd.grad(reference.frame_pool(h, [5, 2, 0], mode), h, g)
+    assert_rel_close("grad", gh, gref, 1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gradient_of_an_intermediate_input(mode):
     # The benchmark's form: x is an intermediate of a model, its gradient taken with
     # torch.autograd.grad (nothing accumulated into a .grad).
@@ -1955,14 +1983,22 @@ def test_functionalize_keeps_the_registered_op(backend):
     assert "dtl_fast.frame_pool" in make_fx(f)(x).code
 
 
-# --- CPU gradients of >= 32 MiB on zero pages, of 4-32 MiB from a cache of warm blocks ---------
-# (csrc/frame_pool.cpp, GradPagesAllocator)
+# --- CPU gradients of >= 4 MiB from a cache of warm blocks within its bound, of >= 32 MiB beyond
+# it on zero pages (csrc/frame_pool.cpp, GradPagesAllocator) ---------------------------------------
 ZERO_PAGES_MIN_BYTES = 32 << 20  # kZeroPagesMinBytes
 CACHE_MIN_BYTES = 4 << 20  # kGradCacheMinBytes
+CACHE_DEFAULT_BOUND = 64 << 20  # kGradCacheDefaultMiB
+# The zero-page cases: the smallest whole 2 MiB above the cache's default bound, which takes
+# every gradient that fits it (s34). A fixed size, so that child processes with other settings
+# build the same case; where the bound is set higher, the zero-page tests skip.
+ZERO_PAGES_CASE_BYTES = CACHE_DEFAULT_BOUND + (2 << 20)
 
 
 def zero_pages_on():
-    return dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+    try:
+        return dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_CASE_BYTES)
+    except ValueError:  # a bad DTL_FAST_CPU_GRAD_CACHE_MB in this process
+        return False
 
 
 def grad_origin():
@@ -1995,9 +2031,9 @@ def rss_bytes(page: int) -> int:
         return int(f.read().split()[1]) * page
 
 
-def big_case(dtype, T=64, B=8, less=0, nbytes=ZERO_PAGES_MIN_BYTES):
-    """x of exactly 32 MiB (the smallest gradient that takes the zero-page path; `less` feature
-    columns fewer to stay below it), lengths that mix an empty clip, full ones and short ones.
+def big_case(dtype, T=64, B=8, less=0, nbytes=ZERO_PAGES_CASE_BYTES):
+    """x of exactly `nbytes` (by default the zero-page cases' size; `less` feature columns
+    fewer), lengths that mix an empty clip, full ones and short ones.
     For max in float32 the full clips take the backward's buckets (D <= L x row bytes / 256),
     the others its vectorised select; full clip 6 is built so that frame 3 is the argmax of
     only 100 features (scattered stores) and frame 7 of all the others (a bucketed row)."""
@@ -2026,23 +2062,30 @@ def assert_big_grad(what, gx, x, lengths, g, mode):
 
 
 def test_zero_pages_rule():
-    # The rule the op applies, as the extension reports it: at and above 32 MiB only, and only
-    # where it was not turned off (here the default: Linux, glibc, torch's own CPU allocator).
+    # The rule the op applies, as the extension reports it: the cache of warm blocks from 4 MiB
+    # up to its bound (a size rounded up to 2 MiB must fit it), fresh zero pages from 32 MiB
+    # for what the cache does not take, and only where they were not turned off (here the
+    # default: Linux, glibc, torch's own CPU allocator). The two never both say yes.
     c = dtl_fast._extension._C
     assert not c.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES - 1)
     assert not c.cpu_grad_on_zero_pages(0)
-    # below it, from the cache of warm blocks: 4 MiB up to 32 MiB, within the cache's bound
     assert not c.cpu_grad_from_cache(CACHE_MIN_BYTES - 1)
-    assert not c.cpu_grad_from_cache(ZERO_PAGES_MIN_BYTES)
     assert not c.cpu_grad_from_cache(0)
+    for n in (CACHE_MIN_BYTES, ZERO_PAGES_MIN_BYTES - 1, ZERO_PAGES_MIN_BYTES,
+              CACHE_DEFAULT_BOUND, CACHE_DEFAULT_BOUND + 1, ZERO_PAGES_CASE_BYTES):
+        assert not (c.cpu_grad_from_cache(n) and c.cpu_grad_on_zero_pages(n)), n
     default_setup = (sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD")
                      and os.environ.get("DTL_FAST_DISABLE_ZERO_PAGES", "") in ("", "0"))
-    if default_setup:
-        assert c.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
     if default_setup and os.environ.get("DTL_FAST_CPU_GRAD_CACHE_MB") is None:
-        assert c.cpu_grad_cache_info()[2] == 64 << 20
-        assert c.cpu_grad_from_cache(CACHE_MIN_BYTES)
-        assert c.cpu_grad_from_cache(ZERO_PAGES_MIN_BYTES - 1)
+        assert c.cpu_grad_cache_info()[2] == CACHE_DEFAULT_BOUND
+        for n in (CACHE_MIN_BYTES, ZERO_PAGES_MIN_BYTES - 1, ZERO_PAGES_MIN_BYTES,
+                  CACHE_DEFAULT_BOUND - 1, CACHE_DEFAULT_BOUND):
+            assert c.cpu_grad_from_cache(n), n
+            assert not c.cpu_grad_on_zero_pages(n), n
+        # one byte past the bound rounds up to a 2 MiB block that does not fit it
+        assert not c.cpu_grad_from_cache(CACHE_DEFAULT_BOUND + 1)
+        assert c.cpu_grad_on_zero_pages(CACHE_DEFAULT_BOUND + 1)
+        assert c.cpu_grad_on_zero_pages(ZERO_PAGES_CASE_BYTES)
     with pytest.raises((OverflowError, TypeError)):
         c.cpu_grad_on_zero_pages(-1)
     with pytest.raises((OverflowError, TypeError)):
@@ -2052,25 +2095,27 @@ def test_zero_pages_rule():
 @needs_zero_pages
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("less", [0, 1], ids=["32MiB", "just-below"])
-def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype, less):
+@pytest.mark.parametrize("nbytes", [ZERO_PAGES_CASE_BYTES, ZERO_PAGES_MIN_BYTES],
+                         ids=["zero-pages", "32MiB"])
+def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype, nbytes):
     # The backward skips the writes that zero pages make unnecessary (padding frames; for max,
-    # the features of other frames): every element must still come out right, at the threshold
-    # and one feature column below it (the cache of warm blocks, or torch's allocator).
-    x, lengths = big_case(dtype, less=less)
+    # the features of other frames): every element must still come out right, on zero pages
+    # beyond the cache's bound and at 32 MiB (a block of the cache: fresh, or one an earlier
+    # call left there; torch's allocator or zero pages with the cache off).
+    x, lengths = big_case(dtype, nbytes=nbytes)
     B, T, D = x.shape
     g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(5)).to(dtype)
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
     gx = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
-    # the op's own fresh mapping at 32 MiB; below, a block of the op's cache (a fresh one, or
-    # one an earlier call left there) or, with the cache off, torch's allocator
-    if less == 0:
+    c = dtl_fast._extension._C
+    if c.cpu_grad_on_zero_pages(gx.nbytes):
         assert grad_origin() == "mapped"
-    elif dtl_fast._extension._C.cpu_grad_from_cache(gx.nbytes):
+    elif c.cpu_grad_from_cache(gx.nbytes):
         assert grad_origin() in ("mapped", "cache")
     else:
         assert grad_origin() == "torch"
-    assert_big_grad("zero-page grad", gx, x, lengths, g, mode)
+    assert nbytes != ZERO_PAGES_CASE_BYTES or grad_origin() == "mapped"
+    assert_big_grad("large grad", gx, x, lengths, g, mode)
 
 
 @needs_zero_pages
@@ -2078,7 +2123,7 @@ def test_large_cpu_gradient_on_zero_pages_matches_reference(mode, dtype, less):
 def test_zero_page_backward_ignores_an_argmax_outside_the_clip(mode):
     # The backward op takes argmax as given: an index at or past the clip's length (a frame of
     # its padding, T, far beyond) or below 0 sends no gradient anywhere. For max the 70-frame
-    # clip 0 of this 32 MiB gradient takes the buckets (D 8192 <= 70 x 32 KiB / 256), whose
+    # clip 0 of this 66 MiB gradient takes the buckets (D 16896 <= 70 x 66 KiB / 256), whose
     # scratch holds the clip's frames only: such an index must not reach it.
     x, lengths = big_case(torch.float32, T=128)
     B, T, D = x.shape
@@ -2114,7 +2159,7 @@ def test_zero_page_gradient_is_a_regular_tensor_and_is_freed():
     assert torch.equal(gx, torch.full_like(gx, 1.0 / T))
     before = rss()
     del gx  # every page was written (no padding): freeing it must hand them back at once
-    assert before - rss() >= 0.9 * ZERO_PAGES_MIN_BYTES
+    assert before - rss() >= 0.9 * ZERO_PAGES_CASE_BYTES
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, D), lengths, am, T, "mean")
     c = gx.clone()
     gx.add_(1.0)  # in place (what gradient accumulation does)
@@ -2151,7 +2196,7 @@ def test_zero_page_gradient_is_seen_by_the_memory_profiler():
     assert usage["free_old"] == 0
 
 
-def case_grads(nbytes=ZERO_PAGES_MIN_BYTES, reuse=False, origins=None):
+def case_grads(nbytes=ZERO_PAGES_CASE_BYTES, reuse=False, origins=None):
     """{mode: grad_x} of big_case(nbytes) for mean, max and meanmax; with reuse, {mode: (the
     first grad_x, the next one)}, the first overwritten with -1 and freed in between, so that
     the second lands on a reused block where one is cached. A list `origins` gets the
@@ -2217,8 +2262,8 @@ def test_zero_pages_can_be_turned_off(tmp_path):
     # DTL_FAST_DISABLE_ZERO_PAGES=1 (read once per process) keeps the gradient on torch's
     # allocator with bit-identical values.
     off = run_child(tmp_path, """
-from test_frame_pool import ZERO_PAGES_MIN_BYTES, case_grads
-assert not dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES)
+from test_frame_pool import ZERO_PAGES_CASE_BYTES, case_grads
+assert not dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_CASE_BYTES)
 origins = []
 torch.save(case_grads(origins=origins), saved)
 assert origins == ["torch"] * 3, origins
@@ -2229,7 +2274,7 @@ assert origins == ["torch"] * 3, origins
     assert origins == ["mapped"] * 3, origins
 
 
-# --- the cache of warm gradient blocks (4 MiB up to 32 MiB) ---------------------------------------
+# --- the cache of warm gradient blocks (4 MiB up to its bound) -----------------------------------
 CACHE_CASE_BYTES = 16 << 20  # the size of issue 13's 64x64x1024 float32 gradient
 
 
@@ -2330,7 +2375,7 @@ def test_grad_cache_keeps_a_gradient_just_below_32mib():
     # Asked for below 32 MiB, the block is 32 MiB once rounded to 2 MiB: it must still go back
     # to the cache and be reused, as cpu_grad_from_cache says.
     c = dtl_fast._extension._C
-    x, lengths = big_case(torch.float32, less=1)
+    x, lengths = big_case(torch.float32, less=1, nbytes=ZERO_PAGES_MIN_BYTES)
     B, T, D = x.shape
     nbytes = x.numel() * x.element_size()
     if not c.cpu_grad_from_cache(nbytes):
@@ -2346,12 +2391,45 @@ def test_grad_cache_keeps_a_gradient_just_below_32mib():
     assert gx.data_ptr() == ptr and grad_origin() == "cache"
     del gx
     assert dtl_fast.empty_cpu_grad_cache() == ZERO_PAGES_MIN_BYTES
-    # at 32 MiB itself: fresh zero pages, never cached
-    x, lengths = big_case(torch.float32)
+    # beyond the bound: fresh zero pages, never cached
+    x, lengths = big_case(torch.float32, nbytes=c.cpu_grad_cache_info()[2] + (2 << 20))
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, x.shape[2]), lengths, am, T, "mean")
+    assert grad_origin() in ("mapped", "torch")
     del gx
     assert c.cpu_grad_cache_info()[:2] == (0, 0)
+
+
+@needs_grad_cache
+@pytest.mark.parametrize("mode", ["mean", "max", "meanmax"])
+def test_grad_cache_takes_a_gradient_of_32mib_and_more_within_its_bound(mode):
+    # From s34 the cache takes any gradient whose rounded size fits its bound, 32 MiB and more
+    # too (a fresh mapping per call cost the kernel's zeroing of every page, and host faults on
+    # a VM that reports free memory). A fresh block skips the padding; the block back from the
+    # cache, overwritten in between, must be written in full.
+    c = dtl_fast._extension._C
+    nbytes = c.cpu_grad_cache_info()[2]  # the whole bound: the largest block it takes
+    if nbytes < ZERO_PAGES_MIN_BYTES:
+        pytest.skip("the bound is below 32 MiB here")
+    x, lengths = big_case(torch.float32, nbytes=nbytes)
+    B, T, D = x.shape
+    assert c.cpu_grad_from_cache(x.nbytes) and not c.cpu_grad_on_zero_pages(x.nbytes)
+    g = torch.randn(B, width(D, mode), generator=torch.Generator().manual_seed(11))
+    _, am = torch.ops.dtl_fast.frame_pool(x, lengths, mode)
+    gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
+    dtl_fast.empty_cpu_grad_cache()
+    fresh = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    assert grad_origin() == "mapped"
+    assert_big_grad("fresh block", fresh, x, lengths, g, mode)
+    ptr = fresh.data_ptr()
+    fresh.fill_(float("nan"))
+    del fresh
+    assert c.cpu_grad_cache_info()[:2] == (nbytes, 1)
+    reused = torch.ops.dtl_fast.frame_pool_backward(g, lengths, am, T, mode)
+    assert grad_origin() == "cache" and reused.data_ptr() == ptr
+    assert_big_grad("reused block", reused, x, lengths, g, mode)
+    del reused
+    assert dtl_fast.empty_cpu_grad_cache() == nbytes
 
 
 @needs_grad_cache
@@ -2483,7 +2561,7 @@ assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
 
 
 THP_BODY = """
-from test_frame_pool import CACHE_CASE_BYTES, ZERO_PAGES_MIN_BYTES, big_case, case_grads, grad_origin
+from test_frame_pool import CACHE_CASE_BYTES, ZERO_PAGES_CASE_BYTES, big_case, case_grads, grad_origin
 import os
 # a gradient below the cache's 4 MiB, of torch's allocator, which page-aligns (and advises for
 # huge pages) blocks of 2 MiB and more under THP_MEM_ALLOC_ENABLE=1
@@ -2495,7 +2573,7 @@ assert grad_origin() == "torch"
 assert gx.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0, "THP_MEM_ALLOC_ENABLE=1 had no effect"
 origins = {"cached": [], "zero_pages": []}
 res = {"cached": case_grads(CACHE_CASE_BYTES, reuse=True, origins=origins["cached"]),
-       "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES, origins=origins["zero_pages"]),
+       "zero_pages": case_grads(ZERO_PAGES_CASE_BYTES, origins=origins["zero_pages"]),
        "origins": origins}
 torch.save(res, saved)
 """
@@ -2515,7 +2593,7 @@ def test_grad_origins_under_thp(tmp_path, cache):
     cached = ["mapped", "cache"] * 3 if cache == "on" else ["torch"] * 6  # a fresh process
     assert child["origins"] == {"cached": cached, "zero_pages": ["mapped"] * 3}
     here = {"cached": case_grads(CACHE_CASE_BYTES, reuse=True),
-            "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES)}
+            "zero_pages": case_grads(ZERO_PAGES_CASE_BYTES)}
     for part, grads in here.items():
         for mode, want in grads.items():
             got = child[part][mode]
@@ -2612,17 +2690,17 @@ def test_nt_stores_on_or_off_give_the_same_gradients(tmp_path):
     # bit for bit those of this process, small and unaligned rows, the cache's reused blocks
     # and the zero pages alike, and the small ones match the float64 reference.
     body = """
-from test_frame_pool import small_grads, case_grads, CACHE_CASE_BYTES, ZERO_PAGES_MIN_BYTES
+from test_frame_pool import small_grads, case_grads, CACHE_CASE_BYTES, ZERO_PAGES_CASE_BYTES
 rule = dtl_fast._extension.cpu_nt_store_rule()
 assert rule["source"] == "DTL_FAST_CPU_NT_STORE_MIN_MB", rule
 assert rule["min_bytes"] == %d, rule
 torch.save({"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse=True),
-            "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES)}, saved)
+            "zero_pages": case_grads(ZERO_PAGES_CASE_BYTES)}, saved)
 """
     every = run_child(tmp_path, body % 0, {"DTL_FAST_CPU_NT_STORE_MIN_MB": "0"})
     never = run_child(tmp_path, body % (1 << 40), {"DTL_FAST_CPU_NT_STORE_MIN_MB": "1048576"})
     here = {"small": small_grads(), "cached": case_grads(CACHE_CASE_BYTES, reuse=True),
-            "zero_pages": case_grads(ZERO_PAGES_MIN_BYTES)}
+            "zero_pages": case_grads(ZERO_PAGES_CASE_BYTES)}
     for part in here:
         for key, want in here[part].items():
             for other in (every, never):
