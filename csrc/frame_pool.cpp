@@ -610,10 +610,12 @@ constexpr size_t kZeroPagesMinBytes = size_t(32) << 20;
 // its heap, but from chunks it rotates and pages it trims back to the system: measured at
 // 16 MiB, 24-136 page faults per call, and forward+backward through autograd 7-14 % slower at
 // 1 thread than from the cache (bench/NOTES.md, s21 and s22). From 32 MiB a fresh mapping per
-// call costs the kernel's zeroing of every page (a fresh 64 MiB: 6.6 ms, a warm one written in
-// full: 1.7 ms, 2 threads) and, on a VM that reports free memory to its host, host faults on
-// top: forward+backward mean at 256x32x2048 went 8.2 -> 4.5 ms from the cache, and one
-// measurement window of the fresh pages took 94 ms (bench/NOTES.md, s34).
+// call costs the kernel's zeroing of every page (a fresh 64 MiB of huge pages: 6.6 ms on s21's
+// AMD VM, 2 threads; a warm 64 MiB written in full: 1.7 ms on s34's Intel VM, whose 480 MiB L3
+// holds it) and, suspected on a VM that reports free memory to its host, host faults on top.
+// Measured on that Intel VM only: forward+backward mean at 256x32x2048 8.2 -> 4.5 ms from the
+// cache (2 threads), and one measurement window of the fresh pages at 94 ms (bench/NOTES.md,
+// s34); unmeasured where 64 MiB exceeds the last-level cache.
 constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
 // The cache's default bound: glibc's largest dynamic trim threshold (2 x
 // DEFAULT_MMAP_THRESHOLD_MAX), as much freed memory as glibc's heap may keep on its own; the
@@ -691,6 +693,8 @@ struct GradBlock {
   bool cacheable;  // asked for as a cacheable size (cacheable() below): goes back to the cache
   GradBlock* older = nullptr;  // links while in the cache (no allocation in a deleter)
   GradBlock* newer = nullptr;
+  uint64_t taken_seq = 0;  // the cache's clock when this block was last handed out
+  uint64_t put_seq = 0;    // ... and when it last came back (while it is in the cache)
 };
 
 // A block of round_to_huge(n) bytes on a 2 MiB boundary, advised for transparent huge pages:
@@ -753,24 +757,54 @@ class GradBlockCache {
       if (b->bytes != bytes) continue;
       unlink(b);
       b->fresh = false;
+      b->taken_seq = ++clock_;
       return b;
     }
     return nullptr;
   }
+  // A freshly mapped cacheable block starts its life on the same clock.
+  void stamp(GradBlock* block) {
+    std::lock_guard<std::mutex> lock(mu_);
+    block->taken_seq = ++clock_;
+  }
+  // Which cached block goes to make room. Since s34 blocks of kZeroPagesMinBytes and more are
+  // cached too, and one can be as large as the whole bound: a loop that frees a 16 MiB and a
+  // 64 MiB gradient per step under the 64 MiB bound would, by age alone, have each evict the
+  // other, and both would miss every step. So a large block evicts only blocks that sat in the
+  // cache unused for its whole life (freed before it was taken: a block left by an earlier
+  // workload), and is itself dropped if those do not make room; a smaller block evicts as
+  // before s34, the oldest first, but large blocks before any other.
   void put(GradBlock* block, size_t cap) noexcept {
     GradBlock* evicted = nullptr;  // a chain through `newer`
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (block->bytes > cap) {
+      const bool large = block->bytes >= kZeroPagesMinBytes;
+      const auto may_go = [&](const GradBlock* b) {
+        return !large || b->put_seq < block->taken_seq;
+      };
+      size_t room = cap >= cached_ ? cap - cached_ : 0;
+      for (GradBlock* b = oldest_; b != nullptr && room < block->bytes; b = b->newer) {
+        if (may_go(b)) room += b->bytes;
+      }
+      if (block->bytes > cap || room < block->bytes) {
         block->newer = nullptr;
         evicted = block;
       } else {
         while (cached_ + block->bytes > cap) {
-          GradBlock* old = oldest_;
+          GradBlock* old = nullptr;
+          for (GradBlock* b = oldest_; b != nullptr; b = b->newer) {
+            if (!may_go(b)) continue;
+            if (old == nullptr) old = b;
+            if (b->bytes >= kZeroPagesMinBytes) {
+              old = b;
+              break;
+            }
+          }
           unlink(old);
           old->newer = evicted;
           evicted = old;
         }
+        block->put_seq = ++clock_;
         block->older = newest_;
         block->newer = nullptr;
         if (newest_ != nullptr) newest_->newer = block;
@@ -820,6 +854,7 @@ class GradBlockCache {
   }
 
   std::mutex mu_;
+  uint64_t clock_ = 0;  // counts takes, stamps and puts
   GradBlock* newest_ = nullptr;
   GradBlock* oldest_ = nullptr;
   size_t cached_ = 0;
@@ -832,7 +867,7 @@ GradBlockCache& grad_cache() {
 }
 
 bool cacheable(size_t n, size_t cap) {
-  return n >= kGradCacheMinBytes && round_to_huge(n) <= cap;
+  return n >= kGradCacheMinBytes && n <= cap && round_to_huge(n) <= cap;
 }
 
 void free_grad_block(void* ctx) {
@@ -869,6 +904,7 @@ struct GradPagesAllocator final : c10::Allocator {
     if (block == nullptr) {
       block = map_block(n);
       block->cacheable = to_cache;
+      if (to_cache) grad_cache().stamp(block);
     }
     note_origin(block->fresh ? GradOrigin::Mapped : GradOrigin::Cache);
     // The reporter gets the block's size (rounded up to 2 MiB): what the mapping holds.

@@ -90,7 +90,9 @@ def empty_cpu_grad_cache() -> int:
     size has no page faults (glibc's heap trims and rotates blocks below 32 MiB and maps every
     larger one afresh, pages the kernel zeroes on every call). A freed gradient goes back to
     that cache, which keeps at most DTL_FAST_CPU_GRAD_CACHE_MB MiB (default 64; 0 turns it
-    off; read once per process). A larger gradient gets fresh pages, unmapped when freed.
+    off; read once per process; a freed block of 32 MiB or more only takes free room). A
+    gradient the cache does not take gets fresh pages of the op's own from 32 MiB (unmapped
+    when freed; DTL_FAST_DISABLE_ZERO_PAGES=1 turns them off), else torch's allocator.
     Returns the bytes released; 0 without the compiled extension.
     """
     return int(_C.cpu_grad_cache_empty()) if _C is not None else 0

@@ -1995,10 +1995,7 @@ ZERO_PAGES_CASE_BYTES = CACHE_DEFAULT_BOUND + (2 << 20)
 
 
 def zero_pages_on():
-    try:
-        return dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_CASE_BYTES)
-    except ValueError:  # a bad DTL_FAST_CPU_GRAD_CACHE_MB in this process
-        return False
+    return dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_CASE_BYTES)
 
 
 def grad_origin():
@@ -2071,11 +2068,15 @@ def test_zero_pages_rule():
     assert not c.cpu_grad_on_zero_pages(0)
     assert not c.cpu_grad_from_cache(CACHE_MIN_BYTES - 1)
     assert not c.cpu_grad_from_cache(0)
-    for n in (CACHE_MIN_BYTES, ZERO_PAGES_MIN_BYTES - 1, ZERO_PAGES_MIN_BYTES,
-              CACHE_DEFAULT_BOUND, CACHE_DEFAULT_BOUND + 1, ZERO_PAGES_CASE_BYTES):
-        assert not (c.cpu_grad_from_cache(n) and c.cpu_grad_on_zero_pages(n)), n
     default_setup = (sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD")
                      and os.environ.get("DTL_FAST_DISABLE_ZERO_PAGES", "") in ("", "0"))
+    for n in (CACHE_MIN_BYTES, ZERO_PAGES_MIN_BYTES - 1, ZERO_PAGES_MIN_BYTES,
+              CACHE_DEFAULT_BOUND, CACHE_DEFAULT_BOUND + 1, ZERO_PAGES_CASE_BYTES, 2**64 - 1):
+        assert not (c.cpu_grad_from_cache(n) and c.cpu_grad_on_zero_pages(n)), n
+        if default_setup:  # whatever the cache's bound: zero pages for what it does not take
+            assert c.cpu_grad_on_zero_pages(n) == (
+                n >= ZERO_PAGES_MIN_BYTES and not c.cpu_grad_from_cache(n)), n
+    assert not c.cpu_grad_from_cache(2**64 - 1)  # no wrap-around when rounded up to 2 MiB
     if default_setup and os.environ.get("DTL_FAST_CPU_GRAD_CACHE_MB") is None:
         assert c.cpu_grad_cache_info()[2] == CACHE_DEFAULT_BOUND
         for n in (CACHE_MIN_BYTES, ZERO_PAGES_MIN_BYTES - 1, ZERO_PAGES_MIN_BYTES,
@@ -2392,6 +2393,8 @@ def test_grad_cache_keeps_a_gradient_just_below_32mib():
     del gx
     assert dtl_fast.empty_cpu_grad_cache() == ZERO_PAGES_MIN_BYTES
     # beyond the bound: fresh zero pages, never cached
+    if c.cpu_grad_cache_info()[2] > (256 << 20):
+        return  # not at a size this test should allocate
     x, lengths = big_case(torch.float32, nbytes=c.cpu_grad_cache_info()[2] + (2 << 20))
     _, am = torch.ops.dtl_fast.frame_pool(x, lengths, "mean")
     gx = torch.ops.dtl_fast.frame_pool_backward(torch.ones(B, x.shape[2]), lengths, am, T, "mean")
@@ -2409,8 +2412,8 @@ def test_grad_cache_takes_a_gradient_of_32mib_and_more_within_its_bound(mode):
     # cache, overwritten in between, must be written in full.
     c = dtl_fast._extension._C
     nbytes = c.cpu_grad_cache_info()[2]  # the whole bound: the largest block it takes
-    if nbytes < ZERO_PAGES_MIN_BYTES:
-        pytest.skip("the bound is below 32 MiB here")
+    if not ZERO_PAGES_MIN_BYTES <= nbytes <= (256 << 20):
+        pytest.skip("written for a bound of 32 MiB up to 256 MiB")
     x, lengths = big_case(torch.float32, nbytes=nbytes)
     B, T, D = x.shape
     assert c.cpu_grad_from_cache(x.nbytes) and not c.cpu_grad_on_zero_pages(x.nbytes)
@@ -2430,6 +2433,72 @@ def test_grad_cache_takes_a_gradient_of_32mib_and_more_within_its_bound(mode):
     assert_big_grad("reused block", reused, x, lengths, g, mode)
     del reused
     assert dtl_fast.empty_cpu_grad_cache() == nbytes
+
+
+@needs_grad_cache
+@pytest.mark.parametrize("large_freed_first", [True, False], ids=["large-first", "small-first"])
+def test_grad_cache_with_a_large_and_a_small_gradient_per_step(large_freed_first):
+    # A block may be as large as the whole bound (s34). A step that frees a 16 MiB and a
+    # bound-sized gradient must not have each evict the other (both would miss every step):
+    # the 16 MiB one keeps hitting, as before s34, whichever is freed first. A large block left
+    # in the cache by such a step does not stay in a smaller one's way either.
+    c = dtl_fast._extension._C
+    cap = c.cpu_grad_cache_info()[2]
+    if cap < 2 * CACHE_CASE_BYTES or cap > (256 << 20):
+        pytest.skip("written for a bound of 32 MiB up to 256 MiB")
+    xl, _ = big_case(torch.float32, nbytes=cap)
+    xs, _ = big_case(torch.float32, nbytes=CACHE_CASE_BYTES)
+    T = xl.shape[1]
+    _, aml = torch.ops.dtl_fast.frame_pool(xl, None, "mean")
+    _, ams = torch.ops.dtl_fast.frame_pool(xs, None, "mean")
+    gl, gs = torch.ones(8, xl.shape[2]), torch.ones(8, xs.shape[2])
+    gc.collect()
+    dtl_fast.empty_cpu_grad_cache()
+    small_origins = []
+    for _ in range(4):
+        large = torch.ops.dtl_fast.frame_pool_backward(gl, None, aml, T, "mean")
+        small = torch.ops.dtl_fast.frame_pool_backward(gs, None, ams, T, "mean")
+        small_origins.append(grad_origin())
+        assert torch.equal(large, torch.full_like(large, 1.0 / T))
+        assert torch.equal(small, torch.full_like(small, 1.0 / T))
+        if large_freed_first:
+            del large, small
+        else:
+            del small, large
+        assert c.cpu_grad_cache_info()[0] <= cap
+    assert small_origins == ["mapped", "cache", "cache", "cache"], small_origins
+    assert dtl_fast.empty_cpu_grad_cache() == CACHE_CASE_BYTES
+
+
+@needs_grad_cache
+def test_a_stale_small_block_gives_way_to_a_large_gradient():
+    # A 16 MiB block left in the cache by earlier work (freed before the large gradient was
+    # taken) is evicted for a bound-sized one, which then hits.
+    c = dtl_fast._extension._C
+    cap = c.cpu_grad_cache_info()[2]
+    if cap < 2 * CACHE_CASE_BYTES or cap > (256 << 20):
+        pytest.skip("written for a bound of 32 MiB up to 256 MiB")
+    xl, _ = big_case(torch.float32, nbytes=cap)
+    xs, _ = big_case(torch.float32, nbytes=CACHE_CASE_BYTES)
+    T = xl.shape[1]
+    _, aml = torch.ops.dtl_fast.frame_pool(xl, None, "mean")
+    _, ams = torch.ops.dtl_fast.frame_pool(xs, None, "mean")
+    gc.collect()
+    dtl_fast.empty_cpu_grad_cache()
+    del_small = torch.ops.dtl_fast.frame_pool_backward(torch.ones(8, xs.shape[2]), None, ams, T,
+                                                       "mean")
+    del del_small
+    assert c.cpu_grad_cache_info()[:2] == (CACHE_CASE_BYTES, 1)
+    origins = []
+    for _ in range(3):
+        large = torch.ops.dtl_fast.frame_pool_backward(torch.ones(8, xl.shape[2]), None, aml, T,
+                                                       "mean")
+        origins.append(grad_origin())
+        assert torch.equal(large, torch.full_like(large, 1.0 / T))
+        del large
+        assert c.cpu_grad_cache_info()[:2] == (cap, 1)
+    assert origins == ["mapped", "cache", "cache"], origins
+    assert dtl_fast.empty_cpu_grad_cache() == cap
 
 
 @needs_grad_cache
@@ -2536,12 +2605,17 @@ def test_grad_cache_can_be_turned_off_and_rejects_a_bad_setting(tmp_path):
     # allocator, bit for bit the same; a setting that is not a whole number of MiB is a
     # ValueError naming it, from the backward (dtl_fast.info() says it instead of raising).
     off = run_child(tmp_path, """
-from test_frame_pool import CACHE_CASE_BYTES, case_grads
+from test_frame_pool import CACHE_CASE_BYTES, ZERO_PAGES_MIN_BYTES, case_grads
 assert not dtl_fast._extension._C.cpu_grad_from_cache(CACHE_CASE_BYTES)
 assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
 origins = []
 torch.save(case_grads(CACHE_CASE_BYTES, reuse=True, origins=origins), saved)
 assert origins == ["torch"] * 6, origins
+# from 32 MiB, with the cache off: fresh zero pages, every call, as before s34
+if dtl_fast._extension._C.cpu_grad_on_zero_pages(ZERO_PAGES_MIN_BYTES):
+    big = []
+    case_grads(ZERO_PAGES_MIN_BYTES, reuse=True, origins=big)
+    assert big == ["mapped"] * 6, big
 assert dtl_fast._extension._C.cpu_grad_cache_info() == (0, 0, 0)
 """, {"DTL_FAST_CPU_GRAD_CACHE_MB": "0"})
     origins = []
