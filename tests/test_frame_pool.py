@@ -2435,6 +2435,32 @@ def test_grad_cache_takes_a_gradient_of_32mib_and_more_within_its_bound(mode):
     assert dtl_fast.empty_cpu_grad_cache() == nbytes
 
 
+def two_size_grads():
+    """(the cache's bound, large(), small()) for the eviction tests, the cache emptied: large()
+    and small() return a mean gradient of the bound's size and of 16 MiB (every frame valid),
+    checked against 1 / T. Skips where the bound is not 32 MiB up to 256 MiB."""
+    cap = dtl_fast._extension._C.cpu_grad_cache_info()[2]
+    if cap < 2 * CACHE_CASE_BYTES or cap > (256 << 20):
+        pytest.skip("written for a bound of 32 MiB up to 256 MiB")
+
+    def maker(nbytes):
+        x, _ = big_case(torch.float32, nbytes=nbytes)
+        T = x.shape[1]
+        _, am = torch.ops.dtl_fast.frame_pool(x, None, "mean")
+        g = torch.ones(8, x.shape[2])
+
+        def grad():
+            gx = torch.ops.dtl_fast.frame_pool_backward(g, None, am, T, "mean")
+            assert torch.equal(gx, torch.full_like(gx, 1.0 / T))
+            return gx
+        return grad
+
+    large, small = maker(cap), maker(CACHE_CASE_BYTES)
+    gc.collect()  # an earlier test's gradient in a cycle must not reach the cache mid-test
+    dtl_fast.empty_cpu_grad_cache()
+    return cap, large, small
+
+
 @needs_grad_cache
 @pytest.mark.parametrize("large_freed_first", [True, False], ids=["large-first", "small-first"])
 def test_grad_cache_with_a_large_and_a_small_gradient_per_step(large_freed_first):
@@ -2443,24 +2469,12 @@ def test_grad_cache_with_a_large_and_a_small_gradient_per_step(large_freed_first
     # the 16 MiB one keeps hitting, as before s34, whichever is freed first. A large block left
     # in the cache by such a step does not stay in a smaller one's way either.
     c = dtl_fast._extension._C
-    cap = c.cpu_grad_cache_info()[2]
-    if cap < 2 * CACHE_CASE_BYTES or cap > (256 << 20):
-        pytest.skip("written for a bound of 32 MiB up to 256 MiB")
-    xl, _ = big_case(torch.float32, nbytes=cap)
-    xs, _ = big_case(torch.float32, nbytes=CACHE_CASE_BYTES)
-    T = xl.shape[1]
-    _, aml = torch.ops.dtl_fast.frame_pool(xl, None, "mean")
-    _, ams = torch.ops.dtl_fast.frame_pool(xs, None, "mean")
-    gl, gs = torch.ones(8, xl.shape[2]), torch.ones(8, xs.shape[2])
-    gc.collect()
-    dtl_fast.empty_cpu_grad_cache()
+    cap, large_grad, small_grad = two_size_grads()
     small_origins = []
     for _ in range(4):
-        large = torch.ops.dtl_fast.frame_pool_backward(gl, None, aml, T, "mean")
-        small = torch.ops.dtl_fast.frame_pool_backward(gs, None, ams, T, "mean")
+        large = large_grad()
+        small = small_grad()
         small_origins.append(grad_origin())
-        assert torch.equal(large, torch.full_like(large, 1.0 / T))
-        assert torch.equal(small, torch.full_like(small, 1.0 / T))
         if large_freed_first:
             del large, small
         else:
@@ -2475,26 +2489,14 @@ def test_a_stale_small_block_gives_way_to_a_large_gradient():
     # A 16 MiB block left in the cache by earlier work (freed before the large gradient was
     # taken) is evicted for a bound-sized one, which then hits.
     c = dtl_fast._extension._C
-    cap = c.cpu_grad_cache_info()[2]
-    if cap < 2 * CACHE_CASE_BYTES or cap > (256 << 20):
-        pytest.skip("written for a bound of 32 MiB up to 256 MiB")
-    xl, _ = big_case(torch.float32, nbytes=cap)
-    xs, _ = big_case(torch.float32, nbytes=CACHE_CASE_BYTES)
-    T = xl.shape[1]
-    _, aml = torch.ops.dtl_fast.frame_pool(xl, None, "mean")
-    _, ams = torch.ops.dtl_fast.frame_pool(xs, None, "mean")
-    gc.collect()
-    dtl_fast.empty_cpu_grad_cache()
-    del_small = torch.ops.dtl_fast.frame_pool_backward(torch.ones(8, xs.shape[2]), None, ams, T,
-                                                       "mean")
+    cap, large_grad, small_grad = two_size_grads()
+    del_small = small_grad()
     del del_small
     assert c.cpu_grad_cache_info()[:2] == (CACHE_CASE_BYTES, 1)
     origins = []
     for _ in range(3):
-        large = torch.ops.dtl_fast.frame_pool_backward(torch.ones(8, xl.shape[2]), None, aml, T,
-                                                       "mean")
+        large = large_grad()
         origins.append(grad_origin())
-        assert torch.equal(large, torch.full_like(large, 1.0 / T))
         del large
         assert c.cpu_grad_cache_info()[:2] == (cap, 1)
     assert origins == ["mapped", "cache", "cache"], origins
