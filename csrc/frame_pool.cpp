@@ -617,9 +617,9 @@ constexpr size_t kZeroPagesMinBytes = size_t(32) << 20;
 // cache (2 threads), and one measurement window of the fresh pages at 94 ms (bench/NOTES.md,
 // s34); unmeasured where 64 MiB exceeds the last-level cache.
 constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
-// The cache's default bound: glibc's largest dynamic trim threshold (2 x
-// DEFAULT_MMAP_THRESHOLD_MAX), as much freed memory as glibc's heap may keep on its own; the
-// cache keeps it in addition to whatever glibc keeps.
+// The cache's default bound, per pool (grad_cache()): glibc's largest dynamic trim threshold
+// (2 x DEFAULT_MMAP_THRESHOLD_MAX), as much freed memory as glibc's heap may keep on its own;
+// the cache keeps it in addition to whatever glibc keeps.
 constexpr size_t kGradCacheDefaultMiB = 64;
 constexpr size_t kHugePage = size_t(2) << 20;
 
@@ -693,8 +693,6 @@ struct GradBlock {
   bool cacheable;  // asked for as a cacheable size (cacheable() below): goes back to the cache
   GradBlock* older = nullptr;  // links while in the cache (no allocation in a deleter)
   GradBlock* newer = nullptr;
-  uint64_t taken_seq = 0;  // the cache's clock when this block was last handed out
-  uint64_t put_seq = 0;    // ... and when it last came back (while it is in the cache)
 };
 
 // A block of round_to_huge(n) bytes on a 2 MiB boundary, advised for transparent huge pages:
@@ -740,8 +738,8 @@ void unmap_block(GradBlock* block) {
 }
 
 // Freed gradient blocks asked for at kGradCacheMinBytes and above (within the bound), kept
-// mapped for the next gradient of the same rounded size, at most grad_cache_cap() bytes in all (the oldest
-// go back to the system first). The most recently freed block is handed out first, so a loop
+// mapped for the next gradient of the same rounded size, at most grad_cache_cap() bytes in one
+// pool (grad_cache() keeps two; the oldest go back to the system first). The most recently freed block is handed out first, so a loop
 // that frees a gradient before it asks for the next keeps reusing one block per size and the
 // others age out. An intrusive list: put() runs in a tensor's deleter, which must not throw,
 // so it allocates nothing. Blocks are unmapped outside the lock. Never destroyed (see
@@ -757,54 +755,24 @@ class GradBlockCache {
       if (b->bytes != bytes) continue;
       unlink(b);
       b->fresh = false;
-      b->taken_seq = ++clock_;
       return b;
     }
     return nullptr;
   }
-  // A freshly mapped cacheable block starts its life on the same clock.
-  void stamp(GradBlock* block) {
-    std::lock_guard<std::mutex> lock(mu_);
-    block->taken_seq = ++clock_;
-  }
-  // Which cached block goes to make room. Since s34 blocks of kZeroPagesMinBytes and more are
-  // cached too, and one can be as large as the whole bound: a loop that frees a 16 MiB and a
-  // 64 MiB gradient per step under the 64 MiB bound would, by age alone, have each evict the
-  // other, and both would miss every step. So a large block evicts only blocks that sat in the
-  // cache unused for its whole life (freed before it was taken: a block left by an earlier
-  // workload), and is itself dropped if those do not make room; a smaller block evicts as
-  // before s34, the oldest first, but large blocks before any other.
   void put(GradBlock* block, size_t cap) noexcept {
     GradBlock* evicted = nullptr;  // a chain through `newer`
     {
       std::lock_guard<std::mutex> lock(mu_);
-      const bool large = block->bytes >= kZeroPagesMinBytes;
-      const auto may_go = [&](const GradBlock* b) {
-        return !large || b->put_seq < block->taken_seq;
-      };
-      size_t room = cap >= cached_ ? cap - cached_ : 0;
-      for (GradBlock* b = oldest_; b != nullptr && room < block->bytes; b = b->newer) {
-        if (may_go(b)) room += b->bytes;
-      }
-      if (block->bytes > cap || room < block->bytes) {
+      if (block->bytes > cap) {
         block->newer = nullptr;
         evicted = block;
       } else {
         while (cached_ + block->bytes > cap) {
-          GradBlock* old = nullptr;
-          for (GradBlock* b = oldest_; b != nullptr; b = b->newer) {
-            if (!may_go(b)) continue;
-            if (old == nullptr) old = b;
-            if (b->bytes >= kZeroPagesMinBytes) {
-              old = b;
-              break;
-            }
-          }
+          GradBlock* old = oldest_;
           unlink(old);
           old->newer = evicted;
           evicted = old;
         }
-        block->put_seq = ++clock_;
         block->older = newest_;
         block->newer = nullptr;
         if (newest_ != nullptr) newest_->newer = block;
@@ -854,16 +822,22 @@ class GradBlockCache {
   }
 
   std::mutex mu_;
-  uint64_t clock_ = 0;  // counts takes, stamps and puts
   GradBlock* newest_ = nullptr;
   GradBlock* oldest_ = nullptr;
   size_t cached_ = 0;
   size_t blocks_ = 0;
 };
 
-GradBlockCache& grad_cache() {
-  static auto* cache = new GradBlockCache();  // leaked on purpose: outlives every tensor
-  return *cache;
+// Two pools, each with the whole bound: blocks below kZeroPagesMinBytes (the cache of s22) and
+// blocks of kZeroPagesMinBytes and more (cached since s34). One pool would let a block as
+// large as the bound evict the small ones: a step with a 16 MiB and a 64 MiB gradient under
+// the 64 MiB bound would then miss one or both every step, where before s34 the 16 MiB one
+// hit (review s34). Apart, the small pool behaves exactly as before s34, the large one keeps
+// the large gradients of a loop, and the process keeps at most twice the bound.
+GradBlockCache& grad_cache(size_t bytes) {
+  static auto* small = new GradBlockCache();  // leaked on purpose: outlive every tensor
+  static auto* large = new GradBlockCache();
+  return bytes >= kZeroPagesMinBytes ? *large : *small;
 }
 
 bool cacheable(size_t n, size_t cap) {
@@ -881,7 +855,7 @@ void free_grad_block(void* ctx) {
   const MibSetting& setting = grad_cache_setting();
   const size_t cap = setting.bad.empty() ? setting.bytes : 0;
   if (block->cacheable && block->bytes <= cap) {
-    grad_cache().put(block, cap);
+    grad_cache(block->bytes).put(block, cap);
   } else {
     unmap_block(block);
   }
@@ -900,11 +874,10 @@ struct GradPagesAllocator final : c10::Allocator {
     if (n == 0) return {nullptr, nullptr, &free_grad_block, cpu};
     GradBlock* block = nullptr;
     const bool to_cache = cacheable(n, grad_cache_cap());
-    if (to_cache) block = grad_cache().take(round_to_huge(n));
+    if (to_cache) block = grad_cache(round_to_huge(n)).take(round_to_huge(n));
     if (block == nullptr) {
       block = map_block(n);
       block->cacheable = to_cache;
-      if (to_cache) grad_cache().stamp(block);
     }
     note_origin(block->fresh ? GradOrigin::Mapped : GradOrigin::Cache);
     // The reporter gets the block's size (rounded up to 2 MiB): what the mapping holds.
@@ -1264,9 +1237,11 @@ CpuGradCacheStats cpu_grad_cache_stats() {
   CpuGradCacheStats st;
   st.cap_bytes = grad_cache_cap();
 #ifdef DTL_FAST_HAVE_ZERO_PAGES
-  const auto cached = grad_cache().stats();
-  st.cached_bytes = cached.first;
-  st.blocks = cached.second;
+  for (const size_t pool : {size_t(0), kZeroPagesMinBytes}) {
+    const auto cached = grad_cache(pool).stats();
+    st.cached_bytes += cached.first;
+    st.blocks += cached.second;
+  }
 #endif
   return st;
 }
@@ -1283,7 +1258,7 @@ CpuGradOrigins cpu_grad_origins() {
 
 size_t cpu_grad_cache_empty() {
 #ifdef DTL_FAST_HAVE_ZERO_PAGES
-  return grad_cache().empty();
+  return grad_cache(0).empty() + grad_cache(kZeroPagesMinBytes).empty();
 #else
   return 0;
 #endif

@@ -87,7 +87,7 @@ bool cpu_grad_from_cache(size_t nbytes);
 struct CpuGradCacheStats {
   size_t cached_bytes = 0;  // freed gradient blocks kept mapped for reuse
   size_t blocks = 0;
-  size_t cap_bytes = 0;     // the bound
+  size_t cap_bytes = 0;     // the bound of each of the two pools (below / from 32 MiB)
 };
 CpuGradCacheStats cpu_grad_cache_stats();
 // Hands every cached block back to the system; returns the bytes released.

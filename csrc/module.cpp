@@ -170,7 +170,8 @@ PyMethodDef dtl_fast_c_methods[] = {
      "from the op's cache of warm blocks now (nbytes >= 4 MiB, rounded to 2 MiB within "
      "DTL_FAST_CPU_GRAD_CACHE_MB, Linux, glibc malloc, torch's default CPU allocator)."},
     {"cpu_grad_cache_info", cpu_grad_cache_info, METH_NOARGS,
-     "cpu_grad_cache_info() -> (cached_bytes, blocks, cap_bytes) of the CPU gradient cache."},
+     "cpu_grad_cache_info() -> (cached_bytes, blocks, cap_bytes) of the CPU gradient cache "
+     "(bytes and blocks of both pools; cap_bytes bounds each)."},
     {"cpu_nt_store_rule", cpu_nt_store_rule, METH_NOARGS,
      "cpu_nt_store_rule() -> (min_bytes, llc_bytes, source): the CPU backward writes with "
      "non-temporal stores the rows it stores one by one (max, meanmax) of a gradient of at "

@@ -90,7 +90,8 @@ def empty_cpu_grad_cache() -> int:
     size has no page faults (glibc's heap trims and rotates blocks below 32 MiB and maps every
     larger one afresh, pages the kernel zeroes on every call). A freed gradient goes back to
     that cache, which keeps at most DTL_FAST_CPU_GRAD_CACHE_MB MiB (default 64; 0 turns it
-    off; read once per process; a freed block of 32 MiB or more only takes free room). A
+    off; read once per process) in each of two pools, one for blocks below 32 MiB and one for
+    larger ones (so at most twice that in all, and neither evicts the other's blocks). A
     gradient the cache does not take gets fresh pages of the op's own from 32 MiB (unmapped
     when freed; DTL_FAST_DISABLE_ZERO_PAGES=1 turns them off), else torch's allocator.
     Returns the bytes released; 0 without the compiled extension.
@@ -100,7 +101,8 @@ def empty_cpu_grad_cache() -> int:
 
 def cpu_grad_cache_info() -> dict:
     """What the cache of frame_pool's CPU gradient blocks holds now (empty_cpu_grad_cache):
-    {"cached_bytes": bytes of freed blocks kept, "blocks": their number, "cap_bytes": the
+    {"cached_bytes": bytes of freed blocks kept (both pools), "blocks": their number,
+    "cap_bytes": the
     bound}; all 0 without the compiled extension or with the cache off.
 
     Raises:
