@@ -739,11 +739,12 @@ void unmap_block(GradBlock* block) {
 
 // Freed gradient blocks asked for at kGradCacheMinBytes and above (within the bound), kept
 // mapped for the next gradient of the same rounded size, at most grad_cache_cap() bytes in one
-// pool (grad_cache() keeps two; the oldest go back to the system first). The most recently freed block is handed out first, so a loop
-// that frees a gradient before it asks for the next keeps reusing one block per size and the
-// others age out. An intrusive list: put() runs in a tensor's deleter, which must not throw,
-// so it allocates nothing. Blocks are unmapped outside the lock. Never destroyed (see
-// grad_cache()), so a tensor freed during interpreter teardown still finds it.
+// pool (grad_cache() keeps two; the oldest go back to the system first). The most recently
+// freed block is handed out first, so a loop that frees a gradient before it asks for the next
+// keeps reusing one block per size and the others age out. An intrusive list: put() runs in
+// a tensor's deleter, which must not throw, so it allocates nothing. Blocks are unmapped
+// outside the lock. Never destroyed (see grad_cache()), so a tensor freed during interpreter
+// teardown still finds it.
 // Fork: a child inherits the cached blocks (copy-on-write) and the lock's state; a fork while
 // another thread is inside a CPU backward's allocation or free would leave the child's lock
 // held, the same hazard as forking during any other multithreaded torch work.
