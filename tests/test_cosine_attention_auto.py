@@ -295,6 +295,27 @@ def test_cpu_composite_through_float32_sdpa_is_the_composite(monkeypatch, dtype)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
+def test_cpu_float32_sdpa_detour_keeps_float64_under_autocast(monkeypatch):
+    # CPU autocast leaves float64 alone, so the detour must not round float64 inputs to the
+    # autocast dtype (s33: it took autocast's bfloat16 for them): under bfloat16 autocast,
+    # float64 comes back at float64 precision, value and gradients.
+    CA = importlib.import_module("dtl_fast.ops.cosine_attention")  # the module, not the op
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 80, 16, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    scale, lens = torch.tensor([0.5, 1.0]), torch.tensor([80, 33])
+    want = cosine_attention_composite(q, k, v, scale, lens, 7)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    monkeypatch.setattr(CA, "_cpu_sdpa_needs_math", lambda dt: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cosine_attention_composite(q, k, v, scale, lens, 7)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # float32 math, not bfloat16
+    for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_composite_runs_in_bfloat16_under_every_aten_capability(tmp_path):
     # End to end in fresh processes (ATEN_CPU_CAPABILITY is read at start-up): the composite in
     # bfloat16 at 64+ keys, where ATen's flash kernel packs for AMX. On a CPU without AMX this

@@ -351,10 +351,10 @@ def _cpu_sdpa_needs_math(dtype: torch.dtype) -> bool:
     """Whether F.scaled_dot_product_attention on CPU tensors of `dtype` must avoid ATen's
     reduced-precision flash kernel. ATen's CPU flash-attention kernel packs bfloat16 (float16)
     blocks for AMX wherever the CPU has AMX-BF16 (AMX-FP16), but the packing routine exists only
-    in the kernel's AVX-512
-    build: under ATEN_CPU_CAPABILITY=default or avx2 on such a CPU it raises "pack_vnni2 is only
-    supported when avx512 is supported" (an Intel Xeon with AMX, torch 2.14.1, bfloat16, from 64
-    keys on; bench/NOTES.md s33). Read once per dtype: the capability is fixed at start-up."""
+    in the kernel's AVX-512 build: under ATEN_CPU_CAPABILITY=default or avx2 on such a CPU it
+    raises "pack_vnni2 is only supported when avx512 is supported" (an Intel Xeon with AMX,
+    torch 2.14.1, bfloat16, from 64 keys on; bench/NOTES.md s33). Read once per dtype: the
+    capability is fixed at start-up."""
     return _cpu_sdpa_needs_math_cached(dtype)
 
 
